@@ -1,0 +1,49 @@
+"""nsfast: fast, safe Linux sandboxes from Python.
+
+A sandbox is a process started by one clone3() with new namespaces (what it can see),
+a read-only root, a fresh /proc, a minimal /dev and an empty /tmp; the API is shaped
+like `subprocess`:
+
+    >>> import nsfast
+    >>> nsfast.run(["sh", "-c", "hostname; echo $$"], hostname="box",
+    ...            capture_output=True, text=True).stdout
+    'box\\n1\\n'
+"""
+
+from __future__ import annotations
+
+from ._errors import ContainerError, NsfastError, SpawnError, SpecError
+from ._ns import compare_namespaces, namespaces
+from ._process import DEVNULL, PIPE, STDOUT, Process, Result, Usage, run, spawn
+from ._spec import CAPABILITIES, DEFAULT_NAMESPACES, NAMESPACES, Bind, Mount, Spec, Tmpfs
+
+__all__ = [
+    "run",
+    "spawn",
+    "Process",
+    "Result",
+    "Usage",
+    "Spec",
+    "Bind",
+    "Tmpfs",
+    "Mount",
+    "PIPE",
+    "DEVNULL",
+    "STDOUT",
+    "namespaces",
+    "compare_namespaces",
+    "NAMESPACES",
+    "DEFAULT_NAMESPACES",
+    "CAPABILITIES",
+    "NsfastError",
+    "SpecError",
+    "SpawnError",
+    "ContainerError",
+]
+
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("nsfast")
+except Exception:  # pragma: no cover - running from a source tree without metadata
+    __version__ = "0.0.0"

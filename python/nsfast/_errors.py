@@ -1,0 +1,63 @@
+"""nsfast's exceptions. The Rust core raises these through one mapping point (src/py.rs)."""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import Optional
+
+__all__ = ["NsfastError", "SpecError", "SpawnError", "ContainerError"]
+
+# Usual causes of the usual errnos, added to SpawnError messages.
+_HINTS = {
+    _errno.EPERM: "not permitted: a namespace type may be disabled for unprivileged users "
+    "(sysctl user.max_*_namespaces, kernel.unprivileged_userns_clone, AppArmor), or a "
+    "capability is missing",
+    _errno.ENOSPC: "a namespace limit was reached (see /proc/sys/user/max_*_namespaces)",
+    _errno.EINVAL: "the kernel rejected the request: a namespace type it lacks, or "
+    "pivot_root on the initramfs root",
+}
+
+
+class NsfastError(Exception):
+    """Base class of every nsfast error."""
+
+
+class SpecError(NsfastError, ValueError):
+    """A sandbox specification value that cannot work; `.field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}" if not message.startswith(field) else message)
+        self.field = field
+
+
+class SpawnError(NsfastError, OSError):
+    """Starting a sandbox failed at `.step` (e.g. "exec", "pivot_root", "mount /proc",
+    "write uid_map"), with the errno of the failing system call."""
+
+    step: str
+
+    def __new__(cls, errno: int, strerror: str, filename: Optional[str] = None, step: str = "") -> "SpawnError":
+        # OSError.__new__ would pick a subclass from errno; keep SpawnError.
+        self = OSError.__new__(cls, errno, strerror, filename)
+        return self
+
+    def __init__(self, errno: int, strerror: str, filename: Optional[str] = None, step: str = "") -> None:
+        OSError.__init__(self, errno, strerror, filename)
+        self.step = step
+
+    def __str__(self) -> str:
+        msg = f"[Errno {self.errno}] {self.strerror}"
+        if self.filename is not None:
+            msg += f": {self.filename!r}"
+        msg = f"{self.step}: {msg}" if self.step else msg
+        hint = _HINTS.get(self.errno or 0)
+        if hint and self.step != "exec":
+            msg += f" ({hint})"
+        return msg
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.errno, self.strerror, self.filename, self.step))
+
+
+class ContainerError(NsfastError):
+    """An operation on a container that is not in the right state."""

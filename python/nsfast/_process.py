@@ -1,0 +1,393 @@
+"""Running sandboxes, shaped like `subprocess`: `run`, `spawn`, `Process`, `Result`."""
+
+from __future__ import annotations
+
+import io
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError, TimeoutExpired
+from typing import IO, Any, List, Optional, Sequence, Tuple, Union
+
+from . import _core
+from ._spec import Spec, StrPath, with_fields
+
+__all__ = ["run", "spawn", "Process", "Result", "Usage", "PIPE", "DEVNULL", "STDOUT"]
+
+Args = Union[StrPath, bytes, Sequence[Union[StrPath, bytes]]]
+File = Union[None, int, IO[Any]]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a sandbox run cost. Fields the kernel did not report are None."""
+
+    wall_s: float
+    cpu_user_s: Optional[float] = None
+    cpu_system_s: Optional[float] = None
+    memory_peak_bytes: Optional[int] = None
+    pids_peak: Optional[int] = None
+    oom_killed: bool = False
+    timed_out: bool = False
+
+
+class Result(subprocess.CompletedProcess):  # type: ignore[type-arg]
+    """`subprocess.CompletedProcess` plus `.usage` (an `nsfast.Usage`)."""
+
+    def __init__(self, args: Any, returncode: int, stdout: Any = None, stderr: Any = None, usage: Optional[Usage] = None) -> None:
+        super().__init__(args, returncode, stdout, stderr)
+        self.usage = usage
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", usage={self.usage!r})"
+
+
+def _argv(args: Args) -> Tuple[List[bytes], List[Any]]:
+    if isinstance(args, (str, bytes, os.PathLike)):
+        args = [args]
+    out = []
+    for a in args:
+        if isinstance(a, bytes):
+            out.append(a)
+        elif isinstance(a, (str, os.PathLike)):
+            out.append(os.fsencode(a))
+        else:
+            raise TypeError(f"args must hold str, bytes or os.PathLike, not {type(a).__name__}")
+        if b"\0" in out[-1]:
+            raise ValueError(f"args: embedded NUL byte in {a!r}")
+    if not out:
+        raise ValueError("args must not be empty")
+    return out, list(args)
+
+
+class _Handles:
+    """Child-side fds for stdio and the parent-side pipe ends (Popen._get_handles)."""
+
+    def __init__(self, stdin: File, stdout: File, stderr: File) -> None:
+        self.child = [-1, -1, -1]
+        self.to_close: List[int] = []
+        self.parent: List[Optional[int]] = [None, None, None]
+        try:
+            for i, spec in enumerate((stdin, stdout, stderr)):
+                self.child[i] = self._one(i, spec)
+        except BaseException:
+            self.close_child()
+            for fd in self.parent:
+                if fd is not None:
+                    os.close(fd)
+            raise
+
+    def _one(self, i: int, spec: File) -> int:
+        if spec is None:
+            return -1
+        if spec == PIPE:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            child, parent = (r, w) if i == 0 else (w, r)
+            self.parent[i] = parent
+            self.to_close.append(child)
+            return child
+        if spec == DEVNULL:
+            fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            self.to_close.append(fd)
+            return fd
+        if spec == STDOUT:
+            if i != 2:
+                raise ValueError("STDOUT is only valid for stderr")
+            return self.child[1] if self.child[1] != -1 else 1
+        if isinstance(spec, int):
+            if spec < 0:
+                raise ValueError(f"invalid file descriptor {spec}")
+            return spec
+        try:
+            return spec.fileno()
+        except (AttributeError, io.UnsupportedOperation):
+            raise TypeError(f"stdio must be None, PIPE, DEVNULL, STDOUT, an fd or a file with fileno(), not {type(spec).__name__}") from None
+
+    def close_child(self) -> None:
+        for fd in self.to_close:
+            os.close(fd)
+        self.to_close = []
+
+
+class Process:
+    """A running sandbox (like `subprocess.Popen`). Use `nsfast.spawn()` to make one.
+
+    `.pid` is the host pid of the sandbox's first process and `.pidfd` a pidfd for it
+    (closed, and set to None, once the process is reaped). `.returncode` is None while it
+    runs, negative -N if it was killed by signal N. `kill()` ends the whole sandbox.
+    """
+
+    def __init__(self, args: Args, *, spec: Optional[Spec] = None, stdin: File = None, stdout: File = None,
+                 stderr: File = None, text: bool = False, pass_fds: Sequence[int] = (), **spec_fields: Any) -> None:
+        self.spec = with_fields(spec, spec_fields)
+        argv, self.args = _argv(args)
+        self.returncode: Optional[int] = None
+        self.usage: Optional[Usage] = None
+        self.pid = -1
+        self.pidfd: Optional[int] = None
+        self.text = bool(text)
+        self._timed_out = False
+        self._wait_lock = threading.Lock()
+        self._comm: Optional[_Communication] = None
+        fds = sorted({int(fd) for fd in pass_fds})
+        for fd in fds:
+            if fd < 0:
+                raise ValueError(f"pass_fds: invalid file descriptor {fd}")
+        handles = _Handles(stdin, stdout, stderr)
+        self._start = time.perf_counter()
+        try:
+            self.pid, self.pidfd = _core.spawn(argv, stdio=tuple(handles.child), pass_fds=fds, **self.spec._core_kwargs())
+        except BaseException:
+            for fd in handles.parent:
+                if fd is not None:
+                    os.close(fd)
+            raise
+        finally:
+            handles.close_child()
+        self.stdin: Optional[IO[Any]] = self._file(handles.parent[0], "wb")
+        self.stdout: Optional[IO[Any]] = self._file(handles.parent[1], "rb")
+        self.stderr: Optional[IO[Any]] = self._file(handles.parent[2], "rb")
+
+    def _file(self, fd: Optional[int], mode: str) -> Optional[IO[Any]]:
+        if fd is None:
+            return None
+        f: IO[Any] = open(fd, mode, buffering=0 if mode == "wb" else -1)
+        if self.text:
+            f = io.TextIOWrapper(f, write_through=True, line_buffering=mode == "wb")  # type: ignore[arg-type]
+        return f
+
+    def __repr__(self) -> str:
+        return f"<nsfast.Process pid={self.pid} returncode={self.returncode} args={self.args!r}>"
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def _reaped(self, status: int, utime: float, stime: float) -> None:
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self.usage = Usage(wall_s=time.perf_counter() - self._start, cpu_user_s=utime, cpu_system_s=stime,
+                           timed_out=self._timed_out)
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def poll(self) -> Optional[int]:
+        """The returncode if the sandbox has exited (reaping it), else None."""
+        return self._wait(0.0, block=False)
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """Wait for the sandbox's first process to exit; TimeoutExpired after `timeout` s."""
+        rc = self._wait(timeout, block=True)
+        if rc is None:
+            raise TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
+        return rc
+
+    def _wait(self, timeout: Optional[float], *, block: bool) -> Optional[int]:
+        if self.returncode is not None:
+            return self.returncode
+        if not self._wait_lock.acquire(blocking=block):
+            return None
+        try:
+            if self.returncode is None and self.pidfd is not None:
+                res = _core.wait(self.pid, self.pidfd, timeout)
+                if res is not None:
+                    self._reaped(res[0], res[1], res[2])
+        finally:
+            self._wait_lock.release()
+        return self.returncode
+
+    # -- signals ---------------------------------------------------------------------------
+
+    def send_signal(self, sig: int) -> None:
+        """Send `sig` to the sandbox's first process (no-op once it has been reaped).
+
+        Without `init=True`, the command is pid 1 of its pid namespace, and the kernel drops
+        signals it has no handler for (SIGTERM, SIGINT, ...) — like `docker run` without
+        `--init`. SIGKILL always works."""
+        if self.returncode is not None or self.pidfd is None:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Kill the whole sandbox: SIGKILL to its pid 1 ends every process of a pid
+        namespace; without one, its process group (it is a session leader) is killed too."""
+        self.send_signal(signal.SIGKILL)
+        if "pid" not in self.spec.namespaces and self.spec.new_session and self.returncode is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    # -- I/O -------------------------------------------------------------------------------
+
+    def communicate(self, input: Any = None, timeout: Optional[float] = None) -> Tuple[Any, Any]:
+        """Send `input`, read stdout/stderr to EOF, wait; like Popen.communicate. After a
+        TimeoutExpired, calling it again resumes without losing output."""
+        if self._comm is None:
+            if input is not None and self.stdin is None:
+                raise ValueError("input given but stdin is not PIPE")
+            self._comm = _Communication(self, input)
+        elif input is not None:
+            raise ValueError("communicate() resumed after a timeout: pass input=None")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out, err = self._comm.run(deadline, timeout)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if self._wait(left, block=True) is None:
+            raise TimeoutExpired(self.args, timeout, out, err)  # type: ignore[arg-type]
+        return out, err
+
+    def __enter__(self) -> "Process":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._comm is not None:
+            self._comm.sel.close()
+        for f in (self.stdin, self.stdout, self.stderr):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        if exc[0] is not None and self.returncode is None:
+            self.kill()
+        self.wait()
+
+    def __del__(self) -> None:
+        if getattr(self, "pidfd", None) is None or self.returncode is not None:
+            return
+        # Like Popen: never block in a finalizer; kill rather than leak a running sandbox.
+        warnings.warn(f"nsfast sandbox {self.pid} is still running; killing it", ResourceWarning, source=self)
+        self.kill()
+        try:
+            self.wait(1.0)
+        except TimeoutExpired:
+            pass
+
+
+class _Communication:
+    """State of one communicate(): survives a TimeoutExpired (as in subprocess)."""
+
+    def __init__(self, proc: Process, input: Any) -> None:
+        self.proc = proc
+        self.sel = selectors.DefaultSelector()
+        self.chunks = {}
+        self.input = b""
+        self.offset = 0
+        if proc.stdin is not None:
+            data = input
+            if data is None:
+                data = b""
+            if proc.text and isinstance(data, str):
+                data = data.encode(getattr(proc.stdin, "encoding", "utf-8"))
+            self.input = bytes(data)
+            if self.input:
+                os.set_blocking(proc.stdin.fileno(), False)
+                self.sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE, "stdin")
+            else:
+                proc.stdin.close()
+        for name in ("stdout", "stderr"):
+            f = getattr(proc, name)
+            if f is not None:
+                self.chunks[name] = []
+                self.sel.register(f.fileno(), selectors.EVENT_READ, name)
+
+    def _decode(self, name: str) -> Any:
+        if name not in self.chunks:
+            return None
+        data = b"".join(self.chunks[name])
+        if self.proc.text:
+            f = getattr(self.proc, name)
+            data = data.decode(getattr(f, "encoding", "utf-8"), getattr(f, "errors", "strict"))
+            data = data.replace("\r\n", "\n").replace("\r", "\n")
+        return data
+
+    def run(self, deadline: Optional[float], timeout: Optional[float]) -> Tuple[Any, Any]:
+        proc = self.proc
+        while self.sel.get_map():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutExpired(proc.args, timeout, self._decode("stdout"), self._decode("stderr"))  # type: ignore[arg-type]
+            for key, _ in self.sel.select(left):
+                name = key.data
+                if name == "stdin":
+                    try:
+                        self.offset += os.write(key.fd, self.input[self.offset:self.offset + 65536])
+                    except BrokenPipeError:
+                        self.offset = len(self.input)
+                    if self.offset >= len(self.input):
+                        self.sel.unregister(key.fd)
+                        assert proc.stdin is not None
+                        try:
+                            proc.stdin.close()
+                        except BrokenPipeError:
+                            pass
+                else:
+                    data = os.read(key.fd, 1 << 16)
+                    if data:
+                        self.chunks[name].append(data)
+                    else:
+                        self.sel.unregister(key.fd)
+                        getattr(proc, name).close()
+        self.sel.close()
+        return self._decode("stdout"), self._decode("stderr")
+
+
+def spawn(args: Args, *, spec: Optional[Spec] = None, stdin: File = None, stdout: File = None, stderr: File = None,
+          text: bool = False, pass_fds: Sequence[int] = (), **spec_fields: Any) -> Process:
+    """Start `args` in a new sandbox and return its `Process` at once.
+
+    Keyword `spec_fields` (namespaces=, rootfs=, mounts=, hostname=, env=, cwd=, uid=,
+    gid=, init=, ...) override the fields of `spec`. Raises `SpawnError` if the sandbox
+    could not be set up or the command could not be executed."""
+    return Process(args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds,
+                   **spec_fields)
+
+
+def run(args: Args, *, spec: Optional[Spec] = None, input: Any = None, capture_output: bool = False,
+        stdin: File = None, stdout: File = None, stderr: File = None, timeout: Optional[float] = None,
+        check: bool = False, text: bool = False, pass_fds: Sequence[int] = (), **spec_fields: Any) -> Result:
+    """Run `args` in a new sandbox, wait for it, return a `Result` (like subprocess.run).
+
+    `timeout` kills the whole sandbox and raises `subprocess.TimeoutExpired`; `check=True`
+    raises `subprocess.CalledProcessError` on a non-zero exit."""
+    if input is not None:
+        if stdin is not None:
+            raise ValueError("stdin and input arguments may not both be used")
+        stdin = PIPE
+    if capture_output:
+        if stdout is not None or stderr is not None:
+            raise ValueError("stdout and stderr arguments may not be used with capture_output")
+        stdout = stderr = PIPE
+    if timeout is not None and (timeout != timeout or timeout < 0):
+        raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
+    with Process(args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds,
+                 **spec_fields) as proc:
+        try:
+            if proc.stdin is None and proc.stdout is None and proc.stderr is None:
+                proc.wait(timeout)
+                out = err = None
+            else:
+                out, err = proc.communicate(input, timeout)
+        except TimeoutExpired as exc:
+            proc._timed_out = True
+            proc.kill()
+            proc.wait()
+            exc.timeout = timeout  # type: ignore[assignment]
+            raise
+        except BaseException:
+            proc.kill()
+            raise
+    assert proc.returncode is not None
+    result = Result(proc.args, proc.returncode, out, err, proc.usage)
+    if check and proc.returncode:
+        raise CalledProcessError(proc.returncode, proc.args, out, err)
+    return result

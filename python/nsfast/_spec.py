@@ -1,0 +1,289 @@
+"""What a sandbox is: `Spec`, `Bind`, `Tmpfs`. Validated on construction, before any
+system call; a bad value raises `SpecError` (a `ValueError`) or `TypeError` naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Tuple, Union
+
+from . import _core
+from ._errors import SpecError
+
+__all__ = ["Spec", "Bind", "Tmpfs", "Mount", "DEFAULT_NAMESPACES", "NAMESPACES", "CAPABILITIES"]
+
+StrPath = Union[str, "os.PathLike[str]"]
+
+NAMESPACES: Tuple[str, ...] = tuple(_core.NAMESPACES)
+DEFAULT_NAMESPACES: Tuple[str, ...] = tuple(_core.DEFAULT_NAMESPACES)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# capability(7) names by number.
+CAPABILITIES: Tuple[str, ...] = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+)
+
+
+def _path(field_name: str, value: Any, *, absolute: bool = True) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{field_name} must be a str or os.PathLike, not {type(value).__name__}")
+    p = os.fspath(value)
+    if not isinstance(p, str):
+        raise TypeError(f"{field_name} must be a str path, not {type(p).__name__}")
+    if "\0" in p:
+        raise SpecError(field_name, f"contains a NUL byte: {p!r}")
+    if absolute and not p.startswith("/"):
+        raise SpecError(field_name, f"must be an absolute path: {p!r}")
+    return p
+
+
+def _target(field_name: str, value: Any) -> str:
+    p = _path(field_name, value)
+    parts = [c for c in p.split("/") if c not in ("", ".")]
+    if ".." in parts:
+        raise SpecError(field_name, f"must not contain '..': {p!r}")
+    if not parts:
+        raise SpecError(field_name, "must not be '/' (use rootfs= to replace the root)")
+    return "/" + "/".join(parts)
+
+
+def _id(field_name: str, value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{field_name} must be an int or None, not {type(value).__name__}")
+    if not 0 <= value < 2**32 - 1:
+        raise SpecError(field_name, f"must be in 0..4294967294, got {value}")
+    return value
+
+
+def _bool(field_name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{field_name} must be a bool, not {type(value).__name__}")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(field_name: str, value: Any) -> Optional[int]:
+    """Bytes from an int or a string like "256M", "1.5G" (binary units)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{field_name} must be an int, a size string or None, not bool")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*", value.upper())
+        if not m:
+            raise SpecError(field_name, f"is not a size: {value!r} (use e.g. 1048576, '256M', '1.5G')")
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    else:
+        raise TypeError(f"{field_name} must be an int, a size string or None, not {type(value).__name__}")
+    if n <= 0:
+        raise SpecError(field_name, f"must be positive, got {value!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class Bind:
+    """Bind the host path `src` onto `dst` inside the sandbox (read-only by default)."""
+
+    src: StrPath
+    dst: StrPath
+    readonly: bool = True
+
+    def __post_init__(self) -> None:
+        src = os.path.abspath(_path("Bind.src", self.src, absolute=False))
+        if not os.path.exists(src):
+            raise SpecError("Bind.src", f"does not exist: {src!r}")
+        object.__setattr__(self, "src", src)
+        object.__setattr__(self, "dst", _target("Bind.dst", self.dst))
+        _bool("Bind.readonly", self.readonly)
+
+
+@dataclass(frozen=True)
+class Tmpfs:
+    """A fresh, empty tmpfs on `dst` (`size` in bytes or "64M"; None = kernel default)."""
+
+    dst: StrPath
+    size: Union[int, str, None] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dst", _target("Tmpfs.dst", self.dst))
+        object.__setattr__(self, "size", parse_size("Tmpfs.size", self.size))
+
+
+Mount = Union[Bind, Tmpfs]
+
+
+def default_env() -> dict[str, str]:
+    env = {"PATH": DEFAULT_PATH, "HOME": "/"}
+    if "TERM" in os.environ:
+        env["TERM"] = os.environ["TERM"]
+    return env
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything about a sandbox except the command.
+
+    namespaces: names as in /proc/self/ns; "user" is added when not running as root.
+    rootfs: None = the host root (read-only), else a directory used as "/".
+    mounts: extra `Bind`/`Tmpfs` mounts, applied in order.
+    env: the whole environment (default: PATH, HOME=/, TERM if set), never the host's.
+    uid/gid: the ids the command runs as inside (with a user namespace: mapped to yours).
+    capabilities: capability names kept; every other is dropped (default: none kept).
+    init: run a tiny init as pid 1 that forwards signals and reaps orphans.
+    new_session: setsid() the command (no controlling terminal).
+    die_with_parent: SIGKILL the sandbox when the thread that spawned it exits.
+    """
+
+    namespaces: Tuple[str, ...] = DEFAULT_NAMESPACES
+    rootfs: Optional[StrPath] = None
+    readonly_root: bool = True
+    mounts: Tuple[Mount, ...] = ()
+    hostname: Optional[str] = None
+    env: Optional[Mapping[str, str]] = None
+    cwd: StrPath = "/"
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    capabilities: Tuple[str, ...] = ()
+    init: bool = False
+    new_session: bool = True
+    die_with_parent: bool = True
+    _env_items: Tuple[Tuple[str, str], ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        ns = self.namespaces
+        if isinstance(ns, str) or not isinstance(ns, Iterable):
+            raise TypeError(f"namespaces must be an iterable of names, not {type(ns).__name__}")
+        names = []
+        for n in ns:
+            if not isinstance(n, str):
+                raise TypeError(f"namespaces must hold str names, not {type(n).__name__}")
+            if n not in NAMESPACES:
+                raise SpecError("namespaces", f"has an unknown namespace {n!r} (known: {', '.join(NAMESPACES)})")
+            names.append(n)
+        set_("namespaces", tuple(n for n in NAMESPACES if n in names))
+
+        if self.rootfs is not None:
+            root = os.path.abspath(_path("rootfs", self.rootfs, absolute=False))
+            if not os.path.isdir(root):
+                raise SpecError("rootfs", f"is not an existing directory: {root!r}")
+            set_("rootfs", root)
+        _bool("readonly_root", self.readonly_root)
+
+        mounts = self.mounts
+        if isinstance(mounts, (Bind, Tmpfs)):
+            mounts = (mounts,)
+        if not isinstance(mounts, Iterable):
+            raise TypeError(f"mounts must be a sequence of Bind/Tmpfs, not {type(mounts).__name__}")
+        mounts = tuple(mounts)
+        for m in mounts:
+            if not isinstance(m, (Bind, Tmpfs)):
+                raise TypeError(f"mounts must hold Bind or Tmpfs values, not {type(m).__name__}")
+        set_("mounts", mounts)
+        if (mounts or self.rootfs is not None) and "mnt" not in self.namespaces:
+            raise SpecError("namespaces", "must include 'mnt' when rootfs or mounts are given")
+
+        if self.hostname is not None:
+            if not isinstance(self.hostname, str):
+                raise TypeError(f"hostname must be a str or None, not {type(self.hostname).__name__}")
+            raw = self.hostname.encode()
+            if not raw or len(raw) > 64 or "\0" in self.hostname:
+                raise SpecError("hostname", f"must be 1 to 64 bytes without NUL, got {len(raw)} bytes")
+            if "uts" not in self.namespaces:
+                raise SpecError("hostname", "needs the 'uts' namespace")
+
+        env = default_env() if self.env is None else self.env
+        if not isinstance(env, Mapping):
+            raise TypeError(f"env must be a mapping of str to str, not {type(env).__name__}")
+        items = []
+        for k, v in env.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"env must map str to str, got {k!r}: {type(v).__name__}")
+            if not k or "=" in k or "\0" in k or "\0" in v:
+                raise SpecError("env", f"has an invalid entry {k!r} (empty, '=' or NUL in the name, or NUL in the value)")
+            items.append((k, v))
+        set_("_env_items", tuple(items))
+        if self.env is not None:
+            set_("env", dict(items))
+
+        set_("cwd", _path("cwd", self.cwd))
+        set_("uid", _id("uid", self.uid))
+        set_("gid", _id("gid", self.gid))
+
+        caps = self.capabilities
+        if isinstance(caps, str) or not isinstance(caps, Iterable):
+            raise TypeError(f"capabilities must be an iterable of names, not {type(caps).__name__}")
+        norm = []
+        for c in caps:
+            if not isinstance(c, str):
+                raise TypeError(f"capabilities must hold str names, not {type(c).__name__}")
+            name = c.upper() if c.upper().startswith("CAP_") else "CAP_" + c.upper()
+            if name not in CAPABILITIES[: _core.cap_last_cap() + 1]:
+                raise SpecError("capabilities", f"has an unknown capability {c!r}")
+            norm.append(name)
+        set_("capabilities", tuple(sorted(set(norm), key=CAPABILITIES.index)))
+        for name in ("init", "new_session", "die_with_parent"):
+            _bool(name, getattr(self, name))
+
+    def replace(self, **changes: Any) -> "Spec":
+        """A copy with `changes` applied (and validated); unknown names raise TypeError."""
+        return with_fields(self, changes)
+
+    def _core_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `_core.spawn` for this spec."""
+        enc = os.fsencode
+        mounts = []
+        for m in self.mounts:
+            if isinstance(m, Bind):
+                mounts.append(("bind", enc(m.src), enc(m.dst), m.readonly, None))
+            else:
+                mounts.append(("tmpfs", None, enc(m.dst), False, m.size))
+        keep = 0
+        for c in self.capabilities:
+            keep |= 1 << CAPABILITIES.index(c)
+        return dict(
+            env=[enc(f"{k}={v}") for k, v in self._env_items],
+            cwd=enc(self.cwd),
+            namespaces=list(self.namespaces),
+            hostname=None if self.hostname is None else self.hostname.encode(),
+            rootfs=None if self.rootfs is None else enc(self.rootfs),
+            readonly_root=self.readonly_root,
+            mounts=mounts,
+            uid=self.uid,
+            gid=self.gid,
+            keep_caps=keep,
+            init=self.init,
+            new_session=self.new_session,
+            die_with_parent=self.die_with_parent,
+        )
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Spec) if f.init)
+
+
+def with_fields(spec: Optional[Spec], changes: Mapping[str, Any]) -> Spec:
+    """`spec` (or the default Spec) with keyword `changes`; unknown names raise TypeError."""
+    unknown = sorted(set(changes) - _FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sandbox option(s): {', '.join(unknown)} (Spec fields: {', '.join(sorted(_FIELDS))})")
+    if spec is None:
+        return Spec(**changes)
+    if not isinstance(spec, Spec):
+        raise TypeError(f"spec must be an nsfast.Spec, not {type(spec).__name__}")
+    return dataclasses.replace(spec, **changes) if changes else spec

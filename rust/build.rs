@@ -1,0 +1,22 @@
+//! Builds `init/main.rs` into a static binary that the library embeds (see spawn.rs).
+
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=init/main.rs");
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("nsfast-init");
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let target = env::var("TARGET").expect("cargo sets TARGET");
+    let status = Command::new(rustc)
+        .args(["--edition=2021", "--crate-type=bin", "--crate-name=nsfast_init"])
+        .args(["-C", "opt-level=s", "-C", "panic=abort", "-C", "strip=symbols", "-C", "codegen-units=1"])
+        .args(["-C", "target-feature=+crt-static", "--target", &target, "-o"])
+        .arg(&out)
+        .arg("init/main.rs")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .status()
+        .expect("run rustc for nsfast-init");
+    assert!(status.success(), "building nsfast-init failed (a static glibc, libc6-dev, is needed)");
+}

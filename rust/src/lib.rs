@@ -1,0 +1,20 @@
+//! nsfast core: Linux sandboxes started with one clone3.
+//!
+//! The modules below do the work and know nothing of Python; `py` (feature `python`) is the
+//! only binding layer.
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+pub mod error;
+pub mod mount;
+pub mod ns;
+pub mod spawn;
+pub mod spec;
+pub mod sync;
+pub mod sys;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use error::{Error, Result};
+pub use spawn::{spawn, wait, Child, Io};
+pub use spec::{Caller, Mount, Plan, Spec};

@@ -1,0 +1,163 @@
+//! The Python binding layer (`nsfast._core`): the only module that knows pyo3.
+//!
+//! Arguments are extracted into plain Rust values first, then the blocking work runs with
+//! the GIL released (`detached`). Errors are mapped in one place (`to_pyerr`) onto the
+//! exception classes of `nsfast._errors`.
+
+use std::os::fd::IntoRawFd;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::PyDict;
+
+use crate::error::Error;
+use crate::spec::{Caller, Mount, Plan, Spec};
+
+/// Run `f` with the GIL released: every blocking call of this module goes through here.
+fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    py.detach(f)
+}
+
+/// The one mapping point from core errors to Python exceptions.
+fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
+    let errors = match py.import("nsfast._errors") {
+        Ok(m) => m,
+        Err(e) => return e,
+    };
+    let built = match &err {
+        Error::Invalid { field, msg } => errors.getattr("SpecError").and_then(|cls| cls.call1((*field, msg.as_str()))),
+        Error::Spawn { step, filename, errno } => errors.getattr("SpawnError").and_then(|cls| {
+            let code = errno.raw_os_error();
+            let strerror = std::io::Error::from_raw_os_error(code).to_string();
+            let strerror = strerror.split(" (os error").next().unwrap_or(&strerror).to_owned();
+            cls.call1((code, strerror, filename.clone(), step.as_str()))
+        }),
+    };
+    match built {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(e) => e,
+    }
+}
+
+fn bytes(v: PyBackedBytes) -> Vec<u8> {
+    v.as_ref().to_vec()
+}
+
+/// A mount as the Python layer passes it: (kind, src, dst, readonly, size).
+type MountTuple = (String, Option<PyBackedBytes>, PyBackedBytes, bool, Option<u64>);
+
+fn mount_from(t: MountTuple) -> PyResult<Mount> {
+    let (kind, src, dst, readonly, size) = t;
+    match (kind.as_str(), src) {
+        ("bind", Some(src)) => Ok(Mount::Bind { src: bytes(src), dst: bytes(dst), readonly }),
+        ("tmpfs", None) => Ok(Mount::Tmpfs { dst: bytes(dst), size }),
+        (k, _) => Err(PyValueError::new_err(format!("mounts: bad mount tuple of kind {k:?}"))),
+    }
+}
+
+/// Start a sandbox; returns (pid, pidfd). The caller owns the pidfd.
+#[pyfunction]
+#[pyo3(signature = (args, *, env, cwd, namespaces, hostname, rootfs, readonly_root, mounts, uid, gid, keep_caps, init, new_session, die_with_parent, stdio, pass_fds))]
+#[allow(clippy::too_many_arguments)]
+fn spawn(
+    py: Python<'_>,
+    args: Vec<PyBackedBytes>,
+    env: Vec<PyBackedBytes>,
+    cwd: PyBackedBytes,
+    namespaces: Vec<String>,
+    hostname: Option<PyBackedBytes>,
+    rootfs: Option<PyBackedBytes>,
+    readonly_root: bool,
+    mounts: Vec<MountTuple>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    keep_caps: u64,
+    init: bool,
+    new_session: bool,
+    die_with_parent: bool,
+    stdio: (i32, i32, i32),
+    pass_fds: Vec<i32>,
+) -> PyResult<(i32, i32)> {
+    let namespaces = crate::ns::flags(namespaces.iter().map(String::as_str))
+        .map_err(|n| to_pyerr(py, Error::invalid("namespaces", format!("has an unknown namespace {n:?}"))))?;
+    let spec = Spec {
+        args: args.into_iter().map(bytes).collect(),
+        env: env.into_iter().map(bytes).collect(),
+        cwd: bytes(cwd),
+        namespaces,
+        hostname: hostname.map(bytes),
+        rootfs: rootfs.map(bytes),
+        readonly_root,
+        mounts: mounts.into_iter().map(mount_from).collect::<PyResult<_>>()?,
+        uid,
+        gid,
+        keep_caps,
+        init,
+        new_session,
+        die_with_parent,
+    };
+    let io_stdio = [stdio.0, stdio.1, stdio.2];
+    let result = detached(py, move || {
+        let plan = Plan::build(&spec, Caller::current())?;
+        crate::spawn::spawn(&plan, &crate::Io { stdio: io_stdio, pass_fds: &pass_fds })
+    });
+    match result {
+        Ok(child) => Ok((child.pid, child.pidfd.into_raw_fd())),
+        Err(e) => Err(to_pyerr(py, e)),
+    }
+}
+
+/// Wait for `pid` (via its pidfd) up to `timeout` seconds (forever if None) and reap it.
+/// Returns None on timeout, else (wait status, user s, system s, max rss bytes).
+#[pyfunction]
+#[pyo3(signature = (pid, pidfd, timeout=None))]
+fn wait(py: Python<'_>, pid: i32, pidfd: i32, timeout: Option<f64>) -> PyResult<Option<(i32, f64, f64, u64)>> {
+    let timeout = match timeout {
+        Some(t) if !(t.is_finite()) || t < 0.0 => return Err(PyValueError::new_err("timeout must be a finite number >= 0")),
+        Some(t) => Some(Duration::from_secs_f64(t)),
+        None => None,
+    };
+    let res = detached(py, move || crate::spawn::wait(pid, pidfd, timeout));
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    match res {
+        Ok(Some((status, ru))) => Ok(Some((status, tv(ru.ru_utime), tv(ru.ru_stime), ru.ru_maxrss as u64 * 1024))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string()))),
+    }
+}
+
+/// Namespace type -> inode of process `pid` ("self" or a number).
+#[pyfunction]
+fn namespaces<'py>(py: Python<'py>, pid: &str) -> PyResult<Bound<'py, PyDict>> {
+    let map = crate::ns::inodes(pid).map_err(|e| {
+        let code = e.raw_os_error().unwrap_or(0);
+        let msg = std::io::Error::from_raw_os_error(code).to_string();
+        // OSError(errno, ...) picks the subclass: FileNotFoundError for a gone pid.
+        PyOSError::new_err((code, msg, format!("/proc/{pid}/ns")))
+    })?;
+    let d = PyDict::new(py);
+    for (k, v) in map {
+        d.set_item(k, v)?;
+    }
+    Ok(d)
+}
+
+#[pyfunction]
+fn cap_last_cap() -> u32 {
+    crate::spec::cap_last_cap()
+}
+
+#[pymodule]
+#[pyo3(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(spawn, m)?)?;
+    m.add_function(wrap_pyfunction!(wait, m)?)?;
+    m.add_function(wrap_pyfunction!(namespaces, m)?)?;
+    m.add_function(wrap_pyfunction!(cap_last_cap, m)?)?;
+    m.add("NAMESPACES", crate::ns::NAMESPACES.iter().map(|(n, _)| *n).collect::<Vec<_>>())?;
+    m.add("DEFAULT_NAMESPACES", crate::spec::DEFAULT_NAMESPACES.to_vec())?;
+    m.add("INIT_BINARY_SIZE", crate::spawn::INIT_BINARY.len())?;
+    Ok(())
+}

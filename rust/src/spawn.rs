@@ -1,0 +1,328 @@
+//! Starting a sandbox: one clone3 and a setup sequence that reads top-down.
+//!
+//! The child is created with `CLONE_VM` on a private stack: no page table of the (possibly
+//! huge) Python parent is copied, so spawn cost does not grow with the parent's heap. The
+//! price is discipline: from clone3 to execve the child only reads the prepared [`Plan`],
+//! makes raw system calls, and never allocates, locks, unwinds or touches Python. The
+//! parent blocks (GIL released by the caller) until the child's report pipe reaches EOF —
+//! which happens exactly when the child has exec'd or died, i.e. has left this address
+//! space — and only then frees the stack.
+//!
+//! Sequence (numbers are the sync points):
+//!   parent: clone3(CLONE_VM | CLONE_PIDFD | CLONE_NEW*)
+//!   child:  reset signal dispositions, PDEATHSIG
+//!   1 parent writes setgroups/uid_map/gid_map, then `go`; child waits for `go`
+//!   child:  mounts (private, root tree, /proc, /dev, /tmp, user mounts, pivot_root)
+//!           -> sethostname -> lo up -> chdir -> bounding set -> set ids -> caps -> setsid
+//!           -> no_new_privs -> stdio -> close fds -> unblock signals -> exec
+//!   2 parent reads the report pipe: EOF = exec'd; a record = the step that failed.
+
+use std::ffi::{c_int, c_void};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
+
+use rustix::io::Errno;
+use rustix::process::{Pid, Signal, WaitOptions};
+
+use crate::error::{Error, Result};
+use crate::mount;
+use crate::spec::{CStrArray, IdMaps, Plan};
+use crate::sync::{self, ChildChannel, Step};
+use crate::sys::{self, CloneArgs, Stack};
+
+/// The child's stack. It only runs the setup sequence (a few small frames); the mapping is
+/// lazily backed, so only the pages touched cost anything.
+const STACK_SIZE: usize = 256 * 1024;
+
+/// A started sandbox: its pid in our pid namespace and a pidfd for it.
+#[derive(Debug)]
+pub struct Child {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+}
+
+/// What the child needs besides the plan, all plain numbers.
+pub struct Io<'a> {
+    /// fds to install as 0, 1, 2; -1 keeps the parent's.
+    pub stdio: [RawFd; 3],
+    /// fds that stay open (at the same number) in the sandbox.
+    pub pass_fds: &'a [RawFd],
+}
+
+struct ChildCtx<'a> {
+    plan: &'a Plan,
+    io: &'a Io<'a>,
+    chan: ChildChannel,
+    init: Option<(RawFd, &'a CStrArray)>,
+}
+
+/// Start the sandbox described by `plan`. Returns once the command has been exec'd.
+pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
+    let parent_err = |step: &str| {
+        let step = step.to_owned();
+        move |e: Errno| Error::spawn(step, None, e)
+    };
+    let (mut parent, chan, report_w, go_r) = sync::channel(plan.maps.is_some()).map_err(parent_err("pipe"))?;
+    let init_argv;
+    let init = if plan.exec.init {
+        let fd = init_binary().map_err(|e| Error::spawn("load nsfast-init", None, e))?;
+        init_argv = plan.exec.init_argv(chan.report);
+        Some((fd, &init_argv))
+    } else {
+        None
+    };
+    let stack = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
+    let ctx = ChildCtx { plan, io, chan, init };
+
+    let mut pidfd: c_int = -1;
+    let mut args = CloneArgs {
+        flags: libc::CLONE_VM as u64 | libc::CLONE_PIDFD as u64 | plan.clone_flags,
+        pidfd: &mut pidfd as *mut c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: stack.bottom(),
+        stack_size: stack.len(),
+        ..CloneArgs::default()
+    };
+    let arg = &ctx as *const ChildCtx as *mut c_void;
+    // Blocked across clone so no handler of ours runs in the child before it resets them.
+    let old_mask = sys::block_all_signals();
+    // SAFETY: `stack` and `ctx` outlive the child's use of them: we only return (dropping
+    // them) after `wait_exec` saw the report pipe close, i.e. after the child exec'd or died.
+    let mut res = unsafe { sys::clone3(&mut args, child_main, arg) };
+    if res == Err(Errno::NOSYS) {
+        // SAFETY: as above.
+        res = unsafe { sys::clone_legacy(args.flags, stack.top(), &mut pidfd, child_main, arg) };
+    }
+    sys::restore_signals(&old_mask);
+    drop(report_w);
+    drop(go_r);
+    let pid = res.map_err(|e| Error::spawn("clone3", Some(namespaces_hint(plan.clone_flags)), e))?;
+    // SAFETY: CLONE_PIDFD stored a fresh fd that nothing else owns.
+    let child = Child { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } };
+
+    if let Some(maps) = &plan.maps {
+        let written = write_maps(pid, maps).and_then(|()| parent.mappings_written().map_err(parent_err("signal child")));
+        if let Err(e) = written {
+            abort_child(&child, &parent);
+            return Err(e);
+        }
+    }
+    let report = parent.wait_exec();
+    drop(stack);
+    match report {
+        Ok(None) => Ok(child),
+        Ok(Some(rec)) => {
+            let _ = rustix::process::waitpid(pid_of(&child), WaitOptions::empty());
+            Err(child_error(plan, rec))
+        }
+        Err(e) => {
+            abort_child(&child, &parent);
+            Err(Error::spawn("read child report", None, e))
+        }
+    }
+}
+
+fn pid_of(c: &Child) -> Option<Pid> {
+    Pid::from_raw(c.pid)
+}
+
+/// Kill a child that has not exec'd yet, wait until it left our address space, reap it.
+fn abort_child(child: &Child, parent: &sync::ParentChannel) {
+    let _ = rustix::process::pidfd_send_signal(child.pidfd.as_fd(), Signal::KILL);
+    let _ = parent.wait_exec();
+    let _ = rustix::process::waitpid(pid_of(child), WaitOptions::empty());
+}
+
+fn errno_of(e: &std::io::Error) -> Errno {
+    Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn namespaces_hint(flags: u64) -> String {
+    let names: Vec<&str> = crate::ns::NAMESPACES.iter().filter(|(_, f)| flags & f != 0).map(|(n, _)| *n).collect();
+    format!("namespaces {}", names.join(","))
+}
+
+fn write_proc(pid: i32, file: &str, data: &str) -> Result<()> {
+    let path = format!("/proc/{pid}/{file}");
+    let res = std::fs::OpenOptions::new().write(true).open(&path).and_then(|mut f| f.write_all(data.as_bytes()));
+    res.map_err(|e| Error::spawn(format!("write {file}"), Some(path), errno_of(&e)))
+}
+
+fn write_maps(pid: i32, maps: &IdMaps) -> Result<()> {
+    if maps.deny_setgroups {
+        write_proc(pid, "setgroups", "deny")?;
+    }
+    write_proc(pid, "uid_map", &maps.uid_map)?;
+    write_proc(pid, "gid_map", &maps.gid_map)
+}
+
+/// Turn the child's record into an error naming the step and the path involved.
+fn child_error(plan: &Plan, rec: sync::ChildError) -> Error {
+    let errno = Errno::from_raw_os_error(rec.errno);
+    match Step::from_raw(rec.step) {
+        Some(Step::Fs) => match plan.fs.get(rec.index as usize) {
+            Some(st) => Error::spawn(st.step.clone(), Some(st.path.clone()), errno),
+            None => Error::spawn("mount", None, errno),
+        },
+        Some(Step::Exec) => Error::spawn("exec", Some(plan.argv0.clone()), errno),
+        Some(Step::Chdir) => Error::spawn("chdir", Some(plan.cwd.to_string_lossy().into_owned()), errno),
+        Some(step) => Error::spawn(step.name(), None, errno),
+        None => Error::spawn("child setup", None, errno),
+    }
+}
+
+/// The nsfast-init binary in a sealed memfd, made once per process.
+fn init_binary() -> std::result::Result<RawFd, Errno> {
+    static FD: OnceLock<std::result::Result<OwnedFd, Errno>> = OnceLock::new();
+    FD.get_or_init(|| {
+        use rustix::fs::{MemfdFlags, SealFlags};
+        let fd = rustix::fs::memfd_create(c"nsfast-init", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::EXEC)
+            .or_else(|_| rustix::fs::memfd_create(c"nsfast-init", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING))?;
+        let mut rest: &[u8] = INIT_BINARY;
+        while !rest.is_empty() {
+            let n = rustix::io::write(&fd, rest)?;
+            rest = &rest[n..];
+        }
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE)?;
+        Ok(fd)
+    })
+    .as_ref()
+    .map(|fd| fd.as_raw_fd())
+    .map_err(|e| *e)
+}
+
+/// The static init built from `init/main.rs` by build.rs.
+pub static INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nsfast-init"));
+
+extern "C" fn child_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the parent's ChildCtx, alive and unchanged until we exec or exit.
+    let ctx = unsafe { &*(arg as *const ChildCtx) };
+    child(ctx)
+}
+
+/// The child's whole life before exec. Never returns; never allocates.
+fn child(ctx: &ChildCtx) -> ! {
+    let plan = ctx.plan;
+    let ch = &ctx.chan;
+    let fail = |step: Step, e: Errno| -> ! { ch.fail(step, 0, e) };
+
+    sys::child_reset_signal_dispositions();
+    if plan.die_with_parent {
+        sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize, 0).unwrap_or_else(|e| fail(Step::DeathSignal, e));
+    }
+    if plan.maps.is_some() {
+        ch.wait_mappings_written().unwrap_or_else(|e| fail(Step::WaitMappings, e));
+    }
+    for (i, st) in plan.fs.iter().enumerate() {
+        if let Err(e) = mount::run(&st.op) {
+            ch.fail(Step::Fs, i as u32, e);
+        }
+    }
+    if let Some(name) = &plan.hostname {
+        rustix::system::sethostname(name).unwrap_or_else(|e| fail(Step::Hostname, e));
+    }
+    if plan.loopback {
+        sys::loopback_up().unwrap_or_else(|e| fail(Step::Loopback, e));
+    }
+    rustix::process::chdir(plan.cwd.as_c_str()).unwrap_or_else(|e| fail(Step::Chdir, e));
+    // The bounding set needs CAP_SETPCAP, which a switch to a non-root uid takes away.
+    for cap in 0..=plan.cap_last {
+        if plan.keep_caps & (1u64 << cap) == 0 {
+            sys::prctl(libc::PR_CAPBSET_DROP, cap as usize, 0).unwrap_or_else(|e| fail(Step::DropCaps, e));
+        }
+    }
+    if let Some(ids) = plan.set_ids {
+        sys::clear_supplementary_groups().unwrap_or_else(|e| fail(Step::SetGroups, e));
+        if let Some(gid) = ids.gid {
+            sys::setresgid(gid).unwrap_or_else(|e| fail(Step::SetGid, e));
+        }
+        if let Some(uid) = ids.uid {
+            sys::setresuid(uid).unwrap_or_else(|e| fail(Step::SetUid, e));
+        }
+    }
+    sys::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as usize, 0).unwrap_or_else(|e| fail(Step::DropCaps, e));
+    let have = sys::capget_permitted().unwrap_or_else(|e| fail(Step::DropCaps, e));
+    sys::capset(have & plan.keep_caps).unwrap_or_else(|e| fail(Step::DropCaps, e));
+    if plan.new_session {
+        rustix::process::setsid().unwrap_or_else(|e| fail(Step::Setsid, e));
+    }
+    sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
+
+    // stdio: first lift sources sitting on 0..2 out of the way, then install.
+    let mut src = ctx.io.stdio;
+    for (i, fd) in src.iter_mut().enumerate() {
+        if *fd >= 0 && *fd < 3 && *fd != i as RawFd {
+            *fd = sys::dup_above(*fd, 3).unwrap_or_else(|e| fail(Step::Stdio, e));
+        }
+    }
+    for (i, &fd) in src.iter().enumerate() {
+        let target = i as RawFd;
+        let res = if fd < 0 { Ok(()) } else if fd == target { sys::set_cloexec(fd, false) } else { sys::dup2(fd, target) };
+        res.unwrap_or_else(|e| fail(Step::Stdio, e));
+    }
+    // Everything from 3 up closes at exec, except the fds passed on purpose.
+    sys::close_range(3, u32::MAX, sys::CLOSE_RANGE_CLOEXEC).unwrap_or_else(|e| fail(Step::CloseFds, e));
+    for &fd in ctx.io.pass_fds {
+        sys::set_cloexec(fd, false).unwrap_or_else(|e| fail(Step::CloseFds, e));
+    }
+    sys::child_unblock_all_signals();
+
+    let envp = plan.exec.envp.as_ptr();
+    if let Some((init_fd, init_argv)) = ctx.init {
+        // init inherits the report pipe and closes it once its child has exec'd.
+        sys::set_cloexec(ch.report, false).unwrap_or_else(|e| fail(Step::ExecInit, e));
+        // SAFETY: prepared NULL-terminated arrays.
+        let e = unsafe { sys::execve_fd(init_fd, init_argv.as_ptr(), envp) };
+        fail(Step::ExecInit, e);
+    }
+    // execvpe's rule: skip ENOENT/ENOTDIR, remember EACCES, stop at anything else.
+    let argv = plan.exec.argv.as_ptr();
+    let mut err = Errno::NOENT;
+    let mut saw_eacces = false;
+    for cand in &plan.exec.candidates {
+        // SAFETY: prepared NULL-terminated arrays.
+        let e = unsafe { sys::execve(cand.as_c_str(), argv, envp) };
+        match e {
+            Errno::NOENT | Errno::NOTDIR => {}
+            Errno::ACCESS => saw_eacces = true,
+            other => {
+                err = other;
+                break;
+            }
+        }
+        err = e;
+    }
+    if saw_eacces && (err == Errno::NOENT || err == Errno::NOTDIR) {
+        err = Errno::ACCESS;
+    }
+    fail(Step::Exec, err)
+}
+
+/// Wait up to `timeout` (forever if None) for the child to exit; reap it with its resource
+/// usage. `Ok(None)` on timeout. Returns the raw wait status.
+pub fn wait(pid: i32, pidfd: RawFd, timeout: Option<std::time::Duration>) -> std::io::Result<Option<(c_int, libc::rusage)>> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    loop {
+        if let Some(done) = sys::wait4_nohang(pid)? {
+            return Ok(Some(done));
+        }
+        let left = match deadline {
+            Some(d) => {
+                let now = std::time::Instant::now();
+                if now >= d {
+                    return Ok(None);
+                }
+                Some(d - now)
+            }
+            None => None,
+        };
+        let ts = left.map(|d| Timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as i64 });
+        let mut fds = [PollFd::from_borrowed_fd(sys::borrow_fd(pidfd), PollFlags::IN)];
+        match poll(&mut fds, ts.as_ref()) {
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

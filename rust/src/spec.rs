@@ -1,0 +1,326 @@
+//! What a sandbox should be (`Spec`), and the plan the child executes (`Plan`): every
+//! C string, pointer array, map line and mount step is built here, in the parent, before
+//! clone. The child only reads the plan.
+
+use std::ffi::{c_char, CString};
+use std::os::fd::RawFd;
+
+use crate::error::{Error, Result};
+use crate::mount::{self, FsStep};
+
+/// An extra mount inside the sandbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mount {
+    /// Bind `src` (a host path) onto `dst` (a path inside the sandbox).
+    Bind { src: Vec<u8>, dst: Vec<u8>, readonly: bool },
+    /// A fresh tmpfs on `dst`, `size` bytes at most (the kernel default when None).
+    Tmpfs { dst: Vec<u8>, size: Option<u64> },
+}
+
+/// Everything a sandbox needs, as plain Rust data (the Python layer validates first; this
+/// module checks again what would otherwise become a confusing errno).
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub args: Vec<Vec<u8>>,
+    pub env: Vec<Vec<u8>>,
+    pub cwd: Vec<u8>,
+    /// CLONE_NEW* flags.
+    pub namespaces: u64,
+    pub hostname: Option<Vec<u8>>,
+    /// None: the host root, bind-mounted.
+    pub rootfs: Option<Vec<u8>>,
+    pub readonly_root: bool,
+    pub mounts: Vec<Mount>,
+    /// The uid/gid the command runs as inside the sandbox.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Bit n set: capability n stays in the bounding set; all others are dropped.
+    pub keep_caps: u64,
+    pub init: bool,
+    pub new_session: bool,
+    pub die_with_parent: bool,
+}
+
+impl Spec {
+    /// A spec with nsfast's defaults around `args`.
+    pub fn new(args: Vec<Vec<u8>>) -> Spec {
+        Spec {
+            args,
+            env: vec![b"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_vec(), b"HOME=/".to_vec()],
+            cwd: b"/".to_vec(),
+            namespaces: crate::ns::flags(DEFAULT_NAMESPACES).expect("known names"),
+            hostname: None,
+            rootfs: None,
+            readonly_root: true,
+            mounts: Vec::new(),
+            uid: None,
+            gid: None,
+            keep_caps: 0,
+            init: false,
+            new_session: true,
+            die_with_parent: true,
+        }
+    }
+}
+
+pub const DEFAULT_NAMESPACES: [&str; 6] = ["pid", "uts", "ipc", "net", "mnt", "cgroup"];
+
+/// Who the caller is; decides the id maps.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub euid: u32,
+    pub egid: u32,
+}
+
+impl Caller {
+    pub fn current() -> Caller {
+        Caller { euid: rustix::process::geteuid().as_raw(), egid: rustix::process::getegid().as_raw() }
+    }
+}
+
+/// The lines the parent writes for a new user namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdMaps {
+    pub uid_map: String,
+    pub gid_map: String,
+    /// Write "deny" to setgroups first (required for an unprivileged gid_map write).
+    pub deny_setgroups: bool,
+}
+
+impl IdMaps {
+    /// One-line maps: `inside` (default 0) -> the caller's id.
+    pub fn single(caller: Caller, uid: Option<u32>, gid: Option<u32>) -> IdMaps {
+        IdMaps {
+            uid_map: format!("{} {} 1\n", uid.unwrap_or(0), caller.euid),
+            gid_map: format!("{} {} 1\n", gid.unwrap_or(0), caller.egid),
+            deny_setgroups: caller.euid != 0,
+        }
+    }
+}
+
+/// A NULL-terminated array of C strings that owns its strings.
+pub struct CStrArray {
+    _strings: Vec<CString>,
+    ptrs: Vec<*const c_char>,
+}
+
+// SAFETY: the pointers point into `_strings`, owned and never mutated.
+unsafe impl Send for CStrArray {}
+// SAFETY: read-only after construction.
+unsafe impl Sync for CStrArray {}
+
+impl CStrArray {
+    pub fn new(items: impl IntoIterator<Item = CString>) -> CStrArray {
+        let strings: Vec<CString> = items.into_iter().collect();
+        let mut ptrs: Vec<*const c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+        ptrs.push(std::ptr::null());
+        CStrArray { _strings: strings, ptrs }
+    }
+
+    pub fn as_ptr(&self) -> *const *const u8 {
+        self.ptrs.as_ptr().cast()
+    }
+}
+
+/// Set-ids applied by the child when there is no user namespace (root callers only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetIds {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// What the child runs at the end.
+pub struct Exec {
+    pub argv_strings: Vec<CString>,
+    /// execve candidates in PATH order (one when argv[0] has a '/').
+    pub candidates: Vec<CString>,
+    pub argv: CStrArray,
+    pub envp: CStrArray,
+    /// Run the command under nsfast-init (pid 1 that forwards signals and reaps).
+    pub init: bool,
+}
+
+impl Exec {
+    /// nsfast-init's command line: `nsfast-init REPORT_FD N CANDIDATE... -- ARGV...`.
+    pub fn init_argv(&self, report_fd: RawFd) -> CStrArray {
+        let mut v = vec![
+            CString::from(c"nsfast-init"),
+            CString::new(report_fd.to_string()).expect("digits"),
+            CString::new(self.candidates.len().to_string()).expect("digits"),
+        ];
+        v.extend(self.candidates.iter().cloned());
+        v.push(CString::from(c"--"));
+        v.extend(self.argv_strings.iter().cloned());
+        CStrArray::new(v)
+    }
+}
+
+/// The full, prepared plan of one sandbox.
+pub struct Plan {
+    pub clone_flags: u64,
+    pub maps: Option<IdMaps>,
+    pub fs: Vec<FsStep>,
+    pub hostname: Option<Vec<u8>>,
+    pub loopback: bool,
+    pub set_ids: Option<SetIds>,
+    pub keep_caps: u64,
+    pub cap_last: u32,
+    pub new_session: bool,
+    pub die_with_parent: bool,
+    pub cwd: CString,
+    pub exec: Exec,
+    /// argv[0] as given, for error messages.
+    pub argv0: String,
+}
+
+fn cstring(field: &'static str, bytes: &[u8]) -> Result<CString> {
+    CString::new(bytes).map_err(|_| Error::invalid(field, "contains a NUL byte"))
+}
+
+/// The env value of `key` in a `K=V` list.
+fn env_get<'a>(env: &'a [Vec<u8>], key: &[u8]) -> Option<&'a [u8]> {
+    env.iter().rev().find_map(|kv| kv.strip_prefix(key).and_then(|rest| rest.strip_prefix(b"=")))
+}
+
+/// execvpe's search: every PATH entry joined with argv[0], or argv[0] alone if it has a '/'.
+pub fn exec_candidates(argv0: &[u8], path: Option<&[u8]>) -> Vec<Vec<u8>> {
+    if argv0.contains(&b'/') {
+        return vec![argv0.to_vec()];
+    }
+    let path = path.unwrap_or(b"/usr/local/bin:/usr/bin:/bin");
+    path.split(|&b| b == b':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { &b"."[..] } else { dir };
+            let mut c = dir.to_vec();
+            if !c.ends_with(b"/") {
+                c.push(b'/');
+            }
+            c.extend_from_slice(argv0);
+            c
+        })
+        .collect()
+}
+
+/// The highest capability number this kernel knows.
+pub fn cap_last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+impl Plan {
+    /// Build the plan for `spec` run by `caller`.
+    pub fn build(spec: &Spec, caller: Caller) -> Result<Plan> {
+        let argv0 = spec.args.first().ok_or_else(|| Error::invalid("args", "must not be empty"))?;
+        if argv0.is_empty() {
+            return Err(Error::invalid("args", "argv[0] must not be empty"));
+        }
+        let mut clone_flags = spec.namespaces;
+        let user_ns = clone_flags & libc::CLONE_NEWUSER as u64 != 0;
+        if !user_ns && caller.euid != 0 {
+            // Rootless: only a new user namespace grants the rights the rest needs.
+            clone_flags |= libc::CLONE_NEWUSER as u64;
+        }
+        let user_ns = clone_flags & libc::CLONE_NEWUSER as u64 != 0;
+        let mnt_ns = clone_flags & libc::CLONE_NEWNS as u64 != 0;
+        if !mnt_ns && (spec.rootfs.is_some() || !spec.mounts.is_empty()) {
+            return Err(Error::invalid("namespaces", "rootfs and mounts need the 'mnt' namespace"));
+        }
+        if spec.hostname.is_some() && clone_flags & libc::CLONE_NEWUTS as u64 == 0 {
+            return Err(Error::invalid("hostname", "needs the 'uts' namespace"));
+        }
+        if let Some(h) = &spec.hostname {
+            if h.len() > 64 {
+                return Err(Error::invalid("hostname", "is longer than 64 bytes"));
+            }
+        }
+        let maps = user_ns.then(|| IdMaps::single(caller, spec.uid, spec.gid));
+        let set_ids = (!user_ns && (spec.uid.is_some() || spec.gid.is_some()))
+            .then_some(SetIds { uid: spec.uid, gid: spec.gid });
+
+        let fs = if mnt_ns {
+            mount::plan(spec.rootfs.as_deref(), spec.readonly_root, &spec.mounts, &|p| {
+                use std::os::unix::ffi::OsStrExt;
+                std::fs::metadata(std::ffi::OsStr::from_bytes(p)).ok().map(|m| m.is_dir())
+            })?
+        } else {
+            Vec::new()
+        };
+
+        let argv = spec.args.iter().map(|a| cstring("args", a)).collect::<Result<Vec<_>>>()?;
+        let envp = spec.env.iter().map(|e| cstring("env", e)).collect::<Result<Vec<_>>>()?;
+        let candidates = exec_candidates(argv0, env_get(&spec.env, b"PATH"))
+            .into_iter()
+            .map(|c| cstring("args", &c))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Plan {
+            clone_flags,
+            maps,
+            fs,
+            hostname: spec.hostname.clone(),
+            loopback: clone_flags & libc::CLONE_NEWNET as u64 != 0,
+            set_ids,
+            keep_caps: spec.keep_caps,
+            cap_last: cap_last_cap(),
+            new_session: spec.new_session,
+            die_with_parent: spec.die_with_parent,
+            cwd: cstring("cwd", &spec.cwd)?,
+            exec: Exec { candidates, argv: CStrArray::new(argv.clone()), argv_strings: argv, envp: CStrArray::new(envp), init: spec.init },
+            argv0: String::from_utf8_lossy(argv0).into_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_maps_map_the_caller_to_root_or_the_requested_ids() {
+        let m = IdMaps::single(Caller { euid: 1000, egid: 100 }, None, None);
+        assert_eq!(m.uid_map, "0 1000 1\n");
+        assert_eq!(m.gid_map, "0 100 1\n");
+        assert!(m.deny_setgroups);
+        let m = IdMaps::single(Caller { euid: 0, egid: 0 }, Some(65534), Some(7));
+        assert_eq!(m.uid_map, "65534 0 1\n");
+        assert_eq!(m.gid_map, "7 0 1\n");
+        assert!(!m.deny_setgroups);
+    }
+
+    #[test]
+    fn exec_candidates_follow_path_order() {
+        assert_eq!(exec_candidates(b"/bin/true", Some(b"/x")), vec![b"/bin/true".to_vec()]);
+        assert_eq!(
+            exec_candidates(b"sh", Some(b"/usr/bin:/bin/:")),
+            vec![b"/usr/bin/sh".to_vec(), b"/bin/sh".to_vec(), b"./sh".to_vec()]
+        );
+    }
+
+    #[test]
+    fn rootless_callers_get_a_user_namespace() {
+        let spec = Spec::new(vec![b"true".to_vec()]);
+        let plan = Plan::build(&spec, Caller { euid: 1000, egid: 1000 }).unwrap();
+        assert_ne!(plan.clone_flags & libc::CLONE_NEWUSER as u64, 0);
+        assert_eq!(plan.maps.unwrap().uid_map, "0 1000 1\n");
+        let plan = Plan::build(&spec, Caller { euid: 0, egid: 0 }).unwrap();
+        assert_eq!(plan.clone_flags & libc::CLONE_NEWUSER as u64, 0);
+        assert!(plan.maps.is_none());
+    }
+
+    #[test]
+    fn bad_specs_name_the_field() {
+        let mut spec = Spec::new(vec![]);
+        let err = Plan::build(&spec, Caller::current()).err().unwrap();
+        assert!(matches!(err, Error::Invalid { field: "args", .. }), "{err}");
+        spec.args = vec![b"true".to_vec()];
+        spec.hostname = Some(vec![b'h'; 65]);
+        let err = Plan::build(&spec, Caller::current()).err().unwrap();
+        assert!(matches!(err, Error::Invalid { field: "hostname", .. }), "{err}");
+        spec.hostname = None;
+        spec.namespaces = crate::ns::flags(["pid"]).unwrap();
+        spec.rootfs = Some(b"/".to_vec());
+        let err = Plan::build(&spec, Caller::current()).err().unwrap();
+        assert!(matches!(err, Error::Invalid { field: "namespaces", .. }), "{err}");
+    }
+}

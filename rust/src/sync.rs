@@ -1,0 +1,207 @@
+//! The parent <-> child channel of one spawn.
+//!
+//! Two CLOEXEC pipes. `go`: the parent writes one byte once the id maps of a new user
+//! namespace are written (only then may the child act as its mapped uid). `report`: the
+//! child writes one fixed-size [`ChildError`] if a step fails and exits; if it execs, the
+//! kernel closes its end and the parent reads EOF: success, with no extra system call.
+
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+
+use rustix::io::Errno;
+
+/// Steps of the child, in the order they run. `Fs` carries the index of the mount step.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    WaitMappings = 1,
+    Fs,
+    Hostname,
+    Loopback,
+    SetGroups,
+    SetGid,
+    SetUid,
+    DropCaps,
+    NoNewPrivs,
+    DeathSignal,
+    Setsid,
+    Stdio,
+    CloseFds,
+    Chdir,
+    Exec,
+    ExecInit,
+}
+
+impl Step {
+    pub fn from_raw(v: u32) -> Option<Step> {
+        use Step::*;
+        [WaitMappings, Fs, Hostname, Loopback, SetGroups, SetGid, SetUid, DropCaps, NoNewPrivs, DeathSignal, Setsid, Stdio, CloseFds, Chdir, Exec, ExecInit]
+            .into_iter()
+            .find(|s| *s as u32 == v)
+    }
+
+    /// The name SpawnError.step carries.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::WaitMappings => "wait for id maps",
+            Step::Fs => "mount",
+            Step::Hostname => "sethostname",
+            Step::Loopback => "bring up lo",
+            Step::SetGroups => "setgroups",
+            Step::SetGid => "setgid",
+            Step::SetUid => "setuid",
+            Step::DropCaps => "drop capabilities",
+            Step::NoNewPrivs => "no_new_privs",
+            Step::DeathSignal => "parent death signal",
+            Step::Setsid => "setsid",
+            Step::Stdio => "stdio",
+            Step::CloseFds => "close fds",
+            Step::Chdir => "chdir",
+            Step::Exec => "exec",
+            Step::ExecInit => "exec init",
+        }
+    }
+}
+
+/// The child's failure report, 12 bytes on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChildError {
+    pub step: u32,
+    pub index: u32,
+    pub errno: i32,
+}
+
+pub const RECORD_LEN: usize = 12;
+
+impl ChildError {
+    pub fn encode(&self) -> [u8; RECORD_LEN] {
+        let mut b = [0u8; RECORD_LEN];
+        b[0..4].copy_from_slice(&self.step.to_ne_bytes());
+        b[4..8].copy_from_slice(&self.index.to_ne_bytes());
+        b[8..12].copy_from_slice(&self.errno.to_ne_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; RECORD_LEN]) -> ChildError {
+        let word = |i: usize| [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        ChildError { step: u32::from_ne_bytes(word(0)), index: u32::from_ne_bytes(word(4)), errno: i32::from_ne_bytes(word(8)) }
+    }
+}
+
+/// The parent's ends.
+pub struct ParentChannel {
+    pub report: OwnedFd,
+    pub go: Option<OwnedFd>,
+}
+
+/// The child's ends, as raw numbers (the child never drops Rust values).
+#[derive(Clone, Copy)]
+pub struct ChildChannel {
+    pub report: RawFd,
+    pub go: RawFd,
+    /// The parent's end of `go`, which the child closes so a dead parent reads as EOF.
+    pub go_parent: RawFd,
+}
+
+/// Pipe ends at 3 or above, so installing stdio on 0..2 in the child cannot clobber them.
+fn pipe() -> rustix::io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let lift = |fd: OwnedFd| -> rustix::io::Result<OwnedFd> {
+        use std::os::fd::AsRawFd;
+        if fd.as_raw_fd() < 3 {
+            rustix::io::fcntl_dupfd_cloexec(&fd, 3)
+        } else {
+            Ok(fd)
+        }
+    };
+    Ok((lift(r)?, lift(w)?))
+}
+
+/// Make the channel; `with_go` when the parent has id maps to write.
+pub fn channel(with_go: bool) -> rustix::io::Result<(ParentChannel, ChildChannel, OwnedFd, Option<OwnedFd>)> {
+    use std::os::fd::AsRawFd;
+    let (report_r, report_w) = pipe()?;
+    let (go_parent, go_child) = if with_go {
+        let (r, w) = pipe()?;
+        (Some(w), Some(r))
+    } else {
+        (None, None)
+    };
+    let child = ChildChannel {
+        report: report_w.as_raw_fd(),
+        go: go_child.as_ref().map_or(-1, |f| f.as_raw_fd()),
+        go_parent: go_parent.as_ref().map_or(-1, |f| f.as_raw_fd()),
+    };
+    // The child's ends are returned separately: the parent closes them right after clone.
+    Ok((ParentChannel { report: report_r, go: go_parent }, child, report_w, go_child))
+}
+
+impl ChildChannel {
+    /// Child-safe: block until the parent has written the id maps.
+    pub fn wait_mappings_written(&self) -> Result<(), Errno> {
+        crate::sys::close(self.go_parent);
+        let mut b = [0u8; 1];
+        loop {
+            let fd = unsafe_borrow(self.go);
+            match rustix::io::read(fd, &mut b) {
+                Ok(1) => return Ok(()),
+                Ok(_) => return Err(Errno::PIPE),
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Child-safe: report a failed step and exit.
+    pub fn fail(&self, step: Step, index: u32, errno: Errno) -> ! {
+        let rec = ChildError { step: step as u32, index, errno: errno.raw_os_error() }.encode();
+        let _ = rustix::io::write(unsafe_borrow(self.report), &rec);
+        crate::sys::exit_now(127)
+    }
+}
+
+fn unsafe_borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    crate::sys::borrow_fd(fd)
+}
+
+impl ParentChannel {
+    /// Tell the child the id maps are in place.
+    pub fn mappings_written(&mut self) -> rustix::io::Result<()> {
+        if let Some(go) = self.go.take() {
+            rustix::io::write(go.as_fd(), b"1")?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the child to exec (Ok(None)) or report a failure.
+    pub fn wait_exec(&self) -> rustix::io::Result<Option<ChildError>> {
+        let mut buf = [0u8; RECORD_LEN];
+        let mut got = 0;
+        while got < RECORD_LEN {
+            match rustix::io::read(self.report.as_fd(), &mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        match got {
+            0 => Ok(None),
+            RECORD_LEN => Ok(Some(ChildError::decode(&buf))),
+            // A torn record: the child died mid-write; report what we know.
+            _ => Ok(Some(ChildError { step: 0, index: 0, errno: Errno::IO.raw_os_error() })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let e = ChildError { step: Step::Exec as u32, index: 7, errno: 2 };
+        assert_eq!(ChildError::decode(&e.encode()), e);
+        assert_eq!(Step::from_raw(Step::Chdir as u32), Some(Step::Chdir));
+        assert_eq!(Step::from_raw(0), None);
+    }
+}

@@ -1,0 +1,475 @@
+//! Every `unsafe` block of the crate lives here: the few system calls that rustix does not
+//! wrap (clone3 with a private stack, close_range, mount_setattr, signal dispositions, the
+//! loopback ioctl) and the memory the child runs on.
+//!
+//! Functions marked "child-safe" may be called between clone3 and execve: they make one raw
+//! system call, allocate nothing and take no lock. The child shares the parent's memory
+//! (`CLONE_VM`), so it must not touch anything else.
+
+use std::ffi::{c_int, c_void, CStr};
+use std::io;
+use std::os::fd::RawFd;
+use std::ptr;
+
+use rustix::io::Errno;
+
+/// `struct clone_args` of clone3(2), version 2 (with `set_tid` and `cgroup`).
+#[repr(C)]
+#[derive(Default, Debug)]
+pub struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    pub cgroup: u64,
+}
+
+/// The entry point of a child: runs on the private stack and never returns.
+pub type ChildFn = extern "C" fn(arg: *mut c_void) -> c_int;
+
+/// clone3 with a private stack: the child starts executing `entry(arg)` on that stack,
+/// the parent gets the child's pid (or the errno).
+///
+/// # Safety
+/// `args.stack`/`args.stack_size` must describe a mapping that stays alive until the child
+/// has exec'd or exited; `entry` must never return and must only read `arg`, which must stay
+/// valid for as long.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn clone3(args: &mut CloneArgs, entry: ChildFn, arg: *mut c_void) -> Result<i32, Errno> {
+    let ret: isize;
+    // SAFETY: the kernel starts the child with rsp = stack + stack_size (16-byte aligned, we
+    // page-align the mapping). The child never returns into this frame: it calls `entry`
+    // (which execs or exits) and traps if that ever came back. r12/r13 are preserved
+    // across `syscall`, so the child still has them.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 as isize => ret,
+            in("rdi") args as *mut CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") entry,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    if ret < 0 {
+        Err(Errno::from_raw_os_error(-ret as i32))
+    } else {
+        Ok(ret as i32)
+    }
+}
+
+/// See the x86_64 version.
+///
+/// # Safety
+/// As for the x86_64 version.
+#[cfg(target_arch = "aarch64")]
+pub unsafe fn clone3(args: &mut CloneArgs, entry: ChildFn, arg: *mut c_void) -> Result<i32, Errno> {
+    let ret: isize;
+    // SAFETY: as for x86_64; the kernel sets sp to the top of the private stack, x20/x21
+    // are callee-saved and survive `svc`.
+    unsafe {
+        std::arch::asm!(
+            "svc 0",
+            "cbnz x0, 2f",
+            "mov x29, xzr",
+            "mov x0, x20",
+            "blr x21",
+            "brk #1",
+            "2:",
+            inlateout("x0") args as *mut CloneArgs as isize => ret,
+            in("x1") std::mem::size_of::<CloneArgs>(),
+            in("x8") libc::SYS_clone3,
+            in("x20") arg,
+            in("x21") entry,
+            options(nostack)
+        );
+    }
+    if ret < 0 {
+        Err(Errno::from_raw_os_error(-ret as i32))
+    } else {
+        Ok(ret as i32)
+    }
+}
+
+/// clone(2) through libc, for kernels without clone3 (ENOSYS). `CLONE_PIDFD` stores the
+/// pidfd through the parent_tid pointer there.
+///
+/// # Safety
+/// As for [`clone3`].
+pub unsafe fn clone_legacy(
+    flags: u64,
+    stack_top: *mut c_void,
+    pidfd: &mut c_int,
+    entry: ChildFn,
+    arg: *mut c_void,
+) -> Result<i32, Errno> {
+    // SAFETY: glibc's clone() switches to `stack_top` in the child and calls `entry`.
+    let ret = unsafe {
+        libc::clone(
+            entry,
+            stack_top,
+            (flags as c_int) | libc::SIGCHLD,
+            arg,
+            pidfd as *mut c_int,
+        )
+    };
+    if ret < 0 {
+        Err(Errno::from_raw_os_error(io::Error::last_os_error().raw_os_error().unwrap_or(0)))
+    } else {
+        Ok(ret)
+    }
+}
+
+/// The child's private stack: an anonymous mapping with a guard page at the bottom.
+pub struct Stack {
+    base: *mut c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value.
+unsafe impl Send for Stack {}
+
+const PAGE: usize = 4096;
+
+impl Stack {
+    pub fn new(len: usize) -> io::Result<Stack> {
+        // SAFETY: a fresh anonymous mapping; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the first page belongs to the mapping we just made.
+        if unsafe { libc::mprotect(base, PAGE, libc::PROT_NONE) } != 0 {
+            let err = io::Error::last_os_error();
+            // SAFETY: unmapping what we mapped.
+            unsafe { libc::munmap(base, len) };
+            return Err(err);
+        }
+        Ok(Stack { base, len })
+    }
+
+    pub fn bottom(&self) -> u64 {
+        self.base as u64
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    pub fn top(&self) -> *mut c_void {
+        // SAFETY: one past the end of the mapping, which is where a stack starts.
+        unsafe { self.base.cast::<u8>().add(self.len).cast() }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is ours; the spawner only drops it after the child has left
+        // this address space (exec or exit closed its end of the error pipe).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// Block every signal of the calling thread; returns the previous mask.
+pub fn block_all_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; pthread_sigmask only reads `all` and writes `old`.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        old
+    }
+}
+
+pub fn restore_signals(old: &libc::sigset_t) {
+    // SAFETY: restores a mask returned by block_all_signals.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, ptr::null_mut()) };
+}
+
+/// `struct sigaction` as the kernel reads it (x86_64/aarch64 layout).
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Child-safe: set every catchable signal to its default disposition, so no handler of
+/// the parent (whose code and memory the child still shares) can run in the child.
+pub fn child_reset_signal_dispositions() {
+    let act = KernelSigaction { handler: 0 /* SIG_DFL */, flags: 0, restorer: 0, mask: 0 };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction with a valid struct; errors (none expected) are ignored.
+        unsafe {
+            libc::syscall(libc::SYS_rt_sigaction, sig, &act as *const KernelSigaction, 0usize, 8usize);
+        }
+    }
+}
+
+/// Child-safe: unblock every signal (the mask survives execve).
+pub fn child_unblock_all_signals() {
+    let empty: u64 = 0;
+    // SAFETY: rt_sigprocmask with an 8-byte kernel sigset.
+    unsafe {
+        libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &empty as *const u64, 0usize, 8usize);
+    }
+}
+
+/// Child-safe raw syscall returning the errno instead of touching the (shared) errno slot.
+fn raw6(nr: libc::c_long, a: [usize; 6]) -> Result<usize, Errno> {
+    let ret: isize;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a plain system call; the caller passes arguments valid for `nr`.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") a[0], in("rsi") a[1], in("rdx") a[2],
+            in("r10") a[3], in("r8") a[4], in("r9") a[5],
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack)
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: a plain system call; the caller passes arguments valid for `nr`.
+    unsafe {
+        std::arch::asm!(
+            "svc 0",
+            inlateout("x0") a[0] as isize => ret,
+            in("x1") a[1], in("x2") a[2], in("x3") a[3], in("x4") a[4], in("x5") a[5],
+            in("x8") nr,
+            options(nostack)
+        );
+    }
+    if (-4095..0).contains(&ret) {
+        Err(Errno::from_raw_os_error(-ret as i32))
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+pub const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+
+/// Child-safe: close(2), errors ignored.
+pub fn close(fd: RawFd) {
+    if fd >= 0 {
+        let _ = raw6(libc::SYS_close, [fd as usize, 0, 0, 0, 0, 0]);
+    }
+}
+
+/// Child-safe: close_range(2).
+pub fn close_range(first: u32, last: u32, flags: u32) -> Result<(), Errno> {
+    raw6(libc::SYS_close_range, [first as usize, last as usize, flags as usize, 0, 0, 0]).map(drop)
+}
+
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Child-safe: mount_setattr(2) on `dirfd`+`path`, optionally on the whole subtree.
+pub fn mount_setattr(dirfd: RawFd, path: &CStr, set: u64, recursive: bool) -> Result<(), Errno> {
+    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    let mut flags = libc::AT_EMPTY_PATH as usize;
+    if recursive {
+        flags |= libc::AT_RECURSIVE as usize;
+    }
+    raw6(
+        libc::SYS_mount_setattr,
+        [
+            dirfd as usize,
+            path.as_ptr() as usize,
+            flags,
+            &attr as *const MountAttr as usize,
+            std::mem::size_of::<MountAttr>(),
+            0,
+        ],
+    )
+    .map(drop)
+}
+
+/// Child-safe: setgroups(0, NULL).
+pub fn clear_supplementary_groups() -> Result<(), Errno> {
+    raw6(libc::SYS_setgroups, [0, 0, 0, 0, 0, 0]).map(drop)
+}
+
+/// Child-safe: a raw prctl with integer arguments.
+pub fn prctl(option: i32, a2: usize, a3: usize) -> Result<usize, Errno> {
+    raw6(libc::SYS_prctl, [option as usize, a2, a3, 0, 0, 0])
+}
+
+/// Child-safe: bring `lo` of the current network namespace up.
+pub fn loopback_up() -> Result<(), Errno> {
+    let sock = raw6(
+        libc::SYS_socket,
+        [libc::AF_INET as usize, (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as usize, 0, 0, 0, 0],
+    )?;
+    // struct ifreq: 16 bytes of name, then a union whose first member here is ifr_flags.
+    let mut ifr = [0u8; 40];
+    ifr[..2].copy_from_slice(b"lo");
+    let up = (libc::IFF_UP | libc::IFF_RUNNING) as u16;
+    ifr[16..18].copy_from_slice(&up.to_ne_bytes());
+    let ret = raw6(libc::SYS_ioctl, [sock, libc::SIOCSIFFLAGS as usize, ifr.as_mut_ptr() as usize, 0, 0, 0]);
+    let _ = raw6(libc::SYS_close, [sock, 0, 0, 0, 0, 0]);
+    ret.map(drop)
+}
+
+/// wait4(2) with resource usage, non-blocking. `Ok(None)` while the child still runs.
+pub fn wait4_nohang(pid: i32) -> io::Result<Option<(c_int, libc::rusage)>> {
+    let mut status: c_int = 0;
+    // SAFETY: rusage is plain data written by the kernel.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: valid out-pointers for the duration of the call.
+        let ret = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG | libc::__WALL, &mut usage) };
+        if ret == pid {
+            return Ok(Some((status, usage)));
+        }
+        if ret == 0 {
+            return Ok(None);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}
+
+/// Child-safe: exit immediately (no atexit handlers, no stdio flush).
+pub fn exit_now(code: i32) -> ! {
+    let _ = raw6(libc::SYS_exit_group, [code as usize, 0, 0, 0, 0, 0]);
+    // exit_group does not return; satisfy the type system without unwinding.
+    loop {
+        std::hint::spin_loop();
+    }
+}
+
+/// Child-safe: execve; only returns on failure.
+///
+/// # Safety
+/// `argv` and `envp` must be NULL-terminated arrays of valid C strings.
+pub unsafe fn execve(path: &CStr, argv: *const *const u8, envp: *const *const u8) -> Errno {
+    match raw6(libc::SYS_execve, [path.as_ptr() as usize, argv as usize, envp as usize, 0, 0, 0]) {
+        Ok(_) => Errno::INVAL,
+        Err(e) => e,
+    }
+}
+
+/// Child-safe: execveat(fd, "", argv, envp, AT_EMPTY_PATH); only returns on failure.
+///
+/// # Safety
+/// As for [`execve`].
+pub unsafe fn execve_fd(fd: RawFd, argv: *const *const u8, envp: *const *const u8) -> Errno {
+    match raw6(
+        libc::SYS_execveat,
+        [fd as usize, c"".as_ptr() as usize, argv as usize, envp as usize, libc::AT_EMPTY_PATH as usize, 0],
+    ) {
+        Ok(_) => Errno::INVAL,
+        Err(e) => e,
+    }
+}
+
+/// Borrow a raw fd for one call.
+pub fn borrow_fd(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: callers pass fds that stay open for the duration of the call that uses them
+    // (the child's own table, which nothing else closes).
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}
+
+/// Child-safe: dup2(2) (dup3 with no flags: the result is not close-on-exec).
+pub fn dup2(old: RawFd, new: RawFd) -> Result<(), Errno> {
+    raw6(libc::SYS_dup3, [old as usize, new as usize, 0, 0, 0, 0]).map(drop)
+}
+
+/// Child-safe: F_DUPFD_CLOEXEC at or above `min`.
+pub fn dup_above(fd: RawFd, min: RawFd) -> Result<RawFd, Errno> {
+    raw6(libc::SYS_fcntl, [fd as usize, libc::F_DUPFD_CLOEXEC as usize, min as usize, 0, 0, 0]).map(|r| r as RawFd)
+}
+
+/// Child-safe: set or clear FD_CLOEXEC.
+pub fn set_cloexec(fd: RawFd, on: bool) -> Result<(), Errno> {
+    let flags = if on { libc::FD_CLOEXEC } else { 0 };
+    raw6(libc::SYS_fcntl, [fd as usize, libc::F_SETFD as usize, flags as usize, 0, 0, 0]).map(drop)
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Child-safe: set effective, permitted and inheritable capabilities to `keep` (a mask of
+/// capability numbers); fails with EPERM if `keep` holds one the process lacks.
+pub fn capset(keep: u64) -> Result<(), Errno> {
+    let hdr = CapHeader { version: 0x2008_0522 /* _LINUX_CAPABILITY_VERSION_3 */, pid: 0 };
+    let lo = keep as u32;
+    let hi = (keep >> 32) as u32;
+    let data = [
+        CapData { effective: lo, permitted: lo, inheritable: lo },
+        CapData { effective: hi, permitted: hi, inheritable: hi },
+    ];
+    raw6(libc::SYS_capset, [&hdr as *const CapHeader as usize, data.as_ptr() as usize, 0, 0, 0, 0]).map(drop)
+}
+
+/// Child-safe: the capability masks (effective) of the calling process.
+pub fn capget_permitted() -> Result<u64, Errno> {
+    let hdr = CapHeader { version: 0x2008_0522, pid: 0 };
+    let mut data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    raw6(libc::SYS_capget, [&hdr as *const CapHeader as usize, data.as_mut_ptr() as usize, 0, 0, 0, 0])?;
+    Ok(u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32))
+}
+
+/// Child-safe: setresuid/setresgid for the calling thread (the child is single-threaded).
+pub fn setresuid(id: u32) -> Result<(), Errno> {
+    raw6(libc::SYS_setresuid, [id as usize, id as usize, id as usize, 0, 0, 0]).map(drop)
+}
+
+pub fn setresgid(id: u32) -> Result<(), Errno> {
+    raw6(libc::SYS_setresgid, [id as usize, id as usize, id as usize, 0, 0, 0]).map(drop)
+}
