@@ -26,7 +26,7 @@ class SpecError(NsfastError, ValueError):
     """A sandbox specification value that cannot work; `.field` names it."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field} {message}" if not message.startswith(field) else message)
+        super().__init__(f"{field}: {message}")
         self.field = field
 
 

@@ -5,7 +5,7 @@ use rustix::io::Errno;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A spec value that cannot work, found before any system call.
-    #[error("{field} {msg}")]
+    #[error("{field}: {msg}")]
     Invalid { field: &'static str, msg: String },
     /// A step of starting the sandbox failed, in the parent or in the child.
     #[error("{step}: {errno}{}", .filename.as_ref().map(|f| format!(": {f}")).unwrap_or_default())]
@@ -32,6 +32,6 @@ mod tests {
     fn messages_name_step_and_file() {
         let e = Error::spawn("exec", Some("nope".into()), Errno::NOENT);
         assert_eq!(e.to_string(), format!("exec: {}: nope", Errno::NOENT));
-        assert_eq!(Error::invalid("hostname", "is too long").to_string(), "hostname is too long");
+        assert_eq!(Error::invalid("hostname", "is too long").to_string(), "hostname: is too long");
     }
 }

@@ -1,0 +1,43 @@
+# nsfast: `make run` (demo) and `make test` do all set-up on a fresh machine (after
+# .ci/run's system packages; see README).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.deps-stamp
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: all build run test test-rust test-python bench clean
+
+all: build
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Python tools for building, testing and benchmarking, into the venv.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.5,<2" "pytest>=7" "pytest-timeout>=2" "psutil>=5.9" "rich>=13" mypy
+	touch $@
+
+# Release build of the native module, installed into the venv (editable python/ tree).
+build: $(STAMP)
+	$(VENV)/bin/maturin develop --release -q
+
+run: build
+	$(PY) -m nsfast demo
+
+test: build test-rust test-python
+
+test-rust:
+	cargo test -q
+
+test-python: build
+	$(PY) -m mypy.stubtest nsfast._core
+	$(PY) -m pytest
+
+bench: build
+	cargo build -q --release --example spawn_loop
+	$(PY) benches/start_latency.py
+
+clean:
+	rm -rf $(VENV) target .pytest_cache
