@@ -365,7 +365,7 @@ mod tests {
             assert!(err.contains(want), "{err:?} lacks {want:?}");
             assert!(err.starts_with("mounts"), "{err}");
         }
-        assert!(steps(Some(b"/nope"), &[]).err().unwrap().to_string().contains("rootfs does not exist: /nope"));
+        assert!(steps(Some(b"/nope"), &[]).err().unwrap().to_string().contains("rootfs: does not exist: /nope"));
         assert!(steps(Some(b"/etc/hosts"), &[]).err().unwrap().to_string().contains("not a directory"));
     }
 
