@@ -12,6 +12,7 @@ like `subprocess`:
 
 from __future__ import annotations
 
+from ._cgroup import CgroupWarning, Limits, configure
 from ._errors import ContainerError, NsfastError, SpawnError, SpecError
 from ._ns import compare_namespaces, namespaces
 from ._process import DEVNULL, PIPE, STDOUT, Process, Result, Usage, run, spawn
@@ -24,6 +25,9 @@ __all__ = [
     "Result",
     "Usage",
     "Spec",
+    "Limits",
+    "configure",
+    "CgroupWarning",
     "Bind",
     "Tmpfs",
     "Mount",

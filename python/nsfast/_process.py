@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError, TimeoutExpired
 from typing import IO, Any, List, Optional, Sequence, Tuple, Union
 
-from . import _core
+from . import _cgroup, _core
 from ._spec import Spec, StrPath, with_fields
 
 __all__ = ["run", "spawn", "Process", "Result", "Usage", "PIPE", "DEVNULL", "STDOUT"]
@@ -138,10 +138,15 @@ class Process:
         for fd in fds:
             if fd < 0:
                 raise ValueError(f"pass_fds: invalid file descriptor {fd}")
+        self._cgroup: Any = None
+        cgroup = None
+        if self.spec.cgroup:
+            cgroup = _cgroup.request(self.spec.limits, kill_tree="pid" not in self.spec.namespaces)
         handles = _Handles(stdin, stdout, stderr)
         self._start = time.perf_counter()
         try:
-            self.pid, self.pidfd = _core.spawn(argv, stdio=tuple(handles.child), pass_fds=fds, **self.spec._core_kwargs())
+            self.pid, self.pidfd, self._cgroup = _core.spawn(argv, stdio=tuple(handles.child), pass_fds=fds,
+                                                             cgroup=cgroup, **self.spec._core_kwargs())
         except BaseException:
             for fd in handles.parent:
                 if fd is not None:
@@ -167,12 +172,26 @@ class Process:
     # -- waiting ---------------------------------------------------------------------------
 
     def _reaped(self, status: int, utime: float, stime: float) -> None:
+        wall = time.perf_counter() - self._start
         self.returncode = os.waitstatus_to_exitcode(status)
-        self.usage = Usage(wall_s=time.perf_counter() - self._start, cpu_user_s=utime, cpu_system_s=stime,
-                           timed_out=self._timed_out)
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+        mem = pids = None
+        oom = False
+        cg, self._cgroup = self._cgroup, None
+        if cg is not None:
+            # The first process is gone; end whatever it left behind, measure, clean up.
+            cg.kill()
+            u = cg.usage()
+            cg.remove()
+            if u is not None:
+                cu, cs, mem, pids, ooms = u
+                utime = utime if cu is None else cu / 1e9
+                stime = stime if cs is None else cs / 1e9
+                oom = ooms > 0
+        self.usage = Usage(wall_s=wall, cpu_user_s=utime, cpu_system_s=stime, memory_peak_bytes=mem,
+                           pids_peak=pids, oom_killed=oom, timed_out=self._timed_out)
 
     def poll(self) -> Optional[int]:
         """The returncode if the sandbox has exited (reaping it), else None."""
@@ -218,8 +237,12 @@ class Process:
         self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        """Kill the whole sandbox: SIGKILL to its pid 1 ends every process of a pid
-        namespace; without one, its process group (it is a session leader) is killed too."""
+        """Kill the whole sandbox: every process in its cgroup (cgroup.kill on v2, freezer +
+        SIGKILL on v1), and SIGKILL to its pid 1, which ends every process of a pid
+        namespace; without either, its process group (a session leader's) is killed too."""
+        cg = self._cgroup
+        if cg is not None:
+            cg.kill()
         self.send_signal(signal.SIGKILL)
         if "pid" not in self.spec.namespaces and self.spec.new_session and self.returncode is None:
             try:

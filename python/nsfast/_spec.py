@@ -7,10 +7,13 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Tuple, Union
 
 from . import _core
 from ._errors import SpecError
+
+if TYPE_CHECKING:
+    from ._cgroup import Limits
 
 __all__ = ["Spec", "Bind", "Tmpfs", "Mount", "DEFAULT_NAMESPACES", "NAMESPACES", "CAPABILITIES"]
 
@@ -146,6 +149,8 @@ class Spec:
     uid/gid: the ids the command runs as inside (with a user namespace: mapped to yours).
     capabilities: capability names kept; every other is dropped (default: none kept).
     init: run a tiny init as pid 1 that forwards signals and reaps orphans.
+    limits: an `nsfast.Limits` (memory, pids, cpu, cpuset), applied through the sandbox's
+        own cgroup. cgroup=False turns cgroups off entirely (no limits, no cgroup usage).
     new_session: setsid() the command (no controlling terminal).
     die_with_parent: SIGKILL the sandbox when the thread that spawned it exits.
     """
@@ -163,6 +168,8 @@ class Spec:
     init: bool = False
     new_session: bool = True
     die_with_parent: bool = True
+    limits: Optional["Limits"] = None
+    cgroup: bool = True
     _env_items: Tuple[Tuple[str, str], ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -238,8 +245,14 @@ class Spec:
                 raise SpecError("capabilities", f"has an unknown capability {c!r}")
             norm.append(name)
         set_("capabilities", tuple(sorted(set(norm), key=CAPABILITIES.index)))
-        for name in ("init", "new_session", "die_with_parent"):
+        for name in ("init", "new_session", "die_with_parent", "cgroup"):
             _bool(name, getattr(self, name))
+        from ._cgroup import Limits
+
+        if self.limits is not None and not isinstance(self.limits, Limits):
+            raise TypeError(f"limits must be an nsfast.Limits or None, not {type(self.limits).__name__}")
+        if self.limits is not None and not self.cgroup:
+            raise SpecError("limits", "need cgroup=True")
 
     def replace(self, **changes: Any) -> "Spec":
         """A copy with `changes` applied (and validated); unknown names raise TypeError."""

@@ -18,7 +18,7 @@ fn main() {
     for _ in 0..n {
         let t = Instant::now();
         let plan = nsfast::Plan::build(&spec, caller).expect("plan");
-        let child = nsfast::spawn(&plan, &nsfast::Io { stdio: [-1; 3], pass_fds: &[] }).expect("spawn");
+        let child = nsfast::spawn(&plan, &nsfast::Io { stdio: [-1; 3], pass_fds: &[], cgroup: None }).expect("spawn");
         let (status, _) = nsfast::wait(child.pid, std::os::fd::AsRawFd::as_raw_fd(&child.pidfd), None)
             .expect("wait")
             .expect("no timeout");

@@ -12,6 +12,10 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyDict;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::cgroup::{self, Backend, Cgroup, Limits};
 use crate::error::Error;
 use crate::spec::{Caller, Mount, Plan, Spec};
 
@@ -57,9 +61,109 @@ fn mount_from(t: MountTuple) -> PyResult<Mount> {
     }
 }
 
-/// Start a sandbox; returns (pid, pidfd). The caller owns the pidfd.
+/// The backend for `root`, made once per root and process.
+fn backend_for(root: &str) -> Result<Arc<dyn Backend>, String> {
+    static HIERARCHY: OnceLock<Option<cgroup::Hierarchy>> = OnceLock::new();
+    static BACKENDS: OnceLock<Mutex<HashMap<String, Arc<dyn Backend>>>> = OnceLock::new();
+    let map = BACKENDS.get_or_init(Default::default);
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(b) = map.get(root) {
+        return Ok(b.clone());
+    }
+    let hierarchy = HIERARCHY.get_or_init(cgroup::detect).as_ref().ok_or("no cgroup filesystem is mounted")?;
+    let b: Arc<dyn Backend> = Arc::from(cgroup::backend(hierarchy, root).map_err(|e| e.to_string())?);
+    map.insert(root.to_owned(), b.clone());
+    Ok(b)
+}
+
+/// Prepare the cgroup backend for `root`: (version, roots, controllers). Raises OSError
+/// saying why when sandboxes cannot get cgroups there.
 #[pyfunction]
-#[pyo3(signature = (args, *, env, cwd, namespaces, hostname, rootfs, readonly_root, mounts, uid, gid, keep_caps, init, new_session, die_with_parent, stdio, pass_fds))]
+fn cgroup_backend(py: Python<'_>, root: String) -> PyResult<(u8, Vec<String>, Vec<String>)> {
+    let b = detached(py, move || backend_for(&root)).map_err(PyOSError::new_err)?;
+    let roots = b.roots().iter().map(|p| p.display().to_string()).collect();
+    Ok((b.version(), roots, b.controllers()))
+}
+
+/// The own cgroup v2 path of this process (for rootless delegation), if any.
+#[pyfunction]
+fn own_cgroup() -> Option<String> {
+    cgroup::own_v2_path()
+}
+
+/// One sandbox's cgroup, owned by its `nsfast.Process`. Removed on `remove()` or when
+/// garbage-collected.
+#[pyclass(module = "nsfast._core", name = "Cgroup")]
+struct PyCgroup {
+    inner: Mutex<Option<Box<dyn Cgroup>>>,
+    version: u8,
+}
+
+impl PyCgroup {
+    fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Box<dyn Cgroup>) -> T + Send) -> Option<T> {
+        detached(py, || {
+            let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            guard.as_mut().map(f)
+        })
+    }
+}
+
+#[pymethods]
+impl PyCgroup {
+    #[getter]
+    fn version(&self) -> u8 {
+        self.version
+    }
+
+    /// Kill every process in the cgroup.
+    fn kill(&self, py: Python<'_>) -> PyResult<()> {
+        match self.with(py, |cg| cg.kill().map_err(|e| e.to_string())) {
+            Some(Err(e)) => Err(PyOSError::new_err(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// (cpu_user_ns, cpu_system_ns, memory_peak, pids_peak, oom_kills); None once removed.
+    fn usage(&self, py: Python<'_>) -> Option<(Option<u64>, Option<u64>, Option<u64>, Option<u64>, u64)> {
+        self.with(py, |cg| {
+            let u = cg.usage();
+            (u.cpu_user_ns, u.cpu_system_ns, u.memory_peak, u.pids_peak, u.oom_kills)
+        })
+    }
+
+    /// Remove the cgroup directories (waits briefly for dying processes).
+    fn remove(&self, py: Python<'_>) -> PyResult<()> {
+        let res = detached(py, || {
+            let taken = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+            taken.map(|mut cg| cg.remove().map_err(|e| e.to_string()))
+        });
+        match res {
+            Some(Err(e)) => Err(PyOSError::new_err(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn paths(&self, py: Python<'_>) -> Vec<String> {
+        self.with(py, |cg| cg.paths().iter().map(|p| p.display().to_string()).collect()).unwrap_or_default()
+    }
+}
+
+impl Drop for PyCgroup {
+    fn drop(&mut self) {
+        if let Some(mut cg) = self.inner.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = cg.kill();
+            let _ = cg.remove();
+        }
+    }
+}
+
+/// A cgroup request as the Python layer passes it: (root, (memory, memory_swap, pids,
+/// cpu (quota, period), cpuset), kill_tree).
+type CgroupRequest = (String, (Option<u64>, Option<u64>, Option<u64>, Option<(u64, u64)>, Option<String>), bool);
+
+/// Start a sandbox; returns (pid, pidfd, cgroup). The caller owns the pidfd.
+#[pyfunction]
+#[pyo3(signature = (args, *, env, cwd, namespaces, hostname, rootfs, readonly_root, mounts, uid, gid, keep_caps, init, new_session, die_with_parent, stdio, pass_fds, cgroup=None))]
 #[allow(clippy::too_many_arguments)]
 fn spawn(
     py: Python<'_>,
@@ -79,7 +183,8 @@ fn spawn(
     die_with_parent: bool,
     stdio: (i32, i32, i32),
     pass_fds: Vec<i32>,
-) -> PyResult<(i32, i32)> {
+    cgroup: Option<CgroupRequest>,
+) -> PyResult<(i32, i32, Option<PyCgroup>)> {
     let namespaces = crate::ns::flags(namespaces.iter().map(String::as_str))
         .map_err(|n| to_pyerr(py, Error::invalid("namespaces", format!("has an unknown namespace {n:?}"))))?;
     let spec = Spec {
@@ -99,12 +204,33 @@ fn spawn(
         die_with_parent,
     };
     let io_stdio = [stdio.0, stdio.1, stdio.2];
-    let result = detached(py, move || {
+    let result = detached(py, move || -> Result<_, Error> {
         let plan = Plan::build(&spec, Caller::current())?;
-        crate::spawn::spawn(&plan, &crate::Io { stdio: io_stdio, pass_fds: &pass_fds })
+        let mut cg = match cgroup {
+            None => None,
+            Some((root, (memory, memory_swap, pids, cpu, cpuset), kill_tree)) => {
+                let limits = Limits { memory, memory_swap, pids, cpu, cpuset };
+                let cg_err = |msg: String| Error::Spawn { step: "create cgroup".into(), filename: Some(msg), errno: rustix::io::Errno::NOTSUP };
+                let backend = backend_for(&root).map_err(cg_err)?;
+                Some(backend.create(&cgroup::unique_name(), &limits, kill_tree).map_err(|e| cg_err(e.to_string()))?)
+            }
+        };
+        let io = crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg.as_deref() };
+        match crate::spawn::spawn(&plan, &io) {
+            Ok(child) => Ok((child, cg)),
+            Err(e) => {
+                if let Some(c) = cg.as_mut() {
+                    let _ = c.remove();
+                }
+                Err(e)
+            }
+        }
     });
     match result {
-        Ok(child) => Ok((child.pid, child.pidfd.into_raw_fd())),
+        Ok((child, cg)) => {
+            let pycg = cg.map(|c| PyCgroup { version: c.version(), inner: Mutex::new(Some(c)) });
+            Ok((child.pid, child.pidfd.into_raw_fd(), pycg))
+        }
         Err(e) => Err(to_pyerr(py, e)),
     }
 }
@@ -156,6 +282,9 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(wait, m)?)?;
     m.add_function(wrap_pyfunction!(namespaces, m)?)?;
     m.add_function(wrap_pyfunction!(cap_last_cap, m)?)?;
+    m.add_function(wrap_pyfunction!(cgroup_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(own_cgroup, m)?)?;
+    m.add_class::<PyCgroup>()?;
     m.add("NAMESPACES", crate::ns::NAMESPACES.iter().map(|(n, _)| *n).collect::<Vec<_>>())?;
     m.add("DEFAULT_NAMESPACES", crate::spec::DEFAULT_NAMESPACES.to_vec())?;
     m.add("INIT_BINARY_SIZE", crate::spawn::INIT_BINARY.len())?;

@@ -25,6 +25,7 @@ use std::sync::OnceLock;
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal, WaitOptions};
 
+use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
 use crate::mount;
 use crate::spec::{CStrArray, IdMaps, Plan};
@@ -48,6 +49,8 @@ pub struct Io<'a> {
     pub stdio: [RawFd; 3],
     /// fds that stay open (at the same number) in the sandbox.
     pub pass_fds: &'a [RawFd],
+    /// The sandbox's cgroup: born into it (v2) or attached before exec (v1).
+    pub cgroup: Option<&'a dyn Cgroup>,
 }
 
 struct ChildCtx<'a> {
@@ -55,6 +58,8 @@ struct ChildCtx<'a> {
     io: &'a Io<'a>,
     chan: ChildChannel,
     init: Option<(RawFd, &'a CStrArray)>,
+    /// unshare(CLONE_NEWCGROUP) after sync point 1 instead of at clone.
+    late_cgroup_ns: bool,
 }
 
 /// Start the sandbox described by `plan`. Returns once the command has been exec'd.
@@ -63,7 +68,10 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         let step = step.to_owned();
         move |e: Errno| Error::spawn(step, None, e)
     };
-    let (mut parent, chan, report_w, go_r) = sync::channel(plan.maps.is_some()).map_err(parent_err("pipe"))?;
+    let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
+    let attach = io.cgroup.filter(|_| cgroup_fd.is_none());
+    let (mut parent, chan, report_w, go_r) =
+        sync::channel(plan.maps.is_some() || attach.is_some()).map_err(parent_err("pipe"))?;
     let init_argv;
     let init = if plan.exec.init {
         let fd = init_binary().map_err(|e| Error::spawn("load nsfast-init", None, e))?;
@@ -73,11 +81,22 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         None
     };
     let stack = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
-    let ctx = ChildCtx { plan, io, chan, init };
+    let ctx = ChildCtx { plan, io, chan, init, late_cgroup_ns: attach.is_some() && plan.clone_flags & libc::CLONE_NEWCGROUP as u64 != 0 };
 
     let mut pidfd: c_int = -1;
+    let mut flags = libc::CLONE_VM as u64 | libc::CLONE_PIDFD as u64 | plan.clone_flags;
+    // Attached after clone (v1): make the cgroup namespace only once inside the sandbox's
+    // cgroup, so that cgroup is its root, as with CLONE_INTO_CGROUP.
+    let late_cgroup_ns = attach.is_some() && flags & libc::CLONE_NEWCGROUP as u64 != 0;
+    if late_cgroup_ns {
+        flags &= !(libc::CLONE_NEWCGROUP as u64);
+    }
+    if cgroup_fd.is_some() {
+        flags |= CLONE_INTO_CGROUP;
+    }
     let mut args = CloneArgs {
-        flags: libc::CLONE_VM as u64 | libc::CLONE_PIDFD as u64 | plan.clone_flags,
+        flags,
+        cgroup: cgroup_fd.map_or(0, |fd| fd as u64),
         pidfd: &mut pidfd as *mut c_int as u64,
         exit_signal: libc::SIGCHLD as u64,
         stack: stack.bottom(),
@@ -101,9 +120,14 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     // SAFETY: CLONE_PIDFD stored a fresh fd that nothing else owns.
     let child = Child { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } };
 
-    if let Some(maps) = &plan.maps {
-        let written = write_maps(pid, maps).and_then(|()| parent.mappings_written().map_err(parent_err("signal child")));
-        if let Err(e) = written {
+    // Sync point 1: id maps and the v1 cgroup are in place before the child goes on.
+    if parent.go.is_some() {
+        let mut ready = plan.maps.as_ref().map_or(Ok(()), |maps| write_maps(pid, maps));
+        if let (Ok(()), Some(cg)) = (&ready, attach) {
+            ready = cg.attach(pid).map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), cgroup_errno(&e)));
+        }
+        let ready = ready.and_then(|()| parent.mappings_written().map_err(parent_err("signal child")));
+        if let Err(e) = ready {
             abort_child(&child, &parent);
             return Err(e);
         }
@@ -132,6 +156,15 @@ fn abort_child(child: &Child, parent: &sync::ParentChannel) {
     let _ = rustix::process::pidfd_send_signal(child.pidfd.as_fd(), Signal::KILL);
     let _ = parent.wait_exec();
     let _ = rustix::process::waitpid(pid_of(child), WaitOptions::empty());
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+fn cgroup_errno(e: &crate::cgroup::CgroupError) -> Errno {
+    match e {
+        crate::cgroup::CgroupError::Write { source, .. } | crate::cgroup::CgroupError::Io { source, .. } => errno_of(source),
+        crate::cgroup::CgroupError::Unavailable(_) => Errno::NOTSUP,
+    }
 }
 
 fn errno_of(e: &std::io::Error) -> Errno {
@@ -211,8 +244,11 @@ fn child(ctx: &ChildCtx) -> ! {
     if plan.die_with_parent {
         sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize, 0).unwrap_or_else(|e| fail(Step::DeathSignal, e));
     }
-    if plan.maps.is_some() {
+    if ch.go >= 0 {
         ch.wait_mappings_written().unwrap_or_else(|e| fail(Step::WaitMappings, e));
+    }
+    if ctx.late_cgroup_ns {
+        rustix::thread::unshare(rustix::thread::UnshareFlags::NEWCGROUP).unwrap_or_else(|e| fail(Step::CgroupNs, e));
     }
     for (i, st) in plan.fs.iter().enumerate() {
         if let Err(e) = mount::run(&st.op) {

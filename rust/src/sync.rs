@@ -29,12 +29,13 @@ pub enum Step {
     Chdir,
     Exec,
     ExecInit,
+    CgroupNs,
 }
 
 impl Step {
     pub fn from_raw(v: u32) -> Option<Step> {
         use Step::*;
-        [WaitMappings, Fs, Hostname, Loopback, SetGroups, SetGid, SetUid, DropCaps, NoNewPrivs, DeathSignal, Setsid, Stdio, CloseFds, Chdir, Exec, ExecInit]
+        [WaitMappings, Fs, Hostname, Loopback, SetGroups, SetGid, SetUid, DropCaps, NoNewPrivs, DeathSignal, Setsid, Stdio, CloseFds, Chdir, Exec, ExecInit, CgroupNs]
             .into_iter()
             .find(|s| *s as u32 == v)
     }
@@ -58,6 +59,7 @@ impl Step {
             Step::Chdir => "chdir",
             Step::Exec => "exec",
             Step::ExecInit => "exec init",
+            Step::CgroupNs => "unshare cgroup namespace",
         }
     }
 }
@@ -203,5 +205,8 @@ mod tests {
         assert_eq!(ChildError::decode(&e.encode()), e);
         assert_eq!(Step::from_raw(Step::Chdir as u32), Some(Step::Chdir));
         assert_eq!(Step::from_raw(0), None);
+        // nsfast-init writes this step number itself.
+        let init_src = include_str!("../init/main.rs");
+        assert!(init_src.contains(&format!("const STEP_EXEC: u32 = {};", Step::Exec as u32)));
     }
 }

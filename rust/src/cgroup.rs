@@ -1,0 +1,613 @@
+//! Per-sandbox cgroups: limits, usage, whole-tree kill, cleanup.
+//!
+//! Two backends behind one trait: cgroup v2 (the unified hierarchy; the child is born in
+//! its cgroup via `clone3(CLONE_INTO_CGROUP)`) and cgroup v1 (legacy or hybrid hosts: one
+//! directory per controller hierarchy; the parent attaches the child before letting it
+//! exec). Every file write goes through [`write_file`], whose error names path and value.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rustix::fs::{Mode, OFlags};
+
+/// Resource limits of one sandbox. `None` leaves the kernel default (no limit).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of memory (v2 memory.max, v1 memory.limit_in_bytes).
+    pub memory: Option<u64>,
+    /// Bytes of memory + swap, as docker's --memory-swap (v1 memsw; v2 swap.max = this - memory).
+    pub memory_swap: Option<u64>,
+    pub pids: Option<u64>,
+    /// CPU bandwidth: (quota, period) in microseconds.
+    pub cpu: Option<(u64, u64)>,
+    /// cpuset.cpus list, e.g. "0" or "0-1".
+    pub cpuset: Option<String>,
+}
+
+/// What a sandbox's cgroup measured. `None` where the kernel does not report it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub cpu_user_ns: Option<u64>,
+    pub cpu_system_ns: Option<u64>,
+    pub memory_peak: Option<u64>,
+    pub pids_peak: Option<u64>,
+    pub oom_kills: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("write {value:?} to {path}: {source}")]
+    Write { path: PathBuf, value: String, source: io::Error },
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+type Result<T> = std::result::Result<T, CgroupError>;
+
+/// The one place cgroup files are written: a single write(2), errors name path and value.
+pub fn write_file(path: &Path, value: &str) -> Result<()> {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .map_err(|source| CgroupError::Write { path: path.to_owned(), value: value.to_owned(), source })
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io { op, path: path.to_owned(), source }
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// `key value` lines (cpu.stat, memory.events, memory.oom_control) -> the value of `key`.
+pub fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn mkdir_p(path: &Path) -> Result<()> {
+    fs::create_dir_all(path).map_err(io_err("mkdir", path))
+}
+
+/// A sandbox's cgroup, whichever the version.
+pub trait Cgroup: Send {
+    /// The directory fd for CLONE_INTO_CGROUP (v2), or None: then `attach` is needed.
+    fn clone_fd(&self) -> Option<RawFd>;
+    /// Move `pid` in (v1; a no-op where the child was born inside).
+    fn attach(&self, pid: i32) -> Result<()>;
+    /// Kill every process in the cgroup.
+    fn kill(&self) -> Result<()>;
+    fn usage(&self) -> Usage;
+    /// Remove the directories, waiting (bounded) for the last processes to go.
+    fn remove(&mut self) -> Result<()>;
+    fn paths(&self) -> Vec<PathBuf>;
+    fn version(&self) -> u8;
+}
+
+/// Where and how sandboxes' cgroups are made.
+pub trait Backend: Send + Sync {
+    /// Make the cgroup `name` with `limits`; `kill_tree` asks for what `kill` needs beyond
+    /// SIGKILL of a pid-namespace init (the v1 freezer).
+    fn create(&self, name: &str, limits: &Limits, kill_tree: bool) -> Result<Box<dyn Cgroup>>;
+    fn version(&self) -> u8;
+    /// The directories under which sandboxes' cgroups are created.
+    fn roots(&self) -> Vec<PathBuf>;
+    /// Controllers whose limits this backend can apply.
+    fn controllers(&self) -> Vec<String>;
+}
+
+/// What the host has mounted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hierarchy {
+    /// Pure cgroup2 at `mount` (no v1 controller hierarchies).
+    V2 { mount: PathBuf },
+    /// v1 controller name -> mount point (hybrid hosts also have a cgroup2 without controllers).
+    V1 { controllers: BTreeMap<String, PathBuf> },
+}
+
+/// Parse /proc/self/mountinfo text into the host's cgroup hierarchy.
+pub fn parse_mountinfo(text: &str) -> Option<Hierarchy> {
+    let mut v2 = None;
+    let mut v1 = BTreeMap::new();
+    for line in text.lines() {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split(' ').nth(4)?;
+        let mut r = right.split(' ');
+        let fstype = r.next()?;
+        let super_opts = r.nth(1).unwrap_or("");
+        match fstype {
+            "cgroup2" if v2.is_none() => v2 = Some(PathBuf::from(mount_point)),
+            "cgroup" => {
+                for opt in super_opts.split(',') {
+                    if ["memory", "pids", "cpu", "cpuacct", "cpuset", "freezer"].contains(&opt) {
+                        v1.entry(opt.to_owned()).or_insert_with(|| PathBuf::from(mount_point));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if !v1.is_empty() {
+        Some(Hierarchy::V1 { controllers: v1 })
+    } else {
+        v2.map(|mount| Hierarchy::V2 { mount })
+    }
+}
+
+pub fn detect() -> Option<Hierarchy> {
+    parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo").ok()?)
+}
+
+/// The cgroup v2 path of this process ("0::/a/b" -> "a/b").
+pub fn own_v2_path() -> Option<String> {
+    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines().find_map(|l| l.strip_prefix("0::/")).map(|p| p.trim().to_owned())
+}
+
+/// A unique name for a sandbox's cgroup.
+pub fn unique_name() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("sb-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The backend for `hierarchy`, with sandboxes under `root` (relative to each hierarchy's
+/// mount, or absolute inside a v2 mount).
+pub fn backend(hierarchy: &Hierarchy, root: &str) -> Result<Box<dyn Backend>> {
+    match hierarchy {
+        Hierarchy::V2 { mount } => {
+            let dir = if Path::new(root).is_absolute() && Path::new(root).starts_with(mount) {
+                PathBuf::from(root)
+            } else {
+                mount.join(root.trim_start_matches('/'))
+            };
+            Ok(Box::new(V2Backend::new(dir)?))
+        }
+        Hierarchy::V1 { controllers } => {
+            let roots = controllers.iter().map(|(c, m)| (c.clone(), m.join(root.trim_start_matches('/')))).collect();
+            Ok(Box::new(V1Backend { roots }))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// cgroup v2
+
+pub struct V2Backend {
+    root: PathBuf,
+    controllers: Vec<String>,
+}
+
+impl V2Backend {
+    /// Make `root` (if needed) and enable the controllers we use in its subtree_control.
+    pub fn new(root: PathBuf) -> Result<V2Backend> {
+        mkdir_p(&root)?;
+        let available = fs::read_to_string(root.join("cgroup.controllers")).map_err(io_err("read", &root))?;
+        let controllers: Vec<String> = ["cpu", "memory", "pids", "cpuset"]
+            .iter()
+            .filter(|c| available.split_whitespace().any(|a| a == **c))
+            .map(|c| c.to_string())
+            .collect();
+        let enabled = fs::read_to_string(root.join("cgroup.subtree_control")).unwrap_or_default();
+        let missing: Vec<String> =
+            controllers.iter().filter(|c| !enabled.split_whitespace().any(|e| e == c.as_str())).map(|c| format!("+{c}")).collect();
+        if !missing.is_empty() {
+            write_file(&root.join("cgroup.subtree_control"), &missing.join(" "))?;
+        }
+        Ok(V2Backend { root, controllers })
+    }
+}
+
+impl Backend for V2Backend {
+    fn create(&self, name: &str, limits: &Limits, _kill_tree: bool) -> Result<Box<dyn Cgroup>> {
+        let dir = self.root.join(name);
+        fs::create_dir(&dir).map_err(io_err("mkdir", &dir))?;
+        let mut cg = V2Cgroup { dir, fd: None };
+        let need = |c: &str| -> Result<()> {
+            if self.controllers.iter().any(|x| x == c) {
+                Ok(())
+            } else {
+                Err(CgroupError::Unavailable(format!("the {c} controller is not enabled for {}", self.root.display())))
+            }
+        };
+        let res = (|| {
+            if let Some(m) = limits.memory {
+                need("memory")?;
+                write_file(&cg.dir.join("memory.max"), &m.to_string())?;
+            }
+            if let Some(ms) = limits.memory_swap {
+                need("memory")?;
+                let swap = ms.saturating_sub(limits.memory.unwrap_or(0));
+                write_file(&cg.dir.join("memory.swap.max"), &swap.to_string())?;
+            }
+            if let Some(p) = limits.pids {
+                need("pids")?;
+                write_file(&cg.dir.join("pids.max"), &p.to_string())?;
+            }
+            if let Some((quota, period)) = limits.cpu {
+                need("cpu")?;
+                write_file(&cg.dir.join("cpu.max"), &format!("{quota} {period}"))?;
+            }
+            if let Some(cpus) = &limits.cpuset {
+                need("cpuset")?;
+                write_file(&cg.dir.join("cpuset.cpus"), cpus)?;
+            }
+            let fd = rustix::fs::open(&cg.dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+                .map_err(|e| CgroupError::Io { op: "open", path: cg.dir.clone(), source: e.into() })?;
+            cg.fd = Some(fd);
+            Ok(())
+        })();
+        match res {
+            Ok(()) => Ok(Box::new(cg)),
+            Err(e) => {
+                let _ = cg.remove();
+                Err(e)
+            }
+        }
+    }
+
+    fn version(&self) -> u8 {
+        2
+    }
+
+    fn roots(&self) -> Vec<PathBuf> {
+        vec![self.root.clone()]
+    }
+
+    fn controllers(&self) -> Vec<String> {
+        self.controllers.clone()
+    }
+}
+
+pub struct V2Cgroup {
+    dir: PathBuf,
+    fd: Option<OwnedFd>,
+}
+
+fn pids_in(procs: &Path) -> Vec<i32> {
+    fs::read_to_string(procs).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+fn sigkill(pid: i32) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+    }
+}
+
+/// rmdir `dir`, retrying while it still has (dying) processes, for up to `patience`.
+fn rmdir_patiently(dir: &Path, patience: Duration, mut kill: impl FnMut()) -> Result<()> {
+    let start = Instant::now();
+    let mut pause = Duration::from_micros(50);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < patience => {
+                kill();
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(10));
+            }
+            Err(e) => return Err(CgroupError::Io { op: "rmdir", path: dir.to_owned(), source: e }),
+        }
+    }
+}
+
+impl Cgroup for V2Cgroup {
+    fn clone_fd(&self) -> Option<RawFd> {
+        self.fd.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    fn attach(&self, _pid: i32) -> Result<()> {
+        Ok(())
+    }
+
+    fn kill(&self) -> Result<()> {
+        match write_file(&self.dir.join("cgroup.kill"), "1") {
+            Ok(()) => Ok(()),
+            Err(CgroupError::Write { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                // Before Linux 5.14: freeze, kill each, thaw.
+                write_file(&self.dir.join("cgroup.freeze"), "1")?;
+                for pid in pids_in(&self.dir.join("cgroup.procs")) {
+                    sigkill(pid);
+                }
+                write_file(&self.dir.join("cgroup.freeze"), "0")
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        let stat = fs::read_to_string(self.dir.join("cpu.stat")).unwrap_or_default();
+        let events = fs::read_to_string(self.dir.join("memory.events")).unwrap_or_default();
+        Usage {
+            cpu_user_ns: keyed(&stat, "user_usec").map(|u| u * 1000),
+            cpu_system_ns: keyed(&stat, "system_usec").map(|u| u * 1000),
+            memory_peak: read_u64(&self.dir.join("memory.peak")),
+            pids_peak: read_u64(&self.dir.join("pids.peak")),
+            oom_kills: keyed(&events, "oom_kill").unwrap_or(0),
+        }
+    }
+
+    fn remove(&mut self) -> Result<()> {
+        self.fd = None;
+        let dir = self.dir.clone();
+        rmdir_patiently(&dir, Duration::from_secs(5), || {
+            let _ = write_file(&dir.join("cgroup.kill"), "1");
+        })
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        vec![self.dir.clone()]
+    }
+
+    fn version(&self) -> u8 {
+        2
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// cgroup v1
+
+pub struct V1Backend {
+    /// controller -> directory under which sandboxes' cgroups are made.
+    roots: BTreeMap<String, PathBuf>,
+}
+
+impl V1Backend {
+    fn root(&self, controller: &str) -> Result<&PathBuf> {
+        self.roots
+            .get(controller)
+            .ok_or_else(|| CgroupError::Unavailable(format!("no cgroup v1 hierarchy with the {controller} controller is mounted")))
+    }
+}
+
+/// Copy cpuset.cpus/mems from the parent when empty (a v1 cpuset cgroup starts empty and
+/// refuses tasks until both are set).
+fn cpuset_inherit(dir: &Path) -> Result<()> {
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        let own = fs::read_to_string(dir.join(file)).unwrap_or_default();
+        if own.trim().is_empty() {
+            let parent = dir.parent().unwrap_or(dir);
+            let value = fs::read_to_string(parent.join(file)).map_err(io_err("read", parent))?;
+            write_file(&dir.join(file), value.trim())?;
+        }
+    }
+    Ok(())
+}
+
+impl Backend for V1Backend {
+    fn create(&self, name: &str, limits: &Limits, kill_tree: bool) -> Result<Box<dyn Cgroup>> {
+        // Usage needs memory, pids, cpuacct; the rest only when asked for.
+        let mut wanted = vec!["memory", "pids", "cpuacct"];
+        if limits.cpu.is_some() {
+            wanted.push("cpu");
+        }
+        if limits.cpuset.is_some() {
+            wanted.push("cpuset");
+        }
+        if kill_tree {
+            wanted.push("freezer");
+        }
+        let mut cg = V1Cgroup { dirs: BTreeMap::new() };
+        let res = (|| {
+            for c in &wanted {
+                let root = match self.root(c) {
+                    Ok(r) => r,
+                    // Measuring is best effort: a missing usage controller is not an error.
+                    Err(_) if ["memory", "pids", "cpuacct"].contains(c) && !needs(limits, c) => continue,
+                    Err(e) => return Err(e),
+                };
+                // Controllers co-mounted (cpu,cpuacct) share one directory.
+                if let Some(existing) = cg.dirs.values().find(|d| d.starts_with(root)).cloned() {
+                    cg.dirs.insert(c.to_string(), existing);
+                    continue;
+                }
+                if !root.exists() {
+                    mkdir_p(root)?;
+                    if *c == "cpuset" {
+                        cpuset_inherit(root)?;
+                    }
+                }
+                let dir = root.join(name);
+                fs::create_dir(&dir).map_err(io_err("mkdir", &dir))?;
+                cg.dirs.insert(c.to_string(), dir);
+            }
+            let dir = |c: &str| cg.dirs.get(c).cloned();
+            if let (Some(m), Some(d)) = (limits.memory, dir("memory")) {
+                write_file(&d.join("memory.limit_in_bytes"), &m.to_string())?;
+            }
+            if let (Some(ms), Some(d)) = (limits.memory_swap, dir("memory")) {
+                write_file(&d.join("memory.memsw.limit_in_bytes"), &ms.to_string())?;
+            }
+            if let (Some(p), Some(d)) = (limits.pids, dir("pids")) {
+                write_file(&d.join("pids.max"), &p.to_string())?;
+            }
+            if let (Some((quota, period)), Some(d)) = (limits.cpu, dir("cpu")) {
+                write_file(&d.join("cpu.cfs_period_us"), &period.to_string())?;
+                write_file(&d.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            }
+            if let (Some(cpus), Some(d)) = (&limits.cpuset, dir("cpuset")) {
+                write_file(&d.join("cpuset.cpus"), cpus)?;
+                cpuset_inherit(&d)?;
+            }
+            Ok(())
+        })();
+        match res {
+            Ok(()) => Ok(Box::new(cg)),
+            Err(e) => {
+                let _ = cg.remove();
+                Err(e)
+            }
+        }
+    }
+
+    fn version(&self) -> u8 {
+        1
+    }
+
+    fn roots(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self.roots.values().cloned().collect();
+        v.dedup();
+        v
+    }
+
+    fn controllers(&self) -> Vec<String> {
+        self.roots.keys().cloned().collect()
+    }
+}
+
+fn needs(limits: &Limits, controller: &str) -> bool {
+    match controller {
+        "memory" => limits.memory.is_some() || limits.memory_swap.is_some(),
+        "pids" => limits.pids.is_some(),
+        _ => false,
+    }
+}
+
+pub struct V1Cgroup {
+    /// controller -> this sandbox's directory.
+    dirs: BTreeMap<String, PathBuf>,
+}
+
+impl V1Cgroup {
+    fn unique_dirs(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self.dirs.values().cloned().collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    fn kill_listed(&self) {
+        for d in self.unique_dirs() {
+            for pid in pids_in(&d.join("cgroup.procs")) {
+                sigkill(pid);
+            }
+        }
+    }
+}
+
+impl Cgroup for V1Cgroup {
+    fn clone_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    fn attach(&self, pid: i32) -> Result<()> {
+        let pid = pid.to_string();
+        for d in self.unique_dirs() {
+            write_file(&d.join("cgroup.procs"), &pid)?;
+        }
+        Ok(())
+    }
+
+    fn kill(&self) -> Result<()> {
+        let Some(fz) = self.dirs.get("freezer") else {
+            self.kill_listed();
+            return Ok(());
+        };
+        // Freeze so nothing forks while we kill, kill every member, thaw so they die.
+        write_file(&fz.join("freezer.state"), "FROZEN")?;
+        let start = Instant::now();
+        while fs::read_to_string(fz.join("freezer.state")).map(|s| s.trim() == "FREEZING").unwrap_or(false)
+            && start.elapsed() < Duration::from_secs(1)
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        self.kill_listed();
+        write_file(&fz.join("freezer.state"), "THAWED")
+    }
+
+    fn usage(&self) -> Usage {
+        let get = |c: &str, f: &str| self.dirs.get(c).and_then(|d| read_u64(&d.join(f)));
+        let oom = self.dirs.get("memory").and_then(|d| fs::read_to_string(d.join("memory.oom_control")).ok());
+        Usage {
+            cpu_user_ns: get("cpuacct", "cpuacct.usage_user"),
+            cpu_system_ns: get("cpuacct", "cpuacct.usage_sys"),
+            memory_peak: get("memory", "memory.max_usage_in_bytes"),
+            pids_peak: get("pids", "pids.peak"),
+            oom_kills: oom.and_then(|t| keyed(&t, "oom_kill")).unwrap_or(0),
+        }
+    }
+
+    fn remove(&mut self) -> Result<()> {
+        let mut first_err = None;
+        for d in self.unique_dirs() {
+            let procs = d.join("cgroup.procs");
+            if let Err(e) = rmdir_patiently(&d, Duration::from_secs(5), || {
+                for pid in pids_in(&procs) {
+                    sigkill(pid);
+                }
+            }) {
+                first_err.get_or_insert(e);
+            }
+        }
+        self.dirs.clear();
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        self.unique_dirs()
+    }
+
+    fn version(&self) -> u8 {
+        1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 1 0:23 / / rw,relatime - ext4 /dev/vda rw
+30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate
+32 30 0:28 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
+33 30 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid - cgroup cgroup rw,cpu,cpuacct
+34 30 0:30 / /sys/fs/cgroup/pids rw,nosuid - cgroup cgroup rw,pids";
+
+    #[test]
+    fn hybrid_hosts_use_v1_controllers() {
+        let Some(Hierarchy::V1 { controllers }) = parse_mountinfo(HYBRID) else { panic!("not v1") };
+        assert_eq!(controllers["memory"], PathBuf::from("/sys/fs/cgroup/memory"));
+        assert_eq!(controllers["cpu"], controllers["cpuacct"]);
+        assert!(!controllers.contains_key("freezer"));
+    }
+
+    #[test]
+    fn pure_v2_is_detected() {
+        let text = "25 1 0:23 / / rw - ext4 /dev/vda rw\n40 25 0:40 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw";
+        assert_eq!(parse_mountinfo(text), Some(Hierarchy::V2 { mount: "/sys/fs/cgroup".into() }));
+    }
+
+    #[test]
+    fn keyed_files_parse() {
+        assert_eq!(keyed("usage_usec 10\nuser_usec 7\nsystem_usec 3\n", "user_usec"), Some(7));
+        assert_eq!(keyed("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n", "oom_kill"), Some(2));
+        assert_eq!(keyed("low 0\n", "oom_kill"), None);
+    }
+
+    #[test]
+    fn writes_name_path_and_value() {
+        let dir = std::env::temp_dir().join(format!("nsfast-cg-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("memory.max");
+        fs::write(&f, "").unwrap();
+        write_file(&f, "123").err().map(|e| panic!("{e}"));
+        assert_eq!(fs::read_to_string(&f).unwrap(), "123");
+        let err = write_file(&dir.join("missing/pids.max"), "16").unwrap_err().to_string();
+        assert!(err.contains("\"16\"") && err.contains("missing/pids.max"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unique_names_differ() {
+        assert_ne!(unique_name(), unique_name());
+    }
+}
