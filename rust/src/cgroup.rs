@@ -463,6 +463,20 @@ impl Backend for V1Backend {
     }
 }
 
+/// v1's cpuacct.usage is exact (scheduler runtime), but its user/sys split is sampled at
+/// timer ticks and can exceed the total by a tick per throttling period. Report the exact
+/// total, split in the sampled proportion (as v2's cpu.stat does).
+pub fn split_cpu(total: Option<u64>, user: Option<u64>, sys: Option<u64>) -> (Option<u64>, Option<u64>) {
+    match (total, user, sys) {
+        (Some(t), Some(u), Some(s)) if u + s > 0 => {
+            let u_share = (t as u128 * u as u128 / (u + s) as u128) as u64;
+            (Some(u_share), Some(t - u_share))
+        }
+        (Some(t), _, _) => (Some(t), Some(0)),
+        _ => (user, sys),
+    }
+}
+
 fn needs(limits: &Limits, controller: &str) -> bool {
     match controller {
         "memory" => limits.memory.is_some() || limits.memory_swap.is_some(),
@@ -526,9 +540,14 @@ impl Cgroup for V1Cgroup {
     fn usage(&self) -> Usage {
         let get = |c: &str, f: &str| self.dirs.get(c).and_then(|d| read_u64(&d.join(f)));
         let oom = self.dirs.get("memory").and_then(|d| fs::read_to_string(d.join("memory.oom_control")).ok());
+        let (user, system) = split_cpu(
+            get("cpuacct", "cpuacct.usage"),
+            get("cpuacct", "cpuacct.usage_user"),
+            get("cpuacct", "cpuacct.usage_sys"),
+        );
         Usage {
-            cpu_user_ns: get("cpuacct", "cpuacct.usage_user"),
-            cpu_system_ns: get("cpuacct", "cpuacct.usage_sys"),
+            cpu_user_ns: user,
+            cpu_system_ns: system,
             memory_peak: get("memory", "memory.max_usage_in_bytes"),
             pids_peak: get("pids", "pids.peak"),
             oom_kills: oom.and_then(|t| keyed(&t, "oom_kill")).unwrap_or(0),
@@ -604,6 +623,13 @@ mod tests {
         let err = write_file(&dir.join("missing/pids.max"), "16").unwrap_err().to_string();
         assert!(err.contains("\"16\"") && err.contains("missing/pids.max"), "{err}");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn v1_cpu_split_keeps_the_exact_total() {
+        assert_eq!(split_cpu(Some(328), Some(366), Some(4)), (Some(324), Some(4)));
+        assert_eq!(split_cpu(Some(10), Some(0), Some(0)), (Some(10), Some(0)));
+        assert_eq!(split_cpu(None, Some(3), Some(1)), (Some(3), Some(1)));
     }
 
     #[test]

@@ -1,0 +1,243 @@
+"""cgroup limits, usage and cleanup, against the real kernel.
+
+Runs on the host (cgroup v1 here: a hybrid machine) and, unchanged, inside the pure
+cgroup v2 VM (tests/test_cgroup_v2_vm.py boots it and runs this module there)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+import nsfast
+from nsfast import _cgroup
+
+IN_VM = os.environ.get("NSFAST_IN_VM") == "1"
+# Under TCG emulation everything is ~20x slower: fewer repetitions, same assertions.
+SCALE = 0.2 if IN_VM else 1.0
+PY = sys.executable
+
+
+def expected_version() -> int:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" - ")
+            if fields[0].split()[4] == "/sys/fs/cgroup" and fields[1].startswith("cgroup2 "):
+                return 2
+    return 1
+
+
+def our_cgroups() -> list[str]:
+    """Directories of sandboxes started by this process that still exist."""
+    info = _cgroup.backend_info()
+    assert info is not None
+    prefix = f"sb-{os.getpid()}-"
+    return [os.path.join(r, d) for r in info[1] if os.path.isdir(r) for d in os.listdir(r) if d.startswith(prefix)]
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_cgroups():
+    yield
+    assert our_cgroups() == []
+
+
+def test_backend_matches_the_host_hierarchy():
+    info = _cgroup.backend_info()
+    assert info is not None, "running as root, sandboxes must get cgroups"
+    version, roots, controllers = info
+    assert version == expected_version()
+    if os.environ.get("NSFAST_EXPECT_CGROUP"):
+        assert version == int(os.environ["NSFAST_EXPECT_CGROUP"])
+    assert {"memory", "pids", "cpu"} <= set(controllers)
+    assert roots and all(r.startswith("/sys/fs/cgroup/") and r.endswith("/nsfast") for r in roots)
+
+
+def test_sandbox_lives_in_its_own_cgroup_which_is_removed_after():
+    p = nsfast.spawn(["sleep", "10"])
+    try:
+        with open(f"/proc/{p.pid}/cgroup") as f:
+            lines = f.read().splitlines()
+        mine = [l for l in lines if f"/sb-{os.getpid()}-" in l]
+        assert mine, lines
+        assert len({os.path.basename(d) for d in our_cgroups()}) == 1
+    finally:
+        p.kill()
+        p.wait()
+    assert our_cgroups() == []
+
+
+def test_cgroup_namespace_is_rooted_at_the_sandbox_cgroup():
+    r = nsfast.run(["cat", "/proc/self/cgroup"], capture_output=True, text=True, check=True)
+    for line in r.stdout.splitlines():
+        assert line.endswith(":/"), r.stdout
+
+
+def test_memory_limit_oom_kills_and_reports_it():
+    hog = "b = bytearray(200 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('survived')"
+    r = nsfast.run([PY, "-c", hog], limits=nsfast.Limits(memory="64M", memory_swap="64M"), capture_output=True,
+                   text=True, timeout=120)
+    assert r.returncode == -9, r
+    assert "survived" not in r.stdout
+    assert r.usage.oom_killed is True
+    assert r.usage.memory_peak_bytes is not None and r.usage.memory_peak_bytes <= 64 << 20
+
+
+def test_process_under_the_memory_limit_runs_and_peak_is_measured():
+    use = "b = bytearray(20 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('ok')"
+    r = nsfast.run([PY, "-c", use], limits=nsfast.Limits(memory="64M"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "ok\n", r
+    assert r.usage.oom_killed is False
+    assert r.usage.memory_peak_bytes >= 20 << 20
+
+
+def test_fork_bomb_is_contained_by_the_pids_limit():
+    bomb = "b() { b | b & }; b 2>/dev/null; sleep 1; echo alive"
+    r = nsfast.run(["sh", "-c", bomb], limits=nsfast.Limits(pids=16), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "alive" in r.stdout, r
+    if r.usage.pids_peak is not None:
+        assert 1 < r.usage.pids_peak <= 16
+    # The host is unaffected: it still starts processes.
+    assert subprocess.run(["true"]).returncode == 0
+
+
+def busy(seconds: float) -> list[str]:
+    return [PY, "-c", f"import time\nt = time.monotonic()\nwhile time.monotonic() - t < {seconds}: pass"]
+
+
+def test_cpu_limit_throttles_a_busy_loop():
+    r = nsfast.run(busy(1.5), limits=nsfast.Limits(cpu=0.2), timeout=120)
+    assert r.returncode == 0
+    cpu = r.usage.cpu_user_s + r.usage.cpu_system_s
+    assert cpu <= 0.35, r.usage
+
+
+@pytest.mark.skipif(IN_VM, reason="emulated CPUs (TCG) make wall and CPU time diverge; checked on the host")
+def test_unlimited_busy_loop_uses_its_wall_time_in_cpu():
+    r = nsfast.run(busy(1.5), timeout=60)
+    cpu = r.usage.cpu_user_s + r.usage.cpu_system_s
+    assert abs(cpu - r.usage.wall_s) <= 0.1 * r.usage.wall_s, r.usage
+
+
+def test_cpuset_pins_the_sandbox():
+    r = nsfast.run(["cat", "/proc/self/status"], limits=nsfast.Limits(cpuset="0"), capture_output=True, text=True,
+                   check=True)
+    allowed = [l for l in r.stdout.splitlines() if l.startswith("Cpus_allowed_list:")]
+    assert allowed and allowed[0].split()[-1] == "0", allowed
+
+
+def sleeper_pids(marker: str) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and marker in p.info["cmdline"]]
+
+
+@pytest.mark.parametrize("namespaces", [nsfast.DEFAULT_NAMESPACES, ("mnt", "uts")], ids=["pidns", "no-pidns"])
+def test_kill_ends_every_process_of_the_sandbox(namespaces):
+    marker = "1234.5" if "pid" in namespaces else "2345.5"
+    p = nsfast.spawn(["sh", "-c", f"sleep {marker} & sleep {marker} & setsid sleep {marker} & wait"],
+                     namespaces=namespaces)
+    deadline = time.monotonic() + 10
+    while len(sleeper_pids(marker)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(sleeper_pids(marker)) == 3
+    p.kill()
+    assert p.wait(5) == -9
+    deadline = time.monotonic() + 1
+    while sleeper_pids(marker) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sleeper_pids(marker) == []
+
+
+def test_timeout_kills_the_tree_without_a_pid_namespace():
+    with pytest.raises(subprocess.TimeoutExpired):
+        nsfast.run(["sh", "-c", "setsid sleep 3456.5 & sleep 3456.5"], namespaces=("mnt",), timeout=0.3)
+    time.sleep(0.05)
+    assert sleeper_pids("3456.5") == []
+
+
+def test_cgroup_false_turns_cgroups_off():
+    r = nsfast.run(["true"], cgroup=False)
+    assert r.returncode == 0
+    assert r.usage.memory_peak_bytes is None and r.usage.pids_peak is None
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(memory="lots"), "Limits.memory"),
+    (dict(memory=-1), "Limits.memory"),
+    (dict(memory=1000), "Limits.memory"),
+    (dict(memory="64M", memory_swap="32M"), "Limits.memory_swap"),
+    (dict(pids=0), "Limits.pids"),
+    (dict(cpu=0), "Limits.cpu"),
+    (dict(cpu=float("nan")), "Limits.cpu"),
+    (dict(cpuset="99"), "Limits.cpuset"),
+    (dict(cpuset="a-b"), "Limits.cpuset"),
+])
+def test_invalid_limits_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        nsfast.Limits(**kwargs)
+
+
+def test_limits_need_cgroups():
+    with pytest.raises(ValueError, match="limits"):
+        nsfast.run(["true"], limits=nsfast.Limits(pids=4), cgroup=False)
+
+
+def test_sizes_accept_units():
+    assert nsfast.Limits(memory="1.5G").memory == 3 << 29
+    assert nsfast.Limits(memory="256M").memory == 256 << 20
+    assert nsfast.Limits(memory=64 << 20).memory == 64 << 20
+
+
+def test_mixed_runs_leave_no_cgroup_behind():
+    n = int(300 * SCALE)
+    oom = "b = bytearray(100 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1"
+    outcomes = {"ok": 0, "timeout": 0, "oom": 0, "spawn": 0}
+    for i in range(n):
+        kind = ("ok", "timeout", "oom", "spawn")[i % 4]
+        if kind == "ok":
+            assert nsfast.run(["true"], limits=nsfast.Limits(pids=8)).returncode == 0
+        elif kind == "timeout":
+            with pytest.raises(subprocess.TimeoutExpired):
+                nsfast.run(["sleep", "10"], timeout=0.01)
+        elif kind == "oom":
+            r = nsfast.run([PY, "-c", oom], limits=nsfast.Limits(memory="32M", memory_swap="32M"))
+            assert r.usage.oom_killed
+        else:
+            with pytest.raises(nsfast.SpawnError):
+                nsfast.run(["/nonexistent/command"], limits=nsfast.Limits(memory="64M"))
+        outcomes[kind] += 1
+    assert our_cgroups() == []
+    assert all(outcomes.values())
+
+
+def test_exception_in_the_caller_cleans_up():
+    with pytest.raises(RuntimeError):
+        with nsfast.spawn(["sleep", "10"]) as p:
+            assert len({os.path.basename(d) for d in our_cgroups()}) == 1
+            raise RuntimeError("caller failed")
+    assert p.returncode == -9
+    assert our_cgroups() == []
+
+
+def test_cgroup_root_is_configurable(monkeypatch):
+    nsfast.configure(cgroup_root="nsfast-test-root")
+    try:
+        info = _cgroup.backend_info()
+        assert info is not None and all("nsfast-test-root" in r for r in info[1])
+        r = nsfast.run(["cat", "/proc/self/cgroup"], capture_output=True, text=True)
+        assert r.returncode == 0
+        p = nsfast.spawn(["sleep", "5"])
+        with open(f"/proc/{p.pid}/cgroup") as f:
+            assert "nsfast-test-root/sb-" in f.read()
+        p.kill()
+        p.wait()
+    finally:
+        nsfast.configure(cgroup_root=None)
+        for r in info[1]:
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(r)
+    with pytest.raises(ValueError, match="cgroup_root"):
+        nsfast.configure(cgroup_root="/")
