@@ -13,6 +13,7 @@ like `subprocess`:
 from __future__ import annotations
 
 from ._cgroup import CgroupWarning, Limits, configure
+from ._container import Container, enter
 from ._errors import ContainerError, NsfastError, SpawnError, SpecError
 from ._ns import compare_namespaces, namespaces
 from ._process import DEVNULL, PIPE, STDOUT, Process, Result, Usage, run, spawn
@@ -34,6 +35,8 @@ __all__ = [
     "PIPE",
     "DEVNULL",
     "STDOUT",
+    "Container",
+    "enter",
     "namespaces",
     "compare_namespaces",
     "NAMESPACES",

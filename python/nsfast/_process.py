@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import selectors
@@ -123,30 +124,43 @@ class Process:
     """
 
     def __init__(self, args: Args, *, spec: Optional[Spec] = None, stdin: File = None, stdout: File = None,
-                 stderr: File = None, text: bool = False, pass_fds: Sequence[int] = (), **spec_fields: Any) -> None:
+                 stderr: File = None, text: bool = False, pass_fds: Sequence[int] = (),
+                 _join: Optional["_JoinTarget"] = None, **spec_fields: Any) -> None:
         self.spec = with_fields(spec, spec_fields)
-        argv, self.args = _argv(args)
+        if _join is not None and not args:
+            raise ValueError("args must not be empty")
+        argv, self.args = _argv(args) if args or not self.spec.init else ([], [])
         self.returncode: Optional[int] = None
         self.usage: Optional[Usage] = None
         self.pid = -1
         self.pidfd: Optional[int] = None
         self.text = bool(text)
         self._timed_out = False
+        self._detached = False
         self._wait_lock = threading.Lock()
         self._comm: Optional[_Communication] = None
+        self._cgroup: Any = None
+        self._pid_namespace = "pid" in self.spec.namespaces if _join is None else "pid" in _join.namespaces
         fds = sorted({int(fd) for fd in pass_fds})
         for fd in fds:
             if fd < 0:
                 raise ValueError(f"pass_fds: invalid file descriptor {fd}")
-        self._cgroup: Any = None
         cgroup = None
-        if self.spec.cgroup:
+        if self.spec.cgroup and _join is None:
             cgroup = _cgroup.request(self.spec.limits, kill_tree="pid" not in self.spec.namespaces)
         handles = _Handles(stdin, stdout, stderr)
         self._start = time.perf_counter()
         try:
-            self.pid, self.pidfd, self._cgroup = _core.spawn(argv, stdio=tuple(handles.child), pass_fds=fds,
-                                                             cgroup=cgroup, **self.spec._core_kwargs())
+            if _join is None:
+                self.pid, self.pidfd, self._cgroup = _core.spawn(argv, stdio=tuple(handles.child), pass_fds=fds,
+                                                                 cgroup=cgroup, **self.spec._core_kwargs())
+            else:
+                kw = self.spec._core_kwargs()
+                self.pid, self.pidfd = _core.spawn_join(
+                    argv, target=_join.pid, join=list(_join.namespaces), env=kw["env"],
+                    cwd=None if _join.cwd is None else os.fsencode(_join.cwd), uid=kw["uid"], gid=kw["gid"],
+                    keep_caps=kw["keep_caps"], die_with_parent=kw["die_with_parent"], stdio=tuple(handles.child),
+                    pass_fds=fds, join_cgroup=_join.cgroup)
         except BaseException:
             for fd in handles.parent:
                 if fd is not None:
@@ -244,7 +258,7 @@ class Process:
         if cg is not None:
             cg.kill()
         self.send_signal(signal.SIGKILL)
-        if "pid" not in self.spec.namespaces and self.spec.new_session and self.returncode is None:
+        if not self._pid_namespace and self.spec.new_session and self.returncode is None:
             try:
                 os.killpg(self.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -284,8 +298,22 @@ class Process:
             self.kill()
         self.wait()
 
+    def detach(self) -> List[str]:
+        """Let the sandbox outlive this object and this process (used by `nsfast run -d`):
+        no kill on garbage collection, its cgroup is left in place (its paths are returned),
+        the pidfd is closed."""
+        self._detached = True
+        paths: List[str] = []
+        if self._cgroup is not None:
+            paths = self._cgroup.release()
+            self._cgroup = None
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        return paths
+
     def __del__(self) -> None:
-        if getattr(self, "pidfd", None) is None or self.returncode is not None:
+        if getattr(self, "pidfd", None) is None or self.returncode is not None or getattr(self, "_detached", False):
             return
         # Like Popen: never block in a finalizer; kill rather than leak a running sandbox.
         warnings.warn(f"nsfast sandbox {self.pid} is still running; killing it", ResourceWarning, source=self)
@@ -294,6 +322,16 @@ class Process:
             self.wait(1.0)
         except TimeoutExpired:
             pass
+
+
+@dataclass(frozen=True)
+class _JoinTarget:
+    """What `Process` joins instead of creating namespaces (exec / enter)."""
+
+    pid: int
+    namespaces: Tuple[str, ...]
+    cgroup: bool
+    cwd: Optional[str]
 
 
 class _Communication:
@@ -323,13 +361,16 @@ class _Communication:
                 self.chunks[name] = []
                 self.sel.register(f.fileno(), selectors.EVENT_READ, name)
 
-    def _decode(self, name: str) -> Any:
+    def _decode(self, name: str, final: bool = True) -> Any:
         if name not in self.chunks:
             return None
         data = b"".join(self.chunks[name])
         if self.proc.text:
             f = getattr(self.proc, name)
-            data = data.decode(getattr(f, "encoding", "utf-8"), getattr(f, "errors", "strict"))
+            decoder = codecs.getincrementaldecoder(getattr(f, "encoding", "utf-8"))(getattr(f, "errors", "strict"))
+            # Output so far (final=False, at a timeout) may end inside a multi-byte character:
+            # leave that tail out instead of failing; a resumed communicate() decodes it.
+            data = decoder.decode(data, final=final)
             data = data.replace("\r\n", "\n").replace("\r", "\n")
         return data
 
@@ -338,7 +379,7 @@ class _Communication:
         while self.sel.get_map():
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimeoutExpired(proc.args, timeout, self._decode("stdout"), self._decode("stderr"))  # type: ignore[arg-type]
+                raise TimeoutExpired(proc.args, timeout, self._decode("stdout", False), self._decode("stderr", False))  # type: ignore[arg-type]
             for key, _ in self.sel.select(left):
                 name = key.data
                 if name == "stdin":
@@ -377,7 +418,8 @@ def spawn(args: Args, *, spec: Optional[Spec] = None, stdin: File = None, stdout
 
 def run(args: Args, *, spec: Optional[Spec] = None, input: Any = None, capture_output: bool = False,
         stdin: File = None, stdout: File = None, stderr: File = None, timeout: Optional[float] = None,
-        check: bool = False, text: bool = False, pass_fds: Sequence[int] = (), **spec_fields: Any) -> Result:
+        check: bool = False, text: bool = False, pass_fds: Sequence[int] = (), _join: Optional[_JoinTarget] = None,
+        **spec_fields: Any) -> Result:
     """Run `args` in a new sandbox, wait for it, return a `Result` (like subprocess.run).
 
     `timeout` kills the whole sandbox and raises `subprocess.TimeoutExpired`; `check=True`
@@ -393,7 +435,7 @@ def run(args: Args, *, spec: Optional[Spec] = None, input: Any = None, capture_o
     if timeout is not None and (timeout != timeout or timeout < 0):
         raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
     with Process(args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds,
-                 **spec_fields) as proc:
+                 _join=_join, **spec_fields) as proc:
         try:
             if proc.stdin is None and proc.stdout is None and proc.stderr is None:
                 proc.wait(timeout)

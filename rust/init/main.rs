@@ -6,6 +6,8 @@
 //! command's status (128+N if the command was killed by signal N, as shells and tini do).
 //!
 //! Command line: nsfast-init REPORT_FD N CANDIDATE_1..CANDIDATE_N -- ARGV...
+//! With no ARGV it idles as a container's main process: it reaps whatever is started in
+//! the sandbox (by exec) and exits 0 on SIGTERM, SIGINT or SIGHUP.
 //! If no candidate can be exec'd, the failure is written to REPORT_FD in nsfast's 12-byte
 //! child report format, as the sandbox setup would have.
 
@@ -28,6 +30,7 @@ extern "C" {
     fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int;
     fn waitpid(pid: c_int, status: *mut c_int, options: c_int) -> c_int;
     fn kill(pid: c_int, sig: c_int) -> c_int;
+    fn signal(sig: c_int, handler: usize) -> usize;
     fn write(fd: c_int, buf: *const c_void, n: usize) -> isize;
     fn close(fd: c_int) -> c_int;
     fn fcntl(fd: c_int, cmd: c_int, arg: c_int) -> c_int;
@@ -38,10 +41,16 @@ extern "C" {
 
 const SIG_SETMASK: c_int = 2;
 const SIGCHLD: c_int = 17;
+const SIGPIPE: c_int = 13;
+const SIG_DFL: usize = 0;
 const WNOHANG: c_int = 1;
 const F_SETFD: c_int = 2;
 const FD_CLOEXEC: c_int = 1;
 const PR_SET_CHILD_SUBREAPER: c_int = 36;
+const PR_SET_NAME: c_int = 15;
+const SIGHUP: c_int = 1;
+const SIGINT: c_int = 2;
+const SIGTERM: c_int = 15;
 const ENOENT: c_int = 2;
 const ENOTDIR: c_int = 20;
 const EACCES: c_int = 13;
@@ -61,7 +70,7 @@ fn main() {
     let report_fd = report_fd as c_int;
     let candidates = &args[3..(3 + n).min(args.len())];
     let argv_start = 3 + n + 1;
-    if args.get(3 + n).map(|a| a.as_bytes()) != Some(b"--") || argv_start >= args.len() {
+    if args.get(3 + n).map(|a| a.as_bytes()) != Some(b"--") {
         eprintln!("nsfast-init: missing -- ARGV");
         std::process::exit(127);
     }
@@ -79,11 +88,22 @@ fn main() {
         fcntl(report_fd, F_SETFD, FD_CLOEXEC);
     }
 
+    // SAFETY: plain prctl; the name shows in ps instead of "memfd:nsfast-init".
+    unsafe { prctl(PR_SET_NAME, c"nsfast-init".as_ptr() as u64, 0, 0, 0) };
+    if argv_start >= args.len() {
+        // SAFETY: our copy of the report pipe: nothing to exec, so setup is complete.
+        unsafe { close(report_fd) };
+        idle(&all);
+    }
+
     // SAFETY: fork in a single-threaded process.
     let pid = unsafe { fork() };
     if pid == 0 {
-        // SAFETY: restore the mask, then exec with prepared arrays.
+        // SAFETY: restore the mask and SIGPIPE, then exec with prepared arrays.
         unsafe {
+            // Rust's runtime ignored SIGPIPE at our start; an ignored signal stays ignored
+            // across exec, so give the command the default back (as the sandbox setup did).
+            signal(SIGPIPE, SIG_DFL);
             sigprocmask(SIG_SETMASK, &none, std::ptr::null_mut());
             let mut err = ENOENT;
             let mut saw_eacces = false;
@@ -136,6 +156,27 @@ fn main() {
                 // SAFETY: exiting; the kernel ends the rest of the pid namespace.
                 unsafe { _exit(code) };
             }
+        }
+    }
+}
+
+/// A container's idle main process: reap, and exit on a termination signal.
+fn idle(all: &SigSet) -> ! {
+    let mut info = [0u8; 128];
+    loop {
+        // SAFETY: waits for any signal (all are blocked).
+        let sig = unsafe { sigwaitinfo(all, info.as_mut_ptr().cast()) };
+        match sig {
+            SIGCHLD => {
+                let mut status: c_int = 0;
+                // SAFETY: reap without blocking until none is left.
+                while unsafe { waitpid(-1, &mut status, WNOHANG) } > 0 {}
+            }
+            SIGTERM | SIGINT | SIGHUP => {
+                // SAFETY: exiting.
+                unsafe { _exit(0) }
+            }
+            _ => {}
         }
     }
 }

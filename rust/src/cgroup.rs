@@ -579,6 +579,93 @@ impl Cgroup for V1Cgroup {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Joining the cgroup of an existing process (exec)
+
+/// The cgroup directories of an existing process, to start another process next to it.
+/// Owned by someone else: `kill`, `usage` and `remove` do nothing.
+pub struct Existing {
+    version: u8,
+    dirs: Vec<PathBuf>,
+    fd: Option<OwnedFd>,
+}
+
+/// Directories of `/proc/PID/cgroup` text under `hierarchy` (v1: only the controllers
+/// nsfast manages; v2: the unified path).
+pub fn dirs_of(cgroup_file: &str, hierarchy: &Hierarchy) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for line in cgroup_file.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let rel = path.trim().trim_start_matches('/');
+        match hierarchy {
+            Hierarchy::V2 { mount } if ctrls.is_empty() => dirs.push(mount.join(rel)),
+            Hierarchy::V1 { controllers } => {
+                for c in ctrls.split(',') {
+                    if let Some(m) = controllers.get(c) {
+                        dirs.push(m.join(rel));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+impl Existing {
+    pub fn of_process(pid: i32, hierarchy: &Hierarchy) -> Result<Existing> {
+        let file = PathBuf::from(format!("/proc/{pid}/cgroup"));
+        let text = fs::read_to_string(&file).map_err(io_err("read", &file))?;
+        let dirs = dirs_of(&text, hierarchy);
+        let version = if matches!(hierarchy, Hierarchy::V2 { .. }) { 2 } else { 1 };
+        let fd = match (version, dirs.first()) {
+            (2, Some(d)) => Some(
+                rustix::fs::open(d, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+                    .map_err(|e| CgroupError::Io { op: "open", path: d.clone(), source: e.into() })?,
+            ),
+            _ => None,
+        };
+        Ok(Existing { version, dirs, fd })
+    }
+}
+
+impl Cgroup for Existing {
+    fn clone_fd(&self) -> Option<RawFd> {
+        self.fd.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    fn attach(&self, pid: i32) -> Result<()> {
+        let pid = pid.to_string();
+        for d in &self.dirs {
+            write_file(&d.join("cgroup.procs"), &pid)?;
+        }
+        Ok(())
+    }
+
+    fn kill(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn usage(&self) -> Usage {
+        Usage::default()
+    }
+
+    fn remove(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        self.dirs.clone()
+    }
+
+    fn version(&self) -> u8 {
+        self.version
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -630,6 +717,20 @@ mod tests {
         assert_eq!(split_cpu(Some(328), Some(366), Some(4)), (Some(324), Some(4)));
         assert_eq!(split_cpu(Some(10), Some(0), Some(0)), (Some(10), Some(0)));
         assert_eq!(split_cpu(None, Some(3), Some(1)), (Some(3), Some(1)));
+    }
+
+    #[test]
+    fn process_cgroups_map_to_directories() {
+        let Some(h @ Hierarchy::V1 { .. }) = parse_mountinfo(HYBRID) else { panic!() };
+        let text = "9:name=systemd:/\n8:pids:/nsfast/sb-1\n4:memory:/nsfast/sb-1\n2:cpu,cpuacct:/nsfast/sb-1\n0::/\n";
+        let dirs = dirs_of(text, &h);
+        assert_eq!(
+            dirs,
+            ["/sys/fs/cgroup/cpu,cpuacct/nsfast/sb-1", "/sys/fs/cgroup/memory/nsfast/sb-1", "/sys/fs/cgroup/pids/nsfast/sb-1"]
+                .map(PathBuf::from)
+        );
+        let v2 = Hierarchy::V2 { mount: "/sys/fs/cgroup".into() };
+        assert_eq!(dirs_of("0::/nsfast/sb-2\n", &v2), [PathBuf::from("/sys/fs/cgroup/nsfast/sb-2")]);
     }
 
     #[test]

@@ -143,6 +143,14 @@ impl PyCgroup {
         }
     }
 
+    /// Forget the cgroup without removing it (it outlives this process); returns its paths.
+    fn release(&self, py: Python<'_>) -> Vec<String> {
+        detached(py, || {
+            let taken = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+            taken.map(|cg| cg.paths().iter().map(|p| p.display().to_string()).collect()).unwrap_or_default()
+        })
+    }
+
     fn paths(&self, py: Python<'_>) -> Vec<String> {
         self.with(py, |cg| cg.paths().iter().map(|p| p.display().to_string()).collect()).unwrap_or_default()
     }
@@ -270,6 +278,67 @@ fn namespaces<'py>(py: Python<'py>, pid: &str) -> PyResult<Bound<'py, PyDict>> {
     Ok(d)
 }
 
+/// Start a process inside the namespaces (types `join`), root and optionally the cgroup of
+/// process `target`; returns (pid, pidfd). `cwd` None: the target's working directory.
+#[pyfunction]
+#[pyo3(signature = (args, *, target, join, env, cwd, uid, gid, keep_caps, die_with_parent, stdio, pass_fds, join_cgroup))]
+#[allow(clippy::too_many_arguments)]
+fn spawn_join(
+    py: Python<'_>,
+    args: Vec<PyBackedBytes>,
+    target: i32,
+    join: Vec<String>,
+    env: Vec<PyBackedBytes>,
+    cwd: Option<PyBackedBytes>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    keep_caps: u64,
+    die_with_parent: bool,
+    stdio: (i32, i32, i32),
+    pass_fds: Vec<i32>,
+    join_cgroup: bool,
+) -> PyResult<(i32, i32)> {
+    let ns_flags = crate::ns::flags(join.iter().map(String::as_str))
+        .map_err(|n| to_pyerr(py, Error::invalid("namespaces", format!("has an unknown namespace {n:?}"))))?;
+    let mut spec = Spec::new(args.into_iter().map(bytes).collect());
+    spec.env = env.into_iter().map(bytes).collect();
+    let use_cwd_fd = cwd.is_none();
+    spec.cwd = cwd.map(bytes).unwrap_or_else(|| b"/".to_vec());
+    spec.namespaces = 0;
+    spec.uid = uid;
+    spec.gid = gid;
+    spec.keep_caps = keep_caps;
+    spec.new_session = true;
+    spec.die_with_parent = die_with_parent;
+    let io_stdio = [stdio.0, stdio.1, stdio.2];
+    let result = detached(py, move || -> Result<_, Error> {
+        use std::os::fd::AsRawFd;
+        let plan = Plan::build(&spec, Caller::current())?;
+        let gone = |e: rustix::io::Errno| Error::spawn("open target", Some(format!("/proc/{target}")), e);
+        let tpid = rustix::process::Pid::from_raw(target).ok_or_else(|| Error::invalid("pid", "must be positive"))?;
+        let pidfd = rustix::process::pidfd_open(tpid, rustix::process::PidfdFlags::empty()).map_err(gone)?;
+        let open = |what: &str| {
+            rustix::fs::open(format!("/proc/{target}/{what}"), rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
+                .map_err(gone)
+        };
+        let root = open("root")?;
+        let cwd_fd = open("cwd")?;
+        let cg = if join_cgroup {
+            let h = cgroup::detect().ok_or_else(|| Error::spawn("join cgroup", Some("no cgroup filesystem".into()), rustix::io::Errno::NOTSUP))?;
+            Some(cgroup::Existing::of_process(target, &h).map_err(|e| Error::spawn("join cgroup", Some(e.to_string()), rustix::io::Errno::NOTSUP))?)
+        } else {
+            None
+        };
+        let join = crate::spawn::Join { pidfd: pidfd.as_raw_fd(), ns_flags, root_fd: root.as_raw_fd(), cwd_fd: cwd_fd.as_raw_fd(), use_cwd_fd };
+        let io = crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg.as_ref().map(|c| c as &dyn Cgroup) };
+        crate::spawn::spawn_join(&plan, &io, &join)
+    });
+    match result {
+        Ok(child) => Ok((child.pid, child.pidfd.into_raw_fd())),
+        Err(e) => Err(to_pyerr(py, e)),
+    }
+}
+
 #[pyfunction]
 fn cap_last_cap() -> u32 {
     crate::spec::cap_last_cap()
@@ -284,6 +353,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cap_last_cap, m)?)?;
     m.add_function(wrap_pyfunction!(cgroup_backend, m)?)?;
     m.add_function(wrap_pyfunction!(own_cgroup, m)?)?;
+    m.add_function(wrap_pyfunction!(spawn_join, m)?)?;
     m.add_class::<PyCgroup>()?;
     m.add("NAMESPACES", crate::ns::NAMESPACES.iter().map(|(n, _)| *n).collect::<Vec<_>>())?;
     m.add("DEFAULT_NAMESPACES", crate::spec::DEFAULT_NAMESPACES.to_vec())?;

@@ -60,6 +60,31 @@ struct ChildCtx<'a> {
     init: Option<(RawFd, &'a CStrArray)>,
     /// unshare(CLONE_NEWCGROUP) after sync point 1 instead of at clone.
     late_cgroup_ns: bool,
+    join: Option<JoinCtx<'a>>,
+}
+
+/// An existing process whose namespaces, root and cgroup a new process joins
+/// (`docker exec`, `nsenter -t PID -a`).
+pub struct Join {
+    /// pidfd of the target process.
+    pub pidfd: RawFd,
+    /// CLONE_NEW* types to join: those that differ from ours (joining one's own user
+    /// namespace is an error). The time namespace is not supported.
+    pub ns_flags: u64,
+    /// The target's root directory (open /proc/PID/root).
+    pub root_fd: RawFd,
+    /// The target's working directory (open /proc/PID/cwd), used when `use_cwd_fd`.
+    pub cwd_fd: RawFd,
+    pub use_cwd_fd: bool,
+}
+
+struct JoinCtx<'a> {
+    join: &'a Join,
+    /// The final process's stack; the intermediate runs on the first one.
+    stack: &'a Stack,
+    cgroup_fd: Option<RawFd>,
+    /// Where the intermediate leaves the final process's pid (shared memory: CLONE_VM).
+    pid_out: &'a std::sync::atomic::AtomicI32,
 }
 
 /// Start the sandbox described by `plan`. Returns once the command has been exec'd.
@@ -81,7 +106,14 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         None
     };
     let stack = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
-    let ctx = ChildCtx { plan, io, chan, init, late_cgroup_ns: attach.is_some() && plan.clone_flags & libc::CLONE_NEWCGROUP as u64 != 0 };
+    let ctx = ChildCtx {
+        plan,
+        io,
+        chan,
+        init,
+        late_cgroup_ns: attach.is_some() && plan.clone_flags & libc::CLONE_NEWCGROUP as u64 != 0,
+        join: None,
+    };
 
     let mut pidfd: c_int = -1;
     let mut flags = libc::CLONE_VM as u64 | libc::CLONE_PIDFD as u64 | plan.clone_flags;
@@ -149,6 +181,130 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
 
 fn pid_of(c: &Child) -> Option<Pid> {
     Pid::from_raw(c.pid)
+}
+
+/// Start a process inside the namespaces, root and cgroup of an existing process.
+///
+/// setns() into a pid namespace only affects children, so (like nsenter and runc exec)
+/// it takes two processes: an intermediate joins the namespaces, then clones the final
+/// process with CLONE_PARENT, so that one is our child and lives in the target's pid
+/// namespace. Both share our memory (CLONE_VM) on private stacks until exec.
+pub fn spawn_join(plan: &Plan, io: &Io, join: &Join) -> Result<Child> {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    let parent_err = |step: &'static str| move |e: Errno| Error::spawn(step, None, e);
+    let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
+    let attach = io.cgroup.filter(|_| cgroup_fd.is_none());
+    let (mut parent, chan, report_w, go_r) = sync::channel(attach.is_some()).map_err(parent_err("pipe"))?;
+    let stack1 = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
+    let stack2 = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
+    let pid_out = AtomicI32::new(0);
+    let ctx = ChildCtx {
+        plan,
+        io,
+        chan,
+        init: None,
+        late_cgroup_ns: false,
+        join: Some(JoinCtx { join, stack: &stack2, cgroup_fd, pid_out: &pid_out }),
+    };
+    let mut args = CloneArgs {
+        flags: libc::CLONE_VM as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: stack1.bottom(),
+        stack_size: stack1.len(),
+        ..CloneArgs::default()
+    };
+    let arg = &ctx as *const ChildCtx as *mut c_void;
+    let old_mask = sys::block_all_signals();
+    // SAFETY: the stacks and `ctx` outlive both processes' use of them: we wait for the
+    // intermediate to exit, and for the final process to exec or die (report pipe EOF).
+    let res = unsafe { sys::clone3(&mut args, intermediate_main, arg) };
+    sys::restore_signals(&old_mask);
+    drop(report_w);
+    drop(go_r);
+    let mid = res.map_err(|e| Error::spawn("clone3", None, e))?;
+    // The intermediate exits as soon as it has cloned the final process (or failed).
+    let _ = rustix::process::waitpid(Pid::from_raw(mid), WaitOptions::empty());
+    drop(stack1);
+    let pid = pid_out.load(Ordering::Acquire);
+    if pid <= 0 {
+        let report = parent.wait_exec();
+        return Err(match report {
+            Ok(Some(rec)) => child_error(plan, rec),
+            _ => Error::spawn("join namespaces", None, Errno::CHILD),
+        });
+    }
+    // The final process is our child (CLONE_PARENT): its pid cannot be reused before we
+    // reap it, so pidfd_open is race-free here.
+    let pidfd = rustix::process::pidfd_open(Pid::from_raw(pid).expect("positive"), rustix::process::PidfdFlags::empty());
+    let pidfd = match pidfd {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = rustix::process::kill_process(Pid::from_raw(pid).expect("positive"), Signal::KILL);
+            let _ = parent.wait_exec();
+            let _ = rustix::process::waitpid(Pid::from_raw(pid), WaitOptions::empty());
+            return Err(Error::spawn("pidfd_open", None, e));
+        }
+    };
+    let child = Child { pid, pidfd };
+    if let Some(cg) = attach {
+        let ready = cg
+            .attach(pid)
+            .map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), cgroup_errno(&e)))
+            .and_then(|()| parent.mappings_written().map_err(parent_err("signal child")));
+        if let Err(e) = ready {
+            abort_child(&child, &parent);
+            return Err(e);
+        }
+    }
+    let report = parent.wait_exec();
+    drop(stack2);
+    match report {
+        Ok(None) => Ok(child),
+        Ok(Some(rec)) => {
+            let _ = rustix::process::waitpid(pid_of(&child), WaitOptions::empty());
+            Err(child_error(plan, rec))
+        }
+        Err(e) => {
+            abort_child(&child, &parent);
+            Err(Error::spawn("read child report", None, e))
+        }
+    }
+}
+
+extern "C" fn intermediate_main(arg: *mut c_void) -> c_int {
+    // SAFETY: as for child_main.
+    let ctx = unsafe { &*(arg as *const ChildCtx) };
+    intermediate(ctx)
+}
+
+/// The intermediate of `spawn_join`: join the namespaces, clone the final process, exit.
+fn intermediate(ctx: &ChildCtx) -> ! {
+    let ch = &ctx.chan;
+    let Some(j) = &ctx.join else { ch.fail(Step::JoinNamespaces, 0, Errno::INVAL) };
+    sys::child_reset_signal_dispositions();
+    if j.join.ns_flags != 0 {
+        sys::setns(j.join.pidfd, j.join.ns_flags).unwrap_or_else(|e| ch.fail(Step::JoinNamespaces, 0, e));
+    }
+    let mut flags = libc::CLONE_VM as u64 | libc::CLONE_PARENT as u64;
+    if j.cgroup_fd.is_some() {
+        flags |= CLONE_INTO_CGROUP;
+    }
+    let mut args = CloneArgs {
+        flags,
+        cgroup: j.cgroup_fd.map_or(0, |fd| fd as u64),
+        stack: j.stack.bottom(),
+        stack_size: j.stack.len(),
+        ..CloneArgs::default()
+    };
+    // SAFETY: the final process runs `child` on its own stack, kept alive by the parent.
+    let res = unsafe { sys::clone3(&mut args, child_main, ctx as *const ChildCtx as *mut c_void) };
+    match res {
+        Ok(pid) => {
+            j.pid_out.store(pid, std::sync::atomic::Ordering::Release);
+            sys::exit_now(0)
+        }
+        Err(e) => ch.fail(Step::JoinNamespaces, 1, e),
+    }
 }
 
 /// Kill a child that has not exec'd yet, wait until it left our address space, reap it.
@@ -240,7 +396,10 @@ fn child(ctx: &ChildCtx) -> ! {
     let ch = &ctx.chan;
     let fail = |step: Step, e: Errno| -> ! { ch.fail(step, 0, e) };
 
-    sys::child_reset_signal_dispositions();
+    if ctx.join.is_none() {
+        // (The intermediate of a join already did this; dispositions are inherited.)
+        sys::child_reset_signal_dispositions();
+    }
     if plan.die_with_parent {
         sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize, 0).unwrap_or_else(|e| fail(Step::DeathSignal, e));
     }
@@ -248,7 +407,7 @@ fn child(ctx: &ChildCtx) -> ! {
         ch.wait_mappings_written().unwrap_or_else(|e| fail(Step::WaitMappings, e));
     }
     if ctx.late_cgroup_ns {
-        rustix::thread::unshare(rustix::thread::UnshareFlags::NEWCGROUP).unwrap_or_else(|e| fail(Step::CgroupNs, e));
+        sys::unshare(libc::CLONE_NEWCGROUP as u64).unwrap_or_else(|e| fail(Step::CgroupNs, e));
     }
     for (i, st) in plan.fs.iter().enumerate() {
         if let Err(e) = mount::run(&st.op) {
@@ -261,7 +420,18 @@ fn child(ctx: &ChildCtx) -> ! {
     if plan.loopback {
         sys::loopback_up().unwrap_or_else(|e| fail(Step::Loopback, e));
     }
-    rustix::process::chdir(plan.cwd.as_c_str()).unwrap_or_else(|e| fail(Step::Chdir, e));
+    if let Some(j) = &ctx.join {
+        // The target's root, then its working directory unless one was given.
+        rustix::process::fchdir(sys::borrow_fd(j.join.root_fd)).unwrap_or_else(|e| fail(Step::Chroot, e));
+        rustix::process::chroot(c".").unwrap_or_else(|e| fail(Step::Chroot, e));
+        if j.join.use_cwd_fd {
+            rustix::process::fchdir(sys::borrow_fd(j.join.cwd_fd)).unwrap_or_else(|e| fail(Step::Chdir, e));
+        } else {
+            rustix::process::chdir(plan.cwd.as_c_str()).unwrap_or_else(|e| fail(Step::Chdir, e));
+        }
+    } else {
+        rustix::process::chdir(plan.cwd.as_c_str()).unwrap_or_else(|e| fail(Step::Chdir, e));
+    }
     // The bounding set needs CAP_SETPCAP, which a switch to a non-root uid takes away.
     for cap in 0..=plan.cap_last {
         if plan.keep_caps & (1u64 << cap) == 0 {

@@ -212,13 +212,19 @@ pub fn cap_last_cap() -> u32 {
 impl Plan {
     /// Build the plan for `spec` run by `caller`.
     pub fn build(spec: &Spec, caller: Caller) -> Result<Plan> {
-        let argv0 = spec.args.first().ok_or_else(|| Error::invalid("args", "must not be empty"))?;
-        if argv0.is_empty() {
+        // No command: only with init=True, which then idles (a container's main process).
+        let idle: &[u8] = b"";
+        let argv0 = match spec.args.first() {
+            Some(a) => a,
+            None if spec.init => idle,
+            None => return Err(Error::invalid("args", "must not be empty")),
+        };
+        if argv0.is_empty() && !spec.args.is_empty() {
             return Err(Error::invalid("args", "argv[0] must not be empty"));
         }
         let mut clone_flags = spec.namespaces;
         let user_ns = clone_flags & libc::CLONE_NEWUSER as u64 != 0;
-        if !user_ns && caller.euid != 0 {
+        if !user_ns && caller.euid != 0 && clone_flags != 0 {
             // Rootless: only a new user namespace grants the rights the rest needs.
             clone_flags |= libc::CLONE_NEWUSER as u64;
         }
@@ -250,7 +256,7 @@ impl Plan {
 
         let argv = spec.args.iter().map(|a| cstring("args", a)).collect::<Result<Vec<_>>>()?;
         let envp = spec.env.iter().map(|e| cstring("env", e)).collect::<Result<Vec<_>>>()?;
-        let candidates = exec_candidates(argv0, env_get(&spec.env, b"PATH"))
+        let candidates = if spec.args.is_empty() { Vec::new() } else { exec_candidates(argv0, env_get(&spec.env, b"PATH")) }
             .into_iter()
             .map(|c| cstring("args", &c))
             .collect::<Result<Vec<_>>>()?;

@@ -30,12 +30,14 @@ pub enum Step {
     Exec,
     ExecInit,
     CgroupNs,
+    JoinNamespaces,
+    Chroot,
 }
 
 impl Step {
     pub fn from_raw(v: u32) -> Option<Step> {
         use Step::*;
-        [WaitMappings, Fs, Hostname, Loopback, SetGroups, SetGid, SetUid, DropCaps, NoNewPrivs, DeathSignal, Setsid, Stdio, CloseFds, Chdir, Exec, ExecInit, CgroupNs]
+        [WaitMappings, Fs, Hostname, Loopback, SetGroups, SetGid, SetUid, DropCaps, NoNewPrivs, DeathSignal, Setsid, Stdio, CloseFds, Chdir, Exec, ExecInit, CgroupNs, JoinNamespaces, Chroot]
             .into_iter()
             .find(|s| *s as u32 == v)
     }
@@ -60,6 +62,8 @@ impl Step {
             Step::Exec => "exec",
             Step::ExecInit => "exec init",
             Step::CgroupNs => "unshare cgroup namespace",
+            Step::JoinNamespaces => "setns",
+            Step::Chroot => "chroot",
         }
     }
 }

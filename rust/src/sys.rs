@@ -473,3 +473,13 @@ pub fn setresuid(id: u32) -> Result<(), Errno> {
 pub fn setresgid(id: u32) -> Result<(), Errno> {
     raw6(libc::SYS_setresgid, [id as usize, id as usize, id as usize, 0, 0, 0]).map(drop)
 }
+
+/// Child-safe: setns(2) (with a pidfd, several namespace types at once).
+pub fn setns(fd: RawFd, nstype: u64) -> Result<(), Errno> {
+    raw6(libc::SYS_setns, [fd as usize, nstype as usize, 0, 0, 0, 0]).map(drop)
+}
+
+/// Child-safe: unshare(2).
+pub fn unshare(flags: u64) -> Result<(), Errno> {
+    raw6(libc::SYS_unshare, [flags as usize, 0, 0, 0, 0, 0]).map(drop)
+}
