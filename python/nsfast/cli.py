@@ -1,8 +1,13 @@
 """The `nsfast` command line. It only builds a `Spec` (flag names from bwrap and unshare)
 and calls the library.
 
-    nsfast run [--hostname H] [--rootfs DIR] [--bind SRC DEST] [--ro-bind SRC DEST]
-               [--tmpfs DEST] [--unshare-all | --unshare-NS...] [--share-net] -- CMD...
+    nsfast run [-d --name NAME] [--hostname H] [--rootfs DIR] [--bind SRC DEST]
+               [--ro-bind SRC DEST] [--tmpfs DEST] [--unshare-all | --unshare-NS...]
+               [--share-net] -- CMD...
+    nsfast exec NAME|PID -- CMD...      run CMD inside a container (or any process)
+    nsfast ps                           list detached containers
+    nsfast stop NAME                    stop a detached container and clean up
+    nsfast ns PID|NAME [PID|NAME...]    namespace inodes per type, differences marked
     nsfast demo
 """
 
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from typing import List, Optional, Sequence
 
@@ -57,7 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a command in a new sandbox",
                          usage="nsfast run [options] -- CMD [ARGS...]")
     _add_spec_flags(run)
+    run.add_argument("-d", "--detach", action="store_true", help="start a detached container and print its name")
+    run.add_argument("--name", help="name of the detached container (default: generated)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
+    ex = sub.add_parser("exec", help="run a command inside a container or process",
+                        usage="nsfast exec [options] NAME|PID -- CMD [ARGS...]")
+    ex.add_argument("target", metavar="NAME|PID")
+    ex.add_argument("--chdir", metavar="DIR", help="working directory (default: the container's)")
+    ex.add_argument("--setenv", nargs=2, metavar=("VAR", "VALUE"), action="append", default=[])
+    ex.add_argument("cmd", nargs=argparse.REMAINDER)
+    sub.add_parser("ps", help="list detached containers")
+    st = sub.add_parser("stop", help="stop a detached container (SIGTERM, then kill) and clean up")
+    st.add_argument("names", nargs="+", metavar="NAME")
+    st.add_argument("-t", "--time", type=float, default=10.0, help="seconds to wait after SIGTERM (default 10)")
+    ns = sub.add_parser("ns", help="namespace inodes of processes, differences marked")
+    ns.add_argument("targets", nargs="+", metavar="PID|NAME")
     sub.add_parser("demo", help="show what a sandbox isolates and how fast it starts")
     return parser
 
@@ -100,14 +120,216 @@ def _cmd(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]
     return cmd
 
 
+def _exit_code(rc: int) -> int:
+    return 128 - rc if rc < 0 else rc
+
+
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ._process import run
 
     cmd = _cmd(args, parser)
     spec = spec_from_args(args)
-    result = run(cmd, spec=spec)
-    rc = result.returncode
-    return 128 - rc if rc < 0 else rc
+    if args.detach:
+        return _run_detached(args, cmd, spec)
+    if args.name:
+        parser.error("--name needs -d")
+    return _exit_code(run(cmd, spec=spec).returncode)
+
+
+def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
+    import time
+    import uuid
+
+    from . import _state
+    from ._container import Container
+    from ._spec import default_env
+
+    name = args.name or "c-" + uuid.uuid4().hex[:12]
+    if _state.load(name) is not None:
+        print(f"nsfast: a container named {name!r} exists already (nsfast stop {name} removes it)", file=sys.stderr)
+        return 125
+    spec = spec.replace(die_with_parent=False, new_session=True)
+    c = Container(cmd, spec=spec, name=name)
+    os.makedirs(_state.state_root(), mode=0o700, exist_ok=True)
+    log_path = os.path.join(_state.state_root(), f".{name}.log")
+    with open(log_path, "ab") as log:
+        c.start(stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    proc = c.process
+    assert proc is not None
+    started = _state.start_time(proc.pid)
+    paths = proc.detach()
+    st = _state.State(name=name, pid=proc.pid, start_time=started or -1, command=list(cmd), created=time.time(),
+                      env=dict(spec._env_items), cwd=spec.cwd, cgroup_paths=paths, namespaces=list(spec.namespaces))
+    try:
+        st.save()
+        os.replace(log_path, os.path.join(st.dir, "log"))
+    except BaseException:
+        _kill_state(st, 0.0)
+        raise
+    print(name)
+    return 0
+
+
+def _resolve(target: str) -> "tuple[int, Optional[object]]":
+    """(pid, state or None) of a container name or a pid."""
+    from . import _state
+
+    st = _state.load(target)
+    if st is not None:
+        return st.pid, st
+    if target.isdigit():
+        return int(target), None
+    raise LookupError(f"no container named {target!r} (and not a pid)")
+
+
+def _exec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ._container import enter
+    from ._spec import default_env
+
+    cmd = _cmd(args, parser)
+    try:
+        pid, st = _resolve(args.target)
+    except LookupError as e:
+        print(f"nsfast: {e}", file=sys.stderr)
+        return 125
+    status = st.status() if st is not None else "running"  # type: ignore[attr-defined]
+    if status != "running":
+        why = "has exited" if status == "exited" else f"is stale: its process {pid} is gone"
+        print(f"nsfast: container {args.target} {why} (nsfast stop {args.target} cleans up)", file=sys.stderr)
+        return 125
+    env = dict(st.env) if st is not None else default_env()  # type: ignore[attr-defined]
+    env.update(dict(args.setenv))
+    cwd = args.chdir if args.chdir else (st.cwd if st is not None else None)  # type: ignore[attr-defined]
+    try:
+        result = enter(pid, cmd, env=env, cwd=cwd, cgroup=st is not None)
+    except ProcessLookupError:
+        print(f"nsfast: no process {pid}", file=sys.stderr)
+        return 125
+    return _exit_code(result.returncode)
+
+
+def _age(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{int(seconds // n)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _table(rows: List[List[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _ps() -> int:
+    from . import _state
+
+    rows = [["NAME", "PID", "AGE", "STATUS", "COMMAND"]]
+    for st in _state.load_all():
+        rows.append([st.name, str(st.pid), _age(st.age()), st.status(), " ".join(st.command)])
+    print(_table(rows))
+    return 0
+
+
+def _kill_cgroups(paths: List[str]) -> None:
+    import signal
+    import time
+
+    for p in paths:
+        for f, value in (("cgroup.kill", "1"), ("freezer.state", "FROZEN")):
+            try:
+                with open(os.path.join(p, f), "w") as fh:
+                    fh.write(value)
+            except OSError:
+                pass
+        try:
+            with open(os.path.join(p, "cgroup.procs")) as fh:
+                for line in fh:
+                    try:
+                        os.kill(int(line), signal.SIGKILL)
+                    except (ProcessLookupError, ValueError):
+                        pass
+            with open(os.path.join(p, "freezer.state"), "w") as fh:
+                fh.write("THAWED")
+        except OSError:
+            pass
+    deadline = time.monotonic() + 5
+    for p in paths:
+        while os.path.isdir(p):
+            try:
+                os.rmdir(p)
+            except OSError:
+                if time.monotonic() > deadline:
+                    print(f"nsfast: could not remove cgroup {p}", file=sys.stderr)
+                    break
+                time.sleep(0.01)
+
+
+def _wait_gone(pidfd: int, timeout: float) -> bool:
+    import select
+
+    return bool(select.select([pidfd], [], [], timeout)[0])
+
+
+def _kill_state(st: "object", grace: float) -> str:
+    """Stop the container of state `st`; returns what happened."""
+    import signal
+
+    status = st.status()  # type: ignore[attr-defined]
+    running = status == "running"
+    outcome = "had exited; cleaned up" if status == "exited" else "stale state removed (its process was gone)"
+    if running:
+        try:
+            pidfd = os.pidfd_open(st.pid)  # type: ignore[attr-defined]
+        except ProcessLookupError:
+            pidfd = None
+        if pidfd is not None:
+            try:
+                outcome = "stopped"
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+                if not _wait_gone(pidfd, grace):
+                    outcome = "killed"
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    _wait_gone(pidfd, 5)
+            finally:
+                os.close(pidfd)
+    _kill_cgroups(st.cgroup_paths)  # type: ignore[attr-defined]
+    st.remove()  # type: ignore[attr-defined]
+    return outcome
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from . import _state
+
+    rc = 0
+    for name in args.names:
+        st = _state.load(name)
+        if st is None:
+            print(f"nsfast: no container named {name!r}", file=sys.stderr)
+            rc = 1
+            continue
+        print(f"{name}: {_kill_state(st, args.time)}")
+    return rc
+
+
+def _ns(args: argparse.Namespace) -> int:
+    from ._ns import namespaces
+
+    cols = []
+    for t in args.targets:
+        try:
+            pid, _ = _resolve(t)
+            cols.append((t if str(pid) == t else f"{t} ({pid})", namespaces(pid)))
+        except (LookupError, FileNotFoundError):
+            print(f"nsfast: no such process or container: {t}", file=sys.stderr)
+            return 1
+    types = sorted({k for _, m in cols for k in m})
+    rows = [["TYPE"] + [c for c, _ in cols] + ([""] if len(cols) > 1 else [])]
+    for t in types:
+        vals = [str(m.get(t, "-")) for _, m in cols]
+        mark = ["differs" if len(set(vals)) > 1 else "same"] if len(cols) > 1 else []
+        rows.append([t] + vals + mark)
+    print(_table(rows))
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -116,6 +338,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "run":
             return _run(args, parser)
+        if args.command == "exec":
+            return _exec(args, parser)
+        if args.command == "ps":
+            return _ps()
+        if args.command == "stop":
+            return _stop(args)
+        if args.command == "ns":
+            return _ns(args)
         if args.command == "demo":
             from ._demo import demo
 

@@ -158,9 +158,31 @@ pub fn unique_name() -> String {
     format!("sb-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Remove sandbox cgroups under `root` left by processes that died without cleaning up
+/// (SIGKILL): named `sb-PID-N` with PID gone, and empty (rmdir refuses non-empty ones, so
+/// a cgroup still in use, like a detached container's, is kept).
+pub fn sweep_stale(root: &Path) {
+    let Ok(entries) = fs::read_dir(root) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("sb-")).and_then(|n| n.split('-').next()) else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir(e.path());
+        }
+    }
+}
+
 /// The backend for `hierarchy`, with sandboxes under `root` (relative to each hierarchy's
-/// mount, or absolute inside a v2 mount).
+/// mount, or absolute inside a v2 mount). Stale cgroups there are swept first.
 pub fn backend(hierarchy: &Hierarchy, root: &str) -> Result<Box<dyn Backend>> {
+    let b = backend_unswept(hierarchy, root)?;
+    for r in b.roots() {
+        sweep_stale(&r);
+    }
+    Ok(b)
+}
+
+fn backend_unswept(hierarchy: &Hierarchy, root: &str) -> Result<Box<dyn Backend>> {
     match hierarchy {
         Hierarchy::V2 { mount } => {
             let dir = if Path::new(root).is_absolute() && Path::new(root).starts_with(mount) {
@@ -731,6 +753,22 @@ mod tests {
         );
         let v2 = Hierarchy::V2 { mount: "/sys/fs/cgroup".into() };
         assert_eq!(dirs_of("0::/nsfast/sb-2\n", &v2), [PathBuf::from("/sys/fs/cgroup/nsfast/sb-2")]);
+    }
+
+    #[test]
+    fn sweep_removes_only_empty_dirs_of_dead_creators() {
+        let root = std::env::temp_dir().join(format!("nsfast-sweep-{}", std::process::id()));
+        let dead = root.join("sb-4000000-1"); // above pid_max: never alive
+        let alive = root.join(format!("sb-{}-1", std::process::id()));
+        let busy = root.join("sb-4000000-2");
+        for d in [&dead, &alive, &busy] {
+            fs::create_dir_all(d).unwrap();
+        }
+        fs::write(busy.join("in-use"), "").unwrap();
+        sweep_stale(&root);
+        assert!(!dead.exists());
+        assert!(alive.exists() && busy.exists());
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
