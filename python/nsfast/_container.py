@@ -36,14 +36,17 @@ def _join_types(pid: int, wanted: Optional[Sequence[str]]) -> tuple:  # type: ig
 class Container:
     """A long-lived sandbox whose main process is `command` (or, with command=None, nsfast's
     idle init that reaps what runs inside), and into which commands are exec'd.
+    Leaving a `with` block stops it (SIGTERM, `stop_timeout` seconds, then kill); an
+    exception kills it at once.
 
         with nsfast.Container(hostname="box") as c:
             c.exec(["ps", "aux"], capture_output=True, text=True).stdout
     """
 
     def __init__(self, command: Optional[Args] = None, *, spec: Optional[Spec] = None, name: Optional[str] = None,
-                 **spec_fields: Any) -> None:
+                 stop_timeout: float = 10, **spec_fields: Any) -> None:
         self.spec = with_fields(spec, spec_fields)
+        self.stop_timeout = stop_timeout
         if command is None:
             self.spec = self.spec.replace(init=True)
         self.command = command
@@ -122,7 +125,7 @@ class Container:
         if exc[0] is not None:
             self.kill()
         else:
-            self.stop()
+            self.stop(self.stop_timeout)
 
     # -- exec --------------------------------------------------------------------------------
 
