@@ -195,8 +195,10 @@ class Process:
         oom = False
         cg, self._cgroup = self._cgroup, None
         if cg is not None:
-            # The first process is gone; end whatever it left behind, measure, clean up.
-            cg.kill()
+            # The first process is gone. With a pid namespace the kernel ends the rest;
+            # without one, kill what it left behind. Then measure and clean up.
+            if not self._pid_namespace:
+                cg.kill()
             u = cg.usage()
             cg.remove()
             if u is not None:

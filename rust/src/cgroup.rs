@@ -205,6 +205,9 @@ fn backend_unswept(hierarchy: &Hierarchy, root: &str) -> Result<Box<dyn Backend>
 pub struct V2Backend {
     root: PathBuf,
     controllers: Vec<String>,
+    /// Attach by writing cgroup.procs after clone instead of CLONE_INTO_CGROUP (set by
+    /// NSFAST_CGROUP_V2_ATTACH=procs; for benchmarks and kernels older than 5.7).
+    attach_by_procs: bool,
 }
 
 impl V2Backend {
@@ -223,7 +226,8 @@ impl V2Backend {
         if !missing.is_empty() {
             write_file(&root.join("cgroup.subtree_control"), &missing.join(" "))?;
         }
-        Ok(V2Backend { root, controllers })
+        let attach_by_procs = std::env::var("NSFAST_CGROUP_V2_ATTACH").is_ok_and(|v| v == "procs");
+        Ok(V2Backend { root, controllers, attach_by_procs })
     }
 }
 
@@ -231,7 +235,7 @@ impl Backend for V2Backend {
     fn create(&self, name: &str, limits: &Limits, _kill_tree: bool) -> Result<Box<dyn Cgroup>> {
         let dir = self.root.join(name);
         fs::create_dir(&dir).map_err(io_err("mkdir", &dir))?;
-        let mut cg = V2Cgroup { dir, fd: None };
+        let mut cg = V2Cgroup { dir, fd: None, attach_by_procs: self.attach_by_procs };
         let need = |c: &str| -> Result<()> {
             if self.controllers.iter().any(|x| x == c) {
                 Ok(())
@@ -291,6 +295,7 @@ impl Backend for V2Backend {
 pub struct V2Cgroup {
     dir: PathBuf,
     fd: Option<OwnedFd>,
+    attach_by_procs: bool,
 }
 
 fn pids_in(procs: &Path) -> Vec<i32> {
@@ -323,10 +328,13 @@ fn rmdir_patiently(dir: &Path, patience: Duration, mut kill: impl FnMut()) -> Re
 
 impl Cgroup for V2Cgroup {
     fn clone_fd(&self) -> Option<RawFd> {
-        self.fd.as_ref().map(|f| f.as_raw_fd())
+        self.fd.as_ref().filter(|_| !self.attach_by_procs).map(|f| f.as_raw_fd())
     }
 
-    fn attach(&self, _pid: i32) -> Result<()> {
+    fn attach(&self, pid: i32) -> Result<()> {
+        if self.attach_by_procs {
+            write_file(&self.dir.join("cgroup.procs"), &pid.to_string())?;
+        }
         Ok(())
     }
 
