@@ -627,7 +627,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     candidates: List[Tool] = [
         NsfastRun("nsfast", {}),
-        # Like spawn_loop, which passes no cgroup: isolates what the per-sandbox cgroup costs.
+        # Isolates what the per-sandbox cgroup costs.
         NsfastRun("nsfast-nocg", {"cgroup": False}),
         SpawnLoop(args.spawn_loop),
         SubprocessTool("unshare", "unshare", UNSHARE_TRIES),
