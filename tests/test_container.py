@@ -263,3 +263,29 @@ def test_cli_errors():
     assert cli("stop", "no-such-container").returncode == 1
     r = cli("run", "--name", "x", "--", "true")
     assert r.returncode == 2 and "--name needs -d" in r.stderr
+
+
+ROOTLESS_SCRIPT = r"""
+import json, os, nsfast
+with nsfast.Container(hostname="rl") as c:
+    r = c.exec(["sh", "-c", "id -u; hostname"], capture_output=True, text=True, check=True)
+    p = c.spawn(["sleep", "30"])
+    same = nsfast.compare_namespaces(c.pid, p.pid)
+    host_uid = os.stat(f"/proc/{p.pid}").st_uid
+    p.kill(); p.wait()
+    print(json.dumps({"out": r.stdout, "same": same, "host_uid": host_uid, "user_ns": c.namespaces()["user"] != nsfast.namespaces()["user"]}))
+"""
+
+
+@pytest.mark.skipif(not (os.path.exists("/usr/bin/python3") and shutil.which("setpriv")),
+                    reason="needs /usr/bin/python3 and setpriv to run as an unprivileged user")
+def test_rootless_container_exec_joins_the_user_namespace_first():
+    pkg = os.path.dirname(os.path.dirname(nsfast.__file__))
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                        ROOTLESS_SCRIPT], env={"PYTHONPATH": pkg, "PATH": os.environ["PATH"]}, capture_output=True,
+                       text=True, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.splitlines()[-1])
+    assert res["out"] == "0\nrl\n"
+    assert res["user_ns"] and all(res["same"].values()), res
+    assert res["host_uid"] == 65534
