@@ -1,0 +1,208 @@
+"""Shared fixtures and helpers of the nsfast test suite.
+
+Every test starts real sandboxes; nothing is mocked. The suite runs as root (the CI VM),
+so rootless behaviour is exercised by re-running small scripts as `nobody` (test_rootless).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, List
+
+import psutil
+import pytest
+
+import nsfast
+
+# The directory that holds the `nsfast` package (python/ in the source tree); other
+# interpreters (the system python of the rootless tests) import nsfast from here.
+PYTHON_SRC = str(Path(nsfast.__file__).resolve().parent.parent)
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+# Python inside the sandbox: the host root is visible (read-only), so the system python
+# runs there. Snippets print JSON so the tests compare values, not text.
+PY_ERRNO = (
+    "import errno, json, sys\n"
+    "def attempt(f):\n"
+    "    try:\n"
+    "        f()\n"
+    "        return 'ok'\n"
+    "    except OSError as e:\n"
+    "        return errno.errorcode[e.errno]\n"
+)
+
+# These tests are written for the root CI VM (uid=, capabilities= and the other root-only
+# paths); rootless behaviour is covered by test_rootless, which drops to nobody itself.
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs as root (rootless is covered by test_rootless via setpriv)")
+# Every module of this suite: root, and no child process (a sandbox or a helper) left behind.
+suite = [needs_root, pytest.mark.usefixtures("no_child_left")]
+
+
+def sh(cmd: str, **kw: Any) -> nsfast.Result:
+    """Run `sh -c cmd` in a sandbox; output captured as text unless told otherwise."""
+    if not any(k in kw for k in ("stdout", "stderr", "capture_output")):
+        kw["capture_output"] = True
+    kw.setdefault("text", True)
+    kw.setdefault("timeout", 30)
+    return nsfast.run(["sh", "-c", cmd], **kw)
+
+
+def py(code: str, **kw: Any) -> Any:
+    """Run python3 `code` in a sandbox (with PY_ERRNO's `attempt` helper available) and
+    return the JSON it prints on its last line. Fails the test on a non-zero exit."""
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    kw.setdefault("timeout", 30)
+    r = nsfast.run(["python3", "-c", PY_ERRNO + code], **kw)
+    assert r.returncode == 0, f"python inside the sandbox failed ({r.returncode}): {r.stderr}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll `pred` until it is true or `timeout` s have passed; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def running_with_cmdline(needle: str) -> List[psutil.Process]:
+    """Live (non-zombie) host processes whose command line contains `needle`."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = p.info["cmdline"]
+        if cmd and needle in " ".join(cmd) and p.info["status"] != psutil.STATUS_ZOMBIE:
+            out.append(p)
+    return out
+
+
+def fd_numbers() -> List[int]:
+    return sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+
+
+def sandbox_cgroups() -> List[str]:
+    """The cgroup directories (v1 and v2) of this process's sandboxes that exist right now.
+    nsfast names them sb-PID-N; other processes' sandboxes (e.g. a concurrent bench) are not ours."""
+    mine = f"sb-{os.getpid()}-*"
+    return sorted(glob.glob(f"/sys/fs/cgroup/*/nsfast/{mine}/") + glob.glob(f"/sys/fs/cgroup/nsfast/{mine}/"))
+
+
+def mountinfo() -> str:
+    return Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.fixture(scope="session")
+def init_binary_loaded() -> None:
+    """nsfast keeps one sealed memfd of nsfast-init open for the life of the process, made
+    on first use of init=True. Make it up front so fd-count checks see a steady state."""
+    r = nsfast.run(["true"], init=True)
+    assert r.returncode == 0
+
+
+@pytest.fixture
+def no_child_left() -> Iterator[None]:
+    """After every test: no child process of ours (a sandbox, or a helper) is left."""
+    before = {p.pid for p in psutil.Process().children()}
+    yield
+    left = [p for p in psutil.Process().children() if p.pid not in before]
+    for p in left:  # clean up so one failure does not cascade, then fail
+        try:
+            p.kill()
+            os.waitpid(p.pid, 0)
+        except (psutil.NoSuchProcess, ChildProcessError):
+            pass
+    assert not left, f"test left child processes behind: {left}"
+
+
+@pytest.fixture
+def nothing_left_behind(init_binary_loaded: None) -> Iterator[None]:
+    """The test must leave the parent's fd table and children as it found them."""
+    me = psutil.Process()
+    fds, children, cgroups, mounts = fd_numbers(), {p.pid for p in me.children()}, sandbox_cgroups(), mountinfo()
+    yield
+    assert fd_numbers() == fds, "fd table changed"
+    assert {p.pid for p in me.children()} == children, "child processes changed"
+    assert sandbox_cgroups() == cgroups, "sandbox cgroups left behind"
+    assert mountinfo() == mounts, "host mount table changed"
+
+
+@pytest.fixture
+def host_dir(tmp_path: Path) -> Path:
+    """A host directory with one file, `hello` = "from the host\\n"."""
+    d = tmp_path / "shared"
+    d.mkdir()
+    (d / "hello").write_text("from the host\n")
+    return d
+
+
+_APPLETS = ("sh", "ls", "cat", "echo", "touch", "id", "hostname", "mkdir", "env", "sleep", "pwd", "true")
+
+
+@pytest.fixture
+def busybox_rootfs(tmp_path: Path) -> Path:
+    """A tiny root file system: a static busybox plus applet symlinks in /bin, a marker
+    file /ROOTFS-MARKER, an /etc/hostname. No /proc, /dev or /tmp: nsfast creates them."""
+    if not os.path.exists(BUSYBOX):
+        pytest.skip(f"a static busybox is needed at {BUSYBOX} (Debian: busybox-static)")
+    root = tmp_path / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    (root / "etc").mkdir()
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in _APPLETS:
+        os.symlink("busybox", root / "bin" / applet)
+    (root / "ROOTFS-MARKER").write_text("tiny\n")
+    (root / "etc" / "hostname").write_text("rootfs-box\n")
+    return root
+
+
+class Subreaper:
+    """While active, orphaned descendants are re-parented to this process (not to the host's
+    pid 1, which on the CI VM never reaps), so a test can observe how they died."""
+
+    PR_SET_CHILD_SUBREAPER = 36
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+
+    def _set(self, on: int) -> None:
+        if self._libc.prctl(self.PR_SET_CHILD_SUBREAPER, on, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+    def wait_exit(self, pid: int, timeout: float) -> int | None:
+        """The exit code (negative: signal) of orphan `pid` if it ends within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.005)
+
+    def kill_and_reap(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+@pytest.fixture
+def subreaper() -> Iterator[Subreaper]:
+    r = Subreaper()
+    r._set(1)
+    try:
+        yield r
+    finally:
+        r._set(0)

@@ -1,0 +1,206 @@
+"""Rootless sandboxes. The suite runs as root, so each test runs a small script as `nobody`
+(uid/gid 65534, no supplementary groups) through setpriv, with the system python importing
+nsfast from the source tree (the native module is abi3; the venv lives under /root, 0700)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import textwrap
+
+import psutil
+import pytest
+
+import nsfast
+from conftest import PYTHON_SRC, running_with_cmdline, suite, wait_until
+
+pytestmark = suite
+
+NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"
+SETPRIV = shutil.which("setpriv")
+
+# Every script: strict warnings as in pytest.ini, except the expected one: rootless without a
+# delegated cgroup, sandboxes run without cgroup limits.
+PRELUDE = """\
+import json, os, sys, warnings
+warnings.simplefilter("error")
+import nsfast
+warnings.filterwarnings("ignore", category=nsfast.CgroupWarning)
+assert (os.getuid(), os.geteuid(), os.getgid(), os.getgroups()) == (65534, 65534, 65534, []), "not nobody"
+def out(value):
+    print(json.dumps(value), flush=True)
+"""
+
+
+def _userns_disabled_reason():
+    for path, off in (("/proc/sys/user/max_user_namespaces", "0"), ("/proc/sys/kernel/unprivileged_userns_clone", "0")):
+        try:
+            with open(path) as f:
+                if f.read().strip() == off:
+                    return f"unprivileged user namespaces are disabled ({path} = {off})"
+        except FileNotFoundError:
+            pass
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _rootless_prerequisites():
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"rootless tests need {SYSTEM_PYTHON} (a python nobody can run)")
+    if SETPRIV is None:
+        pytest.skip("rootless tests need setpriv (util-linux) to drop to nobody")
+    reason = _userns_disabled_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def _command():
+    env = ["env", "-i", f"PYTHONPATH={PYTHON_SRC}", "PATH=/usr/bin:/bin", "LANG=C.UTF-8"]
+    drop = [SETPRIV, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    return env + drop + [SYSTEM_PYTHON, "-c"]
+
+
+def as_nobody(body: str, timeout: float = 60):
+    """Run PRELUDE + body as nobody; the JSON value of each line it prints via out()."""
+    p = subprocess.run(_command() + [PRELUDE + textwrap.dedent(body)], capture_output=True, text=True,
+                       timeout=timeout, cwd="/")
+    assert p.returncode == 0, f"script as nobody failed ({p.returncode}):\n{p.stderr}"
+    return [json.loads(line) for line in p.stdout.splitlines()]
+
+
+@pytest.fixture
+def nobody_dir():
+    """A host directory owned by nobody (pytest's tmp_path is under a 0700 root dir)."""
+    d = tempfile.mkdtemp(prefix="nsfast-rootless-")
+    os.chmod(d, 0o755)
+    with open(os.path.join(d, "hello"), "w") as f:
+        f.write("from the host\n")
+    for p in (d, os.path.join(d, "hello")):
+        os.chown(p, NOBODY, NOBODY)
+    yield d
+    shutil.rmtree(d)
+
+
+def test_rootless_caller_is_root_inside():
+    [r] = as_nobody("""
+        r = nsfast.run(["sh", "-c", "id -u; id -g; echo $$"], capture_output=True, text=True)
+        out([r.returncode, r.stdout, r.stderr])
+    """)
+    assert r == [0, "0\n0\n1\n", ""]
+
+
+def test_rootless_sandbox_runs_as_the_caller_on_the_host_in_a_new_user_namespace():
+    proc = subprocess.Popen(_command() + [PRELUDE + textwrap.dedent("""
+        p = nsfast.spawn(["sleep", "100"])
+        out(p.pid)
+        sys.stdin.readline()
+        p.kill()
+        out(p.wait())
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        pid = json.loads(proc.stdout.readline())
+        sandbox = psutil.Process(pid)
+        uids, gids = sandbox.uids(), sandbox.gids()
+        ns = nsfast.namespaces(pid)
+        host = nsfast.namespaces()
+    finally:
+        out, err = proc.communicate("done\n", timeout=30)
+    assert proc.returncode == 0, err
+    assert tuple(uids) == (NOBODY,) * 3
+    assert tuple(gids) == (NOBODY,) * 3
+    assert ns["user"] != host["user"], "rootless sandboxes need (and get) a user namespace"
+    assert {n for n in nsfast.NAMESPACES if ns[n] != host[n]} == set(nsfast.DEFAULT_NAMESPACES) | {"user"}
+    assert json.loads(out) == -9
+
+
+def test_rootless_uid_is_mapped_to_the_caller():
+    [r] = as_nobody("""
+        r = nsfast.run(["sh", "-c", "id -u; id -g; cat /proc/self/uid_map"], uid=1000, gid=1000,
+                       capture_output=True, text=True)
+        out([r.returncode, r.stdout.split()])
+    """)
+    assert r == [0, ["1000", "1000", "1000", "65534", "1"]]
+
+
+def test_rootless_hostname_pid_and_network_are_isolated():
+    [r] = as_nobody("""
+        r = nsfast.run(["sh", "-c", "hostname; echo $$; tail -n +3 /proc/net/dev | cut -d: -f1"],
+                       hostname="rootless-box", capture_output=True, text=True)
+        out([r.returncode, r.stdout.split(), r.stderr])
+    """)
+    assert r == [0, ["rootless-box", "1", "lo"], ""]
+
+
+def test_rootless_writes_to_root_fail_with_erofs():
+    [r] = as_nobody("""
+        r = nsfast.run(["python3", "-c",
+                        "import errno\\ntry:\\n open('/x', 'w')\\nexcept OSError as e:\\n print(errno.errorcode[e.errno])"],
+                       capture_output=True, text=True)
+        out([r.returncode, r.stdout.strip(), r.stderr])
+    """)
+    assert r == [0, "EROFS", ""]
+
+
+def test_rootless_binds_work(nobody_dir):
+    [ro, rw] = as_nobody(f"""
+        d = {nobody_dir!r}
+        ro = nsfast.run(["sh", "-c", "cat /mnt/hello; touch /mnt/new"], mounts=[nsfast.Bind(d, "/mnt")],
+                        capture_output=True, text=True)
+        out([ro.returncode, ro.stdout, "Read-only file system" in ro.stderr])
+        rw = nsfast.run(["sh", "-c", "echo written > /mnt/new"], mounts=[nsfast.Bind(d, "/mnt", readonly=False)],
+                        capture_output=True, text=True)
+        out([rw.returncode, rw.stderr])
+    """)
+    assert ro == [1, "from the host\n", True]
+    assert rw == [0, ""]
+    new = os.path.join(nobody_dir, "new")
+    with open(new) as f:
+        assert f.read() == "written\n"
+    assert (os.stat(new).st_uid, os.stat(new).st_gid) == (NOBODY, NOBODY)
+
+
+def test_rootless_tmpfs_and_tmp_work():
+    [r] = as_nobody("""
+        r = nsfast.run(["sh", "-c", "ls -A /tmp; echo a > /tmp/a && echo b > /srv/b && cat /tmp/a /srv/b"],
+                       mounts=[nsfast.Tmpfs("/srv", size="1M")], capture_output=True, text=True)
+        out([r.returncode, r.stdout, r.stderr])
+    """)
+    assert r == [0, "a\nb\n", ""]
+
+
+def test_rootless_capabilities_are_dropped():
+    [r] = as_nobody("""
+        r = nsfast.run(["grep", "-E", "^(CapEff|CapBnd|NoNewPrivs)", "/proc/self/status"], capture_output=True, text=True)
+        out([r.returncode, r.stdout.split()])
+    """)
+    assert r == [0, ["CapEff:", "0000000000000000", "CapBnd:", "0000000000000000", "NoNewPrivs:", "1"]]
+
+
+def test_rootless_missing_command_raises_spawn_error():
+    [r] = as_nobody("""
+        try:
+            nsfast.run(["nsfast-no-such-command"])
+            out("no error")
+        except nsfast.SpawnError as e:
+            out([e.errno, e.step, e.filename])
+    """)
+    assert r == [2, "exec", "nsfast-no-such-command"]
+
+
+def test_rootless_timeout_kills_the_whole_sandbox():
+    tag = "100.4242"
+    [r] = as_nobody(f"""
+        import subprocess, time
+        t = time.monotonic()
+        try:
+            nsfast.run(["sh", "-c", "sleep {tag} & sleep {tag}"], timeout=0.3)
+            out("no timeout")
+        except subprocess.TimeoutExpired:
+            out(time.monotonic() - t)
+    """)
+    assert isinstance(r, float) and r < 5
+    assert wait_until(lambda: not running_with_cmdline(f"sleep {tag}"), timeout=1.0)
