@@ -241,3 +241,10 @@ def test_cgroup_root_is_configurable(monkeypatch):
                 os.rmdir(r)
     with pytest.raises(ValueError, match="cgroup_root"):
         nsfast.configure(cgroup_root="/")
+
+
+def test_timeout_reports_usage_on_the_exception():
+    with pytest.raises(subprocess.TimeoutExpired) as err:
+        nsfast.run(["sleep", "10"], timeout=0.2)
+    usage = err.value.usage
+    assert usage.timed_out is True and usage.wall_s >= 0.2

@@ -424,8 +424,9 @@ def run(args: Args, *, spec: Optional[Spec] = None, input: Any = None, capture_o
         **spec_fields: Any) -> Result:
     """Run `args` in a new sandbox, wait for it, return a `Result` (like subprocess.run).
 
-    `timeout` kills the whole sandbox and raises `subprocess.TimeoutExpired`; `check=True`
-    raises `subprocess.CalledProcessError` on a non-zero exit."""
+    `timeout` kills the whole sandbox and raises `subprocess.TimeoutExpired`, whose `.usage`
+    is the run's `Usage` (with `timed_out=True`); `check=True` raises
+    `subprocess.CalledProcessError` on a non-zero exit."""
     if input is not None:
         if stdin is not None:
             raise ValueError("stdin and input arguments may not both be used")
@@ -449,6 +450,8 @@ def run(args: Args, *, spec: Optional[Spec] = None, input: Any = None, capture_o
             proc.kill()
             proc.wait()
             exc.timeout = timeout  # type: ignore[assignment]
+            # What the killed run cost (usage.timed_out is True), next to the partial output.
+            exc.usage = proc.usage  # type: ignore[attr-defined]
             raise
         except BaseException:
             proc.kill()

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ns = sub.add_parser("ns", help="namespace inodes of processes, differences marked")
     ns.add_argument("targets", nargs="+", metavar="PID|NAME")
     sub.add_parser("demo", help="show what a sandbox isolates and how fast it starts")
+    for p in sub.choices.values():
+        p.set_defaults(subparser=p)  # errors print the subcommand's usage
     return parser
 
 
@@ -116,7 +118,7 @@ def _cmd(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        parser.error("missing command: nsfast run [options] -- CMD [ARGS...]")
+        args.subparser.error(f"missing command: nsfast {args.command} [options] -- CMD [ARGS...]")
     return cmd
 
 
@@ -132,7 +134,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.detach:
         return _run_detached(args, cmd, spec)
     if args.name:
-        parser.error("--name needs -d")
+        args.subparser.error("--name needs -d")
     return _exit_code(run(cmd, spec=spec).returncode)
 
 
