@@ -213,7 +213,7 @@ def test_cli_detached_container_walkthrough(busybox_root):
         # `nsfast ns` of the main process and an exec'd one: every namespace equal.
         execd = subprocess.Popen([sys.executable, "-m", "nsfast", "exec", name, "--", "sleep", "30"])
         try:
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 30
             sleeper = None
             while sleeper is None and time.monotonic() < deadline:
                 sleeper = next((p.pid for p in psutil.process_iter(["cmdline"])

@@ -282,8 +282,12 @@ fn intermediate(ctx: &ChildCtx) -> ! {
     let ch = &ctx.chan;
     let Some(j) = &ctx.join else { ch.fail(Step::JoinNamespaces, 0, Errno::INVAL) };
     sys::child_reset_signal_dispositions();
-    if j.join.ns_flags != 0 {
-        sys::setns(j.join.pidfd, j.join.ns_flags).unwrap_or_else(|e| ch.fail(Step::JoinNamespaces, 0, e));
+    // The cgroup namespace is joined by the final process, once it is in the target's cgroup:
+    // with cgroup2's nsdelegate, CLONE_INTO_CGROUP refuses (ENOENT) to move a task from a
+    // cgroup outside the caller's cgroup namespace.
+    let flags_now = j.join.ns_flags & !(libc::CLONE_NEWCGROUP as u64);
+    if flags_now != 0 {
+        sys::setns(j.join.pidfd, flags_now).unwrap_or_else(|e| ch.fail(Step::JoinNamespaces, 0, e));
     }
     let mut flags = libc::CLONE_VM as u64 | libc::CLONE_PARENT as u64;
     if j.cgroup_fd.is_some() {
@@ -303,7 +307,7 @@ fn intermediate(ctx: &ChildCtx) -> ! {
             j.pid_out.store(pid, std::sync::atomic::Ordering::Release);
             sys::exit_now(0)
         }
-        Err(e) => ch.fail(Step::JoinNamespaces, 1, e),
+        Err(e) => ch.fail(Step::CloneJoined, 0, e),
     }
 }
 
@@ -405,6 +409,9 @@ fn child(ctx: &ChildCtx) -> ! {
     }
     if ch.go >= 0 {
         ch.wait_mappings_written().unwrap_or_else(|e| fail(Step::WaitMappings, e));
+    }
+    if let Some(j) = ctx.join.as_ref().filter(|j| j.join.ns_flags & libc::CLONE_NEWCGROUP as u64 != 0) {
+        sys::setns(j.join.pidfd, libc::CLONE_NEWCGROUP as u64).unwrap_or_else(|e| fail(Step::JoinCgroupNs, e));
     }
     if ctx.late_cgroup_ns {
         sys::unshare(libc::CLONE_NEWCGROUP as u64).unwrap_or_else(|e| fail(Step::CgroupNs, e));

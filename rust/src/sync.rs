@@ -32,12 +32,14 @@ pub enum Step {
     CgroupNs,
     JoinNamespaces,
     Chroot,
+    CloneJoined,
+    JoinCgroupNs,
 }
 
 impl Step {
     pub fn from_raw(v: u32) -> Option<Step> {
         use Step::*;
-        [WaitMappings, Fs, Hostname, Loopback, SetGroups, SetGid, SetUid, DropCaps, NoNewPrivs, DeathSignal, Setsid, Stdio, CloseFds, Chdir, Exec, ExecInit, CgroupNs, JoinNamespaces, Chroot]
+        [WaitMappings, Fs, Hostname, Loopback, SetGroups, SetGid, SetUid, DropCaps, NoNewPrivs, DeathSignal, Setsid, Stdio, CloseFds, Chdir, Exec, ExecInit, CgroupNs, JoinNamespaces, Chroot, CloneJoined, JoinCgroupNs]
             .into_iter()
             .find(|s| *s as u32 == v)
     }
@@ -64,6 +66,8 @@ impl Step {
             Step::CgroupNs => "unshare cgroup namespace",
             Step::JoinNamespaces => "setns",
             Step::Chroot => "chroot",
+            Step::CloneJoined => "clone3 into the target",
+            Step::JoinCgroupNs => "setns cgroup",
         }
     }
 }
