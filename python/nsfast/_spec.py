@@ -288,6 +288,16 @@ class Spec:
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Spec) if f.init)
+_default: Optional[Tuple[Optional[str], Spec]] = None
+
+
+def _default_spec() -> Spec:
+    """Spec(), made once (validation is not free); remade if TERM, which it copies, changed."""
+    global _default
+    term = os.environ.get("TERM")
+    if _default is None or _default[0] != term:
+        _default = (term, Spec())
+    return _default[1]
 
 
 def with_fields(spec: Optional[Spec], changes: Mapping[str, Any]) -> Spec:
@@ -296,7 +306,7 @@ def with_fields(spec: Optional[Spec], changes: Mapping[str, Any]) -> Spec:
     if unknown:
         raise TypeError(f"unknown sandbox option(s): {', '.join(unknown)} (Spec fields: {', '.join(sorted(_FIELDS))})")
     if spec is None:
-        return Spec(**changes)
+        return Spec(**changes) if changes else _default_spec()
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be an nsfast.Spec, not {type(spec).__name__}")
     return dataclasses.replace(spec, **changes) if changes else spec
