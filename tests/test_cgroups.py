@@ -114,12 +114,10 @@ def test_cpu_limit_throttles_a_busy_loop():
     r = nsfast.run(busy(1.5), limits=nsfast.Limits(cpu=0.2), timeout=120)
     assert r.returncode == 0
     cpu = r.usage.cpu_user_s + r.usage.cpu_system_s
-    if IN_VM:
-        # Under TCG the interpreter's own start takes seconds at 20% of a CPU, so the run
-        # lasts longer than 1.5 s: check the same rate (0.35 s per 1.5 s of wall time).
-        assert cpu <= 0.35 / 1.5 * r.usage.wall_s, r.usage
-    else:
-        assert cpu <= 0.35, r.usage
+    # 0.35 s of CPU per 1.5 s of wall time (0.2 cores + slack for CFS period granularity). The
+    # run's wall time includes the interpreter's start, which is slow under load (and takes
+    # seconds under the VM's TCG), so the bound scales with it.
+    assert cpu <= 0.35 / 1.5 * max(1.5, r.usage.wall_s), r.usage
 
 
 @pytest.mark.skipif(IN_VM, reason="emulated CPUs (TCG) make wall and CPU time diverge; checked on the host")

@@ -1,0 +1,85 @@
+"""Helpers shared by exec_latency.py and cgroup_cost.py (the machinery they share with
+start_latency.py -- Tool, Batch, timed_calls, measure, the crun worker's pipe protocol --
+is imported from start_latency.py itself, which stays self-contained)."""
+
+from __future__ import annotations
+
+import gc
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+BENCHES = Path(__file__).resolve().parent
+if str(BENCHES) not in sys.path:  # `import start_latency` also when run from elsewhere
+    sys.path.insert(0, str(BENCHES))
+
+from start_latency import Batch, median, quantile, timed_calls  # noqa: E402
+
+BOOTSTRAP_SEED = 20240601
+
+
+def bootstrap(stat: Callable[[List[int]], float], n: int, resamples: int = 2000,
+              seed: int = BOOTSTRAP_SEED) -> Tuple[float, float]:
+    """95% percentile interval of `stat(indices)` over `resamples` draws of n indices with
+    replacement (a fixed seed, so reruns on the same data agree)."""
+    rng = random.Random(seed)
+    values = sorted(stat([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
+    return quantile(values, 0.025), quantile(values, 0.975)
+
+
+def ratio_interval(num: Sequence[float], den: Sequence[float], resamples: int = 2000) -> Tuple[float, float]:
+    """95% bootstrap interval of median(num) / median(den), the two resampled independently."""
+    rng = random.Random(BOOTSTRAP_SEED)
+    out = []
+    for _ in range(resamples):
+        a = median([num[rng.randrange(len(num))] for _ in num])
+        b = median([den[rng.randrange(len(den))] for _ in den])
+        out.append(a / b)
+    out.sort()
+    return quantile(out, 0.025), quantile(out, 0.975)
+
+
+def flat(groups: Sequence[Sequence[float]], idx: Sequence[int]) -> List[float]:
+    """The samples of the groups (rounds) `idx`, in that order; a bootstrap draw of rounds."""
+    return [x for i in idx for x in groups[i]]
+
+
+def timed_calls_gap(call: Callable[[], int], n: int, gap_s: float) -> Batch:
+    """start_latency.timed_calls, with an untimed sleep of gap_s before every sample (so each
+    one is an isolated call, not one of a back-to-back series)."""
+    if gap_s <= 0:
+        return timed_calls(call, n)
+    samples: List[float] = []
+    failures = 0
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(n):
+            time.sleep(gap_s)
+            t0 = time.perf_counter_ns()
+            try:
+                rc = call()
+            except OSError:
+                rc = -1
+            samples.append((time.perf_counter_ns() - t0) / 1e9)
+            failures += rc != 0
+    finally:
+        gc.enable()
+    return Batch(n=n, failures=failures, samples_s=samples)
+
+
+def fmt_ms(x: Optional[float], digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def fmt_signed_ms(x: Optional[float], digits: int = 3) -> str:
+    return "-" if x is None else f"{x:+.{digits}f}"
+
+
+def verdict(ok: Optional[bool]) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+
+__all__ = ["bootstrap", "ratio_interval", "flat", "timed_calls_gap", "fmt_ms", "fmt_signed_ms", "verdict", "median", "quantile"]
