@@ -81,6 +81,10 @@ fn mkdir_p(path: &Path) -> Result<()> {
 pub trait Cgroup: Send {
     /// The directory fd for CLONE_INTO_CGROUP (v2), or None: then `attach` is needed.
     fn clone_fd(&self) -> Option<RawFd>;
+    /// Whether the parent must `attach` the child after clone (v1 controllers).
+    fn needs_attach(&self) -> bool {
+        self.clone_fd().is_none()
+    }
     /// Move `pid` in (v1; a no-op where the child was born inside).
     fn attach(&self, pid: i32) -> Result<()>;
     /// Kill every process in the cgroup.
@@ -109,8 +113,9 @@ pub trait Backend: Send + Sync {
 pub enum Hierarchy {
     /// Pure cgroup2 at `mount` (no v1 controller hierarchies).
     V2 { mount: PathBuf },
-    /// v1 controller name -> mount point (hybrid hosts also have a cgroup2 without controllers).
-    V1 { controllers: BTreeMap<String, PathBuf> },
+    /// v1 controller name -> mount point; `unified`: the cgroup2 mount of a hybrid host
+    /// (no controllers there, but it tracks processes, counts CPU time and kills).
+    V1 { controllers: BTreeMap<String, PathBuf>, unified: Option<PathBuf> },
 }
 
 /// Parse /proc/self/mountinfo text into the host's cgroup hierarchy.
@@ -136,7 +141,7 @@ pub fn parse_mountinfo(text: &str) -> Option<Hierarchy> {
         }
     }
     if !v1.is_empty() {
-        Some(Hierarchy::V1 { controllers: v1 })
+        Some(Hierarchy::V1 { controllers: v1, unified: v2 })
     } else {
         v2.map(|mount| Hierarchy::V2 { mount })
     }
@@ -192,9 +197,15 @@ fn backend_unswept(hierarchy: &Hierarchy, root: &str) -> Result<Box<dyn Backend>
             };
             Ok(Box::new(V2Backend::new(dir)?))
         }
-        Hierarchy::V1 { controllers } => {
-            let roots = controllers.iter().map(|(c, m)| (c.clone(), m.join(root.trim_start_matches('/')))).collect();
-            Ok(Box::new(V1Backend { roots }))
+        Hierarchy::V1 { controllers, unified } => {
+            let rel = root.trim_start_matches('/');
+            let roots = controllers.iter().map(|(c, m)| (c.clone(), m.join(rel))).collect();
+            // On a hybrid host the unified hierarchy tracks every sandbox: born there with
+            // CLONE_INTO_CGROUP, it needs no migration, whose cgroup_threadgroup_rwsem write
+            // waits for an RCU grace period (~10 ms) when cgroups were quiet. v1 controllers
+            // (and that migration) are then only used for the limits asked for.
+            let tracker = unified.as_ref().and_then(|u| V2Backend::new(u.join(rel)).ok());
+            Ok(Box::new(V1Backend { roots, tracker }))
         }
     }
 }
@@ -233,6 +244,24 @@ impl V2Backend {
 
 impl Backend for V2Backend {
     fn create(&self, name: &str, limits: &Limits, _kill_tree: bool) -> Result<Box<dyn Cgroup>> {
+        Ok(Box::new(self.create_v2(name, limits)?))
+    }
+
+    fn version(&self) -> u8 {
+        2
+    }
+
+    fn roots(&self) -> Vec<PathBuf> {
+        vec![self.root.clone()]
+    }
+
+    fn controllers(&self) -> Vec<String> {
+        self.controllers.clone()
+    }
+}
+
+impl V2Backend {
+    fn create_v2(&self, name: &str, limits: &Limits) -> Result<V2Cgroup> {
         let dir = self.root.join(name);
         fs::create_dir(&dir).map_err(io_err("mkdir", &dir))?;
         let mut cg = V2Cgroup { dir, fd: None, attach_by_procs: self.attach_by_procs };
@@ -271,24 +300,12 @@ impl Backend for V2Backend {
             Ok(())
         })();
         match res {
-            Ok(()) => Ok(Box::new(cg)),
+            Ok(()) => Ok(cg),
             Err(e) => {
                 let _ = cg.remove();
                 Err(e)
             }
         }
-    }
-
-    fn version(&self) -> u8 {
-        2
-    }
-
-    fn roots(&self) -> Vec<PathBuf> {
-        vec![self.root.clone()]
-    }
-
-    fn controllers(&self) -> Vec<String> {
-        self.controllers.clone()
     }
 }
 
@@ -388,6 +405,8 @@ impl Cgroup for V2Cgroup {
 pub struct V1Backend {
     /// controller -> directory under which sandboxes' cgroups are made.
     roots: BTreeMap<String, PathBuf>,
+    /// The hybrid host's unified hierarchy (see `backend`).
+    tracker: Option<V2Backend>,
 }
 
 impl V1Backend {
@@ -414,18 +433,28 @@ fn cpuset_inherit(dir: &Path) -> Result<()> {
 
 impl Backend for V1Backend {
     fn create(&self, name: &str, limits: &Limits, kill_tree: bool) -> Result<Box<dyn Cgroup>> {
-        // Usage needs memory, pids, cpuacct; the rest only when asked for.
-        let mut wanted = vec!["memory", "pids", "cpuacct"];
+        // Without a tracker, usage needs memory, pids, cpuacct and a tree kill the freezer;
+        // with one, only the controllers of the limits asked for.
+        let mut wanted = if self.tracker.is_some() { vec![] } else { vec!["memory", "pids", "cpuacct"] };
+        for c in ["memory", "pids"] {
+            if needs(limits, c) && !wanted.contains(&c) {
+                wanted.push(c);
+            }
+        }
         if limits.cpu.is_some() {
             wanted.push("cpu");
         }
         if limits.cpuset.is_some() {
             wanted.push("cpuset");
         }
-        if kill_tree {
+        if kill_tree && self.tracker.is_none() {
             wanted.push("freezer");
         }
-        let mut cg = V1Cgroup { dirs: BTreeMap::new() };
+        let tracker = match &self.tracker {
+            Some(t) => Some(t.create_v2(name, &Limits::default())?),
+            None => None,
+        };
+        let mut cg = V1Cgroup { dirs: BTreeMap::new(), tracker };
         let res = (|| {
             for c in &wanted {
                 let root = match self.root(c) {
@@ -484,6 +513,8 @@ impl Backend for V1Backend {
 
     fn roots(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = self.roots.values().cloned().collect();
+        v.extend(self.tracker.iter().flat_map(|t| t.roots()));
+        v.sort();
         v.dedup();
         v
     }
@@ -518,6 +549,8 @@ fn needs(limits: &Limits, controller: &str) -> bool {
 pub struct V1Cgroup {
     /// controller -> this sandbox's directory.
     dirs: BTreeMap<String, PathBuf>,
+    /// Its cgroup in the hybrid host's unified hierarchy.
+    tracker: Option<V2Cgroup>,
 }
 
 impl V1Cgroup {
@@ -539,7 +572,11 @@ impl V1Cgroup {
 
 impl Cgroup for V1Cgroup {
     fn clone_fd(&self) -> Option<RawFd> {
-        None
+        self.tracker.as_ref().and_then(|t| t.clone_fd())
+    }
+
+    fn needs_attach(&self) -> bool {
+        !self.dirs.is_empty()
     }
 
     fn attach(&self, pid: i32) -> Result<()> {
@@ -551,6 +588,9 @@ impl Cgroup for V1Cgroup {
     }
 
     fn kill(&self) -> Result<()> {
+        if let Some(t) = &self.tracker {
+            return t.kill();
+        }
         let Some(fz) = self.dirs.get("freezer") else {
             self.kill_listed();
             return Ok(());
@@ -570,11 +610,17 @@ impl Cgroup for V1Cgroup {
     fn usage(&self) -> Usage {
         let get = |c: &str, f: &str| self.dirs.get(c).and_then(|d| read_u64(&d.join(f)));
         let oom = self.dirs.get("memory").and_then(|d| fs::read_to_string(d.join("memory.oom_control")).ok());
-        let (user, system) = split_cpu(
-            get("cpuacct", "cpuacct.usage"),
-            get("cpuacct", "cpuacct.usage_user"),
-            get("cpuacct", "cpuacct.usage_sys"),
-        );
+        let (user, system) = match &self.tracker {
+            Some(t) => {
+                let u = t.usage();
+                (u.cpu_user_ns, u.cpu_system_ns)
+            }
+            None => split_cpu(
+                get("cpuacct", "cpuacct.usage"),
+                get("cpuacct", "cpuacct.usage_user"),
+                get("cpuacct", "cpuacct.usage_sys"),
+            ),
+        };
         Usage {
             cpu_user_ns: user,
             cpu_system_ns: system,
@@ -586,6 +632,11 @@ impl Cgroup for V1Cgroup {
 
     fn remove(&mut self) -> Result<()> {
         let mut first_err = None;
+        if let Some(mut t) = self.tracker.take() {
+            if let Err(e) = t.remove() {
+                first_err = Some(e);
+            }
+        }
         for d in self.unique_dirs() {
             let procs = d.join("cgroup.procs");
             if let Err(e) = rmdir_patiently(&d, Duration::from_secs(5), || {
@@ -601,7 +652,9 @@ impl Cgroup for V1Cgroup {
     }
 
     fn paths(&self) -> Vec<PathBuf> {
-        self.unique_dirs()
+        let mut v = self.unique_dirs();
+        v.extend(self.tracker.iter().flat_map(|t| t.paths()));
+        v
     }
 
     fn version(&self) -> u8 {
@@ -616,21 +669,26 @@ impl Cgroup for V1Cgroup {
 /// Owned by someone else: `kill`, `usage` and `remove` do nothing.
 pub struct Existing {
     version: u8,
+    /// Directories to write the pid into (v1 hierarchies where the target is elsewhere than we are).
     dirs: Vec<PathBuf>,
+    /// The target's unified (v2) cgroup, for CLONE_INTO_CGROUP.
     fd: Option<OwnedFd>,
+    unified: Option<PathBuf>,
 }
 
-/// Directories of `/proc/PID/cgroup` text under `hierarchy` (v1: only the controllers
-/// nsfast manages; v2: the unified path).
-pub fn dirs_of(cgroup_file: &str, hierarchy: &Hierarchy) -> Vec<PathBuf> {
+/// Directories of `/proc/PID/cgroup` text under `hierarchy`: the v1 controllers nsfast
+/// manages, and the unified (v2) path, separately.
+pub fn dirs_of(cgroup_file: &str, hierarchy: &Hierarchy) -> (Vec<PathBuf>, Option<PathBuf>) {
     let mut dirs = Vec::new();
+    let mut unified_dir = None;
     for line in cgroup_file.lines() {
         let mut parts = line.splitn(3, ':');
         let (Some(_id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
         let rel = path.trim().trim_start_matches('/');
         match hierarchy {
-            Hierarchy::V2 { mount } if ctrls.is_empty() => dirs.push(mount.join(rel)),
-            Hierarchy::V1 { controllers } => {
+            Hierarchy::V2 { mount } if ctrls.is_empty() => unified_dir = Some(mount.join(rel)),
+            Hierarchy::V1 { unified: Some(mount), .. } if ctrls.is_empty() => unified_dir = Some(mount.join(rel)),
+            Hierarchy::V1 { controllers, .. } => {
                 for c in ctrls.split(',') {
                     if let Some(m) = controllers.get(c) {
                         dirs.push(m.join(rel));
@@ -642,29 +700,37 @@ pub fn dirs_of(cgroup_file: &str, hierarchy: &Hierarchy) -> Vec<PathBuf> {
     }
     dirs.sort();
     dirs.dedup();
-    dirs
+    (dirs, unified_dir)
 }
 
 impl Existing {
     pub fn of_process(pid: i32, hierarchy: &Hierarchy) -> Result<Existing> {
         let file = PathBuf::from(format!("/proc/{pid}/cgroup"));
         let text = fs::read_to_string(&file).map_err(io_err("read", &file))?;
-        let dirs = dirs_of(&text, hierarchy);
+        let (dirs, unified) = dirs_of(&text, hierarchy);
+        // Moving into a cgroup we are already in changes nothing but still pays the
+        // migration lock: skip those hierarchies.
+        let (ours, _) = dirs_of(&fs::read_to_string("/proc/self/cgroup").unwrap_or_default(), hierarchy);
+        let dirs = dirs.into_iter().filter(|d| !ours.contains(d)).collect();
         let version = if matches!(hierarchy, Hierarchy::V2 { .. }) { 2 } else { 1 };
-        let fd = match (version, dirs.first()) {
-            (2, Some(d)) => Some(
+        let fd = match &unified {
+            Some(d) => Some(
                 rustix::fs::open(d, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
                     .map_err(|e| CgroupError::Io { op: "open", path: d.clone(), source: e.into() })?,
             ),
-            _ => None,
+            None => None,
         };
-        Ok(Existing { version, dirs, fd })
+        Ok(Existing { version, dirs, fd, unified })
     }
 }
 
 impl Cgroup for Existing {
     fn clone_fd(&self) -> Option<RawFd> {
         self.fd.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    fn needs_attach(&self) -> bool {
+        !self.dirs.is_empty()
     }
 
     fn attach(&self, pid: i32) -> Result<()> {
@@ -688,7 +754,7 @@ impl Cgroup for Existing {
     }
 
     fn paths(&self) -> Vec<PathBuf> {
-        self.dirs.clone()
+        self.dirs.iter().chain(self.unified.iter()).cloned().collect()
     }
 
     fn version(&self) -> u8 {
@@ -710,7 +776,8 @@ mod tests {
 
     #[test]
     fn hybrid_hosts_use_v1_controllers() {
-        let Some(Hierarchy::V1 { controllers }) = parse_mountinfo(HYBRID) else { panic!("not v1") };
+        let Some(Hierarchy::V1 { controllers, unified }) = parse_mountinfo(HYBRID) else { panic!("not v1") };
+        assert_eq!(unified, Some(PathBuf::from("/sys/fs/cgroup/unified")));
         assert_eq!(controllers["memory"], PathBuf::from("/sys/fs/cgroup/memory"));
         assert_eq!(controllers["cpu"], controllers["cpuacct"]);
         assert!(!controllers.contains_key("freezer"));
@@ -753,14 +820,15 @@ mod tests {
     fn process_cgroups_map_to_directories() {
         let Some(h @ Hierarchy::V1 { .. }) = parse_mountinfo(HYBRID) else { panic!() };
         let text = "9:name=systemd:/\n8:pids:/nsfast/sb-1\n4:memory:/nsfast/sb-1\n2:cpu,cpuacct:/nsfast/sb-1\n0::/\n";
-        let dirs = dirs_of(text, &h);
+        let (dirs, unified) = dirs_of(text, &h);
         assert_eq!(
             dirs,
             ["/sys/fs/cgroup/cpu,cpuacct/nsfast/sb-1", "/sys/fs/cgroup/memory/nsfast/sb-1", "/sys/fs/cgroup/pids/nsfast/sb-1"]
                 .map(PathBuf::from)
         );
+        assert_eq!(unified, Some(PathBuf::from("/sys/fs/cgroup/unified")));
         let v2 = Hierarchy::V2 { mount: "/sys/fs/cgroup".into() };
-        assert_eq!(dirs_of("0::/nsfast/sb-2\n", &v2), [PathBuf::from("/sys/fs/cgroup/nsfast/sb-2")]);
+        assert_eq!(dirs_of("0::/nsfast/sb-2\n", &v2), (vec![], Some(PathBuf::from("/sys/fs/cgroup/nsfast/sb-2"))));
     }
 
     #[test]

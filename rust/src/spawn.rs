@@ -94,7 +94,7 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         move |e: Errno| Error::spawn(step, None, e)
     };
     let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
-    let attach = io.cgroup.filter(|_| cgroup_fd.is_none());
+    let attach = io.cgroup.filter(|c| c.needs_attach());
     let (mut parent, chan, report_w, go_r) =
         sync::channel(plan.maps.is_some() || attach.is_some()).map_err(parent_err("pipe"))?;
     let init_argv;
@@ -193,7 +193,7 @@ pub fn spawn_join(plan: &Plan, io: &Io, join: &Join) -> Result<Child> {
     use std::sync::atomic::{AtomicI32, Ordering};
     let parent_err = |step: &'static str| move |e: Errno| Error::spawn(step, None, e);
     let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
-    let attach = io.cgroup.filter(|_| cgroup_fd.is_none());
+    let attach = io.cgroup.filter(|c| c.needs_attach());
     let (mut parent, chan, report_w, go_r) = sync::channel(attach.is_some()).map_err(parent_err("pipe"))?;
     let stack1 = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
     let stack2 = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
