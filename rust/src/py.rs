@@ -91,6 +91,9 @@ fn own_cgroup() -> Option<String> {
     cgroup::own_v2_path()
 }
 
+/// (cpu_user_ns, cpu_system_ns, memory_peak, pids_peak, oom_kills).
+type UsageTuple = (Option<u64>, Option<u64>, Option<u64>, Option<u64>, u64);
+
 /// One sandbox's cgroup, owned by its `nsfast.Process`. Removed on `remove()` or when
 /// garbage-collected.
 #[pyclass(module = "nsfast._core", name = "Cgroup")]
@@ -124,7 +127,7 @@ impl PyCgroup {
     }
 
     /// (cpu_user_ns, cpu_system_ns, memory_peak, pids_peak, oom_kills); None once removed.
-    fn usage(&self, py: Python<'_>) -> Option<(Option<u64>, Option<u64>, Option<u64>, Option<u64>, u64)> {
+    fn usage(&self, py: Python<'_>) -> Option<UsageTuple> {
         self.with(py, |cg| {
             let u = cg.usage();
             (u.cpu_user_ns, u.cpu_system_ns, u.memory_peak, u.pids_peak, u.oom_kills)

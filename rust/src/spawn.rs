@@ -89,14 +89,10 @@ struct JoinCtx<'a> {
 
 /// Start the sandbox described by `plan`. Returns once the command has been exec'd.
 pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
-    let parent_err = |step: &str| {
-        let step = step.to_owned();
-        move |e: Errno| Error::spawn(step, None, e)
-    };
     let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
     let attach = io.cgroup.filter(|c| c.needs_attach());
     let (mut parent, chan, report_w, go_r) =
-        sync::channel(plan.maps.is_some() || attach.is_some()).map_err(parent_err("pipe"))?;
+        sync::channel(plan.maps.is_some() || attach.is_some()).map_err(|e| Error::spawn("pipe", None, e))?;
     let init_argv;
     let init = if plan.exec.init {
         let fd = init_binary().map_err(|e| Error::spawn("load nsfast-init", None, e))?;
@@ -132,7 +128,7 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         pidfd: &mut pidfd as *mut c_int as u64,
         exit_signal: libc::SIGCHLD as u64,
         stack: stack.bottom(),
-        stack_size: stack.len(),
+        stack_size: stack.size(),
         ..CloneArgs::default()
     };
     let arg = &ctx as *const ChildCtx as *mut c_void;
@@ -152,15 +148,27 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     // SAFETY: CLONE_PIDFD stored a fresh fd that nothing else owns.
     let child = Child { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } };
 
-    // Sync point 1: id maps and the v1 cgroup are in place before the child goes on.
+    finish(plan, child, &mut parent, plan.maps.as_ref(), attach, stack)
+}
+
+/// Sync point 1 (id maps written, v1 cgroup attached, then `go`), then sync point 2 (the
+/// report pipe: EOF = exec'd). `stack` is freed only once the child left our memory.
+fn finish(
+    plan: &Plan,
+    child: Child,
+    parent: &mut sync::ParentChannel,
+    maps: Option<&IdMaps>,
+    attach: Option<&dyn Cgroup>,
+    stack: Stack,
+) -> Result<Child> {
     if parent.go.is_some() {
-        let mut ready = plan.maps.as_ref().map_or(Ok(()), |maps| write_maps(pid, maps));
+        let mut ready = maps.map_or(Ok(()), |maps| write_maps(child.pid, maps));
         if let (Ok(()), Some(cg)) = (&ready, attach) {
-            ready = cg.attach(pid).map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), cgroup_errno(&e)));
+            ready = cg.attach(child.pid).map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), cgroup_errno(&e)));
         }
-        let ready = ready.and_then(|()| parent.mappings_written().map_err(parent_err("signal child")));
+        let ready = ready.and_then(|()| parent.mappings_written().map_err(|e| Error::spawn("signal child", None, e)));
         if let Err(e) = ready {
-            abort_child(&child, &parent);
+            abort_child(&child, parent);
             return Err(e);
         }
     }
@@ -173,7 +181,7 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
             Err(child_error(plan, rec))
         }
         Err(e) => {
-            abort_child(&child, &parent);
+            abort_child(&child, parent);
             Err(Error::spawn("read child report", None, e))
         }
     }
@@ -191,10 +199,9 @@ fn pid_of(c: &Child) -> Option<Pid> {
 /// namespace. Both share our memory (CLONE_VM) on private stacks until exec.
 pub fn spawn_join(plan: &Plan, io: &Io, join: &Join) -> Result<Child> {
     use std::sync::atomic::{AtomicI32, Ordering};
-    let parent_err = |step: &'static str| move |e: Errno| Error::spawn(step, None, e);
     let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
     let attach = io.cgroup.filter(|c| c.needs_attach());
-    let (mut parent, chan, report_w, go_r) = sync::channel(attach.is_some()).map_err(parent_err("pipe"))?;
+    let (mut parent, chan, report_w, go_r) = sync::channel(attach.is_some()).map_err(|e| Error::spawn("pipe", None, e))?;
     let stack1 = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
     let stack2 = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
     let pid_out = AtomicI32::new(0);
@@ -210,7 +217,7 @@ pub fn spawn_join(plan: &Plan, io: &Io, join: &Join) -> Result<Child> {
         flags: libc::CLONE_VM as u64,
         exit_signal: libc::SIGCHLD as u64,
         stack: stack1.bottom(),
-        stack_size: stack1.len(),
+        stack_size: stack1.size(),
         ..CloneArgs::default()
     };
     let arg = &ctx as *const ChildCtx as *mut c_void;
@@ -245,30 +252,7 @@ pub fn spawn_join(plan: &Plan, io: &Io, join: &Join) -> Result<Child> {
             return Err(Error::spawn("pidfd_open", None, e));
         }
     };
-    let child = Child { pid, pidfd };
-    if let Some(cg) = attach {
-        let ready = cg
-            .attach(pid)
-            .map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), cgroup_errno(&e)))
-            .and_then(|()| parent.mappings_written().map_err(parent_err("signal child")));
-        if let Err(e) = ready {
-            abort_child(&child, &parent);
-            return Err(e);
-        }
-    }
-    let report = parent.wait_exec();
-    drop(stack2);
-    match report {
-        Ok(None) => Ok(child),
-        Ok(Some(rec)) => {
-            let _ = rustix::process::waitpid(pid_of(&child), WaitOptions::empty());
-            Err(child_error(plan, rec))
-        }
-        Err(e) => {
-            abort_child(&child, &parent);
-            Err(Error::spawn("read child report", None, e))
-        }
-    }
+    finish(plan, Child { pid, pidfd }, &mut parent, None, attach, stack2)
 }
 
 extern "C" fn intermediate_main(arg: *mut c_void) -> c_int {
@@ -297,7 +281,7 @@ fn intermediate(ctx: &ChildCtx) -> ! {
         flags,
         cgroup: j.cgroup_fd.map_or(0, |fd| fd as u64),
         stack: j.stack.bottom(),
-        stack_size: j.stack.len(),
+        stack_size: j.stack.size(),
         ..CloneArgs::default()
     };
     // SAFETY: the final process runs `child` on its own stack, kept alive by the parent.

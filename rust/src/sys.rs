@@ -177,7 +177,7 @@ impl Stack {
         self.base as u64
     }
 
-    pub fn len(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.len as u64
     }
 
