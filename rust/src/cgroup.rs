@@ -81,12 +81,19 @@ fn mkdir_p(path: &Path) -> Result<()> {
 pub trait Cgroup: Send {
     /// The directory fd for CLONE_INTO_CGROUP (v2), or None: then `attach` is needed.
     fn clone_fd(&self) -> Option<RawFd>;
-    /// Whether the parent must `attach` the child after clone (v1 controllers).
+    /// Whether the parent must `attach` the child after clone (v2 without CLONE_INTO_CGROUP).
     fn needs_attach(&self) -> bool {
-        self.clone_fd().is_none()
+        false
     }
-    /// Move `pid` in (v1; a no-op where the child was born inside).
+    /// Move `pid` in (a no-op where the child is born inside or moves itself).
     fn attach(&self, pid: i32) -> Result<()>;
+    /// v1: the `tasks` files the child writes "0" to, moving itself in before exec. A
+    /// single thread moving itself is the one migration that does not take
+    /// cgroup_threadgroup_rwsem for writing, whose grace-period wait costs ~10 ms when
+    /// cgroups were idle (any pid written to cgroup.procs or tasks takes it).
+    fn self_attach_files(&self) -> Result<Vec<OwnedFd>> {
+        Ok(Vec::new())
+    }
     /// Kill every process in the cgroup.
     fn kill(&self) -> Result<()>;
     fn usage(&self) -> Usage;
@@ -315,6 +322,18 @@ pub struct V2Cgroup {
     attach_by_procs: bool,
 }
 
+/// Open `tasks` of each v1 directory for writing (the child writes "0": see
+/// `Cgroup::self_attach_files`).
+fn open_tasks(dirs: &[PathBuf]) -> Result<Vec<OwnedFd>> {
+    dirs.iter()
+        .map(|d| {
+            let f = d.join("tasks");
+            rustix::fs::open(&f, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
+                .map_err(|e| CgroupError::Io { op: "open", path: f.clone(), source: e.into() })
+        })
+        .collect()
+}
+
 fn pids_in(procs: &Path) -> Vec<i32> {
     fs::read_to_string(procs).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
@@ -346,6 +365,10 @@ fn rmdir_patiently(dir: &Path, patience: Duration, mut kill: impl FnMut()) -> Re
 impl Cgroup for V2Cgroup {
     fn clone_fd(&self) -> Option<RawFd> {
         self.fd.as_ref().filter(|_| !self.attach_by_procs).map(|f| f.as_raw_fd())
+    }
+
+    fn needs_attach(&self) -> bool {
+        self.attach_by_procs
     }
 
     fn attach(&self, pid: i32) -> Result<()> {
@@ -575,16 +598,12 @@ impl Cgroup for V1Cgroup {
         self.tracker.as_ref().and_then(|t| t.clone_fd())
     }
 
-    fn needs_attach(&self) -> bool {
-        !self.dirs.is_empty()
+    fn attach(&self, _pid: i32) -> Result<()> {
+        Ok(())
     }
 
-    fn attach(&self, pid: i32) -> Result<()> {
-        let pid = pid.to_string();
-        for d in self.unique_dirs() {
-            write_file(&d.join("cgroup.procs"), &pid)?;
-        }
-        Ok(())
+    fn self_attach_files(&self) -> Result<Vec<OwnedFd>> {
+        open_tasks(&self.unique_dirs())
     }
 
     fn kill(&self) -> Result<()> {
@@ -729,16 +748,12 @@ impl Cgroup for Existing {
         self.fd.as_ref().map(|f| f.as_raw_fd())
     }
 
-    fn needs_attach(&self) -> bool {
-        !self.dirs.is_empty()
+    fn attach(&self, _pid: i32) -> Result<()> {
+        Ok(())
     }
 
-    fn attach(&self, pid: i32) -> Result<()> {
-        let pid = pid.to_string();
-        for d in &self.dirs {
-            write_file(&d.join("cgroup.procs"), &pid)?;
-        }
-        Ok(())
+    fn self_attach_files(&self) -> Result<Vec<OwnedFd>> {
+        open_tasks(&self.dirs)
     }
 
     fn kill(&self) -> Result<()> {

@@ -61,6 +61,22 @@ struct ChildCtx<'a> {
     /// unshare(CLONE_NEWCGROUP) after sync point 1 instead of at clone.
     late_cgroup_ns: bool,
     join: Option<JoinCtx<'a>>,
+    /// v1 `tasks` files the child writes "0" to (moves itself in).
+    tasks: &'a [RawFd],
+}
+
+/// Open the files a v1 child moves itself in with (see `Cgroup::self_attach_files`).
+fn self_attach_files(io: &Io) -> Result<Vec<OwnedFd>> {
+    match io.cgroup {
+        Some(cg) => cg.self_attach_files().map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), cgroup_errno(&e))),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Whether the cgroup namespace is made by the child after it is in its cgroup(s), rather
+/// than at clone: so it is rooted there when the child is moved in after clone.
+fn late_cgroup_ns(clone_flags: u64, moved_after_clone: bool) -> bool {
+    moved_after_clone && clone_flags & libc::CLONE_NEWCGROUP as u64 != 0
 }
 
 /// An existing process whose namespaces, root and cgroup a new process joins
@@ -91,6 +107,8 @@ struct JoinCtx<'a> {
 pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
     let attach = io.cgroup.filter(|c| c.needs_attach());
+    let tasks = self_attach_files(io)?;
+    let tasks_fds: Vec<RawFd> = tasks.iter().map(|f| f.as_raw_fd()).collect();
     let (mut parent, chan, report_w, go_r) =
         sync::channel(plan.maps.is_some() || attach.is_some()).map_err(|e| Error::spawn("pipe", None, e))?;
     let init_argv;
@@ -107,16 +125,16 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         io,
         chan,
         init,
-        late_cgroup_ns: attach.is_some() && plan.clone_flags & libc::CLONE_NEWCGROUP as u64 != 0,
+        late_cgroup_ns: late_cgroup_ns(plan.clone_flags, attach.is_some() || !tasks_fds.is_empty()),
         join: None,
+        tasks: &tasks_fds,
     };
 
     let mut pidfd: c_int = -1;
     let mut flags = libc::CLONE_VM as u64 | libc::CLONE_PIDFD as u64 | plan.clone_flags;
     // Attached after clone (v1): make the cgroup namespace only once inside the sandbox's
     // cgroup, so that cgroup is its root, as with CLONE_INTO_CGROUP.
-    let late_cgroup_ns = attach.is_some() && flags & libc::CLONE_NEWCGROUP as u64 != 0;
-    if late_cgroup_ns {
+    if ctx.late_cgroup_ns {
         flags &= !(libc::CLONE_NEWCGROUP as u64);
     }
     if cgroup_fd.is_some() {
@@ -201,6 +219,8 @@ pub fn spawn_join(plan: &Plan, io: &Io, join: &Join) -> Result<Child> {
     use std::sync::atomic::{AtomicI32, Ordering};
     let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
     let attach = io.cgroup.filter(|c| c.needs_attach());
+    let tasks = self_attach_files(io)?;
+    let tasks_fds: Vec<RawFd> = tasks.iter().map(|f| f.as_raw_fd()).collect();
     let (mut parent, chan, report_w, go_r) = sync::channel(attach.is_some()).map_err(|e| Error::spawn("pipe", None, e))?;
     let stack1 = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
     let stack2 = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
@@ -212,6 +232,7 @@ pub fn spawn_join(plan: &Plan, io: &Io, join: &Join) -> Result<Child> {
         init: None,
         late_cgroup_ns: false,
         join: Some(JoinCtx { join, stack: &stack2, cgroup_fd, pid_out: &pid_out }),
+        tasks: &tasks_fds,
     };
     let mut args = CloneArgs {
         flags: libc::CLONE_VM as u64,
@@ -393,6 +414,11 @@ fn child(ctx: &ChildCtx) -> ! {
     }
     if ch.go >= 0 {
         ch.wait_mappings_written().unwrap_or_else(|e| fail(Step::WaitMappings, e));
+    }
+    for (i, &fd) in ctx.tasks.iter().enumerate() {
+        if let Err(e) = rustix::io::write(sys::borrow_fd(fd), b"0") {
+            ch.fail(Step::AttachCgroup, i as u32, e);
+        }
     }
     if let Some(j) = ctx.join.as_ref().filter(|j| j.join.ns_flags & libc::CLONE_NEWCGROUP as u64 != 0) {
         sys::setns(j.join.pidfd, libc::CLONE_NEWCGROUP as u64).unwrap_or_else(|e| fail(Step::JoinCgroupNs, e));

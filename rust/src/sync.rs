@@ -34,12 +34,13 @@ pub enum Step {
     Chroot,
     CloneJoined,
     JoinCgroupNs,
+    AttachCgroup,
 }
 
 impl Step {
     pub fn from_raw(v: u32) -> Option<Step> {
         use Step::*;
-        [WaitMappings, Fs, Hostname, Loopback, SetGroups, SetGid, SetUid, DropCaps, NoNewPrivs, DeathSignal, Setsid, Stdio, CloseFds, Chdir, Exec, ExecInit, CgroupNs, JoinNamespaces, Chroot, CloneJoined, JoinCgroupNs]
+        [WaitMappings, Fs, Hostname, Loopback, SetGroups, SetGid, SetUid, DropCaps, NoNewPrivs, DeathSignal, Setsid, Stdio, CloseFds, Chdir, Exec, ExecInit, CgroupNs, JoinNamespaces, Chroot, CloneJoined, JoinCgroupNs, AttachCgroup]
             .into_iter()
             .find(|s| *s as u32 == v)
     }
@@ -68,6 +69,7 @@ impl Step {
             Step::Chroot => "chroot",
             Step::CloneJoined => "clone3 into the target",
             Step::JoinCgroupNs => "setns cgroup",
+            Step::AttachCgroup => "attach cgroup",
         }
     }
 }
