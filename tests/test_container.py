@@ -289,3 +289,11 @@ def test_rootless_container_exec_joins_the_user_namespace_first():
     assert res["out"] == "0\nrl\n"
     assert res["user_ns"] and all(res["same"].values()), res
     assert res["host_uid"] == 65534
+
+
+def test_exec_refuses_a_time_namespace_instead_of_skipping_it():
+    with nsfast.Container(namespaces=nsfast.DEFAULT_NAMESPACES + ("time",), stop_timeout=1) as c:
+        with pytest.raises(nsfast.ContainerError, match="time namespace"):
+            c.exec(["true"])
+        r = nsfast.enter(c.pid, ["hostname"], namespaces=["uts", "mnt"], capture_output=True, text=True)
+        assert r.returncode == 0

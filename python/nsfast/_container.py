@@ -18,8 +18,8 @@ __all__ = ["Container", "enter"]
 
 def _join_types(pid: int, wanted: Optional[Sequence[str]]) -> tuple:  # type: ignore[type-arg]
     """Namespace types to setns() into: those where `pid` differs from us (joining one's own
-    user namespace is an error), limited to `wanted`. The time namespace cannot be joined
-    by a process that shares memory with its parent; refuse it clearly."""
+    user namespace is an error), limited to `wanted`. A time namespace cannot be joined by a
+    process that shares memory with its parent: refused with ContainerError, not skipped."""
     ours, theirs = _namespaces("self"), _namespaces(pid)
     if wanted is not None:
         unknown = sorted(set(wanted) - set(theirs))
@@ -27,9 +27,10 @@ def _join_types(pid: int, wanted: Optional[Sequence[str]]) -> tuple:  # type: ig
             raise ValueError(f"namespaces: unknown type(s) {', '.join(unknown)}")
     types = [t for t in theirs if theirs[t] != ours.get(t) and (wanted is None or t in wanted)]
     if "time" in types:
-        if wanted is not None and "time" in wanted:
-            raise ContainerError(f"joining the time namespace of {pid} is not supported")
-        types.remove("time")
+        raise ContainerError(
+            f"process {pid} has its own time namespace, which nsfast cannot join: setns() into a time "
+            "namespace needs a process that shares no memory, and exec shares the caller's to avoid "
+            "copying its page tables; pass namespaces= without 'time' to enter the others")
     return tuple(types)
 
 
