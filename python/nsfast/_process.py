@@ -317,7 +317,9 @@ class Process:
     def __del__(self) -> None:
         if getattr(self, "pidfd", None) is None or self.returncode is not None or getattr(self, "_detached", False):
             return
-        # Like Popen: never block in a finalizer; kill rather than leak a running sandbox.
+        if self.poll() is not None:
+            return  # it had exited: reaped (and its cgroup removed) without a fuss
+        # Unlike Popen, kill rather than leak a running sandbox (and its cgroup); say so.
         warnings.warn(f"nsfast sandbox {self.pid} is still running; killing it", ResourceWarning, source=self)
         self.kill()
         try:
