@@ -172,7 +172,10 @@ prepare_kernel() {
     tmp=$(mktemp -d "$CACHE/tmp.XXXXXX")
     CLEAN+=("$tmp")
     # (-o APT::Sandbox::User=root: the _apt user cannot write into the cache.)
+    # Stale package lists name a version the mirror dropped: update once and retry.
     (cd "$tmp" && apt_get download -q -o APT::Sandbox::User=root "$pkg") ||
+        { apt_get update -q && pkg=$(resolve_kernel_pkg) &&
+            (cd "$tmp" && apt_get download -q -o APT::Sandbox::User=root "$pkg"); } ||
         die "cannot download $pkg"
     x=$tmp/extract
     dpkg-deb -x "$tmp"/*.deb "$x" || die "cannot extract $pkg"
