@@ -229,20 +229,15 @@ pub fn child_reset_signal_dispositions() {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
-        // SAFETY: rt_sigaction with a valid struct; errors (none expected) are ignored.
-        unsafe {
-            libc::syscall(libc::SYS_rt_sigaction, sig, &act as *const KernelSigaction, 0usize, 8usize);
-        }
+        // Raw: libc's wrapper would write a failure to errno, i.e. the parent thread's TLS.
+        let _ = raw6(libc::SYS_rt_sigaction, [sig as usize, &act as *const KernelSigaction as usize, 0, 8, 0, 0]);
     }
 }
 
 /// Child-safe: unblock every signal (the mask survives execve).
 pub fn child_unblock_all_signals() {
     let empty: u64 = 0;
-    // SAFETY: rt_sigprocmask with an 8-byte kernel sigset.
-    unsafe {
-        libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &empty as *const u64, 0usize, 8usize);
-    }
+    let _ = raw6(libc::SYS_rt_sigprocmask, [libc::SIG_SETMASK as usize, &empty as *const u64 as usize, 0, 8, 0, 0]);
 }
 
 /// Child-safe raw syscall returning the errno instead of touching the (shared) errno slot.
