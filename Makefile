@@ -1,16 +1,20 @@
-# nsfast: `make run` (demo) and `make test` do all set-up on a fresh machine (after
-# .ci/run's system packages; see README).
+# nsfast: `make run` (demo) and `make test` do all set-up on a fresh machine: Debian
+# packages (.ci/apt-deps), a venv with the Python tools, the release build.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-stamp
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build run test test-rust test-python bench clean
+.PHONY: all sysdeps build run test test-rust test-python bench clean
 
 all: build
 
-$(PY):
+# Debian packages (only installs what is missing; quick otherwise).
+sysdeps:
+	@bash .ci/apt-deps
+
+$(PY): | sysdeps
 	$(PYTHON) -m venv $(VENV)
 
 # Python tools for building, testing and benchmarking, into the venv.
@@ -20,7 +24,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $@
 
 # Release build of the native module, installed into the venv (editable python/ tree).
-build: $(STAMP)
+build: sysdeps $(STAMP)
 	$(VENV)/bin/maturin develop --release -q
 
 run: build
