@@ -197,10 +197,16 @@ class Process:
         if cg is not None:
             # The first process is gone. With a pid namespace the kernel ends the rest;
             # without one, kill what it left behind. Then measure and clean up.
-            if not self._pid_namespace:
-                cg.kill()
-            u = cg.usage()
-            cg.remove()
+            u = None
+            try:
+                if not self._pid_namespace:
+                    cg.kill()
+                u = cg.usage()
+                cg.remove()
+            except OSError as e:
+                # The run itself is over and reaped: report, do not lose its result.
+                warnings.warn(f"nsfast: cleaning up the cgroup of sandbox {self.pid} failed: {e}",
+                              _cgroup.CgroupWarning, stacklevel=3)
             if u is not None:
                 cu, cs, mem, pids, ooms = u
                 utime = utime if cu is None else cu / 1e9
