@@ -6,7 +6,9 @@ cgroup v2 VM (tests/test_cgroup_v2_vm.py boots it and runs this module there).""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -252,3 +254,68 @@ def test_timeout_reports_usage_on_the_exception():
         nsfast.run(["sleep", "10"], timeout=0.2)
     usage = err.value.usage
     assert usage.timed_out is True and usage.wall_s >= 0.2
+
+
+ROOTLESS_SCRIPT = r"""
+import json, sys, warnings, nsfast
+hog = "b = bytearray(200 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1"
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    r = nsfast.run(["sh", "-c", "cat /proc/self/cgroup; id -u"], limits=nsfast.Limits(pids=8), capture_output=True,
+                   text=True)
+    oom = nsfast.run(["/usr/bin/python3", "-c", hog], limits=nsfast.Limits(memory="64M", memory_swap="64M"))
+    p = nsfast.spawn(["sleep", "5"], limits=nsfast.Limits(pids=8))
+    with open(f"/proc/{p.pid}/cgroup") as f:
+        host_view = f.read()
+    p.kill()
+    p.wait()
+print(json.dumps({"rc": r.returncode, "out": r.stdout, "pids_peak": r.usage.pids_peak, "oom": oom.usage.oom_killed,
+                  "oom_rc": oom.returncode, "host_view": host_view,
+                  "warnings": [f"{x.category.__name__}: {x.message}" for x in w]}))
+"""
+
+
+def run_as_nobody(prefix: str = ""):
+    if not (os.path.exists("/usr/bin/python3") and shutil.which("setpriv")):
+        pytest.skip("needs /usr/bin/python3 and setpriv to run as an unprivileged user")
+    pkg = os.path.dirname(os.path.dirname(nsfast.__file__))
+    cmd = f"{prefix}exec setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 -c \"$0\""
+    r = subprocess.run(["sh", "-c", cmd, ROOTLESS_SCRIPT], env={"PYTHONPATH": pkg, "PATH": os.environ["PATH"]},
+                       capture_output=True, text=True, timeout=300, cwd="/")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(expected_version() == 2, reason="this host has cgroup v2; the VM-only test covers delegation")
+def test_rootless_without_a_delegated_cgroup_warns_and_runs():
+    res = run_as_nobody()
+    assert res["rc"] == 0 and res["out"].endswith("0\n")
+    assert res["pids_peak"] is None
+    assert any(w.startswith("CgroupWarning:") and "without cgroup limits" in w for w in res["warnings"]), res
+
+
+@pytest.mark.skipif(expected_version() != 2, reason="cgroup v2 delegation needs a pure v2 host (runs in the VM)")
+def test_rootless_in_a_delegated_v2_subtree_gets_limits():
+    deleg = "/sys/fs/cgroup/nsfast-deleg-test"
+    os.mkdir(deleg)
+    try:
+        for f in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
+            os.chown(os.path.join(deleg, f), 65534, 65534)
+        # As systemd-run --user -p Delegate=yes would: the caller starts inside its delegated cgroup.
+        res = run_as_nobody(prefix=f"echo $$ > {deleg}/cgroup.procs && ")
+        assert res["warnings"] == [], res
+        assert res["host_view"].startswith("0::/nsfast-deleg-test/nsfast/sb-"), res  # under the delegated cgroup
+        assert res["out"].startswith("0::/\n"), res  # its cgroup namespace is rooted there
+        assert res["pids_peak"] is not None and res["pids_peak"] <= 8
+        assert res["oom"] is True and res["oom_rc"] == -9
+    finally:
+        for sub in ("nsfast", "nsfast-caller", ""):
+            d = os.path.join(deleg, sub)
+            deadline = time.monotonic() + 5
+            while os.path.isdir(d):
+                try:
+                    os.rmdir(d)
+                except OSError:  # EBUSY while the exited caller's last references go
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)

@@ -121,14 +121,52 @@ def configure(*, cgroup_root: Optional[str] = None) -> None:
         _backends.clear()
 
 
+_default: Optional[Tuple[int, Optional[str]]] = None  # (pid, root): decided once per process
+
+
 def _default_root() -> Optional[str]:
-    if os.geteuid() == 0:
-        return "nsfast"
+    global _default
+    if _default is None or _default[0] != os.getpid():
+        # Once: preparing a delegated root moves this process into a leaf cgroup, after
+        # which "our cgroup" is that leaf.
+        _default = (os.getpid(), "nsfast" if os.geteuid() == 0 else _delegated_root())
+    return _default[1]
+
+
+def _delegated_root() -> Optional[str]:
+    """Where a non-root caller can make sandbox cgroups: inside its own cgroup v2, when that
+    was delegated to it (writable, e.g. `systemd-run --user -p Delegate=yes --scope`).
+
+    cgroup v2's "no internal processes" rule forbids enabling controllers for the children
+    of a cgroup that has processes, and ours has at least this one: so, like podman, this
+    process first moves itself into a leaf child (`nsfast-caller`), then enables the
+    controllers, and sandboxes go under `nsfast/`. None when there is no such subtree."""
     own = _core.own_cgroup()
-    if own is not None and os.path.isdir("/sys/fs/cgroup") and os.access(f"/sys/fs/cgroup/{own}", os.W_OK):
-        # A delegated v2 subtree (e.g. systemd-run --user -p Delegate=yes): our children.
-        return f"/sys/fs/cgroup/{own}/nsfast" if own else None
-    return None
+    base = "/sys/fs/cgroup"
+    if own is None or not os.path.exists(f"{base}/cgroup.controllers"):
+        return None  # not a pure cgroup v2 host: v1 hierarchies are not delegated
+    mine = os.path.join(base, own) if own else base
+    if not own or not all(os.access(os.path.join(mine, f), os.W_OK)
+                          for f in ("", "cgroup.procs", "cgroup.subtree_control")):
+        return None
+    try:
+        with open(os.path.join(mine, "cgroup.procs")) as f:
+            busy = f.read().split()
+        if busy:
+            leaf = os.path.join(mine, "nsfast-caller")
+            os.makedirs(leaf, exist_ok=True)
+            with open(os.path.join(leaf, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        with open(os.path.join(mine, "cgroup.controllers")) as f:
+            available = f.read().split()
+        if available:
+            with open(os.path.join(mine, "cgroup.subtree_control"), "w") as f:
+                f.write(" ".join("+" + c for c in available))
+    except OSError as e:
+        # E.g. other processes share our cgroup (EBUSY): limits will warn; measuring works.
+        _warn_once(f"deleg:{mine}", f"nsfast: could not prepare the delegated cgroup {mine} for sandboxes ({e}); "
+                   "limits may not apply")
+    return os.path.join(mine, "nsfast")
 
 
 def _warn_once(key: str, message: str) -> None:
