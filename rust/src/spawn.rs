@@ -49,7 +49,8 @@ pub struct Io<'a> {
     pub stdio: [RawFd; 3],
     /// fds that stay open (at the same number) in the sandbox.
     pub pass_fds: &'a [RawFd],
-    /// The sandbox's cgroup: born into it (v2) or attached before exec (v1).
+    /// The sandbox's cgroup: born into it (CLONE_INTO_CGROUP), and/or moved into its v1
+    /// cgroups by the child itself before exec.
     pub cgroup: Option<&'a dyn Cgroup>,
 }
 
