@@ -85,9 +85,11 @@ pub trait Cgroup: Send {
     fn needs_attach(&self) -> bool {
         false
     }
-    /// Move `pid` in (a no-op where the child is born inside or moves itself).
-    fn attach(&self, pid: i32) -> Result<()>;
-    /// v1: the `tasks` files the child writes "0" to, moving itself in before exec. A
+    /// Move `pid` in (only when `needs_attach`; the child is otherwise born inside or moves
+    /// itself).
+    fn attach(&self, _pid: i32) -> Result<()> {
+        Ok(())
+    }    /// v1: the `tasks` files the child writes "0" to, moving itself in before exec. A
     /// single thread moving itself is the one migration that does not take
     /// cgroup_threadgroup_rwsem for writing, whose grace-period wait costs ~10 ms when
     /// cgroups were idle (any pid written to cgroup.procs or tasks takes it).
@@ -598,10 +600,6 @@ impl Cgroup for V1Cgroup {
         self.tracker.as_ref().and_then(|t| t.clone_fd())
     }
 
-    fn attach(&self, _pid: i32) -> Result<()> {
-        Ok(())
-    }
-
     fn self_attach_files(&self) -> Result<Vec<OwnedFd>> {
         open_tasks(&self.unique_dirs())
     }
@@ -746,10 +744,6 @@ impl Existing {
 impl Cgroup for Existing {
     fn clone_fd(&self) -> Option<RawFd> {
         self.fd.as_ref().map(|f| f.as_raw_fd())
-    }
-
-    fn attach(&self, _pid: i32) -> Result<()> {
-        Ok(())
     }
 
     fn self_attach_files(&self) -> Result<Vec<OwnedFd>> {
