@@ -1,13 +1,12 @@
 """Helpers shared by exec_latency.py and cgroup_cost.py (the machinery they share with
-start_latency.py -- Tool, Batch, timed_calls, measure, the crun worker's pipe protocol --
-is imported from start_latency.py itself, which stays self-contained)."""
+start_latency.py -- Tool, Batch, timed_calls, measure, the crun worker's pipe protocol, the
+environment record and the rich header -- is imported from start_latency.py itself, which
+stays self-contained)."""
 
 from __future__ import annotations
 
-import gc
 import random
 import sys
-import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -15,7 +14,7 @@ BENCHES = Path(__file__).resolve().parent
 if str(BENCHES) not in sys.path:  # `import start_latency` also when run from elsewhere
     sys.path.insert(0, str(BENCHES))
 
-from start_latency import Batch, median, quantile, timed_calls  # noqa: E402
+from start_latency import median, quantile  # noqa: E402
 
 BOOTSTRAP_SEED = 20240601
 
@@ -46,30 +45,6 @@ def flat(groups: Sequence[Sequence[float]], idx: Sequence[int]) -> List[float]:
     return [x for i in idx for x in groups[i]]
 
 
-def timed_calls_gap(call: Callable[[], int], n: int, gap_s: float) -> Batch:
-    """start_latency.timed_calls, with an untimed sleep of gap_s before every sample (so each
-    one is an isolated call, not one of a back-to-back series)."""
-    if gap_s <= 0:
-        return timed_calls(call, n)
-    samples: List[float] = []
-    failures = 0
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(n):
-            time.sleep(gap_s)
-            t0 = time.perf_counter_ns()
-            try:
-                rc = call()
-            except OSError:
-                rc = -1
-            samples.append((time.perf_counter_ns() - t0) / 1e9)
-            failures += rc != 0
-    finally:
-        gc.enable()
-    return Batch(n=n, failures=failures, samples_s=samples)
-
-
 def fmt_ms(x: Optional[float], digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -82,4 +57,4 @@ def verdict(ok: Optional[bool]) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
 
-__all__ = ["bootstrap", "ratio_interval", "flat", "timed_calls_gap", "fmt_ms", "fmt_signed_ms", "verdict", "median", "quantile"]
+__all__ = ["bootstrap", "ratio_interval", "flat", "fmt_ms", "fmt_signed_ms", "verdict", "median", "quantile"]

@@ -113,9 +113,11 @@ from start_latency import (  # noqa: E402
     Batch,
     Skip,
     SpawnLoop,
+    close_worker,
     environment,
     median,
     quantile,
+    rich_header,
     split,
     stale_note,
 )
@@ -169,26 +171,36 @@ def take(v: Variant, n: int) -> None:
         v.failures += rc != 0
 
 
-def measure_isolated(variants: List[Variant], rounds: int, gap_s: float) -> None:
-    """Rounds of one sample per variant, rotating, each after an untimed sleep of gap_s."""
+def in_rounds(what: str, rounds: int, one_round: Callable[[int], None]) -> None:
+    """one_round(r) for r in range(rounds), under a progress bar `what`, with the GC off
+    (collected every 10 rounds, outside the timings)."""
     from rich.progress import Progress
 
     gc.collect()
     gc.disable()
     try:
         with Progress(auto_refresh=False, transient=True) as progress:
-            task = progress.add_task(f"isolated samples ({gap_s * 1e3:g} ms apart)", total=rounds)
+            task = progress.add_task(what, total=rounds)
             for r in range(rounds):
-                k = r % len(variants)
-                for v in variants[k:] + variants[:k]:
-                    time.sleep(gap_s)
-                    take(v, 1)
+                one_round(r)
                 if r % 10 == 9:
                     gc.collect()
                 progress.update(task, advance=1)
                 progress.refresh()
     finally:
         gc.enable()
+
+
+def measure_isolated(variants: List[Variant], rounds: int, gap_s: float) -> None:
+    """Rounds of one sample per variant, rotating, each after an untimed sleep of gap_s."""
+
+    def one_round(r: int) -> None:
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:
+            time.sleep(gap_s)
+            take(v, 1)
+
+    in_rounds(f"isolated samples ({gap_s * 1e3:g} ms apart)", rounds, one_round)
 
 
 class RustMode(SpawnLoop):
@@ -199,7 +211,6 @@ class RustMode(SpawnLoop):
         self.cgroup = cgroup
         self.key = "rust-cg" if cgroup else "rust-nocg"
         self.name = "spawn_loop (cgroup)" if cgroup else "spawn_loop --no-cgroup"
-        self.reported_cgroup: Optional[bool] = None
 
     def argv(self, n: int) -> List[str]:
         return [str(self.binary), str(n), "default"] + ([] if self.cgroup else ["--no-cgroup"])
@@ -209,21 +220,10 @@ class RustMode(SpawnLoop):
         rel = self.binary.relative_to(ROOT) if self.binary.is_relative_to(ROOT) else self.binary
         self.command = f"{rel} N default{'' if self.cgroup else ' --no-cgroup'}"
 
-    def batch(self, n: int) -> Batch:
-        r = subprocess.run(self.argv(n), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-        if r.returncode != 0:
-            self._error = f"spawn_loop exited {r.returncode}: {r.stderr.strip()[-500:]}"
-            return Batch(n=n, failures=n)
-        out = json.loads(r.stdout)
-        self.reported_cgroup = bool(out.get("cgroup"))
-        return Batch(n=int(out["n"]), failures=0, median_s=out["median_us"] / 1e6, p90_s=out["p90_us"] / 1e6)
-
 
 def measure_host(variants: List[Variant], rust: List[RustMode], rounds: int, block: int, warmup: int,
                  rust_sizes: List[int]) -> Dict[str, List[Batch]]:
     """Rounds of `block` samples per variant, rotating; spawn_loop chunk pairs spread over them."""
-    from rich.progress import Progress
-
     for v in variants:
         take(v, warmup)
         v.samples.clear()
@@ -235,24 +235,16 @@ def measure_host(variants: List[Variant], rust: List[RustMode], rounds: int, blo
     at: Dict[int, List[int]] = {}
     for i in range(pairs):
         at.setdefault(min(rounds - 1, (2 * i + 1) * rounds // (2 * pairs)), []).append(i)
-    gc.collect()
-    gc.disable()
-    try:
-        with Progress(auto_refresh=False, transient=True) as progress:
-            task = progress.add_task("measuring", total=rounds)
-            for r in range(rounds):
-                k = r % len(variants)
-                for v in variants[k:] + variants[:k]:
-                    take(v, block)
-                for i in at.get(r, []):
-                    for m in (rust if i % 2 == 0 else rust[::-1]):
-                        rust_batches[m.key].append(m.batch(rust_sizes[i]))
-                if r % 10 == 9:
-                    gc.collect()
-                progress.update(task, advance=1)
-                progress.refresh()
-    finally:
-        gc.enable()
+
+    def one_round(r: int) -> None:
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:
+            take(v, block)
+        for i in at.get(r, []):
+            for m in (rust if i % 2 == 0 else rust[::-1]):
+                rust_batches[m.key].append(m.batch(rust_sizes[i]))
+
+    in_rounds("measuring", rounds, one_round)
     return rust_batches
 
 
@@ -288,17 +280,18 @@ class Diff:
         return v if self.conclusive or self.ok is None else f"{v} (interval crosses {TARGET_MS})"
 
 
+def _median_diff(a: List[List[float]], b: List[List[float]]) -> Callable[[List[int]], float]:
+    """median(b) - median(a) over the rounds (sample groups) given by index."""
+    return lambda ix: median(flat(b, ix)) - median(flat(a, ix))
+
+
 def diff_of_rounds(a: List[List[float]], b: List[List[float]], what: str, segments: int, resamples: int) -> Diff:
     """median(b) - median(a) of per-round sample groups (seconds in, ms out)."""
     n = min(len(a), len(b))
-    a, b = a[:n], b[:n]
-    idx = list(range(n))
-    d = (median(flat(b, idx)) - median(flat(a, idx))) * 1e3
-    lo, hi = bootstrap(lambda ix: median(flat(b, ix)) - median(flat(a, ix)), n, resamples)
-    segs = []
-    for size_start in _segments(n, segments):
-        ix = list(range(*size_start))
-        segs.append((median(flat(b, ix)) - median(flat(a, ix))) * 1e3)
+    stat = _median_diff(a[:n], b[:n])
+    d = stat(list(range(n))) * 1e3
+    lo, hi = bootstrap(stat, n, resamples)
+    segs = [stat(list(range(*start_end))) * 1e3 for start_end in _segments(n, segments)]
     return Diff(what, d, lo * 1e3, hi * 1e3, segs)
 
 
@@ -317,9 +310,9 @@ def chunk_diff(cg: List[Batch], nocg: List[Batch], what: str, resamples: int) ->
     n = min(len(a), len(c))
     if n == 0:
         return Diff(what, None)
-    idx = list(range(n))
-    d = (median(flat(c, idx)) - median(flat(a, idx))) * 1e3
-    lo, hi = bootstrap(lambda ix: median(flat(c, ix)) - median(flat(a, ix)), n, resamples)
+    stat = _median_diff(a, c)
+    d = stat(list(range(n))) * 1e3
+    lo, hi = bootstrap(stat, n, resamples)
     return Diff(what, d, lo * 1e3, hi * 1e3, [(c[i][0] - a[i][0]) * 1e3 for i in range(n)],
                 basis=f"{n} chunk pairs")
 
@@ -479,13 +472,7 @@ class AttachWorker:
         return self.receive()
 
     def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        close_worker(self.proc, 60)
 
 
 def _ratio_stats(num: List[List[float]], den: List[List[float]], segments: int, resamples: int,
@@ -605,13 +592,10 @@ def _range(xs: Sequence[float]) -> str:
 
 
 def print_vm(res: VmResult, env: Dict[str, Any], args: argparse.Namespace) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    console.print(f"[bold]cgroup v2 attach: CLONE_INTO_CGROUP vs cgroup.procs (in the VM)[/bold] — {env['date']}")
-    for k in ("kernel", "cpu", "python", "nsfast"):
-        console.print(f"  {k:8} {env[k]}", highlight=False, markup=False)
+    console = rich_header("cgroup v2 attach: CLONE_INTO_CGROUP vs cgroup.procs (in the VM)", env, None,
+                          ("kernel", "cpu", "python", "nsfast"))
     console.print(f"  {'run':8} {res.n_per_mode['clone_into']} samples per mode in turns of {args.vm_batch}, "
                   f"{res.rust_chunks_per_mode} spawn_loop chunks per mode; {env['elapsed_s']} s; load "
                   f"{' '.join(env['loadavg_start'])} at start, {' '.join(env['loadavg_end'])} at end", highlight=False)
@@ -699,18 +683,13 @@ class Row:
 
 def print_host(rows: List[Row], diffs: List[Diff], env: Dict[str, Any], notes: List[str], skipped: List[str],
                args: argparse.Namespace) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    console.print(f"[bold]Cost of the per-sandbox cgroup per spawn of /bin/true[/bold] — {env['date']}")
-    for k in ("kernel", "cpu", "python", "nsfast", "command"):
-        console.print(f"  {k:8} {env[k]}", highlight=False, markup=False)
-    console.print(f"  {'load':8} {' '.join(env['loadavg_start'])} at start, {' '.join(env['loadavg_end'])} at end"
-                  f"; {args.runs} rounds x {args.block} sample(s) per variant, warm-up {args.warmup}; "
-                  f"spawn_loop {args.rust_runs} per mode in {args.rust_chunks} chunks; then {args.isolated_runs} rounds "
-                  f"of isolated samples, {args.gap_ms:g} ms apart", highlight=False)
+    console = rich_header("Cost of the per-sandbox cgroup per spawn of /bin/true", env,
+                          f"{args.runs} rounds x {args.block} sample(s) per variant, warm-up {args.warmup}; "
+                          f"spawn_loop {args.rust_runs} per mode in {args.rust_chunks} chunks; then {args.isolated_runs} "
+                          f"rounds of isolated samples, {args.gap_ms:g} ms apart")
     t = Table(show_edge=False)
     for col, just in (("variant", "left"), ("n", "right"), ("median ms", "right"), ("p90 ms", "right"), ("ok", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]

@@ -77,13 +77,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fmt_ms, ratio_interval, timed_calls_gap, verdict  # noqa: E402
+from _common import fmt_ms, ratio_interval, verdict  # noqa: E402
 from start_latency import (  # noqa: E402
-    CRUN_SHELL,
     NS_ORDER,
     Batch,
     Collector,
@@ -94,9 +93,13 @@ from start_latency import (  # noqa: E402
     _oci_bundle,
     environment,
     measure,
+    ns_inodes,
     own_namespaces,
     quantile,
+    rich_header,
     stale_note,
+    timed_calls,
+    worker_pipes,
 )
 
 TRUE = ["/bin/true"]
@@ -107,10 +110,6 @@ JOIN_PROBE = ["/bin/sh", "-c", 'for n in /proc/self/ns/*; do echo "${n##*/} $(re
 NSENTER_TRIES = (["-a"], ["-m", "-u", "-i", "-n", "-p", "-C", "-r", "-w"])
 TARGETS = {"nsenter": 1.5, "crun": 10.0}  # Container.exec <= 1.5x nsenter; crun exec >= 10x Container.exec
 GAP_S = 0.0  # --gap-ms, before every sample of every tool (the crun worker gets it per request)
-
-
-def ns_inodes(pid: Any) -> Dict[str, str]:
-    return {n: os.readlink(f"/proc/{pid}/ns/{n}") for n in NS_ORDER if os.path.exists(f"/proc/{pid}/ns/{n}")}
 
 
 @dataclass
@@ -159,7 +158,7 @@ class CallTool(Tool):
 
     def batch(self, n: int) -> Batch:
         call = self._call
-        return timed_calls_gap(lambda: call(TRUE), n, GAP_S)
+        return timed_calls(lambda: call(TRUE), n, GAP_S)
 
 
 def nsfast_tools(c: Any) -> List[CallTool]:
@@ -261,8 +260,8 @@ class Floor(CallTool):
 
 class CrunExec(Crun):
     """`crun exec ID /bin/true` into a `crun run -d` container, timed inside one long-lived
-    `unshare -m` worker (this script, --crun-exec-worker). Batches and shutdown reuse
-    start_latency.Crun's pipe protocol."""
+    `unshare -m` worker (this script, --crun-exec-worker). The bundle's setup, the worker's
+    start, batches and shutdown reuse start_latency.Crun's (and its pipe protocol)."""
 
     key, name = "crun", "crun exec"
 
@@ -271,53 +270,26 @@ class CrunExec(Crun):
         self.joined = Joined()
 
     def start(self, host_ns: Dict[str, str]) -> None:
-        if shutil.which("crun") is None:
-            raise Skip("crun is not installed")
-        self._tmp = tempfile.TemporaryDirectory(prefix="nsfast-bench-crunexec-")
-        tmp = Path(self._tmp.name)
-        r = subprocess.run(["crun", "spec", "--bundle", str(tmp)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise Skip(f"crun spec failed: {r.stderr.strip()}")
-        spec = json.loads((tmp / "config.json").read_text())
-        rootfs = tmp / "rootfs"
-        (rootfs / "usr").mkdir(parents=True)
-        for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-            if (Path("/") / top).is_symlink():  # merged /usr: bin -> usr/bin, ...
-                (rootfs / top).symlink_to(os.readlink(Path("/") / top))
+        spec, rootfs, tmp = self._prepare("nsfast-bench-crunexec-")
         bundle = _oci_bundle(spec, rootfs, ["/bin/cat"], tmp / "idle")
-        worker = ["unshare", "-m", "sh", "-c", CRUN_SHELL, "sh",
-                  sys.executable, str(Path(__file__).resolve()), "--crun-exec-worker", str(bundle)]
         self.command = ("subprocess.run(['crun', 'exec', ID, '/bin/true']) in `unshare -m` without "
                         "/sys/fs/cgroup/unified; ID = `crun run -d` of an idle /bin/cat")
-        self._worker = subprocess.Popen(worker, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        hello = self._receive()
-        if "error" in hello:
-            raise Skip(hello["error"])
+        hello = self._start_worker(Path(__file__), ["--crun-exec-worker", str(bundle)])
         self.joined = joined(hello["probe"], hello["target_ns"], host_ns)
         self.namespaces = self.joined.ns_detail
         self.note = f"crun's container pid {hello['pid']}; cgroupfs v1 manager, crun exec joins its cgroups"
 
     def batch(self, n: int) -> Batch:
-        assert self._worker is not None and self._worker.stdin is not None
-        self._worker.stdin.write(f"{n} {GAP_S}\n")
-        reply = self._receive()
-        return Batch(n=n, failures=reply["failures"], samples_s=[s / 1e9 for s in reply["samples_ns"]])
+        return self._request(n, f"{n} {GAP_S}\n")
 
 
 def crun_exec_worker(bundle: str) -> None:
     """--crun-exec-worker: start the container, probe, then for each line "N" on stdin time N
     `crun exec`s and reply with one JSON line; on EOF kill and delete the container. crun
     and the container get /dev/null or a file as stdio, never the protocol pipes."""
-    requests: TextIO = os.fdopen(os.dup(0), "r")
-    replies: TextIO = os.fdopen(os.dup(1), "w", buffering=1)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(2, 1)
+    requests, reply, devnull = worker_pipes(os.O_RDWR)
     cid = f"nsfast-bench-exec-{os.getpid()}"
     keep_r, keep_w = os.pipe2(os.O_CLOEXEC)  # the container's stdin: EOF when we are gone
-
-    def reply(obj: Dict[str, Any]) -> None:
-        replies.write(json.dumps(obj) + "\n")
 
     with tempfile.TemporaryFile() as err:
         try:
@@ -343,7 +315,7 @@ def crun_exec_worker(bundle: str) -> None:
         argv = ["crun", "exec", cid, *TRUE]
         for line in requests:
             n, gap = line.split()
-            result = timed_calls_gap(lambda: subprocess.run(argv).returncode, int(n), float(gap))
+            result = timed_calls(lambda: subprocess.run(argv).returncode, int(n), float(gap))
             reply({"samples_ns": [round(s * 1e9) for s in result.samples_s], "failures": result.failures})
     except (OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
         reply({"error": f"crun container {cid}: {type(e).__name__}: {e}"})
@@ -439,18 +411,13 @@ def ok_text(r: Row) -> str:
 
 
 def print_rich(rows: List[Row], tg: List[Target], env: Dict[str, Any], args: argparse.Namespace) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    console.print(f"[bold]exec latency: /bin/true inside a running container[/bold] — {env['date']}")
-    for k in ("kernel", "cpu", "python", "nsfast", "command"):
-        console.print(f"  {k:8} {env[k]}", highlight=False, markup=False)
-    console.print(f"  {'load':8} {' '.join(env['loadavg_start'])} at start, {' '.join(env['loadavg_end'])} at end"
-                  f"; {args.runs} samples per tool, batches of {args.batch}, warm-up {args.warmup}; "
-                  + (f"{args.gap_ms:g} ms pause before every sample (isolated execs)" if args.gap_ms
-                     else "back-to-back (no --gap-ms)"), highlight=False)
+    console = rich_header("exec latency: /bin/true inside a running container", env,
+                          f"{args.runs} samples per tool, batches of {args.batch}, warm-up {args.warmup}; "
+                          + (f"{args.gap_ms:g} ms pause before every sample (isolated execs)" if args.gap_ms
+                             else "back-to-back (no --gap-ms)"))
     table = Table(show_edge=False)
     for col, just in (("tool", "left"), ("ns joined", "right"), ("cgroup", "left"), ("n", "right"),
                       ("median ms", "right"), ("p90 ms", "right"), ("vs Container.exec", "right"), ("ok", "left")):

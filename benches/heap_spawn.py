@@ -33,13 +33,10 @@ spawns once by each method under `strace -f -e trace=clone,clone3,fork,vfork`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import re
-import select
 import shlex
 import shutil
 import subprocess
@@ -48,9 +45,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
 
 import nsfast
+
+# The parent imports start_latency's helpers inside the functions that use them: a worker
+# imports nothing more than nsfast, so the small heap stays that of a bare interpreter.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TRUE = ["/bin/true"]
 GiB = 1 << 30
@@ -91,11 +92,6 @@ METHODS: Dict[str, Callable[[], int]] = {
     "os.posix_spawn": spawn_posix_spawn,
     "os.fork+execv": spawn_fork,
 }
-
-
-def quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank quantile, as in rust/examples/spawn_loop.rs."""
-    return sorted_values[round((len(sorted_values) - 1) * q)]
 
 
 # -- the worker (one per heap) ------------------------------------------------------------------
@@ -156,14 +152,9 @@ class Worker:
         self.hello: Dict[str, Any] = {}
 
     def receive(self) -> Dict[str, Any]:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], REPLY_TIMEOUT_S)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            raise RuntimeError(f"{self.heap}-heap worker {'timed out' if not ready else 'died'} "
-                               f"(exit status {self.proc.poll()})")
-        reply: Dict[str, Any] = json.loads(line)
-        return reply
+        from start_latency import receive_json
+
+        return receive_json(self.proc, f"{self.heap}-heap worker", REPLY_TIMEOUT_S)
 
     def request(self, method: str, n: int) -> Dict[str, Any]:
         assert self.proc.stdin is not None
@@ -171,15 +162,9 @@ class Worker:
         return self.receive()
 
     def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        from start_latency import close_worker
+
+        close_worker(self.proc)
 
 
 # -- which system call each method uses ---------------------------------------------------------
@@ -229,6 +214,8 @@ class Report:
 
 def measure(workers: List[Worker], runs: int, batch: int, warmup: int) -> Dict[str, Dict[str, Stats]]:
     """`runs` samples of every method in every worker, in rotating rounds of `batch`."""
+    from start_latency import quantile
+
     names = list(METHODS)
     samples: Dict[Tuple[str, str], List[float]] = {(w.heap, m): [] for w in workers for m in names}
     failures = dict.fromkeys(samples, 0)
@@ -253,14 +240,11 @@ def measure(workers: List[Worker], runs: int, batch: int, warmup: int) -> Dict[s
 
 
 def print_report(rep: Report) -> None:
-    from rich.console import Console
     from rich.table import Table
+    from start_latency import rich_header
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    env = rep.environment
-    console.print(f"[bold]Spawn latency of /bin/true with a small and a big Python heap[/bold] — {env['date']}")
-    for k in ("kernel", "cpu", "python", "thp", "command"):
-        console.print(f"  {k:8} {env[k]}", highlight=False, markup=False)
+    console = rich_header("Spawn latency of /bin/true with a small and a big Python heap", rep.environment, None,
+                          ("kernel", "cpu", "python", "thp", "command"))
     for heap in HEAPS:
         m = rep.memory_kib[heap]
         console.print(f"  {heap} heap: VmRSS {m['VmRSS'] / 1024:.0f} MiB, VmPTE (page tables) {m['VmPTE'] / 1024:.1f} MiB",
@@ -304,15 +288,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.runs < 1 or args.batch < 1 or args.warmup < 0:
         p.error("--runs and --batch must be positive, --warmup not negative")
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")
+    from start_latency import machine
+
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     rep = Report(
         environment={
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "kernel": f"{platform.system()} {os.uname().release} {os.uname().version}",
-            "cpu": f"{cpu} x {os.cpu_count()}",
-            "python": f"{platform.python_implementation()} {platform.python_version()}",
+            **machine(),
             "thp": "transparent_hugepage " + (thp.read_text().strip() if thp.exists() else "?"),
             "command": shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])]),
         },

@@ -61,7 +61,10 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple, Type
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 ROOT = Path(__file__).resolve().parent.parent
 SPAWN_LOOP = ROOT / "target" / "release" / "examples" / "spawn_loop"
@@ -95,8 +98,13 @@ def median(values: Sequence[float]) -> float:
 # -- namespaces ---------------------------------------------------------------------------------
 
 
+def ns_inodes(pid: Any) -> Dict[str, str]:
+    """The namespaces of /proc/PID (an int or "self"), as "TYPE:[INODE]" by type."""
+    return {n: os.readlink(f"/proc/{pid}/ns/{n}") for n in NS_ORDER if os.path.exists(f"/proc/{pid}/ns/{n}")}
+
+
 def own_namespaces() -> Dict[str, str]:
-    return {n: os.readlink(f"/proc/self/ns/{n}") for n in NS_ORDER if os.path.exists(f"/proc/self/ns/{n}")}
+    return ns_inodes("self")
 
 
 def new_namespaces(probe_output: str, host: Dict[str, str]) -> str:
@@ -148,14 +156,18 @@ class Tool(ABC):
         """Release what start() set up."""
 
 
-def timed_calls(call: Callable[[], int], n: int) -> Batch:
-    """n samples of `call` (which returns an exit status), timed one by one, GC off."""
+def timed_calls(call: Callable[[], int], n: int, gap_s: float = 0.0) -> Batch:
+    """n samples of `call` (which returns an exit status), timed one by one, GC off; with
+    gap_s > 0, an untimed sleep of gap_s before every sample (so each one is an isolated
+    call, not one of a back-to-back series)."""
     samples: List[float] = []
     failures = 0
     gc.collect()
     gc.disable()
     try:
         for _ in range(n):
+            if gap_s > 0:
+                time.sleep(gap_s)
             t0 = time.perf_counter_ns()
             try:
                 rc = call()
@@ -266,14 +278,67 @@ class SpawnLoop(Tool):
             raise Skip(self._error or "spawn_loop failed")
 
     _error = ""
+    reported_cgroup: Optional[bool] = None  # whether the last batch said it used a cgroup
+
+    def argv(self, n: int) -> List[str]:
+        return [str(self.binary), str(n)]
 
     def batch(self, n: int) -> Batch:
-        r = subprocess.run([str(self.binary), str(n)], capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        r = subprocess.run(self.argv(n), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
         if r.returncode != 0:
             self._error = f"spawn_loop exited {r.returncode}: {r.stderr.strip()[-500:]}"
             return Batch(n=n, failures=n)
         out = json.loads(r.stdout)
+        self.reported_cgroup = bool(out.get("cgroup"))
         return Batch(n=int(out["n"]), failures=0, median_s=out["median_us"] / 1e6, p90_s=out["p90_us"] / 1e6)
+
+
+# -- long-lived workers fed over a pipe (one request line in, one JSON line out) ----------------
+
+
+def worker_pipes(devnull_flags: int = os.O_RDONLY) -> Tuple[TextIO, Callable[[Dict[str, Any]], None], int]:
+    """In a worker: its requests (the stdin pipe), a function that sends one JSON reply line
+    (on the stdout pipe), and a /dev/null fd opened with devnull_flags. fd 0 becomes that
+    /dev/null and fd 1 our stderr, so what the worker runs never touches the protocol pipes."""
+    requests: TextIO = os.fdopen(os.dup(0), "r")
+    replies: TextIO = os.fdopen(os.dup(1), "w", buffering=1)
+    devnull = os.open(os.devnull, devnull_flags)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+
+    def reply(obj: Dict[str, Any]) -> None:
+        replies.write(json.dumps(obj) + "\n")
+
+    return requests, reply, devnull
+
+
+def receive_json(proc: subprocess.Popen[str], what: str, timeout_s: float = WORKER_TIMEOUT_S,
+                 error: Type[Exception] = RuntimeError) -> Dict[str, Any]:
+    """The next JSON line from a worker's stdout; error("WHAT timed out|died (exit status N)")
+    if none comes within timeout_s."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        raise error(f"{what} {'timed out' if not ready else 'died'} (exit status {proc.poll()})")
+    reply: Dict[str, Any] = json.loads(line)
+    return reply
+
+
+def close_worker(proc: subprocess.Popen[str], timeout_s: float = 30) -> None:
+    """Close a worker's stdin (its EOF), wait for it to exit (killed after timeout_s), close its stdout."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+# -- crun ---------------------------------------------------------------------------------------
 
 
 def _oci_bundle(spec: Dict[str, Any], rootfs: Path, args: List[str], directory: Path) -> Path:
@@ -302,9 +367,22 @@ class Crun(Tool):
         self._worker: Optional[subprocess.Popen[str]] = None
 
     def start(self, host_ns: Dict[str, str]) -> None:
+        spec, rootfs, tmp = self._prepare("nsfast-bench-crun-")
+        bundle = _oci_bundle(spec, rootfs, TRUE, tmp / "true")
+        probe = _oci_bundle(spec, rootfs, NS_PROBE, tmp / "probe")
+        self.command = (f"subprocess.run(['crun', 'run', '--bundle', {str(bundle)!r}, ID]) in "
+                        f"`unshare -m` without /sys/fs/cgroup/unified")
+        hello = self._start_worker(Path(__file__), ["--crun-worker", str(bundle), str(probe)])
+        self.namespaces = new_namespaces(hello["ns_probe"], host_ns)
+        self.note = "cgroupfs v1 manager; its cgroup create/remove is part of each sample"
+
+    def _prepare(self, prefix: str) -> Tuple[Dict[str, Any], Path, Path]:
+        """Skip unless crun is installed; else a temporary directory (removed by close()) with
+        `crun spec`'s config and an empty rootfs with the host's /bin, /lib... symlinks, for
+        _oci_bundle: (spec, rootfs, directory)."""
         if shutil.which("crun") is None:
             raise Skip("crun is not installed")
-        self._tmp = tempfile.TemporaryDirectory(prefix="nsfast-bench-crun-")
+        self._tmp = tempfile.TemporaryDirectory(prefix=prefix)
         tmp = Path(self._tmp.name)
         r = subprocess.run(["crun", "spec", "--bundle", str(tmp)], capture_output=True, text=True)
         if r.returncode != 0:
@@ -315,45 +393,35 @@ class Crun(Tool):
         for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
             if (Path("/") / top).is_symlink():  # merged /usr: bin -> usr/bin, ...
                 (rootfs / top).symlink_to(os.readlink(Path("/") / top))
-        bundle = _oci_bundle(spec, rootfs, TRUE, tmp / "true")
-        probe = _oci_bundle(spec, rootfs, NS_PROBE, tmp / "probe")
-        worker = ["unshare", "-m", "sh", "-c", CRUN_SHELL, "sh",
-                  sys.executable, str(Path(__file__).resolve()), "--crun-worker", str(bundle), str(probe)]
-        self.command = (f"subprocess.run(['crun', 'run', '--bundle', {str(bundle)!r}, ID]) in "
-                        f"`unshare -m` without /sys/fs/cgroup/unified")
+        return spec, rootfs, tmp
+
+    def _start_worker(self, script: Path, worker_args: List[str]) -> Dict[str, Any]:
+        """Start `script worker_args...` as the worker in `unshare -m` without
+        /sys/fs/cgroup/unified; its hello, or Skip with the error it reports."""
+        worker = ["unshare", "-m", "sh", "-c", CRUN_SHELL, "sh", sys.executable, str(script.resolve()), *worker_args]
         self._worker = subprocess.Popen(worker, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         hello = self._receive()
         if "error" in hello:
             raise Skip(hello["error"])
-        self.namespaces = new_namespaces(hello["ns_probe"], host_ns)
-        self.note = "cgroupfs v1 manager; its cgroup create/remove is part of each sample"
+        return hello
 
     def _receive(self) -> Dict[str, Any]:
-        assert self._worker is not None and self._worker.stdout is not None
-        ready, _, _ = select.select([self._worker.stdout], [], [], WORKER_TIMEOUT_S)
-        line = self._worker.stdout.readline() if ready else ""
-        if not line:
-            raise Skip(f"crun worker {'timed out' if not ready else 'died'} (exit status {self._worker.poll()})")
-        reply: Dict[str, Any] = json.loads(line)
-        return reply
+        assert self._worker is not None
+        return receive_json(self._worker, "crun worker", error=Skip)
 
-    def batch(self, n: int) -> Batch:
+    def _request(self, n: int, line: str) -> Batch:
+        """Send the worker one request line (for n samples); its samples."""
         assert self._worker is not None and self._worker.stdin is not None
-        self._worker.stdin.write(f"{n}\n")
+        self._worker.stdin.write(line)
         reply = self._receive()
         return Batch(n=n, failures=reply["failures"], samples_s=[s / 1e9 for s in reply["samples_ns"]])
 
+    def batch(self, n: int) -> Batch:
+        return self._request(n, f"{n}\n")
+
     def close(self) -> None:
         if self._worker is not None:
-            if self._worker.stdin is not None:
-                self._worker.stdin.close()
-            try:
-                self._worker.wait(30)
-            except subprocess.TimeoutExpired:
-                self._worker.kill()
-                self._worker.wait()
-            if self._worker.stdout is not None:
-                self._worker.stdout.close()
+            close_worker(self._worker)
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -362,11 +430,7 @@ def crun_worker(bundle: str, probe_bundle: str) -> None:
     """--crun-worker: probe, then for each line "N" on stdin time N `crun run`s and reply
     with one JSON line. crun and its containers get /dev/null as stdin and our stderr as
     stdout, never the protocol pipes."""
-    requests: TextIO = os.fdopen(os.dup(0), "r")
-    replies: TextIO = os.fdopen(os.dup(1), "w", buffering=1)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.dup2(2, 1)
+    requests, reply, _ = worker_pipes()
     prefix = f"nsfast-bench-{os.getpid()}-"
     count = 0
 
@@ -374,9 +438,6 @@ def crun_worker(bundle: str, probe_bundle: str) -> None:
         nonlocal count
         count += 1
         return f"{prefix}{count}"
-
-    def reply(obj: Dict[str, Any]) -> None:
-        replies.write(json.dumps(obj) + "\n")
 
     try:
         probe = subprocess.run(["crun", "run", "--bundle", probe_bundle, next_id()], capture_output=True,
@@ -502,9 +563,8 @@ def _first_line(argv: List[str]) -> str:
         return "?"
 
 
-def environment(argv: List[str]) -> Dict[str, Any]:
-    import nsfast
-
+def machine() -> Dict[str, str]:
+    """date (now), kernel, cpu and python: the head of every script's environment record."""
     cpu = "?"
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -516,6 +576,14 @@ def environment(argv: List[str]) -> Dict[str, Any]:
         "kernel": f"{platform.system()} {os.uname().release} {os.uname().version}",
         "cpu": f"{cpu} x {os.cpu_count()}",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
+    }
+
+
+def environment(argv: List[str]) -> Dict[str, Any]:
+    import nsfast
+
+    return {
+        **machine(),
         "nsfast": f"{nsfast.__version__} ({Path(nsfast.__file__).parent}), git {_first_line(['git', '-C', str(ROOT), 'describe', '--always', '--dirty'])}",
         "tools": {t: _first_line([t, "--version"]) for t in ("unshare", "bwrap", "crun")},
         "command": shlex.join(argv),
@@ -544,17 +612,29 @@ def finish_rows(collectors: List[Collector], skipped: List[Row]) -> List[Row]:
     return rows + skipped
 
 
-def print_rich(rows: List[Row], env: Dict[str, Any], args: argparse.Namespace) -> None:
+def rich_header(title: str, env: Mapping[str, Any], settings: Optional[str],
+                keys: Sequence[str] = ("kernel", "cpu", "python", "nsfast", "command")) -> Console:
+    """A rich Console (140 columns unless on a terminal) that has printed the title with the
+    date, the environment's `keys`, and unless settings is None a line with the load at start
+    and end, then `settings`."""
     from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(f"[bold]{title}[/bold] — {env['date']}")
+    for k in keys:
+        console.print(f"  {k:8} {env[k]}", highlight=False, markup=False)
+    if settings is not None:
+        console.print(f"  {'load':8} {' '.join(env['loadavg_start'])} at start, {' '.join(env['loadavg_end'])} at end"
+                      f"; {settings}", highlight=False)
+    return console
+
+
+def print_rich(rows: List[Row], env: Dict[str, Any], args: argparse.Namespace) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    console.print(f"[bold]Start latency of /bin/true in a sandbox[/bold] — {env['date']}")
-    for k in ("kernel", "cpu", "python", "nsfast", "command"):
-        console.print(f"  {k:8} {env[k]}", highlight=False, markup=False)
-    console.print(f"  {'load':8} {' '.join(env['loadavg_start'])} at start, {' '.join(env['loadavg_end'])} at end"
-                  f"; {args.runs} samples per tool, batches of {args.batch}, warm-up {args.warmup}", highlight=False)
+    console = rich_header("Start latency of /bin/true in a sandbox", env,
+                          f"{args.runs} samples per tool, batches of {args.batch}, warm-up {args.warmup}")
     table = Table(show_edge=False)
     table.add_column("tool")
     table.add_column("new namespaces")
