@@ -297,3 +297,19 @@ def test_exec_refuses_a_time_namespace_instead_of_skipping_it():
             c.exec(["true"])
         r = nsfast.enter(c.pid, ["hostname"], namespaces=["uts", "mnt"], capture_output=True, text=True)
         assert r.returncode == 0
+
+
+def test_mount_targets_in_a_rootfs_resolve_inside_it(busybox_root, tmp_path):
+    # An absolute symlink in the rootfs must lead to the rootfs's /etc, not the host's.
+    root = tmp_path / "root"
+    shutil.copytree(busybox_root, root, symlinks=True)
+    os.symlink("/etc", root / "data")
+    (tmp_path / "payload").mkdir()
+    (tmp_path / "payload" / "marker").write_text("bound\n")
+    r = nsfast.run(["sh", "-c", "cat /etc/marker; ls /data/"], rootfs=str(root), env={"PATH": "/bin"},
+                   mounts=[nsfast.Bind(str(tmp_path / "payload"), "/data")], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "bound\nmarker\n", r
+    os.rmdir(root / "tmp")
+    os.symlink("/var", root / "tmp")
+    with pytest.raises(ValueError, match="symlink at /tmp"):
+        nsfast.run(["true"], rootfs=str(root))

@@ -7,11 +7,10 @@
 //! on `/tmp`, the user's mounts, then `pivot_root(".", ".")` and a lazy unmount of the old
 //! root. Propagation is made private first, so the host's mount table never changes.
 
-use std::ffi::CString;
-#[cfg(test)]
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, OwnedFd};
 
-use rustix::fs::{Mode, OFlags, CWD};
+use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
 use rustix::io::Errno;
 use rustix::mount::{MountFlags, MountPropagationFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags};
 
@@ -28,10 +27,11 @@ pub enum FsOp {
     /// Clone the tree at `src`, create `ensure_dirs` in it if missing, make it read-only
     /// (recursive) if asked, attach it on top of `/` and chdir into it.
     EnterRoot { src: CString, readonly: bool, ensure_dirs: Vec<CString> },
-    /// mount(2) of a filesystem.
-    Mount { fstype: CString, dst: CString, flags: MountFlags, data: CString },
+    /// mount(2) of a filesystem. `in_root`: resolve `dst` inside the new root
+    /// (RESOLVE_IN_ROOT), for targets in a user's rootfs, whose symlinks we do not trust.
+    Mount { fstype: CString, dst: CString, flags: MountFlags, data: CString, in_root: bool },
     /// Bind `src` onto `dst` (recursive when asked), read-only when asked.
-    Bind { src: CString, dst: CString, recursive: bool, readonly: bool },
+    Bind { src: CString, dst: CString, recursive: bool, readonly: bool, in_root: bool },
     Mkdir { path: CString, mode: u32 },
     Touch { path: CString },
     Symlink { target: CString, link: CString },
@@ -77,11 +77,20 @@ pub fn normalize_target(path: &[u8]) -> Option<Vec<u8>> {
     Some(parts.join(&b'/'))
 }
 
-/// What the planner may ask about the host: None if `path` does not exist, else is-a-dir.
-pub type Probe<'a> = &'a dyn Fn(&[u8]) -> Option<bool>;
+/// What the planner may ask about the filesystem.
+pub struct Probes<'a> {
+    /// A host path: None if it does not exist, else whether it is a directory.
+    pub host: &'a dyn Fn(&[u8]) -> Option<bool>,
+    /// A path inside `rootfs`, resolved as the sandbox sees it (symlinks stay inside the
+    /// root, RESOLVE_IN_ROOT): same answer.
+    pub in_root: &'a dyn Fn(&[u8], &[u8]) -> Option<bool>,
+    /// A path inside `rootfs`: is it itself a symlink?
+    pub is_link: &'a dyn Fn(&[u8], &[u8]) -> bool,
+}
 
 /// Build the filesystem plan. `rootfs` None means the host root.
-pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probe: Probe) -> Result<Vec<FsStep>> {
+pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probes: &Probes) -> Result<Vec<FsStep>> {
+    let probe = probes.host;
     let mut steps = Vec::new();
     let mut push = |op: FsOp, step: String, path: String| steps.push(FsStep { op, step, path });
 
@@ -108,9 +117,20 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probe: Prob
         p
     };
 
+    // A user's rootfs: targets resolve inside it, as the sandbox will see them.
+    let in_root = rootfs.is_some();
+    let exists = |rel: &[u8]| if in_root { (probes.in_root)(&root, rel) } else { probe(&host_path(rel)) };
+    if in_root {
+        for d in ["proc", "dev", "tmp"] {
+            if (probes.is_link)(&root, d.as_bytes()) {
+                return Err(Error::invalid("rootfs", format!("has a symlink at /{d}; nsfast mounts a fresh {d} there and needs a directory or nothing")));
+            }
+        }
+    }
+
     push(FsOp::MakePrivate, "make / private".into(), "/".into());
     let ensure_dirs =
-        if rootfs.is_some() { ["proc", "dev", "tmp"].iter().filter(|d| probe(&host_path(d.as_bytes())).is_none()).map(|d| c(*d)).collect() } else { vec![] };
+        if in_root { ["proc", "dev", "tmp"].iter().filter(|d| exists(d.as_bytes()).is_none()).map(|d| c(*d)).collect() } else { vec![] };
     push(
         FsOp::EnterRoot { src: c(root.clone()), readonly, ensure_dirs },
         "bind root".into(),
@@ -122,12 +142,13 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probe: Prob
             dst: c("proc"),
             flags: MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
             data: c(""),
+            in_root: false,
         },
         "mount /proc".into(),
         "/proc".into(),
     );
     push(
-        FsOp::Mount { fstype: c("tmpfs"), dst: c("dev"), flags: MountFlags::NOSUID | MountFlags::NOEXEC, data: c("mode=0755,size=64k") },
+        FsOp::Mount { fstype: c("tmpfs"), dst: c("dev"), flags: MountFlags::NOSUID | MountFlags::NOEXEC, data: c("mode=0755,size=64k"), in_root: false },
         "mount /dev".into(),
         "/dev".into(),
     );
@@ -135,7 +156,7 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probe: Prob
         let dst = format!("dev/{node}");
         push(FsOp::Touch { path: c(dst.clone()) }, format!("create /{dst}"), format!("/{dst}"));
         push(
-            FsOp::Bind { src: c(format!("/dev/{node}")), dst: c(dst.clone()), recursive: false, readonly: false },
+            FsOp::Bind { src: c(format!("/dev/{node}")), dst: c(dst.clone()), recursive: false, readonly: false, in_root: false },
             format!("bind /{dst}"),
             format!("/{dst}"),
         );
@@ -145,13 +166,13 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probe: Prob
     }
     push(FsOp::Mkdir { path: c("dev/shm"), mode: 0o755 }, "mkdir /dev/shm".into(), "/dev/shm".into());
     push(
-        FsOp::Mount { fstype: c("tmpfs"), dst: c("dev/shm"), flags: MountFlags::NOSUID | MountFlags::NODEV, data: c("mode=1777") },
+        FsOp::Mount { fstype: c("tmpfs"), dst: c("dev/shm"), flags: MountFlags::NOSUID | MountFlags::NODEV, data: c("mode=1777"), in_root: false },
         "mount /dev/shm".into(),
         "/dev/shm".into(),
     );
     push(FsOp::ReadOnly { path: c("dev") }, "remount /dev read-only".into(), "/dev".into());
     push(
-        FsOp::Mount { fstype: c("tmpfs"), dst: c("tmp"), flags: MountFlags::NOSUID | MountFlags::NODEV, data: c("mode=1777") },
+        FsOp::Mount { fstype: c("tmpfs"), dst: c("tmp"), flags: MountFlags::NOSUID | MountFlags::NODEV, data: c("mode=1777"), in_root: false },
         "mount /tmp".into(),
         "/tmp".into(),
     );
@@ -193,7 +214,7 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probe: Prob
                     push(op, format!("create mount target {shown}"), shown.clone());
                 }
             }
-            None => match probe(&host_path(&dst)) {
+            None => match exists(&dst) {
                 None if rootfs.is_none() => {
                     return Err(Error::invalid(
                         "mounts",
@@ -212,7 +233,7 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probe: Prob
         }
         match m {
             Mount::Bind { src, readonly, .. } => push(
-                FsOp::Bind { src: c(src.clone()), dst: c(dst.clone()), recursive: true, readonly: *readonly },
+                FsOp::Bind { src: c(src.clone()), dst: c(dst.clone()), recursive: true, readonly: *readonly, in_root },
                 format!("bind {} -> {shown}", show(src)),
                 show(src),
             ),
@@ -222,7 +243,13 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probe: Prob
                     None => "mode=0755".to_owned(),
                 };
                 push(
-                    FsOp::Mount { fstype: c("tmpfs"), dst: c(dst.clone()), flags: MountFlags::NOSUID | MountFlags::NODEV, data: c(data) },
+                    FsOp::Mount {
+                        fstype: c("tmpfs"),
+                        dst: c(dst.clone()),
+                        flags: MountFlags::NOSUID | MountFlags::NODEV,
+                        data: c(data),
+                        in_root,
+                    },
                     format!("mount tmpfs {shown}"),
                     shown.clone(),
                 );
@@ -232,6 +259,40 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probe: Prob
     }
     push(FsOp::PivotRoot, "pivot_root".into(), show(&root));
     Ok(steps)
+}
+
+/// Child-safe: an O_PATH fd of `path` (relative to the cwd, the new root) resolved with the
+/// new root as "/" (symlinks cannot lead out of it).
+fn resolve_in_root(path: &CStr) -> std::result::Result<OwnedFd, Errno> {
+    rustix::fs::openat2(
+        CWD,
+        path,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
+/// Child-safe: "/proc/self/fd/N" in `buf`, to mount onto what an O_PATH fd names.
+fn fd_path(buf: &mut [u8; 32], fd: i32) -> &CStr {
+    const PREFIX: &[u8] = b"/proc/self/fd/";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 10];
+    let mut n = fd.max(0) as u32;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[PREFIX.len() + i] = digits[len - 1 - i];
+    }
+    buf[PREFIX.len() + len] = 0;
+    CStr::from_bytes_until_nul(&buf[..]).unwrap_or(c"")
 }
 
 /// Child-safe: run one step.
@@ -257,10 +318,29 @@ pub fn run(op: &FsOp) -> std::result::Result<(), Errno> {
             rustix::mount::move_mount(&tree, c"", CWD, c"/", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
             rustix::process::fchdir(&tree)
         }
-        FsOp::Mount { fstype, dst, flags, data } => {
+        FsOp::Mount { fstype, dst, flags, data, in_root: true } => {
+            let target = resolve_in_root(dst)?;
+            let mut buf = [0u8; 32];
+            let at = fd_path(&mut buf, target.as_raw_fd());
+            rustix::mount::mount(fstype.as_c_str(), at, fstype.as_c_str(), *flags, Some(data.as_c_str()))
+        }
+        FsOp::Mount { fstype, dst, flags, data, in_root: false } => {
             rustix::mount::mount(fstype.as_c_str(), dst.as_c_str(), fstype.as_c_str(), *flags, Some(data.as_c_str()))
         }
-        FsOp::Bind { src, dst, recursive, readonly } => {
+        FsOp::Bind { src, dst, recursive, readonly, in_root: true } => {
+            let target = resolve_in_root(dst)?;
+            let mut how = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+            if *recursive {
+                how |= OpenTreeFlags::AT_RECURSIVE;
+            }
+            let tree = rustix::mount::open_tree(CWD, src.as_c_str(), how)?;
+            if *readonly {
+                sys::mount_setattr(tree.as_raw_fd(), c"", sys::MOUNT_ATTR_RDONLY, *recursive)?;
+            }
+            let both = MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH;
+            rustix::mount::move_mount(&tree, c"", &target, c"", both)
+        }
+        FsOp::Bind { src, dst, recursive, readonly, in_root: false } => {
             if *recursive {
                 rustix::mount::mount_bind_recursive(src.as_c_str(), dst.as_c_str())?;
             } else {
@@ -306,8 +386,15 @@ mod tests {
         }
     }
 
+    fn in_root(root: &[u8], rel: &[u8]) -> Option<bool> {
+        let mut p = root.to_vec();
+        p.push(b'/');
+        p.extend_from_slice(rel);
+        host(&p)
+    }
+
     fn steps(rootfs: Option<&[u8]>, mounts: &[Mount]) -> Result<Vec<FsStep>> {
-        plan(rootfs, true, mounts, &host)
+        plan(rootfs, true, mounts, &Probes { host: &host, in_root: &in_root, is_link: &|_, _| false })
     }
 
     #[test]
@@ -343,11 +430,11 @@ mod tests {
         ];
         let s = steps(None, &m).unwrap();
         let tail: Vec<&FsOp> = s.iter().rev().skip(1).take(5).map(|st| &st.op).collect();
-        assert_eq!(*tail[0], FsOp::Bind { src: c("/etc/hosts"), dst: c("opt/x/hosts"), recursive: true, readonly: false });
+        assert_eq!(*tail[0], FsOp::Bind { src: c("/etc/hosts"), dst: c("opt/x/hosts"), recursive: true, readonly: false, in_root: false });
         assert_eq!(*tail[1], FsOp::Touch { path: c("opt/x/hosts") });
         assert_eq!(*tail[2], FsOp::Mkdir { path: c("opt/x"), mode: 0o755 });
         assert!(matches!(tail[3], FsOp::Mount { dst, data, .. } if cstr(dst) == "opt" && cstr(data) == "mode=0755,size=1048576"));
-        assert_eq!(*tail[4], FsOp::Bind { src: c("/home/u/data"), dst: c("srv"), recursive: true, readonly: true });
+        assert_eq!(*tail[4], FsOp::Bind { src: c("/home/u/data"), dst: c("srv"), recursive: true, readonly: true, in_root: false });
     }
 
     #[test]
@@ -367,6 +454,23 @@ mod tests {
         }
         assert!(steps(Some(b"/nope"), &[]).err().unwrap().to_string().contains("rootfs: does not exist: /nope"));
         assert!(steps(Some(b"/etc/hosts"), &[]).err().unwrap().to_string().contains("not a directory"));
+    }
+
+    #[test]
+    fn rootfs_targets_resolve_inside_the_root() {
+        let m = [Mount::Tmpfs { dst: b"/work".to_vec(), size: None }];
+        let s = steps(Some(b"/rootfs"), &m).unwrap();
+        assert!(s.iter().any(|st| matches!(&st.op, FsOp::Mount { dst, in_root: true, .. } if cstr(dst) == "work")));
+        let links = |_: &[u8], rel: &[u8]| rel == b"dev";
+        let err = plan(Some(b"/rootfs"), true, &[], &Probes { host: &host, in_root: &in_root, is_link: &links }).err().unwrap();
+        assert!(err.to_string().contains("symlink at /dev"), "{err}");
+    }
+
+    #[test]
+    fn fd_paths_are_proc_self_fd() {
+        let mut buf = [0u8; 32];
+        assert_eq!(fd_path(&mut buf, 1234), c"/proc/self/fd/1234");
+        assert_eq!(fd_path(&mut buf, 0), c"/proc/self/fd/0");
     }
 
     #[test]

@@ -201,6 +201,28 @@ pub fn exec_candidates(argv0: &[u8], path: Option<&[u8]>) -> Vec<Vec<u8>> {
         .collect()
 }
 
+fn os(p: &[u8]) -> &std::ffi::OsStr {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::OsStr::from_bytes(p)
+}
+
+fn host_probe(p: &[u8]) -> Option<bool> {
+    std::fs::metadata(os(p)).ok().map(|m| m.is_dir())
+}
+
+/// `rel` inside `root`, resolved with `root` as "/" (as the sandbox will see it).
+fn in_root_probe(root: &[u8], rel: &[u8]) -> Option<bool> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let dir = rustix::fs::open(os(root), OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+    let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+    let fd = rustix::fs::openat2(&dir, os(rel), OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), how).ok()?;
+    rustix::fs::fstat(&fd).ok().map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory)
+}
+
+fn is_link_probe(root: &[u8], rel: &[u8]) -> bool {
+    std::fs::symlink_metadata(std::path::Path::new(os(root)).join(os(rel))).is_ok_and(|m| m.file_type().is_symlink())
+}
+
 /// The highest capability number this kernel knows.
 pub fn cap_last_cap() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
@@ -246,10 +268,8 @@ impl Plan {
             .then_some(SetIds { uid: spec.uid, gid: spec.gid });
 
         let fs = if mnt_ns {
-            mount::plan(spec.rootfs.as_deref(), spec.readonly_root, &spec.mounts, &|p| {
-                use std::os::unix::ffi::OsStrExt;
-                std::fs::metadata(std::ffi::OsStr::from_bytes(p)).ok().map(|m| m.is_dir())
-            })?
+            let probes = mount::Probes { host: &host_probe, in_root: &in_root_probe, is_link: &is_link_probe };
+            mount::plan(spec.rootfs.as_deref(), spec.readonly_root, &spec.mounts, &probes)?
         } else {
             Vec::new()
         };
