@@ -77,13 +77,16 @@ pub fn normalize_target(path: &[u8]) -> Option<Vec<u8>> {
     Some(parts.join(&b'/'))
 }
 
+/// `(root, path inside it)` -> None if it does not exist, else whether it is a directory.
+pub type InRootProbe<'a> = &'a dyn Fn(&[u8], &[u8]) -> Option<bool>;
+
 /// What the planner may ask about the filesystem.
 pub struct Probes<'a> {
     /// A host path: None if it does not exist, else whether it is a directory.
     pub host: &'a dyn Fn(&[u8]) -> Option<bool>,
     /// A path inside `rootfs`, resolved as the sandbox sees it (symlinks stay inside the
-    /// root, RESOLVE_IN_ROOT): same answer.
-    pub in_root: &'a dyn Fn(&[u8], &[u8]) -> Option<bool>,
+    /// root, RESOLVE_IN_ROOT).
+    pub in_root: InRootProbe<'a>,
     /// A path inside `rootfs`: is it itself a symlink?
     pub is_link: &'a dyn Fn(&[u8], &[u8]) -> bool,
 }
