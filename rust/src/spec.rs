@@ -223,12 +223,13 @@ fn is_link_probe(root: &[u8], rel: &[u8]) -> bool {
     std::fs::symlink_metadata(std::path::Path::new(os(root)).join(os(rel))).is_ok_and(|m| m.file_type().is_symlink())
 }
 
-/// The highest capability number this kernel knows.
+/// The highest capability number this kernel knows (read once: it is fixed at boot, and
+/// Plan::build is on the spawn path).
 pub fn cap_last_cap() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40)
+    static LAST: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *LAST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40)
+    })
 }
 
 impl Plan {

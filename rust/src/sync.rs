@@ -153,7 +153,7 @@ impl ChildChannel {
         crate::sys::close(self.go_parent);
         let mut b = [0u8; 1];
         loop {
-            let fd = unsafe_borrow(self.go);
+            let fd = crate::sys::borrow_fd(self.go);
             match rustix::io::read(fd, &mut b) {
                 Ok(1) => return Ok(()),
                 Ok(_) => return Err(Errno::PIPE),
@@ -166,13 +166,9 @@ impl ChildChannel {
     /// Child-safe: report a failed step and exit.
     pub fn fail(&self, step: Step, index: u32, errno: Errno) -> ! {
         let rec = ChildError { step: step as u32, index, errno: errno.raw_os_error() }.encode();
-        let _ = rustix::io::write(unsafe_borrow(self.report), &rec);
+        let _ = rustix::io::write(crate::sys::borrow_fd(self.report), &rec);
         crate::sys::exit_now(127)
     }
-}
-
-fn unsafe_borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
-    crate::sys::borrow_fd(fd)
 }
 
 impl ParentChannel {
