@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod error;
 pub mod mount;
 pub mod ns;
+pub mod seccomp;
 pub mod spawn;
 pub mod spec;
 pub mod sync;
