@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
+import struct
 import subprocess
 import sys
+import termios
+import tty
 
 import psutil
 import pytest
 
-from conftest import suite
+from conftest import PY_ERRNO, suite
 
 pytestmark = suite
 
@@ -133,3 +139,75 @@ def test_run_help_lists_the_borrowed_flags():
     assert r.returncode == 0
     for flag in ("--bind", "--ro-bind", "--tmpfs", "--hostname", "--unshare-net", "--share-net", "--chdir", "--setenv"):
         assert flag in r.stdout
+
+
+# -- the caller's terminal --------------------------------------------------------------------
+
+SETSID = shutil.which("setsid")
+
+
+def run_on_a_terminal(*argv: str) -> "tuple[subprocess.CompletedProcess, int]":
+    """Run argv as the leader of a new session whose controlling terminal is a fresh pty on its
+    stdin (a user's shell, in small), stdout/stderr captured. Returns the result and how many
+    bytes are then waiting to be read from the terminal (what a shell would read next)."""
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)  # count every byte typed, not just whole lines
+        r = subprocess.run([SETSID, "--wait", "--ctty", *argv], stdin=slave, capture_output=True, text=True,
+                           timeout=60, cwd="/")
+        pending = struct.unpack("i", fcntl.ioctl(slave, termios.FIONREAD, b"\0" * 4))[0]
+    finally:
+        os.close(slave)
+        os.close(master)
+    return r, pending
+
+
+TERMINAL_PROBE = PY_ERRNO + """\
+import fcntl, os, termios
+print(json.dumps({"sid": os.getsid(0), "pid": os.getpid(),
+                  "open /dev/tty": attempt(lambda: os.close(os.open("/dev/tty", os.O_RDWR))),
+                  "TIOCSTI": attempt(lambda: fcntl.ioctl(0, termios.TIOCSTI, b"x"))}))
+"""
+
+
+@pytest.mark.skipif(SETSID is None, reason="needs setsid (util-linux)")
+def test_the_probe_sees_the_terminal_when_not_sandboxed():
+    """The control for the two tests below: the probe, run straight on the pty, has it as
+    its controlling terminal and can type into it."""
+    r, pending = run_on_a_terminal("/usr/bin/python3", "-c", TERMINAL_PROBE)
+    assert r.returncode == 0, r.stderr
+    probe = json.loads(r.stdout)
+    assert probe["sid"] == probe["pid"]
+    assert (probe["open /dev/tty"], probe["TIOCSTI"]) == ("ok", "ok")
+    assert pending == 1
+
+
+@pytest.mark.skipif(SETSID is None, reason="needs setsid (util-linux)")
+@pytest.mark.parametrize("flags", [[], ["--init"], ["--unshare-uts"]], ids=["default", "init", "no-pid-ns"])
+def test_sandbox_runs_in_its_own_session_without_the_callers_terminal(flags):
+    r, pending = run_on_a_terminal(sys.executable, "-m", "nsfast", "run", *flags, "--", "python3", "-c",
+                                   TERMINAL_PROBE + "print('on stdout'); print('on stderr', file=sys.stderr)")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    probe = json.loads(lines[0])
+    # A session of the sandbox's own: the command leads it, or nsfast's init (pid 1) does. In
+    # the caller's session, getsid() would be 0 (a leader outside the pid namespace) or its sid.
+    assert probe["sid"] == (1 if flags == ["--init"] else probe["pid"])
+    assert probe["open /dev/tty"] == "ENXIO"  # no controlling terminal at all
+    assert lines[1:] == ["on stdout"] and r.stderr == "on stderr\n"
+
+
+@pytest.mark.skipif(SETSID is None, reason="needs setsid (util-linux)")
+def test_sandbox_cannot_type_into_the_callers_terminal_cve_2017_5226():
+    """TIOCSTI pushes bytes into a terminal's input, for the caller's shell to run on exit;
+    without CAP_SYS_ADMIN it works only on one's controlling terminal, which a sandbox has not."""
+    r, pending = run_on_a_terminal(sys.executable, "-m", "nsfast", "run", "--", "python3", "-c", TERMINAL_PROBE)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["TIOCSTI"] == "EPERM"
+    assert pending == 0
+
+
+def test_stdin_still_reaches_a_sandbox_in_its_own_session():
+    r = nsfast_cli("run", "--", "python3", "-c", "import os, sys; print(os.getsid(0) == os.getpid(), sys.stdin.read())",
+                   input="typed")
+    assert (r.returncode, r.stdout) == (0, "True typed\n")

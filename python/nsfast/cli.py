@@ -110,7 +110,10 @@ def spec_from_args(args: argparse.Namespace) -> Spec:
         env.update(dict(args.setenv))
     return Spec(namespaces=tuple(namespaces), rootfs=args.rootfs, readonly_root=not args.writable_root,
                 mounts=tuple(mounts), hostname=args.hostname, env=env, cwd=args.chdir, uid=args.uid,
-                gid=args.gid, capabilities=tuple(args.cap_add), init=args.init, new_session=False)
+                gid=args.gid, capabilities=tuple(args.cap_add), init=args.init,
+                # Its own session, so no controlling terminal: with ours, TIOCSTI could type
+                # commands into the caller's shell (CVE-2017-5226). stdio still works.
+                new_session=True)
 
 
 def _cmd(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]:
@@ -150,7 +153,7 @@ def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
     if _state.load(name) is not None:
         print(f"nsfast: a container named {name!r} exists already (nsfast stop {name} removes it)", file=sys.stderr)
         return 125
-    spec = spec.replace(die_with_parent=False, new_session=True)
+    spec = spec.replace(die_with_parent=False)
     c = Container(cmd, spec=spec, name=name)
     os.makedirs(_state.state_root(), mode=0o700, exist_ok=True)
     log_path = os.path.join(_state.state_root(), f".{name}.log")
@@ -358,6 +361,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (NsfastError, ValueError, TypeError) as e:
         print(f"nsfast: {e}", file=sys.stderr)
         return 125
+    except KeyboardInterrupt:
+        return 130  # the sandbox has been killed on the way out (run() does so on any exception)
     parser.error(f"unknown command {args.command!r}")
     return 2  # pragma: no cover
 
