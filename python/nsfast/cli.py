@@ -17,7 +17,7 @@ import argparse
 import os
 import subprocess
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 from ._errors import NsfastError, SpawnError
 from ._spec import NAMESPACES, Bind, Spec, Tmpfs
@@ -94,7 +94,7 @@ def spec_from_args(args: argparse.Namespace) -> Spec:
         namespaces = list(args.unshare)
     if args.share_net:
         namespaces = [n for n in namespaces if n != "net"]
-    mounts = []
+    mounts: List[Union[Bind, Tmpfs]] = []
     for opt, val in args.mounts or []:
         if opt == "--bind":
             mounts.append(Bind(val[0], val[1], readonly=False))
@@ -147,29 +147,40 @@ def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
 
     from . import _state
     from ._container import Container
-    from ._spec import default_env
 
-    name = args.name or "c-" + uuid.uuid4().hex[:12]
-    if _state.load(name) is not None:
+    name = args.name if args.name is not None else "c-" + uuid.uuid4().hex[:12]
+    try:
+        log = _state.create(name)  # reserves the name: its directory is made here, or exists
+    except FileExistsError:
         print(f"nsfast: a container named {name!r} exists already (nsfast stop {name} removes it)", file=sys.stderr)
         return 125
-    spec = spec.replace(die_with_parent=False)
-    c = Container(cmd, spec=spec, name=name)
-    os.makedirs(_state.state_root(), mode=0o700, exist_ok=True)
-    log_path = os.path.join(_state.state_root(), f".{name}.log")
-    with open(log_path, "ab") as log:
-        c.start(stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    proc = c.process
-    assert proc is not None
-    started = _state.start_time(proc.pid)
-    paths = proc.detach()
-    st = _state.State(name=name, pid=proc.pid, start_time=started or -1, command=list(cmd), created=time.time(),
-                      env=dict(spec._env_items), cwd=spec.cwd, cgroup_paths=paths, namespaces=list(spec.namespaces))
+    st = proc = None
     try:
+        spec = spec.replace(die_with_parent=False)
+        with log:
+            proc = Container(cmd, spec=spec, name=name).start(stdin=subprocess.DEVNULL, stdout=log, stderr=log).process
+        assert proc is not None
+        # What proves, later, that a pid and cgroups are this container's, read while the
+        # pidfd still pins the process. Not the time namespace: its /proc link changes at exec.
+        started = _state.start_time(proc.pid)
+        ns_inodes = {t: _state.ns_inode(proc.pid, t) for t in spec.namespaces if t != "time"}
+        paths = proc.detach()
+        st = _state.State(name=name, pid=proc.pid, start_time=started or -1, command=list(cmd), created=time.time(),
+                          env=dict(spec._env_items), cwd=os.fspath(spec.cwd), cgroup_paths=paths,
+                          namespaces=list(spec.namespaces),
+                          cgroup_inodes=[_state.dir_inode(p) or 0 for p in paths],
+                          ns_inodes={t: i for t, i in ns_inodes.items() if i is not None})
         st.save()
-        os.replace(log_path, os.path.join(st.dir, "log"))
     except BaseException:
-        _kill_state(st, 0.0)
+        if st is not None:
+            try:
+                _kill_state(st, 0.0)
+            except _Refused:
+                pass
+        elif proc is not None and proc.pidfd is not None:  # not detached yet
+            proc.kill()
+            proc.wait()
+        _state.remove(name)
         raise
     print(name)
     return 0
@@ -197,7 +208,10 @@ def _exec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except LookupError as e:
         print(f"nsfast: {e}", file=sys.stderr)
         return 125
-    status = st.status() if st is not None else "running"  # type: ignore[attr-defined]
+    status, reason, _ = st.check() if st is not None else ("running", "", [])  # type: ignore[attr-defined]
+    if status == "invalid":
+        print(f"nsfast: container {args.target} has an invalid state, not entering it: {reason}", file=sys.stderr)
+        return 1
     if status != "running":
         why = "has exited" if status == "exited" else f"is stale: its process {pid} is gone"
         print(f"nsfast: container {args.target} {why} (nsfast stop {args.target} cleans up)", file=sys.stderr)
@@ -229,32 +243,49 @@ def _ps() -> int:
     from . import _state
 
     rows = [["NAME", "PID", "AGE", "STATUS", "COMMAND"]]
+    problems = []
     for st in _state.load_all():
-        rows.append([st.name, str(st.pid), _age(st.age()), st.status(), " ".join(st.command)])
+        verdict = st.check()
+        if verdict.status == "invalid":
+            problems.append(f"nsfast: {st.name}: invalid state: {verdict.reason}")
+            rows.append([st.name, "-", "-", "invalid", "-"])
+        else:
+            rows.append([st.name, str(st.pid), _age(st.age()), verdict.status, " ".join(st.command)])
     print(_table(rows))
+    for p in problems:
+        print(p, file=sys.stderr)
     return 0
 
 
+def _write_cgroup_file(path: str, value: str) -> None:
+    """Write an existing cgroup file: never created, never through a symlink."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
 def _kill_cgroups(paths: List[str]) -> None:
+    """Kill every process in, then remove, cgroups proven to be a container's (State.check)."""
     import signal
     import time
 
     for p in paths:
         for f, value in (("cgroup.kill", "1"), ("freezer.state", "FROZEN")):
             try:
-                with open(os.path.join(p, f), "w") as fh:
-                    fh.write(value)
+                _write_cgroup_file(os.path.join(p, f), value)
             except OSError:
                 pass
         try:
-            with open(os.path.join(p, "cgroup.procs")) as fh:
+            fd = os.open(os.path.join(p, "cgroup.procs"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with open(fd) as fh:
                 for line in fh:
                     try:
                         os.kill(int(line), signal.SIGKILL)
                     except (ProcessLookupError, ValueError):
                         pass
-            with open(os.path.join(p, "freezer.state"), "w") as fh:
-                fh.write("THAWED")
+            _write_cgroup_file(os.path.join(p, "freezer.state"), "THAWED")
         except OSError:
             pass
     deadline = time.monotonic() + 5
@@ -275,29 +306,38 @@ def _wait_gone(pidfd: int, timeout: float) -> bool:
     return bool(select.select([pidfd], [], [], timeout)[0])
 
 
+class _Refused(Exception):
+    """A state that does not prove what it names: nothing is done to it."""
+
+
 def _kill_state(st: "object", grace: float) -> str:
-    """Stop the container of state `st`; returns what happened."""
+    """Stop the container of state `st`; returns what happened. _Refused if it is invalid."""
     import signal
 
-    status = st.status()  # type: ignore[attr-defined]
-    running = status == "running"
-    outcome = "had exited; cleaned up" if status == "exited" else "stale state removed (its process was gone)"
-    if running:
+    pid = st.pid  # type: ignore[attr-defined]
+    pidfd = None
+    if pid > 0:
         try:
-            pidfd = os.pidfd_open(st.pid)  # type: ignore[attr-defined]
-        except ProcessLookupError:
-            pidfd = None
+            pidfd = os.pidfd_open(pid)  # pinned first, so the process checked is the one signalled
+        except OSError:
+            pass
+    try:
+        status, reason, cgroups = st.check()  # type: ignore[attr-defined]
+        if status == "invalid":
+            raise _Refused(reason)
+        outcome = {"exited": "had exited; cleaned up", "stale": "stale state removed (its process was gone)",
+                   "running": "killed"}[status]  # without a pidfd, by its cgroups
+        if status == "running" and pidfd is not None:
+            outcome = "stopped"
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            if not _wait_gone(pidfd, grace):
+                outcome = "killed"
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                _wait_gone(pidfd, 5)
+    finally:
         if pidfd is not None:
-            try:
-                outcome = "stopped"
-                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-                if not _wait_gone(pidfd, grace):
-                    outcome = "killed"
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                    _wait_gone(pidfd, 5)
-            finally:
-                os.close(pidfd)
-    _kill_cgroups(st.cgroup_paths)  # type: ignore[attr-defined]
+            os.close(pidfd)
+    _kill_cgroups(cgroups)
     st.remove()  # type: ignore[attr-defined]
     return outcome
 
@@ -309,10 +349,18 @@ def _stop(args: argparse.Namespace) -> int:
     for name in args.names:
         st = _state.load(name)
         if st is None:
-            print(f"nsfast: no container named {name!r}", file=sys.stderr)
-            rc = 1
+            if _state.remove(name):
+                print(f"{name}: removed a state directory without state (its start did not finish)")
+            else:
+                print(f"nsfast: no container named {name!r}", file=sys.stderr)
+                rc = 1
             continue
-        print(f"{name}: {_kill_state(st, args.time)}")
+        try:
+            print(f"{name}: {_kill_state(st, args.time)}")
+        except _Refused as e:
+            print(f"nsfast: container {name} has an invalid state, not stopping it: {e} "
+                  f"(inspect and remove {st.dir} by hand)", file=sys.stderr)
+            rc = 1
     return rc
 
 
@@ -322,7 +370,11 @@ def _ns(args: argparse.Namespace) -> int:
     cols = []
     for t in args.targets:
         try:
-            pid, _ = _resolve(t)
+            pid, st = _resolve(t)
+            verdict = st.check() if st is not None else None  # type: ignore[attr-defined]
+            if verdict is not None and verdict.status == "invalid":
+                print(f"nsfast: container {t} has an invalid state: {verdict.reason}", file=sys.stderr)
+                return 1
             cols.append((t if str(pid) == t else f"{t} ({pid})", namespaces(pid)))
         except (LookupError, FileNotFoundError):
             print(f"nsfast: no such process or container: {t}", file=sys.stderr)
