@@ -12,12 +12,29 @@ like `subprocess`:
 
 from __future__ import annotations
 
-from ._cgroup import CgroupWarning, Limits, configure
+from ._cgroup import DEFAULT_LIMITS, CgroupWarning, Limits, configure
 from ._container import Container, enter
 from ._errors import ContainerError, NsfastError, SpawnError, SpecError
 from ._ns import compare_namespaces, namespaces
 from ._process import DEVNULL, PIPE, STDOUT, Process, Result, Usage, run, spawn
-from ._spec import CAPABILITIES, DEFAULT_NAMESPACES, NAMESPACES, Bind, Mount, Spec, Tmpfs
+from ._spec import (
+    CAPABILITIES,
+    DEFAULT_HIDDEN,
+    DEFAULT_MASKED_PATHS,
+    DEFAULT_NAMESPACES,
+    DEFAULT_READONLY_PATHS,
+    DEFAULT_SECCOMP,
+    DEFAULT_SHM_SIZE,
+    DEFAULT_TMP_SIZE,
+    NAMESPACES,
+    SANDBOX_ID_BASE,
+    SANDBOX_ID_COUNT,
+    Bind,
+    Mount,
+    Seccomp,
+    Spec,
+    Tmpfs,
+)
 
 __all__ = [
     "run",
@@ -27,6 +44,16 @@ __all__ = [
     "Usage",
     "Spec",
     "Limits",
+    "DEFAULT_LIMITS",
+    "Seccomp",
+    "DEFAULT_SECCOMP",
+    "DEFAULT_MASKED_PATHS",
+    "DEFAULT_READONLY_PATHS",
+    "DEFAULT_HIDDEN",
+    "DEFAULT_TMP_SIZE",
+    "DEFAULT_SHM_SIZE",
+    "SANDBOX_ID_BASE",
+    "SANDBOX_ID_COUNT",
     "configure",
     "CgroupWarning",
     "Bind",

@@ -13,7 +13,7 @@ from . import _core
 from ._errors import SpecError
 from ._spec import parse_size
 
-__all__ = ["Limits", "configure", "CgroupWarning"]
+__all__ = ["Limits", "configure", "CgroupWarning", "DEFAULT_LIMITS"]
 
 CPU_PERIOD_US = 100_000
 
@@ -80,6 +80,10 @@ class Limits:
         if self.cpuset is not None:
             need.add("cpuset")
         return need
+
+
+#: What bounds a sandbox unless its Spec says otherwise (limits=None: nothing).
+DEFAULT_LIMITS = Limits(memory="1G", pids=512)
 
 
 def _parse_cpuset(text: str) -> set[int]:

@@ -6,13 +6,21 @@ from typing_extensions import final
 
 __all__ = [
     "Cgroup",
+    "DEFAULT_HIDDEN",
+    "DEFAULT_MASKED_PATHS",
     "DEFAULT_NAMESPACES",
+    "DEFAULT_READONLY_PATHS",
+    "DEFAULT_SHM_SIZE",
+    "DEFAULT_TMP_SIZE",
     "INIT_BINARY_SIZE",
+    "SANDBOX_ID_BASE",
+    "SANDBOX_ID_COUNT",
     "NAMESPACES",
     "cap_last_cap",
     "cgroup_backend",
     "namespaces",
     "own_cgroup",
+    "seccomp_syscalls",
     "spawn",
     "spawn_join",
     "wait",
@@ -20,6 +28,13 @@ __all__ = [
 
 NAMESPACES: list[str]
 DEFAULT_NAMESPACES: list[str]
+DEFAULT_MASKED_PATHS: list[str]
+DEFAULT_READONLY_PATHS: list[str]
+DEFAULT_HIDDEN: list[str]
+DEFAULT_TMP_SIZE: int
+DEFAULT_SHM_SIZE: int
+SANDBOX_ID_BASE: int
+SANDBOX_ID_COUNT: int
 INIT_BINARY_SIZE: int
 
 _Limits = Tuple[Optional[int], Optional[int], Optional[int], Optional[Tuple[int, int]], Optional[str]]
@@ -55,6 +70,12 @@ def spawn(
     stdio: Tuple[int, int, int],
     pass_fds: Sequence[int],
     cgroup: Optional[Tuple[str, _Limits, bool]] = None,
+    masked_paths: Sequence[bytes] = ...,
+    readonly_paths: Sequence[bytes] = ...,
+    hidden: Sequence[bytes] = ...,
+    tmp_size: Optional[int] = None,
+    shm_size: Optional[int] = None,
+    seccomp: Optional[Tuple[Sequence[str], Sequence[str]]] = None,
 ) -> Tuple[int, int, Optional[Cgroup]]: ...
 def spawn_join(
     args: Sequence[bytes],
@@ -74,5 +95,6 @@ def spawn_join(
 def wait(pid: int, pidfd: int, timeout: Optional[float] = None) -> Optional[Tuple[int, float, float, int]]: ...
 def namespaces(pid: str) -> dict[str, int]: ...
 def cap_last_cap() -> int: ...
+def seccomp_syscalls() -> Tuple[list[str], list[str]]: ...
 def cgroup_backend(root: str) -> Tuple[int, list[str], list[str]]: ...
 def own_cgroup() -> Optional[str]: ...

@@ -35,28 +35,36 @@ class SpawnError(NsfastError, OSError):
     "write uid_map"), with the errno of the failing system call."""
 
     step: str
+    hint: Optional[str]
 
-    def __new__(cls, errno: int, strerror: str, filename: Optional[str] = None, step: str = "") -> "SpawnError":
+    def __new__(cls, errno: int, strerror: str, filename: Optional[str] = None, step: str = "",
+                hint: Optional[str] = None) -> "SpawnError":
         # OSError.__new__ would pick a subclass from errno; keep SpawnError.
         self = OSError.__new__(cls, errno, strerror, filename)
         return self
 
-    def __init__(self, errno: int, strerror: str, filename: Optional[str] = None, step: str = "") -> None:
+    def __init__(self, errno: int, strerror: str, filename: Optional[str] = None, step: str = "",
+                 hint: Optional[str] = None) -> None:
         OSError.__init__(self, errno, strerror, filename)
         self.step = step
+        self.hint = hint
 
     def __str__(self) -> str:
         msg = f"[Errno {self.errno}] {self.strerror}"
         if self.filename is not None:
             msg += f": {self.filename!r}"
         msg = f"{self.step}: {msg}" if self.step else msg
+        if self.hint:
+            return f"{msg} ({self.hint})"
         hint = _HINTS.get(self.errno or 0)
         if hint and self.step != "exec":
             msg += f" ({hint})"
+        elif self.step == "chdir" and self.errno == _errno.ELOOP:
+            msg += " (the working directory is resolved inside the sandbox; a magic link such as /proc/self/fd/N is refused)"
         return msg
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (type(self), (self.errno, self.strerror, self.filename, self.step))
+        return (type(self), (self.errno, self.strerror, self.filename, self.step, self.hint))
 
 
 class ContainerError(NsfastError):

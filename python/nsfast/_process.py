@@ -16,6 +16,7 @@ from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError, TimeoutExpired
 from typing import IO, Any, List, Optional, Sequence, Tuple, Union
 
 from . import _cgroup, _core
+from ._errors import SpawnError
 from ._spec import Spec, StrPath, with_fields
 
 __all__ = ["run", "spawn", "Process", "Result", "Usage", "PIPE", "DEVNULL", "STDOUT"]
@@ -66,10 +67,49 @@ def _argv(args: Args) -> Tuple[List[bytes], List[Any]]:
     return out, list(args)
 
 
+def _pipe_owner(spec: Spec, join: Optional["_JoinTarget"]) -> Optional[Tuple[int, int]]:
+    """The host ids a root caller's sandbox user has (its user namespace maps inside ids
+    0.. to SANDBOX_ID_BASE..); None when the caller's own ids are the sandbox's."""
+    if os.geteuid() != 0:
+        return None
+    userns = "user" in (spec.namespaces if join is None else join.namespaces)
+    if not userns:
+        return None
+    from ._spec import SANDBOX_ID_BASE
+
+    return (SANDBOX_ID_BASE + (spec.uid or 0), SANDBOX_ID_BASE + (spec.gid or 0))
+
+
+def _explain_hidden(err: SpawnError, argv: List[bytes], spec: Spec) -> None:
+    """A command that is not found because it lies under a directory the default sandbox
+    hides (a venv under /home, say): say so, and how to expose it."""
+    import errno as _errno
+    import shutil
+
+    if err.step != "exec" or err.errno not in (_errno.ENOENT, _errno.EACCES, _errno.ENOTDIR) or spec.rootfs is not None:
+        return
+    if not argv or not spec.hidden:
+        return
+    cmd = os.fsdecode(argv[0])
+    path = cmd if "/" in cmd else shutil.which(cmd, path=dict(spec._env_items).get("PATH"))
+    if path is None:
+        return
+    for p in (os.path.abspath(path), os.path.realpath(path)):
+        for h in spec.hidden:
+            if p == h or p.startswith(h.rstrip("/") + "/"):
+                err.hint = (f"{p} is under {h}, which the sandbox hides (Spec.hidden); expose it with "
+                            f"mounts=[nsfast.Bind({os.path.dirname(p)!r}, {os.path.dirname(p)!r})] or a "
+                            f"hidden= list without {h}")
+                return
+
+
 class _Handles:
     """Child-side fds for stdio and the parent-side pipe ends (Popen._get_handles)."""
 
-    def __init__(self, stdin: File, stdout: File, stderr: File) -> None:
+    def __init__(self, stdin: File, stdout: File, stderr: File, owner: Optional[Tuple[int, int]] = None) -> None:
+        # owner: the host ids of the sandbox's user, to whom the pipes nsfast makes belong,
+        # so it can reopen them (/dev/stdout, /proc/self/fd/1) like its own.
+        self.owner = owner
         self.child = [-1, -1, -1]
         self.to_close: List[int] = []
         self.parent: List[Optional[int]] = [None, None, None]
@@ -91,6 +131,8 @@ class _Handles:
             child, parent = (r, w) if i == 0 else (w, r)
             self.parent[i] = parent
             self.to_close.append(child)
+            if self.owner is not None:
+                os.fchown(child, *self.owner)
             return child
         if spec == DEVNULL:
             fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -148,7 +190,7 @@ class Process:
         cgroup = None
         if self.spec.cgroup and _join is None:
             cgroup = _cgroup.request(self.spec.limits, kill_tree="pid" not in self.spec.namespaces)
-        handles = _Handles(stdin, stdout, stderr)
+        handles = _Handles(stdin, stdout, stderr, _pipe_owner(self.spec, _join))
         self._start = time.perf_counter()
         try:
             if _join is None:
@@ -161,10 +203,12 @@ class Process:
                     cwd=None if _join.cwd is None else os.fsencode(_join.cwd), uid=kw["uid"], gid=kw["gid"],
                     keep_caps=kw["keep_caps"], die_with_parent=kw["die_with_parent"], stdio=tuple(handles.child),
                     pass_fds=fds, join_cgroup=_join.cgroup)
-        except BaseException:
+        except BaseException as e:
             for fd in handles.parent:
                 if fd is not None:
                     os.close(fd)
+            if isinstance(e, SpawnError) and _join is None:
+                _explain_hidden(e, argv, self.spec)
             raise
         finally:
             handles.close_child()

@@ -15,12 +15,27 @@ from ._errors import SpecError
 if TYPE_CHECKING:
     from ._cgroup import Limits
 
-__all__ = ["Spec", "Bind", "Tmpfs", "Mount", "DEFAULT_NAMESPACES", "NAMESPACES", "CAPABILITIES"]
+__all__ = [
+    "Spec", "Bind", "Tmpfs", "Mount", "Seccomp", "DEFAULT_NAMESPACES", "NAMESPACES", "CAPABILITIES",
+    "DEFAULT_MASKED_PATHS", "DEFAULT_READONLY_PATHS", "DEFAULT_HIDDEN", "DEFAULT_SECCOMP", "DEFAULT_TMP_SIZE",
+    "DEFAULT_SHM_SIZE", "SANDBOX_ID_BASE", "SANDBOX_ID_COUNT",
+]
 
 StrPath = Union[str, "os.PathLike[str]"]
 
 NAMESPACES: Tuple[str, ...] = tuple(_core.NAMESPACES)
 DEFAULT_NAMESPACES: Tuple[str, ...] = tuple(_core.DEFAULT_NAMESPACES)
+#: runc's masked paths: replaced by an empty read-only tmpfs (directories) or /dev/null.
+DEFAULT_MASKED_PATHS: Tuple[str, ...] = tuple(_core.DEFAULT_MASKED_PATHS)
+#: runc's read-only paths (kernel knobs under /proc).
+DEFAULT_READONLY_PATHS: Tuple[str, ...] = tuple(_core.DEFAULT_READONLY_PATHS)
+#: Host directories hidden behind an empty tmpfs when the sandbox's root is the host's.
+DEFAULT_HIDDEN: Tuple[str, ...] = tuple(_core.DEFAULT_HIDDEN)
+DEFAULT_TMP_SIZE: int = _core.DEFAULT_TMP_SIZE
+DEFAULT_SHM_SIZE: int = _core.DEFAULT_SHM_SIZE
+#: A root caller's sandbox runs as host ids SANDBOX_ID_BASE .. +SANDBOX_ID_COUNT-1 (inside: 0..).
+SANDBOX_ID_BASE: int = _core.SANDBOX_ID_BASE
+SANDBOX_ID_COUNT: int = _core.SANDBOX_ID_COUNT
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # capability(7) names by number.
@@ -130,6 +145,65 @@ class Tmpfs:
 
 Mount = Union[Bind, Tmpfs]
 
+_SYSCALLS: Optional[Tuple[frozenset[str], Tuple[str, ...]]] = None
+
+
+def _syscalls() -> Tuple[frozenset[str], Tuple[str, ...]]:
+    global _SYSCALLS
+    if _SYSCALLS is None:
+        known, allowed = _core.seccomp_syscalls()
+        _SYSCALLS = (frozenset(known), tuple(allowed))
+    return _SYSCALLS
+
+
+def _names(field_name: str, value: Any) -> Tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise TypeError(f"{field_name} must be an iterable of names, not {type(value).__name__}")
+    out = []
+    for v in value:
+        if not isinstance(v, str):
+            raise TypeError(f"{field_name} must hold str names, not {type(v).__name__}")
+        out.append(v)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Seccomp:
+    """The sandbox's system call filter: nsfast's default allow list (modelled on Docker's
+    default profile), plus `allow`, minus `deny` (system call names). Calls outside the list
+    fail with EPERM; clone3 and openat2 with ENOSYS (so libc falls back); other
+    architectures' calls (i386, x32) kill the process. `Spec(seccomp=None)` turns it off."""
+
+    allow: Tuple[str, ...] = ()
+    deny: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        known = _syscalls()[0]
+        for name in ("allow", "deny"):
+            names = _names(f"Seccomp.{name}", getattr(self, name))
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise SpecError(f"Seccomp.{name}", f"unknown system call(s) {', '.join(map(repr, unknown))}")
+            object.__setattr__(self, name, names)
+
+    @staticmethod
+    def default_allowed() -> Tuple[str, ...]:
+        """The system calls the default filter allows (on this architecture)."""
+        return _syscalls()[1]
+
+
+DEFAULT_SECCOMP = Seccomp()
+
+
+def _default_limits() -> "Limits":
+    from ._cgroup import DEFAULT_LIMITS
+
+    return DEFAULT_LIMITS
+
+
+def _paths(field_name: str, value: Any) -> Tuple[str, ...]:
+    return tuple(_target(field_name, p) for p in _names(field_name, value))
+
 
 def default_env() -> dict[str, str]:
     env = {"PATH": DEFAULT_PATH, "HOME": "/"}
@@ -145,14 +219,23 @@ class Spec:
     namespaces: names as in /proc/self/ns; "user" is added when not running as root.
     rootfs: None = the host root (read-only), else a directory used as "/".
     mounts: extra `Bind`/`Tmpfs` mounts, applied in order.
+    namespaces: "user" is always created for rootless callers; a root caller that leaves it
+        out opts out of the user namespace (the sandbox's root is then host root: trusted
+        code only). With it, a root caller's inside ids 0..65535 are host ids
+        SANDBOX_ID_BASE.. (never host root); a rootless caller's inside 0 is the caller.
     env: the whole environment (default: PATH, HOME=/, TERM if set), never the host's.
-    uid/gid: the ids the command runs as inside (with a user namespace: mapped to yours).
+    uid/gid: the ids the command runs as inside.
     capabilities: capability names kept; every other is dropped (default: none kept).
     init: run a tiny init as pid 1 that forwards signals and reaps orphans.
     limits: an `nsfast.Limits` (memory, pids, cpu, cpuset), applied through the sandbox's
-        own cgroup. cgroup=False turns cgroups off entirely (no limits, no cgroup usage).
+        own cgroup; default `nsfast.DEFAULT_LIMITS`, None for none. cgroup=False turns
+        cgroups off entirely (no limits, no cgroup usage).
     new_session: setsid() the command (no controlling terminal).
     die_with_parent: SIGKILL the sandbox when the thread that spawned it exits.
+    seccomp: the system call filter (`nsfast.Seccomp`; None: no filter).
+    masked_paths / readonly_paths: runc's lists (DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS).
+    hidden: host directories replaced by an empty tmpfs when the root is the host's.
+    tmp_size / shm_size: sizes of /tmp and /dev/shm (bytes or "256M"; None: half of RAM).
     """
 
     namespaces: Tuple[str, ...] = DEFAULT_NAMESPACES
@@ -168,8 +251,14 @@ class Spec:
     init: bool = False
     new_session: bool = True
     die_with_parent: bool = True
-    limits: Optional["Limits"] = None
+    limits: Optional["Limits"] = field(default_factory=_default_limits)
     cgroup: bool = True
+    seccomp: Optional[Seccomp] = DEFAULT_SECCOMP
+    masked_paths: Tuple[str, ...] = DEFAULT_MASKED_PATHS
+    readonly_paths: Tuple[str, ...] = DEFAULT_READONLY_PATHS
+    hidden: Tuple[str, ...] = DEFAULT_HIDDEN
+    tmp_size: Union[int, str, None] = DEFAULT_TMP_SIZE
+    shm_size: Union[int, str, None] = DEFAULT_SHM_SIZE
     _env_items: Tuple[Tuple[str, str], ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -247,12 +336,20 @@ class Spec:
         set_("capabilities", tuple(sorted(set(norm), key=CAPABILITIES.index)))
         for name in ("init", "new_session", "die_with_parent", "cgroup"):
             _bool(name, getattr(self, name))
-        from ._cgroup import Limits
+        from ._cgroup import DEFAULT_LIMITS, Limits
 
         if self.limits is not None and not isinstance(self.limits, Limits):
             raise TypeError(f"limits must be an nsfast.Limits or None, not {type(self.limits).__name__}")
+        if self.limits is DEFAULT_LIMITS and not self.cgroup:
+            set_("limits", None)  # cgroup=False: no cgroup, so no default limits either
         if self.limits is not None and not self.cgroup:
             raise SpecError("limits", "need cgroup=True")
+        if self.seccomp is not None and not isinstance(self.seccomp, Seccomp):
+            raise TypeError(f"seccomp must be an nsfast.Seccomp or None, not {type(self.seccomp).__name__}")
+        for name in ("masked_paths", "readonly_paths", "hidden"):
+            set_(name, _paths(name, getattr(self, name)))
+        set_("tmp_size", parse_size("tmp_size", self.tmp_size))
+        set_("shm_size", parse_size("shm_size", self.shm_size))
 
     def replace(self, **changes: Any) -> "Spec":
         """A copy with `changes` applied (and validated); unknown names raise TypeError."""
@@ -284,6 +381,12 @@ class Spec:
             init=self.init,
             new_session=self.new_session,
             die_with_parent=self.die_with_parent,
+            masked_paths=[enc(p) for p in self.masked_paths],
+            readonly_paths=[enc(p) for p in self.readonly_paths],
+            hidden=[enc(p) for p in self.hidden],
+            tmp_size=self.tmp_size,
+            shm_size=self.shm_size,
+            seccomp=None if self.seccomp is None else (list(self.seccomp.allow), list(self.seccomp.deny)),
         )
 
 

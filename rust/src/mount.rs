@@ -2,13 +2,25 @@
 //! without root) and their execution in the child (child-safe: no allocation).
 //!
 //! Shape of the result, whatever the root: the root tree (host `/` or `rootfs`, recursive,
-//! read-only by default) cloned with open_tree(2) and stacked on top of `/`, a fresh `/proc`,
-//! a minimal `/dev` (device nodes bound from the host, a private `/dev/shm`), an empty tmpfs
-//! on `/tmp`, the user's mounts, then `pivot_root(".", ".")` and a lazy unmount of the old
-//! root. Propagation is made private first, so the host's mount table never changes.
+//! nosuid+nodev, read-only by default) cloned with open_tree(2) and stacked on top of `/`, a
+//! fresh `/proc` with runc's masked and read-only paths, a minimal `/dev` (device nodes bound
+//! from the host, a private size-capped `/dev/shm`), a size-capped tmpfs on `/tmp`, empty
+//! tmpfs over the host directories that hold other users' data (`hidden`), the user's
+//! mounts (nosuid+nodev), then `pivot_root(".", ".")` and a lazy unmount of the old root.
+//! Propagation is made private first, so the host's mount table never changes.
+//!
+//! Every path inside the new root is resolved inside it (`openat2(RESOLVE_IN_ROOT |
+//! RESOLVE_NO_MAGICLINKS)` from the new root): a symlink in a rootfs, or one a program
+//! planted in a directory shared with it, cannot make nsfast create or mount anything
+//! outside the sandbox.
+//!
+//! Trees the child cannot open itself are prepared by the parent ([`PrepareTree`]): for a
+//! root caller the sandbox's root is an unprivileged id in its user namespace, which may not
+//! traverse the caller's private directories, and idmapped mounts need the caller's
+//! privilege; the parent opens and configures those trees and the child only attaches them.
 
 use std::ffi::{CStr, CString};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
 use rustix::io::Errno;
@@ -16,29 +28,54 @@ use rustix::mount::{MountFlags, MountPropagationFlags, MoveMountFlags, OpenTreeF
 
 use crate::error::{Error, Result};
 use crate::spec::Mount;
-use crate::sys;
+use crate::sys::{self, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+
+/// Where a tree to attach comes from.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tree {
+    /// open_tree(2) of this path by the child (absolute: the host's; relative: in the new root).
+    Path(CString),
+    /// The parent's [`PrepareTree`] number n (its fd is handed to the child).
+    Prepared(usize),
+}
 
 /// One step of the plan. Paths inside the new root are relative (the child's cwd is the new
-/// root from `EnterRoot` on); host paths are absolute (the process root is still the host's).
+/// root from `EnterRoot` on) and resolved inside it; host paths are absolute.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FsOp {
     /// Make every mount private (recursive), so nothing propagates to the host.
     MakePrivate,
-    /// Clone the tree at `src`, create `ensure_dirs` in it if missing, make it read-only
-    /// (recursive) if asked, attach it on top of `/` and chdir into it.
-    EnterRoot { src: CString, readonly: bool, ensure_dirs: Vec<CString> },
-    /// mount(2) of a filesystem. `in_root`: resolve `dst` inside the new root
-    /// (RESOLVE_IN_ROOT), for targets in a user's rootfs, whose symlinks we do not trust.
-    Mount { fstype: CString, dst: CString, flags: MountFlags, data: CString, in_root: bool },
-    /// Bind `src` onto `dst` (recursive when asked), read-only when asked.
-    Bind { src: CString, dst: CString, recursive: bool, readonly: bool, in_root: bool },
-    Mkdir { path: CString, mode: u32 },
-    Touch { path: CString },
-    Symlink { target: CString, link: CString },
-    /// Make one mount read-only (not its submounts).
-    ReadOnly { path: CString },
+    /// Clone the tree (unless prepared), create `ensure_dirs` in it if missing, set `attrs`
+    /// (recursive), attach it on top of `/` and chdir into it.
+    EnterRoot { tree: Tree, attrs: u64, ensure_dirs: Vec<CString> },
+    /// mount(2) of a fresh filesystem on `dst` (resolved inside the new root).
+    Mount { fstype: CString, dst: CString, flags: MountFlags, data: CString },
+    /// Attach `tree` (recursive when asked) on `dst` with `attrs` (set by the child unless
+    /// prepared).
+    Bind { tree: Tree, dst: CString, recursive: bool, attrs: u64 },
+    /// mkdir `name` in directory `parent` (both inside the new root).
+    Mkdir { parent: CString, name: CString, mode: u32 },
+    /// Create an empty file `name` in `parent` (never following a symlink at `name`).
+    Touch { parent: CString, name: CString },
+    Symlink { target: CString, parent: CString, name: CString },
+    /// mount_setattr(2) `attrs` on one mount (not its submounts).
+    SetAttr { path: CString, attrs: u64 },
     /// pivot_root(".", "."), detach the old root, chdir("/").
     PivotRoot,
+}
+
+/// A tree the parent prepares before clone: open_tree(OPEN_TREE_CLONE) of `src`, `mkdirs`
+/// created in it, `attrs` set recursively, idmapped through the sandbox's id mapping when
+/// `idmap`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PrepareTree {
+    pub src: CString,
+    pub recursive: bool,
+    pub attrs: u64,
+    pub idmap: bool,
+    pub mkdirs: Vec<CString>,
+    /// The step name for errors ("bind SRC -> DST", "bind root").
+    pub step: String,
 }
 
 /// A step with what the error message calls it: `step` (e.g. "mount /proc") and `path`.
@@ -49,9 +86,39 @@ pub struct FsStep {
     pub path: String,
 }
 
+/// The filesystem plan: the child's steps and the trees the parent prepares for them.
+#[derive(Debug, Default)]
+pub struct FsPlan {
+    pub steps: Vec<FsStep>,
+    pub prepare: Vec<PrepareTree>,
+}
+
+/// What the filesystem should be.
+pub struct FsSpec<'a> {
+    /// None: the host root.
+    pub rootfs: Option<&'a [u8]>,
+    pub readonly: bool,
+    pub mounts: &'a [Mount],
+    /// Replaced by an empty read-only tmpfs (directories) or /dev/null (files).
+    pub masked: &'a [Vec<u8>],
+    /// Bound read-only onto themselves.
+    pub readonly_paths: &'a [Vec<u8>],
+    /// Host directories replaced by an empty tmpfs (host root only).
+    pub hidden: &'a [Vec<u8>],
+    pub tmp_size: Option<u64>,
+    pub shm_size: Option<u64>,
+    /// The parent prepares the rootfs and bind trees (root caller), idmapping binds.
+    pub prepare_trees: bool,
+}
+
+/// Size of each tmpfs that hides a host directory.
+pub const HIDDEN_SIZE: u64 = 16 << 20;
+
 const DEV_NODES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 const DEV_LINKS: [(&str, &str); 4] =
     [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")];
+
+const NOSUID_NODEV: u64 = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
 
 fn c(s: impl Into<Vec<u8>>) -> CString {
     CString::new(s).expect("plan paths are checked for NUL bytes")
@@ -59,6 +126,32 @@ fn c(s: impl Into<Vec<u8>>) -> CString {
 
 fn show(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// `a/b/c` -> (`a/b`, `c`); `c` -> (`.`, `c`).
+fn split(rel: &[u8]) -> (CString, CString) {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => (c(&rel[..i]), c(&rel[i + 1..])),
+        None => (c("."), c(rel)),
+    }
+}
+
+fn mkdir(rel: &[u8], mode: u32) -> FsOp {
+    let (parent, name) = split(rel);
+    FsOp::Mkdir { parent, name, mode }
+}
+
+fn touch(rel: &[u8]) -> FsOp {
+    let (parent, name) = split(rel);
+    FsOp::Touch { parent, name }
+}
+
+fn tmpfs(dst: &[u8], flags: MountFlags, mode: &str, size: Option<u64>) -> FsOp {
+    let data = match size {
+        Some(s) => format!("mode={mode},size={s}"),
+        None => format!("mode={mode}"),
+    };
+    FsOp::Mount { fstype: c("tmpfs"), dst: c(dst), flags, data: c(data) }
 }
 
 /// `/a//b/./c/` -> `a/b/c`; None for relative paths or paths with `..` or NUL.
@@ -91,13 +184,14 @@ pub struct Probes<'a> {
     pub is_link: &'a dyn Fn(&[u8], &[u8]) -> bool,
 }
 
-/// Build the filesystem plan. `rootfs` None means the host root.
-pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probes: &Probes) -> Result<Vec<FsStep>> {
+/// Build the filesystem plan.
+pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
     let probe = probes.host;
-    let mut steps = Vec::new();
+    let mut steps: Vec<FsStep> = Vec::new();
+    let mut prepare: Vec<PrepareTree> = Vec::new();
     let mut push = |op: FsOp, step: String, path: String| steps.push(FsStep { op, step, path });
 
-    let root: Vec<u8> = match rootfs {
+    let root: Vec<u8> = match fs.rootfs {
         None => b"/".to_vec(),
         Some(r) => {
             if !r.starts_with(b"/") || r.contains(&0) {
@@ -110,7 +204,6 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probes: &Pr
             }
         }
     };
-    // Inside-path -> host path, to check that mount targets exist.
     let host_path = |rel: &[u8]| -> Vec<u8> {
         let mut p = root.clone();
         if !p.ends_with(b"/") {
@@ -119,9 +212,8 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probes: &Pr
         p.extend_from_slice(rel);
         p
     };
-
-    // A user's rootfs: targets resolve inside it, as the sandbox will see them.
-    let in_root = rootfs.is_some();
+    // A user's rootfs: paths are probed inside it, as the sandbox will see them.
+    let in_root = fs.rootfs.is_some();
     let exists = |rel: &[u8]| if in_root { (probes.in_root)(&root, rel) } else { probe(&host_path(rel)) };
     if in_root {
         for d in ["proc", "dev", "tmp"] {
@@ -132,57 +224,86 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probes: &Pr
     }
 
     push(FsOp::MakePrivate, "make / private".into(), "/".into());
-    let ensure_dirs =
+    let root_attrs = NOSUID_NODEV | if fs.readonly { MOUNT_ATTR_RDONLY } else { 0 };
+    let ensure_dirs: Vec<CString> =
         if in_root { ["proc", "dev", "tmp"].iter().filter(|d| exists(d.as_bytes()).is_none()).map(|d| c(*d)).collect() } else { vec![] };
+    let enter = if in_root && fs.prepare_trees {
+        // Idmapped like the binds: an image's ids 0..65535 on disk are the sandbox's ids.
+        prepare.push(PrepareTree { src: c(root.clone()), recursive: true, attrs: root_attrs, idmap: true, mkdirs: ensure_dirs, step: "bind root".into() });
+        FsOp::EnterRoot { tree: Tree::Prepared(prepare.len() - 1), attrs: 0, ensure_dirs: vec![] }
+    } else {
+        FsOp::EnterRoot { tree: Tree::Path(c(root.clone())), attrs: root_attrs, ensure_dirs }
+    };
+    push(enter, "bind root".into(), show(&root));
     push(
-        FsOp::EnterRoot { src: c(root.clone()), readonly, ensure_dirs },
-        "bind root".into(),
-        show(&root),
-    );
-    push(
-        FsOp::Mount {
-            fstype: c("proc"),
-            dst: c("proc"),
-            flags: MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-            data: c(""),
-            in_root: false,
-        },
+        FsOp::Mount { fstype: c("proc"), dst: c("proc"), flags: MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, data: c("") },
         "mount /proc".into(),
         "/proc".into(),
     );
-    push(
-        FsOp::Mount { fstype: c("tmpfs"), dst: c("dev"), flags: MountFlags::NOSUID | MountFlags::NOEXEC, data: c("mode=0755,size=64k"), in_root: false },
-        "mount /dev".into(),
-        "/dev".into(),
-    );
+    push(tmpfs(b"dev", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "0755", Some(64 << 10)), "mount /dev".into(), "/dev".into());
     for node in DEV_NODES {
         let dst = format!("dev/{node}");
-        push(FsOp::Touch { path: c(dst.clone()) }, format!("create /{dst}"), format!("/{dst}"));
+        push(touch(dst.as_bytes()), format!("create /{dst}"), format!("/{dst}"));
         push(
-            FsOp::Bind { src: c(format!("/dev/{node}")), dst: c(dst.clone()), recursive: false, readonly: false, in_root: false },
+            FsOp::Bind { tree: Tree::Path(c(format!("/dev/{node}"))), dst: c(dst.clone()), recursive: false, attrs: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC },
             format!("bind /{dst}"),
             format!("/{dst}"),
         );
     }
     for (name, target) in DEV_LINKS {
-        push(FsOp::Symlink { target: c(target), link: c(format!("dev/{name}")) }, format!("symlink /dev/{name}"), format!("/dev/{name}"));
+        push(FsOp::Symlink { target: c(target), parent: c("dev"), name: c(name) }, format!("symlink /dev/{name}"), format!("/dev/{name}"));
     }
-    push(FsOp::Mkdir { path: c("dev/shm"), mode: 0o755 }, "mkdir /dev/shm".into(), "/dev/shm".into());
-    push(
-        FsOp::Mount { fstype: c("tmpfs"), dst: c("dev/shm"), flags: MountFlags::NOSUID | MountFlags::NODEV, data: c("mode=1777"), in_root: false },
-        "mount /dev/shm".into(),
-        "/dev/shm".into(),
-    );
-    push(FsOp::ReadOnly { path: c("dev") }, "remount /dev read-only".into(), "/dev".into());
-    push(
-        FsOp::Mount { fstype: c("tmpfs"), dst: c("tmp"), flags: MountFlags::NOSUID | MountFlags::NODEV, data: c("mode=1777"), in_root: false },
-        "mount /tmp".into(),
-        "/tmp".into(),
-    );
+
+    // runc's masks: what they name must not be readable, whatever the sandbox's ids.
+    let kind = |rel: &[u8]| if rel == b"proc" || rel.starts_with(b"proc/") { probe(&[b"/", rel].concat()) } else { exists(rel) };
+    let sealed = MOUNT_ATTR_RDONLY | NOSUID_NODEV | MOUNT_ATTR_NOEXEC;
+    for p in fs.masked {
+        let rel = normalize_target(p).filter(|r| !r.is_empty()).ok_or_else(|| Error::invalid("masked_paths", format!("must be absolute paths without '..': {}", show(p))))?;
+        let shown = format!("/{}", show(&rel));
+        match kind(&rel) {
+            None => {}
+            Some(true) => push(
+                tmpfs(&rel, MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "0555", Some(4096)),
+                format!("mask {shown}"),
+                shown,
+            ),
+            // /dev/null, as runc: reads are empty (so it keeps nodev off, like the other nodes).
+            Some(false) => push(
+                FsOp::Bind { tree: Tree::Path(c("dev/null")), dst: c(rel.clone()), recursive: false, attrs: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC },
+                format!("mask {shown}"),
+                shown,
+            ),
+        }
+    }
+    for p in fs.readonly_paths {
+        let rel = normalize_target(p).filter(|r| !r.is_empty()).ok_or_else(|| Error::invalid("readonly_paths", format!("must be absolute paths without '..': {}", show(p))))?;
+        let shown = format!("/{}", show(&rel));
+        if kind(&rel).is_some() {
+            push(FsOp::Bind { tree: Tree::Path(c(rel.clone())), dst: c(rel), recursive: true, attrs: sealed }, format!("remount {shown} read-only"), shown);
+        }
+    }
+    push(mkdir(b"dev/shm", 0o755), "mkdir /dev/shm".into(), "/dev/shm".into());
+    push(tmpfs(b"dev/shm", MountFlags::NOSUID | MountFlags::NODEV, "1777", fs.shm_size), "mount /dev/shm".into(), "/dev/shm".into());
+    push(FsOp::SetAttr { path: c("dev"), attrs: sealed }, "remount /dev read-only".into(), "/dev".into());
+    push(tmpfs(b"tmp", MountFlags::NOSUID | MountFlags::NODEV, "1777", fs.tmp_size), "mount /tmp".into(), "/tmp".into());
 
     // Directories that are fresh tmpfs: targets below them are created on the fly.
     let mut fresh: Vec<Vec<u8>> = vec![b"tmp".to_vec(), b"dev/shm".to_vec()];
-    for m in mounts {
+    let below = |fresh: &[Vec<u8>], p: &[u8]| fresh.iter().find(|f| p.starts_with(f) && p.get(f.len()) == Some(&b'/')).cloned();
+    if !in_root {
+        for h in fs.hidden {
+            let rel = normalize_target(h).filter(|r| !r.is_empty()).ok_or_else(|| Error::invalid("hidden", format!("must be absolute paths without '..' other than '/': {}", show(h))))?;
+            if fresh.contains(&rel) || below(&fresh, &rel).is_some() || probe(&host_path(&rel)) != Some(true) {
+                continue;
+            }
+            let mode = if rel == b"var/tmp" { "1777" } else { "0755" };
+            let shown = format!("/{}", show(&rel));
+            push(tmpfs(&rel, MountFlags::NOSUID | MountFlags::NODEV, mode, Some(HIDDEN_SIZE)), format!("hide {shown}"), shown);
+            fresh.push(rel);
+        }
+    }
+
+    for m in fs.mounts {
         let (dst_raw, src_is_dir) = match m {
             Mount::Bind { src, dst, .. } => {
                 if !src.starts_with(b"/") || src.contains(&0) {
@@ -202,10 +323,9 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probes: &Pr
             return Err(Error::invalid("mounts", "mount target must not be '/' (use rootfs=)"));
         }
         let shown = format!("/{}", show(&dst));
-        let under_fresh = fresh.iter().find(|f| dst.starts_with(f) && dst.get(f.len()) == Some(&b'/')).cloned();
-        match under_fresh {
+        match below(&fresh, &dst) {
             Some(base) => {
-                // mkdir -p below the tmpfs, then the target itself.
+                // mkdir -p below the tmpfs, then the target itself (each resolved in the root).
                 let rest = &dst[base.len() + 1..];
                 let comps: Vec<&[u8]> = rest.split(|&b| b == b'/').collect();
                 let mut cur = base.clone();
@@ -213,12 +333,12 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probes: &Pr
                     cur.push(b'/');
                     cur.extend_from_slice(comp);
                     let last = i + 1 == comps.len();
-                    let op = if last && !src_is_dir { FsOp::Touch { path: c(cur.clone()) } } else { FsOp::Mkdir { path: c(cur.clone()), mode: 0o755 } };
+                    let op = if last && !src_is_dir { touch(&cur) } else { mkdir(&cur, 0o755) };
                     push(op, format!("create mount target {shown}"), shown.clone());
                 }
             }
             None => match exists(&dst) {
-                None if rootfs.is_none() => {
+                None if !in_root => {
                     return Err(Error::invalid(
                         "mounts",
                         format!("mount target {shown} does not exist on the host root, which is read-only; mount a Tmpfs on a parent first or pick an existing path"),
@@ -235,45 +355,31 @@ pub fn plan(rootfs: Option<&[u8]>, readonly: bool, mounts: &[Mount], probes: &Pr
             },
         }
         match m {
-            Mount::Bind { src, readonly, .. } => push(
-                FsOp::Bind { src: c(src.clone()), dst: c(dst.clone()), recursive: true, readonly: *readonly, in_root },
-                format!("bind {} -> {shown}", show(src)),
-                show(src),
-            ),
-            Mount::Tmpfs { size, .. } => {
-                let data = match size {
-                    Some(s) => format!("mode=0755,size={s}"),
-                    None => "mode=0755".to_owned(),
+            Mount::Bind { src, readonly, .. } => {
+                let attrs = NOSUID_NODEV | if *readonly { MOUNT_ATTR_RDONLY } else { 0 };
+                let step = format!("bind {} -> {shown}", show(src));
+                let (tree, attrs) = if fs.prepare_trees {
+                    prepare.push(PrepareTree { src: c(src.clone()), recursive: true, attrs, idmap: true, mkdirs: vec![], step: step.clone() });
+                    (Tree::Prepared(prepare.len() - 1), 0)
+                } else {
+                    (Tree::Path(c(src.clone())), attrs)
                 };
-                push(
-                    FsOp::Mount {
-                        fstype: c("tmpfs"),
-                        dst: c(dst.clone()),
-                        flags: MountFlags::NOSUID | MountFlags::NODEV,
-                        data: c(data),
-                        in_root,
-                    },
-                    format!("mount tmpfs {shown}"),
-                    shown.clone(),
-                );
+                push(FsOp::Bind { tree, dst: c(dst.clone()), recursive: true, attrs }, step, show(src));
+            }
+            Mount::Tmpfs { size, .. } => {
+                push(tmpfs(&dst, MountFlags::NOSUID | MountFlags::NODEV, "0755", *size), format!("mount tmpfs {shown}"), shown.clone());
                 fresh.push(dst.clone());
             }
         }
     }
     push(FsOp::PivotRoot, "pivot_root".into(), show(&root));
-    Ok(steps)
+    Ok(FsPlan { steps, prepare })
 }
 
 /// Child-safe: an O_PATH fd of `path` (relative to the cwd, the new root) resolved with the
-/// new root as "/" (symlinks cannot lead out of it).
-fn resolve_in_root(path: &CStr) -> std::result::Result<OwnedFd, Errno> {
-    rustix::fs::openat2(
-        CWD,
-        path,
-        OFlags::PATH | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-    )
+/// new root as "/" (symlinks cannot lead out of it, magic links are refused).
+fn at_root(path: &CStr) -> std::result::Result<OwnedFd, Errno> {
+    rustix::fs::openat2(CWD, path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS)
 }
 
 /// Child-safe: "/proc/self/fd/N" in `buf`, to mount onto what an O_PATH fd names.
@@ -298,77 +404,115 @@ fn fd_path(buf: &mut [u8; 32], fd: i32) -> &CStr {
     CStr::from_bytes_until_nul(&buf[..]).unwrap_or(c"")
 }
 
-/// Child-safe: run one step.
-pub fn run(op: &FsOp) -> std::result::Result<(), Errno> {
+/// Child-safe: a clone of `tree` (a host path, a path in the new root, or a prepared fd).
+fn open_tree<'a>(tree: &Tree, recursive: bool, prepared: &'a [RawFd], owned: &'a mut Option<OwnedFd>) -> std::result::Result<BorrowedFd<'a>, Errno> {
+    let mut how = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    if recursive {
+        how |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    match tree {
+        Tree::Prepared(i) => prepared.get(*i).map(|&fd| sys::borrow_fd(fd)).ok_or(Errno::BADF),
+        Tree::Path(p) if p.to_bytes().starts_with(b"/") => {
+            let fd: &'a OwnedFd = Option::insert(owned, rustix::mount::open_tree(CWD, p.as_c_str(), how)?);
+            Ok(fd.as_fd())
+        }
+        Tree::Path(p) => {
+            let at = at_root(p)?;
+            let fd: &'a OwnedFd = Option::insert(owned, rustix::mount::open_tree(&at, c"", how | OpenTreeFlags::AT_EMPTY_PATH)?);
+            Ok(fd.as_fd())
+        }
+    }
+}
+
+/// Child-safe: run one step. `prepared`: the fds of the parent's [`PrepareTree`]s.
+pub fn run(op: &FsOp, prepared: &[RawFd]) -> std::result::Result<(), Errno> {
     match op {
         FsOp::MakePrivate => rustix::mount::mount_change(c"/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC),
-        FsOp::EnterRoot { src, readonly, ensure_dirs } => {
-            let tree = rustix::mount::open_tree(
-                CWD,
-                src.as_c_str(),
-                OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_RECURSIVE,
-            )?;
+        FsOp::EnterRoot { tree, attrs, ensure_dirs } => {
+            let mut owned = None;
+            let tree = open_tree(tree, true, prepared, &mut owned)?;
             for dir in ensure_dirs {
-                match rustix::fs::mkdirat(&tree, dir.as_c_str(), Mode::from_raw_mode(0o755)) {
+                match rustix::fs::mkdirat(tree, dir.as_c_str(), Mode::from_raw_mode(0o755)) {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => return Err(e),
                 }
             }
-            if *readonly {
-                use std::os::fd::AsRawFd;
-                sys::mount_setattr(tree.as_raw_fd(), c"", sys::MOUNT_ATTR_RDONLY, true)?;
+            if *attrs != 0 {
+                sys::mount_setattr(tree.as_raw_fd(), c"", *attrs, true)?;
             }
-            rustix::mount::move_mount(&tree, c"", CWD, c"/", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
-            rustix::process::fchdir(&tree)
+            rustix::mount::move_mount(tree, c"", CWD, c"/", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
+            rustix::process::fchdir(tree)
         }
-        FsOp::Mount { fstype, dst, flags, data, in_root: true } => {
-            let target = resolve_in_root(dst)?;
+        FsOp::Mount { fstype, dst, flags, data } => {
+            let target = at_root(dst)?;
             let mut buf = [0u8; 32];
             let at = fd_path(&mut buf, target.as_raw_fd());
             rustix::mount::mount(fstype.as_c_str(), at, fstype.as_c_str(), *flags, Some(data.as_c_str()))
         }
-        FsOp::Mount { fstype, dst, flags, data, in_root: false } => {
-            rustix::mount::mount(fstype.as_c_str(), dst.as_c_str(), fstype.as_c_str(), *flags, Some(data.as_c_str()))
-        }
-        FsOp::Bind { src, dst, recursive, readonly, in_root: true } => {
-            let target = resolve_in_root(dst)?;
-            let mut how = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
-            if *recursive {
-                how |= OpenTreeFlags::AT_RECURSIVE;
+        FsOp::Bind { tree, dst, recursive, attrs } => {
+            let mut owned = None;
+            let tree = open_tree(tree, *recursive, prepared, &mut owned)?;
+            if *attrs != 0 {
+                sys::mount_setattr(tree.as_raw_fd(), c"", *attrs, *recursive)?;
             }
-            let tree = rustix::mount::open_tree(CWD, src.as_c_str(), how)?;
-            if *readonly {
-                sys::mount_setattr(tree.as_raw_fd(), c"", sys::MOUNT_ATTR_RDONLY, *recursive)?;
-            }
+            let target = at_root(dst)?;
             let both = MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH;
-            rustix::mount::move_mount(&tree, c"", &target, c"", both)
+            rustix::mount::move_mount(tree, c"", &target, c"", both)
         }
-        FsOp::Bind { src, dst, recursive, readonly, in_root: false } => {
-            if *recursive {
-                rustix::mount::mount_bind_recursive(src.as_c_str(), dst.as_c_str())?;
-            } else {
-                rustix::mount::mount_bind(src.as_c_str(), dst.as_c_str())?;
+        FsOp::Mkdir { parent, name, mode } => {
+            let dir = at_root(parent)?;
+            match rustix::fs::mkdirat(&dir, name.as_c_str(), Mode::from_raw_mode(*mode)) {
+                Ok(()) | Err(Errno::EXIST) => Ok(()),
+                Err(e) => Err(e),
             }
-            if *readonly {
-                sys::mount_setattr(libc::AT_FDCWD, dst, sys::MOUNT_ATTR_RDONLY, *recursive)?;
-            }
-            Ok(())
         }
-        FsOp::Mkdir { path, mode } => match rustix::fs::mkdir(path.as_c_str(), Mode::from_raw_mode(*mode)) {
-            Ok(()) | Err(Errno::EXIST) => Ok(()),
-            Err(e) => Err(e),
-        },
-        FsOp::Touch { path } => {
-            rustix::fs::open(path.as_c_str(), OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC, Mode::from_raw_mode(0o644)).map(drop)
+        FsOp::Touch { parent, name } => {
+            let dir = at_root(parent)?;
+            let flags = OFlags::CREATE | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            rustix::fs::openat(&dir, name.as_c_str(), flags, Mode::from_raw_mode(0o644)).map(drop)
         }
-        FsOp::Symlink { target, link } => rustix::fs::symlink(target.as_c_str(), link.as_c_str()),
-        FsOp::ReadOnly { path } => sys::mount_setattr(libc::AT_FDCWD, path, sys::MOUNT_ATTR_RDONLY, false),
+        FsOp::Symlink { target, parent, name } => {
+            let dir = at_root(parent)?;
+            rustix::fs::symlinkat(target.as_c_str(), &dir, name.as_c_str())
+        }
+        FsOp::SetAttr { path, attrs } => {
+            let target = at_root(path)?;
+            sys::mount_setattr(target.as_raw_fd(), c"", *attrs, false)
+        }
         FsOp::PivotRoot => {
             rustix::process::pivot_root(c".", c".")?;
             rustix::mount::unmount(c".", UnmountFlags::DETACH)?;
             rustix::process::chdir(c"/")
         }
     }
+}
+
+/// Child-safe: chdir to `path` resolved inside the root (after pivot_root: the sandbox's):
+/// a symlink cannot lead out of it, and a magic link (`/proc/self/fd/N`, `/proc/PID/cwd`)
+/// is refused with ELOOP.
+pub fn chdir_in_root(path: &CStr) -> std::result::Result<(), Errno> {
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let dir = rustix::fs::openat2(CWD, path, flags, Mode::empty(), ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS)?;
+    rustix::process::fchdir(&dir)
+}
+
+/// Parent side: open and configure a [`PrepareTree`]. `idmap_userns`: the user namespace
+/// whose id mapping an idmapped tree uses.
+pub fn prepare(p: &PrepareTree, idmap_userns: Option<BorrowedFd>) -> std::result::Result<OwnedFd, Errno> {
+    let mut how = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    if p.recursive {
+        how |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    let tree = rustix::mount::open_tree(CWD, p.src.as_c_str(), how)?;
+    for dir in &p.mkdirs {
+        match rustix::fs::mkdirat(&tree, dir.as_c_str(), Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let userns = if p.idmap { idmap_userns.map(|fd| fd.as_raw_fd()) } else { None };
+    sys::mount_setattr_userns(tree.as_raw_fd(), p.attrs, p.recursive, userns)?;
+    Ok(tree)
 }
 
 /// Paths in a plan as the tests see them.
@@ -383,8 +527,9 @@ mod tests {
 
     fn host(path: &[u8]) -> Option<bool> {
         match path {
-            b"/" | b"/srv" | b"/home/u/data" | b"/rootfs" | b"/rootfs/proc" | b"/rootfs/work" | b"/opt" => Some(true),
-            b"/etc/hosts" | b"/rootfs/etc/hosts" => Some(false),
+            b"/" | b"/srv" | b"/home/u/data" | b"/rootfs" | b"/rootfs/proc" | b"/rootfs/work" | b"/opt" | b"/run" | b"/home" | b"/proc/sys"
+            | b"/proc/acpi" => Some(true),
+            b"/etc/hosts" | b"/rootfs/etc/hosts" | b"/proc/kcore" => Some(false),
             _ => None,
         }
     }
@@ -396,32 +541,96 @@ mod tests {
         host(&p)
     }
 
+    fn spec<'a>(rootfs: Option<&'a [u8]>, mounts: &'a [Mount]) -> FsSpec<'a> {
+        FsSpec {
+            rootfs,
+            readonly: true,
+            mounts,
+            masked: &[],
+            readonly_paths: &[],
+            hidden: &[],
+            tmp_size: Some(1 << 20),
+            shm_size: None,
+            prepare_trees: false,
+        }
+    }
+
     fn steps(rootfs: Option<&[u8]>, mounts: &[Mount]) -> Result<Vec<FsStep>> {
-        plan(rootfs, true, mounts, &Probes { host: &host, in_root: &in_root, is_link: &|_, _| false })
+        plan(&spec(rootfs, mounts), &Probes { host: &host, in_root: &in_root, is_link: &|_, _| false }).map(|p| p.steps)
     }
 
     #[test]
     fn default_plan_reads_top_down() {
         let s = steps(None, &[]).unwrap();
         assert_eq!(s[0].op, FsOp::MakePrivate);
-        assert_eq!(s[1].op, FsOp::EnterRoot { src: c("/"), readonly: true, ensure_dirs: vec![] });
+        let attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+        assert_eq!(s[1].op, FsOp::EnterRoot { tree: Tree::Path(c("/")), attrs, ensure_dirs: vec![] });
         assert_eq!(s[2].step, "mount /proc");
         assert_eq!(s.last().unwrap().op, FsOp::PivotRoot);
         let binds: Vec<&str> = s
             .iter()
             .filter_map(|st| match &st.op {
-                FsOp::Bind { dst, .. } => Some(cstr(dst)),
+                FsOp::Bind { dst, attrs, .. } => {
+                    assert_ne!(attrs & MOUNT_ATTR_NOSUID, 0, "{st:?}");
+                    Some(cstr(dst))
+                }
                 _ => None,
             })
             .collect();
         assert_eq!(binds, ["dev/null", "dev/zero", "dev/full", "dev/random", "dev/urandom", "dev/tty"]);
-        assert!(s.iter().any(|st| st.op == FsOp::ReadOnly { path: c("dev") }));
+        assert!(s.iter().any(|st| matches!(&st.op, FsOp::SetAttr { path, attrs } if cstr(path) == "dev" && attrs & MOUNT_ATTR_RDONLY != 0)));
+        assert!(s.iter().any(|st| matches!(&st.op, FsOp::Mount { dst, data, .. } if cstr(dst) == "tmp" && cstr(data) == "mode=1777,size=1048576")));
+        // Every fresh filesystem is nosuid and nodev.
+        for st in &s {
+            if let FsOp::Mount { flags, .. } = &st.op {
+                assert!(flags.contains(MountFlags::NOSUID | MountFlags::NODEV), "{st:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn masks_hidden_dirs_and_readonly_paths() {
+        let masked = [b"/proc/kcore".to_vec(), b"/proc/acpi".to_vec(), b"/proc/missing".to_vec()];
+        let ro = [b"/proc/sys".to_vec()];
+        let hidden = [b"/run".to_vec(), b"/home".to_vec(), b"/tmp".to_vec(), b"/nonexistent".to_vec()];
+        let mut fs = spec(None, &[]);
+        fs.masked = &masked;
+        fs.readonly_paths = &ro;
+        fs.hidden = &hidden;
+        let s = plan(&fs, &Probes { host: &host, in_root: &in_root, is_link: &|_, _| false }).unwrap().steps;
+        let names: Vec<&str> = s.iter().map(|st| st.step.as_str()).collect();
+        for want in ["mask /proc/kcore", "mask /proc/acpi", "remount /proc/sys read-only", "hide /run", "hide /home"] {
+            assert!(names.contains(&want), "{want} missing in {names:?}");
+        }
+        assert!(!names.iter().any(|n| n.contains("missing") || n.contains("nonexistent") || *n == "hide /tmp"), "{names:?}");
+        let kcore = s.iter().find(|st| st.step == "mask /proc/kcore").unwrap();
+        assert!(matches!(&kcore.op, FsOp::Bind { tree: Tree::Path(p), .. } if cstr(p) == "dev/null"));
+        // In a rootfs nothing of the host is hidden (there is none of it).
+        let mut fs = spec(Some(b"/rootfs"), &[]);
+        fs.hidden = &hidden;
+        let s = plan(&fs, &Probes { host: &host, in_root: &in_root, is_link: &|_, _| false }).unwrap().steps;
+        assert!(!s.iter().any(|st| st.step.starts_with("hide")));
     }
 
     #[test]
     fn rootfs_gets_missing_mountpoints_created() {
         let s = steps(Some(b"/rootfs"), &[]).unwrap();
-        assert_eq!(s[1].op, FsOp::EnterRoot { src: c("/rootfs"), readonly: true, ensure_dirs: vec![c("dev"), c("tmp")] });
+        let attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+        assert_eq!(s[1].op, FsOp::EnterRoot { tree: Tree::Path(c("/rootfs")), attrs, ensure_dirs: vec![c("dev"), c("tmp")] });
+    }
+
+    #[test]
+    fn prepared_trees_move_the_opening_to_the_parent() {
+        let m = [Mount::Bind { src: b"/home/u/data".to_vec(), dst: b"/srv".to_vec(), readonly: false }];
+        let mut fs = spec(Some(b"/rootfs"), &m);
+        fs.prepare_trees = true;
+        let p = plan(&fs, &Probes { host: &host, in_root: &in_root, is_link: &|_, _| false }).unwrap();
+        assert_eq!(p.prepare.len(), 2);
+        assert_eq!(p.prepare[0].mkdirs, vec![c("dev"), c("tmp")]);
+        assert!(p.prepare[0].idmap && p.prepare[1].idmap);
+        assert_eq!(p.prepare[1].attrs, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV);
+        assert_eq!(p.steps[1].op, FsOp::EnterRoot { tree: Tree::Prepared(0), attrs: 0, ensure_dirs: vec![] });
+        assert!(p.steps.iter().any(|st| st.op == FsOp::Bind { tree: Tree::Prepared(1), dst: c("srv"), recursive: true, attrs: 0 }));
     }
 
     #[test]
@@ -433,11 +642,12 @@ mod tests {
         ];
         let s = steps(None, &m).unwrap();
         let tail: Vec<&FsOp> = s.iter().rev().skip(1).take(5).map(|st| &st.op).collect();
-        assert_eq!(*tail[0], FsOp::Bind { src: c("/etc/hosts"), dst: c("opt/x/hosts"), recursive: true, readonly: false, in_root: false });
-        assert_eq!(*tail[1], FsOp::Touch { path: c("opt/x/hosts") });
-        assert_eq!(*tail[2], FsOp::Mkdir { path: c("opt/x"), mode: 0o755 });
+        let rw = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+        assert_eq!(*tail[0], FsOp::Bind { tree: Tree::Path(c("/etc/hosts")), dst: c("opt/x/hosts"), recursive: true, attrs: rw });
+        assert_eq!(*tail[1], FsOp::Touch { parent: c("opt/x"), name: c("hosts") });
+        assert_eq!(*tail[2], FsOp::Mkdir { parent: c("opt"), name: c("x"), mode: 0o755 });
         assert!(matches!(tail[3], FsOp::Mount { dst, data, .. } if cstr(dst) == "opt" && cstr(data) == "mode=0755,size=1048576"));
-        assert_eq!(*tail[4], FsOp::Bind { src: c("/home/u/data"), dst: c("srv"), recursive: true, readonly: true, in_root: false });
+        assert_eq!(*tail[4], FsOp::Bind { tree: Tree::Path(c("/home/u/data")), dst: c("srv"), recursive: true, attrs: rw | MOUNT_ATTR_RDONLY });
     }
 
     #[test]
@@ -460,12 +670,9 @@ mod tests {
     }
 
     #[test]
-    fn rootfs_targets_resolve_inside_the_root() {
-        let m = [Mount::Tmpfs { dst: b"/work".to_vec(), size: None }];
-        let s = steps(Some(b"/rootfs"), &m).unwrap();
-        assert!(s.iter().any(|st| matches!(&st.op, FsOp::Mount { dst, in_root: true, .. } if cstr(dst) == "work")));
+    fn rootfs_symlinks_at_mountpoints_are_refused() {
         let links = |_: &[u8], rel: &[u8]| rel == b"dev";
-        let err = plan(Some(b"/rootfs"), true, &[], &Probes { host: &host, in_root: &in_root, is_link: &links }).err().unwrap();
+        let err = plan(&spec(Some(b"/rootfs"), &[]), &Probes { host: &host, in_root: &in_root, is_link: &links }).err().unwrap();
         assert!(err.to_string().contains("symlink at /dev"), "{err}");
     }
 
@@ -482,5 +689,11 @@ mod tests {
         assert_eq!(normalize_target(b"a"), None);
         assert_eq!(normalize_target(b"/a/../b"), None);
         assert_eq!(normalize_target(b"/"), Some(vec![]));
+    }
+
+    #[test]
+    fn split_names_parent_and_leaf() {
+        assert_eq!(split(b"a/b/c"), (c("a/b"), c("c")));
+        assert_eq!(split(b"c"), (c("."), c("c")));
     }
 }

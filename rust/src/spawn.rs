@@ -25,6 +25,8 @@ use std::sync::OnceLock;
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal, WaitOptions};
 
+use rustix::fs::{Mode, OFlags};
+
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
 use crate::mount;
@@ -64,6 +66,13 @@ struct ChildCtx<'a> {
     join: Option<JoinCtx<'a>>,
     /// v1 `tasks` files the child writes "0" to (moves itself in).
     tasks: &'a [RawFd],
+    /// The fds of the plan's prepared trees (`mount::PrepareTree`), by number.
+    prepared: &'a [RawFd],
+    /// Every fd the child needs (sorted): all others are closed before it does anything.
+    keep_fds: &'a [RawFd],
+    /// A pidfd of the spawning thread (die_with_parent): proves it alive once the death
+    /// signal is armed for good (credential changes disarm it).
+    parent_pidfd: RawFd,
 }
 
 /// Open the files a v1 child moves itself in with (see `Cgroup::self_attach_files`).
@@ -110,6 +119,10 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     let attach = io.cgroup.filter(|c| c.needs_attach());
     let tasks = self_attach_files(io)?;
     let tasks_fds: Vec<RawFd> = tasks.iter().map(|f| f.as_raw_fd()).collect();
+    let prepared = prepare_trees(plan)?;
+    let prepared_fds: Vec<RawFd> = prepared.iter().map(|f| f.as_raw_fd()).collect();
+    let parent_pidfd = if plan.die_with_parent { Some(spawning_thread_pidfd().map_err(|e| Error::spawn("pidfd_open", None, e))?) } else { None };
+    let parent_pidfd_raw = parent_pidfd.as_ref().map_or(-1, |f| f.as_raw_fd());
     let (mut parent, chan, report_w, go_r) =
         sync::channel(plan.maps.is_some() || attach.is_some()).map_err(|e| Error::spawn("pipe", None, e))?;
     let init_argv;
@@ -120,6 +133,17 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     } else {
         None
     };
+    // stdio -1 keeps the parent's 0, 1, 2.
+    let inherited: Vec<RawFd> = io.stdio.iter().enumerate().filter(|(_, &fd)| fd < 0).map(|(i, _)| i as RawFd).collect();
+    let keep_fds = keep_list(&[
+        &[chan.report, chan.go],
+        &io.stdio,
+        &inherited,
+        io.pass_fds,
+        &tasks_fds,
+        &prepared_fds,
+        &[init.map_or(-1, |(fd, _)| fd), parent_pidfd_raw],
+    ]);
     let stack = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
     let ctx = ChildCtx {
         plan,
@@ -129,6 +153,9 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         late_cgroup_ns: late_cgroup_ns(plan.clone_flags, attach.is_some() || !tasks_fds.is_empty()),
         join: None,
         tasks: &tasks_fds,
+        prepared: &prepared_fds,
+        keep_fds: &keep_fds,
+        parent_pidfd: parent_pidfd_raw,
     };
 
     let mut pidfd: c_int = -1;
@@ -163,6 +190,8 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     sys::restore_signals(&old_mask);
     drop(report_w);
     drop(go_r);
+    drop(prepared);
+    drop(parent_pidfd);
     let pid = res.map_err(|e| Error::spawn("clone3", Some(namespaces_hint(plan.clone_flags)), e))?;
     // SAFETY: CLONE_PIDFD stored a fresh fd that nothing else owns.
     let child = Child { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } };
@@ -234,6 +263,9 @@ pub fn spawn_join(plan: &Plan, io: &Io, join: &Join) -> Result<Child> {
         late_cgroup_ns: false,
         join: Some(JoinCtx { join, stack: &stack2, cgroup_fd, pid_out: &pid_out }),
         tasks: &tasks_fds,
+        prepared: &[],
+        keep_fds: &[],
+        parent_pidfd: -1,
     };
     let mut args = CloneArgs {
         flags: libc::CLONE_VM as u64,
@@ -317,6 +349,107 @@ fn intermediate(ctx: &ChildCtx) -> ! {
     }
 }
 
+/// A pidfd of the calling thread (PIDFD_THREAD, Linux 6.9), else of the process.
+fn spawning_thread_pidfd() -> std::result::Result<OwnedFd, Errno> {
+    use rustix::process::{pidfd_open, PidfdFlags};
+    const PIDFD_THREAD: u32 = libc::O_EXCL as u32;
+    let tid = rustix::thread::gettid();
+    pidfd_open(tid, PidfdFlags::from_bits_retain(PIDFD_THREAD)).or_else(|_| pidfd_open(rustix::process::getpid(), PidfdFlags::empty()))
+}
+
+/// Child-safe: (re-)arm the death signal; a change of ids clears it.
+fn arm_death_signal(ctx: &ChildCtx) {
+    if ctx.plan.die_with_parent {
+        sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize, 0).unwrap_or_else(|e| ctx.chan.fail(Step::DeathSignal, 0, e));
+    }
+}
+
+/// The sorted, deduplicated non-negative fds of `lists`.
+fn keep_list(lists: &[&[RawFd]]) -> Vec<RawFd> {
+    let mut v: Vec<RawFd> = lists.iter().flat_map(|l| l.iter().copied()).filter(|&fd| fd >= 0).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Open the trees the plan's parent side prepares (a root caller's rootfs and binds).
+fn prepare_trees(plan: &Plan) -> Result<Vec<OwnedFd>> {
+    if plan.fs.prepare.is_empty() {
+        return Ok(Vec::new());
+    }
+    let userns = if plan.fs.prepare.iter().any(|p| p.idmap) {
+        Some(idmap_userns().map_err(|e| Error::spawn("create the id-mapping user namespace", None, e))?)
+    } else {
+        None
+    };
+    plan.fs
+        .prepare
+        .iter()
+        .map(|p| {
+            mount::prepare(p, userns).map_err(|e| {
+                let hint = if p.idmap && e == Errno::INVAL {
+                    format!("{}: the filesystem does not support idmapped mounts, which a root caller's Bind needs so that its files keep their owners inside", p.src.to_string_lossy())
+                } else {
+                    p.src.to_string_lossy().into_owned()
+                };
+                Error::spawn(p.step.clone(), Some(hint), e)
+            })
+        })
+        .collect()
+}
+
+/// A user namespace with the root caller's sandbox mapping (0 -> SANDBOX_ID_BASE, 65536
+/// ids), made once per process: idmapped Binds map through it, so inside a Bind the ids
+/// on disk are the sandbox's ids.
+fn idmap_userns() -> std::result::Result<std::os::fd::BorrowedFd<'static>, Errno> {
+    static FD: OnceLock<std::result::Result<OwnedFd, Errno>> = OnceLock::new();
+    FD.get_or_init(|| {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let stack = Stack::new(64 * 1024).map_err(|e| errno_of(&e))?;
+        let mut args = CloneArgs {
+            flags: libc::CLONE_VM as u64 | libc::CLONE_NEWUSER as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: stack.bottom(),
+            stack_size: stack.size(),
+            ..CloneArgs::default()
+        };
+        let old_mask = sys::block_all_signals();
+        let fds = [r.as_raw_fd(), w.as_raw_fd()];
+        // SAFETY: the child only reads `fds` (alive until we reaped it), closes its copy of the
+        // write end, reads the pipe and exits; it runs on `stack`, which outlives it.
+        let res = unsafe { sys::clone3(&mut args, hold_userns_main, fds.as_ptr() as *mut c_void) };
+        sys::restore_signals(&old_mask);
+        let pid = res?;
+        let line = format!("0 {} {}\n", crate::spec::SANDBOX_ID_BASE, crate::spec::SANDBOX_ID_COUNT);
+        let done = (|| {
+            for file in ["uid_map", "gid_map"] {
+                write_proc(pid, file, &line).map_err(|e| match e {
+                    Error::Spawn { errno, .. } => errno,
+                    Error::Invalid { .. } => Errno::INVAL,
+                })?;
+            }
+            rustix::fs::open(format!("/proc/{pid}/ns/user"), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+        })();
+        drop(w);
+        let _ = rustix::process::waitpid(Pid::from_raw(pid), WaitOptions::empty());
+        drop(stack);
+        done
+    })
+    .as_ref()
+    .map(|fd| fd.as_fd())
+    .map_err(|e| *e)
+}
+
+extern "C" fn hold_userns_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` points to the parent's [read, write] pipe fds, alive until we are reaped.
+    let [r, w] = unsafe { *(arg as *const [RawFd; 2]) };
+    // Child-safe: wait until the parent closes the pipe (it has opened our user namespace).
+    sys::close(w);
+    let mut b = [0u8; 1];
+    let _ = rustix::io::read(sys::borrow_fd(r), &mut b);
+    sys::exit_now(0)
+}
+
 /// Kill a child that has not exec'd yet, wait until it left our address space, reap it.
 fn abort_child(child: &Child, parent: &sync::ParentChannel) {
     let _ = rustix::process::pidfd_send_signal(child.pidfd.as_fd(), Signal::KILL);
@@ -333,7 +466,7 @@ fn cgroup_errno(e: &crate::cgroup::CgroupError) -> Errno {
     }
 }
 
-fn errno_of(e: &std::io::Error) -> Errno {
+pub(crate) fn errno_of(e: &std::io::Error) -> Errno {
     Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
@@ -357,10 +490,10 @@ fn write_maps(pid: i32, maps: &IdMaps) -> Result<()> {
 }
 
 /// Turn the child's record into an error naming the step and the path involved.
-fn child_error(plan: &Plan, rec: sync::ChildError) -> Error {
+pub(crate) fn child_error(plan: &Plan, rec: sync::ChildError) -> Error {
     let errno = Errno::from_raw_os_error(rec.errno);
     match Step::from_raw(rec.step) {
-        Some(Step::Fs) => match plan.fs.get(rec.index as usize) {
+        Some(Step::Fs) => match plan.fs.steps.get(rec.index as usize) {
             Some(st) => Error::spawn(st.step.clone(), Some(st.path.clone()), errno),
             None => Error::spawn("mount", None, errno),
         },
@@ -372,7 +505,7 @@ fn child_error(plan: &Plan, rec: sync::ChildError) -> Error {
 }
 
 /// The nsfast-init binary in a sealed memfd, made once per process.
-fn init_binary() -> std::result::Result<RawFd, Errno> {
+pub(crate) fn init_binary() -> std::result::Result<RawFd, Errno> {
     static FD: OnceLock<std::result::Result<OwnedFd, Errno>> = OnceLock::new();
     FD.get_or_init(|| {
         use rustix::fs::{MemfdFlags, SealFlags};
@@ -409,12 +542,22 @@ fn child(ctx: &ChildCtx) -> ! {
     if ctx.join.is_none() {
         // (The intermediate of a join already did this; dispositions are inherited.)
         sys::child_reset_signal_dispositions();
+        // Our copy of the caller's fd table: nothing the sandbox does not need stays open
+        // (no path is resolved, no mount made before this).
+        sys::close_all_except(ctx.keep_fds).unwrap_or_else(|e| fail(Step::CloseFdsEarly, e));
     }
-    if plan.die_with_parent {
-        sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize, 0).unwrap_or_else(|e| fail(Step::DeathSignal, e));
-    }
+    arm_death_signal(ctx);
     if ch.go >= 0 {
+        // Also proves the parent outlived the prctl above: a dead parent's `go` reads EOF.
         ch.wait_mappings_written().unwrap_or_else(|e| fail(Step::WaitMappings, e));
+    }
+    if plan.become_root {
+        // Still host uid 0, which the root caller's range does not map: become the user
+        // namespace's root before touching any file.
+        sys::setresgid(0).unwrap_or_else(|e| fail(Step::BecomeRoot, e));
+        sys::clear_supplementary_groups().unwrap_or_else(|e| fail(Step::BecomeRoot, e));
+        sys::setresuid(0).unwrap_or_else(|e| fail(Step::BecomeRoot, e));
+        arm_death_signal(ctx);
     }
     for (i, &fd) in ctx.tasks.iter().enumerate() {
         if let Err(e) = rustix::io::write(sys::borrow_fd(fd), b"0") {
@@ -427,8 +570,8 @@ fn child(ctx: &ChildCtx) -> ! {
     if ctx.late_cgroup_ns {
         sys::unshare(libc::CLONE_NEWCGROUP as u64).unwrap_or_else(|e| fail(Step::CgroupNs, e));
     }
-    for (i, st) in plan.fs.iter().enumerate() {
-        if let Err(e) = mount::run(&st.op) {
+    for (i, st) in plan.fs.steps.iter().enumerate() {
+        if let Err(e) = mount::run(&st.op, ctx.prepared) {
             ch.fail(Step::Fs, i as u32, e);
         }
     }
@@ -447,8 +590,11 @@ fn child(ctx: &ChildCtx) -> ! {
         } else {
             rustix::process::chdir(plan.cwd.as_c_str()).unwrap_or_else(|e| fail(Step::Chdir, e));
         }
-    } else {
+    } else if plan.fs.steps.is_empty() {
         rustix::process::chdir(plan.cwd.as_c_str()).unwrap_or_else(|e| fail(Step::Chdir, e));
+    } else {
+        // Inside the new root: its symlinks stay in it, magic links are refused.
+        mount::chdir_in_root(plan.cwd.as_c_str()).unwrap_or_else(|e| fail(Step::Chdir, e));
     }
     // The bounding set needs CAP_SETPCAP, which a switch to a non-root uid takes away.
     for cap in 0..=plan.cap_last {
@@ -464,6 +610,15 @@ fn child(ctx: &ChildCtx) -> ! {
         if let Some(uid) = ids.uid {
             sys::setresuid(uid).unwrap_or_else(|e| fail(Step::SetUid, e));
         }
+        arm_death_signal(ctx);
+    }
+    if ctx.parent_pidfd >= 0 {
+        // Armed for good now: if the spawning thread died at any point before, exit.
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::from_borrowed_fd(sys::borrow_fd(ctx.parent_pidfd), PollFlags::IN)];
+        if poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })).is_ok_and(|n| n > 0) {
+            sys::exit_now(127);
+        }
     }
     sys::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as usize, 0).unwrap_or_else(|e| fail(Step::DropCaps, e));
     let have = sys::capget_permitted().unwrap_or_else(|e| fail(Step::DropCaps, e));
@@ -472,6 +627,8 @@ fn child(ctx: &ChildCtx) -> ! {
         rustix::process::setsid().unwrap_or_else(|e| fail(Step::Setsid, e));
     }
     sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
+    // A crash must not hand a core to the host's core_pattern (a pipe helper runs as host root).
+    sys::rlimit_zero(libc::RLIMIT_CORE).unwrap_or_else(|e| fail(Step::Rlimit, e));
 
     // stdio: first lift sources sitting on 0..2 out of the way, then install.
     let mut src = ctx.io.stdio;
@@ -493,9 +650,15 @@ fn child(ctx: &ChildCtx) -> ! {
     sys::child_unblock_all_signals();
 
     let envp = plan.exec.envp.as_ptr();
-    if let Some((init_fd, init_argv)) = ctx.init {
+    if let Some((_, _)) = ctx.init {
         // init inherits the report pipe and closes it once its child has exec'd.
         sys::set_cloexec(ch.report, false).unwrap_or_else(|e| fail(Step::ExecInit, e));
+    }
+    // Last: from here on only what the filter allows (execve, write, exit_group are).
+    if let Some(filter) = &plan.seccomp {
+        filter.install().unwrap_or_else(|e| fail(Step::Seccomp, e));
+    }
+    if let Some((init_fd, init_argv)) = ctx.init {
         // SAFETY: prepared NULL-terminated arrays.
         let e = unsafe { sys::execve_fd(init_fd, init_argv.as_ptr(), envp) };
         fail(Step::ExecInit, e);

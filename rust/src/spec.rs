@@ -5,8 +5,11 @@
 use std::ffi::{c_char, CString};
 use std::os::fd::RawFd;
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
-use crate::mount::{self, FsStep};
+use crate::mount::{self, FsPlan};
+use crate::seccomp::{self, Filter};
 
 /// An extra mount inside the sandbox.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +42,57 @@ pub struct Spec {
     pub init: bool,
     pub new_session: bool,
     pub die_with_parent: bool,
+    /// Paths replaced by an empty read-only tmpfs (directories) or /dev/null (files).
+    pub masked_paths: Vec<Vec<u8>>,
+    /// Paths bound read-only onto themselves.
+    pub readonly_paths: Vec<Vec<u8>>,
+    /// Host directories hidden behind an empty tmpfs (host root only).
+    pub hidden: Vec<Vec<u8>>,
+    /// Sizes of /tmp and /dev/shm in bytes (None: the kernel's default, half of RAM).
+    pub tmp_size: Option<u64>,
+    pub shm_size: Option<u64>,
+    /// The syscall filter; None: no filter.
+    pub seccomp: Option<SeccompSpec>,
+}
+
+/// Changes to nsfast's default syscall allow list.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SeccompSpec {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+}
+
+/// runc's masked paths (readable information about the host, or its keys).
+pub const DEFAULT_MASKED_PATHS: [&str; 10] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+];
+
+/// runc's read-only paths (kernel knobs).
+pub const DEFAULT_READONLY_PATHS: [&str; 5] = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+
+/// Host directories hidden in host-root mode: other programs' sockets and temporary files,
+/// and users' homes.
+pub const DEFAULT_HIDDEN: [&str; 5] = ["/run", "/tmp", "/var/tmp", "/home", "/root"];
+
+pub const DEFAULT_TMP_SIZE: u64 = 256 << 20;
+pub const DEFAULT_SHM_SIZE: u64 = 64 << 20;
+
+/// Host ids a root caller's sandboxes run as: inside ids 0..SANDBOX_ID_COUNT map to
+/// SANDBOX_ID_BASE.. (systemd's UIDS-GIDS.md leaves 0x70000000..0x7FFFFFFF unused).
+pub const SANDBOX_ID_BASE: u32 = 0x7000_0000;
+pub const SANDBOX_ID_COUNT: u32 = 65536;
+
+fn bytes_of(list: &[&str]) -> Vec<Vec<u8>> {
+    list.iter().map(|p| p.as_bytes().to_vec()).collect()
 }
 
 impl Spec {
@@ -59,11 +113,17 @@ impl Spec {
             init: false,
             new_session: true,
             die_with_parent: true,
+            masked_paths: bytes_of(&DEFAULT_MASKED_PATHS),
+            readonly_paths: bytes_of(&DEFAULT_READONLY_PATHS),
+            hidden: bytes_of(&DEFAULT_HIDDEN),
+            tmp_size: Some(DEFAULT_TMP_SIZE),
+            shm_size: Some(DEFAULT_SHM_SIZE),
+            seccomp: Some(SeccompSpec::default()),
         }
     }
 }
 
-pub const DEFAULT_NAMESPACES: [&str; 6] = ["pid", "uts", "ipc", "net", "mnt", "cgroup"];
+pub const DEFAULT_NAMESPACES: [&str; 7] = ["user", "mnt", "pid", "uts", "ipc", "net", "cgroup"];
 
 /// Who the caller is; decides the id maps.
 #[derive(Clone, Copy, Debug)]
@@ -88,6 +148,23 @@ pub struct IdMaps {
 }
 
 impl IdMaps {
+    /// The maps of a sandbox of `caller`: a root caller's sandbox gets the unprivileged
+    /// range at SANDBOX_ID_BASE (its root is never host root); others map one inside id
+    /// (`uid`, default 0) to themselves, the only id they own.
+    pub fn for_caller(caller: Caller, uid: Option<u32>, gid: Option<u32>) -> IdMaps {
+        if caller.euid == 0 {
+            let line = format!("0 {SANDBOX_ID_BASE} {SANDBOX_ID_COUNT}\n");
+            IdMaps { uid_map: line.clone(), gid_map: line, deny_setgroups: false }
+        } else {
+            IdMaps::single(caller, uid, gid)
+        }
+    }
+
+    /// Whether the mapping is the root caller's range (whose ids the child sets itself).
+    pub fn is_range(&self) -> bool {
+        !self.deny_setgroups && self.uid_map.ends_with(&format!(" {SANDBOX_ID_COUNT}\n"))
+    }
+
     /// One-line maps: `inside` (default 0) -> the caller's id.
     pub fn single(caller: Caller, uid: Option<u32>, gid: Option<u32>) -> IdMaps {
         IdMaps {
@@ -159,7 +236,13 @@ impl Exec {
 pub struct Plan {
     pub clone_flags: u64,
     pub maps: Option<IdMaps>,
-    pub fs: Vec<FsStep>,
+    pub fs: FsPlan,
+    /// Right after the id maps are written, become the new user namespace's root
+    /// (setresgid/setgroups/setresuid 0): a root caller's child is still host uid 0 there,
+    /// which its range does not map.
+    pub become_root: bool,
+    /// Installed last before exec (after no_new_privs).
+    pub seccomp: Option<Arc<Filter>>,
     pub hostname: Option<Vec<u8>>,
     pub loopback: bool,
     pub set_ids: Option<SetIds>,
@@ -232,6 +315,23 @@ pub fn cap_last_cap() -> u32 {
     })
 }
 
+/// The filter for `s`, built once per distinct request and process (building costs more
+/// than a spawn's whole setup).
+fn seccomp_filter(s: &SeccompSpec, keep_caps: u64) -> Result<Arc<Filter>> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Cache = Mutex<HashMap<(SeccompSpec, u64), Arc<Filter>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (s.clone(), keep_caps);
+    if let Some(f) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(f.clone());
+    }
+    let f = Arc::new(Filter::build(&seccomp::Policy { allow: &s.allow, deny: &s.deny, keep_caps })?);
+    cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, f.clone());
+    Ok(f)
+}
+
 impl Plan {
     /// Build the plan for `spec` run by `caller`.
     pub fn build(spec: &Spec, caller: Caller) -> Result<Plan> {
@@ -264,15 +364,39 @@ impl Plan {
                 return Err(Error::invalid("hostname", "is longer than 64 bytes"));
             }
         }
-        let maps = user_ns.then(|| IdMaps::single(caller, spec.uid, spec.gid));
-        let set_ids = (!user_ns && (spec.uid.is_some() || spec.gid.is_some()))
+        let maps = user_ns.then(|| IdMaps::for_caller(caller, spec.uid, spec.gid));
+        let range = maps.as_ref().is_some_and(IdMaps::is_range);
+        for (field, id) in [("uid", spec.uid), ("gid", spec.gid)] {
+            if let Some(id) = id.filter(|&id| range && id >= SANDBOX_ID_COUNT) {
+                return Err(Error::invalid(field, format!("{id} is outside the sandbox's id range 0..{}", SANDBOX_ID_COUNT - 1)));
+            }
+        }
+        // Without a user namespace (root caller, trusted) or with the root caller's range,
+        // the child sets the ids itself; a single-id map already makes them the mapped one.
+        let set_ids = ((!user_ns || range) && (spec.uid.is_some() || spec.gid.is_some()))
             .then_some(SetIds { uid: spec.uid, gid: spec.gid });
 
         let fs = if mnt_ns {
             let probes = mount::Probes { host: &host_probe, in_root: &in_root_probe, is_link: &is_link_probe };
-            mount::plan(spec.rootfs.as_deref(), spec.readonly_root, &spec.mounts, &probes)?
+            let fs = mount::FsSpec {
+                rootfs: spec.rootfs.as_deref(),
+                readonly: spec.readonly_root,
+                mounts: &spec.mounts,
+                masked: &spec.masked_paths,
+                readonly_paths: &spec.readonly_paths,
+                hidden: &spec.hidden,
+                tmp_size: spec.tmp_size,
+                shm_size: spec.shm_size,
+                // The sandbox's root cannot open the caller's private trees, nor idmap.
+                prepare_trees: range,
+            };
+            mount::plan(&fs, &probes)?
         } else {
-            Vec::new()
+            FsPlan::default()
+        };
+        let seccomp = match &spec.seccomp {
+            Some(s) => Some(seccomp_filter(s, spec.keep_caps)?),
+            None => None,
         };
 
         let argv = spec.args.iter().map(|a| cstring("args", a)).collect::<Result<Vec<_>>>()?;
@@ -285,6 +409,8 @@ impl Plan {
             clone_flags,
             maps,
             fs,
+            become_root: range,
+            seccomp,
             hostname: spec.hostname.clone(),
             loopback: clone_flags & libc::CLONE_NEWNET as u64 != 0,
             set_ids,
@@ -325,14 +451,27 @@ mod tests {
     }
 
     #[test]
-    fn rootless_callers_get_a_user_namespace() {
+    fn every_caller_gets_a_user_namespace_and_root_never_maps_to_host_root() {
         let spec = Spec::new(vec![b"true".to_vec()]);
         let plan = Plan::build(&spec, Caller { euid: 1000, egid: 1000 }).unwrap();
         assert_ne!(plan.clone_flags & libc::CLONE_NEWUSER as u64, 0);
         assert_eq!(plan.maps.unwrap().uid_map, "0 1000 1\n");
+        assert!(!plan.become_root);
         let plan = Plan::build(&spec, Caller { euid: 0, egid: 0 }).unwrap();
-        assert_eq!(plan.clone_flags & libc::CLONE_NEWUSER as u64, 0);
-        assert!(plan.maps.is_none());
+        assert_ne!(plan.clone_flags & libc::CLONE_NEWUSER as u64, 0);
+        let maps = plan.maps.unwrap();
+        assert_eq!(maps.uid_map, format!("0 {SANDBOX_ID_BASE} 65536\n"));
+        assert!(maps.is_range() && plan.become_root && plan.seccomp.is_some());
+        // A root caller that leaves "user" out opts out (trusted code).
+        let mut spec = spec;
+        spec.namespaces &= !(libc::CLONE_NEWUSER as u64);
+        spec.seccomp = None;
+        let plan = Plan::build(&spec, Caller { euid: 0, egid: 0 }).unwrap();
+        assert!(plan.maps.is_none() && !plan.become_root && plan.seccomp.is_none());
+        spec.namespaces |= libc::CLONE_NEWUSER as u64;
+        spec.uid = Some(70000);
+        let err = Plan::build(&spec, Caller { euid: 0, egid: 0 }).err().unwrap();
+        assert!(matches!(err, Error::Invalid { field: "uid", .. }), "{err}");
     }
 
     #[test]

@@ -35,12 +35,16 @@ pub enum Step {
     CloneJoined,
     JoinCgroupNs,
     AttachCgroup,
+    BecomeRoot,
+    Seccomp,
+    Rlimit,
+    CloseFdsEarly,
 }
 
 impl Step {
     pub fn from_raw(v: u32) -> Option<Step> {
         use Step::*;
-        [WaitMappings, Fs, Hostname, Loopback, SetGroups, SetGid, SetUid, DropCaps, NoNewPrivs, DeathSignal, Setsid, Stdio, CloseFds, Chdir, Exec, ExecInit, CgroupNs, JoinNamespaces, Chroot, CloneJoined, JoinCgroupNs, AttachCgroup]
+        [WaitMappings, Fs, Hostname, Loopback, SetGroups, SetGid, SetUid, DropCaps, NoNewPrivs, DeathSignal, Setsid, Stdio, CloseFds, Chdir, Exec, ExecInit, CgroupNs, JoinNamespaces, Chroot, CloneJoined, JoinCgroupNs, AttachCgroup, BecomeRoot, Seccomp, Rlimit, CloseFdsEarly]
             .into_iter()
             .find(|s| *s as u32 == v)
     }
@@ -70,6 +74,10 @@ impl Step {
             Step::CloneJoined => "clone3 into the target",
             Step::JoinCgroupNs => "setns cgroup",
             Step::AttachCgroup => "attach cgroup",
+            Step::BecomeRoot => "become root of the user namespace",
+            Step::Seccomp => "install seccomp filter",
+            Step::Rlimit => "set RLIMIT_CORE",
+            Step::CloseFdsEarly => "close inherited fds",
         }
     }
 }

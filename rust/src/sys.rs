@@ -300,9 +300,24 @@ struct MountAttr {
     userns_fd: u64,
 }
 
+pub const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
 /// Child-safe: mount_setattr(2) on `dirfd`+`path`, optionally on the whole subtree.
 pub fn mount_setattr(dirfd: RawFd, path: &CStr, set: u64, recursive: bool) -> Result<(), Errno> {
-    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    mount_setattr_raw(dirfd, path, set, recursive, 0)
+}
+
+/// mount_setattr(2) on the mount `fd` names, idmapped through `userns` when given
+/// (MOUNT_ATTR_IDMAP: the tree must be detached, the caller privileged over its filesystem).
+pub fn mount_setattr_userns(fd: RawFd, set: u64, recursive: bool, userns: Option<RawFd>) -> Result<(), Errno> {
+    match userns {
+        Some(ns) => mount_setattr_raw(fd, c"", set | MOUNT_ATTR_IDMAP, recursive, ns as u64),
+        None => mount_setattr_raw(fd, c"", set, recursive, 0),
+    }
+}
+
+fn mount_setattr_raw(dirfd: RawFd, path: &CStr, set: u64, recursive: bool, userns_fd: u64) -> Result<(), Errno> {
+    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd };
     let mut flags = libc::AT_EMPTY_PATH as usize;
     if recursive {
         flags |= libc::AT_RECURSIVE as usize;
@@ -319,6 +334,25 @@ pub fn mount_setattr(dirfd: RawFd, path: &CStr, set: u64, recursive: bool) -> Re
         ],
     )
     .map(drop)
+}
+
+/// Child-safe: close every fd except those in `keep` (sorted ascending, no duplicates).
+pub fn close_all_except(keep: &[RawFd]) -> Result<(), Errno> {
+    let mut next: u32 = 0;
+    for &fd in keep {
+        let fd = fd as u32;
+        if fd > next {
+            close_range(next, fd - 1, 0)?;
+        }
+        next = fd + 1;
+    }
+    close_range(next, u32::MAX, 0)
+}
+
+/// Child-safe: setrlimit(resource, {0, 0}) (prlimit64 on ourselves).
+pub fn rlimit_zero(resource: libc::__rlimit_resource_t) -> Result<(), Errno> {
+    let zero: [u64; 2] = [0, 0];
+    raw6(libc::SYS_prlimit64, [0, resource as usize, &zero as *const [u64; 2] as usize, 0, 0, 0]).map(drop)
 }
 
 /// Child-safe: setgroups(0, NULL).
