@@ -15,6 +15,8 @@ import tty
 import psutil
 import pytest
 
+import nsfast
+
 from conftest import PY_ERRNO, suite
 
 pytestmark = suite
@@ -73,13 +75,24 @@ def test_share_net_flag_keeps_the_host_network():
     assert sorted(r.stdout.split()) == sorted(psutil.net_if_addrs())
 
 
-def test_unshare_flags_pick_exactly_those_namespaces():
-    r = nsfast_cli("run", "--unshare-uts", "--unshare-ipc", "--", "sh", "-c",
-                   "for n in mnt pid uts ipc net; do readlink /proc/self/ns/$n; done")
+NS_SCRIPT = "for n in user mnt pid uts ipc net cgroup time; do readlink /proc/self/ns/$n; done"
+NS_TYPES = ("user", "mnt", "pid", "uts", "ipc", "net", "cgroup", "time")
+
+
+def _new_namespaces(*flags: str) -> set:
+    r = nsfast_cli("run", *flags, "--", "sh", "-c", NS_SCRIPT)
     assert r.returncode == 0, r.stderr
-    host = {n: os.readlink(f"/proc/self/ns/{n}") for n in ("mnt", "pid", "uts", "ipc", "net")}
-    inside = dict(zip(("mnt", "pid", "uts", "ipc", "net"), r.stdout.split()))
-    assert {n for n in host if inside[n] != host[n]} == {"uts", "ipc"}
+    host = {n: os.readlink(f"/proc/self/ns/{n}") for n in NS_TYPES}
+    inside = dict(zip(NS_TYPES, r.stdout.split()))
+    return {n for n in host if inside[n] != host[n]}
+
+
+def test_share_flags_remove_exactly_those_namespaces_and_unshare_adds():
+    """--unshare-NS adds to the defaults (it never silently drops the rest); --share-NS removes."""
+    assert _new_namespaces() == set(nsfast.DEFAULT_NAMESPACES)
+    assert _new_namespaces("--unshare-uts") == set(nsfast.DEFAULT_NAMESPACES)
+    assert _new_namespaces("--share-pid", "--share-ipc") == set(nsfast.DEFAULT_NAMESPACES) - {"pid", "ipc"}
+    assert _new_namespaces("--unshare-time") == set(nsfast.DEFAULT_NAMESPACES) | {"time"}
 
 
 @pytest.mark.parametrize("code", [0, 7, 255])
@@ -89,7 +102,7 @@ def test_exit_status_passes_through(code):
 
 def test_death_by_signal_exits_128_plus_n():
     # No pid namespace, so the shell can signal itself.
-    r = nsfast_cli("run", "--unshare-uts", "--", "sh", "-c", "kill -TERM $$")
+    r = nsfast_cli("run", "--share-pid", "--", "sh", "-c", "kill -TERM $$")
     assert r.returncode == 128 + 15
 
 
@@ -183,7 +196,7 @@ def test_the_probe_sees_the_terminal_when_not_sandboxed():
 
 
 @pytest.mark.skipif(SETSID is None, reason="needs setsid (util-linux)")
-@pytest.mark.parametrize("flags", [[], ["--init"], ["--unshare-uts"]], ids=["default", "init", "no-pid-ns"])
+@pytest.mark.parametrize("flags", [[], ["--init"], ["--share-pid"]], ids=["default", "init", "no-pid-ns"])
 def test_sandbox_runs_in_its_own_session_without_the_callers_terminal(flags):
     r, pending = run_on_a_terminal(sys.executable, "-m", "nsfast", "run", *flags, "--", "python3", "-c",
                                    TERMINAL_PROBE + "print('on stdout'); print('on stderr', file=sys.stderr)")

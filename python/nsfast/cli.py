@@ -20,7 +20,7 @@ import sys
 from typing import List, Optional, Sequence, Union
 
 from ._errors import NsfastError, SpawnError
-from ._spec import NAMESPACES, Bind, Spec, Tmpfs
+from ._spec import DEFAULT_NAMESPACES, NAMESPACES, Bind, Spec, Tmpfs
 
 __all__ = ["main", "build_parser", "spec_from_args"]
 
@@ -47,7 +47,10 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
     for ns in NAMESPACES:
         p.add_argument(f"--unshare-{ns}", action="append_const", const=ns, dest="unshare",
                        help=f"new {ns} namespace")
-    p.add_argument("--share-net", action="store_true", help="keep the host's network namespace")
+    for ns in NAMESPACES:
+        extra = " (a root caller's sandbox then runs as host root: trusted code only)" if ns == "user" else ""
+        p.add_argument(f"--share-{ns}", action="append_const", const=ns, dest="share",
+                       help=f"keep the host's {ns} namespace{extra}")
     p.add_argument("--chdir", metavar="DIR", default="/", help="working directory inside (default /)")
     p.add_argument("--setenv", nargs=2, metavar=("VAR", "VALUE"), action="append", default=[],
                    help="set an environment variable")
@@ -86,14 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace) -> Spec:
     """The Spec the flags describe."""
-    if args.unshare_all or not args.unshare:
-        namespaces = [n for n in NAMESPACES if n != "time" and (n != "user" or os.geteuid() != 0)]
-        if not args.unshare_all:
-            namespaces = [n for n in namespaces if n in ("pid", "uts", "ipc", "net", "mnt", "cgroup")]
-    else:
-        namespaces = list(args.unshare)
-    if args.share_net:
-        namespaces = [n for n in namespaces if n != "net"]
+    # The defaults (user included, for every caller) plus what --unshare-* adds; --share-*
+    # takes one away. An explicit flag never silently drops the rest of the isolation.
+    wanted = set(DEFAULT_NAMESPACES) | set(args.unshare or ())
+    if args.unshare_all:
+        wanted |= {n for n in NAMESPACES if n != "time"}
+    wanted -= set(args.share or ())
+    namespaces = [n for n in NAMESPACES if n in wanted]
     mounts: List[Union[Bind, Tmpfs]] = []
     for opt, val in args.mounts or []:
         if opt == "--bind":

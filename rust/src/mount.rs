@@ -109,6 +109,9 @@ pub struct FsSpec<'a> {
     pub shm_size: Option<u64>,
     /// The parent prepares the rootfs and bind trees (root caller), idmapping binds.
     pub prepare_trees: bool,
+    /// Mount a fresh procfs (false: bind the host's, for a user namespace without a pid
+    /// namespace of its own, which may not mount a procfs of the host's pid namespace).
+    pub fresh_proc: bool,
 }
 
 /// Size of each tmpfs that hides a host directory.
@@ -235,11 +238,16 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
         FsOp::EnterRoot { tree: Tree::Path(c(root.clone())), attrs: root_attrs, ensure_dirs }
     };
     push(enter, "bind root".into(), show(&root));
-    push(
-        FsOp::Mount { fstype: c("proc"), dst: c("proc"), flags: MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, data: c("") },
-        "mount /proc".into(),
-        "/proc".into(),
-    );
+    if fs.fresh_proc {
+        push(
+            FsOp::Mount { fstype: c("proc"), dst: c("proc"), flags: MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, data: c("") },
+            "mount /proc".into(),
+            "/proc".into(),
+        );
+    } else {
+        let attrs = NOSUID_NODEV | MOUNT_ATTR_NOEXEC;
+        push(FsOp::Bind { tree: Tree::Path(c("/proc")), dst: c("proc"), recursive: true, attrs }, "bind /proc".into(), "/proc".into());
+    }
     push(tmpfs(b"dev", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "0755", Some(64 << 10)), "mount /dev".into(), "/dev".into());
     for node in DEV_NODES {
         let dst = format!("dev/{node}");
@@ -552,6 +560,7 @@ mod tests {
             tmp_size: Some(1 << 20),
             shm_size: None,
             prepare_trees: false,
+            fresh_proc: true,
         }
     }
 

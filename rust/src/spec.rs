@@ -389,6 +389,7 @@ impl Plan {
                 shm_size: spec.shm_size,
                 // The sandbox's root cannot open the caller's private trees, nor idmap.
                 prepare_trees: range,
+                fresh_proc: !user_ns || clone_flags & libc::CLONE_NEWPID as u64 != 0,
             };
             mount::plan(&fs, &probes)?
         } else {
