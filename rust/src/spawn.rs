@@ -386,14 +386,14 @@ fn prepare_trees(plan: &Plan) -> Result<Vec<OwnedFd>> {
         .prepare
         .iter()
         .map(|p| {
-            mount::prepare(p, userns).map_err(|e| {
-                let hint = if p.idmap && e == Errno::INVAL {
-                    format!("{}: the filesystem does not support idmapped mounts, which a root caller's Bind needs so that its files keep their owners inside", p.src.to_string_lossy())
-                } else {
-                    p.src.to_string_lossy().into_owned()
-                };
-                Error::spawn(p.step.clone(), Some(hint), e)
-            })
+            // Where the filesystem cannot idmap (tmpfs before Linux 6.3, NFS, FUSE, 9p), the
+            // tree is attached as it is: its files keep their host owners (nobody inside,
+            // unless in the sandbox's range). Less access, never more.
+            let res = match mount::prepare(p, userns) {
+                Err(Errno::INVAL | Errno::OPNOTSUPP) if p.idmap => mount::prepare(p, None),
+                other => other,
+            };
+            res.map_err(|e| Error::spawn(p.step.clone(), Some(p.src.to_string_lossy().into_owned()), e))
         })
         .collect()
 }
