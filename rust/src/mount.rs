@@ -630,7 +630,7 @@ mod tests {
 
     #[test]
     fn prepared_trees_move_the_opening_to_the_parent() {
-        let m = [Mount::Bind { src: b"/home/u/data".to_vec(), dst: b"/srv".to_vec(), readonly: false }];
+        let m = [Mount::Bind { src: b"/home/u/data".to_vec(), dst: b"/work".to_vec(), readonly: false }];
         let mut fs = spec(Some(b"/rootfs"), &m);
         fs.prepare_trees = true;
         let p = plan(&fs, &Probes { host: &host, in_root: &in_root, is_link: &|_, _| false }).unwrap();
@@ -639,7 +639,7 @@ mod tests {
         assert!(p.prepare[0].idmap && p.prepare[1].idmap);
         assert_eq!(p.prepare[1].attrs, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV);
         assert_eq!(p.steps[1].op, FsOp::EnterRoot { tree: Tree::Prepared(0), attrs: 0, ensure_dirs: vec![] });
-        assert!(p.steps.iter().any(|st| st.op == FsOp::Bind { tree: Tree::Prepared(1), dst: c("srv"), recursive: true, attrs: 0 }));
+        assert!(p.steps.iter().any(|st| st.op == FsOp::Bind { tree: Tree::Prepared(1), dst: c("work"), recursive: true, attrs: 0 }));
     }
 
     #[test]
