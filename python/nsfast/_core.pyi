@@ -76,6 +76,7 @@ def spawn(
     tmp_size: Optional[int] = None,
     shm_size: Optional[int] = None,
     seccomp: Optional[Tuple[Sequence[str], Sequence[str]]] = None,
+    nproc: Optional[int] = None,
 ) -> Tuple[int, int, Optional[Cgroup]]: ...
 def spawn_join(
     args: Sequence[bytes],

@@ -387,6 +387,7 @@ class Spec:
             tmp_size=self.tmp_size,
             shm_size=self.shm_size,
             seccomp=None if self.seccomp is None else (list(self.seccomp.allow), list(self.seccomp.deny)),
+            nproc=None if self.limits is None else self.limits.pids,
         )
 
 

@@ -174,7 +174,7 @@ type CgroupRequest = (String, (Option<u64>, Option<u64>, Option<u64>, Option<(u6
 
 /// Start a sandbox; returns (pid, pidfd, cgroup). The caller owns the pidfd.
 #[pyfunction]
-#[pyo3(signature = (args, *, env, cwd, namespaces, hostname, rootfs, readonly_root, mounts, uid, gid, keep_caps, init, new_session, die_with_parent, stdio, pass_fds, cgroup=None, masked_paths=Vec::new(), readonly_paths=Vec::new(), hidden=Vec::new(), tmp_size=None, shm_size=None, seccomp=None))]
+#[pyo3(signature = (args, *, env, cwd, namespaces, hostname, rootfs, readonly_root, mounts, uid, gid, keep_caps, init, new_session, die_with_parent, stdio, pass_fds, cgroup=None, masked_paths=Vec::new(), readonly_paths=Vec::new(), hidden=Vec::new(), tmp_size=None, shm_size=None, seccomp=None, nproc=None))]
 #[allow(clippy::too_many_arguments)]
 fn spawn(
     py: Python<'_>,
@@ -201,6 +201,7 @@ fn spawn(
     tmp_size: Option<u64>,
     shm_size: Option<u64>,
     seccomp: Option<(Vec<String>, Vec<String>)>,
+    nproc: Option<u64>,
 ) -> PyResult<(i32, i32, Option<PyCgroup>)> {
     let namespaces = crate::ns::flags(namespaces.iter().map(String::as_str))
         .map_err(|n| to_pyerr(py, Error::invalid("namespaces", format!("has an unknown namespace {n:?}"))))?;
@@ -225,6 +226,7 @@ fn spawn(
         tmp_size,
         shm_size,
         seccomp: seccomp.map(|(allow, deny)| crate::spec::SeccompSpec { allow, deny }),
+        nproc,
     };
     let io_stdio = [stdio.0, stdio.1, stdio.2];
     let result = detached(py, move || -> Result<_, Error> {

@@ -629,6 +629,9 @@ fn child(ctx: &ChildCtx) -> ! {
     sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
     // A crash must not hand a core to the host's core_pattern (a pipe helper runs as host root).
     sys::rlimit_zero(libc::RLIMIT_CORE).unwrap_or_else(|e| fail(Step::Rlimit, e));
+    if let Some(n) = plan.nproc {
+        sys::rlimit_set(libc::RLIMIT_NPROC, n).unwrap_or_else(|e| fail(Step::Rlimit, e));
+    }
 
     // stdio: first lift sources sitting on 0..2 out of the way, then install.
     let mut src = ctx.io.stdio;

@@ -53,6 +53,9 @@ pub struct Spec {
     pub shm_size: Option<u64>,
     /// The syscall filter; None: no filter.
     pub seccomp: Option<SeccompSpec>,
+    /// RLIMIT_NPROC of the sandbox's user (the pids limit): counted per user namespace, it
+    /// bounds the sandbox's processes even without a cgroup (rootless without delegation).
+    pub nproc: Option<u64>,
 }
 
 /// Changes to nsfast's default syscall allow list.
@@ -119,6 +122,7 @@ impl Spec {
             tmp_size: Some(DEFAULT_TMP_SIZE),
             shm_size: Some(DEFAULT_SHM_SIZE),
             seccomp: Some(SeccompSpec::default()),
+            nproc: None,
         }
     }
 }
@@ -243,6 +247,8 @@ pub struct Plan {
     pub become_root: bool,
     /// Installed last before exec (after no_new_privs).
     pub seccomp: Option<Arc<Filter>>,
+    /// RLIMIT_NPROC set in a new user namespace (where it counts that namespace's processes).
+    pub nproc: Option<u64>,
     pub hostname: Option<Vec<u8>>,
     pub loopback: bool,
     pub set_ids: Option<SetIds>,
@@ -412,6 +418,7 @@ impl Plan {
             fs,
             become_root: range,
             seccomp,
+            nproc: spec.nproc.filter(|_| user_ns),
             hostname: spec.hostname.clone(),
             loopback: clone_flags & libc::CLONE_NEWNET as u64 != 0,
             set_ids,

@@ -76,7 +76,7 @@ impl Step {
             Step::AttachCgroup => "attach cgroup",
             Step::BecomeRoot => "become root of the user namespace",
             Step::Seccomp => "install seccomp filter",
-            Step::Rlimit => "set RLIMIT_CORE",
+            Step::Rlimit => "setrlimit",
             Step::CloseFdsEarly => "close inherited fds",
         }
     }

@@ -351,8 +351,13 @@ pub fn close_all_except(keep: &[RawFd]) -> Result<(), Errno> {
 
 /// Child-safe: setrlimit(resource, {0, 0}) (prlimit64 on ourselves).
 pub fn rlimit_zero(resource: libc::__rlimit_resource_t) -> Result<(), Errno> {
-    let zero: [u64; 2] = [0, 0];
-    raw6(libc::SYS_prlimit64, [0, resource as usize, &zero as *const [u64; 2] as usize, 0, 0, 0]).map(drop)
+    rlimit_set(resource, 0)
+}
+
+/// Child-safe: setrlimit(resource, {value, value}).
+pub fn rlimit_set(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), Errno> {
+    let lim: [u64; 2] = [value, value];
+    raw6(libc::SYS_prlimit64, [0, resource as usize, &lim as *const [u64; 2] as usize, 0, 0, 0]).map(drop)
 }
 
 /// Child-safe: setgroups(0, NULL).
