@@ -167,6 +167,10 @@ def _names(field_name: str, value: Any) -> Tuple[str, ...]:
     return tuple(out)
 
 
+# What the child still calls after the filter is installed.
+_NEEDED = frozenset({"execve", "execveat", "write", "exit", "exit_group"})
+
+
 @dataclass(frozen=True)
 class Seccomp:
     """The sandbox's system call filter: nsfast's default allow list (modelled on Docker's
@@ -185,6 +189,9 @@ class Seccomp:
             if unknown:
                 raise SpecError(f"Seccomp.{name}", f"unknown system call(s) {', '.join(map(repr, unknown))}")
             object.__setattr__(self, name, names)
+        needed = sorted(set(self.deny) & _NEEDED)
+        if needed:
+            raise SpecError("Seccomp.deny", f"nsfast needs {', '.join(needed)} to start the command (and report a failure)")
 
     @staticmethod
     def default_allowed() -> Tuple[str, ...]:
