@@ -186,7 +186,8 @@ def request(limits: Optional[Limits], kill_tree: bool) -> Optional[tuple]:  # ty
         root = _configured_root or os.environ.get("NSFAST_CGROUP_ROOT") or _default_root()
         if root is None:
             _warn_once("noroot", "nsfast: no writable cgroup to put sandboxes in (not root, no delegated cgroup v2 "
-                       "subtree): sandboxes run without cgroup limits and usage measurement")
+                       "subtree): sandboxes run without cgroup limits (memory, cpu) and usage measurement; "
+                       "their processes are still bounded by RLIMIT_NPROC (Limits.pids)")
             return None
         info = _backends.get(root)
         if info is None:
