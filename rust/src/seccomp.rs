@@ -199,41 +199,9 @@ struct SockFprog {
     filter: *const sock_filter,
 }
 
-/// Child-safe: seccomp(SECCOMP_SET_MODE_FILTER, 0, prog), the errno taken from the return
-/// value (libc's wrapper would write it to errno, i.e. the parent thread's TLS: CLONE_VM).
+/// Child-safe: seccomp(SECCOMP_SET_MODE_FILTER, 0, prog).
 fn set_mode_filter(prog: &SockFprog) -> Result<(), Errno> {
-    let ret: isize;
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: seccomp(2) reads `*prog` and the instructions it points to, which stay alive for
-    // the call (the kernel copies them); it writes no user memory.
-    unsafe {
-        std::arch::asm!(
-            "syscall",
-            inlateout("rax") libc::SYS_seccomp as isize => ret,
-            in("rdi") libc::SECCOMP_SET_MODE_FILTER as usize,
-            in("rsi") 0usize,
-            in("rdx") prog as *const SockFprog,
-            lateout("rcx") _, lateout("r11") _,
-            options(nostack)
-        );
-    }
-    #[cfg(target_arch = "aarch64")]
-    // SAFETY: as for x86_64.
-    unsafe {
-        std::arch::asm!(
-            "svc 0",
-            inlateout("x0") libc::SECCOMP_SET_MODE_FILTER as isize => ret,
-            in("x1") 0usize,
-            in("x2") prog as *const SockFprog,
-            in("x8") libc::SYS_seccomp,
-            options(nostack)
-        );
-    }
-    if (-4095..0).contains(&ret) {
-        Err(Errno::from_raw_os_error(-ret as i32))
-    } else {
-        Ok(())
-    }
+    crate::sys::seccomp_set_mode_filter(prog as *const SockFprog as usize)
 }
 
 #[cfg(target_arch = "x86_64")]

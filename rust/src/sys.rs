@@ -360,6 +360,12 @@ pub fn rlimit_set(resource: libc::__rlimit_resource_t, value: u64) -> Result<(),
     raw6(libc::SYS_prlimit64, [0, resource as usize, &lim as *const [u64; 2] as usize, 0, 0, 0]).map(drop)
 }
 
+/// Child-safe: seccomp(SECCOMP_SET_MODE_FILTER, 0, prog); `prog` is the address of a
+/// `struct sock_fprog` that stays alive for the call (the kernel copies the program).
+pub fn seccomp_set_mode_filter(prog: usize) -> Result<(), Errno> {
+    raw6(libc::SYS_seccomp, [libc::SECCOMP_SET_MODE_FILTER as usize, 0, prog, 0, 0, 0]).map(drop)
+}
+
 /// Child-safe: setgroups(0, NULL).
 pub fn clear_supplementary_groups() -> Result<(), Errno> {
     raw6(libc::SYS_setgroups, [0, 0, 0, 0, 0, 0]).map(drop)
