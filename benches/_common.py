@@ -1,7 +1,7 @@
 """Helpers shared by exec_latency.py and cgroup_cost.py (the machinery they share with
 start_latency.py -- Tool, Batch, timed_calls, measure, the crun worker's pipe protocol, the
 environment record and the rich header -- is imported from start_latency.py itself, which
-stays self-contained)."""
+stays self-contained; start_latency.py imports this module late, for its bootstrap intervals)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,17 @@ def flat(groups: Sequence[Sequence[float]], idx: Sequence[int]) -> List[float]:
     return [x for i in idx for x in groups[i]]
 
 
+def rounds_interval(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], op: Callable[[float, float], float],
+                    resamples: int = 2000) -> Tuple[float, float]:
+    """95% bootstrap interval of op(median(a), median(b)) for two tools measured in the same
+    interleaved rounds (a[i], b[i]: their samples of round i): the same rounds are drawn for
+    both, with replacement, so the pairing in time is kept. Rounds where either has no
+    sample are left out."""
+    pairs = [(x, y) for x, y in zip(a, b) if x and y]
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    return bootstrap(lambda idx: op(median(flat(xs, idx)), median(flat(ys, idx))), len(pairs), resamples)
+
+
 def fmt_ms(x: Optional[float], digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -57,4 +68,4 @@ def verdict(ok: Optional[bool]) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
 
-__all__ = ["bootstrap", "ratio_interval", "flat", "fmt_ms", "fmt_signed_ms", "verdict", "median", "quantile"]
+__all__ = ["bootstrap", "ratio_interval", "rounds_interval", "flat", "fmt_ms", "fmt_signed_ms", "verdict", "median", "quantile"]
