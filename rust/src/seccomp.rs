@@ -1317,6 +1317,20 @@ mod tests {
             "build: {:.1} us; instructions per program: {lens:?}",
             t.elapsed().as_secs_f64() * 1e6 / rounds as f64
         );
+        let installs: Vec<f64> = (0..20)
+            .map(|_| {
+                in_child(None, |report| {
+                    let t = Instant::now();
+                    let ok = f.install().is_ok();
+                    report(if ok { t.elapsed().as_nanos() as i64 } else { -1 });
+                })
+                .values[0] as f64
+                    / 1e3
+            })
+            .collect();
+        let mut sorted = installs.clone();
+        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        eprintln!("install (in a fresh child): median {:.1} us", sorted[sorted.len() / 2]);
         const N: usize = 1_000_000;
         let time = |filter: Option<&Filter>, nr: libc::c_long, a: [usize; 4]| {
             in_child(filter, |report| {
