@@ -1,4 +1,4 @@
-//! Builds `init/main.rs` into a static binary that the library embeds (see spawn.rs).
+//! Builds `init/main.rs` (with its module `init/exec.rs`) into a static binary that the library embeds (see spawn.rs).
 
 use std::env;
 use std::path::PathBuf;
@@ -6,6 +6,7 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=init/main.rs");
+    println!("cargo:rerun-if-changed=init/exec.rs");
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("nsfast-init");
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let target = env::var("TARGET").expect("cargo sets TARGET");

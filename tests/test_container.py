@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import glob
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import psutil
 import pytest
 
 import nsfast
+from conftest import PYTHON_SRC, running_with_cmdline, sandbox_cgroups, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -68,13 +70,17 @@ def test_exec_sees_the_container_view(busybox_root):
 
 
 def test_exec_joins_the_container_cgroup():
+    """The container's v1 cgroups (its limits), and a cgroup of its own below the container's
+    unified (v2) one."""
     with nsfast.Container(limits=nsfast.Limits(pids=32)) as c:
         p = c.spawn(["sleep", "30"])
         try:
             with open(f"/proc/{c.pid}/cgroup") as a, open(f"/proc/{p.pid}/cgroup") as b:
-                main, execd = a.read(), b.read()
-            assert main == execd
-            assert f"/sb-{os.getpid()}-" in main
+                main, execd = a.read().splitlines(), b.read().splitlines()
+            assert [l for l in main if not l.startswith("0::")] == [l for l in execd if not l.startswith("0::")]
+            (main_v2,), (exec_v2,) = [l for l in main if l.startswith("0::")], [l for l in execd if l.startswith("0::")]
+            assert f"/sb-{os.getpid()}-" in main_v2
+            assert exec_v2.startswith(main_v2 + "/exec-"), (main_v2, exec_v2)
         finally:
             p.kill()
             p.wait()
@@ -291,10 +297,14 @@ def test_rootless_container_exec_joins_the_user_namespace_first():
     assert res["host_uid"] == 65534
 
 
-def test_exec_refuses_a_time_namespace_instead_of_skipping_it():
+def test_exec_joins_a_time_namespace():
+    # The exec helper is a process of its own (it shares no memory with the caller), so it can
+    # setns() into a time namespace, which then holds for the process it forks.
     with nsfast.Container(namespaces=nsfast.DEFAULT_NAMESPACES + ("time",), stop_timeout=1) as c:
-        with pytest.raises(nsfast.ContainerError, match="time namespace"):
-            c.exec(["true"])
+        theirs, ours = c.namespaces()["time"], nsfast.namespaces()["time"]
+        assert theirs != ours
+        r = c.exec(["readlink", "/proc/self/ns/time"], capture_output=True, text=True, check=True)
+        assert r.stdout == f"time:[{theirs}]\n"
         r = nsfast.enter(c.pid, ["hostname"], namespaces=["uts", "mnt"], capture_output=True, text=True)
         assert r.returncode == 0
 
@@ -313,3 +323,194 @@ def test_mount_targets_in_a_rootfs_resolve_inside_it(busybox_root, tmp_path):
     os.symlink("/var", root / "tmp")
     with pytest.raises(ValueError, match="symlink at /tmp"):
         nsfast.run(["true"], rootfs=str(root))
+
+
+# -- exec never exposes the caller -----------------------------------------------------------
+
+# Runs in the container as root inside while the caller execs in a loop. Every process it sees
+# (but itself and the container's init) is probed: its environ for the marker that only the
+# caller's environment holds, its exe for a file that is not the container's, and, where its
+# exe cannot be read (a process not dumpable, or not ours), /proc/PID/mem and PTRACE_SEIZE.
+# What works on a process of the caller (marker in environ, exe outside) is a finding.
+ATTACKER = r"""
+import ctypes, json, os, sys, time
+marker, seconds = sys.argv[1].encode(), float(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+PTRACE_SEIZE, PTRACE_INTERRUPT, PTRACE_DETACH, WALL = 0x4206, 0x4207, 17, 0x40000000
+me = os.getpid()
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+def exe(pid):
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+def callers(pid, e):
+    env = read(f"/proc/{pid}/environ")
+    outside = e is not None and (e.endswith(" (deleted)") or not os.path.exists(e))
+    return (env is not None and marker in env) or outside
+findings, probed, pids = [], 0, set()
+print("ready", flush=True)
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in (me, 1):
+            continue
+        pid = int(name)
+        pids.add(pid)
+        e = exe(pid)
+        if callers(pid, e):
+            findings.append(["environ/exe", pid, e])
+        if e is not None:
+            continue  # readable: a process of the container itself
+        probed += 1
+        try:
+            os.close(os.open(f"/proc/{pid}/mem", os.O_RDONLY))
+            if callers(pid, exe(pid)):
+                findings.append(["mem", pid, exe(pid)])
+        except OSError:
+            pass
+        if libc.ptrace(PTRACE_SEIZE, pid, None, None) == 0:
+            if callers(pid, exe(pid)):
+                findings.append(["ptrace", pid, exe(pid)])
+            libc.ptrace(PTRACE_INTERRUPT, pid, None, None)
+            try:
+                os.waitpid(pid, WALL)
+            except ChildProcessError:
+                pass
+            libc.ptrace(PTRACE_DETACH, pid, None, None)
+print(json.dumps({"findings": findings[:10], "n": len(findings), "probed": probed, "pids": len(pids)}), flush=True)
+"""
+
+# The caller (its own interpreter, so the marker is in the environment it started with, which
+# /proc/PID/environ shows): a container, the attacker in it, two threads exec'ing meanwhile.
+ATTACK_CALLER = r"""
+import json, os, sys, threading, nsfast
+attacker, seconds, fields = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+with nsfast.Container(stop_timeout=1, **fields) as c:
+    a = c.spawn(["python3", "-c", attacker, os.environ["NSFAST_TEST_MARKER"], seconds], stdout=nsfast.PIPE)
+    assert a.stdout.readline() == b"ready\n"
+    done, execs, errors = threading.Event(), [0], []
+    def loop():
+        try:
+            while not done.is_set():
+                c.exec(["true"], check=True)
+                execs[0] += 1
+        except BaseException as e:
+            errors.append(repr(e))
+    threads = [threading.Thread(target=loop) for _ in range(2)]
+    for t in threads:
+        t.start()
+    report = a.stdout.read()
+    done.set()
+    for t in threads:
+        t.join()
+    a.wait()
+    print(json.dumps(dict(json.loads(report), execs=execs[0], errors=errors)))
+"""
+
+CALLERS = {
+    "root": ([], {}),
+    "root-without-userns": ([], {"namespaces": ["mnt", "pid", "uts", "ipc", "net", "cgroup"]}),
+    "rootless": (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"], {}),
+}
+
+
+@pytest.mark.parametrize("caller", sorted(CALLERS))
+def test_exec_never_exposes_the_caller(caller):
+    """Attack: a root process in the container reads the environ/exe of, opens /proc/PID/mem of
+    and PTRACE_SEIZEs every process it sees while the caller execs (before: the exec helper
+    was a CLONE_VM child of the caller, i.e. the caller's memory, fds and environment)."""
+    prefix, fields = CALLERS[caller]
+    if prefix and not shutil.which("setpriv"):
+        pytest.skip("needs setpriv to run as an unprivileged user")
+    marker = f"nsfast-marker-{os.urandom(8).hex()}"
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": PYTHON_SRC, "NSFAST_TEST_MARKER": marker}
+    p = subprocess.run([*prefix, "/usr/bin/python3", "-c", ATTACK_CALLER, ATTACKER, "3", json.dumps(fields)],
+                       env=env, capture_output=True, text=True, timeout=90, cwd="/")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.splitlines()[-1])
+    assert res["errors"] == [] and res["execs"] > 100, res
+    assert res["n"] == 0, res
+    assert res["probed"] > 0, res  # it saw exec'd processes before their exec (not dumpable)
+
+
+def test_exec_joins_the_user_namespace_the_container_had_at_start():
+    """Attack: pid 1 makes a user namespace of its own; exec'd processes must be joined into
+    the container's (held since start), not pid 1's new one."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    with nsfast.Container(["sh", "-c", "exec unshare -U sleep 1000"], seccomp=None, stop_timeout=0.2) as c:
+        at_start = c.exec_namespaces()["user"]
+        assert wait_until(lambda: c.namespaces()["user"] != at_start, 10)
+        r = c.exec(["readlink", "/proc/self/ns/user"], capture_output=True, text=True, check=True)
+        assert r.stdout == f"user:[{at_start}]\n"
+        assert r.stdout != f"user:[{c.namespaces()['user']}]\n"
+
+
+def exec_cgroups():
+    mine = f"sb-{os.getpid()}-*"
+    return sorted(glob.glob(f"/sys/fs/cgroup/unified/nsfast/{mine}/exec-*/") + glob.glob(f"/sys/fs/cgroup/nsfast/{mine}/exec-*/"))
+
+
+def sleeping(seconds):
+    """Live `sleep SECONDS` processes (the shells that started them not counted)."""
+    return [p for p in running_with_cmdline(f"sleep {seconds}") if p.info["cmdline"] == ["sleep", str(seconds)]]
+
+
+def test_exec_timeout_kills_the_whole_tree_and_a_normal_exit_does_not():
+    with nsfast.Container(stop_timeout=1) as c:
+        with pytest.raises(subprocess.TimeoutExpired):
+            c.exec(["sh", "-c", "sleep 1001 & sleep 1001 & wait"], timeout=1)
+        assert sleeping(1001) == []
+        # kill() of an exec's Process ends its tree too.
+        p = c.spawn(["sh", "-c", "sleep 1003 & sleep 1003 & wait"])
+        assert wait_until(lambda: len(sleeping(1003)) == 2, 10)
+        p.kill()
+        p.wait()
+        assert wait_until(lambda: sleeping(1003) == [], 5)
+        # A normal exit leaves what the exec started running (docker exec) ...
+        c.exec(["sh", "-c", "sleep 1002 >/dev/null 2>&1 &"], check=True)
+        (left,) = sleeping(1002)
+        assert len(exec_cgroups()) == 1  # its cgroup, still populated
+        # ... and an emptied exec cgroup goes with the next exec.
+        c.exec(["sh", "-c", "kill $(pidof sleep)"], check=True)
+        assert wait_until(lambda: not psutil.pid_exists(left.pid), 5)  # killed and reaped by the init
+        c.exec(["true"], check=True)
+        assert exec_cgroups() == []
+        c.exec(["sh", "-c", "sleep 1004 >/dev/null 2>&1 &"], check=True)
+        assert len(exec_cgroups()) == 1
+    # Stopping the container ends the rest and removes every cgroup, the exec's first.
+    assert sleeping(1004) == []
+    assert exec_cgroups() == [] and sandbox_cgroups() == []
+
+
+@pytest.mark.parametrize("cwd", [f"/proc/self/fd/{n}" for n in range(10)] + ["/proc/self/cwd", "/proc/self/root", "/proc/1/root", "/proc/1/cwd"])
+def test_exec_refuses_a_magic_link_cwd(cwd, tmp_path):
+    """Attack (CVE-2024-21626): a cwd through one of the exec's own fds (or another process's
+    root/cwd link) would land in a host directory; it must be refused, not resolved."""
+    with nsfast.Container(stop_timeout=0.2) as c:
+        for start in (c.exec, lambda *a, **k: nsfast.enter(c.pid, *a, **k)):
+            with pytest.raises(nsfast.SpawnError) as err:
+                start(["sh", "-c", f"touch {tmp_path}/ran; pwd"], cwd=cwd, capture_output=True, text=True)
+            assert err.value.step == "chdir" and err.value.errno in (40, 2, 20), err.value  # ELOOP (ENOENT/ENOTDIR: no such fd)
+        # A symlink a container process planted to a magic link is refused the same way.
+        c.exec(["sh", "-c", f"ln -s {cwd} /tmp/planted"], check=True)
+        with pytest.raises(nsfast.SpawnError) as err:
+            c.exec(["sh", "-c", f"touch {tmp_path}/ran; pwd"], cwd="/tmp/planted")
+        assert err.value.step == "chdir"
+    assert not os.path.exists(tmp_path / "ran")
+
+
+def test_container_fds_are_released_at_stop():
+    before = sorted(os.listdir("/proc/self/fd"))
+    c = nsfast.Container(stop_timeout=0.2).start()
+    assert len(os.listdir("/proc/self/fd")) > len(before)  # the namespaces and root it holds
+    c.exec(["true"], check=True)
+    c.stop()
+    assert sorted(os.listdir("/proc/self/fd")) == before

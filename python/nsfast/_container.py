@@ -3,10 +3,12 @@ setns(), its root, working directory and cgroup."""
 
 from __future__ import annotations
 
-import signal
+import os
+import time
 import uuid
-from subprocess import TimeoutExpired
-from typing import Any, Dict, List, Optional, Sequence
+import weakref
+from subprocess import CalledProcessError, TimeoutExpired
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ._errors import ContainerError
 from ._ns import namespaces as _namespaces
@@ -18,20 +20,69 @@ __all__ = ["Container", "enter"]
 
 def _join_types(pid: int, wanted: Optional[Sequence[str]]) -> tuple:  # type: ignore[type-arg]
     """Namespace types to setns() into: those where `pid` differs from us (joining one's own
-    user namespace is an error), limited to `wanted`. A time namespace cannot be joined by a
-    process that shares memory with its parent: refused with ContainerError, not skipped."""
+    user namespace is an error), limited to `wanted`."""
     ours, theirs = _namespaces("self"), _namespaces(pid)
     if wanted is not None:
         unknown = sorted(set(wanted) - set(theirs))
         if unknown:
             raise ValueError(f"namespaces: unknown type(s) {', '.join(unknown)}")
-    types = [t for t in theirs if theirs[t] != ours.get(t) and (wanted is None or t in wanted)]
-    if "time" in types:
-        raise ContainerError(
-            f"process {pid} has its own time namespace, which nsfast cannot join: setns() into a time "
-            "namespace needs a process that shares no memory, and exec shares the caller's to avoid "
-            "copying its page tables; pass namespaces= without 'time' to enter the others")
-    return tuple(types)
+    return tuple(t for t in theirs if theirs[t] != ours.get(t) and (wanted is None or t in wanted))
+
+
+class _Held:
+    """What a container's execs join, opened right after its main process started: every
+    namespace that differs from ours and its root directory, as fds. So an exec joins the
+    namespaces the container had at start, not ones a process inside made later (a pid 1
+    that unshared a user namespace), and not whatever a reused pid would point to."""
+
+    def __init__(self, pid: int, cgroup: Any, seccomp: Any) -> None:
+        self.pid = pid
+        self.cgroup = cgroup  # the container's _core.Cgroup (execs get a child of it), or None
+        self.seccomp = seccomp  # its filter, as _core.spawn takes it: execs get the same
+        self.closed = False
+        ours = _namespaces("self")
+        self.ns_fds: List[Tuple[str, int]] = []
+        self.inodes: Dict[str, int] = {}
+        try:
+            for t in ours:
+                fd = os.open(f"/proc/{pid}/ns/{t}", os.O_RDONLY | os.O_CLOEXEC)
+                self.inodes[t] = os.fstat(fd).st_ino
+                if self.inodes[t] == ours[t]:
+                    os.close(fd)
+                else:
+                    self.ns_fds.append((t, fd))
+            self.root_fd = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def types(self) -> Tuple[str, ...]:
+        return tuple(t for t, _ in self.ns_fds)
+
+    def close(self) -> None:
+        # `closed` first: _core.spawn_join duplicates the fds, GIL held, only while it is False.
+        self.closed = True
+        fds, self.ns_fds = [fd for _, fd in self.ns_fds] + [getattr(self, "root_fd", -1)], []
+        self.root_fd = -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+
+class _ExecTarget(int):
+    """The container's pid as one exec passes it to `_core.spawn_join(target=)` (an int, so
+    that Process hands it on unchanged), with the `held` fds to join instead of opening the
+    pid's. spawn_join leaves the exec's own cgroup on `exec_cgroup`."""
+
+    held: _Held
+    exec_cgroup: Any
+
+    def __new__(cls, held: _Held) -> "_ExecTarget":
+        self = super().__new__(cls, held.pid)
+        self.held = held
+        self.exec_cgroup = None
+        return self
 
 
 class Container:
@@ -55,6 +106,8 @@ class Container:
         if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"name must be a non-empty str without '/', got {self.name!r}")
         self._proc: Optional[Process] = None
+        self._held: Optional[_Held] = None
+        self._execs: "weakref.WeakSet[Process]" = weakref.WeakSet()  # spawn()ed, for _wait_main
         self._stdio: Dict[str, File] = {}
 
     def __repr__(self) -> str:
@@ -68,6 +121,12 @@ class Container:
         if self._proc is not None:
             raise ContainerError(f"container {self.name} was already started")
         self._proc = Process(self.command or [], spec=self.spec, stdin=stdin, stdout=stdout, stderr=stderr)
+        try:
+            self._held = _Held(self._proc.pid, self._proc._cgroup, self.spec._core_kwargs().get("seccomp"))
+        except BaseException:
+            self._proc.kill()
+            self._proc.wait()
+            raise
         return self
 
     @property
@@ -92,7 +151,24 @@ class Container:
         return None if self._proc is None else self._proc.poll()
 
     def namespaces(self) -> Dict[str, int]:
+        """The namespaces of the main process now (type -> inode)."""
         return _namespaces(self._running_pid())
+
+    def exec_namespaces(self) -> Dict[str, int]:
+        """The namespaces exec joins: the container's at start (type -> inode)."""
+        self._running_pid()
+        assert self._held is not None
+        return dict(self._held.inodes)
+
+    def _release(self) -> None:
+        """Close the held fds once the main process is gone."""
+        if self._held is not None and self._proc is not None and self._proc.returncode is not None:
+            self._held.close()
+
+    def __del__(self) -> None:
+        held = getattr(self, "_held", None)
+        if held is not None:
+            held.close()
 
     def stop(self, timeout: float = 10) -> Optional[int]:
         """SIGTERM the main process, wait up to `timeout` s, then kill the whole container.
@@ -102,10 +178,11 @@ class Container:
         if self._proc.poll() is None:
             self._proc.terminate()
             try:
-                self._proc.wait(timeout)
+                self._wait_main(timeout)
             except TimeoutExpired:
                 self._proc.kill()
-                self._proc.wait()
+                self._wait_main(None)
+        self._release()
         return self._proc.returncode
 
     def kill(self) -> Optional[int]:
@@ -114,8 +191,25 @@ class Container:
             raise ContainerError(f"container {self.name} was never started")
         if self._proc.poll() is None:
             self._proc.kill()
-            self._proc.wait()
+            self._wait_main(None)
+        self._release()
         return self._proc.returncode
+
+    def _wait_main(self, timeout: Optional[float]) -> int:
+        """Wait for the main process, reaping exec'd processes meanwhile: they are our
+        children, and a pid namespace's init only finishes exiting once every process of
+        the namespace has been reaped."""
+        assert self._proc is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for p in list(self._execs):
+                p.poll()
+            left = 0.01 if deadline is None else min(0.01, max(0.0, deadline - time.monotonic()))
+            try:
+                return self._proc.wait(left)
+            except TimeoutExpired:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
 
     def __enter__(self) -> "Container":
         if self._proc is None:
@@ -138,10 +232,10 @@ class Container:
         return self._proc.pid
 
     def _target(self, cwd: Optional[str]) -> _JoinTarget:
-        pid = self._running_pid()
-        return _JoinTarget(pid=pid, namespaces=_join_types(pid, None),
-                           cgroup=self.spec.cgroup and self._proc is not None and self._proc._cgroup is not None,
-                           cwd=self.spec.cwd if cwd is None else cwd)
+        self._running_pid()
+        assert self._held is not None
+        return _JoinTarget(pid=_ExecTarget(self._held), namespaces=self._held.types,
+                           cgroup=self._held.cgroup is not None, cwd=self.spec.cwd if cwd is None else cwd)
 
     def _exec_spec(self, env: Optional[Dict[str, str]]) -> Spec:
         return self.spec if env is None else self.spec.replace(env=env)
@@ -150,19 +244,53 @@ class Container:
              stdout: File = None, stderr: File = None, timeout: Optional[float] = None, check: bool = False,
              text: bool = False, env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
              pass_fds: Sequence[int] = ()) -> Result:
-        """Run `args` inside the container (all its namespaces, root, cwd and cgroup, its
-        environment unless `env`), wait, return a Result — like `docker exec`."""
+        """Run `args` inside the container (the namespaces and root it had at start, its cwd,
+        a cgroup of its own below the container's, its environment unless `env`), wait,
+        return a Result — like `docker exec`. `timeout` (or an exception while waiting)
+        kills everything the exec started; after a normal exit, what it left running keeps
+        running in the container."""
         target = self._target(cwd)
-        return run(args, spec=self._exec_spec(env), input=input, capture_output=capture_output, stdin=stdin,
-                   stdout=stdout, stderr=stderr, timeout=timeout, check=check, text=text, pass_fds=pass_fds,
-                   _join=target)
+        assert isinstance(target.pid, _ExecTarget)
+        try:
+            r = run(args, spec=self._exec_spec(env), input=input, capture_output=capture_output, stdin=stdin,
+                    stdout=stdout, stderr=stderr, timeout=timeout, text=text, pass_fds=pass_fds, _join=target)
+        except BaseException:
+            _end_exec(target.pid.exec_cgroup, kill=True)
+            raise
+        _end_exec(target.pid.exec_cgroup, kill=False)
+        if check and r.returncode:
+            raise CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
+        return r
 
     def spawn(self, args: Args, *, stdin: File = None, stdout: File = None, stderr: File = None, text: bool = False,
               env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None, pass_fds: Sequence[int] = ()) -> Process:
-        """Start `args` inside the container and return its Process at once."""
+        """Start `args` inside the container (as exec does) and return its Process at once;
+        its kill() ends everything the exec started."""
         target = self._target(cwd)
-        return Process(args, spec=self._exec_spec(env), stdin=stdin, stdout=stdout, stderr=stderr, text=text,
+        assert isinstance(target.pid, _ExecTarget)
+        proc = Process(args, spec=self._exec_spec(env), stdin=stdin, stdout=stdout, stderr=stderr, text=text,
                        pass_fds=pass_fds, _join=target)
+        if target.pid.exec_cgroup is not None:
+            # The Process owns the exec's cgroup: kill() writes cgroup.kill on it; once reaped
+            # it measures and removes it without killing (as with a pid namespace), so what
+            # the exec left running keeps running (docker exec).
+            proc._cgroup = target.pid.exec_cgroup
+            proc._pid_namespace = True
+        self._execs.add(proc)
+        return proc
+
+
+def _end_exec(cgroup: Any, *, kill: bool) -> None:
+    """After a `Container.exec`: kill its tree if asked, then remove its cgroup (waiting for
+    the killed; a populated one stays for the container's removal)."""
+    if cgroup is None:
+        return
+    try:
+        if kill:
+            cgroup.kill()
+        cgroup.remove()
+    except OSError:
+        pass
 
 
 def enter(pid: int, args: Args, *, namespaces: Optional[Sequence[str]] = None, input: Any = None,

@@ -10,9 +10,13 @@
 //! the sandbox (by exec) and exits 0 on SIGTERM, SIGINT or SIGHUP.
 //! If no candidate can be exec'd, the failure is written to REPORT_FD in nsfast's 12-byte
 //! child report format, as the sandbox setup would have.
+//!
+//! `nsfast-init --exec ...` is the other mode: `Container.exec`'s helper (see exec.rs).
 
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::os::unix::ffi::OsStringExt;
+
+mod exec;
 
 /// sync::Step::Exec in the library (a unit test there checks the two agree).
 const STEP_EXEC: u32 = 15;
@@ -60,8 +64,17 @@ fn errno() -> c_int {
     unsafe { *__errno_location() }
 }
 
+/// Our environment (the command's: both modes exec it).
+fn env_ptr() -> *const *const c_char {
+    // SAFETY: glibc's environ, not modified by this program.
+    unsafe { environ }
+}
+
 fn main() {
     let args: Vec<CString> = std::env::args_os().map(|a| CString::new(a.into_vec()).unwrap_or_default()).collect();
+    if args.get(1).map(|a| a.as_bytes()) == Some(b"--exec") {
+        exec::main(args);
+    }
     let num = |i: usize| args.get(i).and_then(|a| a.to_str().ok()?.parse::<usize>().ok());
     let (Some(report_fd), Some(n)) = (num(1), num(2)) else {
         eprintln!("nsfast-init: usage: nsfast-init REPORT_FD N CANDIDATE... -- ARGV...");
@@ -108,7 +121,7 @@ fn main() {
             let mut err = ENOENT;
             let mut saw_eacces = false;
             for cand in candidates {
-                execve(cand.as_ptr(), argv.as_ptr(), environ);
+                execve(cand.as_ptr(), argv.as_ptr(), env_ptr());
                 err = errno();
                 match err {
                     ENOENT | ENOTDIR => {}

@@ -11,6 +11,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{Mode, OFlags};
@@ -89,12 +90,17 @@ pub trait Cgroup: Send {
     /// itself).
     fn attach(&self, _pid: i32) -> Result<()> {
         Ok(())
-    }    /// v1: the `tasks` files the child writes "0" to, moving itself in before exec. A
+    }
+    /// v1: the `tasks` files the child writes "0" to, moving itself in before exec. A
     /// single thread moving itself is the one migration that does not take
     /// cgroup_threadgroup_rwsem for writing, whose grace-period wait costs ~10 ms when
     /// cgroups were idle (any pid written to cgroup.procs or tasks takes it).
     fn self_attach_files(&self) -> Result<Vec<OwnedFd>> {
         Ok(Vec::new())
+    }
+    /// A cgroup of its own for one exec into this sandbox (see [`ExecCgroup`]).
+    fn exec_child(&self, _name: &str) -> Result<Box<dyn Cgroup>> {
+        Err(CgroupError::Unavailable("this cgroup cannot hold the cgroups of execs".into()))
     }
     /// Kill every process in the cgroup.
     fn kill(&self) -> Result<()>;
@@ -181,6 +187,12 @@ pub fn sweep_stale(root: &Path) {
         let name = e.file_name();
         let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("sb-")).and_then(|n| n.split('-').next()) else { continue };
         if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            // Empty exec cgroups below it first (rmdir refuses populated ones too).
+            for sub in fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                if sub.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = fs::remove_dir(sub.path());
+                }
+            }
             let _ = fs::remove_dir(e.path());
         }
     }
@@ -273,7 +285,7 @@ impl V2Backend {
     fn create_v2(&self, name: &str, limits: &Limits) -> Result<V2Cgroup> {
         let dir = self.root.join(name);
         fs::create_dir(&dir).map_err(io_err("mkdir", &dir))?;
-        let mut cg = V2Cgroup { dir, fd: None, attach_by_procs: self.attach_by_procs };
+        let mut cg = V2Cgroup { dir, fd: None, attach_by_procs: self.attach_by_procs, leftovers: Default::default() };
         let need = |c: &str| -> Result<()> {
             if self.controllers.iter().any(|x| x == c) {
                 Ok(())
@@ -322,6 +334,43 @@ pub struct V2Cgroup {
     dir: PathBuf,
     fd: Option<OwnedFd>,
     attach_by_procs: bool,
+    /// Exec cgroups below this one that were still populated when their exec ended.
+    leftovers: Leftovers,
+}
+
+type Leftovers = Arc<Mutex<Vec<PathBuf>>>;
+
+impl V2Cgroup {
+    /// A child cgroup `name` for an exec (no controllers enabled here, so a child next to
+    /// this cgroup's own processes is allowed); empty leftovers of earlier execs go first.
+    fn exec_dir(&self, name: &str) -> Result<V2Cgroup> {
+        let mut left = self.leftovers.lock().unwrap_or_else(|p| p.into_inner());
+        left.retain(|d| fs::remove_dir(d).is_err_and(|e| e.kind() != io::ErrorKind::NotFound));
+        drop(left);
+        let dir = self.dir.join(name);
+        fs::create_dir(&dir).map_err(io_err("mkdir", &dir))?;
+        match rustix::fs::open(&dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()) {
+            Ok(fd) => Ok(V2Cgroup { dir, fd: Some(fd), attach_by_procs: false, leftovers: Default::default() }),
+            Err(e) => {
+                let _ = fs::remove_dir(&dir);
+                Err(CgroupError::Io { op: "open", path: dir, source: e.into() })
+            }
+        }
+    }
+}
+
+/// Remove the cgroups below `dir` (an exec's, left by processes it started), deepest
+/// first, killing what still runs in `dir`'s tree.
+fn remove_children(dir: &Path, kill: &dyn Fn()) -> Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            let sub = e.path();
+            remove_children(&sub, kill)?;
+            rmdir_patiently(&sub, Duration::from_secs(5), kill)?;
+        }
+    }
+    Ok(())
 }
 
 /// Open `tasks` of each v1 directory for writing (the child writes "0": see
@@ -347,7 +396,7 @@ fn sigkill(pid: i32) {
 }
 
 /// rmdir `dir`, retrying while it still has (dying) processes, for up to `patience`.
-fn rmdir_patiently(dir: &Path, patience: Duration, mut kill: impl FnMut()) -> Result<()> {
+fn rmdir_patiently(dir: &Path, patience: Duration, kill: &dyn Fn()) -> Result<()> {
     let start = Instant::now();
     let mut pause = Duration::from_micros(50);
     loop {
@@ -407,12 +456,25 @@ impl Cgroup for V2Cgroup {
         }
     }
 
+    fn exec_child(&self, name: &str) -> Result<Box<dyn Cgroup>> {
+        Ok(Box::new(ExecCgroup { own: Some(self.exec_dir(name)?), v1: Vec::new(), leftovers: self.leftovers.clone(), killed: Default::default() }))
+    }
+
     fn remove(&mut self) -> Result<()> {
         self.fd = None;
         let dir = self.dir.clone();
-        rmdir_patiently(&dir, Duration::from_secs(5), || {
+        match fs::remove_dir(&dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(_) => {}
+        }
+        // Busy: processes still dying, or exec cgroups below (they go first).
+        let kill = || {
             let _ = write_file(&dir.join("cgroup.kill"), "1");
-        })
+        };
+        kill();
+        remove_children(&dir, &kill)?;
+        rmdir_patiently(&dir, Duration::from_secs(5), &kill)
     }
 
     fn paths(&self) -> Vec<PathBuf> {
@@ -604,6 +666,12 @@ impl Cgroup for V1Cgroup {
         open_tasks(&self.unique_dirs())
     }
 
+    fn exec_child(&self, name: &str) -> Result<Box<dyn Cgroup>> {
+        let own = self.tracker.as_ref().map(|t| t.exec_dir(name)).transpose()?;
+        let leftovers = self.tracker.as_ref().map(|t| t.leftovers.clone()).unwrap_or_default();
+        Ok(Box::new(ExecCgroup { own, v1: self.unique_dirs(), leftovers, killed: Default::default() }))
+    }
+
     fn kill(&self) -> Result<()> {
         if let Some(t) = &self.tracker {
             return t.kill();
@@ -656,7 +724,7 @@ impl Cgroup for V1Cgroup {
         }
         for d in self.unique_dirs() {
             let procs = d.join("cgroup.procs");
-            if let Err(e) = rmdir_patiently(&d, Duration::from_secs(5), || {
+            if let Err(e) = rmdir_patiently(&d, Duration::from_secs(5), &|| {
                 for pid in pids_in(&procs) {
                     sigkill(pid);
                 }
@@ -680,7 +748,66 @@ impl Cgroup for V1Cgroup {
 }
 
 // ---------------------------------------------------------------------------------------
-// Joining the cgroup of an existing process (exec)
+// The cgroup of one exec into a sandbox
+
+/// One exec's cgroup: a child of the sandbox's (unified) cgroup that the exec'd process is
+/// born in, so `kill` (a timeout, `Process.kill()`) ends its whole tree and nothing else;
+/// v1 limits are the sandbox's, joined by writing its `tasks` files. `remove` after a normal
+/// exit does not kill: processes the exec left behind keep running in the sandbox (docker
+/// exec), and the sandbox's own removal takes their cgroup (or the next exec an empty one).
+/// After `kill`, `remove` waits (bounded) for the tree to be gone.
+pub struct ExecCgroup {
+    own: Option<V2Cgroup>,
+    v1: Vec<PathBuf>,
+    leftovers: Leftovers,
+    killed: std::sync::atomic::AtomicBool,
+}
+
+impl Cgroup for ExecCgroup {
+    fn clone_fd(&self) -> Option<RawFd> {
+        self.own.as_ref().and_then(|c| c.clone_fd())
+    }
+
+    fn self_attach_files(&self) -> Result<Vec<OwnedFd>> {
+        open_tasks(&self.v1)
+    }
+
+    fn kill(&self) -> Result<()> {
+        self.killed.store(true, Ordering::Relaxed);
+        self.own.as_ref().map_or(Ok(()), |c| c.kill())
+    }
+
+    fn usage(&self) -> Usage {
+        self.own.as_ref().map(|c| c.usage()).unwrap_or_default()
+    }
+
+    fn remove(&mut self) -> Result<()> {
+        let Some(mut own) = self.own.take() else { return Ok(()) };
+        if *self.killed.get_mut() {
+            return own.remove();
+        }
+        match fs::remove_dir(&own.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                self.leftovers.lock().unwrap_or_else(|p| p.into_inner()).push(own.dir.clone());
+                Ok(())
+            }
+            Err(e) => Err(CgroupError::Io { op: "rmdir", path: own.dir.clone(), source: e }),
+        }
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        self.own.iter().map(|c| c.dir.clone()).collect()
+    }
+
+    fn version(&self) -> u8 {
+        if self.own.is_some() { 2 } else { 1 }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Joining the cgroup of an existing process (enter)
 
 /// The cgroup directories of an existing process, to start another process next to it.
 /// Owned by someone else: `kill`, `usage` and `remove` do nothing.

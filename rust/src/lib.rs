@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod error;
+pub mod exec;
 pub mod mount;
 pub mod ns;
 pub mod seccomp;

@@ -295,15 +295,20 @@ fn namespaces<'py>(py: Python<'py>, pid: &str) -> PyResult<Bound<'py, PyDict>> {
     Ok(d)
 }
 
-/// Start a process inside the namespaces (types `join`), root and optionally the cgroup of
-/// process `target`; returns (pid, pidfd). `cwd` None: the target's working directory.
+/// Start a process inside a running sandbox or process; returns (pid, pidfd).
+///
+/// `target` is a pid: the namespaces of types `join`, root and (`cwd` None) working directory
+/// of that process are opened now (`nsenter -t PID`); `join_cgroup` also joins its cgroups.
+/// Or it is a container's pid with a `held` attribute: what the container held since its
+/// start (`ns_fds` [(type, fd)], `root_fd`, `closed`, `cgroup`, `seccomp`); then the
+/// process runs in a new cgroup below the container's, left on `target.exec_cgroup`.
 #[pyfunction]
 #[pyo3(signature = (args, *, target, join, env, cwd, uid, gid, keep_caps, die_with_parent, stdio, pass_fds, join_cgroup))]
 #[allow(clippy::too_many_arguments)]
 fn spawn_join(
     py: Python<'_>,
     args: Vec<PyBackedBytes>,
-    target: i32,
+    target: &Bound<'_, PyAny>,
     join: Vec<String>,
     env: Vec<PyBackedBytes>,
     cwd: Option<PyBackedBytes>,
@@ -315,8 +320,12 @@ fn spawn_join(
     pass_fds: Vec<i32>,
     join_cgroup: bool,
 ) -> PyResult<(i32, i32)> {
+    use crate::exec::{Cwd, Target};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static EXECS: AtomicU64 = AtomicU64::new(0);
     let ns_flags = crate::ns::flags(join.iter().map(String::as_str))
         .map_err(|n| to_pyerr(py, Error::invalid("namespaces", format!("has an unknown namespace {n:?}"))))?;
+    let pid: i32 = target.extract()?;
     let mut spec = Spec::new(args.into_iter().map(bytes).collect());
     spec.env = env.into_iter().map(bytes).collect();
     let use_cwd_fd = cwd.is_none();
@@ -327,31 +336,74 @@ fn spawn_join(
     spec.keep_caps = keep_caps;
     spec.new_session = true;
     spec.die_with_parent = die_with_parent;
+    // A container's held fds are duplicated here, with the GIL held: a concurrent stop()
+    // (which sets `closed` before closing them) cannot close them under this exec.
+    let held = target.getattr("held").ok().filter(|h| !h.is_none());
+    let mut held_fds = None;
+    let mut container_cgroup: Option<PyRef<'_, PyCgroup>> = None;
+    if let Some(h) = &held {
+        let gone = |e: rustix::io::Errno| to_pyerr(py, Error::spawn("join namespaces", Some(format!("container {pid}")), e));
+        if h.getattr("closed")?.extract::<bool>()? {
+            return Err(gone(rustix::io::Errno::SRCH));
+        }
+        let dup = |fd: i32| rustix::io::fcntl_dupfd_cloexec(crate::sys::borrow_fd(fd), 3).map_err(gone);
+        let mut ns = Vec::new();
+        for (name, fd) in h.getattr("ns_fds")?.extract::<Vec<(String, i32)>>()? {
+            let flag = crate::ns::flag(&name).ok_or_else(|| PyValueError::new_err(format!("unknown namespace {name:?}")))?;
+            ns.push((flag, dup(fd)?));
+        }
+        held_fds = Some((ns, dup(h.getattr("root_fd")?.extract::<i32>()?)?));
+        let seccomp: Option<(Vec<String>, Vec<String>)> = h.getattr("seccomp")?.extract()?;
+        spec.seccomp = seccomp.map(|(allow, deny)| crate::spec::SeccompSpec { allow, deny });
+        container_cgroup = h.getattr("cgroup")?.extract()?;
+    }
+    let container_cgroup: Option<&PyCgroup> = container_cgroup.as_deref();
     let io_stdio = [stdio.0, stdio.1, stdio.2];
     let result = detached(py, move || -> Result<_, Error> {
-        use std::os::fd::AsRawFd;
         let plan = Plan::build(&spec, Caller::current())?;
-        let gone = |e: rustix::io::Errno| Error::spawn("open target", Some(format!("/proc/{target}")), e);
-        let tpid = rustix::process::Pid::from_raw(target).ok_or_else(|| Error::invalid("pid", "must be positive"))?;
-        let pidfd = rustix::process::pidfd_open(tpid, rustix::process::PidfdFlags::empty()).map_err(gone)?;
-        let open = |what: &str| {
-            rustix::fs::open(format!("/proc/{target}/{what}"), rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
-                .map_err(gone)
+        let cg_err = |e: cgroup::CgroupError| Error::spawn("join cgroup", Some(e.to_string()), rustix::io::Errno::NOTSUP);
+        let (target, mut cg): (Target, Option<Box<dyn Cgroup>>) = match held_fds {
+            Some((ns, root)) => {
+                let cg = match container_cgroup.filter(|_| join_cgroup) {
+                    Some(c) => {
+                        let name = format!("exec-{}", EXECS.fetch_add(1, Ordering::Relaxed));
+                        let guard = c.inner.lock().unwrap_or_else(|p| p.into_inner());
+                        guard.as_ref().map(|c| c.exec_child(&name)).transpose().map_err(cg_err)?
+                    }
+                    None => None,
+                };
+                (Target { ns, root, cwd: Cwd::Path(plan.cwd.clone()) }, cg)
+            }
+            None => {
+                let t = Target::of_process(pid, ns_flags, (!use_cwd_fd).then(|| plan.cwd.clone()))?;
+                let cg: Option<Box<dyn Cgroup>> = if join_cgroup {
+                    let h = cgroup::detect().ok_or_else(|| Error::spawn("join cgroup", Some("no cgroup filesystem".into()), rustix::io::Errno::NOTSUP))?;
+                    Some(Box::new(cgroup::Existing::of_process(pid, &h).map_err(cg_err)?))
+                } else {
+                    None
+                };
+                (t, cg)
+            }
         };
-        let root = open("root")?;
-        let cwd_fd = open("cwd")?;
-        let cg = if join_cgroup {
-            let h = cgroup::detect().ok_or_else(|| Error::spawn("join cgroup", Some("no cgroup filesystem".into()), rustix::io::Errno::NOTSUP))?;
-            Some(cgroup::Existing::of_process(target, &h).map_err(|e| Error::spawn("join cgroup", Some(e.to_string()), rustix::io::Errno::NOTSUP))?)
-        } else {
-            None
-        };
-        let join = crate::spawn::Join { pidfd: pidfd.as_raw_fd(), ns_flags, root_fd: root.as_raw_fd(), cwd_fd: cwd_fd.as_raw_fd(), use_cwd_fd };
-        let io = crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg.as_ref().map(|c| c as &dyn Cgroup) };
-        crate::spawn::spawn_join(&plan, &io, &join)
+        let io = crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg.as_deref() };
+        match crate::exec::spawn_join(&plan, &io, &target) {
+            Ok(child) => Ok((child, cg)),
+            Err(e) => {
+                if let Some(c) = cg.as_mut() {
+                    let _ = c.remove();
+                }
+                Err(e)
+            }
+        }
     });
     match result {
-        Ok(child) => Ok((child.pid, child.pidfd.into_raw_fd())),
+        Ok((child, cg)) => {
+            if let (Some(cg), true) = (cg, held.is_some()) {
+                let pycg = PyCgroup { version: cg.version(), inner: Mutex::new(Some(cg)) };
+                target.setattr("exec_cgroup", Py::new(py, pycg)?)?;
+            }
+            Ok((child.pid, child.pidfd.into_raw_fd()))
+        }
         Err(e) => Err(to_pyerr(py, e)),
     }
 }

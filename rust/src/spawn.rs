@@ -63,7 +63,6 @@ struct ChildCtx<'a> {
     init: Option<(RawFd, &'a CStrArray)>,
     /// unshare(CLONE_NEWCGROUP) after sync point 1 instead of at clone.
     late_cgroup_ns: bool,
-    join: Option<JoinCtx<'a>>,
     /// v1 `tasks` files the child writes "0" to (moves itself in).
     tasks: &'a [RawFd],
     /// The fds of the plan's prepared trees (`mount::PrepareTree`), by number.
@@ -87,30 +86,6 @@ fn self_attach_files(io: &Io) -> Result<Vec<OwnedFd>> {
 /// than at clone: so it is rooted there when the child is moved in after clone.
 fn late_cgroup_ns(clone_flags: u64, moved_after_clone: bool) -> bool {
     moved_after_clone && clone_flags & libc::CLONE_NEWCGROUP as u64 != 0
-}
-
-/// An existing process whose namespaces, root and cgroup a new process joins
-/// (`docker exec`, `nsenter -t PID -a`).
-pub struct Join {
-    /// pidfd of the target process.
-    pub pidfd: RawFd,
-    /// CLONE_NEW* types to join: those that differ from ours (joining one's own user
-    /// namespace is an error). The time namespace is not supported.
-    pub ns_flags: u64,
-    /// The target's root directory (open /proc/PID/root).
-    pub root_fd: RawFd,
-    /// The target's working directory (open /proc/PID/cwd), used when `use_cwd_fd`.
-    pub cwd_fd: RawFd,
-    pub use_cwd_fd: bool,
-}
-
-struct JoinCtx<'a> {
-    join: &'a Join,
-    /// The final process's stack; the intermediate runs on the first one.
-    stack: &'a Stack,
-    cgroup_fd: Option<RawFd>,
-    /// Where the intermediate leaves the final process's pid (shared memory: CLONE_VM).
-    pid_out: &'a std::sync::atomic::AtomicI32,
 }
 
 /// Start the sandbox described by `plan`. Returns once the command has been exec'd.
@@ -151,7 +126,6 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         chan,
         init,
         late_cgroup_ns: late_cgroup_ns(plan.clone_flags, attach.is_some() || !tasks_fds.is_empty()),
-        join: None,
         tasks: &tasks_fds,
         prepared: &prepared_fds,
         keep_fds: &keep_fds,
@@ -237,116 +211,6 @@ fn finish(
 
 fn pid_of(c: &Child) -> Option<Pid> {
     Pid::from_raw(c.pid)
-}
-
-/// Start a process inside the namespaces, root and cgroup of an existing process.
-///
-/// setns() into a pid namespace only affects children, so (like nsenter and runc exec)
-/// it takes two processes: an intermediate joins the namespaces, then clones the final
-/// process with CLONE_PARENT, so that one is our child and lives in the target's pid
-/// namespace. Both share our memory (CLONE_VM) on private stacks until exec.
-pub fn spawn_join(plan: &Plan, io: &Io, join: &Join) -> Result<Child> {
-    use std::sync::atomic::{AtomicI32, Ordering};
-    let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
-    let attach = io.cgroup.filter(|c| c.needs_attach());
-    let tasks = self_attach_files(io)?;
-    let tasks_fds: Vec<RawFd> = tasks.iter().map(|f| f.as_raw_fd()).collect();
-    let (mut parent, chan, report_w, go_r) = sync::channel(attach.is_some()).map_err(|e| Error::spawn("pipe", None, e))?;
-    let stack1 = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
-    let stack2 = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
-    let pid_out = AtomicI32::new(0);
-    let ctx = ChildCtx {
-        plan,
-        io,
-        chan,
-        init: None,
-        late_cgroup_ns: false,
-        join: Some(JoinCtx { join, stack: &stack2, cgroup_fd, pid_out: &pid_out }),
-        tasks: &tasks_fds,
-        prepared: &[],
-        keep_fds: &[],
-        parent_pidfd: -1,
-    };
-    let mut args = CloneArgs {
-        flags: libc::CLONE_VM as u64,
-        exit_signal: libc::SIGCHLD as u64,
-        stack: stack1.bottom(),
-        stack_size: stack1.size(),
-        ..CloneArgs::default()
-    };
-    let arg = &ctx as *const ChildCtx as *mut c_void;
-    let old_mask = sys::block_all_signals();
-    // SAFETY: the stacks and `ctx` outlive both processes' use of them: we wait for the
-    // intermediate to exit, and for the final process to exec or die (report pipe EOF).
-    let res = unsafe { sys::clone3(&mut args, intermediate_main, arg) };
-    sys::restore_signals(&old_mask);
-    drop(report_w);
-    drop(go_r);
-    let mid = res.map_err(|e| Error::spawn("clone3", None, e))?;
-    // The intermediate exits as soon as it has cloned the final process (or failed).
-    let _ = rustix::process::waitpid(Pid::from_raw(mid), WaitOptions::empty());
-    drop(stack1);
-    let pid = pid_out.load(Ordering::Acquire);
-    if pid <= 0 {
-        let report = parent.wait_exec();
-        return Err(match report {
-            Ok(Some(rec)) => child_error(plan, rec),
-            _ => Error::spawn("join namespaces", None, Errno::CHILD),
-        });
-    }
-    // The final process is our child (CLONE_PARENT): its pid cannot be reused before we
-    // reap it, so pidfd_open is race-free here.
-    let pidfd = rustix::process::pidfd_open(Pid::from_raw(pid).expect("positive"), rustix::process::PidfdFlags::empty());
-    let pidfd = match pidfd {
-        Ok(fd) => fd,
-        Err(e) => {
-            let _ = rustix::process::kill_process(Pid::from_raw(pid).expect("positive"), Signal::KILL);
-            let _ = parent.wait_exec();
-            let _ = rustix::process::waitpid(Pid::from_raw(pid), WaitOptions::empty());
-            return Err(Error::spawn("pidfd_open", None, e));
-        }
-    };
-    finish(plan, Child { pid, pidfd }, &mut parent, None, attach, stack2)
-}
-
-extern "C" fn intermediate_main(arg: *mut c_void) -> c_int {
-    // SAFETY: as for child_main.
-    let ctx = unsafe { &*(arg as *const ChildCtx) };
-    intermediate(ctx)
-}
-
-/// The intermediate of `spawn_join`: join the namespaces, clone the final process, exit.
-fn intermediate(ctx: &ChildCtx) -> ! {
-    let ch = &ctx.chan;
-    let Some(j) = &ctx.join else { ch.fail(Step::JoinNamespaces, 0, Errno::INVAL) };
-    sys::child_reset_signal_dispositions();
-    // The cgroup namespace is joined by the final process, once it is in the target's cgroup:
-    // with cgroup2's nsdelegate, CLONE_INTO_CGROUP refuses (ENOENT) to move a task from a
-    // cgroup outside the caller's cgroup namespace.
-    let flags_now = j.join.ns_flags & !(libc::CLONE_NEWCGROUP as u64);
-    if flags_now != 0 {
-        sys::setns(j.join.pidfd, flags_now).unwrap_or_else(|e| ch.fail(Step::JoinNamespaces, 0, e));
-    }
-    let mut flags = libc::CLONE_VM as u64 | libc::CLONE_PARENT as u64;
-    if j.cgroup_fd.is_some() {
-        flags |= CLONE_INTO_CGROUP;
-    }
-    let mut args = CloneArgs {
-        flags,
-        cgroup: j.cgroup_fd.map_or(0, |fd| fd as u64),
-        stack: j.stack.bottom(),
-        stack_size: j.stack.size(),
-        ..CloneArgs::default()
-    };
-    // SAFETY: the final process runs `child` on its own stack, kept alive by the parent.
-    let res = unsafe { sys::clone3(&mut args, child_main, ctx as *const ChildCtx as *mut c_void) };
-    match res {
-        Ok(pid) => {
-            j.pid_out.store(pid, std::sync::atomic::Ordering::Release);
-            sys::exit_now(0)
-        }
-        Err(e) => ch.fail(Step::CloneJoined, 0, e),
-    }
 }
 
 /// A pidfd of the calling thread (PIDFD_THREAD, Linux 6.9), else of the process.
@@ -539,13 +403,10 @@ fn child(ctx: &ChildCtx) -> ! {
     let ch = &ctx.chan;
     let fail = |step: Step, e: Errno| -> ! { ch.fail(step, 0, e) };
 
-    if ctx.join.is_none() {
-        // (The intermediate of a join already did this; dispositions are inherited.)
-        sys::child_reset_signal_dispositions();
-        // Our copy of the caller's fd table: nothing the sandbox does not need stays open
-        // (no path is resolved, no mount made before this).
-        sys::close_all_except(ctx.keep_fds).unwrap_or_else(|e| fail(Step::CloseFdsEarly, e));
-    }
+    sys::child_reset_signal_dispositions();
+    // Our copy of the caller's fd table: nothing the sandbox does not need stays open
+    // (no path is resolved, no mount made before this).
+    sys::close_all_except(ctx.keep_fds).unwrap_or_else(|e| fail(Step::CloseFdsEarly, e));
     arm_death_signal(ctx);
     if ch.go >= 0 {
         // Also proves the parent outlived the prctl above: a dead parent's `go` reads EOF.
@@ -564,9 +425,6 @@ fn child(ctx: &ChildCtx) -> ! {
             ch.fail(Step::AttachCgroup, i as u32, e);
         }
     }
-    if let Some(j) = ctx.join.as_ref().filter(|j| j.join.ns_flags & libc::CLONE_NEWCGROUP as u64 != 0) {
-        sys::setns(j.join.pidfd, libc::CLONE_NEWCGROUP as u64).unwrap_or_else(|e| fail(Step::JoinCgroupNs, e));
-    }
     if ctx.late_cgroup_ns {
         sys::unshare(libc::CLONE_NEWCGROUP as u64).unwrap_or_else(|e| fail(Step::CgroupNs, e));
     }
@@ -581,16 +439,7 @@ fn child(ctx: &ChildCtx) -> ! {
     if plan.loopback {
         sys::loopback_up().unwrap_or_else(|e| fail(Step::Loopback, e));
     }
-    if let Some(j) = &ctx.join {
-        // The target's root, then its working directory unless one was given.
-        rustix::process::fchdir(sys::borrow_fd(j.join.root_fd)).unwrap_or_else(|e| fail(Step::Chroot, e));
-        rustix::process::chroot(c".").unwrap_or_else(|e| fail(Step::Chroot, e));
-        if j.join.use_cwd_fd {
-            rustix::process::fchdir(sys::borrow_fd(j.join.cwd_fd)).unwrap_or_else(|e| fail(Step::Chdir, e));
-        } else {
-            rustix::process::chdir(plan.cwd.as_c_str()).unwrap_or_else(|e| fail(Step::Chdir, e));
-        }
-    } else if plan.fs.steps.is_empty() {
+    if plan.fs.steps.is_empty() {
         rustix::process::chdir(plan.cwd.as_c_str()).unwrap_or_else(|e| fail(Step::Chdir, e));
     } else {
         // Inside the new root: its symlinks stay in it, magic links are refused.
