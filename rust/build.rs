@@ -1,4 +1,5 @@
-//! Builds `init/main.rs` (with its module `init/exec.rs`) into a static binary that the library embeds (see spawn.rs).
+//! Builds `init/main.rs` (with its modules `init/exec.rs`, `init/rt.rs`) into a static binary
+//! without libc that the library embeds (see spawn.rs).
 
 use std::env;
 use std::path::PathBuf;
@@ -7,17 +8,21 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=init/main.rs");
     println!("cargo:rerun-if-changed=init/exec.rs");
+    println!("cargo:rerun-if-changed=init/rt.rs");
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("nsfast-init");
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let target = env::var("TARGET").expect("cargo sets TARGET");
     let status = Command::new(rustc)
         .args(["--edition=2021", "--crate-type=bin", "--crate-name=nsfast_init"])
         .args(["-C", "opt-level=s", "-C", "panic=abort", "-C", "strip=symbols", "-C", "codegen-units=1"])
-        .args(["-C", "target-feature=+crt-static", "--target", &target, "-o"])
+        // No libc, no start files: rt.rs has the entry point and the few functions needed.
+        .args(["-C", "relocation-model=static", "-C", "target-feature=+crt-static"])
+        .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib", "-C", "link-arg=-static", "-C", "link-arg=-no-pie"])
+        .args(["--target", &target, "-o"])
         .arg(&out)
         .arg("init/main.rs")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .status()
         .expect("run rustc for nsfast-init");
-    assert!(status.success(), "building nsfast-init failed (a static glibc, libc6-dev, is needed)");
+    assert!(status.success(), "building nsfast-init failed");
 }

@@ -476,6 +476,7 @@ def test_exec_timeout_kills_the_whole_tree_and_a_normal_exit_does_not():
         assert wait_until(lambda: sleeping(1003) == [], 5)
         # A normal exit leaves what the exec started running (docker exec) ...
         c.exec(["sh", "-c", "sleep 1002 >/dev/null 2>&1 &"], check=True)
+        assert wait_until(lambda: len(sleeping(1002)) == 1, 5)  # (its fork may not have exec'd yet)
         (left,) = sleeping(1002)
         assert len(exec_cgroups()) == 1  # its cgroup, still populated
         # ... and an emptied exec cgroup goes with the next exec.

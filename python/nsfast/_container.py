@@ -4,15 +4,16 @@ setns(), its root, working directory and cgroup."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 import weakref
 from subprocess import CalledProcessError, TimeoutExpired
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ._errors import ContainerError
+from ._errors import ContainerError, SpawnError
 from ._ns import namespaces as _namespaces
-from ._process import Args, File, Process, Result, _JoinTarget, run, spawn
+from ._process import Args, File, Process, Result, _explain_hidden, _JoinTarget, run, spawn
 from ._spec import Spec, with_fields
 
 __all__ = ["Container", "enter"]
@@ -120,14 +121,63 @@ class Container:
         """Start the main process (pid 1 of the container). Once only."""
         if self._proc is not None:
             raise ContainerError(f"container {self.name} was already started")
-        self._proc = Process(self.command or [], spec=self.spec, stdin=stdin, stdout=stdout, stderr=stderr)
+        if self.command is None or self.spec.init:
+            # nsfast-init is pid 1 and makes no namespaces: what it has now is the start.
+            self._proc = Process(self.command or [], spec=self.spec, stdin=stdin, stdout=stdout, stderr=stderr)
+            self._hold(None)
+            return self
+        # The command is pid 1, and may make namespaces of its own as soon as it runs: it
+        # starts behind nsfast-init's gate, which execs it in place once they are held.
+        gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+        result_r, result_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            env = dict(self.spec._env_items)
+            env["NSFAST_INIT_GATE"] = f"{gate_r},{result_w}"
+            self._proc = Process(self.command, spec=self.spec.replace(init=True, env=env), stdin=stdin, stdout=stdout,
+                                 stderr=stderr, pass_fds=(gate_r, result_w))
+        except BaseException:
+            os.close(gate_w)
+            os.close(result_r)
+            raise
+        finally:
+            os.close(gate_r)
+            os.close(result_w)
+        self._hold(gate_w, result_r)
+        return self
+
+    def _hold(self, gate: Optional[int], result: int = -1) -> None:
+        """Hold the namespaces and root of the main process; open its gate (if any) and wait
+        until the command was exec'd. Kills the main process on failure."""
+        assert self._proc is not None
         try:
             self._held = _Held(self._proc.pid, self._proc._cgroup, self.spec._core_kwargs().get("seccomp"))
+            if gate is not None:
+                os.write(gate, b"1")
+                os.close(gate)
+                gate = None
+                rec = b""
+                while len(rec) < 12:
+                    chunk = os.read(result, 12 - len(rec))
+                    if not chunk:
+                        break  # EOF: exec'd (the pipe is close-on-exec)
+                    rec += chunk
+                if rec:  # a {step, index, errno} record: the command could not be exec'd
+                    code = int.from_bytes(rec[8:12], sys.byteorder, signed=True) if len(rec) == 12 else 5
+                    argv0 = os.fspath(self._proc.args[0])
+                    err = SpawnError(code, os.strerror(code), os.fsdecode(argv0), "exec")
+                    _explain_hidden(err, [os.fsencode(argv0)], self.spec)
+                    raise err
         except BaseException:
             self._proc.kill()
             self._proc.wait()
+            if self._held is not None:
+                self._held.close()
             raise
-        return self
+        finally:
+            if gate is not None:
+                os.close(gate)
+            if result >= 0:
+                os.close(result)
 
     @property
     def process(self) -> Optional[Process]:
@@ -235,7 +285,7 @@ class Container:
         self._running_pid()
         assert self._held is not None
         return _JoinTarget(pid=_ExecTarget(self._held), namespaces=self._held.types,
-                           cgroup=self._held.cgroup is not None, cwd=self.spec.cwd if cwd is None else cwd)
+                           cgroup=self._held.cgroup is not None, cwd=os.fspath(self.spec.cwd) if cwd is None else cwd)
 
     def _exec_spec(self, env: Optional[Dict[str, str]]) -> Spec:
         return self.spec if env is None else self.spec.replace(env=env)

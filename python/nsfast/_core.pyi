@@ -81,6 +81,8 @@ def spawn(
 def spawn_join(
     args: Sequence[bytes],
     *,
+    # A pid, or an int subclass with `held` (a container's namespace/root fds, cgroup and
+    # seccomp since its start); then the exec's own cgroup is set on `target.exec_cgroup`.
     target: int,
     join: Sequence[str],
     env: Sequence[bytes],

@@ -4,9 +4,10 @@
 //! The caller starts it with execveat() of the sealed memfd from a child that kept only the
 //! fds below, so from here on no memory, fd or environment of the caller exists in any
 //! process the container can reach. It is not dumpable (nothing can ptrace it or read its
-//! /proc files; its fork child inherits that until its own execve), joins the namespaces it
-//! was given, and clones the final process with CLONE_PARENT (the caller's child) and
-//! CLONE_INTO_CGROUP (the exec's own cgroup), writes its pid to the report pipe and exits.
+//! /proc files; the final process shares or inherits that until its own execve), joins the
+//! namespaces it was given, and clones the final process with CLONE_PARENT (the caller's
+//! child) and CLONE_INTO_CGROUP (the exec's own cgroup), writes its pid to the report pipe
+//! and exits.
 //!
 //! Command line (every fd is open and inherited; lists repeat the key):
 //!   nsfast-init --exec report=FD ppid=PID pdeath=0|1 ns=FLAG:FD... cgroupns=FD cgroup=FD
@@ -15,7 +16,9 @@
 //! envp is the command's environment. Failures are written to `report` as nsfast's 12-byte
 //! {step, index, errno} record (steps numbered as sync::Step; a unit test there checks).
 
-use std::ffi::{c_char, c_int, c_long, c_void, CString};
+use core::cell::UnsafeCell;
+
+use crate::rt::{self, nr, sys, sys1, Args};
 
 // sync::Step numbers of the library (exec.rs's unit test checks that they agree).
 const STEP_SET_GROUPS: u32 = 5;
@@ -40,271 +43,269 @@ const STEP_CLOSE_FDS_EARLY: u32 = 26;
 /// Not a failure: `index` is the final process's pid (exec::STEP_EXEC_PID in the library).
 const STEP_EXEC_PID: u32 = 1000;
 
-#[cfg(target_arch = "x86_64")]
-mod nr {
-    pub const WRITE: i64 = 1;
-    pub const CLOSE: i64 = 3;
-    pub const PREAD64: i64 = 17;
-    pub const RT_SIGPROCMASK: i64 = 14;
-    pub const CLONE: i64 = 56;
-    pub const EXECVE: i64 = 59;
-    pub const FCNTL: i64 = 72;
-    pub const FCHDIR: i64 = 81;
-    pub const GETPPID: i64 = 110;
-    pub const SETSID: i64 = 112;
-    pub const SETGROUPS: i64 = 116;
-    pub const SETRESUID: i64 = 117;
-    pub const SETRESGID: i64 = 119;
-    pub const CAPGET: i64 = 125;
-    pub const CAPSET: i64 = 126;
-    pub const PRCTL: i64 = 157;
-    pub const CHROOT: i64 = 161;
-    pub const EXIT_GROUP: i64 = 231;
-    pub const PPOLL: i64 = 271;
-    pub const DUP3: i64 = 292;
-    pub const PRLIMIT64: i64 = 302;
-    pub const SETNS: i64 = 308;
-    pub const SECCOMP: i64 = 317;
-    pub const CLONE3: i64 = 435;
-    pub const CLOSE_RANGE: i64 = 436;
-    pub const OPENAT2: i64 = 437;
-    pub const O_DIRECTORY: u64 = 0o200000;
-}
-
-#[cfg(target_arch = "aarch64")]
-mod nr {
-    pub const WRITE: i64 = 64;
-    pub const CLOSE: i64 = 57;
-    pub const PREAD64: i64 = 67;
-    pub const RT_SIGPROCMASK: i64 = 135;
-    pub const CLONE: i64 = 220;
-    pub const EXECVE: i64 = 221;
-    pub const FCNTL: i64 = 25;
-    pub const FCHDIR: i64 = 50;
-    pub const GETPPID: i64 = 173;
-    pub const SETSID: i64 = 157;
-    pub const SETGROUPS: i64 = 159;
-    pub const SETRESUID: i64 = 147;
-    pub const SETRESGID: i64 = 149;
-    pub const CAPGET: i64 = 90;
-    pub const CAPSET: i64 = 91;
-    pub const PRCTL: i64 = 167;
-    pub const CHROOT: i64 = 51;
-    pub const EXIT_GROUP: i64 = 94;
-    pub const PPOLL: i64 = 73;
-    pub const DUP3: i64 = 24;
-    pub const PRLIMIT64: i64 = 261;
-    pub const SETNS: i64 = 268;
-    pub const SECCOMP: i64 = 277;
-    pub const CLONE3: i64 = 435;
-    pub const CLOSE_RANGE: i64 = 436;
-    pub const OPENAT2: i64 = 437;
-    pub const O_DIRECTORY: u64 = 0o40000;
-}
-
-extern "C" {
-    fn syscall(n: c_long, ...) -> c_long;
-    fn signal(sig: c_int, handler: usize) -> usize;
-}
-
-const PR_SET_PDEATHSIG: i64 = 1;
-const PR_SET_DUMPABLE: i64 = 4;
-const PR_CAPBSET_DROP: i64 = 24;
-const PR_SET_NO_NEW_PRIVS: i64 = 38;
-const PR_CAP_AMBIENT: i64 = 47;
-const PR_CAP_AMBIENT_CLEAR_ALL: i64 = 4;
-const SIGKILL: i64 = 9;
-const SIGPIPE: c_int = 13;
+const PR_SET_DUMPABLE: usize = 4;
+const PR_CAPBSET_DROP: usize = 24;
+const PR_SET_NO_NEW_PRIVS: usize = 38;
+const PR_CAP_AMBIENT: usize = 47;
+const PR_CAP_AMBIENT_CLEAR_ALL: usize = 4;
+const SIGPIPE: usize = 13;
+const CLONE_VM: u64 = 0x100;
+const CLONE_VFORK: u64 = 0x4000;
 const CLONE_PARENT: u64 = 0x8000;
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 const CLONE_NEWUSER: u64 = 0x1000_0000;
-const CLONE_NEWCGROUP: i64 = 0x0200_0000;
+const CLONE_NEWTIME: u64 = 0x80;
+const CLONE_NEWCGROUP: usize = 0x0200_0000;
 const CAP_SYS_ADMIN: u32 = 21;
-const F_SETFD: i64 = 2;
-const CLOSE_RANGE_CLOEXEC: i64 = 4;
+const CLOSE_RANGE_CLOEXEC: usize = 4;
+const F_DUPFD_CLOEXEC: usize = 1030;
 const O_PATH: u64 = 0o10000000;
 const O_CLOEXEC: u64 = 0o2000000;
 const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
 const RESOLVE_IN_ROOT: u64 = 0x10;
-const AT_FDCWD: i64 = -100;
-const RLIMIT_CORE: i64 = 4;
-const SECCOMP_SET_MODE_FILTER: i64 = 1;
+const AT_FDCWD: isize = -100;
+const RLIMIT_CORE: usize = 4;
+const SECCOMP_SET_MODE_FILTER: usize = 1;
 const POLLOUT: i16 = 4;
 const POLLERR: i16 = 8;
-const EPERM: c_int = 1;
-const ENOENT: c_int = 2;
-const EINVAL: c_int = 22;
-const EACCES: c_int = 13;
-const ENOTDIR: c_int = 20;
-const ENOSYS: c_int = 38;
 
-/// One raw system call; the errno on failure.
-fn sys(n: i64, a: [i64; 6]) -> Result<i64, c_int> {
-    // SAFETY: glibc's syscall(); callers pass arguments valid for `n` (pointers to live data).
-    let r = unsafe { syscall(n, a[0], a[1], a[2], a[3], a[4], a[5]) };
-    if r < 0 {
-        Err(super::errno())
-    } else {
-        Ok(r)
+/// fds 0..MAX_FD can be kept (a pass_fd above is refused with EBADF).
+const MAX_FD: usize = 4096;
+
+/// A set of fd numbers below MAX_FD.
+struct FdSet([u64; MAX_FD / 64]);
+
+impl FdSet {
+    fn add(&mut self, fd: i32) -> bool {
+        let Ok(fd) = usize::try_from(fd) else { return true }; // -1: none
+        if fd >= MAX_FD {
+            return false;
+        }
+        self.0[fd / 64] |= 1 << (fd % 64);
+        true
+    }
+
+    fn has(&self, fd: usize) -> bool {
+        self.0[fd / 64] & (1 << (fd % 64)) != 0
+    }
+
+    /// Close every fd not in the set.
+    fn close_others(&self) -> Result<(), i32> {
+        let mut fd = 0;
+        while fd < MAX_FD {
+            if self.has(fd) {
+                fd += 1;
+                continue;
+            }
+            let start = fd;
+            while fd < MAX_FD && !self.has(fd) {
+                fd += 1;
+            }
+            let last = if fd == MAX_FD { u32::MAX as usize } else { fd - 1 };
+            sys(nr::CLOSE_RANGE, [start, last, 0, 0, 0, 0])?;
+        }
+        Ok(())
     }
 }
 
-fn sys1(n: i64, a: i64) -> Result<i64, c_int> {
-    sys(n, [a, 0, 0, 0, 0, 0])
-}
-
-fn exit(code: i64) -> ! {
-    let _ = sys1(nr::EXIT_GROUP, code);
-    loop {
-        std::hint::spin_loop();
-    }
-}
-
-/// Everything the command line says, parsed.
-#[derive(Default)]
-struct Args {
+/// Everything the command line says.
+struct Plan {
+    args: Args,
     report: i32,
-    ppid: i64,
+    ppid: usize,
     pdeath: bool,
-    ns: Vec<(u64, i32)>,
+    ns: [(u64, i32); 8],
+    n_ns: usize,
     cgroupns: Option<i32>,
     cgroup: Option<i32>,
-    tasks: Vec<i32>,
+    tasks: [i32; 8],
+    n_tasks: usize,
     root: i32,
-    cwd: Option<CString>,
+    cwd: Option<*const u8>,
     cwdfd: Option<i32>,
     stdio: [i32; 3],
-    pass: Vec<i32>,
     uid: Option<u32>,
     gid: Option<u32>,
     keep: u64,
     caplast: u32,
     session: bool,
     seccomp: Option<i32>,
-    candidates: Vec<CString>,
-    argv: Vec<CString>,
+    /// argv indexes of the plan (2..end) and of the command (argv_start..).
+    end: usize,
+    argv_start: usize,
 }
 
-fn parse(args: &[CString]) -> Option<Args> {
-    let mut a = Args { report: -1, root: -1, stdio: [-1; 3], ..Args::default() };
-    let mut it = args.iter().skip(2);
-    let num = |v: &[u8]| std::str::from_utf8(v).ok()?.parse::<i64>().ok();
-    for arg in it.by_ref() {
-        let bytes = arg.as_bytes();
-        if bytes == b"--" {
+fn split_eq(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let eq = b.iter().position(|&c| c == b'=')?;
+    Some((&b[..eq], &b[eq + 1..]))
+}
+
+fn fd_of(v: &[u8]) -> Option<i32> {
+    rt::num(v).and_then(|n| i32::try_from(n).ok())
+}
+
+/// The values of `key=` arguments, in order.
+fn values<'a>(p: &'a Plan, key: &'a [u8]) -> impl Iterator<Item = (usize, &'static [u8])> + 'a {
+    (2..p.end).filter_map(move |i| match p.args.get(i).and_then(split_eq) {
+        Some((k, v)) if k == key => Some((i, v)),
+        _ => None,
+    })
+}
+
+fn parse(args: Args) -> Option<Plan> {
+    let mut p = Plan {
+        args,
+        report: -1,
+        ppid: 0,
+        pdeath: false,
+        ns: [(0, -1); 8],
+        n_ns: 0,
+        cgroupns: None,
+        cgroup: None,
+        tasks: [-1; 8],
+        n_tasks: 0,
+        root: -1,
+        cwd: None,
+        cwdfd: None,
+        stdio: [-1; 3],
+        uid: None,
+        gid: None,
+        keep: 0,
+        caplast: 0,
+        session: false,
+        seccomp: None,
+        end: 0,
+        argv_start: 0,
+    };
+    let mut i = 2;
+    while i < args.argc {
+        let a = args.get(i)?;
+        if a == b"--" {
             break;
         }
-        let eq = bytes.iter().position(|&b| b == b'=')?;
-        let (key, v) = (&bytes[..eq], &bytes[eq + 1..]);
-        let fd = || num(v).and_then(|n| i32::try_from(n).ok());
+        let (key, v) = split_eq(a)?;
         match key {
-            b"report" => a.report = fd()?,
-            b"ppid" => a.ppid = num(v)?,
-            b"pdeath" => a.pdeath = v == b"1",
+            b"report" => p.report = fd_of(v)?,
+            b"ppid" => p.ppid = usize::try_from(rt::num(v)?).ok()?,
+            b"pdeath" => p.pdeath = v == b"1",
             b"ns" => {
                 let colon = v.iter().position(|&b| b == b':')?;
-                let flag = num(&v[..colon])? as u64;
-                a.ns.push((flag, i32::try_from(num(&v[colon + 1..])?).ok()?));
+                *p.ns.get_mut(p.n_ns)? = (rt::num(&v[..colon])? as u64, fd_of(&v[colon + 1..])?);
+                p.n_ns += 1;
             }
-            b"cgroupns" => a.cgroupns = Some(fd()?),
-            b"cgroup" => a.cgroup = Some(fd()?),
-            b"tasks" => a.tasks.push(fd()?),
-            b"root" => a.root = fd()?,
-            b"cwd" => a.cwd = Some(CString::new(v).ok()?),
-            b"cwdfd" => a.cwdfd = Some(fd()?),
+            b"cgroupns" => p.cgroupns = Some(fd_of(v)?),
+            b"cgroup" => p.cgroup = Some(fd_of(v)?),
+            b"tasks" => {
+                *p.tasks.get_mut(p.n_tasks)? = fd_of(v)?;
+                p.n_tasks += 1;
+            }
+            b"root" => p.root = fd_of(v)?,
+            b"cwd" => p.cwd = Some(args.ptr(i, 4)),
+            b"cwdfd" => p.cwdfd = Some(fd_of(v)?),
             b"stdio" => {
                 let mut parts = v.split(|&b| b == b',');
-                for slot in a.stdio.iter_mut() {
-                    *slot = i32::try_from(num(parts.next()?)?).ok()?;
+                for slot in p.stdio.iter_mut() {
+                    *slot = fd_of(parts.next()?)?;
                 }
             }
-            b"pass" => a.pass.push(fd()?),
-            b"uid" => a.uid = Some(u32::try_from(num(v)?).ok()?),
-            b"gid" => a.gid = Some(u32::try_from(num(v)?).ok()?),
-            b"keep" => a.keep = num(v)? as u64,
-            b"caplast" => a.caplast = u32::try_from(num(v)?).ok()?.min(63),
-            b"session" => a.session = v == b"1",
-            b"seccomp" => a.seccomp = Some(fd()?),
-            b"cand" => a.candidates.push(CString::new(v).ok()?),
+            b"uid" => p.uid = Some(u32::try_from(rt::num(v)?).ok()?),
+            b"gid" => p.gid = Some(u32::try_from(rt::num(v)?).ok()?),
+            b"keep" => p.keep = rt::num(v)? as u64,
+            b"caplast" => p.caplast = u32::try_from(rt::num(v)?).ok()?.min(63),
+            b"session" => p.session = v == b"1",
+            b"seccomp" => p.seccomp = Some(fd_of(v)?),
+            b"pass" => {
+                fd_of(v)?;
+            }
+            b"cand" => {}
             _ => return None,
         }
+        i += 1;
     }
-    a.argv = it.cloned().collect();
-    (a.report >= 0 && a.root >= 0 && !a.argv.is_empty()).then_some(a)
+    p.end = i;
+    p.argv_start = i + 1;
+    (p.report >= 0 && p.root >= 0 && p.argv_start < args.argc).then_some(p)
 }
 
-/// Write the 12-byte record {step, index, errno} to the report pipe.
-fn record(report: i32, step: u32, index: u32, errno: c_int) {
-    let mut rec = [0u8; 12];
-    rec[0..4].copy_from_slice(&step.to_ne_bytes());
-    rec[4..8].copy_from_slice(&index.to_ne_bytes());
-    rec[8..12].copy_from_slice(&errno.to_ne_bytes());
-    let _ = sys(nr::WRITE, [report as i64, rec.as_ptr() as i64, rec.len() as i64, 0, 0, 0]);
-}
+/// Memory the final process's setup uses: written by one process at a time.
+struct Shared<T>(UnsafeCell<T>);
+// SAFETY: this program is single-threaded; the final process runs while we wait (vfork).
+unsafe impl<T> Sync for Shared<T> {}
 
-/// The exec helper's main; `args` is the whole command line.
-pub fn main(args: Vec<CString>) -> ! {
-    // First: nothing in the container may ptrace us or read our /proc files (and so no
-    // fd we hold) — neither now nor in the fork child before its execve.
+/// The seccomp programs (Filter::to_bytes), read here. Zero pages until touched.
+static FILTERS: Shared<[u32; 64 * 1024]> = Shared(UnsafeCell::new([0; 64 * 1024]));
+static FILTERS_LEN: Shared<usize> = Shared(UnsafeCell::new(0));
+
+/// The final process's stack when it shares our memory (CLONE_VM).
+#[repr(C, align(16))]
+struct Stack([u8; 64 * 1024]);
+static STACK: Shared<Stack> = Shared(UnsafeCell::new(Stack([0; 64 * 1024])));
+
+/// The exec helper's main.
+pub fn main(args: Args) -> ! {
+    // First: nothing in the container may ptrace us or read our /proc files (and so no fd
+    // we hold) — neither now nor in the final process before its execve.
     if sys(nr::PRCTL, [PR_SET_DUMPABLE, 0, 0, 0, 0, 0]).is_err() {
-        exit(127);
+        rt::exit(127);
     }
-    let Some(a) = parse(&args) else {
-        eprintln!("nsfast-init: bad --exec command line");
-        exit(127)
+    let Some(p) = parse(args) else {
+        rt::say(b"nsfast-init: bad --exec command line\n");
+        rt::exit(127)
     };
-    let fail = |step: u32, index: u32, e: c_int| -> ! {
-        record(a.report, step, index, e);
-        exit(127)
+    let fail = |step: u32, index: u32, e: i32| -> ! {
+        rt::record(p.report, step, index, e);
+        rt::exit(127)
     };
-    let filters = match a.seccomp {
-        Some(fd) => {
-            let programs = read_filters(fd).unwrap_or_else(|e| fail(STEP_SECCOMP, 0, e));
-            let _ = sys1(nr::CLOSE, fd as i64);
-            programs
-        }
-        None => Vec::new(),
-    };
-    join_namespaces(&a.ns).unwrap_or_else(|(i, e)| fail(STEP_JOIN_NAMESPACES, i, e));
-    if a.pdeath {
+    if let Some(fd) = p.seccomp {
+        read_filters(fd).unwrap_or_else(|e| fail(STEP_SECCOMP, 0, e));
+        rt::close(fd);
+    }
+    join_namespaces(&p.ns[..p.n_ns]).unwrap_or_else(|(i, e)| fail(STEP_JOIN_NAMESPACES, i, e));
+    if p.pdeath {
         // After setns: new credentials (a user namespace's) disarm the death signal.
-        sys(nr::PRCTL, [PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DEATH_SIGNAL, 0, e));
+        sys(nr::PRCTL, [rt::PR_SET_PDEATHSIG, rt::SIGKILL, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DEATH_SIGNAL, 0, e));
         // The caller may have died before the prctl: then we were re-parented.
-        if sys1(nr::GETPPID, 0).ok() != Some(a.ppid) {
-            exit(127);
+        if sys1(nr::GETPPID, 0).ok() != Some(p.ppid) {
+            rt::exit(127);
         }
     }
-
-    // The final process's fds: only what it still needs (closed right after use).
-    let mut keep: Vec<i32> = vec![a.report, a.root];
-    keep.extend(a.stdio.iter().enumerate().map(|(i, &fd)| if fd < 0 { i as i32 } else { fd }));
-    keep.extend(a.pass.iter().chain(&a.tasks).chain(a.cgroupns.iter()).chain(a.cwdfd.iter()));
-    keep.sort_unstable();
-    keep.dedup();
-    let envp: *const *const c_char = super::env_ptr();
-    let mut argv: Vec<*const c_char> = a.argv.iter().map(|s| s.as_ptr()).collect();
-    argv.push(std::ptr::null());
-
-    match clone_final(a.cgroup) {
-        Ok(0) => final_process(&a, &keep, &filters, &argv, envp),
+    // The final process shares our memory (no page table to copy, no copy-on-write faults;
+    // it holds nothing of the caller), unless it must be in a joined time namespace.
+    let in_time_ns = p.ns[..p.n_ns].iter().any(|(f, _)| *f == CLONE_NEWTIME);
+    let mut clone = rt::CloneArgs { flags: CLONE_PARENT, ..Default::default() };
+    if !in_time_ns {
+        clone.flags |= CLONE_VM | CLONE_VFORK;
+        clone.stack = STACK.0.get() as u64;
+        clone.stack_size = core::mem::size_of::<Stack>() as u64;
+    }
+    if let Some(fd) = p.cgroup {
+        clone.flags |= CLONE_INTO_CGROUP;
+        clone.cgroup = fd as u64;
+    }
+    // With CLONE_PARENT the exit signal is ours (SIGCHLD); clone3 wants none given.
+    // SAFETY: the final process only reads `p` and uses STACK/FILTERS while we are stopped
+    // in vfork (or in its own copy of our memory).
+    match unsafe { rt::clone3(&clone, final_entry, &p as *const Plan as usize) } {
         Ok(pid) => {
-            record(a.report, STEP_EXEC_PID, pid as u32, 0);
-            exit(0)
+            rt::record(p.report, STEP_EXEC_PID, pid as u32, 0);
+            rt::exit(0)
         }
         Err(e) => fail(STEP_CLONE_JOINED, 0, e),
     }
 }
 
 /// setns() into each namespace, closing its fd. With CAP_SYS_ADMIN (a root caller) the
-/// others first, with our own rights, then the user namespace (as setns(pidfd) would
-/// check them); without it, the user namespace first: it grants the rights for the rest.
-fn join_namespaces(ns: &[(u64, i32)]) -> Result<(), (u32, c_int)> {
+/// others first, with our own rights, then the user namespace (as setns(pidfd) would check
+/// them); without it, the user namespace first: it grants the rights for the rest.
+fn join_namespaces(ns: &[(u64, i32)]) -> Result<(), (u32, i32)> {
     let user_first = !has_cap(CAP_SYS_ADMIN);
-    let order = |want_user: bool| ns.iter().enumerate().filter(move |(_, (f, _))| (*f == CLONE_NEWUSER) == want_user);
-    let (first, then) = (order(user_first), order(!user_first));
-    for (i, &(flag, fd)) in first.chain(then) {
-        sys(nr::SETNS, [fd as i64, flag as i64, 0, 0, 0, 0]).map_err(|e| (i as u32, e))?;
-        let _ = sys1(nr::CLOSE, fd as i64);
+    for pass in [user_first, !user_first] {
+        for (i, &(flag, fd)) in ns.iter().enumerate() {
+            if (flag == CLONE_NEWUSER) == pass {
+                sys(nr::SETNS, [fd as usize, flag as usize, 0, 0, 0, 0]).map_err(|e| (i as u32, e))?;
+                rt::close(fd);
+            }
+        }
     }
     Ok(())
 }
@@ -325,10 +326,10 @@ struct CapData {
 
 const CAP_V3: u32 = 0x2008_0522;
 
-fn capget() -> Result<[CapData; 2], c_int> {
+fn capget() -> Result<[CapData; 2], i32> {
     let hdr = CapHeader { version: CAP_V3, pid: 0 };
     let mut data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
-    sys(nr::CAPGET, [&hdr as *const CapHeader as i64, data.as_mut_ptr() as i64, 0, 0, 0, 0])?;
+    sys(nr::CAPGET, [&hdr as *const CapHeader as usize, data.as_mut_ptr() as usize, 0, 0, 0, 0])?;
     Ok(data)
 }
 
@@ -336,91 +337,57 @@ fn has_cap(cap: u32) -> bool {
     capget().is_ok_and(|d| d[(cap / 32) as usize].effective & (1 << (cap % 32)) != 0)
 }
 
-/// clone3 without CLONE_VM (a fork: our memory holds nothing of the caller) into the
-/// caller as parent and into the exec's cgroup. 0 in the child.
-fn clone_final(cgroup: Option<i32>) -> Result<i64, c_int> {
-    #[repr(C)]
-    #[derive(Default)]
-    struct CloneArgs {
-        flags: u64,
-        pidfd: u64,
-        child_tid: u64,
-        parent_tid: u64,
-        exit_signal: u64,
-        stack: u64,
-        stack_size: u64,
-        tls: u64,
-        set_tid: u64,
-        set_tid_size: u64,
-        cgroup: u64,
-    }
-    let mut flags = CLONE_PARENT;
-    if cgroup.is_some() {
-        flags |= CLONE_INTO_CGROUP;
-    }
-    // With CLONE_PARENT the exit signal is ours (SIGCHLD), and clone3 wants none given.
-    let args = CloneArgs { flags, cgroup: cgroup.map_or(0, |fd| fd as u64), ..CloneArgs::default() };
-    match sys(nr::CLONE3, [&args as *const CloneArgs as i64, std::mem::size_of::<CloneArgs>() as i64, 0, 0, 0, 0]) {
-        Err(ENOSYS) if cgroup.is_none() => sys(nr::CLONE, [CLONE_PARENT as i64, 0, 0, 0, 0, 0]),
-        r => r,
-    }
-}
-
-/// The seccomp programs the library serialized (seccomp::Filter::to_bytes): u32 count,
-/// then per program u32 length + length 8-byte `struct sock_filter`s, little endian.
-fn read_filters(fd: i32) -> Result<Vec<Vec<u64>>, c_int> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16384];
+/// Read the serialized programs (u32 count, then per program a u32 length and that many
+/// 8-byte `struct sock_filter`s, little endian) into FILTERS.
+fn read_filters(fd: i32) -> Result<(), i32> {
+    let buf = FILTERS.0.get() as *mut u8;
+    let cap = core::mem::size_of::<[u32; 64 * 1024]>();
+    let mut len = 0;
     loop {
-        let n = sys(nr::PREAD64, [fd as i64, chunk.as_mut_ptr() as i64, chunk.len() as i64, buf.len() as i64, 0, 0])?;
+        // SAFETY: within FILTERS, which only this process (and later the final one) uses.
+        let n = sys(nr::PREAD64, [fd as usize, unsafe { buf.add(len) } as usize, cap - len, len, 0, 0])?;
         if n == 0 {
             break;
         }
-        buf.extend_from_slice(&chunk[..n as usize]);
+        len += n;
+        if len == cap {
+            return Err(rt::EINVAL); // larger than any filter seccomp accepts
+        }
     }
-    let word = |at: usize| -> Result<u32, c_int> {
-        buf.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or(EINVAL)
-    };
-    let count = word(0)? as usize;
-    let mut at = 4;
-    let mut programs = Vec::with_capacity(count);
-    for _ in 0..count {
-        let len = word(at)? as usize;
-        at += 4;
-        let bytes = buf.get(at..at + len * 8).ok_or(EINVAL)?;
-        at += len * 8;
-        // u64 storage: sock_filter's alignment (4) is met, and the layout is the bytes'.
-        programs.push(bytes.chunks_exact(8).map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect());
-    }
-    Ok(programs)
+    // SAFETY: as above.
+    unsafe { *FILTERS_LEN.0.get() = len };
+    Ok(())
 }
 
-fn install_filter(program: &[u64]) -> Result<(), c_int> {
+/// Install the programs read by `read_filters`, in order.
+fn install_filters() -> Result<(), i32> {
     #[repr(C)]
     struct SockFprog {
         len: u16,
-        filter: *const c_void,
+        filter: *const u8,
     }
-    let len = u16::try_from(program.len()).map_err(|_| EINVAL)?;
-    let prog = SockFprog { len, filter: program.as_ptr().cast() };
-    sys(nr::SECCOMP, [SECCOMP_SET_MODE_FILTER, 0, &prog as *const SockFprog as i64, 0, 0, 0]).map(drop)
+    // SAFETY: FILTERS_LEN bytes of FILTERS were written by read_filters; nothing writes now.
+    let bytes = unsafe { core::slice::from_raw_parts(FILTERS.0.get() as *const u8, *FILTERS_LEN.0.get()) };
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let word = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or(rt::EINVAL);
+    let count = word(0)?;
+    let mut at = 4;
+    for _ in 0..count {
+        let len = word(at)? as usize;
+        at += 4;
+        let insns = bytes.get(at..at + len * 8).ok_or(rt::EINVAL)?;
+        at += len * 8;
+        // 4-byte aligned (every offset is a multiple of 4): sock_filter's alignment.
+        let prog = SockFprog { len: u16::try_from(len).map_err(|_| rt::EINVAL)?, filter: insns.as_ptr() };
+        sys(nr::SECCOMP, [SECCOMP_SET_MODE_FILTER, 0, &prog as *const SockFprog as usize, 0, 0, 0])?;
+    }
+    Ok(())
 }
 
-/// Close every fd but the sorted `keep`.
-fn close_all_except(keep: &[i32]) -> Result<(), c_int> {
-    let mut next: i64 = 0;
-    for &fd in keep {
-        let fd = fd as i64;
-        if fd > next {
-            sys(nr::CLOSE_RANGE, [next, fd - 1, 0, 0, 0, 0])?;
-        }
-        next = fd + 1;
-    }
-    sys(nr::CLOSE_RANGE, [next, u32::MAX as i64, 0, 0, 0, 0]).map(drop)
-}
-
-fn set_cloexec(fd: i32, on: bool) -> Result<(), c_int> {
-    sys(nr::FCNTL, [fd as i64, F_SETFD, on as i64, 0, 0, 0]).map(drop)
+fn set_cloexec(fd: i32, on: bool) -> Result<(), i32> {
+    sys(nr::FCNTL, [fd as usize, rt::F_SETFD, on as usize, 0, 0, 0]).map(drop)
 }
 
 /// Whether the caller (the only reader of the report pipe) is gone.
@@ -431,100 +398,121 @@ fn reader_gone(report: i32) -> bool {
         events: i16,
         revents: i16,
     }
-    let mut p = PollFd { fd: report, events: POLLOUT, revents: 0 };
-    let zero = [0i64; 2];
-    sys(nr::PPOLL, [&mut p as *mut PollFd as i64, 1, zero.as_ptr() as i64, 0, 8, 0]).is_ok() && p.revents & POLLERR != 0
+    let mut pfd = PollFd { fd: report, events: POLLOUT, revents: 0 };
+    let zero = [0u64; 2];
+    sys(nr::PPOLL, [&mut pfd as *mut PollFd as usize, 1, zero.as_ptr() as usize, 0, 8, 0]).is_ok() && pfd.revents & POLLERR != 0
 }
 
-/// The final process: in the container's namespaces (but its cgroup namespace), in the
-/// exec's cgroup, our child's copy of the helper's memory. Sets itself up and execs.
-fn final_process(a: &Args, keep: &[i32], filters: &[Vec<u64>], argv: &[*const c_char], envp: *const *const c_char) -> ! {
-    let fail = |step: u32, e: c_int| -> ! {
-        record(a.report, step, 0, e);
-        exit(127)
+extern "C" fn final_entry(arg: usize) -> ! {
+    // SAFETY: the helper's Plan, unchanged while we run (it waits in vfork, or this is a copy).
+    let p = unsafe { &*(arg as *const Plan) };
+    final_process(p)
+}
+
+/// The final process: in the container's namespaces (but its cgroup namespace) and in the
+/// exec's cgroup. Sets itself up and execs.
+fn final_process(p: &Plan) -> ! {
+    let fail = |step: u32, e: i32| -> ! {
+        rt::record(p.report, step, 0, e);
+        rt::exit(127)
     };
     let arm_death_signal = || {
-        if a.pdeath {
-            sys(nr::PRCTL, [PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DEATH_SIGNAL, e));
+        if p.pdeath {
+            sys(nr::PRCTL, [rt::PR_SET_PDEATHSIG, rt::SIGKILL, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DEATH_SIGNAL, e));
             // Our parent is the caller, outside our pid namespace (getppid() says 0): it is
             // alive while it holds the report pipe's read end.
-            if reader_gone(a.report) {
-                exit(127);
+            if reader_gone(p.report) {
+                rt::exit(127);
             }
         }
     };
     arm_death_signal();
-    close_all_except(keep).unwrap_or_else(|e| fail(STEP_CLOSE_FDS_EARLY, e));
-    for (i, &fd) in a.tasks.iter().enumerate() {
-        if let Err(e) = sys(nr::WRITE, [fd as i64, b"0".as_ptr() as i64, 1, 0, 0, 0]) {
-            record(a.report, STEP_ATTACH_CGROUP, i as u32, e);
-            exit(127);
+    // Only what is still needed stays open (each closed right after use).
+    let mut keep = FdSet([0; MAX_FD / 64]);
+    let mut ok = keep.add(p.report) && keep.add(p.root) && p.cwdfd.is_none_or(|fd| keep.add(fd));
+    ok &= p.cgroupns.is_none_or(|fd| keep.add(fd));
+    for (i, &fd) in p.stdio.iter().enumerate() {
+        ok &= keep.add(if fd < 0 { i as i32 } else { fd });
+    }
+    for &fd in &p.tasks[..p.n_tasks] {
+        ok &= keep.add(fd);
+    }
+    for (_, v) in values(p, b"pass") {
+        ok &= fd_of(v).is_some_and(|fd| keep.add(fd));
+    }
+    if !ok {
+        fail(STEP_CLOSE_FDS_EARLY, 9 /* EBADF */);
+    }
+    keep.close_others().unwrap_or_else(|e| fail(STEP_CLOSE_FDS_EARLY, e));
+    for (i, &fd) in p.tasks[..p.n_tasks].iter().enumerate() {
+        if let Err(e) = rt::write(fd, b"0") {
+            rt::record(p.report, STEP_ATTACH_CGROUP, i as u32, e);
+            rt::exit(127);
         }
-        let _ = sys1(nr::CLOSE, fd as i64);
+        rt::close(fd);
     }
     // Only now, inside the exec's cgroup: with nsdelegate, CLONE_INTO_CGROUP refuses to move
     // a task across the boundary of its cgroup namespace.
-    if let Some(fd) = a.cgroupns {
-        sys(nr::SETNS, [fd as i64, CLONE_NEWCGROUP, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_JOIN_CGROUP_NS, e));
-        let _ = sys1(nr::CLOSE, fd as i64);
+    if let Some(fd) = p.cgroupns {
+        sys(nr::SETNS, [fd as usize, CLONE_NEWCGROUP, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_JOIN_CGROUP_NS, e));
+        rt::close(fd);
     }
     // The container's root as it was at start, then the cwd resolved inside it: its
     // symlinks stay in the root, magic links (/proc/self/fd/N, /proc/PID/cwd) are refused.
-    sys1(nr::FCHDIR, a.root as i64).unwrap_or_else(|e| fail(STEP_CHROOT, e));
-    sys1(nr::CHROOT, c".".as_ptr() as i64).unwrap_or_else(|e| fail(STEP_CHROOT, e));
-    let _ = sys1(nr::CLOSE, a.root as i64);
-    match (&a.cwd, a.cwdfd) {
+    sys1(nr::FCHDIR, p.root as usize).unwrap_or_else(|e| fail(STEP_CHROOT, e));
+    sys1(nr::CHROOT, c".".as_ptr() as usize).unwrap_or_else(|e| fail(STEP_CHROOT, e));
+    rt::close(p.root);
+    match (p.cwd, p.cwdfd) {
         (_, Some(fd)) => {
-            sys1(nr::FCHDIR, fd as i64).unwrap_or_else(|e| fail(STEP_CHDIR, e));
-            let _ = sys1(nr::CLOSE, fd as i64);
+            sys1(nr::FCHDIR, fd as usize).unwrap_or_else(|e| fail(STEP_CHDIR, e));
+            rt::close(fd);
         }
         (Some(path), None) => {
             let how: [u64; 3] = [O_PATH | nr::O_DIRECTORY | O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS];
-            let fd = sys(nr::OPENAT2, [AT_FDCWD, path.as_ptr() as i64, how.as_ptr() as i64, 24, 0, 0])
+            let fd = sys(nr::OPENAT2, [AT_FDCWD as usize, path as usize, how.as_ptr() as usize, 24, 0, 0])
                 .unwrap_or_else(|e| fail(STEP_CHDIR, e));
             sys1(nr::FCHDIR, fd).unwrap_or_else(|e| fail(STEP_CHDIR, e));
-            let _ = sys1(nr::CLOSE, fd);
+            rt::close(fd as i32);
         }
         (None, None) => {}
     }
     // The bounding set needs CAP_SETPCAP, which a switch to a non-root uid takes away.
-    for cap in 0..=a.caplast {
-        if a.keep & (1u64 << cap) == 0 {
-            sys(nr::PRCTL, [PR_CAPBSET_DROP, cap as i64, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
+    for cap in 0..=p.caplast {
+        if p.keep & (1u64 << cap) == 0 {
+            sys(nr::PRCTL, [PR_CAPBSET_DROP, cap as usize, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
         }
     }
-    if let Some(gid) = a.gid {
-        sys(nr::SETRESGID, [gid as i64, gid as i64, gid as i64, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_SET_GID, e));
+    if let Some(gid) = p.gid {
+        sys(nr::SETRESGID, [gid as usize, gid as usize, gid as usize, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_SET_GID, e));
     }
     match sys(nr::SETGROUPS, [0; 6]) {
-        Ok(_) | Err(EPERM) => {} // EPERM: setgroups is denied in this user namespace
+        Ok(_) | Err(rt::EPERM) => {} // EPERM: setgroups is denied in this user namespace
         Err(e) => fail(STEP_SET_GROUPS, e),
     }
-    if let Some(uid) = a.uid {
-        sys(nr::SETRESUID, [uid as i64, uid as i64, uid as i64, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_SET_UID, e));
+    if let Some(uid) = p.uid {
+        sys(nr::SETRESUID, [uid as usize, uid as usize, uid as usize, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_SET_UID, e));
     }
-    // A uid/gid change disarmed the death signal: again, and the caller still there?
+    // A uid/gid change disarmed the death signal: again, and is the caller still there?
     arm_death_signal();
     sys(nr::PRCTL, [PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
     let have = capget().unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
-    let (lo, hi) = (a.keep as u32, (a.keep >> 32) as u32);
-    let set = |d: CapData, m: u32| CapData { effective: d.permitted & m, permitted: d.permitted & m, inheritable: d.permitted & m };
-    let data = [set(have[0], lo), set(have[1], hi)];
+    let (lo, hi) = (p.keep as u32, (p.keep >> 32) as u32);
+    let only = |d: CapData, m: u32| CapData { effective: d.permitted & m, permitted: d.permitted & m, inheritable: d.permitted & m };
+    let data = [only(have[0], lo), only(have[1], hi)];
     let hdr = CapHeader { version: CAP_V3, pid: 0 };
-    sys(nr::CAPSET, [&hdr as *const CapHeader as i64, data.as_ptr() as i64, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
-    if a.session {
+    sys(nr::CAPSET, [&hdr as *const CapHeader as usize, data.as_ptr() as usize, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
+    if p.session {
         sys1(nr::SETSID, 0).unwrap_or_else(|e| fail(STEP_SETSID, e));
     }
     sys(nr::PRCTL, [PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_NO_NEW_PRIVS, e));
     let zero: [u64; 2] = [0, 0];
-    sys(nr::PRLIMIT64, [0, RLIMIT_CORE, zero.as_ptr() as i64, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_RLIMIT, e));
+    sys(nr::PRLIMIT64, [0, RLIMIT_CORE, zero.as_ptr() as usize, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_RLIMIT, e));
 
     // stdio: first lift sources sitting on 0..2 out of the way, then install.
-    let mut src = a.stdio;
+    let mut src = p.stdio;
     for (i, fd) in src.iter_mut().enumerate() {
         if *fd >= 0 && *fd < 3 && *fd != i as i32 {
-            const F_DUPFD_CLOEXEC: i64 = 1030;
-            *fd = sys(nr::FCNTL, [*fd as i64, F_DUPFD_CLOEXEC, 3, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_STDIO, e)) as i32;
+            *fd = sys(nr::FCNTL, [*fd as usize, F_DUPFD_CLOEXEC, 3, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_STDIO, e)) as i32;
         }
     }
     for (i, &fd) in src.iter().enumerate() {
@@ -533,39 +521,22 @@ fn final_process(a: &Args, keep: &[i32], filters: &[Vec<u64>], argv: &[*const c_
         } else if fd == i as i32 {
             set_cloexec(fd, false)
         } else {
-            sys(nr::DUP3, [fd as i64, i as i64, 0, 0, 0, 0]).map(drop)
+            sys(nr::DUP3, [fd as usize, i, 0, 0, 0, 0]).map(drop)
         };
         res.unwrap_or_else(|e| fail(STEP_STDIO, e));
     }
     // Everything from 3 up closes at exec (the report pipe too), but the fds passed on purpose.
-    sys(nr::CLOSE_RANGE, [3, u32::MAX as i64, CLOSE_RANGE_CLOEXEC, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_CLOSE_FDS, e));
-    for &fd in &a.pass {
-        set_cloexec(fd, false).unwrap_or_else(|e| fail(STEP_CLOSE_FDS, e));
+    sys(nr::CLOSE_RANGE, [3, u32::MAX as usize, CLOSE_RANGE_CLOEXEC, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_CLOSE_FDS, e));
+    for (_, v) in values(p, b"pass") {
+        set_cloexec(fd_of(v).unwrap_or(-1), false).unwrap_or_else(|e| fail(STEP_CLOSE_FDS, e));
     }
-    let empty: u64 = 0;
-    let _ = sys(nr::RT_SIGPROCMASK, [2 /* SIG_SETMASK */, &empty as *const u64 as i64, 0, 8, 0, 0]);
-    // Rust's runtime ignored SIGPIPE at our start, and an ignored signal stays ignored
-    // across exec: give the command the default back.
-    // SAFETY: plain libc call.
-    unsafe { signal(SIGPIPE, 0) };
+    rt::set_sigmask(0);
+    // SIGPIPE as everything else: the default (the caller's child reset them all).
+    let dfl = [0usize; 4];
+    let _ = sys(nr::RT_SIGACTION, [SIGPIPE, dfl.as_ptr() as usize, 0, 8, 0, 0]);
     // Last: from here on only what the filter allows (execve, write, exit_group are).
-    for prog in filters {
-        install_filter(prog).unwrap_or_else(|e| fail(STEP_SECCOMP, e));
-    }
-    // execvpe's rule: skip ENOENT/ENOTDIR, remember EACCES, stop at anything else.
-    let mut err = ENOENT;
-    let mut saw_eacces = false;
-    for cand in &a.candidates {
-        let e = sys(nr::EXECVE, [cand.as_ptr() as i64, argv.as_ptr() as i64, envp as i64, 0, 0, 0]).err().unwrap_or(EINVAL);
-        err = e;
-        match e {
-            ENOENT | ENOTDIR => {}
-            EACCES => saw_eacces = true,
-            _ => break,
-        }
-    }
-    if saw_eacces && (err == ENOENT || err == ENOTDIR) {
-        err = EACCES;
-    }
+    install_filters().unwrap_or_else(|e| fail(STEP_SECCOMP, e));
+    let candidates = values(p, b"cand").map(|(i, _)| p.args.ptr(i, 5));
+    let err = rt::exec_candidates(candidates, p.args.tail(p.argv_start), p.args.envp);
     fail(STEP_EXEC, err)
 }

@@ -1,8 +1,8 @@
 //! nsfast-init: the tiny pid 1 of `init=True` sandboxes.
 //!
-//! Built by build.rs as a static, dependency-free binary and run from a sealed memfd, so it
-//! works in any rootfs and shares nothing with the Python parent. It starts the command,
-//! forwards every signal it receives to it, reaps every orphan, and exits with the
+//! Built by build.rs as a static binary without libc (see rt.rs) and run from a sealed memfd,
+//! so it works in any rootfs and shares nothing with the Python parent. It starts the
+//! command, forwards every signal it receives to it, reaps every orphan, and exits with the
 //! command's status (128+N if the command was killed by signal N, as shells and tini do).
 //!
 //! Command line: nsfast-init REPORT_FD N CANDIDATE_1..CANDIDATE_N -- ARGV...
@@ -11,184 +11,161 @@
 //! If no candidate can be exec'd, the failure is written to REPORT_FD in nsfast's 12-byte
 //! child report format, as the sandbox setup would have.
 //!
+//! With NSFAST_INIT_GATE=GATE_FD,RESULT_FD in its environment it is only a gate: it closes
+//! REPORT_FD (the sandbox is set up), waits until GATE_FD reads a byte, and then execs the
+//! command itself, in place, as pid 1; an exec failure goes to RESULT_FD instead. A Container
+//! uses that to hold its namespaces and root before its command runs (and could make others).
+//!
 //! `nsfast-init --exec ...` is the other mode: `Container.exec`'s helper (see exec.rs).
-
-use std::ffi::{c_char, c_int, c_void, CString};
-use std::os::unix::ffi::OsStringExt;
+#![no_std]
+#![no_main]
+#![no_builtins]
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 mod exec;
+mod rt;
+
+use rt::{nr, sys, Args};
 
 /// sync::Step::Exec in the library (a unit test there checks the two agree).
 const STEP_EXEC: u32 = 15;
 
-#[repr(C)]
-struct SigSet([u64; 16]);
+const SIGCHLD: i32 = 17;
+const SIGHUP: i32 = 1;
+const SIGINT: i32 = 2;
+const SIGTERM: i32 = 15;
+const WNOHANG: usize = 1;
+const FD_CLOEXEC: usize = 1;
+const PR_SET_NAME: usize = 15;
+const PR_SET_CHILD_SUBREAPER: usize = 36;
+const ALL_SIGNALS: u64 = !0;
 
-extern "C" {
-    static environ: *const *const c_char;
-    fn sigfillset(set: *mut SigSet) -> c_int;
-    fn sigemptyset(set: *mut SigSet) -> c_int;
-    fn sigprocmask(how: c_int, set: *const SigSet, old: *mut SigSet) -> c_int;
-    fn sigwaitinfo(set: *const SigSet, info: *mut c_void) -> c_int;
-    fn fork() -> c_int;
-    fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int;
-    fn waitpid(pid: c_int, status: *mut c_int, options: c_int) -> c_int;
-    fn kill(pid: c_int, sig: c_int) -> c_int;
-    fn signal(sig: c_int, handler: usize) -> usize;
-    fn write(fd: c_int, buf: *const c_void, n: usize) -> isize;
-    fn close(fd: c_int) -> c_int;
-    fn fcntl(fd: c_int, cmd: c_int, arg: c_int) -> c_int;
-    fn prctl(option: c_int, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> c_int;
-    fn __errno_location() -> *mut c_int;
-    fn _exit(code: c_int) -> !;
-}
-
-const SIG_SETMASK: c_int = 2;
-const SIGCHLD: c_int = 17;
-const SIGPIPE: c_int = 13;
-const SIG_DFL: usize = 0;
-const WNOHANG: c_int = 1;
-const F_SETFD: c_int = 2;
-const FD_CLOEXEC: c_int = 1;
-const PR_SET_CHILD_SUBREAPER: c_int = 36;
-const PR_SET_NAME: c_int = 15;
-const SIGHUP: c_int = 1;
-const SIGINT: c_int = 2;
-const SIGTERM: c_int = 15;
-const ENOENT: c_int = 2;
-const ENOTDIR: c_int = 20;
-const EACCES: c_int = 13;
-
-fn errno() -> c_int {
-    // SAFETY: glibc's per-thread errno slot.
-    unsafe { *__errno_location() }
-}
-
-/// Our environment (the command's: both modes exec it).
-fn env_ptr() -> *const *const c_char {
-    // SAFETY: glibc's environ, not modified by this program.
-    unsafe { environ }
-}
-
-fn main() {
-    let args: Vec<CString> = std::env::args_os().map(|a| CString::new(a.into_vec()).unwrap_or_default()).collect();
-    if args.get(1).map(|a| a.as_bytes()) == Some(b"--exec") {
+fn main(args: Args) -> ! {
+    if args.get(1) == Some(b"--exec") {
         exec::main(args);
     }
-    let num = |i: usize| args.get(i).and_then(|a| a.to_str().ok()?.parse::<usize>().ok());
-    let (Some(report_fd), Some(n)) = (num(1), num(2)) else {
-        eprintln!("nsfast-init: usage: nsfast-init REPORT_FD N CANDIDATE... -- ARGV...");
-        std::process::exit(127);
+    let num = |i: usize| args.get(i).and_then(rt::num).and_then(|n| usize::try_from(n).ok());
+    let (Some(report), Some(n)) = (num(1), num(2)) else {
+        rt::say(b"nsfast-init: usage: nsfast-init REPORT_FD N CANDIDATE... -- ARGV...\n");
+        rt::exit(127)
     };
-    let report_fd = report_fd as c_int;
-    let candidates = &args[3..(3 + n).min(args.len())];
+    let report = report as i32;
+    if n > args.argc || args.get(3 + n) != Some(b"--") {
+        rt::say(b"nsfast-init: missing -- ARGV\n");
+        rt::exit(127);
+    }
     let argv_start = 3 + n + 1;
-    if args.get(3 + n).map(|a| a.as_bytes()) != Some(b"--") {
-        eprintln!("nsfast-init: missing -- ARGV");
-        std::process::exit(127);
-    }
-    let mut argv: Vec<*const c_char> = args[argv_start..].iter().map(|a| a.as_ptr()).collect();
-    argv.push(std::ptr::null());
-
-    let mut all = SigSet([0; 16]);
-    let mut none = SigSet([0; 16]);
-    // SAFETY: plain libc calls on valid local data.
-    unsafe {
-        sigfillset(&mut all);
-        sigemptyset(&mut none);
-        sigprocmask(SIG_SETMASK, &all, std::ptr::null_mut());
-        prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
-        fcntl(report_fd, F_SETFD, FD_CLOEXEC);
+    if let Some(gate) = take_env(&args, b"NSFAST_INIT_GATE=") {
+        pass_gate(&args, report, gate, 3..3 + n, argv_start);
     }
 
-    // SAFETY: plain prctl; the name shows in ps instead of "memfd:nsfast-init".
-    unsafe { prctl(PR_SET_NAME, c"nsfast-init".as_ptr() as u64, 0, 0, 0) };
-    if argv_start >= args.len() {
-        // SAFETY: our copy of the report pipe: nothing to exec, so setup is complete.
-        unsafe { close(report_fd) };
-        idle(&all);
+    rt::set_sigmask(ALL_SIGNALS);
+    let _ = sys(nr::PRCTL, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, 0]);
+    let _ = sys(nr::FCNTL, [report as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]);
+    // The name shows in ps instead of "memfd:nsfast-init".
+    let _ = sys(nr::PRCTL, [PR_SET_NAME, c"nsfast-init".as_ptr() as usize, 0, 0, 0, 0]);
+    if argv_start >= args.argc {
+        // Our copy of the report pipe: nothing to exec, so setup is complete.
+        rt::close(report);
+        idle();
     }
 
-    // SAFETY: fork in a single-threaded process.
-    let pid = unsafe { fork() };
-    if pid == 0 {
-        // SAFETY: restore the mask and SIGPIPE, then exec with prepared arrays.
-        unsafe {
-            // Rust's runtime ignored SIGPIPE at our start; an ignored signal stays ignored
-            // across exec, so give the command the default back (as the sandbox setup did).
-            signal(SIGPIPE, SIG_DFL);
-            sigprocmask(SIG_SETMASK, &none, std::ptr::null_mut());
-            let mut err = ENOENT;
-            let mut saw_eacces = false;
-            for cand in candidates {
-                execve(cand.as_ptr(), argv.as_ptr(), env_ptr());
-                err = errno();
-                match err {
-                    ENOENT | ENOTDIR => {}
-                    EACCES => saw_eacces = true,
-                    _ => break,
-                }
-            }
-            if saw_eacces && (err == ENOENT || err == ENOTDIR) {
-                err = EACCES;
-            }
-            let mut rec = [0u8; 12];
-            rec[0..4].copy_from_slice(&STEP_EXEC.to_ne_bytes());
-            rec[8..12].copy_from_slice(&err.to_ne_bytes());
-            write(report_fd, rec.as_ptr().cast(), rec.len());
-            _exit(127);
+    let pid = match rt::fork() {
+        Ok(0) => {
+            // The child: its parent had every disposition reset; give it the mask back.
+            rt::set_sigmask(0);
+            let err = rt::exec_candidates((3..3 + n).map(|i| args.ptr(i, 0)), args.tail(argv_start), args.envp);
+            rt::record(report, STEP_EXEC, 0, err);
+            rt::exit(127)
         }
-    }
-    // SAFETY: our copy of the report pipe; the parent reads EOF once the command exec'd.
-    unsafe { close(report_fd) };
-    if pid < 0 {
-        std::process::exit(127);
-    }
+        Ok(pid) => pid as i32,
+        Err(_) => rt::exit(127),
+    };
+    // Our copy of the report pipe; the parent reads EOF once the command exec'd.
+    rt::close(report);
 
     let mut info = [0u8; 128];
     loop {
-        // SAFETY: waits for any signal (all are blocked).
-        let sig = unsafe { sigwaitinfo(&all, info.as_mut_ptr().cast()) };
-        if sig < 0 {
-            continue;
-        }
+        let Ok(sig) = wait_signal(&mut info) else { continue };
         if sig != SIGCHLD {
-            // SAFETY: forwarding a signal to our child.
-            unsafe { kill(pid, sig) };
+            // Forward to our child.
+            let _ = sys(nr::KILL, [pid as usize, sig as usize, 0, 0, 0, 0]);
             continue;
         }
-        loop {
-            let mut status: c_int = 0;
-            // SAFETY: reap any child without blocking.
-            let r = unsafe { waitpid(-1, &mut status, WNOHANG) };
-            if r <= 0 {
-                break;
-            }
+        while let Some((r, status)) = reap_one() {
             if r == pid {
                 let code = if status & 0x7f == 0 { (status >> 8) & 0xff } else { 128 + (status & 0x7f) };
-                // SAFETY: exiting; the kernel ends the rest of the pid namespace.
-                unsafe { _exit(code) };
+                // Exiting: the kernel ends the rest of the pid namespace.
+                rt::exit(code);
             }
         }
+    }
+}
+
+/// Remove `KEY=` (given with its '=') from our environment, in place; its value.
+fn take_env(args: &Args, key: &[u8]) -> Option<&'static [u8]> {
+    let envp = args.envp as *mut *const u8;
+    let mut i = 0;
+    // SAFETY: envp is the kernel's NULL-terminated array on our stack; we only move its
+    // pointers down over the removed one.
+    unsafe {
+        while !(*envp.add(i)).is_null() {
+            let kv = rt::cstr(*envp.add(i));
+            if let Some(v) = kv.strip_prefix(key) {
+                let mut j = i;
+                while !(*envp.add(j)).is_null() {
+                    *envp.add(j) = *envp.add(j + 1);
+                    j += 1;
+                }
+                return Some(v);
+            }
+            i += 1;
+        }
+    }
+    None
+}
+
+/// The gate: setup is complete (close the report pipe), wait for the byte, exec in place.
+fn pass_gate(args: &Args, report: i32, gate: &[u8], candidates: core::ops::Range<usize>, argv_start: usize) -> ! {
+    let mut fds = gate.split(|&b| b == b',').map(|v| rt::num(v).and_then(|n| i32::try_from(n).ok()));
+    let (Some(Some(gate_fd)), Some(Some(result))) = (fds.next(), fds.next()) else {
+        rt::say(b"nsfast-init: bad NSFAST_INIT_GATE\n");
+        rt::exit(127)
+    };
+    rt::close(report);
+    let mut b = [0u8; 1];
+    if sys(nr::READ, [gate_fd as usize, b.as_mut_ptr() as usize, 1, 0, 0, 0]) != Ok(1) {
+        rt::exit(127); // the caller gave up (or died)
+    }
+    rt::close(gate_fd);
+    let _ = sys(nr::FCNTL, [result as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]);
+    let err = rt::exec_candidates(candidates.map(|i| args.ptr(i, 0)), args.tail(argv_start), args.envp);
+    rt::record(result, STEP_EXEC, 0, err);
+    rt::exit(127)
+}
+
+/// Wait for any signal (all are blocked).
+fn wait_signal(info: &mut [u8; 128]) -> Result<i32, i32> {
+    let all = ALL_SIGNALS;
+    sys(nr::RT_SIGTIMEDWAIT, [&all as *const u64 as usize, info.as_mut_ptr() as usize, 0, 8, 0, 0]).map(|s| s as i32)
+}
+
+/// Reap one exited child without blocking: (pid, wait status).
+fn reap_one() -> Option<(i32, i32)> {
+    let mut status: i32 = 0;
+    match sys(nr::WAIT4, [-1isize as usize, &mut status as *mut i32 as usize, WNOHANG, 0, 0, 0]) {
+        Ok(0) | Err(_) => None,
+        Ok(pid) => Some((pid as i32, status)),
     }
 }
 
 /// A container's idle main process: reap, and exit on a termination signal.
-fn idle(all: &SigSet) -> ! {
+fn idle() -> ! {
     let mut info = [0u8; 128];
     loop {
-        // SAFETY: waits for any signal (all are blocked).
-        let sig = unsafe { sigwaitinfo(all, info.as_mut_ptr().cast()) };
-        match sig {
-            SIGCHLD => {
-                let mut status: c_int = 0;
-                // SAFETY: reap without blocking until none is left.
-                while unsafe { waitpid(-1, &mut status, WNOHANG) } > 0 {}
-            }
-            SIGTERM | SIGINT | SIGHUP => {
-                // SAFETY: exiting.
-                unsafe { _exit(0) }
-            }
+        match wait_signal(&mut info) {
+            Ok(SIGCHLD) => while reap_one().is_some() {},
+            Ok(SIGTERM | SIGINT | SIGHUP) => rt::exit(0),
             _ => {}
         }
     }
