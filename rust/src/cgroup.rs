@@ -984,6 +984,21 @@ mod tests {
     }
 
     #[test]
+    fn exec_cgroups_go_before_their_parent() {
+        let root = std::env::temp_dir().join(format!("nsfast-exec-cg-{}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        let mut parent = V2Cgroup { dir: root.clone(), fd: None, attach_by_procs: false, leftovers: Default::default() };
+        let mut done = parent.exec_child("exec-0").unwrap();
+        assert!(root.join("exec-0").is_dir() && done.clone_fd().is_some());
+        done.remove().unwrap();
+        assert!(!root.join("exec-0").exists());
+        let left = parent.exec_child("exec-1").unwrap(); // still there when the sandbox goes
+        parent.remove().unwrap();
+        assert!(!root.exists());
+        drop(left);
+    }
+
+    #[test]
     fn unique_names_differ() {
         assert_ne!(unique_name(), unique_name());
     }
