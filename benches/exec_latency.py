@@ -103,10 +103,12 @@ from start_latency import (  # noqa: E402
 )
 
 TRUE = ["/bin/true"]
-# Namespaces (one "TYPE ns:[INODE]" line each), then whether our cgroup(s) equal pid 1's.
+# Namespaces (one "TYPE ns:[INODE]" line each), then whether each of our cgroups is pid 1's or
+# below it (Container.exec runs in a per-exec child of the container's cgroup: "/exec-N").
 JOIN_PROBE = ["/bin/sh", "-c", 'for n in /proc/self/ns/*; do echo "${n##*/} $(readlink "$n")"; done; '
-              'if [ "$(cat /proc/self/cgroup)" = "$(cat /proc/1/cgroup)" ]; then echo "cgroup= same"; '
-              'else echo "cgroup= different"; fi']
+              'if awk \'NR == FNR { a[FNR] = $0; next } { p = a[FNR]; sub("/$", "", p); '
+              'if ($0 != a[FNR] && (index($0, "/..") || index($0, p "/") != 1)) bad = 1 } END { exit bad }\' '
+              '/proc/1/cgroup /proc/self/cgroup; then echo "cgroup= same"; else echo "cgroup= different"; fi']
 NSENTER_TRIES = (["-a"], ["-m", "-u", "-i", "-n", "-p", "-C", "-r", "-w"])
 TARGETS = {"nsenter": 1.5, "crun": 10.0}  # Container.exec <= 1.5x nsenter; crun exec >= 10x Container.exec
 GAP_S = 0.0  # --gap-ms, before every sample of every tool (the crun worker gets it per request)
