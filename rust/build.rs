@@ -8,6 +8,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=init/main.rs");
     println!("cargo:rerun-if-changed=init/exec.rs");
+    println!("cargo:rerun-if-changed=src/abi.rs");
     println!("cargo:rerun-if-changed=init/rt.rs");
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("nsfast-init");
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());

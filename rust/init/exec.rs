@@ -18,7 +18,7 @@
 
 use core::cell::UnsafeCell;
 
-use crate::rt::{self, nr, sys, sys1, Args};
+use crate::rt::{self, nr, sys, sys1, Args, CapData, CapHeader, CAP_VERSION_3};
 
 // sync::Step numbers of the library (exec.rs's unit test checks that they agree).
 const STEP_SET_GROUPS: u32 = 5;
@@ -310,24 +310,8 @@ fn join_namespaces(ns: &[(u64, i32)]) -> Result<(), (u32, i32)> {
     Ok(())
 }
 
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const CAP_V3: u32 = 0x2008_0522;
-
 fn capget() -> Result<[CapData; 2], i32> {
-    let hdr = CapHeader { version: CAP_V3, pid: 0 };
+    let hdr = CapHeader { version: CAP_VERSION_3, pid: 0 };
     let mut data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
     sys(nr::CAPGET, [&hdr as *const CapHeader as usize, data.as_mut_ptr() as usize, 0, 0, 0, 0])?;
     Ok(data)
@@ -499,7 +483,7 @@ fn final_process(p: &Plan) -> ! {
     let (lo, hi) = (p.keep as u32, (p.keep >> 32) as u32);
     let only = |d: CapData, m: u32| CapData { effective: d.permitted & m, permitted: d.permitted & m, inheritable: d.permitted & m };
     let data = [only(have[0], lo), only(have[1], hi)];
-    let hdr = CapHeader { version: CAP_V3, pid: 0 };
+    let hdr = CapHeader { version: CAP_VERSION_3, pid: 0 };
     sys(nr::CAPSET, [&hdr as *const CapHeader as usize, data.as_ptr() as usize, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
     if p.session {
         sys1(nr::SETSID, 0).unwrap_or_else(|e| fail(STEP_SETSID, e));

@@ -5,6 +5,9 @@
 //! costs ~18 us on the VMs we measured; without it the binary starts in ~3 faults (this is
 //! on the path of every `Container.exec` and `init=True` spawn).
 
+#[path = "../src/abi.rs"]
+mod abi;
+pub use abi::{CapData, CapHeader, CloneArgs, CAP_VERSION_3};
 use core::arch::{asm, global_asm};
 
 /// The command line and environment the kernel put on the initial stack.
@@ -354,23 +357,6 @@ pub fn exec_candidates(candidates: impl Iterator<Item = *const u8>, argv: *const
         err = EACCES;
     }
     err
-}
-
-/// `struct clone_args` of clone3(2), version 2 (with `cgroup`).
-#[repr(C)]
-#[derive(Default)]
-pub struct CloneArgs {
-    pub flags: u64,
-    pub pidfd: u64,
-    pub child_tid: u64,
-    pub parent_tid: u64,
-    pub exit_signal: u64,
-    pub stack: u64,
-    pub stack_size: u64,
-    pub tls: u64,
-    pub set_tid: u64,
-    pub set_tid_size: u64,
-    pub cgroup: u64,
 }
 
 /// clone3 whose child calls `entry(arg)` (never returning), on `args.stack` if given (the

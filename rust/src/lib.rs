@@ -4,6 +4,7 @@
 //! only binding layer.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+pub mod abi;
 pub mod cgroup;
 pub mod error;
 pub mod exec;

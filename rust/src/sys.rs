@@ -6,29 +6,14 @@
 //! system call, allocate nothing and take no lock. The child shares the parent's memory
 //! (`CLONE_VM`), so it must not touch anything else.
 
+pub use crate::abi::CloneArgs;
+use crate::abi::{CapData, CapHeader};
 use std::ffi::{c_int, c_void, CStr};
 use std::io;
 use std::os::fd::RawFd;
 use std::ptr;
 
 use rustix::io::Errno;
-
-/// `struct clone_args` of clone3(2), version 2 (with `set_tid` and `cgroup`).
-#[repr(C)]
-#[derive(Default, Debug)]
-pub struct CloneArgs {
-    pub flags: u64,
-    pub pidfd: u64,
-    pub child_tid: u64,
-    pub parent_tid: u64,
-    pub exit_signal: u64,
-    pub stack: u64,
-    pub stack_size: u64,
-    pub tls: u64,
-    pub set_tid: u64,
-    pub set_tid_size: u64,
-    pub cgroup: u64,
-}
 
 /// The entry point of a child: runs on the private stack and never returns.
 pub type ChildFn = extern "C" fn(arg: *mut c_void) -> c_int;
@@ -470,24 +455,10 @@ pub fn set_cloexec(fd: RawFd, on: bool) -> Result<(), Errno> {
     raw6(libc::SYS_fcntl, [fd as usize, libc::F_SETFD as usize, flags as usize, 0, 0, 0]).map(drop)
 }
 
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
 /// Child-safe: set effective, permitted and inheritable capabilities to `keep` (a mask of
 /// capability numbers); fails with EPERM if `keep` holds one the process lacks.
 pub fn capset(keep: u64) -> Result<(), Errno> {
-    let hdr = CapHeader { version: 0x2008_0522 /* _LINUX_CAPABILITY_VERSION_3 */, pid: 0 };
+    let hdr = CapHeader { version: crate::abi::CAP_VERSION_3, pid: 0 };
     let lo = keep as u32;
     let hi = (keep >> 32) as u32;
     let data = [
@@ -499,7 +470,7 @@ pub fn capset(keep: u64) -> Result<(), Errno> {
 
 /// Child-safe: the capability masks (effective) of the calling process.
 pub fn capget_permitted() -> Result<u64, Errno> {
-    let hdr = CapHeader { version: 0x2008_0522, pid: 0 };
+    let hdr = CapHeader { version: crate::abi::CAP_VERSION_3, pid: 0 };
     let mut data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
     raw6(libc::SYS_capget, [&hdr as *const CapHeader as usize, data.as_mut_ptr() as usize, 0, 0, 0, 0])?;
     Ok(u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32))
