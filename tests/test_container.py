@@ -522,3 +522,13 @@ def test_container_fds_are_released_at_stop():
     c.exec(["true"], check=True)
     c.stop()
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_an_exec_gets_the_containers_rlimit_nproc():
+    """An exec'd process shares the container's process bound (RLIMIT_NPROC = the pids limit,
+    counted in its user namespace), so a fork bomb through exec is contained even without a
+    cgroup, as one in the main process is."""
+    probe = ["python3", "-c", "import resource; print(*resource.getrlimit(resource.RLIMIT_NPROC))"]
+    with nsfast.Container(stop_timeout=0.1, limits=nsfast.Limits(pids=77)) as c:
+        r = c.exec(probe, capture_output=True, text=True, timeout=30)
+    assert (r.returncode, r.stdout) == (0, "77 77\n"), r.stderr

@@ -36,8 +36,9 @@ class _Held:
     namespaces the container had at start, not ones a process inside made later (a pid 1
     that unshared a user namespace), and not whatever a reused pid would point to."""
 
-    def __init__(self, pid: int, cgroup: Any, seccomp: Any) -> None:
+    def __init__(self, pid: int, cgroup: Any, seccomp: Any, nproc: Optional[int] = None) -> None:
         self.pid = pid
+        self.nproc = nproc  # its RLIMIT_NPROC (the pids limit): execs get the same
         self.cgroup = cgroup  # the container's _core.Cgroup (execs get a child of it), or None
         self.seccomp = seccomp  # its filter, as _core.spawn takes it: execs get the same
         self.closed = False
@@ -150,7 +151,8 @@ class Container:
         until the command was exec'd. Kills the main process on failure."""
         assert self._proc is not None
         try:
-            self._held = _Held(self._proc.pid, self._proc._cgroup, self.spec._core_kwargs().get("seccomp"))
+            kw = self.spec._core_kwargs()
+            self._held = _Held(self._proc.pid, self._proc._cgroup, kw.get("seccomp"), kw.get("nproc"))
             if gate is not None:
                 os.write(gate, b"1")
                 os.close(gate)

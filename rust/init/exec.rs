@@ -65,6 +65,7 @@ const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
 const RESOLVE_IN_ROOT: u64 = 0x10;
 const AT_FDCWD: isize = -100;
 const RLIMIT_CORE: usize = 4;
+const RLIMIT_NPROC: usize = 6;
 const SECCOMP_SET_MODE_FILTER: usize = 1;
 const POLLOUT: i16 = 4;
 const POLLERR: i16 = 8;
@@ -130,6 +131,8 @@ struct Plan {
     caplast: u32,
     session: bool,
     seccomp: Option<i32>,
+    /// RLIMIT_NPROC (the container's pids limit, counted in its user namespace).
+    nproc: Option<u64>,
     /// argv indexes of the plan (2..end) and of the command (argv_start..).
     end: usize,
     argv_start: usize,
@@ -174,6 +177,7 @@ fn parse(args: Args) -> Option<Plan> {
         caplast: 0,
         session: false,
         seccomp: None,
+        nproc: None,
         end: 0,
         argv_start: 0,
     };
@@ -214,6 +218,7 @@ fn parse(args: Args) -> Option<Plan> {
             b"caplast" => p.caplast = u32::try_from(rt::num(v)?).ok()?.min(63),
             b"session" => p.session = v == b"1",
             b"seccomp" => p.seccomp = Some(fd_of(v)?),
+            b"nproc" => p.nproc = Some(rt::num(v)? as u64),
             b"pass" => {
                 fd_of(v)?;
             }
@@ -491,6 +496,10 @@ fn final_process(p: &Plan) -> ! {
     sys(nr::PRCTL, [PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_NO_NEW_PRIVS, e));
     let zero: [u64; 2] = [0, 0];
     sys(nr::PRLIMIT64, [0, RLIMIT_CORE, zero.as_ptr() as usize, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_RLIMIT, e));
+    if let Some(n) = p.nproc {
+        let lim: [u64; 2] = [n, n];
+        sys(nr::PRLIMIT64, [0, RLIMIT_NPROC, lim.as_ptr() as usize, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_RLIMIT, e));
+    }
 
     // stdio: first lift sources sitting on 0..2 out of the way, then install.
     let mut src = p.stdio;

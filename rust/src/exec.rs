@@ -163,6 +163,9 @@ pub fn spawn_join(plan: &Plan, io: &Io, target: &Target) -> Result<Child> {
     arg(format!("keep={}", plan.keep_caps));
     arg(format!("caplast={}", plan.cap_last));
     arg(format!("session={}", plan.new_session as u8));
+    if let Some(n) = plan.nproc {
+        arg(format!("nproc={n}"));
+    }
     if let Some(fd) = &seccomp {
         arg(format!("seccomp={fd}"));
     }

@@ -339,6 +339,8 @@ fn spawn_join(
     // A container's held fds are duplicated here, with the GIL held: a concurrent stop()
     // (which sets `closed` before closing them) cannot close them under this exec.
     let held = target.getattr("held").ok().filter(|h| !h.is_none());
+    // The container's RLIMIT_NPROC (counted in its user namespace), which its execs share.
+    let mut nproc: Option<u64> = None;
     let mut held_fds = None;
     let mut container_cgroup: Option<PyRef<'_, PyCgroup>> = None;
     if let Some(h) = &held {
@@ -355,12 +357,14 @@ fn spawn_join(
         held_fds = Some((ns, dup(h.getattr("root_fd")?.extract::<i32>()?)?));
         let seccomp: Option<(Vec<String>, Vec<String>)> = h.getattr("seccomp")?.extract()?;
         spec.seccomp = seccomp.map(|(allow, deny)| crate::spec::SeccompSpec { allow, deny });
+        nproc = h.getattr("nproc").ok().map(|v| v.extract::<Option<u64>>()).transpose()?.flatten();
         container_cgroup = h.getattr("cgroup")?.extract()?;
     }
     let container_cgroup: Option<&PyCgroup> = container_cgroup.as_deref();
     let io_stdio = [stdio.0, stdio.1, stdio.2];
     let result = detached(py, move || -> Result<_, Error> {
-        let plan = Plan::build(&spec, Caller::current())?;
+        let mut plan = Plan::build(&spec, Caller::current())?;
+        plan.nproc = nproc;
         let cg_err = |e: cgroup::CgroupError| Error::spawn("join cgroup", Some(e.to_string()), rustix::io::Errno::NOTSUP);
         let (target, mut cg): (Target, Option<Box<dyn Cgroup>>) = match held_fds {
             Some((ns, root)) => {
