@@ -270,12 +270,19 @@ fn wait(py: Python<'_>, pid: i32, pidfd: i32, timeout: Option<f64>) -> PyResult<
         Some(t) => Some(Duration::from_secs_f64(t)),
         None => None,
     };
-    let res = detached(py, move || crate::spawn::wait(pid, pidfd, timeout));
+    // GIL-free slices, Python's signal handlers run between them: Ctrl-C interrupts a wait
+    // at once (KeyboardInterrupt), before anything is reaped, so no exit status is lost.
+    const SLICE: Duration = Duration::from_millis(50);
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    match res {
-        Ok(Some((status, ru))) => Ok(Some((status, tv(ru.ru_utime), tv(ru.ru_stime), ru.ru_maxrss as u64 * 1024))),
-        Ok(None) => Ok(None),
-        Err(e) => Err(PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string()))),
+    loop {
+        let slice = deadline.map_or(SLICE, |d| d.saturating_duration_since(std::time::Instant::now()).min(SLICE));
+        match detached(py, move || crate::spawn::wait(pid, pidfd, Some(slice))) {
+            Ok(Some((status, ru))) => return Ok(Some((status, tv(ru.ru_utime), tv(ru.ru_stime), ru.ru_maxrss as u64 * 1024))),
+            Ok(None) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => return Ok(None),
+            Ok(None) => py.check_signals()?,
+            Err(e) => return Err(PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string()))),
+        }
     }
 }
 
