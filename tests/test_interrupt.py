@@ -43,3 +43,29 @@ def test_ctrl_c_interrupts_run_at_once_and_leaves_nothing():
     assert waited < 5, f"Ctrl-C took {waited:.1f} s to interrupt a 10 s run"
     assert out.strip(), "run() did not raise KeyboardInterrupt"
     assert wait_until(lambda: not running_with_cmdline(f"sleep {TAG}"), timeout=5), "the sandbox outlived Ctrl-C"
+
+
+def test_a_wait_with_a_timeout_is_not_held_up_by_another_thread_waiting():
+    """Popen semantics: wait(timeout=0.3) while another thread waits without one on the same
+    sandbox raises TimeoutExpired after ~0.3 s, not when the other wait ends."""
+    import threading
+
+    import nsfast
+
+    p = nsfast.spawn(["sleep", "100"])
+    try:
+        other = threading.Thread(target=p.wait)
+        other.start()
+        assert wait_until(lambda: p._wait_lock.locked(), timeout=5)
+        t = time.monotonic()
+        try:
+            p.wait(timeout=0.3)
+            raise AssertionError("wait(timeout=0.3) returned while the sandbox runs")
+        except subprocess.TimeoutExpired:
+            pass
+        assert time.monotonic() - t < 5, "the timeout waited for the other thread's wait"
+        assert p.poll() is None
+    finally:
+        p.kill()
+        other.join(10)
+    assert not other.is_alive() and p.returncode == -signal.SIGKILL

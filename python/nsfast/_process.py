@@ -273,11 +273,21 @@ class Process:
     def _wait(self, timeout: Optional[float], *, block: bool) -> Optional[int]:
         if self.returncode is not None:
             return self.returncode
-        if not self._wait_lock.acquire(blocking=block):
-            return None
+        # Another thread may be waiting already: wait for it no longer than our own timeout
+        # (as Popen does), then for the process with what is left.
+        start = time.monotonic()
+        if not block:
+            acquired = self._wait_lock.acquire(blocking=False)
+        elif timeout is None:
+            acquired = self._wait_lock.acquire()
+        else:
+            acquired = self._wait_lock.acquire(timeout=max(0.0, timeout))
+        if not acquired:
+            return self.returncode
         try:
             if self.returncode is None and self.pidfd is not None:
-                res = _core.wait(self.pid, self.pidfd, timeout)
+                left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+                res = _core.wait(self.pid, self.pidfd, left if block else 0.0)
                 if res is not None:
                     self._reaped(res[0], res[1], res[2])
         finally:
