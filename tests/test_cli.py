@@ -17,7 +17,7 @@ import pytest
 
 import nsfast
 
-from conftest import PY_ERRNO, suite
+from conftest import PY_ERRNO, PYTHON_SRC, suite
 
 pytestmark = suite
 
@@ -224,3 +224,20 @@ def test_stdin_still_reaches_a_sandbox_in_its_own_session():
     r = nsfast_cli("run", "--", "python3", "-c", "import os, sys; print(os.getsid(0) == os.getpid(), sys.stdin.read())",
                    input="typed")
     assert (r.returncode, r.stdout) == (0, "True typed\n")
+
+
+def test_version_unknown_flags_and_unreadable_namespaces_give_clear_errors():
+    """`--version` answers; an unknown `run` flag prints run's usage, not the top-level one;
+    a process whose namespaces cannot be read is an error line, not a traceback."""
+    r = nsfast_cli("--version")
+    assert (r.returncode, r.stdout) == (0, f"nsfast {nsfast.__version__}\n")
+    r = nsfast_cli("run", "--bogus", "--", "true")
+    assert r.returncode == 2 and "usage: nsfast run" in r.stderr and "unrecognized arguments: --bogus" in r.stderr
+    assert nsfast_cli("run", "--", "sh", "-c", "echo --bogus").stdout == "--bogus\n"  # after --: the command's
+    # A sandbox (as nobody, from a rootless caller) cannot read root's /proc/PID/ns.
+    # (The system python: this venv's may live under a 0700 /root.)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-m", "nsfast",
+                        "ns", str(os.getpid())], capture_output=True, text=True, timeout=60,
+                       env={"PYTHONPATH": PYTHON_SRC, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"nsfast: cannot read the namespaces of {os.getpid()}: "), r.stderr

@@ -61,7 +61,10 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="nsfast", description="Fast, safe Linux sandboxes.")
+    parser.add_argument("--version", action="version", version=f"nsfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a command in a new sandbox",
                          usage="nsfast run [options] -- CMD [ARGS...]")
@@ -381,6 +384,10 @@ def _ns(args: argparse.Namespace) -> int:
         except (LookupError, FileNotFoundError):
             print(f"nsfast: no such process or container: {t}", file=sys.stderr)
             return 1
+        except PermissionError as e:
+            why = (e.strerror or "permission denied").split(" (os error")[0]
+            print(f"nsfast: cannot read the namespaces of {t}: {why} ({e.filename})", file=sys.stderr)
+            return 1
     types = sorted({k for _, m in cols for k in m})
     rows = [["TYPE"] + [c for c, _ in cols] + ([""] if len(cols) > 1 else [])]
     for t in types:
@@ -393,7 +400,10 @@ def _ns(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # The subcommand's usage, not the top-level one, for `nsfast run --bogus`.
+        getattr(args, "subparser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "run":
             return _run(args, parser)
