@@ -17,7 +17,7 @@ from typing import IO, Any, List, Optional, Sequence, Tuple, Union
 
 from . import _cgroup, _core
 from ._errors import SpawnError
-from ._spec import Spec, StrPath, with_fields
+from ._spec import SANDBOX_ID_BASE, Spec, StrPath, with_fields
 
 __all__ = ["run", "spawn", "Process", "Result", "Usage", "PIPE", "DEVNULL", "STDOUT"]
 
@@ -75,8 +75,6 @@ def _pipe_owner(spec: Spec, join: Optional["_JoinTarget"]) -> Optional[Tuple[int
     userns = "user" in (spec.namespaces if join is None else join.namespaces)
     if not userns:
         return None
-    from ._spec import SANDBOX_ID_BASE
-
     return (SANDBOX_ID_BASE + (spec.uid or 0), SANDBOX_ID_BASE + (spec.gid or 0))
 
 
@@ -96,7 +94,7 @@ def _explain_hidden(err: SpawnError, argv: List[bytes], spec: Spec) -> None:
         return
     for p in (os.path.abspath(path), os.path.realpath(path)):
         for h in spec.hidden:
-            if p == h or p.startswith(h.rstrip("/") + "/"):
+            if p == h or p.startswith(h + "/"):  # Spec normalised `hidden` (no trailing '/')
                 err.hint = (f"{p} is under {h}, which the sandbox hides (Spec.hidden); expose it with "
                             f"mounts=[nsfast.Bind({os.path.dirname(p)!r}, {os.path.dirname(p)!r})] or a "
                             f"hidden= list without {h}")
@@ -287,7 +285,7 @@ class Process:
         try:
             if self.returncode is None and self.pidfd is not None:
                 left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-                res = _core.wait(self.pid, self.pidfd, left if block else 0.0)
+                res = _core.wait(self.pid, self.pidfd, left)
                 if res is not None:
                     self._reaped(res[0], res[1], res[2])
         finally:

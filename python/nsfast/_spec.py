@@ -270,16 +270,10 @@ class Spec:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        ns = self.namespaces
-        if isinstance(ns, str) or not isinstance(ns, Iterable):
-            raise TypeError(f"namespaces must be an iterable of names, not {type(ns).__name__}")
-        names = []
-        for n in ns:
-            if not isinstance(n, str):
-                raise TypeError(f"namespaces must hold str names, not {type(n).__name__}")
+        names = _names("namespaces", self.namespaces)
+        for n in names:
             if n not in NAMESPACES:
                 raise SpecError("namespaces", f"has an unknown namespace {n!r} (known: {', '.join(NAMESPACES)})")
-            names.append(n)
         set_("namespaces", tuple(n for n in NAMESPACES if n in names))
 
         if self.rootfs is not None:
@@ -329,13 +323,8 @@ class Spec:
         set_("uid", _id("uid", self.uid))
         set_("gid", _id("gid", self.gid))
 
-        caps = self.capabilities
-        if isinstance(caps, str) or not isinstance(caps, Iterable):
-            raise TypeError(f"capabilities must be an iterable of names, not {type(caps).__name__}")
         norm = []
-        for c in caps:
-            if not isinstance(c, str):
-                raise TypeError(f"capabilities must hold str names, not {type(c).__name__}")
+        for c in _names("capabilities", self.capabilities):
             name = c.upper() if c.upper().startswith("CAP_") else "CAP_" + c.upper()
             if name not in CAPABILITIES[: _core.cap_last_cap() + 1]:
                 raise SpecError("capabilities", f"has an unknown capability {c!r}")

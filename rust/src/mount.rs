@@ -173,6 +173,16 @@ pub fn normalize_target(path: &[u8]) -> Option<Vec<u8>> {
     Some(parts.join(&b'/'))
 }
 
+/// A path of `field` (masked, read-only, hidden) as the plan uses it and as messages show it:
+/// (`a/b`, `/a/b`); not `/`, nothing relative or with `..`.
+fn sandbox_path(field: &'static str, path: &[u8]) -> Result<(Vec<u8>, String)> {
+    let rel = normalize_target(path)
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| Error::invalid(field, format!("must be absolute paths without '..', other than '/': {}", show(path))))?;
+    let shown = format!("/{}", show(&rel));
+    Ok((rel, shown))
+}
+
 /// `(root, path inside it)` -> None if it does not exist, else whether it is a directory.
 pub type InRootProbe<'a> = &'a dyn Fn(&[u8], &[u8]) -> Option<bool>;
 
@@ -266,8 +276,7 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
     let kind = |rel: &[u8]| if rel == b"proc" || rel.starts_with(b"proc/") { probe(&[b"/", rel].concat()) } else { exists(rel) };
     let sealed = MOUNT_ATTR_RDONLY | NOSUID_NODEV | MOUNT_ATTR_NOEXEC;
     for p in fs.masked {
-        let rel = normalize_target(p).filter(|r| !r.is_empty()).ok_or_else(|| Error::invalid("masked_paths", format!("must be absolute paths without '..': {}", show(p))))?;
-        let shown = format!("/{}", show(&rel));
+        let (rel, shown) = sandbox_path("masked_paths", p)?;
         match kind(&rel) {
             None => {}
             Some(true) => push(
@@ -284,8 +293,7 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
         }
     }
     for p in fs.readonly_paths {
-        let rel = normalize_target(p).filter(|r| !r.is_empty()).ok_or_else(|| Error::invalid("readonly_paths", format!("must be absolute paths without '..': {}", show(p))))?;
-        let shown = format!("/{}", show(&rel));
+        let (rel, shown) = sandbox_path("readonly_paths", p)?;
         if kind(&rel).is_some() {
             push(FsOp::Bind { tree: Tree::Path(c(rel.clone())), dst: c(rel), recursive: true, attrs: sealed }, format!("remount {shown} read-only"), shown);
         }
@@ -300,12 +308,11 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
     let below = |fresh: &[Vec<u8>], p: &[u8]| fresh.iter().find(|f| p.starts_with(f) && p.get(f.len()) == Some(&b'/')).cloned();
     if !in_root {
         for h in fs.hidden {
-            let rel = normalize_target(h).filter(|r| !r.is_empty()).ok_or_else(|| Error::invalid("hidden", format!("must be absolute paths without '..' other than '/': {}", show(h))))?;
+            let (rel, shown) = sandbox_path("hidden", h)?;
             if fresh.contains(&rel) || below(&fresh, &rel).is_some() || probe(&host_path(&rel)) != Some(true) {
                 continue;
             }
             let mode = if rel == b"var/tmp" { "1777" } else { "0755" };
-            let shown = format!("/{}", show(&rel));
             push(tmpfs(&rel, MountFlags::NOSUID | MountFlags::NODEV, mode, Some(HIDDEN_SIZE)), format!("hide {shown}"), shown);
             fresh.push(rel);
         }

@@ -96,7 +96,13 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     let tasks_fds: Vec<RawFd> = tasks.iter().map(|f| f.as_raw_fd()).collect();
     let prepared = prepare_trees(plan)?;
     let prepared_fds: Vec<RawFd> = prepared.iter().map(|f| f.as_raw_fd()).collect();
-    let parent_pidfd = if plan.die_with_parent { Some(spawning_thread_pidfd().map_err(|e| Error::spawn("pidfd_open", None, e))?) } else { None };
+    // Only a change of ids disarms the death signal after `go` proved the parent alive.
+    let ids_change = plan.become_root || plan.set_ids.is_some();
+    let parent_pidfd = if plan.die_with_parent && ids_change {
+        Some(spawning_thread_pidfd().map_err(|e| Error::spawn("pidfd_open", None, e))?)
+    } else {
+        None
+    };
     let parent_pidfd_raw = parent_pidfd.as_ref().map_or(-1, |f| f.as_raw_fd());
     let (mut parent, chan, report_w, go_r) =
         sync::channel(plan.maps.is_some() || attach.is_some()).map_err(|e| Error::spawn("pipe", None, e))?;
@@ -284,16 +290,12 @@ fn idmap_userns() -> std::result::Result<std::os::fd::BorrowedFd<'static>, Errno
         let res = unsafe { sys::clone3(&mut args, hold_userns_main, fds.as_ptr() as *mut c_void) };
         sys::restore_signals(&old_mask);
         let pid = res?;
-        let line = format!("0 {} {}\n", crate::spec::SANDBOX_ID_BASE, crate::spec::SANDBOX_ID_COUNT);
-        let done = (|| {
-            for file in ["uid_map", "gid_map"] {
-                write_proc(pid, file, &line).map_err(|e| match e {
-                    Error::Spawn { errno, .. } => errno,
-                    Error::Invalid { .. } => Errno::INVAL,
-                })?;
-            }
-            rustix::fs::open(format!("/proc/{pid}/ns/user"), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-        })();
+        let done = write_maps(pid, &IdMaps::sandbox_range())
+            .map_err(|e| match e {
+                Error::Spawn { errno, .. } => errno,
+                Error::Invalid { .. } => Errno::INVAL,
+            })
+            .and_then(|()| rustix::fs::open(format!("/proc/{pid}/ns/user"), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()));
         drop(w);
         let _ = rustix::process::waitpid(Pid::from_raw(pid), WaitOptions::empty());
         drop(stack);
@@ -477,7 +479,7 @@ fn child(ctx: &ChildCtx) -> ! {
     }
     sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
     // A crash must not hand a core to the host's core_pattern (a pipe helper runs as host root).
-    sys::rlimit_zero(libc::RLIMIT_CORE).unwrap_or_else(|e| fail(Step::Rlimit, e));
+    sys::rlimit_set(libc::RLIMIT_CORE, 0).unwrap_or_else(|e| fail(Step::Rlimit, e));
     if let Some(n) = plan.nproc {
         sys::rlimit_set(libc::RLIMIT_NPROC, n).unwrap_or_else(|e| fail(Step::Rlimit, e));
     }
@@ -502,7 +504,7 @@ fn child(ctx: &ChildCtx) -> ! {
     sys::child_unblock_all_signals();
 
     let envp = plan.exec.envp.as_ptr();
-    if let Some((_, _)) = ctx.init {
+    if ctx.init.is_some() {
         // init inherits the report pipe and closes it once its child has exec'd.
         sys::set_cloexec(ch.report, false).unwrap_or_else(|e| fail(Step::ExecInit, e));
     }

@@ -149,6 +149,9 @@ pub struct IdMaps {
     pub gid_map: String,
     /// Write "deny" to setgroups first (required for an unprivileged gid_map write).
     pub deny_setgroups: bool,
+    /// The root caller's range: the child starts as host uid 0, which it does not map, and
+    /// sets its ids itself.
+    pub range: bool,
 }
 
 impl IdMaps {
@@ -157,16 +160,16 @@ impl IdMaps {
     /// (`uid`, default 0) to themselves, the only id they own.
     pub fn for_caller(caller: Caller, uid: Option<u32>, gid: Option<u32>) -> IdMaps {
         if caller.euid == 0 {
-            let line = format!("0 {SANDBOX_ID_BASE} {SANDBOX_ID_COUNT}\n");
-            IdMaps { uid_map: line.clone(), gid_map: line, deny_setgroups: false }
+            IdMaps::sandbox_range()
         } else {
             IdMaps::single(caller, uid, gid)
         }
     }
 
-    /// Whether the mapping is the root caller's range (whose ids the child sets itself).
-    pub fn is_range(&self) -> bool {
-        !self.deny_setgroups && self.uid_map.ends_with(&format!(" {SANDBOX_ID_COUNT}\n"))
+    /// Inside ids 0..SANDBOX_ID_COUNT -> SANDBOX_ID_BASE.. (written by a root caller).
+    pub fn sandbox_range() -> IdMaps {
+        let line = format!("0 {SANDBOX_ID_BASE} {SANDBOX_ID_COUNT}\n");
+        IdMaps { uid_map: line.clone(), gid_map: line, deny_setgroups: false, range: true }
     }
 
     /// One-line maps: `inside` (default 0) -> the caller's id.
@@ -175,6 +178,7 @@ impl IdMaps {
             uid_map: format!("{} {} 1\n", uid.unwrap_or(0), caller.euid),
             gid_map: format!("{} {} 1\n", gid.unwrap_or(0), caller.egid),
             deny_setgroups: caller.euid != 0,
+            range: false,
         }
     }
 }
@@ -371,7 +375,7 @@ impl Plan {
             }
         }
         let maps = user_ns.then(|| IdMaps::for_caller(caller, spec.uid, spec.gid));
-        let range = maps.as_ref().is_some_and(IdMaps::is_range);
+        let range = maps.as_ref().is_some_and(|m| m.range);
         for (field, id) in [("uid", spec.uid), ("gid", spec.gid)] {
             if let Some(id) = id.filter(|&id| range && id >= SANDBOX_ID_COUNT) {
                 return Err(Error::invalid(field, format!("{id} is outside the sandbox's id range 0..{}", SANDBOX_ID_COUNT - 1)));
@@ -469,7 +473,7 @@ mod tests {
         assert_ne!(plan.clone_flags & libc::CLONE_NEWUSER as u64, 0);
         let maps = plan.maps.unwrap();
         assert_eq!(maps.uid_map, format!("0 {SANDBOX_ID_BASE} 65536\n"));
-        assert!(maps.is_range() && plan.become_root && plan.seccomp.is_some());
+        assert!(maps.range && plan.become_root && plan.seccomp.is_some());
         // A root caller that leaves "user" out opts out (trusted code).
         let mut spec = spec;
         spec.namespaces &= !(libc::CLONE_NEWUSER as u64);

@@ -334,12 +334,7 @@ pub fn close_all_except(keep: &[RawFd]) -> Result<(), Errno> {
     close_range(next, u32::MAX, 0)
 }
 
-/// Child-safe: setrlimit(resource, {0, 0}) (prlimit64 on ourselves).
-pub fn rlimit_zero(resource: libc::__rlimit_resource_t) -> Result<(), Errno> {
-    rlimit_set(resource, 0)
-}
-
-/// Child-safe: setrlimit(resource, {value, value}).
+/// Child-safe: setrlimit(resource, {value, value}) (prlimit64 on ourselves).
 pub fn rlimit_set(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), Errno> {
     let lim: [u64; 2] = [value, value];
     raw6(libc::SYS_prlimit64, [0, resource as usize, &lim as *const [u64; 2] as usize, 0, 0, 0]).map(drop)
