@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-stamp
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all sysdeps build run test test-rust test-python bench clean
+.PHONY: all sysdeps build run test test-rust test-python lint bench clean
 
 all: build
 
@@ -20,7 +20,7 @@ $(PY): | sysdeps
 # Python tools for building, testing and benchmarking, into the venv.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.5,<2" "pytest>=7" "pytest-timeout>=2" "psutil>=5.9" "rich>=13" mypy
+	$(PY) -m pip install -q "maturin>=1.5,<2" "pytest>=7" "pytest-timeout>=2" "psutil>=5.9" "rich>=13" mypy ruff
 	touch $@
 
 # Release build of the native module, installed into the venv (editable python/ tree).
@@ -31,6 +31,13 @@ run: build
 	$(PY) -m nsfast demo
 
 test: build test-rust test-python
+
+# Formatting and lint are gates: part of `make test`, so of CI.
+lint: $(STAMP)
+	cargo fmt --all -- --check
+	rustfmt --edition 2021 --check rust/init/main.rs
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
 
 test-rust:
 	cargo test -q

@@ -19,8 +19,9 @@ from start_latency import median, quantile  # noqa: E402
 BOOTSTRAP_SEED = 20240601
 
 
-def bootstrap(stat: Callable[[List[int]], float], n: int, resamples: int = 2000,
-              seed: int = BOOTSTRAP_SEED) -> Tuple[float, float]:
+def bootstrap(
+    stat: Callable[[List[int]], float], n: int, resamples: int = 2000, seed: int = BOOTSTRAP_SEED
+) -> Tuple[float, float]:
     """95% percentile interval of `stat(indices)` over `resamples` draws of n indices with
     replacement (a fixed seed, so reruns on the same data agree)."""
     rng = random.Random(seed)
@@ -45,8 +46,12 @@ def flat(groups: Sequence[Sequence[float]], idx: Sequence[int]) -> List[float]:
     return [x for i in idx for x in groups[i]]
 
 
-def rounds_interval(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], op: Callable[[float, float], float],
-                    resamples: int = 2000) -> Tuple[float, float]:
+def rounds_interval(
+    a: Sequence[Sequence[float]],
+    b: Sequence[Sequence[float]],
+    op: Callable[[float, float], float],
+    resamples: int = 2000,
+) -> Tuple[float, float]:
     """95% bootstrap interval of op(median(a), median(b)) for two tools measured in the same
     interleaved rounds (a[i], b[i]: their samples of round i): the same rounds are drawn for
     both, with replacement, so the pairing in time is kept. Rounds where either has no
@@ -68,4 +73,14 @@ def verdict(ok: Optional[bool]) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
 
-__all__ = ["bootstrap", "ratio_interval", "rounds_interval", "flat", "fmt_ms", "fmt_signed_ms", "verdict", "median", "quantile"]
+__all__ = [
+    "bootstrap",
+    "ratio_interval",
+    "rounds_interval",
+    "flat",
+    "fmt_ms",
+    "fmt_signed_ms",
+    "verdict",
+    "median",
+    "quantile",
+]

@@ -150,12 +150,24 @@ def python_variants(which: Sequence[str]) -> List[Variant]:
     run, limits = nsfast.run, nsfast.Limits(**LIMITS)  # type: ignore[arg-type]
     shown = ", ".join(f"{k}={v!r}" for k, v in LIMITS.items())
     all_ = [
-        Variant("nocg", "nsfast.run(cgroup=False)", 'nsfast.run(["/bin/true"], cgroup=False)',
-                lambda: run(TRUE, cgroup=False).returncode),
-        Variant("cg", "nsfast.run (cgroup)", 'nsfast.run(["/bin/true"])  # default per-sandbox cgroup',
-                lambda: run(TRUE).returncode),
-        Variant("limits", "nsfast.run(limits=...)", f'nsfast.run(["/bin/true"], limits=Limits({shown}))',
-                lambda: run(TRUE, limits=limits).returncode),
+        Variant(
+            "nocg",
+            "nsfast.run(cgroup=False)",
+            'nsfast.run(["/bin/true"], cgroup=False)',
+            lambda: run(TRUE, cgroup=False).returncode,
+        ),
+        Variant(
+            "cg",
+            "nsfast.run (cgroup)",
+            'nsfast.run(["/bin/true"])  # default per-sandbox cgroup',
+            lambda: run(TRUE).returncode,
+        ),
+        Variant(
+            "limits",
+            "nsfast.run(limits=...)",
+            f'nsfast.run(["/bin/true"], limits=Limits({shown}))',
+            lambda: run(TRUE, limits=limits).returncode,
+        ),
     ]
     return [v for v in all_ if v.key in which]
 
@@ -221,8 +233,9 @@ class RustMode(SpawnLoop):
         self.command = f"{rel} N default{'' if self.cgroup else ' --no-cgroup'}"
 
 
-def measure_host(variants: List[Variant], rust: List[RustMode], rounds: int, block: int, warmup: int,
-                 rust_sizes: List[int]) -> Dict[str, List[Batch]]:
+def measure_host(
+    variants: List[Variant], rust: List[RustMode], rounds: int, block: int, warmup: int, rust_sizes: List[int]
+) -> Dict[str, List[Batch]]:
     """Rounds of `block` samples per variant, rotating; spawn_loop chunk pairs spread over them."""
     for v in variants:
         take(v, warmup)
@@ -241,7 +254,7 @@ def measure_host(variants: List[Variant], rust: List[RustMode], rounds: int, blo
         for v in variants[k:] + variants[:k]:
             take(v, block)
         for i in at.get(r, []):
-            for m in (rust if i % 2 == 0 else rust[::-1]):
+            for m in rust if i % 2 == 0 else rust[::-1]:
                 rust_batches[m.key].append(m.batch(rust_sizes[i]))
 
     in_rounds("measuring", rounds, one_round)
@@ -313,14 +326,17 @@ def chunk_diff(cg: List[Batch], nocg: List[Batch], what: str, resamples: int) ->
     stat = _median_diff(a, c)
     d = stat(list(range(n))) * 1e3
     lo, hi = bootstrap(stat, n, resamples)
-    return Diff(what, d, lo * 1e3, hi * 1e3, [(c[i][0] - a[i][0]) * 1e3 for i in range(n)],
-                basis=f"{n} chunk pairs")
+    return Diff(what, d, lo * 1e3, hi * 1e3, [(c[i][0] - a[i][0]) * 1e3 for i in range(n)], basis=f"{n} chunk pairs")
 
 
 # -- host checks --------------------------------------------------------------------------------
 
-V1_FILES = {"memory.limit_in_bytes": "memory", "pids.max": "pids", "cpu.cfs_quota_us": "cpu quota",
-            "cpu.cfs_period_us": "cpu period"}
+V1_FILES = {
+    "memory.limit_in_bytes": "memory",
+    "pids.max": "pids",
+    "cpu.cfs_quota_us": "cpu quota",
+    "cpu.cfs_period_us": "cpu period",
+}
 V2_FILES = {"memory.max": "memory", "pids.max": "pids", "cpu.max": "cpu"}
 
 
@@ -346,17 +362,24 @@ def check_cgroups() -> Tuple[Dict[str, Any], List[str]]:
         finally:
             p.kill()
             p.wait()
-    backend = {"version": info[0] if info else None, "roots": info[1] if info else [],
-               "controllers": info[2] if info else [], "limits_read_back": seen, "limit_cgroup_dirs": len(paths),
-               "default_run_usage": repr(r.usage)}
+    backend = {
+        "version": info[0] if info else None,
+        "roots": info[1] if info else [],
+        "controllers": info[2] if info else [],
+        "limits_read_back": seen,
+        "limit_cgroup_dirs": len(paths),
+        "default_run_usage": repr(r.usage),
+    }
     for w in caught:
         notes.append(f"CgroupWarning: {w.message}")
     if info is None:
         notes.append("no cgroup backend: the cgroup variants run without a cgroup")
     else:
         notes.append(f"cgroup v{info[0]}: sandboxes' cgroups under {', '.join(info[1])}")
-        notes.append(f"limits read back from a live sandbox's {len(paths)} cgroup dir(s): "
-                     + ", ".join(f"{k}={v}" for k, v in seen.items()))
+        notes.append(
+            f"limits read back from a live sandbox's {len(paths)} cgroup dir(s): "
+            + ", ".join(f"{k}={v}" for k, v in seen.items())
+        )
     return backend, notes
 
 
@@ -387,7 +410,7 @@ def attach_worker(warmup: int) -> None:
         gc.disable()
         for _ in range(int(line)):
             pair: Tuple[Tuple[List[float], Dict[str, Any]], ...] = ((cg, {}), (nocg, {"cgroup": False}))
-            for out, kw in (pair if i % 2 == 0 else pair[::-1]):
+            for out, kw in pair if i % 2 == 0 else pair[::-1]:
                 t0 = time.perf_counter_ns()
                 rc = nsfast.run(TRUE, **kw).returncode
                 out.append((time.perf_counter_ns() - t0) / 1e9)
@@ -412,13 +435,20 @@ def strace_check(binary: Path) -> Dict[str, str]:
         return {m: "not checked (no strace or spawn_loop)" for m in MODES}
     for mode in MODES:
         with tempfile.NamedTemporaryFile("r", suffix=".strace") as f:
-            subprocess.run(["strace", "-f", "-o", f.name, "-e", "trace=clone3,openat", str(binary), "1", "default"],
-                           env=_mode_env(mode), capture_output=True, text=True, timeout=300)
+            subprocess.run(
+                ["strace", "-f", "-o", f.name, "-e", "trace=clone3,openat", str(binary), "1", "default"],
+                env=_mode_env(mode),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             text = f.read()
         into = "CLONE_INTO_CGROUP" in text
         procs = bool(re.search(r'openat\([^)]*nsfast/[^"]*/cgroup\.procs", O_WRONLY', text))
-        out[mode] = f"clone3 with CLONE_INTO_CGROUP: {'yes' if into else 'no'}; opens its cgroup's cgroup.procs: " \
-                    f"{'yes' if procs else 'no'}"
+        out[mode] = (
+            f"clone3 with CLONE_INTO_CGROUP: {'yes' if into else 'no'}; opens its cgroup's cgroup.procs: "
+            f"{'yes' if procs else 'no'}"
+        )
         if (mode == "clone_into") != into or (mode == "procs") != procs:
             out[mode] += "  <-- NOT AS EXPECTED"
     return out
@@ -454,9 +484,14 @@ class AttachWorker:
 
     def __init__(self, mode: str, warmup: int) -> None:
         self.mode = mode
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--attach-worker",
-                                      f"--warmup={warmup}"], env=_mode_env(mode), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--attach-worker", f"--warmup={warmup}"],
+            env=_mode_env(mode),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
 
     def receive(self) -> Dict[str, Any]:
         assert self.proc.stdout is not None
@@ -475,9 +510,14 @@ class AttachWorker:
         close_worker(self.proc, 60)
 
 
-def _ratio_stats(num: List[List[float]], den: List[List[float]], segments: int, resamples: int,
-                 num_ref: Optional[List[List[float]]] = None,
-                 den_ref: Optional[List[List[float]]] = None) -> Tuple[float, float, float, List[float]]:
+def _ratio_stats(
+    num: List[List[float]],
+    den: List[List[float]],
+    segments: int,
+    resamples: int,
+    num_ref: Optional[List[List[float]]] = None,
+    den_ref: Optional[List[List[float]]] = None,
+) -> Tuple[float, float, float, List[float]]:
     """median(num) / median(den) of per-round groups (each first divided by the median of
     its *_ref, if given), its bootstrap interval (rounds resampled), and the ratio in each of
     `segments` consecutive parts."""
@@ -498,8 +538,11 @@ def in_vm(args: argparse.Namespace) -> int:
 
     info = _cgroup.backend_info()
     if info is None or info[0] != 2:
-        print(f"--in-vm needs a pure cgroup v2 hierarchy; here the backend is {info!r}. "
-              f"Run it as: tests/vm/run-vm.sh -- .venv/bin/python benches/cgroup_cost.py --in-vm", file=sys.stderr)
+        print(
+            f"--in-vm needs a pure cgroup v2 hierarchy; here the backend is {info!r}. "
+            f"Run it as: tests/vm/run-vm.sh -- .venv/bin/python benches/cgroup_cost.py --in-vm",
+            file=sys.stderr,
+        )
         return 2
     if ATTACH_VAR.encode() not in Path(_core.__file__).read_bytes():
         print(f"{_core.__file__} predates {ATTACH_VAR} (run `make build`)", file=sys.stderr)
@@ -530,8 +573,13 @@ def in_vm(args: argparse.Namespace) -> int:
                 failures += b["failures"]
             if have_rust and r < len(rust_sizes):
                 for m in order[::-1]:
-                    sr = subprocess.run([str(binary), str(rust_sizes[r]), "default"], env=_mode_env(m),
-                                        capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+                    sr = subprocess.run(
+                        [str(binary), str(rust_sizes[r]), "default"],
+                        env=_mode_env(m),
+                        capture_output=True,
+                        text=True,
+                        timeout=WORKER_TIMEOUT_S,
+                    )
                     if sr.returncode != 0:
                         print(f"spawn_loop ({m}) exited {sr.returncode}: {sr.stderr.strip()[-2000:]}", file=sys.stderr)
                         return 1
@@ -553,33 +601,55 @@ def in_vm(args: argparse.Namespace) -> int:
     med_nocg = {m: median(every(py[m]["nocg"])) * 1e3 for m in MODES}
     ratio, lo, hi, segs = _ratio_stats(py["procs"]["cg"], py["clone_into"]["cg"], args.segments, args.bootstrap)
     nocg_ratio = median(every(py["procs"]["nocg"])) / median(every(py["clone_into"]["nocg"]))
-    nr = _ratio_stats(py["procs"]["cg"], py["clone_into"]["cg"], args.segments, args.bootstrap,
-                      py["procs"]["nocg"], py["clone_into"]["nocg"])
+    nr = _ratio_stats(
+        py["procs"]["cg"],
+        py["clone_into"]["cg"],
+        args.segments,
+        args.bootstrap,
+        py["procs"]["nocg"],
+        py["clone_into"]["nocg"],
+    )
     rr: Tuple[Optional[float], Optional[float], Optional[float], List[float]] = (None, None, None, [])
     if have_rust and rust["procs"]:
         rr = _ratio_stats(rust["procs"], rust["clone_into"], args.segments, args.bootstrap)
     res = VmResult(
-        mode_medians_ms=med, mode_nocg_medians_ms=med_nocg, ratio=ratio, ratio_low=lo, ratio_high=hi,
-        segment_ratios=segs, nocg_ratio=nocg_ratio, normalized_ratio=nr[0], normalized_low=nr[1],
-        normalized_high=nr[2], normalized_segment_ratios=nr[3],
+        mode_medians_ms=med,
+        mode_nocg_medians_ms=med_nocg,
+        ratio=ratio,
+        ratio_low=lo,
+        ratio_high=hi,
+        segment_ratios=segs,
+        nocg_ratio=nocg_ratio,
+        normalized_ratio=nr[0],
+        normalized_low=nr[1],
+        normalized_high=nr[2],
+        normalized_segment_ratios=nr[3],
         overhead_fraction={m: (med[m] - med_nocg[m]) / med_nocg[m] for m in MODES},
         rust_medians_ms={m: median(every(rust[m])) for m in MODES if rust[m]},
-        rust_ratio=rr[0], rust_ratio_low=rr[1], rust_ratio_high=rr[2], rust_segment_ratios=rr[3],
-        n_per_mode={m: len(every(py[m]["cg"])) for m in MODES}, rust_chunks_per_mode=len(rust["procs"]),
-        failures=failures, strace=checks)
+        rust_ratio=rr[0],
+        rust_ratio_low=rr[1],
+        rust_ratio_high=rr[2],
+        rust_segment_ratios=rr[3],
+        n_per_mode={m: len(every(py[m]["cg"])) for m in MODES},
+        rust_chunks_per_mode=len(rust["procs"]),
+        failures=failures,
+        strace=checks,
+    )
     env["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     env["elapsed_s"] = round(time.monotonic() - started, 1)
     print_vm(res, env, args)
     if args.markdown:
         print()
         print(markdown_vm(res, env))
-    payload = {"environment": env, "settings": {k: getattr(args, k) for k in
-                                                ("vm_runs", "vm_batch", "rust_vm_runs", "warmup", "segments",
-                                                 "bootstrap")},
-               "vm": asdict(res),
-               "samples_ms": {m: {k: [[round(x * 1e3, 3) for x in g] for g in v] for k, v in py[m].items()}
-                              for m in MODES},
-               "spawn_loop_chunk_medians_ms": {m: every(rust[m]) for m in MODES}}
+    payload = {
+        "environment": env,
+        "settings": {
+            k: getattr(args, k) for k in ("vm_runs", "vm_batch", "rust_vm_runs", "warmup", "segments", "bootstrap")
+        },
+        "vm": asdict(res),
+        "samples_ms": {m: {k: [[round(x * 1e3, 3) for x in g] for g in v] for k, v in py[m].items()} for m in MODES},
+        "spawn_loop_chunk_medians_ms": {m: every(rust[m]) for m in MODES},
+    }
     if args.json_stdout:
         print(JSON_MARK + json.dumps(payload))
     elif args.json:
@@ -594,26 +664,54 @@ def _range(xs: Sequence[float]) -> str:
 def print_vm(res: VmResult, env: Dict[str, Any], args: argparse.Namespace) -> None:
     from rich.table import Table
 
-    console = rich_header("cgroup v2 attach: CLONE_INTO_CGROUP vs cgroup.procs (in the VM)", env, None,
-                          ("kernel", "cpu", "python", "nsfast"))
-    console.print(f"  {'run':8} {res.n_per_mode['clone_into']} samples per mode in turns of {args.vm_batch}, "
-                  f"{res.rust_chunks_per_mode} spawn_loop chunks per mode; {env['elapsed_s']} s; load "
-                  f"{' '.join(env['loadavg_start'])} at start, {' '.join(env['loadavg_end'])} at end", highlight=False)
+    console = rich_header(
+        "cgroup v2 attach: CLONE_INTO_CGROUP vs cgroup.procs (in the VM)",
+        env,
+        None,
+        ("kernel", "cpu", "python", "nsfast"),
+    )
+    console.print(
+        f"  {'run':8} {res.n_per_mode['clone_into']} samples per mode in turns of {args.vm_batch}, "
+        f"{res.rust_chunks_per_mode} spawn_loop chunks per mode; {env['elapsed_s']} s; load "
+        f"{' '.join(env['loadavg_start'])} at start, {' '.join(env['loadavg_end'])} at end",
+        highlight=False,
+    )
     table = Table(show_edge=False)
-    for col, just in (("median spawn latency", "left"), ("procs / clone_into", "right"), ("95% bootstrap", "right"),
-                      (f"per segment ({args.segments})", "right")):
+    for col, just in (
+        ("median spawn latency", "left"),
+        ("procs / clone_into", "right"),
+        ("95% bootstrap", "right"),
+        (f"per segment ({args.segments})", "right"),
+    ):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
-    table.add_row("nsfast.run([\"/bin/true\"])", f"{res.ratio:.3f}x", f"[{res.ratio_low:.3f}, {res.ratio_high:.3f}]",
-                  _range(res.segment_ratios))
-    table.add_row("[dim]control: nsfast.run(cgroup=False), same workers[/dim]", f"[dim]{res.nocg_ratio:.3f}x[/dim]", "", "")
-    table.add_row("nsfast.run, each mode / its cgroup=False", f"{res.normalized_ratio:.3f}x",
-                  f"[{res.normalized_low:.3f}, {res.normalized_high:.3f}]", _range(res.normalized_segment_ratios))
+    table.add_row(
+        'nsfast.run(["/bin/true"])',
+        f"{res.ratio:.3f}x",
+        f"[{res.ratio_low:.3f}, {res.ratio_high:.3f}]",
+        _range(res.segment_ratios),
+    )
+    table.add_row(
+        "[dim]control: nsfast.run(cgroup=False), same workers[/dim]", f"[dim]{res.nocg_ratio:.3f}x[/dim]", "", ""
+    )
+    table.add_row(
+        "nsfast.run, each mode / its cgroup=False",
+        f"{res.normalized_ratio:.3f}x",
+        f"[{res.normalized_low:.3f}, {res.normalized_high:.3f}]",
+        _range(res.normalized_segment_ratios),
+    )
     if res.rust_ratio is not None and res.rust_ratio_low is not None and res.rust_ratio_high is not None:
-        table.add_row("spawn_loop N default (median of chunk medians)", f"{res.rust_ratio:.3f}x",
-                      f"[{res.rust_ratio_low:.3f}, {res.rust_ratio_high:.3f}]", _range(res.rust_segment_ratios))
+        table.add_row(
+            "spawn_loop N default (median of chunk medians)",
+            f"{res.rust_ratio:.3f}x",
+            f"[{res.rust_ratio_low:.3f}, {res.rust_ratio_high:.3f}]",
+            _range(res.rust_segment_ratios),
+        )
     console.print(table)
-    console.print("  cgroup overhead, as a fraction of the same worker's cgroup=False median: "
-                  + ", ".join(f"{m} {res.overhead_fraction[m]:+.1%}" for m in MODES), highlight=False)
+    console.print(
+        "  cgroup overhead, as a fraction of the same worker's cgroup=False median: "
+        + ", ".join(f"{m} {res.overhead_fraction[m]:+.1%}" for m in MODES),
+        highlight=False,
+    )
     for m in MODES:
         console.print(f"  strace {m}: {res.strace[m]}", highlight=False, markup=False)
     ok = "[green]yes[/green]" if res.failures == 0 else f"[red]NO ({res.failures} failed)[/red]"
@@ -621,19 +719,26 @@ def print_vm(res: VmResult, env: Dict[str, Any], args: argparse.Namespace) -> No
 
 
 def markdown_vm(res: VmResult, env: Dict[str, Any]) -> str:
-    lines = ["| in the v2 VM, median spawn latency | procs / clone_into | 95% bootstrap | per segment |",
-             "|---|---:|---:|---:|",
-             f"| `nsfast.run([\"/bin/true\"])` (n = {res.n_per_mode['clone_into']} per mode) | {res.ratio:.3f}x | "
-             f"[{res.ratio_low:.3f}, {res.ratio_high:.3f}] | {_range(res.segment_ratios)} |",
-             f"| control: `nsfast.run(cgroup=False)`, same workers | {res.nocg_ratio:.3f}x | | |",
-             f"| `nsfast.run`, each mode divided by its `cgroup=False` | {res.normalized_ratio:.3f}x | "
-             f"[{res.normalized_low:.3f}, {res.normalized_high:.3f}] | {_range(res.normalized_segment_ratios)} |"]
+    lines = [
+        "| in the v2 VM, median spawn latency | procs / clone_into | 95% bootstrap | per segment |",
+        "|---|---:|---:|---:|",
+        f'| `nsfast.run(["/bin/true"])` (n = {res.n_per_mode["clone_into"]} per mode) | {res.ratio:.3f}x | '
+        f"[{res.ratio_low:.3f}, {res.ratio_high:.3f}] | {_range(res.segment_ratios)} |",
+        f"| control: `nsfast.run(cgroup=False)`, same workers | {res.nocg_ratio:.3f}x | | |",
+        f"| `nsfast.run`, each mode divided by its `cgroup=False` | {res.normalized_ratio:.3f}x | "
+        f"[{res.normalized_low:.3f}, {res.normalized_high:.3f}] | {_range(res.normalized_segment_ratios)} |",
+    ]
     if res.rust_ratio is not None and res.rust_ratio_low is not None and res.rust_ratio_high is not None:
-        lines.append(f"| `spawn_loop N default` ({res.rust_chunks_per_mode} chunks per mode) | {res.rust_ratio:.3f}x | "
-                     f"[{res.rust_ratio_low:.3f}, {res.rust_ratio_high:.3f}] | {_range(res.rust_segment_ratios)} |")
+        lines.append(
+            f"| `spawn_loop N default` ({res.rust_chunks_per_mode} chunks per mode) | {res.rust_ratio:.3f}x | "
+            f"[{res.rust_ratio_low:.3f}, {res.rust_ratio_high:.3f}] | {_range(res.rust_segment_ratios)} |"
+        )
     lines.append("")
-    lines.append("cgroup overhead vs cgroup=False: " + ", ".join(f"{m} {res.overhead_fraction[m]:+.1%}" for m in MODES)
-                 + f"; {env['date']}, VM kernel {env['kernel'].split()[1]} (TCG)")
+    lines.append(
+        "cgroup overhead vs cgroup=False: "
+        + ", ".join(f"{m} {res.overhead_fraction[m]:+.1%}" for m in MODES)
+        + f"; {env['date']}, VM kernel {env['kernel'].split()[1]} (TCG)"
+    )
     return "\n".join(lines)
 
 
@@ -642,22 +747,34 @@ def run_vm(args: argparse.Namespace, passthrough: List[str]) -> int:
     if not RUN_VM.exists():
         print(f"{RUN_VM} is missing", file=sys.stderr)
         return 2
-    cmd = [str(RUN_VM), "--timeout", str(args.vm_timeout), "--", sys.executable, str(Path(__file__).resolve()),
-           "--in-vm", "--json-stdout", *passthrough]
+    cmd = [
+        str(RUN_VM),
+        "--timeout",
+        str(args.vm_timeout),
+        "--",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--in-vm",
+        "--json-stdout",
+        *passthrough,
+    ]
     print(f"$ {shlex.join(cmd)}", file=sys.stderr, flush=True)
     payload = None
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, bufsize=1)
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith(JSON_MARK):
-            payload = json.loads(line[len(JSON_MARK):])
+            payload = json.loads(line[len(JSON_MARK) :])
         else:
             sys.stdout.write(line)
             sys.stdout.flush()
     rc = proc.wait()
     if rc == 125:
-        print("run-vm.sh exit 125: the VM itself failed (see above); tests/vm may still be under construction, "
-              "retry later", file=sys.stderr)
+        print(
+            "run-vm.sh exit 125: the VM itself failed (see above); tests/vm may still be under construction, "
+            "retry later",
+            file=sys.stderr,
+        )
     if args.json and payload is not None:
         payload["host_command"] = shlex.join(cmd)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
@@ -681,34 +798,56 @@ class Row:
     chunk_medians_ms: List[float] = field(default_factory=list)
 
 
-def print_host(rows: List[Row], diffs: List[Diff], env: Dict[str, Any], notes: List[str], skipped: List[str],
-               args: argparse.Namespace) -> None:
+def print_host(
+    rows: List[Row],
+    diffs: List[Diff],
+    env: Dict[str, Any],
+    notes: List[str],
+    skipped: List[str],
+    args: argparse.Namespace,
+) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console = rich_header("Cost of the per-sandbox cgroup per spawn of /bin/true", env,
-                          f"{args.runs} rounds x {args.block} sample(s) per variant, warm-up {args.warmup}; "
-                          f"spawn_loop {args.rust_runs} per mode in {args.rust_chunks} chunks; then {args.isolated_runs} "
-                          f"rounds of isolated samples, {args.gap_ms:g} ms apart")
+    console = rich_header(
+        "Cost of the per-sandbox cgroup per spawn of /bin/true",
+        env,
+        f"{args.runs} rounds x {args.block} sample(s) per variant, warm-up {args.warmup}; "
+        f"spawn_loop {args.rust_runs} per mode in {args.rust_chunks} chunks; then {args.isolated_runs} "
+        f"rounds of isolated samples, {args.gap_ms:g} ms apart",
+    )
     t = Table(show_edge=False)
     for col, just in (("variant", "left"), ("n", "right"), ("median ms", "right"), ("p90 ms", "right"), ("ok", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in rows:
         ok = "[green]yes[/green]" if r.failures == 0 and r.n else f"[red]NO ({r.failures}/{r.n})[/red]"
-        t.add_row(r.name + (f" [dim]({r.chunks} chunks)[/dim]" if r.chunks else ""), str(r.n), fmt_ms(r.median_ms),
-                  fmt_ms(r.p90_ms), ok)
+        t.add_row(
+            r.name + (f" [dim]({r.chunks} chunks)[/dim]" if r.chunks else ""),
+            str(r.n),
+            fmt_ms(r.median_ms),
+            fmt_ms(r.p90_ms),
+            ok,
+        )
     console.print(t)
     d = Table(show_edge=False, title="difference per spawn (ms)", title_justify="left")
-    for col, just in (("what", "left"), ("Δ median", "right"), ("95% bootstrap", "right"),
-                      ("per segment / chunk pair", "right"), (f"< {TARGET_MS} ms", "left")):
+    for col, just in (
+        ("what", "left"),
+        ("Δ median", "right"),
+        ("95% bootstrap", "right"),
+        ("per segment / chunk pair", "right"),
+        (f"< {TARGET_MS} ms", "left"),
+    ):
         d.add_column(col, justify=just)  # type: ignore[arg-type]
     for x in diffs:
         v = x.verdict()
         color = ("green" if x.ok else "red") if x.conclusive else "yellow"
-        d.add_row(x.what, fmt_signed_ms(x.delta_ms),
-                  f"[{fmt_signed_ms(x.low_ms)}, {fmt_signed_ms(x.high_ms)}]" if x.low_ms is not None else "",
-                  f"{min(x.segments_ms):+.3f}..{max(x.segments_ms):+.3f}" if x.segments_ms else "",
-                  f"[{color}]{v}[/{color}]" if v else "")
+        d.add_row(
+            x.what,
+            fmt_signed_ms(x.delta_ms),
+            f"[{fmt_signed_ms(x.low_ms)}, {fmt_signed_ms(x.high_ms)}]" if x.low_ms is not None else "",
+            f"{min(x.segments_ms):+.3f}..{max(x.segments_ms):+.3f}" if x.segments_ms else "",
+            f"[{color}]{v}[/{color}]" if v else "",
+        )
     console.print(d)
     console.print("[bold]Commands[/bold] (one sample each):")
     for r in rows:
@@ -723,18 +862,25 @@ def markdown_host(rows: List[Row], diffs: List[Diff], env: Dict[str, Any]) -> st
     lines = ["| variant | median ms | p90 ms | ok |", "|---|---:|---:|---|"]
     for r in rows:
         ok = "yes" if r.failures == 0 and r.n else f"NO ({r.failures}/{r.n})"
-        lines.append(f"| `{r.name}`{f' ({r.chunks} chunks)' if r.chunks else ''} | {fmt_ms(r.median_ms)} | "
-                     f"{fmt_ms(r.p90_ms)} | {ok} |")
-    lines += ["", "| difference per spawn | Δ median ms | 95% bootstrap | per segment / chunk pair | target |",
-              "|---|---:|---:|---:|---|"]
+        lines.append(
+            f"| `{r.name}`{f' ({r.chunks} chunks)' if r.chunks else ''} | {fmt_ms(r.median_ms)} | "
+            f"{fmt_ms(r.p90_ms)} | {ok} |"
+        )
+    lines += [
+        "",
+        "| difference per spawn | Δ median ms | 95% bootstrap | per segment / chunk pair | target |",
+        "|---|---:|---:|---:|---|",
+    ]
     for x in diffs:
         ci = f"[{fmt_signed_ms(x.low_ms)}, {fmt_signed_ms(x.high_ms)}]" if x.low_ms is not None else ""
         seg = f"{min(x.segments_ms):+.3f}..{max(x.segments_ms):+.3f}" if x.segments_ms else ""
         tgt = f"< {TARGET_MS} ms: **{x.verdict()}**" if x.target else ""
         lines.append(f"| {x.what} | {fmt_signed_ms(x.delta_ms)} | {ci} | {seg} | {tgt} |")
     lines.append("")
-    lines.append(f"{env['date']}, {env['kernel'].split()[1]}, {env['cpu']}, {env['python']}; load "
-                 f"{' '.join(env['loadavg_start'])}; `{env['command']}`")
+    lines.append(
+        f"{env['date']}, {env['kernel'].split()[1]}, {env['cpu']}, {env['python']}; load "
+        f"{' '.join(env['loadavg_start'])}; `{env['command']}`"
+    )
     return "\n".join(lines)
 
 
@@ -775,23 +921,45 @@ def host(args: argparse.Namespace) -> int:
     rows: List[Row] = []
     for v in variants + isolated:
         s = sorted(v.samples)
-        rows.append(Row(v.key, v.name, v.command, len(v.samples), v.failures, quantile(s, 0.5) * 1e3,
-                        quantile(s, 0.9) * 1e3, samples_ms=[round(x * 1e3, 4) for x in v.samples]))
+        rows.append(
+            Row(
+                v.key,
+                v.name,
+                v.command,
+                len(v.samples),
+                v.failures,
+                quantile(s, 0.5) * 1e3,
+                quantile(s, 0.9) * 1e3,
+                samples_ms=[round(x * 1e3, 4) for x in v.samples],
+            )
+        )
     for r in rust:
         bs = rust_batches[r.key]
         meds = [b.median_s for b in bs if b.median_s is not None]
         p90s = [b.p90_s for b in bs if b.p90_s is not None]
-        rows.append(Row(r.key, r.name, r.command, sum(b.n for b in bs), sum(b.failures for b in bs),
-                        median(meds) * 1e3 if meds else None, median(p90s) * 1e3 if p90s else None,
-                        chunks=len(meds), chunk_medians_ms=[m * 1e3 for m in meds]))
+        rows.append(
+            Row(
+                r.key,
+                r.name,
+                r.command,
+                sum(b.n for b in bs),
+                sum(b.failures for b in bs),
+                median(meds) * 1e3 if meds else None,
+                median(p90s) * 1e3 if p90s else None,
+                chunks=len(meds),
+                chunk_medians_ms=[m * 1e3 for m in meds],
+            )
+        )
         if r.cgroup and r.reported_cgroup is False:
             notes.append("spawn_loop reported cgroup: false (not root?): its two modes are the same")
 
-    by = {v.key: [list(v.samples[i:i + args.block]) for i in range(0, len(v.samples), args.block)] for v in variants}
+    by = {v.key: [list(v.samples[i : i + args.block]) for i in range(0, len(v.samples), args.block)] for v in variants}
     diffs: List[Diff] = []
-    for key, ref, what, tgt in (("cg", "nocg", "cgroup - cgroup=False", True),
-                                ("limits", "nocg", "cgroup+limits - cgroup=False", True),
-                                ("limits", "cg", "cgroup+limits - cgroup (the limits alone)", False)):
+    for key, ref, what, tgt in (
+        ("cg", "nocg", "cgroup - cgroup=False", True),
+        ("limits", "nocg", "cgroup+limits - cgroup=False", True),
+        ("limits", "cg", "cgroup+limits - cgroup (the limits alone)", False),
+    ):
         if key in by and ref in by:
             x = diff_of_rounds(by[ref], by[key], what, args.segments, args.bootstrap)
             x.basis = f"{len(by[key])} rounds, {args.segments} segments"
@@ -799,13 +967,16 @@ def host(args: argparse.Namespace) -> int:
                 x.judge()
             diffs.append(x)
     if rust:
-        x = chunk_diff(rust_batches["rust-cg"], rust_batches["rust-nocg"],
-                       "spawn_loop - spawn_loop --no-cgroup", args.bootstrap)
+        x = chunk_diff(
+            rust_batches["rust-cg"], rust_batches["rust-nocg"], "spawn_loop - spawn_loop --no-cgroup", args.bootstrap
+        )
         x.judge()
         diffs.append(x)
     iso = {v.key: [[x] for x in v.samples] for v in isolated}
-    for key, what in (("iso-cg", "isolated: cgroup - cgroup=False"),
-                      ("iso-limits", "isolated: cgroup+limits - cgroup=False")):
+    for key, what in (
+        ("iso-cg", "isolated: cgroup - cgroup=False"),
+        ("iso-limits", "isolated: cgroup+limits - cgroup=False"),
+    ):
         if key in iso and "iso-nocg" in iso:
             x = diff_of_rounds(iso["iso-nocg"], iso[key], what, args.segments, args.bootstrap)
             x.basis = f"{len(iso[key])} rounds, {args.gap_ms:g} ms apart"
@@ -817,26 +988,59 @@ def host(args: argparse.Namespace) -> int:
         print()
         print(markdown_host(rows, diffs, env))
     if args.json:
-        args.json.write_text(json.dumps({"environment": env, "settings": {k: getattr(args, k) for k in
-                                         ("runs", "block", "warmup", "segments", "bootstrap", "rust_runs",
-                                          "rust_chunks", "isolated_runs", "gap_ms", "skip")},
-                                         "notes": notes, "skipped": skipped, "differences": [asdict(d) for d in diffs],
-                                         "results": [asdict(r) for r in rows]}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "environment": env,
+                    "settings": {
+                        k: getattr(args, k)
+                        for k in (
+                            "runs",
+                            "block",
+                            "warmup",
+                            "segments",
+                            "bootstrap",
+                            "rust_runs",
+                            "rust_chunks",
+                            "isolated_runs",
+                            "gap_ms",
+                            "skip",
+                        )
+                    },
+                    "notes": notes,
+                    "skipped": skipped,
+                    "differences": [asdict(d) for d in diffs],
+                    "results": [asdict(r) for r in rows],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0 if all(r.failures == 0 for r in rows) else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--runs", type=int, default=200, help="rounds, i.e. samples per variant / --block (default 200)")
     p.add_argument("--quick", action="store_true", help="60 rounds, fewer spawn_loop and VM samples")
-    p.add_argument("--block", type=int, default=1, help="samples per variant per round (default 1: alternate every sample)")
+    p.add_argument(
+        "--block", type=int, default=1, help="samples per variant per round (default 1: alternate every sample)"
+    )
     p.add_argument("--warmup", type=int, default=10, help="unrecorded runs per variant first (default 10)")
-    p.add_argument("--segments", type=int, default=5, help="consecutive parts the difference is also computed in (default 5)")
+    p.add_argument(
+        "--segments", type=int, default=5, help="consecutive parts the difference is also computed in (default 5)"
+    )
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--rust-runs", type=int, default=500, help="spawn_loop samples per mode (default 500)")
     p.add_argument("--rust-chunks", type=int, default=10, help="spawn_loop processes per mode (default 10)")
-    p.add_argument("--isolated-runs", type=int, default=60,
-                   help="rounds of isolated samples, --gap-ms apart, after the main ones (default 60; 0: none)")
+    p.add_argument(
+        "--isolated-runs",
+        type=int,
+        default=60,
+        help="rounds of isolated samples, --gap-ms apart, after the main ones (default 60; 0: none)",
+    )
     p.add_argument("--gap-ms", type=float, default=50.0, help="untimed pause before each isolated sample (default 50)")
     p.add_argument("--skip", default="", help="comma list: cg,limits,rust")
     p.add_argument("--spawn-loop", type=Path, default=SPAWN_LOOP, help="the spawn_loop binary (built if missing)")
@@ -847,8 +1051,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     vm.add_argument("--in-vm", action="store_true", help="the part --vm runs inside the VM")
     vm.add_argument("--vm-runs", type=int, default=200, help="nsfast.run samples per mode (default 200)")
     vm.add_argument("--vm-batch", type=int, default=5, help="samples per mode per turn (default 5)")
-    vm.add_argument("--rust-vm-runs", type=int, default=200,
-                    help="spawn_loop samples per mode, one chunk per turn (default 200)")
+    vm.add_argument(
+        "--rust-vm-runs", type=int, default=200, help="spawn_loop samples per mode, one chunk per turn (default 200)"
+    )
     vm.add_argument("--vm-timeout", type=int, default=1800, help="run-vm.sh --timeout (default 1800 s)")
     p.add_argument("--json-stdout", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--attach-worker", action="store_true", help=argparse.SUPPRESS)
@@ -861,8 +1066,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.vm_runs, args.rust_vm_runs = 60, 60
     if args.isolated_runs < 0 or args.gap_ms < 0:
         p.error("--isolated-runs and --gap-ms must not be negative")
-    if min(args.runs, args.block, args.warmup, args.segments, args.bootstrap, args.rust_runs, args.rust_chunks,
-           args.vm_runs, args.vm_batch, args.rust_vm_runs) < 1:
+    if (
+        min(
+            args.runs,
+            args.block,
+            args.warmup,
+            args.segments,
+            args.bootstrap,
+            args.rust_runs,
+            args.rust_chunks,
+            args.vm_runs,
+            args.vm_batch,
+            args.rust_vm_runs,
+        )
+        < 1
+    ):
         p.error("counts must be positive")
     if args.attach_worker:
         attach_worker(args.warmup)
@@ -870,8 +1088,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.in_vm:
         return in_vm(args)
     if args.vm:
-        passthrough = [f"--vm-runs={args.vm_runs}", f"--vm-batch={args.vm_batch}", f"--rust-vm-runs={args.rust_vm_runs}",
-                       f"--warmup={min(args.warmup, 5)}", f"--segments={args.segments}", f"--bootstrap={args.bootstrap}"]
+        passthrough = [
+            f"--vm-runs={args.vm_runs}",
+            f"--vm-batch={args.vm_batch}",
+            f"--rust-vm-runs={args.rust_vm_runs}",
+            f"--warmup={min(args.warmup, 5)}",
+            f"--segments={args.segments}",
+            f"--bootstrap={args.bootstrap}",
+        ]
         if args.markdown:
             passthrough.append("--markdown")
         if "rust" in args.skip:

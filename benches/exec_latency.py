@@ -105,10 +105,14 @@ from start_latency import (  # noqa: E402
 TRUE = ["/bin/true"]
 # Namespaces (one "TYPE ns:[INODE]" line each), then whether each of our cgroups is pid 1's or
 # below it (Container.exec runs in a per-exec child of the container's cgroup: "/exec-N").
-JOIN_PROBE = ["/bin/sh", "-c", 'for n in /proc/self/ns/*; do echo "${n##*/} $(readlink "$n")"; done; '
-              'if awk \'NR == FNR { a[FNR] = $0; next } { p = a[FNR]; sub("/$", "", p); '
-              'if ($0 != a[FNR] && (index($0, "/..") || index($0, p "/") != 1)) bad = 1 } END { exit bad }\' '
-              '/proc/1/cgroup /proc/self/cgroup; then echo "cgroup= same"; else echo "cgroup= different"; fi']
+JOIN_PROBE = [
+    "/bin/sh",
+    "-c",
+    'for n in /proc/self/ns/*; do echo "${n##*/} $(readlink "$n")"; done; '
+    'if awk \'NR == FNR { a[FNR] = $0; next } { p = a[FNR]; sub("/$", "", p); '
+    'if ($0 != a[FNR] && (index($0, "/..") || index($0, p "/") != 1)) bad = 1 } END { exit bad }\' '
+    '/proc/1/cgroup /proc/self/cgroup; then echo "cgroup= same"; else echo "cgroup= different"; fi',
+]
 NSENTER_TRIES = (["-a"], ["-m", "-u", "-i", "-n", "-p", "-C", "-r", "-w"])
 TARGETS = {"nsenter": 1.5, "crun": 10.0}  # Container.exec <= 1.5x nsenter; crun exec >= 10x Container.exec
 GAP_S = 0.0  # --gap-ms, before every sample of every tool (the crun worker gets it per request)
@@ -141,8 +145,15 @@ def joined(probe_output: str, target: Dict[str, str], host: Dict[str, str]) -> J
 class CallTool(Tool):
     """A Python call per sample that returns an exit status; probed with JOIN_PROBE."""
 
-    def __init__(self, key: str, name: str, command: str, call: Callable[[List[str]], int],
-                 probe: Callable[[], str], target_pid: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        key: str,
+        name: str,
+        command: str,
+        call: Callable[[List[str]], int],
+        probe: Callable[[], str],
+        target_pid: Callable[[], int],
+    ) -> None:
         self.key, self.name, self.command = key, name, command
         self._call, self._probe, self._target_pid = call, probe, target_pid
         self.joined = Joined()
@@ -172,17 +183,36 @@ def nsfast_tools(c: Any) -> List[CallTool]:
         return str(c.exec(JOIN_PROBE, capture_output=True, text=True, timeout=30, check=True).stdout)
 
     def probe_enter(cgroup: bool) -> Callable[[], str]:
-        return lambda: str(nsfast.enter(pid, JOIN_PROBE, cgroup=cgroup, capture_output=True, text=True, timeout=30,
-                                        check=True).stdout)
+        return lambda: str(
+            nsfast.enter(pid, JOIN_PROBE, cgroup=cgroup, capture_output=True, text=True, timeout=30, check=True).stdout
+        )
 
     target = lambda: pid  # noqa: E731
     return [
-        CallTool("exec", "Container.exec", 'c.exec(["/bin/true"])  # c = nsfast.Container(), started',
-                 lambda a: c.exec(a).returncode, probe_exec, target),
-        CallTool("enter", "nsfast.enter", 'nsfast.enter(c.pid, ["/bin/true"])',
-                 lambda a: nsfast.enter(pid, a).returncode, probe_enter(False), target),
-        CallTool("enter-cg", "nsfast.enter(cgroup=True)", 'nsfast.enter(c.pid, ["/bin/true"], cgroup=True)',
-                 lambda a: nsfast.enter(pid, a, cgroup=True).returncode, probe_enter(True), target),
+        CallTool(
+            "exec",
+            "Container.exec",
+            'c.exec(["/bin/true"])  # c = nsfast.Container(), started',
+            lambda a: c.exec(a).returncode,
+            probe_exec,
+            target,
+        ),
+        CallTool(
+            "enter",
+            "nsfast.enter",
+            'nsfast.enter(c.pid, ["/bin/true"])',
+            lambda a: nsfast.enter(pid, a).returncode,
+            probe_enter(False),
+            target,
+        ),
+        CallTool(
+            "enter-cg",
+            "nsfast.enter(cgroup=True)",
+            'nsfast.enter(c.pid, ["/bin/true"], cgroup=True)',
+            lambda a: nsfast.enter(pid, a, cgroup=True).returncode,
+            probe_enter(True),
+            target,
+        ),
     ]
 
 
@@ -193,9 +223,20 @@ def breakdown_tools(c: Any) -> List[Tool]:
     pid = c.pid
 
     def raw_join(argv: List[str]) -> int:
-        p, fd = _core.spawn_join([a.encode() for a in argv], target=pid, join=[], env=[b"PATH=/usr/bin:/bin"],
-                                 cwd=None, uid=None, gid=None, keep_caps=0, die_with_parent=False,
-                                 stdio=(-1, -1, -1), pass_fds=[], join_cgroup=False)
+        p, fd = _core.spawn_join(
+            [a.encode() for a in argv],
+            target=pid,
+            join=[],
+            env=[b"PATH=/usr/bin:/bin"],
+            cwd=None,
+            uid=None,
+            gid=None,
+            keep_caps=0,
+            die_with_parent=False,
+            stdio=(-1, -1, -1),
+            pass_fds=[],
+            join_cgroup=False,
+        )
         try:
             res = _core.wait(p, fd, None)
         finally:
@@ -210,15 +251,31 @@ def breakdown_tools(c: Any) -> List[Tool]:
 
     target = lambda: pid  # noqa: E731
     return [
-        CallTool("b-spawn-join", "_core.spawn_join (no ns, no cgroup)",
-                 "_core.spawn_join + _core.wait, join=[], join_cgroup=False: nsfast's two-clone exec path "
-                 "with no setns, the container's root and cwd only (private API)",
-                 raw_join, lambda: "", target),
-        CallTool("b-posix-spawn", "os.posix_spawn (no sandbox)", "os.waitpid(os.posix_spawn('/bin/true', ...))",
-                 posix_spawn, lambda: run_out(JOIN_PROBE), target),
-        CallTool("b-nsenter-none", "nsenter (no namespaces)", "subprocess.run(['nsenter', '/bin/true']): "
-                 "nsenter's own exec, no setns", lambda a: subprocess.run(["nsenter", *a]).returncode,
-                 lambda: run_out(["nsenter", *JOIN_PROBE]), target),
+        CallTool(
+            "b-spawn-join",
+            "_core.spawn_join (no ns, no cgroup)",
+            "_core.spawn_join + _core.wait, join=[], join_cgroup=False: nsfast's two-clone exec path "
+            "with no setns, the container's root and cwd only (private API)",
+            raw_join,
+            lambda: "",
+            target,
+        ),
+        CallTool(
+            "b-posix-spawn",
+            "os.posix_spawn (no sandbox)",
+            "os.waitpid(os.posix_spawn('/bin/true', ...))",
+            posix_spawn,
+            lambda: run_out(JOIN_PROBE),
+            target,
+        ),
+        CallTool(
+            "b-nsenter-none",
+            "nsenter (no namespaces)",
+            "subprocess.run(['nsenter', '/bin/true']): nsenter's own exec, no setns",
+            lambda a: subprocess.run(["nsenter", *a]).returncode,
+            lambda: run_out(["nsenter", *JOIN_PROBE]),
+            target,
+        ),
     ]
 
 
@@ -228,9 +285,16 @@ class Nsenter(CallTool):
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.argv: List[str] = []
-        super().__init__("nsenter", "nsenter -a", "", lambda a: subprocess.run(self.argv + a).returncode,
-                         lambda: subprocess.run(self.argv + JOIN_PROBE, capture_output=True, text=True, timeout=30,
-                                                check=True).stdout, lambda: pid)
+        super().__init__(
+            "nsenter",
+            "nsenter -a",
+            "",
+            lambda a: subprocess.run(self.argv + a).returncode,
+            lambda: (
+                subprocess.run(self.argv + JOIN_PROBE, capture_output=True, text=True, timeout=30, check=True).stdout
+            ),
+            lambda: pid,
+        )
 
     def start(self, host_ns: Dict[str, str]) -> None:
         if shutil.which("nsenter") is None:
@@ -254,10 +318,14 @@ class Nsenter(CallTool):
 
 class Floor(CallTool):
     def __init__(self, pid: int) -> None:
-        super().__init__("subprocess", "subprocess.run (no sandbox)", "subprocess.run(['/bin/true'])",
-                         lambda a: subprocess.run(a).returncode,
-                         lambda: subprocess.run(JOIN_PROBE, capture_output=True, text=True, timeout=30).stdout,
-                         lambda: pid)
+        super().__init__(
+            "subprocess",
+            "subprocess.run (no sandbox)",
+            "subprocess.run(['/bin/true'])",
+            lambda a: subprocess.run(a).returncode,
+            lambda: subprocess.run(JOIN_PROBE, capture_output=True, text=True, timeout=30).stdout,
+            lambda: pid,
+        )
 
 
 class CrunExec(Crun):
@@ -274,8 +342,10 @@ class CrunExec(Crun):
     def start(self, host_ns: Dict[str, str]) -> None:
         spec, rootfs, tmp = self._prepare("nsfast-bench-crunexec-")
         bundle = _oci_bundle(spec, rootfs, ["/bin/cat"], tmp / "idle")
-        self.command = ("subprocess.run(['crun', 'exec', ID, '/bin/true']) in `unshare -m` without "
-                        "/sys/fs/cgroup/unified; ID = `crun run -d` of an idle /bin/cat")
+        self.command = (
+            "subprocess.run(['crun', 'exec', ID, '/bin/true']) in `unshare -m` without "
+            "/sys/fs/cgroup/unified; ID = `crun run -d` of an idle /bin/cat"
+        )
         hello = self._start_worker(Path(__file__), ["--crun-exec-worker", str(bundle)])
         self.joined = joined(hello["probe"], hello["target_ns"], host_ns)
         self.namespaces = self.joined.ns_detail
@@ -295,8 +365,14 @@ def crun_exec_worker(bundle: str) -> None:
 
     with tempfile.TemporaryFile() as err:
         try:
-            r = subprocess.run(["crun", "run", "-d", "--bundle", bundle, cid], stdin=keep_r, stdout=devnull,
-                               stderr=err, timeout=60, pass_fds=())
+            r = subprocess.run(
+                ["crun", "run", "-d", "--bundle", bundle, cid],
+                stdin=keep_r,
+                stdout=devnull,
+                stderr=err,
+                timeout=60,
+                pass_fds=(),
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             reply({"error": f"crun run -d failed: {e}"})
             return
@@ -359,9 +435,22 @@ def rows_of(collectors: List[Collector], skipped: List[Row]) -> List[Row]:
         t = col.tool
         j: Joined = getattr(t, "joined", Joined())
         s = sorted(col.samples)
-        rows.append(Row(t.key, t.name, t.command, j.ns, j.ns_detail, j.cgroup, col.n, col.failures,
-                        quantile(s, 0.5) * 1e3 if s else None, quantile(s, 0.9) * 1e3 if s else None,
-                        note=t.note, samples_ms=[round(x * 1e3, 4) for x in col.samples]))
+        rows.append(
+            Row(
+                t.key,
+                t.name,
+                t.command,
+                j.ns,
+                j.ns_detail,
+                j.cgroup,
+                col.n,
+                col.failures,
+                quantile(s, 0.5) * 1e3 if s else None,
+                quantile(s, 0.9) * 1e3 if s else None,
+                note=t.note,
+                samples_ms=[round(x * 1e3, 4) for x in col.samples],
+            )
+        )
     ref = next((r.median_ms for r in rows if r.key == "exec"), None)
     for r in rows:
         if ref and r.median_ms is not None:
@@ -387,7 +476,9 @@ def targets(rows: List[Row]) -> List[Target]:
     if ex and ns and ex.median_ms and ns.median_ms:
         lo, hi = ratio_interval(ex.samples_ms, ns.samples_ms)
         r = ex.median_ms / ns.median_ms
-        out.append(Target("Container.exec / nsenter -a", r, lo, hi, f"<= {TARGETS['nsenter']}", r <= TARGETS["nsenter"]))
+        out.append(
+            Target("Container.exec / nsenter -a", r, lo, hi, f"<= {TARGETS['nsenter']}", r <= TARGETS["nsenter"])
+        )
     else:
         out.append(Target("Container.exec / nsenter -a", None, None, None, f"<= {TARGETS['nsenter']}", None))
     cr = by.get("crun")
@@ -416,20 +507,42 @@ def print_rich(rows: List[Row], tg: List[Target], env: Dict[str, Any], args: arg
     from rich.markup import escape
     from rich.table import Table
 
-    console = rich_header("exec latency: /bin/true inside a running container", env,
-                          f"{args.runs} samples per tool, batches of {args.batch}, warm-up {args.warmup}; "
-                          + (f"{args.gap_ms:g} ms pause before every sample (isolated execs)" if args.gap_ms
-                             else "back-to-back (no --gap-ms)"))
+    console = rich_header(
+        "exec latency: /bin/true inside a running container",
+        env,
+        f"{args.runs} samples per tool, batches of {args.batch}, warm-up {args.warmup}; "
+        + (
+            f"{args.gap_ms:g} ms pause before every sample (isolated execs)"
+            if args.gap_ms
+            else "back-to-back (no --gap-ms)"
+        ),
+    )
     table = Table(show_edge=False)
-    for col, just in (("tool", "left"), ("ns joined", "right"), ("cgroup", "left"), ("n", "right"),
-                      ("median ms", "right"), ("p90 ms", "right"), ("vs Container.exec", "right"), ("ok", "left")):
+    for col, just in (
+        ("tool", "left"),
+        ("ns joined", "right"),
+        ("cgroup", "left"),
+        ("n", "right"),
+        ("median ms", "right"),
+        ("p90 ms", "right"),
+        ("vs Container.exec", "right"),
+        ("ok", "left"),
+    ):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in rows:
         if r.skipped:
             table.add_row(r.tool, "", "", "", "", "", "", "[yellow]skipped[/yellow]")
             continue
-        table.add_row(r.tool, r.ns_joined, r.cgroup, str(r.n), fmt_ms(r.median_ms), fmt_ms(r.p90_ms), vs_text(r),
-                      "[green]yes[/green]" if ok_text(r) == "yes" else f"[red]{ok_text(r)}[/red]")
+        table.add_row(
+            r.tool,
+            r.ns_joined,
+            r.cgroup,
+            str(r.n),
+            fmt_ms(r.median_ms),
+            fmt_ms(r.p90_ms),
+            vs_text(r),
+            "[green]yes[/green]" if ok_text(r) == "yes" else f"[red]{ok_text(r)}[/red]",
+        )
     console.print(table)
     console.print("[bold]Targets[/bold] (ratio of medians, 95% bootstrap interval):")
     for t in tg:
@@ -437,8 +550,11 @@ def print_rich(rows: List[Row], tg: List[Target], env: Dict[str, Any], args: arg
             console.print(f"  {t.what}: not measured (target {t.goal})", highlight=False)
             continue
         color = "green" if t.ok else "red"
-        console.print(f"  {t.what} = {t.ratio:.2f}x [{t.low:.2f}, {t.high:.2f}], target {t.goal}: "
-                      f"[{color}]{verdict(t.ok)}[/{color}]", highlight=False)
+        console.print(
+            f"  {t.what} = {t.ratio:.2f}x [{t.low:.2f}, {t.high:.2f}], target {t.goal}: "
+            f"[{color}]{verdict(t.ok)}[/{color}]",
+            highlight=False,
+        )
     console.print("[bold]Commands[/bold] (one sample each) and namespaces joined:")
     for r in rows:
         if r.command:
@@ -452,39 +568,58 @@ def print_rich(rows: List[Row], tg: List[Target], env: Dict[str, Any], args: arg
 
 
 def markdown(rows: List[Row], tg: List[Target], env: Dict[str, Any]) -> str:
-    lines = ["| tool | ns joined | cgroup | median ms | p90 ms | vs Container.exec | ok |",
-             "|---|---:|---|---:|---:|---:|---|"]
+    lines = [
+        "| tool | ns joined | cgroup | median ms | p90 ms | vs Container.exec | ok |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
     for r in rows:
         if r.skipped:
             lines.append(f"| {r.tool} | | | | | | skipped: {r.skipped.splitlines()[0][:80]} |")
             continue
-        lines.append(f"| `{r.tool}` | {r.ns_joined} | {r.cgroup} | {fmt_ms(r.median_ms)} | {fmt_ms(r.p90_ms)} | "
-                     f"{vs_text(r)} | {ok_text(r)} |")
+        lines.append(
+            f"| `{r.tool}` | {r.ns_joined} | {r.cgroup} | {fmt_ms(r.median_ms)} | {fmt_ms(r.p90_ms)} | "
+            f"{vs_text(r)} | {ok_text(r)} |"
+        )
     lines.append("")
     for t in tg:
         if t.ratio is not None:
-            lines.append(f"- {t.what} = {t.ratio:.2f}x [{t.low:.2f}, {t.high:.2f}] (target {t.goal}): **{verdict(t.ok)}**")
+            lines.append(
+                f"- {t.what} = {t.ratio:.2f}x [{t.low:.2f}, {t.high:.2f}] (target {t.goal}): **{verdict(t.ok)}**"
+            )
         else:
             lines.append(f"- {t.what}: not measured (target {t.goal})")
     lines.append("")
-    lines.append(f"{env['date']}, {env['kernel'].split()[1]}, {env['cpu']}, {env['python']}; "
-                 f"n = {max((r.n for r in rows), default=0)} per tool; "
-                 f"{'gap ' + format(env['gap_ms'], 'g') + ' ms' if env.get('gap_ms') else 'back-to-back'}; "
-                 f"load {' '.join(env['loadavg_start'])}; `{env['command']}`")
+    lines.append(
+        f"{env['date']}, {env['kernel'].split()[1]}, {env['cpu']}, {env['python']}; "
+        f"n = {max((r.n for r in rows), default=0)} per tool; "
+        f"{'gap ' + format(env['gap_ms'], 'g') + ' ms' if env.get('gap_ms') else 'back-to-back'}; "
+        f"load {' '.join(env['loadavg_start'])}; `{env['command']}`"
+    )
     return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--runs", type=int, default=200, help="samples per tool (default 200)")
     p.add_argument("--quick", action="store_true", help="50 samples per tool (overrides --runs)")
     p.add_argument("--batch", type=int, default=5, help="samples per tool per round (default 5)")
     p.add_argument("--warmup", type=int, default=10, help="unrecorded runs per tool first (default 10)")
-    p.add_argument("--skip", default="", help="comma list of tools to leave out: exec,enter,enter-cg,nsenter,crun,subprocess")
-    p.add_argument("--gap-ms", type=float, default=0.0,
-                   help="untimed sleep before every sample (default 0: back-to-back; 50: isolated execs)")
-    p.add_argument("--breakdown", action="store_true",
-                   help="also time the pieces: nsfast's exec path without setns, os.posix_spawn, nsenter without setns")
+    p.add_argument(
+        "--skip", default="", help="comma list of tools to leave out: exec,enter,enter-cg,nsenter,crun,subprocess"
+    )
+    p.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.0,
+        help="untimed sleep before every sample (default 0: back-to-back; 50: isolated execs)",
+    )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the pieces: nsfast's exec path without setns, os.posix_spawn, nsenter without setns",
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     p.add_argument("--crun-exec-worker", metavar="BUNDLE", help=argparse.SUPPRESS)
@@ -514,9 +649,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         container.start()
         assert container.pid is not None
-        env["container"] = {"pid": container.pid, "namespaces": sorted(
-            n for n, v in ns_inodes(container.pid).items() if v != host_ns.get(n)),
-            "cgroup": bool(container.process and container.process._cgroup)}
+        env["container"] = {
+            "pid": container.pid,
+            "namespaces": sorted(n for n, v in ns_inodes(container.pid).items() if v != host_ns.get(n)),
+            "cgroup": bool(container.process and container.process._cgroup),
+        }
         candidates: List[Tool] = [*nsfast_tools(container), Nsenter(container.pid), CrunExec(), Floor(container.pid)]
         if args.breakdown:
             candidates += breakdown_tools(container)
@@ -545,10 +682,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         print()
         print(markdown(rows, tg, env))
     if args.json:
-        args.json.write_text(json.dumps({"environment": env, "settings": {k: v for k, v in vars(args).items()
-                                        if k in ("runs", "batch", "warmup", "skip", "breakdown", "gap_ms")},
-                                         "targets": [asdict(t) for t in tg],
-                                         "results": [asdict(r) for r in rows]}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "environment": env,
+                    "settings": {
+                        k: v
+                        for k, v in vars(args).items()
+                        if k in ("runs", "batch", "warmup", "skip", "breakdown", "gap_ms")
+                    },
+                    "targets": [asdict(t) for t in tg],
+                    "results": [asdict(r) for r in rows],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0 if all(r.failures == 0 for r in rows) else 1
 
 

@@ -177,8 +177,19 @@ def observed_syscall(method: str) -> str:
     if shutil.which("strace") is None:
         return "? (no strace)"
     with tempfile.NamedTemporaryFile("r", prefix="heap-spawn-strace-") as log:
-        cmd = ["strace", "-f", "-qq", "-o", log.name, "-e", "trace=clone,clone3,fork,vfork",
-               sys.executable, str(Path(__file__).resolve()), "--trace-one", method]
+        cmd = [
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            log.name,
+            "-e",
+            "trace=clone,clone3,fork,vfork",
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--trace-one",
+            method,
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
             return f"? (strace exited {r.returncode})"
@@ -226,8 +237,8 @@ def measure(workers: List[Worker], runs: int, batch: int, warmup: int) -> Dict[s
     done, r = 0, 0
     while done < runs:
         k = min(batch, runs - done)
-        for m in names[r % len(names):] + names[:r % len(names)]:
-            for w in (workers if r % 2 == 0 else workers[::-1]):
+        for m in names[r % len(names) :] + names[: r % len(names)]:
+            for w in workers if r % 2 == 0 else workers[::-1]:
                 reply = w.request(m, k)
                 samples[w.heap, m] += [s / 1e6 for s in reply["samples_ns"]]
                 failures[w.heap, m] += reply["failures"]
@@ -241,14 +252,21 @@ def measure(workers: List[Worker], runs: int, batch: int, warmup: int) -> Dict[s
 
 def print_report(rep: Report) -> None:
     from rich.table import Table
+
     from start_latency import rich_header
 
-    console = rich_header("Spawn latency of /bin/true with a small and a big Python heap", rep.environment, None,
-                          ("kernel", "cpu", "python", "thp", "command"))
+    console = rich_header(
+        "Spawn latency of /bin/true with a small and a big Python heap",
+        rep.environment,
+        None,
+        ("kernel", "cpu", "python", "thp", "command"),
+    )
     for heap in HEAPS:
         m = rep.memory_kib[heap]
-        console.print(f"  {heap} heap: VmRSS {m['VmRSS'] / 1024:.0f} MiB, VmPTE (page tables) {m['VmPTE'] / 1024:.1f} MiB",
-                      highlight=False)
+        console.print(
+            f"  {heap} heap: VmRSS {m['VmRSS'] / 1024:.0f} MiB, VmPTE (page tables) {m['VmPTE'] / 1024:.1f} MiB",
+            highlight=False,
+        )
     table = Table(show_edge=False)
     table.add_column("method")
     table.add_column("syscall (strace; CLONE_ left out)", overflow="fold")
@@ -260,14 +278,23 @@ def print_report(rep: Report) -> None:
     for name in METHODS:
         small, big = rep.stats["small"][name], rep.stats["big"][name]
         ok = small.failures == 0 and big.failures == 0
-        table.add_row(name, rep.syscalls.get(name, "?"), f"{small.median_ms:.2f}", f"{small.p90_ms:.2f}",
-                      f"{big.median_ms:.2f}", f"{big.p90_ms:.2f}", f"{big.median_ms / small.median_ms:.2f}x",
-                      "[green]yes[/green]" if ok else "[red]NO[/red]")
+        table.add_row(
+            name,
+            rep.syscalls.get(name, "?"),
+            f"{small.median_ms:.2f}",
+            f"{small.p90_ms:.2f}",
+            f"{big.median_ms:.2f}",
+            f"{big.p90_ms:.2f}",
+            f"{big.median_ms / small.median_ms:.2f}x",
+            "[green]yes[/green]" if ok else "[red]NO[/red]",
+        )
     console.print(table)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--runs", type=int, default=100, help="samples per method and heap (default 100)")
     p.add_argument("--quick", action="store_true", help="30 samples per method and heap")
     p.add_argument("--batch", type=int, default=5, help="samples per request (default 5)")
@@ -297,12 +324,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             "thp": "transparent_hugepage " + (thp.read_text().strip() if thp.exists() else "?"),
             "command": shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])]),
         },
-        settings={k: v for k, v in vars(args).items() if k in ("runs", "batch", "warmup", "bytearray_gib", "objects_gib")},
+        settings={
+            k: v for k, v in vars(args).items() if k in ("runs", "batch", "warmup", "bytearray_gib", "objects_gib")
+        },
     )
     rep.syscalls = {name: observed_syscall(name) for name in METHODS}
 
-    print(f"starting workers (big heap: {args.bytearray_gib:g} GiB bytearray + ~{args.objects_gib:g} GiB of small "
-          "objects) ...", file=sys.stderr)
+    print(
+        f"starting workers (big heap: {args.bytearray_gib:g} GiB bytearray + ~{args.objects_gib:g} GiB of small "
+        "objects) ...",
+        file=sys.stderr,
+    )
     workers = [Worker("small", 0, 0), Worker("big", args.bytearray_gib, args.objects_gib)]
     try:
         for w in workers:

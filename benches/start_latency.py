@@ -96,16 +96,24 @@ TRUE = ["/bin/true"]
 # Prints "TYPE ns:[INODE]" per namespace of the process it runs in, then the hardening in
 # force: its uid_map's first line, its uid and seccomp mode, and whether /proc/keys is masked,
 # /proc/sys read-only and /root a mount (see hardening_of).
-NS_PROBE = ["/bin/sh", "-c", 'for n in /proc/self/ns/*; do echo "${n##*/} $(readlink "$n")"; done; '
-            'read -r a b c < /proc/self/uid_map; echo "uid_map $a $b $c"; '
-            'while read -r k v rest; do case $k in Uid:|Seccomp:) echo "$k $v";; esac; done < /proc/self/status; '
-            'while read -r id parent dev root mnt opts rest; do case $mnt in /proc/keys|/proc/sys|/root) '
-            'echo "mount:$mnt $opts";; esac; done < /proc/self/mountinfo']
+NS_PROBE = [
+    "/bin/sh",
+    "-c",
+    'for n in /proc/self/ns/*; do echo "${n##*/} $(readlink "$n")"; done; '
+    'read -r a b c < /proc/self/uid_map; echo "uid_map $a $b $c"; '
+    'while read -r k v rest; do case $k in Uid:|Seccomp:) echo "$k $v";; esac; done < /proc/self/status; '
+    "while read -r id parent dev root mnt opts rest; do case $mnt in /proc/keys|/proc/sys|/root) "
+    'echo "mount:$mnt $opts";; esac; done < /proc/self/mountinfo',
+]
 # The hardening steps, each with the Spec fields and the spawn_loop flag that turn it off.
 STEPS = ("userns", "seccomp", "masks", "limits")
 STEP_FLAGS = {"userns": "--no-userns", "seccomp": "--no-seccomp", "masks": "--no-masks", "limits": "--no-limits"}
-STEP_NAMES = {"userns": "user namespace", "seccomp": "seccomp filter", "masks": "masks + hidden dirs",
-              "limits": "default limits"}
+STEP_NAMES = {
+    "userns": "user namespace",
+    "seccomp": "seccomp filter",
+    "masks": "masks + hidden dirs",
+    "limits": "default limits",
+}
 # What each step shows in the "hardening" column when in force (see hardening_of).
 STEP_SHOWS = {"userns": ("userns",), "seccomp": ("seccomp",), "masks": ("masks", "hidden"), "limits": ("limits",)}
 SHOWN = ("userns", "seccomp", "masks", "hidden", "limits")
@@ -169,7 +177,7 @@ def hardening_of(probe_output: str, host: Dict[str, str], limits: bool = False) 
     mounts: Dict[str, List[str]] = {}
     for k, v in lines:
         if k.startswith("mount:"):
-            mounts.setdefault(k[len("mount:"):], []).append(v)
+            mounts.setdefault(k[len("mount:") :], []).append(v)
     shown = []
     try:
         inside, outside, count = (int(x) for x in seen.get("uid_map", "").split())
@@ -338,8 +346,11 @@ class NsfastRun(Tool):
             raise Skip("only a root caller can leave out the user namespace")
         options = {**off_options(self.off), **self.extra}
         shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        self.command = f'nsfast.run(["/bin/true"], spec=nsfast.Spec({shown}))' if options else \
-            'nsfast.run(["/bin/true"])  # default Spec()'
+        self.command = (
+            f'nsfast.run(["/bin/true"], spec=nsfast.Spec({shown}))'
+            if options
+            else 'nsfast.run(["/bin/true"])  # default Spec()'
+        )
         try:
             self.spec = nsfast.Spec(**options) if options else None
             probe = nsfast.run(NS_PROBE, spec=self.spec, capture_output=True, text=True, timeout=30)
@@ -420,8 +431,15 @@ class SpawnLoop(Tool):
     raw = False
     WARMUP = 2
 
-    def __init__(self, binary: Path, key: str = "", name: str = "", off: Sequence[str] = (),
-                 extra: Sequence[str] = (), raw: bool = False) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        key: str = "",
+        name: str = "",
+        off: Sequence[str] = (),
+        extra: Sequence[str] = (),
+        raw: bool = False,
+    ) -> None:
         self.binary = binary
         if key:
             self.key = key
@@ -446,8 +464,10 @@ class SpawnLoop(Tool):
                 raise Skip(f"cannot build spawn_loop: {e}") from None
             if r.returncode != 0 or not self.binary.exists():
                 raise Skip(f"cargo build failed: {r.stderr.strip()[-500:]}")
-        notes = ["namespaces and hardening as planned (reported by spawn_loop), not probed",
-                 stale_note(self.binary, "cargo build --release --example spawn_loop")]
+        notes = [
+            "namespaces and hardening as planned (reported by spawn_loop), not probed",
+            stale_note(self.binary, "cargo build --release --example spawn_loop"),
+        ]
         self.note = "; ".join(n for n in notes if n)
         rel = self.binary.relative_to(ROOT) if self.binary.is_relative_to(ROOT) else self.binary
         raw = ["--warmup", str(self.WARMUP), "--samples"] if self.raw else []
@@ -463,9 +483,17 @@ class SpawnLoop(Tool):
             planned = out["namespaces"].split(",")
             self.namespaces = ",".join(n for n in NS_ORDER if n in planned) or "none"
             limits = out.get("limits") or {}
-            self.hardening = [x for x, on in (("userns", "user" in planned), ("seccomp", out.get("seccomp")),
-                                              ("masks", out.get("masks")), ("hidden", out.get("masks")),
-                                              ("limits", limits == default_limits())) if on]
+            self.hardening = [
+                x
+                for x, on in (
+                    ("userns", "user" in planned),
+                    ("seccomp", out.get("seccomp")),
+                    ("masks", out.get("masks")),
+                    ("hidden", out.get("masks")),
+                    ("limits", limits == default_limits()),
+                )
+                if on
+            ]
             self.expected = expected_shown(self.off, "--no-cgroup" not in self.extra)
 
     _error = ""
@@ -508,8 +536,9 @@ def worker_pipes(devnull_flags: int = os.O_RDONLY) -> Tuple[TextIO, Callable[[Di
     return requests, reply, devnull
 
 
-def receive_json(proc: subprocess.Popen[str], what: str, timeout_s: float = WORKER_TIMEOUT_S,
-                 error: Type[Exception] = RuntimeError) -> Dict[str, Any]:
+def receive_json(
+    proc: subprocess.Popen[str], what: str, timeout_s: float = WORKER_TIMEOUT_S, error: Type[Exception] = RuntimeError
+) -> Dict[str, Any]:
     """The next JSON line from a worker's stdout; error("WHAT timed out|died (exit status N)")
     if none comes within timeout_s."""
     assert proc.stdout is not None
@@ -546,8 +575,14 @@ def _oci_bundle(spec: Dict[str, Any], rootfs: Path, args: List[str], directory: 
     for top in ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         host = Path("/") / top
         if host.is_dir() and not host.is_symlink():
-            config["mounts"].append({"destination": f"/{top}", "type": "bind", "source": str(host),
-                                     "options": ["rbind", "ro", "nosuid", "nodev"]})
+            config["mounts"].append(
+                {
+                    "destination": f"/{top}",
+                    "type": "bind",
+                    "source": str(host),
+                    "options": ["rbind", "ro", "nosuid", "nodev"],
+                }
+            )
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps(config, indent=1))
     return directory
@@ -566,8 +601,10 @@ class Crun(Tool):
         spec, rootfs, tmp = self._prepare("nsfast-bench-crun-")
         bundle = _oci_bundle(spec, rootfs, TRUE, tmp / "true")
         probe = _oci_bundle(spec, rootfs, NS_PROBE, tmp / "probe")
-        self.command = (f"subprocess.run(['crun', 'run', '--bundle', {str(bundle)!r}, ID]) in "
-                        f"`unshare -m` without /sys/fs/cgroup/unified")
+        self.command = (
+            f"subprocess.run(['crun', 'run', '--bundle', {str(bundle)!r}, ID]) in "
+            f"`unshare -m` without /sys/fs/cgroup/unified"
+        )
         hello = self._start_worker(Path(__file__), ["--crun-worker", str(bundle), str(probe)])
         self.namespaces = new_namespaces(hello["ns_probe"], host_ns)
         self.hardening = hardening_of(hello["ns_probe"], host_ns)
@@ -638,8 +675,9 @@ def crun_worker(bundle: str, probe_bundle: str) -> None:
         return f"{prefix}{count}"
 
     try:
-        probe = subprocess.run(["crun", "run", "--bundle", probe_bundle, next_id()], capture_output=True,
-                               text=True, timeout=60)
+        probe = subprocess.run(
+            ["crun", "run", "--bundle", probe_bundle, next_id()], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         reply({"error": f"crun run failed: {e}"})
         return
@@ -650,7 +688,7 @@ def crun_worker(bundle: str, probe_bundle: str) -> None:
     for line in requests:
         argvs = [["crun", "run", "--bundle", bundle, next_id()] for _ in range(int(line))]
         it = iter(argvs)
-        result = timed_calls(lambda: subprocess.run(next(it)).returncode, len(argvs))
+        result = timed_calls(lambda it=it: subprocess.run(next(it)).returncode, len(argvs))
         if result.failures:  # a failed run may leave its state behind
             for argv in argvs:
                 subprocess.run(["crun", "delete", "-f", argv[-1]], stderr=subprocess.DEVNULL)
@@ -688,7 +726,7 @@ class Row:
         """samples_ms split into its rounds."""
         out, i = [], 0
         for k in self.batch_sizes:
-            out.append(self.samples_ms[i:i + k])
+            out.append(self.samples_ms[i : i + k])
             i += k
         return out
 
@@ -720,10 +758,21 @@ class Collector:
 
     def row(self) -> Row:
         t = self.tool
-        row = Row(t.key, t.name, t.command, t.namespaces, self.n, self.failures, note=t.note,
-                  samples_ms=[round(x * 1e3, 4) for x in self.samples],
-                  chunk_medians_ms=[x * 1e3 for x in self.chunk_medians], chunk_p90s_ms=[x * 1e3 for x in self.chunk_p90s],
-                  hardening=t.hardening, expected=t.expected, batch_sizes=list(self.batch_sizes))
+        row = Row(
+            t.key,
+            t.name,
+            t.command,
+            t.namespaces,
+            self.n,
+            self.failures,
+            note=t.note,
+            samples_ms=[round(x * 1e3, 4) for x in self.samples],
+            chunk_medians_ms=[x * 1e3 for x in self.chunk_medians],
+            chunk_p90s_ms=[x * 1e3 for x in self.chunk_p90s],
+            hardening=t.hardening,
+            expected=t.expected,
+            batch_sizes=list(self.batch_sizes),
+        )
         if self.samples:
             s = sorted(self.samples)
             row.median_ms, row.p90_ms = quantile(s, 0.5) * 1e3, quantile(s, 0.9) * 1e3
@@ -750,8 +799,9 @@ def measure(tools: List[Tool], runs: int, batch: int, chunks: int, warmup: int) 
     rounds = math.ceil(runs / batch)
     chunk_sizes = split(runs, chunks)
     # Round in which chunk i of the summarized tools runs: spread evenly over the rounds.
-    chunk_at = {min(rounds - 1, (2 * i + 1) * rounds // (2 * len(chunk_sizes))): size
-                for i, size in enumerate(chunk_sizes)}
+    chunk_at = {
+        min(rounds - 1, (2 * i + 1) * rounds // (2 * len(chunk_sizes))): size for i, size in enumerate(chunk_sizes)
+    }
     if len(chunk_at) < len(chunk_sizes):  # fewer rounds than chunks: one chunk per round
         chunk_at = dict(enumerate(split(runs, rounds)))
     # No auto-refresh: a refresh thread would compete with the timed calls for the GIL.
@@ -759,7 +809,7 @@ def measure(tools: List[Tool], runs: int, batch: int, chunks: int, warmup: int) 
         task = progress.add_task("measuring", total=rounds)
         for r in range(rounds):
             k = min(batch, runs - r * batch)
-            order = collectors[r % len(collectors):] + collectors[:r % len(collectors)]
+            order = collectors[r % len(collectors) :] + collectors[: r % len(collectors)]
             for c in order:
                 if isinstance(c.tool, SpawnLoop) and not c.tool.raw:
                     if r in chunk_at:
@@ -786,8 +836,11 @@ def machine() -> Dict[str, str]:
     """date (now), kernel, cpu and python: the head of every script's environment record."""
     cpu = "?"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return {
@@ -873,7 +926,9 @@ def _by_key(rows: List[Row]) -> Dict[str, Row]:
     return {r.key: r for r in rows if not r.skipped and r.median_ms is not None}
 
 
-def _delta(ref: Optional[Row], off: Optional[Row], resamples: int) -> Tuple[Optional[float], Optional[Tuple[float, float]]]:
+def _delta(
+    ref: Optional[Row], off: Optional[Row], resamples: int
+) -> Tuple[Optional[float], Optional[Tuple[float, float]]]:
     if ref is None or off is None or ref.median_ms is None or off.median_ms is None:
         return None, None
     ci = None
@@ -885,13 +940,16 @@ def _delta(ref: Optional[Row], off: Optional[Row], resamples: int) -> Tuple[Opti
 def costs(rows: List[Row], resamples: int) -> List[Cost]:
     by = _by_key(rows)
     out = []
-    for what, off in [*((STEP_NAMES[s], "no" + s) for s in STEPS), ("all four", "off"),
-                      ("the cgroup with its limits (cgroup=False)", "nocg")]:
+    for what, off in [
+        *((STEP_NAMES[s], "no" + s) for s in STEPS),
+        ("all four", "off"),
+        ("the cgroup with its limits (cgroup=False)", "nocg"),
+    ]:
         c = Cost(what, off)
         c.nsfast_ms, c.nsfast_ci = _delta(by.get("nsfast"), by.get(f"nsfast-{off}"), resamples)
         c.rust_ms, c.rust_ci = _delta(by.get("rust"), by.get(f"rust-{off}"), resamples)
         out.append(c)
-    steps = out[:len(STEPS)]
+    steps = out[: len(STEPS)]
     summed = Cost("sum of the four, one at a time", "")
     if all(c.nsfast_ms is not None for c in steps):
         summed.nsfast_ms = sum(c.nsfast_ms for c in steps)  # type: ignore[misc]
@@ -901,8 +959,9 @@ def costs(rows: List[Row], resamples: int) -> List[Cost]:
     return out
 
 
-def _ratio_target(what: str, num: Optional[Row], den: Optional[Row], goal: float, at_most: bool,
-                  resamples: int) -> Target:
+def _ratio_target(
+    what: str, num: Optional[Row], den: Optional[Row], goal: float, at_most: bool, resamples: int
+) -> Target:
     sign = "<=" if at_most else ">="
     if num is None or den is None or num.median_ms is None or den.median_ms is None:
         return Target(what, None, None, f"{sign} {goal:g}x", None)
@@ -917,10 +976,17 @@ def _ratio_target(what: str, num: Optional[Row], den: Optional[Row], goal: float
 def targets(rows: List[Row], resamples: int) -> List[Target]:
     by = _by_key(rows)
     return [
-        _ratio_target("nsfast.run / spawn_loop (the same hardened plan)", by.get("nsfast"), by.get("rust"),
-                      TARGET_VS_RUST, True, resamples),
-        _ratio_target("bwrap --unshare-all / nsfast.run", by.get("bwrap"), by.get("nsfast"), TARGET_VS_BWRAP, False,
-                      resamples),
+        _ratio_target(
+            "nsfast.run / spawn_loop (the same hardened plan)",
+            by.get("nsfast"),
+            by.get("rust"),
+            TARGET_VS_RUST,
+            True,
+            resamples,
+        ),
+        _ratio_target(
+            "bwrap --unshare-all / nsfast.run", by.get("bwrap"), by.get("nsfast"), TARGET_VS_BWRAP, False, resamples
+        ),
     ]
 
 
@@ -933,8 +999,12 @@ def _ci(ci: Optional[Tuple[float, float]], fmt: str = "{:+.3f}") -> str:
 
 
 def cost_cells(c: Cost) -> List[str]:
-    return [f"{c.nsfast_ms:+.3f}" if c.nsfast_ms is not None else "-", _ci(c.nsfast_ci),
-            f"{c.rust_ms:+.3f}" if c.rust_ms is not None else "-", _ci(c.rust_ci)]
+    return [
+        f"{c.nsfast_ms:+.3f}" if c.nsfast_ms is not None else "-",
+        _ci(c.nsfast_ci),
+        f"{c.rust_ms:+.3f}" if c.rust_ms is not None else "-",
+        _ci(c.rust_ci),
+    ]
 
 
 def target_text(t: Target) -> str:
@@ -943,8 +1013,13 @@ def target_text(t: Target) -> str:
     return ("PASS" if t.ok else "FAIL") + (f" (interval crosses {t.goal.split()[-1]})" if t.crosses else "")
 
 
-def rich_header(title: str, env: Mapping[str, Any], settings: Optional[str],
-                keys: Sequence[str] = ("kernel", "cpu", "python", "nsfast", "command"), width: int = 140) -> Console:
+def rich_header(
+    title: str,
+    env: Mapping[str, Any],
+    settings: Optional[str],
+    keys: Sequence[str] = ("kernel", "cpu", "python", "nsfast", "command"),
+    width: int = 140,
+) -> Console:
     """A rich Console (`width` columns unless on a terminal) that has printed the title with the
     date, the environment's `keys`, and unless settings is None a line with the load at start
     and end, then `settings`."""
@@ -955,44 +1030,74 @@ def rich_header(title: str, env: Mapping[str, Any], settings: Optional[str],
     for k in keys:
         console.print(f"  {k:8} {env[k]}", highlight=False, markup=False)
     if settings is not None:
-        console.print(f"  {'load':8} {' '.join(env['loadavg_start'])} at start, {' '.join(env['loadavg_end'])} at end"
-                      f"; {settings}", highlight=False)
+        console.print(
+            f"  {'load':8} {' '.join(env['loadavg_start'])} at start, {' '.join(env['loadavg_end'])} at end"
+            f"; {settings}",
+            highlight=False,
+        )
     return console
 
 
-def print_rich(rows: List[Row], cost_rows: List[Cost], goals: List[Target], env: Dict[str, Any],
-               args: argparse.Namespace) -> None:
+def print_rich(
+    rows: List[Row], cost_rows: List[Cost], goals: List[Target], env: Dict[str, Any], args: argparse.Namespace
+) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console = rich_header("Start latency of /bin/true in a sandbox", env,
-                          f"{args.runs} samples per tool, batches of {args.batch}, warm-up {args.warmup}", width=180)
+    console = rich_header(
+        "Start latency of /bin/true in a sandbox",
+        env,
+        f"{args.runs} samples per tool, batches of {args.batch}, warm-up {args.warmup}",
+        width=180,
+    )
     table = Table(show_edge=False)
-    for name, justify in [("tool", "left"), ("new namespaces", "left"), ("hardening", "left"), ("n", "right"),
-                          ("median ms", "right"), ("p90 ms", "right"), ("p99 ms", "right"),
-                          ("vs nsfast.run", "right"), ("ok", "left")]:
+    for name, justify in [
+        ("tool", "left"),
+        ("new namespaces", "left"),
+        ("hardening", "left"),
+        ("n", "right"),
+        ("median ms", "right"),
+        ("p90 ms", "right"),
+        ("p99 ms", "right"),
+        ("vs nsfast.run", "right"),
+        ("ok", "left"),
+    ]:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for r in rows:
         if r.skipped:
             table.add_row(escape(r.tool), "", "", "", "", "", "", "", "[yellow]skipped[/yellow]")
             continue
         ok = ok_text(r)
-        table.add_row(escape(r.tool) + (f" [dim]({r.chunks} chunks)[/dim]" if r.chunks else ""), r.namespaces,
-                      shown_text(r.hardening), str(r.n), _ms(r.median_ms), _ms(r.p90_ms), _ms(r.p99_ms),
-                      ratio_text(r.vs_nsfast) if r.key != "nsfast" else "(reference)",
-                      "[green]yes[/green]" if ok == "yes" else f"[red]{escape(ok)}[/red]")
+        table.add_row(
+            escape(r.tool) + (f" [dim]({r.chunks} chunks)[/dim]" if r.chunks else ""),
+            r.namespaces,
+            shown_text(r.hardening),
+            str(r.n),
+            _ms(r.median_ms),
+            _ms(r.p90_ms),
+            _ms(r.p99_ms),
+            ratio_text(r.vs_nsfast) if r.key != "nsfast" else "(reference)",
+            "[green]yes[/green]" if ok == "yes" else f"[red]{escape(ok)}[/red]",
+        )
     console.print(table)
     ct = Table(show_edge=False, title="What each step costs per spawn: median(default) - median(step off), ms")
-    for name, justify in [("step", "left"), ("nsfast.run", "right"), ("95% bootstrap", "right"),
-                          ("spawn_loop", "right"), ("95% bootstrap", "right")]:
+    for name, justify in [
+        ("step", "left"),
+        ("nsfast.run", "right"),
+        ("95% bootstrap", "right"),
+        ("spawn_loop", "right"),
+        ("95% bootstrap", "right"),
+    ]:
         ct.add_column(name, justify=justify)  # type: ignore[arg-type]
     for c in cost_rows:
         ct.add_row(escape(c.what), *cost_cells(c))
     console.print(ct)
     console.print("[bold]Targets[/bold] (verdict by the point estimate; 95% bootstrap over rounds):")
     for t in goals:
-        console.print(f"  {escape(t.what)}: {_ms(t.ratio)}x {_ci(t.ci, '{:.2f}')} (goal {t.goal}): "
-                      f"[bold]{target_text(t)}[/bold]", highlight=False)
+        console.print(
+            f"  {escape(t.what)}: {_ms(t.ratio)}x {_ci(t.ci, '{:.2f}')} (goal {t.goal}): [bold]{target_text(t)}[/bold]",
+            highlight=False,
+        )
     console.print("[bold]Commands[/bold] (one sample each):")
     for r in rows:
         if r.command:
@@ -1008,27 +1113,38 @@ def print_rich(rows: List[Row], cost_rows: List[Cost], goals: List[Target], env:
 
 
 def markdown(rows: List[Row], env: Dict[str, Any], cost_rows: Sequence[Cost] = (), goals: Sequence[Target] = ()) -> str:
-    lines = ["| tool | new namespaces | hardening | median ms | p90 ms | p99 ms | vs nsfast.run | ok |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| tool | new namespaces | hardening | median ms | p90 ms | p99 ms | vs nsfast.run | ok |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         if r.skipped:
             lines.append(f"| {r.tool} | | | | | | | skipped: {r.skipped.splitlines()[0][:80]} |")
             continue
         vs = "(reference)" if r.key == "nsfast" else ratio_text(r.vs_nsfast)
         chunks = f" ({r.chunks} chunks)" if r.chunks else ""
-        lines.append(f"| `{r.tool}`{chunks} | {r.namespaces} | {shown_text(r.hardening)} | {_ms(r.median_ms)} | "
-                     f"{_ms(r.p90_ms)} | {_ms(r.p99_ms)} | {vs} | {ok_text(r)} |")
+        lines.append(
+            f"| `{r.tool}`{chunks} | {r.namespaces} | {shown_text(r.hardening)} | {_ms(r.median_ms)} | "
+            f"{_ms(r.p90_ms)} | {_ms(r.p99_ms)} | {vs} | {ok_text(r)} |"
+        )
     lines.append("")
-    lines.append(f"{env['date']}, {env['kernel'].split()[1]}, {env['cpu']}, {env['python']}; "
-                 f"n = {max((r.n for r in rows), default=0)} per tool; `{env['command']}`")
+    lines.append(
+        f"{env['date']}, {env['kernel'].split()[1]}, {env['cpu']}, {env['python']}; "
+        f"n = {max((r.n for r in rows), default=0)} per tool; `{env['command']}`"
+    )
     if cost_rows:
-        lines += ["", "| step (cost per spawn) | nsfast.run Δ median ms | 95% bootstrap | spawn_loop Δ median ms | "
-                  "95% bootstrap |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| step (cost per spawn) | nsfast.run Δ median ms | 95% bootstrap | spawn_loop Δ median ms | "
+            "95% bootstrap |",
+            "|---|---:|---:|---:|---:|",
+        ]
         lines += ["| " + " | ".join([c.what, *cost_cells(c)]) + " |" for c in cost_rows]
     if goals:
         lines += ["", "| target | ratio | 95% bootstrap | goal | verdict |", "|---|---:|---:|---|---|"]
-        lines += [f"| {t.what} | {_ms(t.ratio)}x | {_ci(t.ci, '{:.2f}')} | {t.goal} | **{target_text(t)}** |"
-                  for t in goals]
+        lines += [
+            f"| {t.what} | {_ms(t.ratio)}x | {_ci(t.ci, '{:.2f}')} | {t.goal} | **{target_text(t)}** |" for t in goals
+        ]
     return "\n".join(lines)
 
 
@@ -1051,16 +1167,22 @@ def candidates(spawn_loop: Path) -> List[Tool]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--runs", type=int, default=200, help="samples per tool (default 200)")
     p.add_argument("--quick", action="store_true", help="50 samples per tool (overrides --runs)")
     p.add_argument("--batch", type=int, default=5, help="samples per tool per round (default 5)")
     p.add_argument("--chunks", type=int, default=5, help=argparse.SUPPRESS)  # for summary-only spawn_loops
     p.add_argument("--warmup", type=int, default=10, help="unrecorded runs per tool first (default 10)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples, 0 for none (default 2000)")
-    p.add_argument("--skip", default="", help="comma list of tools (glob patterns) to leave out: nsfast, "
-                   "nsfast-no{userns,seccomp,masks,limits}, nsfast-off, nsfast-nocg, rust, rust-no..., rust-off, "
-                   "rust-nocg, unshare, bwrap, crun, subprocess; e.g. 'rust-*,crun'")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma list of tools (glob patterns) to leave out: nsfast, "
+        "nsfast-no{userns,seccomp,masks,limits}, nsfast-off, nsfast-nocg, rust, rust-no..., rust-off, "
+        "rust-nocg, unshare, bwrap, crun, subprocess; e.g. 'rust-*,crun'",
+    )
     p.add_argument("--spawn-loop", type=Path, default=SPAWN_LOOP, help="the spawn_loop binary (built if missing)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--markdown", action="store_true", help="also print Markdown tables")
@@ -1102,10 +1224,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         print()
         print(markdown(rows, env, cost_rows, goals))
     if args.json:
-        args.json.write_text(json.dumps({"environment": env, "settings": {k: v for k, v in vars(args).items()
-                                        if k in ("runs", "batch", "chunks", "warmup", "bootstrap", "skip")},
-                                         "results": [asdict(r) for r in rows], "costs": [asdict(c) for c in cost_rows],
-                                         "targets": [asdict(t) for t in goals]}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "environment": env,
+                    "settings": {
+                        k: v
+                        for k, v in vars(args).items()
+                        if k in ("runs", "batch", "chunks", "warmup", "bootstrap", "skip")
+                    },
+                    "results": [asdict(r) for r in rows],
+                    "costs": [asdict(c) for c in cost_rows],
+                    "targets": [asdict(t) for t in goals],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0 if all(ok_text(r) == "yes" for r in rows if not r.skipped) else 1
 
 

@@ -18,7 +18,16 @@ fn main() {
         .args(["-C", "opt-level=s", "-C", "panic=abort", "-C", "strip=symbols", "-C", "codegen-units=1"])
         // No libc, no start files: rt.rs has the entry point and the few functions needed.
         .args(["-C", "relocation-model=static", "-C", "target-feature=+crt-static"])
-        .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib", "-C", "link-arg=-static", "-C", "link-arg=-no-pie"])
+        .args([
+            "-C",
+            "link-arg=-nostartfiles",
+            "-C",
+            "link-arg=-nostdlib",
+            "-C",
+            "link-arg=-static",
+            "-C",
+            "link-arg=-no-pie",
+        ])
         .args(["--target", &target, "-o"])
         .arg(&out)
         .arg("init/main.rs")

@@ -41,7 +41,9 @@ PY_ERRNO = (
 
 # These tests are written for the root CI VM (uid=, capabilities= and the other root-only
 # paths); rootless behaviour is covered by test_rootless, which drops to nobody itself.
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs as root (rootless is covered by test_rootless via setpriv)")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="runs as root (rootless is covered by test_rootless via setpriv)"
+)
 # Every module of this suite: root, and no child process (a sandbox or a helper) left behind.
 suite = [needs_root, pytest.mark.usefixtures("no_child_left")]
 

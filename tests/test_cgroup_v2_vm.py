@@ -17,16 +17,31 @@ RUN_VM = os.path.join(REPO, "tests", "vm", "run-vm.sh")
 
 
 @pytest.mark.timeout(1800)
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
-                    reason="qemu-system-x86_64 is not installed (.ci/run installs qemu-system-x86)")
+@pytest.mark.skipif(
+    shutil.which("qemu-system-x86_64") is None,
+    reason="qemu-system-x86_64 is not installed (.ci/run installs qemu-system-x86)",
+)
 def test_cgroup_module_passes_on_pure_cgroup_v2():
     env = dict(os.environ, NSFAST_IN_VM="1", NSFAST_EXPECT_CGROUP="2")
     # The cgroup module, plus exec into a container's v2 cgroup (CLONE_INTO_CGROUP under
     # the container's cgroup namespace, which nsdelegate makes strict).
-    cmd = [RUN_VM, "--timeout", "1500", "--", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "-o", "addopts=", "tests/test_cgroups.py",
-           "tests/test_container.py::test_exec_joins_the_container_cgroup",
-           "tests/test_container.py::test_exec_joins_every_namespace_of_the_container"]
+    cmd = [
+        RUN_VM,
+        "--timeout",
+        "1500",
+        "--",
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        "tests/test_cgroups.py",
+        "tests/test_container.py::test_exec_joins_the_container_cgroup",
+        "tests/test_container.py::test_exec_joins_every_namespace_of_the_container",
+    ]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1700)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import psutil
@@ -83,8 +82,13 @@ def test_cgroup_namespace_is_rooted_at_the_sandbox_cgroup():
 
 def test_memory_limit_oom_kills_and_reports_it():
     hog = "b = bytearray(200 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('survived')"
-    r = nsfast.run([PY, "-c", hog], limits=nsfast.Limits(memory="64M", memory_swap="64M"), capture_output=True,
-                   text=True, timeout=120)
+    r = nsfast.run(
+        [PY, "-c", hog],
+        limits=nsfast.Limits(memory="64M", memory_swap="64M"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == -9, r
     assert "survived" not in r.stdout
     assert r.usage.oom_killed is True
@@ -131,8 +135,9 @@ def test_unlimited_busy_loop_uses_its_wall_time_in_cpu():
 
 
 def test_cpuset_pins_the_sandbox():
-    r = nsfast.run(["cat", "/proc/self/status"], limits=nsfast.Limits(cpuset="0"), capture_output=True, text=True,
-                   check=True)
+    r = nsfast.run(
+        ["cat", "/proc/self/status"], limits=nsfast.Limits(cpuset="0"), capture_output=True, text=True, check=True
+    )
     allowed = [l for l in r.stdout.splitlines() if l.startswith("Cpus_allowed_list:")]
     assert allowed and allowed[0].split()[-1] == "0", allowed
 
@@ -144,8 +149,9 @@ def sleeper_pids(marker: str) -> list[int]:
 @pytest.mark.parametrize("namespaces", [nsfast.DEFAULT_NAMESPACES, ("mnt", "uts")], ids=["pidns", "no-pidns"])
 def test_kill_ends_every_process_of_the_sandbox(namespaces):
     marker = "1234.5" if "pid" in namespaces else "2345.5"
-    p = nsfast.spawn(["sh", "-c", f"sleep {marker} & sleep {marker} & setsid sleep {marker} & wait"],
-                     namespaces=namespaces)
+    p = nsfast.spawn(
+        ["sh", "-c", f"sleep {marker} & sleep {marker} & setsid sleep {marker} & wait"], namespaces=namespaces
+    )
     deadline = time.monotonic() + 10
     while len(sleeper_pids(marker)) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -171,17 +177,20 @@ def test_cgroup_false_turns_cgroups_off():
     assert r.usage.memory_peak_bytes is None and r.usage.pids_peak is None
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(memory="lots"), "Limits.memory"),
-    (dict(memory=-1), "Limits.memory"),
-    (dict(memory=1000), "Limits.memory"),
-    (dict(memory="64M", memory_swap="32M"), "Limits.memory_swap"),
-    (dict(pids=0), "Limits.pids"),
-    (dict(cpu=0), "Limits.cpu"),
-    (dict(cpu=float("nan")), "Limits.cpu"),
-    (dict(cpuset="99"), "Limits.cpuset"),
-    (dict(cpuset="a-b"), "Limits.cpuset"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(memory="lots"), "Limits.memory"),
+        (dict(memory=-1), "Limits.memory"),
+        (dict(memory=1000), "Limits.memory"),
+        (dict(memory="64M", memory_swap="32M"), "Limits.memory_swap"),
+        (dict(pids=0), "Limits.pids"),
+        (dict(cpu=0), "Limits.cpu"),
+        (dict(cpu=float("nan")), "Limits.cpu"),
+        (dict(cpuset="99"), "Limits.cpuset"),
+        (dict(cpuset="a-b"), "Limits.cpuset"),
+    ],
+)
 def test_invalid_limits_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         nsfast.Limits(**kwargs)
@@ -280,9 +289,15 @@ def run_as_nobody(prefix: str = ""):
     if not (os.path.exists("/usr/bin/python3") and shutil.which("setpriv")):
         pytest.skip("needs /usr/bin/python3 and setpriv to run as an unprivileged user")
     pkg = os.path.dirname(os.path.dirname(nsfast.__file__))
-    cmd = f"{prefix}exec setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 -c \"$0\""
-    r = subprocess.run(["sh", "-c", cmd, ROOTLESS_SCRIPT], env={"PYTHONPATH": pkg, "PATH": os.environ["PATH"]},
-                       capture_output=True, text=True, timeout=300, cwd="/")
+    cmd = f'{prefix}exec setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 -c "$0"'
+    r = subprocess.run(
+        ["sh", "-c", cmd, ROOTLESS_SCRIPT],
+        env={"PYTHONPATH": pkg, "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.splitlines()[-1])
 

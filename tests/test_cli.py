@@ -16,15 +16,15 @@ import psutil
 import pytest
 
 import nsfast
-
 from conftest import PY_ERRNO, PYTHON_SRC, suite
 
 pytestmark = suite
 
 
 def nsfast_cli(*args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nsfast", *args], input=input, capture_output=True, text=True,
-                          timeout=timeout, cwd="/")
+    return subprocess.run(
+        [sys.executable, "-m", "nsfast", *args], input=input, capture_output=True, text=True, timeout=timeout, cwd="/"
+    )
 
 
 def test_hostname_flag():
@@ -56,13 +56,25 @@ def test_bind_flag_is_writable(tmp_path):
 
 def test_tmpfs_flag_and_mount_order(tmp_path):
     (tmp_path / "f").write_text("bound\n")
-    r = nsfast_cli("run", "--tmpfs", "/srv", "--ro-bind", str(tmp_path), "/srv/sub", "--", "sh", "-c",
-                   "ls /srv; cat /srv/sub/f; echo x > /srv/new && cat /srv/new")
+    r = nsfast_cli(
+        "run",
+        "--tmpfs",
+        "/srv",
+        "--ro-bind",
+        str(tmp_path),
+        "/srv/sub",
+        "--",
+        "sh",
+        "-c",
+        "ls /srv; cat /srv/sub/f; echo x > /srv/new && cat /srv/new",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "sub\nbound\nx\n"
 
 
-@pytest.mark.parametrize("flags", [[], ["--unshare-net"], ["--unshare-all"]], ids=["default", "unshare-net", "unshare-all"])
+@pytest.mark.parametrize(
+    "flags", [[], ["--unshare-net"], ["--unshare-all"]], ids=["default", "unshare-net", "unshare-all"]
+)
 def test_network_is_unshared(flags):
     r = nsfast_cli("run", *flags, "--", "sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1")
     assert r.returncode == 0, r.stderr
@@ -112,8 +124,21 @@ def test_stdio_is_inherited():
 
 
 def test_setenv_chdir_uid_and_init_flags():
-    r = nsfast_cli("run", "--setenv", "GREETING", "hi there", "--chdir", "/usr", "--uid", "123", "--init", "--",
-                   "sh", "-c", 'echo "$GREETING"; pwd; id -u; echo $$')
+    r = nsfast_cli(
+        "run",
+        "--setenv",
+        "GREETING",
+        "hi there",
+        "--chdir",
+        "/usr",
+        "--uid",
+        "123",
+        "--init",
+        "--",
+        "sh",
+        "-c",
+        'echo "$GREETING"; pwd; id -u; echo $$',
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["hi there", "/usr", "123", "2"]
 
@@ -159,15 +184,16 @@ def test_run_help_lists_the_borrowed_flags():
 SETSID = shutil.which("setsid")
 
 
-def run_on_a_terminal(*argv: str) -> "tuple[subprocess.CompletedProcess, int]":
+def run_on_a_terminal(*argv: str) -> tuple[subprocess.CompletedProcess, int]:
     """Run argv as the leader of a new session whose controlling terminal is a fresh pty on its
     stdin (a user's shell, in small), stdout/stderr captured. Returns the result and how many
     bytes are then waiting to be read from the terminal (what a shell would read next)."""
     master, slave = os.openpty()
     try:
         tty.setraw(slave)  # count every byte typed, not just whole lines
-        r = subprocess.run([SETSID, "--wait", "--ctty", *argv], stdin=slave, capture_output=True, text=True,
-                           timeout=60, cwd="/")
+        r = subprocess.run(
+            [SETSID, "--wait", "--ctty", *argv], stdin=slave, capture_output=True, text=True, timeout=60, cwd="/"
+        )
         pending = struct.unpack("i", fcntl.ioctl(slave, termios.FIONREAD, b"\0" * 4))[0]
     finally:
         os.close(slave)
@@ -175,12 +201,15 @@ def run_on_a_terminal(*argv: str) -> "tuple[subprocess.CompletedProcess, int]":
     return r, pending
 
 
-TERMINAL_PROBE = PY_ERRNO + """\
+TERMINAL_PROBE = (
+    PY_ERRNO
+    + """\
 import fcntl, os, termios
 print(json.dumps({"sid": os.getsid(0), "pid": os.getpid(),
                   "open /dev/tty": attempt(lambda: os.close(os.open("/dev/tty", os.O_RDWR))),
                   "TIOCSTI": attempt(lambda: fcntl.ioctl(0, termios.TIOCSTI, b"x"))}))
 """
+)
 
 
 @pytest.mark.skipif(SETSID is None, reason="needs setsid (util-linux)")
@@ -198,8 +227,17 @@ def test_the_probe_sees_the_terminal_when_not_sandboxed():
 @pytest.mark.skipif(SETSID is None, reason="needs setsid (util-linux)")
 @pytest.mark.parametrize("flags", [[], ["--init"], ["--share-pid"]], ids=["default", "init", "no-pid-ns"])
 def test_sandbox_runs_in_its_own_session_without_the_callers_terminal(flags):
-    r, pending = run_on_a_terminal(sys.executable, "-m", "nsfast", "run", *flags, "--", "python3", "-c",
-                                   TERMINAL_PROBE + "print('on stdout'); print('on stderr', file=sys.stderr)")
+    r, pending = run_on_a_terminal(
+        sys.executable,
+        "-m",
+        "nsfast",
+        "run",
+        *flags,
+        "--",
+        "python3",
+        "-c",
+        TERMINAL_PROBE + "print('on stdout'); print('on stderr', file=sys.stderr)",
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     probe = json.loads(lines[0])
@@ -221,8 +259,14 @@ def test_sandbox_cannot_type_into_the_callers_terminal_cve_2017_5226():
 
 
 def test_stdin_still_reaches_a_sandbox_in_its_own_session():
-    r = nsfast_cli("run", "--", "python3", "-c", "import os, sys; print(os.getsid(0) == os.getpid(), sys.stdin.read())",
-                   input="typed")
+    r = nsfast_cli(
+        "run",
+        "--",
+        "python3",
+        "-c",
+        "import os, sys; print(os.getsid(0) == os.getpid(), sys.stdin.read())",
+        input="typed",
+    )
     assert (r.returncode, r.stdout) == (0, "True typed\n")
 
 
@@ -236,8 +280,22 @@ def test_version_unknown_flags_and_unreadable_namespaces_give_clear_errors():
     assert nsfast_cli("run", "--", "sh", "-c", "echo --bogus").stdout == "--bogus\n"  # after --: the command's
     # A sandbox (as nobody, from a rootless caller) cannot read root's /proc/PID/ns.
     # (The system python: this venv's may live under a 0700 /root.)
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-m", "nsfast",
-                        "ns", str(os.getpid())], capture_output=True, text=True, timeout=60,
-                       env={"PYTHONPATH": PYTHON_SRC, "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-m",
+            "nsfast",
+            "ns",
+            str(os.getpid()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": PYTHON_SRC, "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith(f"nsfast: cannot read the namespaces of {os.getpid()}: "), r.stderr

@@ -40,8 +40,9 @@ def inode_table(pid):
 
 
 def test_exec_joins_every_namespace_of_the_container(busybox_root):
-    with nsfast.Container(["tail", "-f", "/dev/null"], rootfs=busybox_root, hostname="box",
-                          env={"PATH": "/bin"}, stop_timeout=0.1) as c:
+    with nsfast.Container(
+        ["tail", "-f", "/dev/null"], rootfs=busybox_root, hostname="box", env={"PATH": "/bin"}, stop_timeout=0.1
+    ) as c:
         p = c.spawn(["sleep", "30"])
         try:
             same = nsfast.compare_namespaces(c.pid, p.pid)
@@ -58,10 +59,17 @@ def test_exec_joins_every_namespace_of_the_container(busybox_root):
 
 
 def test_exec_sees_the_container_view(busybox_root):
-    with nsfast.Container(["tail", "-f", "/dev/null"], rootfs=busybox_root, hostname="box", cwd="/tmp",
-                          env={"PATH": "/bin", "MARK": "container"}, stop_timeout=0.1) as c:
-        r = c.exec(["sh", "-c", "hostname; pwd; echo $MARK; ls /; ps -o pid,args"], capture_output=True, text=True,
-                   check=True)
+    with nsfast.Container(
+        ["tail", "-f", "/dev/null"],
+        rootfs=busybox_root,
+        hostname="box",
+        cwd="/tmp",
+        env={"PATH": "/bin", "MARK": "container"},
+        stop_timeout=0.1,
+    ) as c:
+        r = c.exec(
+            ["sh", "-c", "hostname; pwd; echo $MARK; ls /; ps -o pid,args"], capture_output=True, text=True, check=True
+        )
         lines = r.stdout.splitlines()
         assert lines[0] == "box"
         assert lines[1] == "/tmp"
@@ -71,8 +79,13 @@ def test_exec_sees_the_container_view(busybox_root):
         assert ps[1].split(None, 1) == ["1", "tail -f /dev/null"], ps
         assert len(ps) <= 4, ps  # header, tail, sh, ps: nothing of the host
         # env= and cwd= override the container's.
-        r = c.exec(["sh", "-c", "pwd; echo $MARK"], env={"PATH": "/bin", "MARK": "mine"}, cwd="/", capture_output=True,
-                   text=True)
+        r = c.exec(
+            ["sh", "-c", "pwd; echo $MARK"],
+            env={"PATH": "/bin", "MARK": "mine"},
+            cwd="/",
+            capture_output=True,
+            text=True,
+        )
         assert r.stdout == "/\nmine\n"
 
 
@@ -95,8 +108,17 @@ def test_exec_joins_the_container_cgroup():
 
 def test_idle_init_is_pid_1_and_reaps():
     with nsfast.Container() as c:
-        r = c.exec(["sh", "-c", "sh -c 'sleep 0.1 &'; sleep 0.4; cat /proc/1/cmdline | tr '\\0' ' '; "
-                                "cat /proc/[0-9]*/stat | cut -d' ' -f3"], capture_output=True, text=True, check=True)
+        r = c.exec(
+            [
+                "sh",
+                "-c",
+                "sh -c 'sleep 0.1 &'; sleep 0.4; cat /proc/1/cmdline | tr '\\0' ' '; "
+                "cat /proc/[0-9]*/stat | cut -d' ' -f3",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         first, *states = r.stdout.splitlines()
         assert first.startswith("nsfast-init")
         assert "Z" not in states, r.stdout
@@ -151,8 +173,11 @@ def test_exception_in_with_block_kills_and_cleans_up():
 def test_50_concurrent_execs():
     with nsfast.Container(hostname="conc") as c:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(lambda i: c.exec(["sh", "-c", f"echo {i} $(hostname)"], capture_output=True,
-                                                     text=True), range(50)))
+            results = list(
+                pool.map(
+                    lambda i: c.exec(["sh", "-c", f"echo {i} $(hostname)"], capture_output=True, text=True), range(50)
+                )
+            )
     assert [r.returncode for r in results] == [0] * 50
     assert [r.stdout for r in results] == [f"{i} conc\n" for i in range(50)]
 
@@ -169,8 +194,20 @@ def test_500_execs_leak_nothing():
 
 
 def test_enter_a_process_started_by_unshare():
-    outer = subprocess.Popen(["unshare", "--fork", "--pid", "--mount-proc", "--uts", "--ipc", "--net",
-                              "sh", "-c", "hostname from-unshare; exec sleep 60"])
+    outer = subprocess.Popen(
+        [
+            "unshare",
+            "--fork",
+            "--pid",
+            "--mount-proc",
+            "--uts",
+            "--ipc",
+            "--net",
+            "sh",
+            "-c",
+            "hostname from-unshare; exec sleep 60",
+        ]
+    )
     try:
         deadline = time.monotonic() + 5
         target = None
@@ -180,8 +217,13 @@ def test_enter_a_process_started_by_unshare():
                 target = kids[0].pid
             time.sleep(0.01)
         assert target is not None
-        r = nsfast.enter(target, ["sh", "-c", "hostname; ls /proc | grep -c '^[0-9]'; readlink /proc/self/ns/net"],
-                         capture_output=True, text=True, check=True)
+        r = nsfast.enter(
+            target,
+            ["sh", "-c", "hostname; ls /proc | grep -c '^[0-9]'; readlink /proc/self/ns/net"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         name, nprocs, net = r.stdout.split()
         assert name == "from-unshare"
         assert int(nprocs) <= 4  # sleep, sh, ls, grep: only that namespace's processes
@@ -200,15 +242,33 @@ def test_enter_a_process_started_by_unshare():
 
 # -- the CLI --------------------------------------------------------------------------------
 
+
 def cli(*args, check=False, **kw):
-    return subprocess.run([sys.executable, "-m", "nsfast", *args], capture_output=True, text=True, check=check,
-                          timeout=60, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "nsfast", *args], capture_output=True, text=True, check=check, timeout=60, **kw
+    )
 
 
 def test_cli_detached_container_walkthrough(busybox_root):
     name = f"t{os.getpid()}"
-    r = cli("run", "-d", "--name", name, "--rootfs", busybox_root, "--hostname", "bb", "--setenv", "PATH", "/bin",
-            "--", "tail", "-f", "/dev/null", check=True)
+    r = cli(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--rootfs",
+        busybox_root,
+        "--hostname",
+        "bb",
+        "--setenv",
+        "PATH",
+        "/bin",
+        "--",
+        "tail",
+        "-f",
+        "/dev/null",
+        check=True,
+    )
     assert r.stdout.strip() == name
     try:
         with open(f"/run/nsfast/{name}/state.json") as f:
@@ -229,8 +289,14 @@ def test_cli_detached_container_walkthrough(busybox_root):
             deadline = time.monotonic() + 30
             sleeper = None
             while sleeper is None and time.monotonic() < deadline:
-                sleeper = next((p.pid for p in psutil.process_iter(["cmdline"])
-                                if p.info["cmdline"] == ["sleep", "30"] and p.pid != execd.pid), None)
+                sleeper = next(
+                    (
+                        p.pid
+                        for p in psutil.process_iter(["cmdline"])
+                        if p.info["cmdline"] == ["sleep", "30"] and p.pid != execd.pid
+                    ),
+                    None,
+                )
                 time.sleep(0.01)
             assert sleeper is not None
             table = cli("ns", str(pid), str(sleeper), check=True).stdout.splitlines()
@@ -257,8 +323,20 @@ def test_cli_reports_stale_state():
     dead = subprocess.Popen(["true"])
     dead.wait()
     with open(f"{d}/state.json", "w") as f:
-        json.dump({"name": name, "pid": dead.pid, "start_time": 1, "command": ["sleep", "1"], "created": time.time(),
-                   "env": {}, "cwd": "/", "cgroup_paths": [], "namespaces": []}, f)
+        json.dump(
+            {
+                "name": name,
+                "pid": dead.pid,
+                "start_time": 1,
+                "command": ["sleep", "1"],
+                "created": time.time(),
+                "env": {},
+                "cwd": "/",
+                "cgroup_paths": [],
+                "namespaces": [],
+            },
+            f,
+        )
     try:
         row = [l for l in cli("ps", check=True).stdout.splitlines() if l.startswith(name + " ")]
         assert row and "stale" in row[0]
@@ -290,13 +368,20 @@ with nsfast.Container(hostname="rl") as c:
 """
 
 
-@pytest.mark.skipif(not (os.path.exists("/usr/bin/python3") and shutil.which("setpriv")),
-                    reason="needs /usr/bin/python3 and setpriv to run as an unprivileged user")
+@pytest.mark.skipif(
+    not (os.path.exists("/usr/bin/python3") and shutil.which("setpriv")),
+    reason="needs /usr/bin/python3 and setpriv to run as an unprivileged user",
+)
 def test_rootless_container_exec_joins_the_user_namespace_first():
     pkg = os.path.dirname(os.path.dirname(nsfast.__file__))
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
-                        ROOTLESS_SCRIPT], env={"PYTHONPATH": pkg, "PATH": os.environ["PATH"]}, capture_output=True,
-                       text=True, timeout=60, cwd="/")
+    r = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", ROOTLESS_SCRIPT],
+        env={"PYTHONPATH": pkg, "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.splitlines()[-1])
     assert res["out"] == "0\nrl\n"
@@ -323,8 +408,14 @@ def test_mount_targets_in_a_rootfs_resolve_inside_it(busybox_root, tmp_path):
     os.symlink("/etc", root / "data")
     (tmp_path / "payload").mkdir()
     (tmp_path / "payload" / "marker").write_text("bound\n")
-    r = nsfast.run(["sh", "-c", "cat /etc/marker; ls /data/"], rootfs=str(root), env={"PATH": "/bin"},
-                   mounts=[nsfast.Bind(str(tmp_path / "payload"), "/data")], capture_output=True, text=True)
+    r = nsfast.run(
+        ["sh", "-c", "cat /etc/marker; ls /data/"],
+        rootfs=str(root),
+        env={"PATH": "/bin"},
+        mounts=[nsfast.Bind(str(tmp_path / "payload"), "/data")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and r.stdout == "bound\nmarker\n", r
     os.rmdir(root / "tmp")
     os.symlink("/var", root / "tmp")
@@ -438,8 +529,14 @@ def test_exec_never_exposes_the_caller(caller):
         pytest.skip("needs setpriv to run as an unprivileged user")
     marker = f"nsfast-marker-{os.urandom(8).hex()}"
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": PYTHON_SRC, "NSFAST_TEST_MARKER": marker}
-    p = subprocess.run([*prefix, "/usr/bin/python3", "-c", ATTACK_CALLER, ATTACKER, "3", json.dumps(fields)],
-                       env=env, capture_output=True, text=True, timeout=90, cwd="/")
+    p = subprocess.run(
+        [*prefix, "/usr/bin/python3", "-c", ATTACK_CALLER, ATTACKER, "3", json.dumps(fields)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd="/",
+    )
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout.splitlines()[-1])
     assert res["errors"] == [] and res["execs"] >= 20, res
@@ -462,7 +559,9 @@ def test_exec_joins_the_user_namespace_the_container_had_at_start():
 
 def exec_cgroups():
     mine = f"sb-{os.getpid()}-*"
-    return sorted(glob.glob(f"/sys/fs/cgroup/unified/nsfast/{mine}/exec-*/") + glob.glob(f"/sys/fs/cgroup/nsfast/{mine}/exec-*/"))
+    return sorted(
+        glob.glob(f"/sys/fs/cgroup/unified/nsfast/{mine}/exec-*/") + glob.glob(f"/sys/fs/cgroup/nsfast/{mine}/exec-*/")
+    )
 
 
 def sleeping(seconds):
@@ -498,7 +597,10 @@ def test_exec_timeout_kills_the_whole_tree_and_a_normal_exit_does_not():
     assert exec_cgroups() == [] and sandbox_cgroups() == []
 
 
-@pytest.mark.parametrize("cwd", [f"/proc/self/fd/{n}" for n in range(10)] + ["/proc/self/cwd", "/proc/self/root", "/proc/1/root", "/proc/1/cwd"])
+@pytest.mark.parametrize(
+    "cwd",
+    [f"/proc/self/fd/{n}" for n in range(10)] + ["/proc/self/cwd", "/proc/self/root", "/proc/1/root", "/proc/1/cwd"],
+)
 def test_exec_refuses_a_magic_link_cwd(cwd, tmp_path):
     """Attack (CVE-2024-21626): a cwd through one of the exec's own fds (or another process's
     root/cwd link) would land in a host directory; it must be refused, not resolved."""
@@ -506,7 +608,9 @@ def test_exec_refuses_a_magic_link_cwd(cwd, tmp_path):
         for start in (c.exec, lambda *a, **k: nsfast.enter(c.pid, *a, **k)):
             with pytest.raises(nsfast.SpawnError) as err:
                 start(["sh", "-c", f"touch {tmp_path}/ran; pwd"], cwd=cwd, capture_output=True, text=True)
-            assert err.value.step == "chdir" and err.value.errno in (40, 2, 20), err.value  # ELOOP (ENOENT/ENOTDIR: no such fd)
+            assert err.value.step == "chdir" and err.value.errno in (40, 2, 20), (
+                err.value
+            )  # ELOOP (ENOENT/ENOTDIR: no such fd)
         # A symlink a container process planted to a magic link is refused the same way.
         c.exec(["sh", "-c", f"ln -s {cwd} /tmp/planted"], check=True)
         with pytest.raises(nsfast.SpawnError) as err:

@@ -84,8 +84,11 @@ def test_spec_is_validated_on_construction():
     assert spec.capabilities == ("CAP_NET_ADMIN",)
 
 
-@pytest.mark.parametrize("args, exc_type", [([], ValueError), (["ec\0ho"], ValueError), ([1], TypeError)],
-                         ids=["empty", "nul-byte", "not-a-string"])
+@pytest.mark.parametrize(
+    "args, exc_type",
+    [([], ValueError), (["ec\0ho"], ValueError), ([1], TypeError)],
+    ids=["empty", "nul-byte", "not-a-string"],
+)
 def test_invalid_args_are_rejected(args, exc_type):
     with pytest.raises(exc_type, match="args"):
         nsfast.run(args)

@@ -28,7 +28,7 @@ import pytest
 
 import nsfast
 from conftest import PY_ERRNO, PYTHON_SRC, py, running_with_cmdline, suite, wait_until
-from test_rootless import NOBODY, SETPRIV, SYSTEM_PYTHON, _userns_disabled_reason, as_nobody, nobody_dir  # noqa: F401
+from test_rootless import NOBODY, SETPRIV, SYSTEM_PYTHON, _userns_disabled_reason, as_nobody, nobody_dir  # noqa: F401 (nobody_dir is a fixture)
 
 pytestmark = suite
 
@@ -38,8 +38,15 @@ EVERYWHERE = [RUN, ROOTFS, EXEC]
 SANDBOX_ID_BASE = 0x70000000  # the documented value of nsfast.SANDBOX_ID_BASE
 
 SYSCTLS = ["kernel/core_pattern", "vm/swappiness", "kernel/randomize_va_space", "fs/protected_symlinks"]
-MASKED = ["/proc/keys", "/proc/timer_list", "/proc/kcore", "/proc/sched_debug", "/proc/acpi", "/proc/scsi",
-          "/sys/firmware"]
+MASKED = [
+    "/proc/keys",
+    "/proc/timer_list",
+    "/proc/kcore",
+    "/proc/sched_debug",
+    "/proc/acpi",
+    "/proc/scsi",
+    "/sys/firmware",
+]
 # What reading a masked path may give: nothing (an empty file or directory), a refusal, or
 # absence (this kernel has no /proc/sched_debug or /proc/scsi).
 MASKED_OK = {"empty", "EACCES", "EPERM", "ENOENT"}
@@ -101,8 +108,10 @@ def nobody_inside(code: str, spec_src: str = "", where: str = RUN):
     `spec_src` is Python source of extra keyword arguments (", mounts=[...]")."""
     args = repr(["python3", "-c", PY_ERRNO + code])
     if where == EXEC:
-        call = (f"with nsfast.Container(stop_timeout=1{spec_src}) as c:\n"
-                f"    r = c.exec({args}, capture_output=True, text=True, timeout=60)\n")
+        call = (
+            f"with nsfast.Container(stop_timeout=1{spec_src}) as c:\n"
+            f"    r = c.exec({args}, capture_output=True, text=True, timeout=60)\n"
+        )
     else:
         call = f"r = nsfast.run({args}, capture_output=True, text=True, timeout=60{spec_src})\n"
     [r] = as_nobody(call + "out([r.returncode, r.stdout, r.stderr])\n", timeout=120)
@@ -202,15 +211,33 @@ CALLS = {
 print(json.dumps({name: in_child(f) for name, f in CALLS.items()}))
 """
 SYSCALLS_REFUSED = {
-    **{name: "EPERM" for name in ("keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd",
-                                   "io_uring_setup", "fsopen", "unshare(CLONE_NEWUSER)", "clone(CLONE_NEWUSER)",
-                                   "setns", "name_to_handle_at", "chmod u+s", "chmod g+s")},
+    **{
+        name: "EPERM"
+        for name in (
+            "keyctl",
+            "add_key",
+            "request_key",
+            "bpf",
+            "perf_event_open",
+            "userfaultfd",
+            "io_uring_setup",
+            "fsopen",
+            "unshare(CLONE_NEWUSER)",
+            "clone(CLONE_NEWUSER)",
+            "setns",
+            "name_to_handle_at",
+            "chmod u+s",
+            "chmod g+s",
+        )
+    },
     "clone3": "ENOSYS",
     "openat2": "ENOSYS",
 }
 
 # i386 (int 0x80: getpid) and x32 (the x32 bit on getpid) system calls from a 64-bit process.
-FOREIGN_ARCH = SYSCALLS.rsplit("CALLS = {", 1)[0] + """
+FOREIGN_ARCH = (
+    SYSCALLS.rsplit("CALLS = {", 1)[0]
+    + """
 import mmap
 def int80():
     page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
@@ -219,8 +246,11 @@ def int80():
     ctypes.CFUNCTYPE(ctypes.c_int)(addr)()
 print(json.dumps({"i386": in_child(int80), "x32": in_child(lambda: sc(0x40000000 | 39))}))
 """
+)
 
-MASKED_PEEK = SYSCALLS.rsplit("CALLS = {", 1)[0] + f"""
+MASKED_PEEK = (
+    SYSCALLS.rsplit("CALLS = {", 1)[0]
+    + f"""
 def peek(p):
     try:
         if os.path.isdir(p):
@@ -235,6 +265,7 @@ except OSError:
     pass
 print(json.dumps({{p: peek(p) for p in {MASKED!r}}}))
 """
+)
 
 # Fork up to 2000 children that wait on a pipe; count how many existed at once.
 FORK_BOMB = """
@@ -283,7 +314,9 @@ print(json.dumps({"/tmp": fill("/tmp/fill", 320 << 20), "/dev/shm": fill("/dev/s
 
 # The sandbox's own pids cgroup, its parent, and a cgroupfs it mounts itself in a nested user
 # namespace: each pids.max written back with the value read.
-PIDS_MAX = WRITE_BACK + """
+PIDS_MAX = (
+    WRITE_BACK
+    + """
 import ctypes, glob, os
 def own_pids_cgroup():
     me = str(os.getpid())
@@ -312,6 +345,7 @@ res = {"limited": limited,
 res["nested"] = nested()  # last: it leaves this process's namespaces
 print(json.dumps(res))
 """
+)
 
 
 # -- who you are inside ----------------------------------------------------------------------
@@ -351,11 +385,15 @@ def test_same_value_sysctl_write_is_refused(inside, where, sysctl):
 def test_proc_trigger_files_cannot_be_opened_for_writing(inside, where):
     """Attack: open /proc/sysrq-trigger and /proc/irq files for writing (the payload only opens
     and closes them: an open does nothing, a write would). A kernel without them says ENOENT."""
-    res = value(inside("import os\n"
-                       "def open_w(p):\n"
-                       "    return lambda: os.close(os.open(p, os.O_WRONLY))\n"
-                       "print(json.dumps([attempt(open_w(p)) for p in "
-                       "('/proc/sysrq-trigger', '/proc/irq/default_smp_affinity')]))"))
+    res = value(
+        inside(
+            "import os\n"
+            "def open_w(p):\n"
+            "    return lambda: os.close(os.open(p, os.O_WRONLY))\n"
+            "print(json.dumps([attempt(open_w(p)) for p in "
+            "('/proc/sysrq-trigger', '/proc/irq/default_smp_affinity')]))"
+        )
+    )
     assert all(e in ("EROFS", "EACCES", "EPERM", "ENOENT") for e in res), res
 
 
@@ -423,13 +461,15 @@ def run_socket():
         shutil.rmtree(d)
 
 
-CONNECT = ("import socket\n"
-           "def connect(path):\n"
-           "    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
-           "    try:\n"
-           "        s.connect(path)\n"
-           "    finally:\n"
-           "        s.close()\n")
+CONNECT = (
+    "import socket\n"
+    "def connect(path):\n"
+    "    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+    "    try:\n"
+    "        s.connect(path)\n"
+    "    finally:\n"
+    "        s.close()\n"
+)
 
 
 @pytest.mark.parametrize("where", HOST_AND_EXEC)
@@ -477,12 +517,16 @@ def test_setuid_bits_cannot_be_set_in_a_writable_bind(inside, where, tmp_path):
     d = tmp_path / "rw"
     d.mkdir()
     try:
-        res = value(inside("import os\n"
-                           "open('/mnt/f', 'w').close()\n"
-                           "fd = os.open('/mnt/g', os.O_CREAT | os.O_WRONLY, 0o755)\n"
-                           "print(json.dumps([attempt(lambda: os.chmod('/mnt/f', 0o4755)),"
-                           " attempt(lambda: os.chmod('/mnt/f', 0o2755)), attempt(lambda: os.fchmod(fd, 0o4755))]))",
-                           mounts=[nsfast.Bind(d, "/mnt", readonly=False)]))
+        res = value(
+            inside(
+                "import os\n"
+                "open('/mnt/f', 'w').close()\n"
+                "fd = os.open('/mnt/g', os.O_CREAT | os.O_WRONLY, 0o755)\n"
+                "print(json.dumps([attempt(lambda: os.chmod('/mnt/f', 0o4755)),"
+                " attempt(lambda: os.chmod('/mnt/f', 0o2755)), attempt(lambda: os.fchmod(fd, 0o4755))]))",
+                mounts=[nsfast.Bind(d, "/mnt", readonly=False)],
+            )
+        )
         modes = {p.name: p.stat().st_mode for p in d.iterdir()}
     finally:
         shutil.rmtree(d)
@@ -507,7 +551,9 @@ def test_masked_paths_show_nothing(inside, where):
 @pytest.mark.parametrize("where", EVERYWHERE)
 def test_a_seccomp_filter_is_installed(inside, where):
     """Attack: look for a syscall filter (there must be one)."""
-    res = value(inside("print(json.dumps([l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp:')]))"))
+    res = value(
+        inside("print(json.dumps([l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp:')]))")
+    )
     assert res == ["2"]
 
 
@@ -530,12 +576,14 @@ def test_tiocsti_cannot_type_into_the_callers_terminal():
     controlling terminal and pushes input into it with TIOCSTI."""
     master, slave = os.openpty()
     try:
-        res = py("import fcntl, termios\n"
-                 "def sti():\n"
-                 "    for ch in b'nsfast-tiocsti':\n"
-                 "        fcntl.ioctl(0, termios.TIOCSTI, bytes([ch]))\n"
-                 "print(json.dumps([attempt(lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0)), attempt(sti)]))",
-                 stdin=slave)
+        res = py(
+            "import fcntl, termios\n"
+            "def sti():\n"
+            "    for ch in b'nsfast-tiocsti':\n"
+            "        fcntl.ioctl(0, termios.TIOCSTI, bytes([ch]))\n"
+            "print(json.dumps([attempt(lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0)), attempt(sti)]))",
+            stdin=slave,
+        )
         os.set_blocking(master, False)
         try:
             echoed = os.read(master, 4096)
@@ -643,8 +691,10 @@ def test_a_cwd_symlink_planted_by_a_container_resolves_inside_it(busybox_rootfs)
     """Attack: a container process plants /tmp/evil -> /etc and /tmp/fdN -> /proc/self/fd/N,
     then waits for the caller to exec with one of them as cwd."""
     numbers = " ".join(str(n) for n in range(3, 21))
-    plant = (f"busybox ln -s /etc /tmp/evil; for n in {numbers}; do busybox ln -s /proc/self/fd/$n /tmp/fd$n; done; "
-             "echo ready; exec sleep 1000")
+    plant = (
+        f"busybox ln -s /etc /tmp/evil; for n in {numbers}; do busybox ln -s /proc/self/fd/$n /tmp/fd$n; done; "
+        "echo ready; exec sleep 1000"
+    )
     c = nsfast.Container(["sh", "-c", plant], rootfs=str(busybox_rootfs), env={"PATH": "/bin"}, stop_timeout=0.2)
     c.start(stdout=nsfast.PIPE)
     with c:
@@ -757,8 +807,10 @@ def _check_exposure(res):
     assert res["errors"] == [] and res["scans"] > 0, res
     seen = res["seen"]
     worked = sorted({k for found in seen.values() for k in found if found[k]})
-    assert not seen, (f"{len(seen)} processes in the container carried the caller's argv/environment; "
-                      f"what worked on them: {worked}; e.g. {dict(list(seen.items())[:3])}")
+    assert not seen, (
+        f"{len(seen)} processes in the container carried the caller's argv/environment; "
+        f"what worked on them: {worked}; e.g. {dict(list(seen.items())[:3])}"
+    )
 
 
 def test_exec_never_exposes_the_callers_memory_fds_or_environment():
@@ -766,11 +818,13 @@ def test_exec_never_exposes_the_callers_memory_fds_or_environment():
     carries the caller's argv/environment and reads its /proc/PID/mem, environ, fds, or
     PTRACE_SEIZEs it (today: the CLONE_VM exec helper, i.e. the caller's own memory)."""
     canary = f"nsfast-canary-{os.urandom(8).hex()}"
-    script = ("import json, nsfast\ndef out(v):\n    print(json.dumps(v), flush=True)\n"
-              + EXPOSURE_CALLER.format(canary=canary, watcher=WATCHER))
+    script = "import json, nsfast\ndef out(v):\n    print(json.dumps(v), flush=True)\n" + EXPOSURE_CALLER.format(
+        canary=canary, watcher=WATCHER
+    )
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": PYTHON_SRC, "NSFAST_CANARY": canary}
-    p = subprocess.run([sys.executable, "-c", script, canary], env=env, capture_output=True, text=True,
-                       timeout=120, cwd="/")
+    p = subprocess.run(
+        [sys.executable, "-c", script, canary], env=env, capture_output=True, text=True, timeout=120, cwd="/"
+    )
     assert p.returncode == 0, p.stderr
     _check_exposure(json.loads(p.stdout.splitlines()[-1]))
 
@@ -780,8 +834,9 @@ def test_exec_joins_the_namespaces_the_container_had_at_start():
     `unshare -U -n`; exec'd processes must still get the container's original ones."""
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare (util-linux)")
-    c = nsfast.Container(["unshare", "-U", "-n", "sh", "-c", "echo ready; exec sleep 1000"], seccomp=None,
-                         stop_timeout=0.2)
+    c = nsfast.Container(
+        ["unshare", "-U", "-n", "sh", "-c", "echo ready; exec sleep 1000"], seccomp=None, stop_timeout=0.2
+    )
     c.start(stdout=nsfast.PIPE)
     with c:
         assert c.process.stdout.readline() == b"ready\n"
@@ -844,8 +899,9 @@ def test_nobody_cannot_read_root_files_or_its_own_hidden_secrets(rootless, where
         for p in (d, own):
             os.chown(p, NOBODY, NOBODY)
         paths = ["/etc/shadow", str(root_secret), own]
-        rc, res, err = nobody_inside(f"print(json.dumps([attempt(lambda: open(p).read()) for p in {paths!r}]))",
-                                     where=where)
+        rc, res, err = nobody_inside(
+            f"print(json.dumps([attempt(lambda: open(p).read()) for p in {paths!r}]))", where=where
+        )
     finally:
         shutil.rmtree(d)
     assert rc == 0, err
@@ -863,11 +919,15 @@ def test_nobody_host_unix_socket_under_run_is_unreachable(rootless, run_socket):
 @pytest.mark.parametrize("where", [RUN, EXEC])
 def test_nobody_sandbox_has_the_seccomp_filter(rootless, where):
     """Attack (rootless caller): the syscall list, and the filter's presence."""
-    rc, res, err = nobody_inside(SYSCALLS.replace(
-        "print(json.dumps({name: in_child(f) for name, f in CALLS.items()}))",
-        "res = {name: in_child(f) for name, f in CALLS.items()}\n"
-        "res['Seccomp'] = [l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp:')][0]\n"
-        "print(json.dumps(res))"), where=where)
+    rc, res, err = nobody_inside(
+        SYSCALLS.replace(
+            "print(json.dumps({name: in_child(f) for name, f in CALLS.items()}))",
+            "res = {name: in_child(f) for name, f in CALLS.items()}\n"
+            "res['Seccomp'] = [l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp:')][0]\n"
+            "print(json.dumps(res))",
+        ),
+        where=where,
+    )
     assert rc == 0, err
     assert res == {**SYSCALLS_REFUSED, "Seccomp": "2"}
 
@@ -884,13 +944,16 @@ def test_nobody_fork_bomb_is_contained_or_the_caller_is_told(rootless):
     """Attack (rootless caller): the fork bomb. Without a delegated cgroup a rootless sandbox
     has no limits; then a CgroupWarning must have said so."""
     code = repr(["python3", "-c", PY_ERRNO + FORK_BOMB])
-    [res] = as_nobody(f"""
+    [res] = as_nobody(
+        f"""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             r = nsfast.run({code}, capture_output=True, text=True, timeout=120)
         told = [str(w.message) for w in caught if issubclass(w.category, nsfast.CgroupWarning)]
         out([r.returncode, r.stdout, r.stderr, told])
-    """, timeout=180)
+    """,
+        timeout=180,
+    )
     rc, stdout, stderr, told = res
     assert rc == 0, stderr
     n, err = json.loads(stdout.strip().splitlines()[-1])
@@ -905,11 +968,13 @@ def test_nobody_exec_never_exposes_the_caller(rootless):
     _check_exposure(res)
 
 
-def test_nobody_writes_to_a_bind_cannot_set_setuid_bits(rootless, nobody_dir):
+def test_nobody_writes_to_a_bind_cannot_set_setuid_bits(rootless, nobody_dir):  # noqa: F811 (the imported fixture)
     """Attack (rootless caller): chmod u+s / g+s in a writable Bind."""
-    rc, res, err = nobody_inside("import os\nopen('/mnt/f', 'w').close()\n"
-                                 "print(json.dumps([attempt(lambda: os.chmod('/mnt/f', m)) for m in (0o4755, 0o2755)]))",
-                                 f", mounts=[nsfast.Bind({nobody_dir!r}, '/mnt', readonly=False)]")
+    rc, res, err = nobody_inside(
+        "import os\nopen('/mnt/f', 'w').close()\n"
+        "print(json.dumps([attempt(lambda: os.chmod('/mnt/f', m)) for m in (0o4755, 0o2755)]))",
+        f", mounts=[nsfast.Bind({nobody_dir!r}, '/mnt', readonly=False)]",
+    )
     assert rc == 0, err
     assert res == ["EPERM", "EPERM"]
     assert not os.stat(os.path.join(nobody_dir, "f")).st_mode & (stat.S_ISUID | stat.S_ISGID)

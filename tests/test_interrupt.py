@@ -28,8 +28,13 @@ def test_ctrl_c_interrupts_run_at_once_and_leaves_nothing():
             print(f"{{time.monotonic() - t:.3f}}", flush=True)
             raise
     """)
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={"PYTHONPATH": PYTHON_SRC, "PATH": "/usr/bin:/bin"})
+    p = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": PYTHON_SRC, "PATH": "/usr/bin:/bin"},
+    )
     assert p.stdout is not None and p.stdout.readline() == "go\n"
     # Readiness: the sandbox's sleep runs (so the caller is inside its wait).
     assert wait_until(lambda: bool(running_with_cmdline(f"sleep {TAG}")), timeout=10)

@@ -188,8 +188,9 @@ def test_single_file_can_be_bound(host_dir):
 
 
 def test_tmpfs_mount_is_empty_and_writable():
-    r = sh("ls -A /srv; echo x > /srv/f && cat /srv/f; grep ' /srv ' /proc/self/mountinfo",
-           mounts=[nsfast.Tmpfs("/srv")])
+    r = sh(
+        "ls -A /srv; echo x > /srv/f && cat /srv/f; grep ' /srv ' /proc/self/mountinfo", mounts=[nsfast.Tmpfs("/srv")]
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "x"
@@ -211,8 +212,14 @@ def test_tmpfs_size_is_enforced():
 
 
 def test_mount_targets_are_created_under_a_tmpfs(host_dir):
-    r = sh("cat /srv/a/b/hello; cat /srv/one/file",
-           mounts=[nsfast.Tmpfs("/srv"), nsfast.Bind(host_dir, "/srv/a/b"), nsfast.Bind(host_dir / "hello", "/srv/one/file")])
+    r = sh(
+        "cat /srv/a/b/hello; cat /srv/one/file",
+        mounts=[
+            nsfast.Tmpfs("/srv"),
+            nsfast.Bind(host_dir, "/srv/a/b"),
+            nsfast.Bind(host_dir / "hello", "/srv/one/file"),
+        ],
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "from the host\n" * 2
 
@@ -240,16 +247,25 @@ def test_rootfs_is_read_only_by_default(busybox_rootfs):
 
 
 def test_rootfs_is_writable_with_readonly_root_false(busybox_rootfs):
-    r = nsfast.run(["sh", "-c", "echo hi > /new && mkdir /d"], rootfs=busybox_rootfs, readonly_root=False,
-                   capture_output=True, text=True)
+    r = nsfast.run(
+        ["sh", "-c", "echo hi > /new && mkdir /d"],
+        rootfs=busybox_rootfs,
+        readonly_root=False,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert (busybox_rootfs / "new").read_text() == "hi\n"
     assert (busybox_rootfs / "d").is_dir()
 
 
 def test_rootfs_gets_proc_and_tmp(busybox_rootfs):
-    r = nsfast.run(["sh", "-c", "echo $$; ls /proc/1/ns | wc -l; touch /tmp/x && ls /tmp"], rootfs=busybox_rootfs,
-                   capture_output=True, text=True)
+    r = nsfast.run(
+        ["sh", "-c", "echo $$; ls /proc/1/ns | wc -l; touch /tmp/x && ls /tmp"],
+        rootfs=busybox_rootfs,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     pid1, n_ns, tmp = r.stdout.split()
     assert (pid1, tmp) == ("1", "x")
@@ -337,9 +353,18 @@ def test_pass_fds_keeps_exactly_those_fds_open():
     stray_r, stray_w = os.pipe()
     os.set_inheritable(stray_w, True)  # inheritable but not passed: must still be closed
     try:
-        r = nsfast.run(["sh", "-c", "ls /proc/self/fd; python3 -c 'import os, sys; os.write(int(sys.argv[1]), b\"through-the-fd\\n\")' "
-                        f"{w_fd}"], pass_fds=[w_fd],
-                       stdin=nsfast.DEVNULL, capture_output=True, text=True)
+        r = nsfast.run(
+            [
+                "sh",
+                "-c",
+                "ls /proc/self/fd; python3 -c 'import os, sys; os.write(int(sys.argv[1]), b\"through-the-fd\\n\")' "
+                f"{w_fd}",
+            ],
+            pass_fds=[w_fd],
+            stdin=nsfast.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
         os.close(w_fd)
         passed = os.read(r_fd, 100)
     finally:
@@ -359,8 +384,9 @@ def test_no_fds_beyond_stdio_by_default():
     os.set_inheritable(inheritable_r, True)
     os.set_inheritable(inheritable_w, True)
     try:
-        fds = py("import os; print(json.dumps(sorted(int(x) for x in os.listdir('/proc/self/fd'))))",
-                 stdin=nsfast.DEVNULL)
+        fds = py(
+            "import os; print(json.dumps(sorted(int(x) for x in os.listdir('/proc/self/fd'))))", stdin=nsfast.DEVNULL
+        )
     finally:
         os.close(inheritable_r)
         os.close(inheritable_w)
@@ -379,8 +405,9 @@ time.sleep(100)
 
 def _orphan_sandbox(die_with_parent: bool) -> int:
     """A python process that spawned a sandbox is SIGKILLed; returns the sandbox's pid."""
-    proc = subprocess.Popen([sys.executable, "-c", _SPAWN_AND_HANG.format(dwp=die_with_parent)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SPAWN_AND_HANG.format(dwp=die_with_parent)], stdout=subprocess.PIPE, text=True
+    )
     try:
         line = proc.stdout.readline()
         pid = int(line)

@@ -51,8 +51,9 @@ def test_1000_sequential_runs_leave_fds_threads_children_and_mounts_unchanged(tm
             r = nsfast.run(["sh", "-c", f"echo {i}; echo e >&2"], capture_output=True)
             ok = (r.returncode, r.stdout, r.stderr) == (0, f"{i}\n".encode(), b"e\n")
         elif kind == 2:
-            r = nsfast.run(["cat", "/mnt/f"], mounts=[nsfast.Bind(tmp_path, "/mnt"), nsfast.Tmpfs("/srv")],
-                           capture_output=True)
+            r = nsfast.run(
+                ["cat", "/mnt/f"], mounts=[nsfast.Bind(tmp_path, "/mnt"), nsfast.Tmpfs("/srv")], capture_output=True
+            )
             ok = (r.returncode, r.stdout) == (0, b"bound\n")
         else:
             r = nsfast.run(["cat"], input=b"in", capture_output=True, init=True)
@@ -83,8 +84,13 @@ def test_4_threads_x_200_concurrent_runs_all_succeed_with_their_own_output():
         bad = []
         for i in range(200):
             token = f"{t}-{i}"
-            r = nsfast.run(["sh", "-c", 'echo "$1"; echo "err $1" >&2', "sh", token], capture_output=True, text=True,
-                           hostname=f"h{token}", timeout=60)
+            r = nsfast.run(
+                ["sh", "-c", 'echo "$1"; echo "err $1" >&2', "sh", token],
+                capture_output=True,
+                text=True,
+                hostname=f"h{token}",
+                timeout=60,
+            )
             if (r.returncode, r.stdout, r.stderr) != (0, f"{token}\n", f"err {token}\n"):
                 bad.append((token, r))
         return bad

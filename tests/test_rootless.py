@@ -66,8 +66,9 @@ def _command():
 
 def as_nobody(body: str, timeout: float = 60):
     """Run PRELUDE + body as nobody; the JSON value of each line it prints via out()."""
-    p = subprocess.run(_command() + [PRELUDE + textwrap.dedent(body)], capture_output=True, text=True,
-                       timeout=timeout, cwd="/")
+    p = subprocess.run(
+        _command() + [PRELUDE + textwrap.dedent(body)], capture_output=True, text=True, timeout=timeout, cwd="/"
+    )
     assert p.returncode == 0, f"script as nobody failed ({p.returncode}):\n{p.stderr}"
     return [json.loads(line) for line in p.stdout.splitlines()]
 
@@ -94,13 +95,24 @@ def test_rootless_caller_is_root_inside():
 
 
 def test_rootless_sandbox_runs_as_the_caller_on_the_host_in_a_new_user_namespace():
-    proc = subprocess.Popen(_command() + [PRELUDE + textwrap.dedent("""
+    proc = subprocess.Popen(
+        _command()
+        + [
+            PRELUDE
+            + textwrap.dedent("""
         p = nsfast.spawn(["sleep", "100"])
         out(p.pid)
         sys.stdin.readline()
         p.kill()
         out(p.wait())
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    """)
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
     try:
         pid = json.loads(proc.stdout.readline())
         sandbox = psutil.Process(pid)

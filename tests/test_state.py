@@ -31,13 +31,14 @@ NS_TYPES = ("mnt", "pid", "uts", "ipc", "net", "cgroup")
 
 
 def nsfast_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nsfast", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd="/")
+    return subprocess.run(
+        [sys.executable, "-m", "nsfast", *args], capture_output=True, text=True, timeout=timeout, cwd="/"
+    )
 
 
 def proc_start_time(pid: int) -> int:
     data = Path(f"/proc/{pid}/stat").read_bytes()
-    return int(data[data.rindex(b")") + 2:].split()[19])
+    return int(data[data.rindex(b")") + 2 :].split()[19])
 
 
 def proc_start_time_or_none(pid: int) -> Optional[int]:
@@ -84,9 +85,19 @@ def assert_alive(p: psutil.Process) -> None:
 
 def helper_state(name: str, p: psutil.Process) -> Dict[str, Any]:
     """A state.json that, if believed, names `p`: its pid, start time and namespaces."""
-    return {"name": name, "pid": p.pid, "start_time": proc_start_time(p.pid), "command": ["sleep", "1000"],
-            "created": time.time(), "env": {}, "cwd": "/", "cgroup_paths": [], "namespaces": list(NS_TYPES),
-            "cgroup_inodes": [], "ns_inodes": {t: os.stat(f"/proc/{p.pid}/ns/{t}").st_ino for t in NS_TYPES}}
+    return {
+        "name": name,
+        "pid": p.pid,
+        "start_time": proc_start_time(p.pid),
+        "command": ["sleep", "1000"],
+        "created": time.time(),
+        "env": {},
+        "cwd": "/",
+        "cgroup_paths": [],
+        "namespaces": list(NS_TYPES),
+        "cgroup_inodes": [],
+        "ns_inodes": {t: os.stat(f"/proc/{p.pid}/ns/{t}").st_ino for t in NS_TYPES},
+    }
 
 
 class Box(NamedTuple):
@@ -143,8 +154,13 @@ def box(root: Path, subreaper: Subreaper) -> Iterator[Box]:
 
 
 def test_state_directories_and_files_are_private_whatever_the_umask(root: Path, subreaper: Subreaper):
-    r = subprocess.run(["sh", "-c", 'umask 000; exec "$0" -m nsfast run -d --name m -- true', sys.executable],
-                       capture_output=True, text=True, timeout=60, cwd="/")
+    r = subprocess.run(
+        ["sh", "-c", 'umask 000; exec "$0" -m nsfast run -d --name m -- true', sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr
     try:
         assert (mode(root), mode(root / "m")) == (0o700, 0o700)
@@ -156,8 +172,11 @@ def test_state_directories_and_files_are_private_whatever_the_umask(root: Path, 
         subreaper.wait_exit(pid, 10)
 
 
-@pytest.mark.parametrize("command", [["run", "-d", "--name", "x", "--", "true"], ["ps"], ["stop", "x"],
-                                     ["exec", "x", "--", "true"]], ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "command",
+    [["run", "-d", "--name", "x", "--", "true"], ["ps"], ["stop", "x"], ["exec", "x", "--", "true"]],
+    ids=lambda c: c[0],
+)
 def test_a_symlink_at_the_state_root_is_refused_not_followed(tmp_path: Path, monkeypatch, command):
     target = tmp_path / "target"
     target.mkdir(mode=0o700)
@@ -314,27 +333,52 @@ def test_an_exited_container_is_reported_exited_and_stop_cleans_up(root: Path, s
 
 FORGERIES = {
     # name: (changes to the real state, given the helper and the real cgroups; the reason reported)
-    "helper-pid": (lambda h, cgs: {"pid": h.pid, "start_time": proc_start_time(h.pid)},
-                   "process {helper} is not in its cgroup {cgroup}"),
-    "helper-pid-nothing-recorded": (lambda h, cgs: {"pid": h.pid, "start_time": proc_start_time(h.pid),
-                                                    "cgroup_paths": [], "cgroup_inodes": [], "ns_inodes": {}},
-                                    "nothing proves process {helper} is this container's "
-                                    "(no cgroup and no namespace recorded)"),
-    "helper-pid-its-namespaces": (lambda h, cgs: {**helper_state("box", h), "cgroup_paths": cgs,
-                                                  "cgroup_inodes": [os.stat(p).st_ino for p in cgs]},
-                                  "process {helper} is not in its cgroup {cgroup}"),
-    "memory-cgroup": (lambda h, cgs: {"cgroup_paths": ["/sys/fs/cgroup/memory"] + cgs[1:]},
-                      "cgroup path '/sys/fs/cgroup/memory' is not a sandbox cgroup (named sb-PID-N)"),
-    "dotdot-cgroup": (lambda h, cgs: {"cgroup_paths": [f"{cgs[0]}/../{os.path.basename(cgs[0])}"] + cgs[1:]},
-                      "cgroup path '{cgroup}/../{base}' is not normalised"),
-    "relative-cgroup": (lambda h, cgs: {"cgroup_paths": [cgs[0].lstrip("/")] + cgs[1:]},
-                        "cgroup path '{rel}' is not an absolute path"),
-    "cgroup-not-under-sys-fs-cgroup": (lambda h, cgs: {"cgroup_paths": ["/tmp/sb-1-0"] + cgs[1:]},
-                                       "cgroup path '/tmp/sb-1-0' is not under /sys/fs/cgroup"),
-    "sandbox-cgroup-it-is-not-in": (lambda h, cgs: {"cgroup_paths": [os.path.dirname(cgs[0]) + "/sb-1-0"] + cgs[1:]},
-                                    "process {pid} is not in its cgroup {parent}/sb-1-0"),
-    "another-containers-name": (lambda h, cgs: {"name": "other"},
-                                "corrupt state (state.json names container 'other', not 'box')"),
+    "helper-pid": (
+        lambda h, cgs: {"pid": h.pid, "start_time": proc_start_time(h.pid)},
+        "process {helper} is not in its cgroup {cgroup}",
+    ),
+    "helper-pid-nothing-recorded": (
+        lambda h, cgs: {
+            "pid": h.pid,
+            "start_time": proc_start_time(h.pid),
+            "cgroup_paths": [],
+            "cgroup_inodes": [],
+            "ns_inodes": {},
+        },
+        "nothing proves process {helper} is this container's (no cgroup and no namespace recorded)",
+    ),
+    "helper-pid-its-namespaces": (
+        lambda h, cgs: {
+            **helper_state("box", h),
+            "cgroup_paths": cgs,
+            "cgroup_inodes": [os.stat(p).st_ino for p in cgs],
+        },
+        "process {helper} is not in its cgroup {cgroup}",
+    ),
+    "memory-cgroup": (
+        lambda h, cgs: {"cgroup_paths": ["/sys/fs/cgroup/memory"] + cgs[1:]},
+        "cgroup path '/sys/fs/cgroup/memory' is not a sandbox cgroup (named sb-PID-N)",
+    ),
+    "dotdot-cgroup": (
+        lambda h, cgs: {"cgroup_paths": [f"{cgs[0]}/../{os.path.basename(cgs[0])}"] + cgs[1:]},
+        "cgroup path '{cgroup}/../{base}' is not normalised",
+    ),
+    "relative-cgroup": (
+        lambda h, cgs: {"cgroup_paths": [cgs[0].lstrip("/")] + cgs[1:]},
+        "cgroup path '{rel}' is not an absolute path",
+    ),
+    "cgroup-not-under-sys-fs-cgroup": (
+        lambda h, cgs: {"cgroup_paths": ["/tmp/sb-1-0"] + cgs[1:]},
+        "cgroup path '/tmp/sb-1-0' is not under /sys/fs/cgroup",
+    ),
+    "sandbox-cgroup-it-is-not-in": (
+        lambda h, cgs: {"cgroup_paths": [os.path.dirname(cgs[0]) + "/sb-1-0"] + cgs[1:]},
+        "process {pid} is not in its cgroup {parent}/sb-1-0",
+    ),
+    "another-containers-name": (
+        lambda h, cgs: {"name": "other"},
+        "corrupt state (state.json names container 'other', not 'box')",
+    ),
     "pid-as-a-string": (lambda h, cgs: {"pid": str(h.pid)}, "corrupt state (state.json: pid has the wrong type)"),
 }
 
@@ -346,8 +390,14 @@ def test_a_state_naming_what_it_does_not_prove_is_invalid_and_stop_touches_nothi
     changes, reason = FORGERIES[forgery]
     cg = box.cgroups[0]
     box.forge(**changes(helper, box.cgroups))
-    reason = reason.format(helper=helper.pid, pid=box.pid, cgroup=cg, base=os.path.basename(cg),
-                           rel=cg.lstrip("/"), parent=os.path.dirname(cg))
+    reason = reason.format(
+        helper=helper.pid,
+        pid=box.pid,
+        cgroup=cg,
+        base=os.path.basename(cg),
+        rel=cg.lstrip("/"),
+        parent=os.path.dirname(cg),
+    )
     # Checked in this process first: a `stop` that believed some of these would kill every
     # process of a cgroup that is not the test's.
     assert _state.load("box").check() == ("invalid", reason, [])
@@ -402,11 +452,27 @@ def test_rootless_state_root_in_xdg_runtime_dir_must_be_the_users():
         os.chown(runtime, NOBODY, NOBODY)
         os.mkdir(os.path.join(runtime, "nsfast"), 0o755)
         env = {"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": runtime, "PYTHONPATH": PYTHON_SRC}
-        r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                            "/usr/bin/python3", "-m", "nsfast", "ps"], env=env, capture_output=True, text=True,
-                           timeout=60, cwd="/")
+        r = subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-m",
+                "nsfast",
+                "ps",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
         assert (r.returncode, r.stderr) == (
-            125, f"nsfast: state directory {runtime}/nsfast is owned by uid 0, not by this user (uid {NOBODY})\n")
+            125,
+            f"nsfast: state directory {runtime}/nsfast is owned by uid 0, not by this user (uid {NOBODY})\n",
+        )
         assert os.listdir(os.path.join(runtime, "nsfast")) == []
     finally:
         shutil.rmtree(runtime)

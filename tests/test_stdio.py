@@ -40,8 +40,13 @@ def test_stderr_to_stdout_merges_in_order():
 
 
 def test_devnull_discards_output_and_gives_empty_input():
-    r = nsfast.run(["sh", "-c", "cat; echo gone; echo also-gone >&2"], stdin=nsfast.DEVNULL,
-                   stdout=nsfast.DEVNULL, stderr=nsfast.DEVNULL, timeout=10)
+    r = nsfast.run(
+        ["sh", "-c", "cat; echo gone; echo also-gone >&2"],
+        stdin=nsfast.DEVNULL,
+        stdout=nsfast.DEVNULL,
+        stderr=nsfast.DEVNULL,
+        timeout=10,
+    )
     assert r.returncode == 0
     assert (r.stdout, r.stderr) == (None, None)
     r = nsfast.run(["cat"], stdin=nsfast.DEVNULL, capture_output=True, timeout=10)
@@ -67,8 +72,11 @@ def test_file_object_feeds_stdin(tmp_path):
 
 def test_20_mb_on_stdout_and_stderr_at_once_does_not_deadlock():
     n = 20_000_000
-    r = nsfast.run(["sh", "-c", f"head -c {n} /dev/zero & head -c {n} /dev/zero | tr '\\0' x >&2; wait"],
-                   capture_output=True, timeout=60)
+    r = nsfast.run(
+        ["sh", "-c", f"head -c {n} /dev/zero & head -c {n} /dev/zero | tr '\\0' x >&2; wait"],
+        capture_output=True,
+        timeout=60,
+    )
     assert r.returncode == 0
     assert len(r.stdout) == n and r.stdout.count(b"\0") == n
     assert len(r.stderr) == n and r.stderr.count(b"x") == n
@@ -108,15 +116,17 @@ def test_text_mode_timeout_inside_a_multibyte_character_raises_timeout_expired()
 
 
 def test_communicate_with_input_and_text():
-    with nsfast.spawn(["sh", "-c", "tr a-z A-Z; echo done >&2"], stdin=nsfast.PIPE, stdout=nsfast.PIPE,
-                      stderr=nsfast.PIPE, text=True) as p:
+    with nsfast.spawn(
+        ["sh", "-c", "tr a-z A-Z; echo done >&2"], stdin=nsfast.PIPE, stdout=nsfast.PIPE, stderr=nsfast.PIPE, text=True
+    ) as p:
         out, err = p.communicate("shout\n", timeout=10)
     assert (out, err, p.returncode) == ("SHOUT\n", "done\n", 0)
 
 
 def test_stdout_can_be_read_line_by_line_while_running():
-    with nsfast.spawn(["sh", "-c", "echo ready; read x; echo got $x"], stdin=nsfast.PIPE, stdout=nsfast.PIPE,
-                      text=True) as p:
+    with nsfast.spawn(
+        ["sh", "-c", "echo ready; read x; echo got $x"], stdin=nsfast.PIPE, stdout=nsfast.PIPE, text=True
+    ) as p:
         assert p.stdout.readline() == "ready\n"
         p.stdin.write("ping\n")
         assert p.stdout.readline() == "got ping\n"
@@ -128,13 +138,18 @@ def test_timeout_kills_the_whole_sandbox_and_raises(namespaces):
     tag = f"{100 + uuid.uuid4().int % 10**6 / 10**7:.7f}"  # a unique sleep argument to find survivors by
     t0 = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired) as exc:
-        nsfast.run(["sh", "-c", f"sleep {tag} & echo started; sleep {tag}"], namespaces=namespaces, timeout=0.5,
-                   capture_output=True)
+        nsfast.run(
+            ["sh", "-c", f"sleep {tag} & echo started; sleep {tag}"],
+            namespaces=namespaces,
+            timeout=0.5,
+            capture_output=True,
+        )
     assert exc.value.timeout == 0.5
     assert exc.value.stdout == b"started\n", "the background sleep never started"
     assert time.monotonic() - t0 < 5
-    assert wait_until(lambda: not running_with_cmdline(f"sleep {tag}"), timeout=1.0), \
+    assert wait_until(lambda: not running_with_cmdline(f"sleep {tag}"), timeout=1.0), (
         f"survivors: {running_with_cmdline(f'sleep {tag}')}"
+    )
 
 
 def test_check_raises_called_process_error_with_the_output():

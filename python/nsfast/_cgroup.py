@@ -150,8 +150,9 @@ def _delegated_root() -> Optional[str]:
     if own is None or not os.path.exists(f"{base}/cgroup.controllers"):
         return None  # not a pure cgroup v2 host: v1 hierarchies are not delegated
     mine = os.path.join(base, own) if own else base
-    if not own or not all(os.access(os.path.join(mine, f), os.W_OK)
-                          for f in ("", "cgroup.procs", "cgroup.subtree_control")):
+    if not own or not all(
+        os.access(os.path.join(mine, f), os.W_OK) for f in ("", "cgroup.procs", "cgroup.subtree_control")
+    ):
         return None
     try:
         with open(os.path.join(mine, "cgroup.procs")) as f:
@@ -168,8 +169,10 @@ def _delegated_root() -> Optional[str]:
                 f.write(" ".join("+" + c for c in available))
     except OSError as e:
         # E.g. other processes share our cgroup (EBUSY): limits will warn; measuring works.
-        _warn_once(f"deleg:{mine}", f"nsfast: could not prepare the delegated cgroup {mine} for sandboxes ({e}); "
-                   "limits may not apply")
+        _warn_once(
+            f"deleg:{mine}",
+            f"nsfast: could not prepare the delegated cgroup {mine} for sandboxes ({e}); limits may not apply",
+        )
     return os.path.join(mine, "nsfast")
 
 
@@ -185,9 +188,12 @@ def request(limits: Optional[Limits], kill_tree: bool) -> Optional[tuple]:  # ty
     with _lock:
         root = _configured_root or os.environ.get("NSFAST_CGROUP_ROOT") or _default_root()
         if root is None:
-            _warn_once("noroot", "nsfast: no writable cgroup to put sandboxes in (not root, no delegated cgroup v2 "
-                       "subtree): sandboxes run without cgroup limits (memory, cpu) and usage measurement; "
-                       "their processes are still bounded by RLIMIT_NPROC (Limits.pids)")
+            _warn_once(
+                "noroot",
+                "nsfast: no writable cgroup to put sandboxes in (not root, no delegated cgroup v2 "
+                "subtree): sandboxes run without cgroup limits (memory, cpu) and usage measurement; "
+                "their processes are still bounded by RLIMIT_NPROC (Limits.pids)",
+            )
             return None
         info = _backends.get(root)
         if info is None:
@@ -197,15 +203,21 @@ def request(limits: Optional[Limits], kill_tree: bool) -> Optional[tuple]:  # ty
                 info = str(e)
             _backends[root] = info
     if isinstance(info, str):
-        _warn_once(root, f"nsfast: cannot create cgroups under {root!r} ({info}): sandboxes run without cgroup "
-                   "limits and usage measurement")
+        _warn_once(
+            root,
+            f"nsfast: cannot create cgroups under {root!r} ({info}): sandboxes run without cgroup "
+            "limits and usage measurement",
+        )
         return None
     core_limits = (limits or Limits())._core()
     if limits is not None:
         missing = limits.controllers() - set(info[2])
         if missing:
-            _warn_once(f"{root}:{sorted(missing)}", f"nsfast: the cgroup controller(s) {', '.join(sorted(missing))} "
-                       f"are not available under {root!r}: those limits are not applied")
+            _warn_once(
+                f"{root}:{sorted(missing)}",
+                f"nsfast: the cgroup controller(s) {', '.join(sorted(missing))} "
+                f"are not available under {root!r}: those limits are not applied",
+            )
             drop = {"memory": (0, 1), "pids": (2,), "cpu": (3,), "cpuset": (4,)}
             cl = list(core_limits)
             for c in missing:

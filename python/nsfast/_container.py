@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ._errors import ContainerError, SpawnError
 from ._ns import namespaces as _namespaces
-from ._process import Args, File, Process, Result, _explain_hidden, _JoinTarget, run, spawn
+from ._process import Args, File, Process, Result, _explain_hidden, _JoinTarget, run
 from ._spec import Spec, with_fields
 
 __all__ = ["Container", "enter"]
@@ -80,7 +80,7 @@ class _ExecTarget(int):
     held: _Held
     exec_cgroup: Any
 
-    def __new__(cls, held: _Held) -> "_ExecTarget":
+    def __new__(cls, held: _Held) -> _ExecTarget:
         self = super().__new__(cls, held.pid)
         self.held = held
         self.exec_cgroup = None
@@ -97,8 +97,15 @@ class Container:
             c.exec(["ps", "aux"], capture_output=True, text=True).stdout
     """
 
-    def __init__(self, command: Optional[Args] = None, *, spec: Optional[Spec] = None, name: Optional[str] = None,
-                 stop_timeout: float = 10, **spec_fields: Any) -> None:
+    def __init__(
+        self,
+        command: Optional[Args] = None,
+        *,
+        spec: Optional[Spec] = None,
+        name: Optional[str] = None,
+        stop_timeout: float = 10,
+        **spec_fields: Any,
+    ) -> None:
         self.spec = with_fields(spec, spec_fields)
         self.stop_timeout = stop_timeout
         if command is None:
@@ -109,7 +116,7 @@ class Container:
             raise ValueError(f"name must be a non-empty str without '/', got {self.name!r}")
         self._proc: Optional[Process] = None
         self._held: Optional[_Held] = None
-        self._execs: "weakref.WeakSet[Process]" = weakref.WeakSet()  # spawn()ed, for _wait_main
+        self._execs: weakref.WeakSet[Process] = weakref.WeakSet()  # spawn()ed, for _wait_main
         self._stdio: Dict[str, File] = {}
 
     def __repr__(self) -> str:
@@ -118,7 +125,7 @@ class Container:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, *, stdin: File = None, stdout: File = None, stderr: File = None) -> "Container":
+    def start(self, *, stdin: File = None, stdout: File = None, stderr: File = None) -> Container:
         """Start the main process (pid 1 of the container). Once only."""
         if self._proc is not None:
             raise ContainerError(f"container {self.name} was already started")
@@ -134,8 +141,14 @@ class Container:
         try:
             env = dict(self.spec._env_items)
             env["NSFAST_INIT_GATE"] = f"{gate_r},{result_w}"
-            self._proc = Process(self.command, spec=self.spec.replace(init=True, env=env), stdin=stdin, stdout=stdout,
-                                 stderr=stderr, pass_fds=(gate_r, result_w))
+            self._proc = Process(
+                self.command,
+                spec=self.spec.replace(init=True, env=env),
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                pass_fds=(gate_r, result_w),
+            )
         except BaseException:
             os.close(gate_w)
             os.close(result_r)
@@ -263,7 +276,7 @@ class Container:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
 
-    def __enter__(self) -> "Container":
+    def __enter__(self) -> Container:
         if self._proc is None:
             self.start()
         return self
@@ -286,16 +299,32 @@ class Container:
     def _target(self, cwd: Optional[str]) -> _JoinTarget:
         self._running_pid()
         assert self._held is not None
-        return _JoinTarget(pid=_ExecTarget(self._held), namespaces=self._held.types,
-                           cgroup=self._held.cgroup is not None, cwd=os.fspath(self.spec.cwd) if cwd is None else cwd)
+        return _JoinTarget(
+            pid=_ExecTarget(self._held),
+            namespaces=self._held.types,
+            cgroup=self._held.cgroup is not None,
+            cwd=os.fspath(self.spec.cwd) if cwd is None else cwd,
+        )
 
     def _exec_spec(self, env: Optional[Dict[str, str]]) -> Spec:
         return self.spec if env is None else self.spec.replace(env=env)
 
-    def exec(self, args: Args, *, input: Any = None, capture_output: bool = False, stdin: File = None,
-             stdout: File = None, stderr: File = None, timeout: Optional[float] = None, check: bool = False,
-             text: bool = False, env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
-             pass_fds: Sequence[int] = ()) -> Result:
+    def exec(
+        self,
+        args: Args,
+        *,
+        input: Any = None,
+        capture_output: bool = False,
+        stdin: File = None,
+        stdout: File = None,
+        stderr: File = None,
+        timeout: Optional[float] = None,
+        check: bool = False,
+        text: bool = False,
+        env: Optional[Dict[str, str]] = None,
+        cwd: Optional[str] = None,
+        pass_fds: Sequence[int] = (),
+    ) -> Result:
         """Run `args` inside the container (the namespaces and root it had at start, its cwd,
         a cgroup of its own below the container's, its environment unless `env`), wait,
         return a Result — like `docker exec`. `timeout` (or an exception while waiting)
@@ -304,8 +333,19 @@ class Container:
         target = self._target(cwd)
         assert isinstance(target.pid, _ExecTarget)
         try:
-            r = run(args, spec=self._exec_spec(env), input=input, capture_output=capture_output, stdin=stdin,
-                    stdout=stdout, stderr=stderr, timeout=timeout, text=text, pass_fds=pass_fds, _join=target)
+            r = run(
+                args,
+                spec=self._exec_spec(env),
+                input=input,
+                capture_output=capture_output,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                timeout=timeout,
+                text=text,
+                pass_fds=pass_fds,
+                _join=target,
+            )
         except BaseException:
             _end_exec(target.pid.exec_cgroup, kill=True)
             raise
@@ -314,14 +354,32 @@ class Container:
             raise CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
         return r
 
-    def spawn(self, args: Args, *, stdin: File = None, stdout: File = None, stderr: File = None, text: bool = False,
-              env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None, pass_fds: Sequence[int] = ()) -> Process:
+    def spawn(
+        self,
+        args: Args,
+        *,
+        stdin: File = None,
+        stdout: File = None,
+        stderr: File = None,
+        text: bool = False,
+        env: Optional[Dict[str, str]] = None,
+        cwd: Optional[str] = None,
+        pass_fds: Sequence[int] = (),
+    ) -> Process:
         """Start `args` inside the container (as exec does) and return its Process at once;
         its kill() ends everything the exec started."""
         target = self._target(cwd)
         assert isinstance(target.pid, _ExecTarget)
-        proc = Process(args, spec=self._exec_spec(env), stdin=stdin, stdout=stdout, stderr=stderr, text=text,
-                       pass_fds=pass_fds, _join=target)
+        proc = Process(
+            args,
+            spec=self._exec_spec(env),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            text=text,
+            pass_fds=pass_fds,
+            _join=target,
+        )
         if target.pid.exec_cgroup is not None:
             # The Process owns the exec's cgroup: kill() writes cgroup.kill on it; once reaped
             # it measures and removes it without killing (as with a pid namespace), so what
@@ -345,11 +403,24 @@ def _end_exec(cgroup: Any, *, kill: bool) -> None:
         pass
 
 
-def enter(pid: int, args: Args, *, namespaces: Optional[Sequence[str]] = None, input: Any = None,
-          capture_output: bool = False, stdin: File = None, stdout: File = None, stderr: File = None,
-          timeout: Optional[float] = None, check: bool = False, text: bool = False,
-          env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None, cgroup: bool = False,
-          pass_fds: Sequence[int] = ()) -> Result:
+def enter(
+    pid: int,
+    args: Args,
+    *,
+    namespaces: Optional[Sequence[str]] = None,
+    input: Any = None,
+    capture_output: bool = False,
+    stdin: File = None,
+    stdout: File = None,
+    stderr: File = None,
+    timeout: Optional[float] = None,
+    check: bool = False,
+    text: bool = False,
+    env: Optional[Dict[str, str]] = None,
+    cwd: Optional[str] = None,
+    cgroup: bool = False,
+    pass_fds: Sequence[int] = (),
+) -> Result:
     """Run `args` inside the namespaces of any process `pid` (all that differ from ours, or
     `namespaces`), with its root and working directory (or `cwd`), like `nsenter -t PID -a`.
     cgroup=True also puts it into `pid`'s cgroup(s)."""
@@ -361,5 +432,17 @@ def enter(pid: int, args: Args, *, namespaces: Optional[Sequence[str]] = None, i
         raise ProcessLookupError(f"no process {pid}") from None
     target = _JoinTarget(pid=pid, namespaces=types, cgroup=cgroup, cwd=cwd)
     spec = with_fields(None, {} if env is None else {"env": env})
-    return run(args, spec=spec, input=input, capture_output=capture_output, stdin=stdin, stdout=stdout,
-               stderr=stderr, timeout=timeout, check=check, text=text, pass_fds=pass_fds, _join=target)
+    return run(
+        args,
+        spec=spec,
+        input=input,
+        capture_output=capture_output,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        timeout=timeout,
+        check=check,
+        text=text,
+        pass_fds=pass_fds,
+        _join=target,
+    )

@@ -13,8 +13,7 @@ _HINTS = {
     "(sysctl user.max_*_namespaces, kernel.unprivileged_userns_clone, AppArmor), or a "
     "capability is missing",
     _errno.ENOSPC: "a namespace limit was reached (see /proc/sys/user/max_*_namespaces)",
-    _errno.EINVAL: "the kernel rejected the request: a namespace type it lacks, or "
-    "pivot_root on the initramfs root",
+    _errno.EINVAL: "the kernel rejected the request: a namespace type it lacks, or pivot_root on the initramfs root",
 }
 
 
@@ -37,14 +36,16 @@ class SpawnError(NsfastError, OSError):
     step: str
     hint: Optional[str]
 
-    def __new__(cls, errno: int, strerror: str, filename: Optional[str] = None, step: str = "",
-                hint: Optional[str] = None) -> "SpawnError":
+    def __new__(
+        cls, errno: int, strerror: str, filename: Optional[str] = None, step: str = "", hint: Optional[str] = None
+    ) -> SpawnError:
         # OSError.__new__ would pick a subclass from errno; keep SpawnError.
         self = OSError.__new__(cls, errno, strerror, filename)
         return self
 
-    def __init__(self, errno: int, strerror: str, filename: Optional[str] = None, step: str = "",
-                 hint: Optional[str] = None) -> None:
+    def __init__(
+        self, errno: int, strerror: str, filename: Optional[str] = None, step: str = "", hint: Optional[str] = None
+    ) -> None:
         OSError.__init__(self, errno, strerror, filename)
         self.step = step
         self.hint = hint

@@ -41,7 +41,9 @@ class Usage:
 class Result(subprocess.CompletedProcess):  # type: ignore[type-arg]
     """`subprocess.CompletedProcess` plus `.usage` (an `nsfast.Usage`)."""
 
-    def __init__(self, args: Any, returncode: int, stdout: Any = None, stderr: Any = None, usage: Optional[Usage] = None) -> None:
+    def __init__(
+        self, args: Any, returncode: int, stdout: Any = None, stderr: Any = None, usage: Optional[Usage] = None
+    ) -> None:
         super().__init__(args, returncode, stdout, stderr)
         self.usage = usage
 
@@ -67,7 +69,7 @@ def _argv(args: Args) -> Tuple[List[bytes], List[Any]]:
     return out, list(args)
 
 
-def _pipe_owner(spec: Spec, join: Optional["_JoinTarget"]) -> Optional[Tuple[int, int]]:
+def _pipe_owner(spec: Spec, join: Optional[_JoinTarget]) -> Optional[Tuple[int, int]]:
     """The host ids a root caller's sandbox user has (its user namespace maps inside ids
     0.. to SANDBOX_ID_BASE..); None when the caller's own ids are the sandbox's."""
     if os.geteuid() != 0:
@@ -95,9 +97,11 @@ def _explain_hidden(err: SpawnError, argv: List[bytes], spec: Spec) -> None:
     for p in (os.path.abspath(path), os.path.realpath(path)):
         for h in spec.hidden:
             if p == h or p.startswith(h + "/"):  # Spec normalised `hidden` (no trailing '/')
-                err.hint = (f"{p} is under {h}, which the sandbox hides (Spec.hidden); expose it with "
-                            f"mounts=[nsfast.Bind({os.path.dirname(p)!r}, {os.path.dirname(p)!r})] or a "
-                            f"hidden= list without {h}")
+                err.hint = (
+                    f"{p} is under {h}, which the sandbox hides (Spec.hidden); expose it with "
+                    f"mounts=[nsfast.Bind({os.path.dirname(p)!r}, {os.path.dirname(p)!r})] or a "
+                    f"hidden= list without {h}"
+                )
                 return
 
 
@@ -147,7 +151,9 @@ class _Handles:
         try:
             return spec.fileno()
         except (AttributeError, io.UnsupportedOperation):
-            raise TypeError(f"stdio must be None, PIPE, DEVNULL, STDOUT, an fd or a file with fileno(), not {type(spec).__name__}") from None
+            raise TypeError(
+                f"stdio must be None, PIPE, DEVNULL, STDOUT, an fd or a file with fileno(), not {type(spec).__name__}"
+            ) from None
 
     def close_child(self) -> None:
         for fd in self.to_close:
@@ -163,9 +169,19 @@ class Process:
     runs, negative -N if it was killed by signal N. `kill()` ends the whole sandbox.
     """
 
-    def __init__(self, args: Args, *, spec: Optional[Spec] = None, stdin: File = None, stdout: File = None,
-                 stderr: File = None, text: bool = False, pass_fds: Sequence[int] = (),
-                 _join: Optional["_JoinTarget"] = None, **spec_fields: Any) -> None:
+    def __init__(
+        self,
+        args: Args,
+        *,
+        spec: Optional[Spec] = None,
+        stdin: File = None,
+        stdout: File = None,
+        stderr: File = None,
+        text: bool = False,
+        pass_fds: Sequence[int] = (),
+        _join: Optional[_JoinTarget] = None,
+        **spec_fields: Any,
+    ) -> None:
         self.spec = with_fields(spec, spec_fields)
         if _join is not None and not args:
             raise ValueError("args must not be empty")
@@ -192,15 +208,25 @@ class Process:
         self._start = time.perf_counter()
         try:
             if _join is None:
-                self.pid, self.pidfd, self._cgroup = _core.spawn(argv, stdio=tuple(handles.child), pass_fds=fds,
-                                                                 cgroup=cgroup, **self.spec._core_kwargs())
+                self.pid, self.pidfd, self._cgroup = _core.spawn(
+                    argv, stdio=tuple(handles.child), pass_fds=fds, cgroup=cgroup, **self.spec._core_kwargs()
+                )
             else:
                 kw = self.spec._core_kwargs()
                 self.pid, self.pidfd = _core.spawn_join(
-                    argv, target=_join.pid, join=list(_join.namespaces), env=kw["env"],
-                    cwd=None if _join.cwd is None else os.fsencode(_join.cwd), uid=kw["uid"], gid=kw["gid"],
-                    keep_caps=kw["keep_caps"], die_with_parent=kw["die_with_parent"], stdio=tuple(handles.child),
-                    pass_fds=fds, join_cgroup=_join.cgroup)
+                    argv,
+                    target=_join.pid,
+                    join=list(_join.namespaces),
+                    env=kw["env"],
+                    cwd=None if _join.cwd is None else os.fsencode(_join.cwd),
+                    uid=kw["uid"],
+                    gid=kw["gid"],
+                    keep_caps=kw["keep_caps"],
+                    die_with_parent=kw["die_with_parent"],
+                    stdio=tuple(handles.child),
+                    pass_fds=fds,
+                    join_cgroup=_join.cgroup,
+                )
         except BaseException as e:
             for fd in handles.parent:
                 if fd is not None:
@@ -247,15 +273,25 @@ class Process:
                 cg.remove()
             except OSError as e:
                 # The run itself is over and reaped: report, do not lose its result.
-                warnings.warn(f"nsfast: cleaning up the cgroup of sandbox {self.pid} failed: {e}",
-                              _cgroup.CgroupWarning, stacklevel=3)
+                warnings.warn(
+                    f"nsfast: cleaning up the cgroup of sandbox {self.pid} failed: {e}",
+                    _cgroup.CgroupWarning,
+                    stacklevel=3,
+                )
             if u is not None:
                 cu, cs, mem, pids, ooms = u
                 utime = utime if cu is None else cu / 1e9
                 stime = stime if cs is None else cs / 1e9
                 oom = ooms > 0
-        self.usage = Usage(wall_s=wall, cpu_user_s=utime, cpu_system_s=stime, memory_peak_bytes=mem,
-                           pids_peak=pids, oom_killed=oom, timed_out=self._timed_out)
+        self.usage = Usage(
+            wall_s=wall,
+            cpu_user_s=utime,
+            cpu_system_s=stime,
+            memory_peak_bytes=mem,
+            pids_peak=pids,
+            oom_killed=oom,
+            timed_out=self._timed_out,
+        )
 
     def poll(self) -> Optional[int]:
         """The returncode if the sandbox has exited (reaping it), else None."""
@@ -342,7 +378,7 @@ class Process:
             raise TimeoutExpired(self.args, timeout, out, err)  # type: ignore[arg-type]
         return out, err
 
-    def __enter__(self) -> "Process":
+    def __enter__(self) -> Process:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -378,7 +414,9 @@ class Process:
         if self.poll() is not None:
             return  # it had exited: reaped (and its cgroup removed) without a fuss
         # Unlike Popen, kill rather than leak a running sandbox (and its cgroup); say so.
-        warnings.warn(f"nsfast sandbox {self.pid} is still running; killing it", ResourceWarning, source=self)
+        warnings.warn(
+            f"nsfast sandbox {self.pid} is still running; killing it", ResourceWarning, stacklevel=2, source=self
+        )
         self.kill()
         try:
             self.wait(1.0)
@@ -446,7 +484,7 @@ class _Communication:
                 name = key.data
                 if name == "stdin":
                     try:
-                        self.offset += os.write(key.fd, self.input[self.offset:self.offset + 65536])
+                        self.offset += os.write(key.fd, self.input[self.offset : self.offset + 65536])
                     except BrokenPipeError:
                         self.offset = len(self.input)
                     if self.offset >= len(self.input):
@@ -467,21 +505,43 @@ class _Communication:
         return self._decode("stdout"), self._decode("stderr")
 
 
-def spawn(args: Args, *, spec: Optional[Spec] = None, stdin: File = None, stdout: File = None, stderr: File = None,
-          text: bool = False, pass_fds: Sequence[int] = (), **spec_fields: Any) -> Process:
+def spawn(
+    args: Args,
+    *,
+    spec: Optional[Spec] = None,
+    stdin: File = None,
+    stdout: File = None,
+    stderr: File = None,
+    text: bool = False,
+    pass_fds: Sequence[int] = (),
+    **spec_fields: Any,
+) -> Process:
     """Start `args` in a new sandbox and return its `Process` at once.
 
     Keyword `spec_fields` (namespaces=, rootfs=, mounts=, hostname=, env=, cwd=, uid=,
     gid=, init=, ...) override the fields of `spec`. Raises `SpawnError` if the sandbox
     could not be set up or the command could not be executed."""
-    return Process(args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds,
-                   **spec_fields)
+    return Process(
+        args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds, **spec_fields
+    )
 
 
-def run(args: Args, *, spec: Optional[Spec] = None, input: Any = None, capture_output: bool = False,
-        stdin: File = None, stdout: File = None, stderr: File = None, timeout: Optional[float] = None,
-        check: bool = False, text: bool = False, pass_fds: Sequence[int] = (), _join: Optional[_JoinTarget] = None,
-        **spec_fields: Any) -> Result:
+def run(
+    args: Args,
+    *,
+    spec: Optional[Spec] = None,
+    input: Any = None,
+    capture_output: bool = False,
+    stdin: File = None,
+    stdout: File = None,
+    stderr: File = None,
+    timeout: Optional[float] = None,
+    check: bool = False,
+    text: bool = False,
+    pass_fds: Sequence[int] = (),
+    _join: Optional[_JoinTarget] = None,
+    **spec_fields: Any,
+) -> Result:
     """Run `args` in a new sandbox, wait for it, return a `Result` (like subprocess.run).
 
     `timeout` kills the whole sandbox and raises `subprocess.TimeoutExpired`, whose `.usage`
@@ -497,8 +557,17 @@ def run(args: Args, *, spec: Optional[Spec] = None, input: Any = None, capture_o
         stdout = stderr = PIPE
     if timeout is not None and (timeout != timeout or timeout < 0):
         raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
-    with Process(args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds,
-                 _join=_join, **spec_fields) as proc:
+    with Process(
+        args,
+        spec=spec,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        text=text,
+        pass_fds=pass_fds,
+        _join=_join,
+        **spec_fields,
+    ) as proc:
         try:
             if proc.stdin is None and proc.stdout is None and proc.stderr is None:
                 proc.wait(timeout)

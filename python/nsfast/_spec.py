@@ -16,9 +16,22 @@ if TYPE_CHECKING:
     from ._cgroup import Limits
 
 __all__ = [
-    "Spec", "Bind", "Tmpfs", "Mount", "Seccomp", "DEFAULT_NAMESPACES", "NAMESPACES", "CAPABILITIES",
-    "DEFAULT_MASKED_PATHS", "DEFAULT_READONLY_PATHS", "DEFAULT_HIDDEN", "DEFAULT_SECCOMP", "DEFAULT_TMP_SIZE",
-    "DEFAULT_SHM_SIZE", "SANDBOX_ID_BASE", "SANDBOX_ID_COUNT",
+    "Spec",
+    "Bind",
+    "Tmpfs",
+    "Mount",
+    "Seccomp",
+    "DEFAULT_NAMESPACES",
+    "NAMESPACES",
+    "CAPABILITIES",
+    "DEFAULT_MASKED_PATHS",
+    "DEFAULT_READONLY_PATHS",
+    "DEFAULT_HIDDEN",
+    "DEFAULT_SECCOMP",
+    "DEFAULT_TMP_SIZE",
+    "DEFAULT_SHM_SIZE",
+    "SANDBOX_ID_BASE",
+    "SANDBOX_ID_COUNT",
 ]
 
 StrPath = Union[str, "os.PathLike[str]"]
@@ -40,15 +53,47 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # capability(7) names by number.
 CAPABILITIES: Tuple[str, ...] = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
-    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
-    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
-    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
-    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
 )
 
 
@@ -191,7 +236,9 @@ class Seccomp:
             object.__setattr__(self, name, names)
         needed = sorted(set(self.deny) & _NEEDED)
         if needed:
-            raise SpecError("Seccomp.deny", f"nsfast needs {', '.join(needed)} to start the command (and report a failure)")
+            raise SpecError(
+                "Seccomp.deny", f"nsfast needs {', '.join(needed)} to start the command (and report a failure)"
+            )
 
     @staticmethod
     def default_allowed() -> Tuple[str, ...]:
@@ -202,7 +249,7 @@ class Seccomp:
 DEFAULT_SECCOMP = Seccomp()
 
 
-def _default_limits() -> "Limits":
+def _default_limits() -> Limits:
     from ._cgroup import DEFAULT_LIMITS
 
     return DEFAULT_LIMITS
@@ -258,7 +305,7 @@ class Spec:
     init: bool = False
     new_session: bool = True
     die_with_parent: bool = True
-    limits: Optional["Limits"] = field(default_factory=_default_limits)
+    limits: Optional[Limits] = field(default_factory=_default_limits)
     cgroup: bool = True
     seccomp: Optional[Seccomp] = DEFAULT_SECCOMP
     masked_paths: Tuple[str, ...] = DEFAULT_MASKED_PATHS
@@ -313,7 +360,9 @@ class Spec:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"env must map str to str, got {k!r}: {type(v).__name__}")
             if not k or "=" in k or "\0" in k or "\0" in v:
-                raise SpecError("env", f"has an invalid entry {k!r} (empty, '=' or NUL in the name, or NUL in the value)")
+                raise SpecError(
+                    "env", f"has an invalid entry {k!r} (empty, '=' or NUL in the name, or NUL in the value)"
+                )
             items.append((k, v))
         set_("_env_items", tuple(items))
         if self.env is not None:
@@ -347,7 +396,7 @@ class Spec:
         set_("tmp_size", parse_size("tmp_size", self.tmp_size))
         set_("shm_size", parse_size("shm_size", self.shm_size))
 
-    def replace(self, **changes: Any) -> "Spec":
+    def replace(self, **changes: Any) -> Spec:
         """A copy with `changes` applied (and validated); unknown names raise TypeError."""
         return with_fields(self, changes)
 

@@ -33,8 +33,18 @@ from typing import IO, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from ._errors import NsfastError
 
-__all__ = ["State", "StateError", "Verdict", "state_root", "create", "remove", "load", "load_all", "start_time",
-           "valid_name"]
+__all__ = [
+    "State",
+    "StateError",
+    "Verdict",
+    "state_root",
+    "create",
+    "remove",
+    "load",
+    "load_all",
+    "start_time",
+    "valid_name",
+]
 
 ENV_VAR = "NSFAST_STATE_DIR"
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -123,8 +133,7 @@ def _root(create: bool = False) -> Iterator[Optional[int]]:
     try:
         if create and parent_fd is None:
             os.makedirs(os.path.dirname(root), exist_ok=True)
-        fd = _open_dir(os.path.basename(root) if parent_fd is not None else root, root, dir_fd=parent_fd,
-                       create=create)
+        fd = _open_dir(os.path.basename(root) if parent_fd is not None else root, root, dir_fd=parent_fd, create=create)
     finally:
         if parent_fd is not None:
             os.close(parent_fd)
@@ -139,8 +148,11 @@ def _root(create: bool = False) -> Iterator[Optional[int]]:
 def _container_dir(name: str, create: bool = False) -> Iterator[Optional[int]]:
     """The fd of container `name`'s directory (None if it or the root does not exist)."""
     with _root(create) as root_fd:
-        fd = None if root_fd is None else _open_dir(name, os.path.join(state_root(), name), dir_fd=root_fd,
-                                                     create=create)
+        fd = (
+            None
+            if root_fd is None
+            else _open_dir(name, os.path.join(state_root(), name), dir_fd=root_fd, create=create)
+        )
         try:
             yield fd
         finally:
@@ -152,16 +164,22 @@ def create(name: str) -> IO[bytes]:
     """Reserve container `name`: make its directory (0700; FileExistsError if the name is
     taken) and return its log file, new, 0600, opened for appending."""
     if not valid_name(name):
-        raise StateError(f"invalid container name {name!r}: letters, digits, '_', '.' and '-', "
-                         "starting with a letter or digit, at most 128")
+        raise StateError(
+            f"invalid container name {name!r}: letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit, at most 128"
+        )
     with _root(create=True) as root_fd:
         assert root_fd is not None
         os.mkdir(name, 0o700, dir_fd=root_fd)
         fd = _open_dir(name, os.path.join(state_root(), name), dir_fd=root_fd)
         assert fd is not None
         try:
-            log = os.open("log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          0o600, dir_fd=fd)
+            log = os.open(
+                "log",
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=fd,
+            )
         finally:
             os.close(fd)
     return os.fdopen(log, "ab")
@@ -211,7 +229,7 @@ def _stat(pid: int) -> Optional[List[bytes]]:
     except (FileNotFoundError, ProcessLookupError):
         return None
     # comm may contain spaces and parentheses: fields resume after the last ')'.
-    return data[data.rindex(b")") + 2:].split()
+    return data[data.rindex(b")") + 2 :].split()
 
 
 def start_time(pid: int) -> Optional[int]:
@@ -254,8 +272,9 @@ def _mounts() -> List[_Mount]:
         for line in f:
             parts = line.split()
             sep = parts.index("-")
-            out.append(_Mount(_unescape(parts[3]), _unescape(parts[4]), parts[sep + 1],
-                              frozenset(parts[sep + 3].split(","))))
+            out.append(
+                _Mount(_unescape(parts[3]), _unescape(parts[4]), parts[sep + 1], frozenset(parts[sep + 3].split(",")))
+            )
     return out
 
 
@@ -306,7 +325,7 @@ def _cgroup_dir(pid: int, mount: _Mount) -> Optional[str]:
         root = mount.root.rstrip("/")
         if root and not (path == root or path.startswith(root + "/")):
             return None  # outside what this mount shows
-        rel = path[len(root):].strip("/")
+        rel = path[len(root) :].strip("/")
         return os.path.join(mount.point, rel) if rel else mount.point
     return None
 
@@ -361,8 +380,11 @@ class State:
             ours = [p for p, ino in zip(self.cgroup_paths, self.cgroup_inodes) if dir_inode(p) == ino]
             return Verdict("stale", f"its process {self.pid} is gone", ours)
         if not self.cgroup_paths and not self.ns_inodes:
-            return Verdict("invalid", f"nothing proves process {self.pid} is this container's "
-                           "(no cgroup and no namespace recorded)", [])
+            return Verdict(
+                "invalid",
+                f"nothing proves process {self.pid} is this container's (no cgroup and no namespace recorded)",
+                [],
+            )
         zombie = fields_[0] in (b"Z", b"X")
         inodes: List[Optional[int]] = list(self.cgroup_inodes) or [None] * len(self.cgroup_paths)
         for p, ino in zip(self.cgroup_paths, inodes):
@@ -396,8 +418,7 @@ class State:
         with _container_dir(self.name, create=True) as fd:
             assert fd is not None
             tmp = f".state.json.{os.urandom(8).hex()}.tmp"
-            tmp_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                             dir_fd=fd)
+            tmp_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd)
             try:
                 with os.fdopen(tmp_fd, "wb") as f:
                     f.write(data)
@@ -418,9 +439,17 @@ class State:
 
 _LIST, _DICT = "list", "dict"
 _SCHEMA: Dict[str, Tuple[object, ...]] = {
-    "name": (str,), "pid": (int,), "start_time": (int,), "command": (_LIST, str), "created": ((int, float),),
-    "env": (_DICT, str), "cwd": (str,), "cgroup_paths": (_LIST, str), "namespaces": (_LIST, str),
-    "cgroup_inodes": (_LIST, int), "ns_inodes": (_DICT, int),
+    "name": (str,),
+    "pid": (int,),
+    "start_time": (int,),
+    "command": (_LIST, str),
+    "created": ((int, float),),
+    "env": (_DICT, str),
+    "cwd": (str,),
+    "cgroup_paths": (_LIST, str),
+    "namespaces": (_LIST, str),
+    "cgroup_inodes": (_LIST, int),
+    "ns_inodes": (_DICT, int),
 }
 _REQUIRED = ("name", "pid", "start_time", "command", "created", "env", "cwd")
 

@@ -38,22 +38,39 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hostname", help="hostname inside (needs the uts namespace)")
     p.add_argument("--rootfs", metavar="DIR", help="use DIR as / (default: the host root, read-only)")
     p.add_argument("--writable-root", action="store_true", help="do not make the root read-only")
-    p.add_argument("--bind", nargs=2, metavar=("SRC", "DEST"), action=_MountAction, dest="mounts",
-                   help="bind SRC onto DEST, writable")
-    p.add_argument("--ro-bind", nargs=2, metavar=("SRC", "DEST"), action=_MountAction, dest="mounts",
-                   help="bind SRC onto DEST, read-only")
+    p.add_argument(
+        "--bind",
+        nargs=2,
+        metavar=("SRC", "DEST"),
+        action=_MountAction,
+        dest="mounts",
+        help="bind SRC onto DEST, writable",
+    )
+    p.add_argument(
+        "--ro-bind",
+        nargs=2,
+        metavar=("SRC", "DEST"),
+        action=_MountAction,
+        dest="mounts",
+        help="bind SRC onto DEST, read-only",
+    )
     p.add_argument("--tmpfs", metavar="DEST", action=_MountAction, dest="mounts", help="a fresh tmpfs on DEST")
     p.add_argument("--unshare-all", action="store_true", help="new namespaces of every type but time")
     for ns in NAMESPACES:
-        p.add_argument(f"--unshare-{ns}", action="append_const", const=ns, dest="unshare",
-                       help=f"new {ns} namespace")
+        p.add_argument(f"--unshare-{ns}", action="append_const", const=ns, dest="unshare", help=f"new {ns} namespace")
     for ns in NAMESPACES:
         extra = " (a root caller's sandbox then runs as host root: trusted code only)" if ns == "user" else ""
-        p.add_argument(f"--share-{ns}", action="append_const", const=ns, dest="share",
-                       help=f"keep the host's {ns} namespace{extra}")
+        p.add_argument(
+            f"--share-{ns}",
+            action="append_const",
+            const=ns,
+            dest="share",
+            help=f"keep the host's {ns} namespace{extra}",
+        )
     p.add_argument("--chdir", metavar="DIR", default="/", help="working directory inside (default /)")
-    p.add_argument("--setenv", nargs=2, metavar=("VAR", "VALUE"), action="append", default=[],
-                   help="set an environment variable")
+    p.add_argument(
+        "--setenv", nargs=2, metavar=("VAR", "VALUE"), action="append", default=[], help="set an environment variable"
+    )
     p.add_argument("--uid", type=int, help="uid inside")
     p.add_argument("--gid", type=int, help="gid inside")
     p.add_argument("--cap-add", metavar="CAP", action="append", default=[], help="keep capability CAP")
@@ -66,14 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nsfast", description="Fast, safe Linux sandboxes.")
     parser.add_argument("--version", action="version", version=f"nsfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a command in a new sandbox",
-                         usage="nsfast run [options] -- CMD [ARGS...]")
+    run = sub.add_parser("run", help="run a command in a new sandbox", usage="nsfast run [options] -- CMD [ARGS...]")
     _add_spec_flags(run)
     run.add_argument("-d", "--detach", action="store_true", help="start a detached container and print its name")
     run.add_argument("--name", help="name of the detached container (default: generated)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
-    ex = sub.add_parser("exec", help="run a command inside a container or process",
-                        usage="nsfast exec [options] NAME|PID -- CMD [ARGS...]")
+    ex = sub.add_parser(
+        "exec",
+        help="run a command inside a container or process",
+        usage="nsfast exec [options] NAME|PID -- CMD [ARGS...]",
+    )
     ex.add_argument("target", metavar="NAME|PID")
     ex.add_argument("--chdir", metavar="DIR", help="working directory (default: the container's)")
     ex.add_argument("--setenv", nargs=2, metavar=("VAR", "VALUE"), action="append", default=[])
@@ -113,12 +132,22 @@ def spec_from_args(args: argparse.Namespace) -> Spec:
 
         env = default_env()
         env.update(dict(args.setenv))
-    return Spec(namespaces=tuple(namespaces), rootfs=args.rootfs, readonly_root=not args.writable_root,
-                mounts=tuple(mounts), hostname=args.hostname, env=env, cwd=args.chdir, uid=args.uid,
-                gid=args.gid, capabilities=tuple(args.cap_add), init=args.init,
-                # Its own session, so no controlling terminal: with ours, TIOCSTI could type
-                # commands into the caller's shell (CVE-2017-5226). stdio still works.
-                new_session=True)
+    return Spec(
+        namespaces=tuple(namespaces),
+        rootfs=args.rootfs,
+        readonly_root=not args.writable_root,
+        mounts=tuple(mounts),
+        hostname=args.hostname,
+        env=env,
+        cwd=args.chdir,
+        uid=args.uid,
+        gid=args.gid,
+        capabilities=tuple(args.cap_add),
+        init=args.init,
+        # Its own session, so no controlling terminal: with ours, TIOCSTI could type
+        # commands into the caller's shell (CVE-2017-5226). stdio still works.
+        new_session=True,
+    )
 
 
 def _cmd(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]:
@@ -170,11 +199,19 @@ def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
         started = _state.start_time(proc.pid)
         ns_inodes = {t: _state.ns_inode(proc.pid, t) for t in spec.namespaces if t != "time"}
         paths = proc.detach()
-        st = _state.State(name=name, pid=proc.pid, start_time=started or -1, command=list(cmd), created=time.time(),
-                          env=dict(spec._env_items), cwd=os.fspath(spec.cwd), cgroup_paths=paths,
-                          namespaces=list(spec.namespaces),
-                          cgroup_inodes=[_state.dir_inode(p) or 0 for p in paths],
-                          ns_inodes={t: i for t, i in ns_inodes.items() if i is not None})
+        st = _state.State(
+            name=name,
+            pid=proc.pid,
+            start_time=started or -1,
+            command=list(cmd),
+            created=time.time(),
+            env=dict(spec._env_items),
+            cwd=os.fspath(spec.cwd),
+            cgroup_paths=paths,
+            namespaces=list(spec.namespaces),
+            cgroup_inodes=[_state.dir_inode(p) or 0 for p in paths],
+            ns_inodes={t: i for t, i in ns_inodes.items() if i is not None},
+        )
         st.save()
     except BaseException:
         if st is not None:
@@ -191,7 +228,7 @@ def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
     return 0
 
 
-def _resolve(target: str) -> "tuple[int, Optional[object]]":
+def _resolve(target: str) -> tuple[int, Optional[object]]:
     """(pid, state or None) of a container name or a pid."""
     from . import _state
 
@@ -315,7 +352,7 @@ class _Refused(Exception):
     """A state that does not prove what it names: nothing is done to it."""
 
 
-def _kill_state(st: "object", grace: float) -> str:
+def _kill_state(st: object, grace: float) -> str:
     """Stop the container of state `st`; returns what happened. _Refused if it is invalid."""
     import signal
 
@@ -330,8 +367,11 @@ def _kill_state(st: "object", grace: float) -> str:
         status, reason, cgroups = st.check()  # type: ignore[attr-defined]
         if status == "invalid":
             raise _Refused(reason)
-        outcome = {"exited": "had exited; cleaned up", "stale": "stale state removed (its process was gone)",
-                   "running": "killed"}[status]  # without a pidfd, by its cgroups
+        outcome = {
+            "exited": "had exited; cleaned up",
+            "stale": "stale state removed (its process was gone)",
+            "running": "killed",
+        }[status]  # without a pidfd, by its cgroups
         if status == "running" and pidfd is not None:
             outcome = "stopped"
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
@@ -363,8 +403,11 @@ def _stop(args: argparse.Namespace) -> int:
         try:
             print(f"{name}: {_kill_state(st, args.time)}")
         except _Refused as e:
-            print(f"nsfast: container {name} has an invalid state, not stopping it: {e} "
-                  f"(inspect and remove {st.dir} by hand)", file=sys.stderr)
+            print(
+                f"nsfast: container {name} has an invalid state, not stopping it: {e} "
+                f"(inspect and remove {st.dir} by hand)",
+                file=sys.stderr,
+            )
             rc = 1
     return rc
 

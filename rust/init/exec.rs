@@ -268,7 +268,8 @@ pub fn main(args: Args) -> ! {
     join_namespaces(&p.ns[..p.n_ns]).unwrap_or_else(|(i, e)| fail(STEP_JOIN_NAMESPACES, i, e));
     if p.pdeath {
         // After setns: new credentials (a user namespace's) disarm the death signal.
-        sys(nr::PRCTL, [rt::PR_SET_PDEATHSIG, rt::SIGKILL, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DEATH_SIGNAL, 0, e));
+        sys(nr::PRCTL, [rt::PR_SET_PDEATHSIG, rt::SIGKILL, 0, 0, 0, 0])
+            .unwrap_or_else(|e| fail(STEP_DEATH_SIGNAL, 0, e));
         // The caller may have died before the prctl: then we were re-parented.
         if sys1(nr::GETPPID, 0).ok() != Some(p.ppid) {
             rt::exit(127);
@@ -360,7 +361,8 @@ fn install_filters() -> Result<(), i32> {
     if bytes.is_empty() {
         return Ok(());
     }
-    let word = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or(rt::EINVAL);
+    let word =
+        |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or(rt::EINVAL);
     let count = word(0)?;
     let mut at = 4;
     for _ in 0..count {
@@ -389,7 +391,8 @@ fn reader_gone(report: i32) -> bool {
     }
     let mut pfd = PollFd { fd: report, events: POLLOUT, revents: 0 };
     let zero = [0u64; 2];
-    sys(nr::PPOLL, [&mut pfd as *mut PollFd as usize, 1, zero.as_ptr() as usize, 0, 8, 0]).is_ok() && pfd.revents & POLLERR != 0
+    sys(nr::PPOLL, [&mut pfd as *mut PollFd as usize, 1, zero.as_ptr() as usize, 0, 8, 0]).is_ok()
+        && pfd.revents & POLLERR != 0
 }
 
 extern "C" fn final_entry(arg: usize) -> ! {
@@ -407,7 +410,8 @@ fn final_process(p: &Plan) -> ! {
     };
     let arm_death_signal = || {
         if p.pdeath {
-            sys(nr::PRCTL, [rt::PR_SET_PDEATHSIG, rt::SIGKILL, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DEATH_SIGNAL, e));
+            sys(nr::PRCTL, [rt::PR_SET_PDEATHSIG, rt::SIGKILL, 0, 0, 0, 0])
+                .unwrap_or_else(|e| fail(STEP_DEATH_SIGNAL, e));
             // Our parent is the caller, outside our pid namespace (getppid() says 0): it is
             // alive while it holds the report pipe's read end.
             if reader_gone(p.report) {
@@ -472,24 +476,31 @@ fn final_process(p: &Plan) -> ! {
         }
     }
     if let Some(gid) = p.gid {
-        sys(nr::SETRESGID, [gid as usize, gid as usize, gid as usize, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_SET_GID, e));
+        sys(nr::SETRESGID, [gid as usize, gid as usize, gid as usize, 0, 0, 0])
+            .unwrap_or_else(|e| fail(STEP_SET_GID, e));
     }
     match sys(nr::SETGROUPS, [0; 6]) {
         Ok(_) | Err(rt::EPERM) => {} // EPERM: setgroups is denied in this user namespace
         Err(e) => fail(STEP_SET_GROUPS, e),
     }
     if let Some(uid) = p.uid {
-        sys(nr::SETRESUID, [uid as usize, uid as usize, uid as usize, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_SET_UID, e));
+        sys(nr::SETRESUID, [uid as usize, uid as usize, uid as usize, 0, 0, 0])
+            .unwrap_or_else(|e| fail(STEP_SET_UID, e));
     }
     // A uid/gid change disarmed the death signal: again, and is the caller still there?
     arm_death_signal();
     sys(nr::PRCTL, [PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
     let have = capget().unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
     let (lo, hi) = (p.keep as u32, (p.keep >> 32) as u32);
-    let only = |d: CapData, m: u32| CapData { effective: d.permitted & m, permitted: d.permitted & m, inheritable: d.permitted & m };
+    let only = |d: CapData, m: u32| CapData {
+        effective: d.permitted & m,
+        permitted: d.permitted & m,
+        inheritable: d.permitted & m,
+    };
     let data = [only(have[0], lo), only(have[1], hi)];
     let hdr = CapHeader { version: CAP_VERSION_3, pid: 0 };
-    sys(nr::CAPSET, [&hdr as *const CapHeader as usize, data.as_ptr() as usize, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
+    sys(nr::CAPSET, [&hdr as *const CapHeader as usize, data.as_ptr() as usize, 0, 0, 0, 0])
+        .unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
     if p.session {
         sys1(nr::SETSID, 0).unwrap_or_else(|e| fail(STEP_SETSID, e));
     }
@@ -505,7 +516,8 @@ fn final_process(p: &Plan) -> ! {
     let mut src = p.stdio;
     for (i, fd) in src.iter_mut().enumerate() {
         if *fd >= 0 && *fd < 3 && *fd != i as i32 {
-            *fd = sys(nr::FCNTL, [*fd as usize, F_DUPFD_CLOEXEC, 3, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_STDIO, e)) as i32;
+            *fd = sys(nr::FCNTL, [*fd as usize, F_DUPFD_CLOEXEC, 3, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_STDIO, e))
+                as i32;
         }
     }
     for (i, &fd) in src.iter().enumerate() {
@@ -519,7 +531,8 @@ fn final_process(p: &Plan) -> ! {
         res.unwrap_or_else(|e| fail(STEP_STDIO, e));
     }
     // Everything from 3 up closes at exec (the report pipe too), but the fds passed on purpose.
-    sys(nr::CLOSE_RANGE, [3, u32::MAX as usize, CLOSE_RANGE_CLOEXEC, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_CLOSE_FDS, e));
+    sys(nr::CLOSE_RANGE, [3, u32::MAX as usize, CLOSE_RANGE_CLOEXEC, 0, 0, 0])
+        .unwrap_or_else(|e| fail(STEP_CLOSE_FDS, e));
     for (_, v) in values(p, b"pass") {
         set_cloexec(fd_of(v).unwrap_or(-1), false).unwrap_or_else(|e| fail(STEP_CLOSE_FDS, e));
     }

@@ -341,7 +341,11 @@ pub const EPERM: i32 = 1;
 
 /// execvpe's rule over `candidates`: skip ENOENT/ENOTDIR, remember EACCES, stop at anything
 /// else. Returns the errno to report (only returns if nothing could be exec'd).
-pub fn exec_candidates(candidates: impl Iterator<Item = *const u8>, argv: *const *const u8, envp: *const *const u8) -> i32 {
+pub fn exec_candidates(
+    candidates: impl Iterator<Item = *const u8>,
+    argv: *const *const u8,
+    envp: *const *const u8,
+) -> i32 {
     let mut err = ENOENT;
     let mut saw_eacces = false;
     for cand in candidates {

@@ -185,7 +185,9 @@ pub fn sweep_stale(root: &Path) {
     let Ok(entries) = fs::read_dir(root) else { return };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("sb-")).and_then(|n| n.split('-').next()) else { continue };
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("sb-")).and_then(|n| n.split('-').next()) else {
+            continue;
+        };
         if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
             // Empty exec cgroups below it first (rmdir refuses populated ones too).
             for sub in fs::read_dir(e.path()).into_iter().flatten().flatten() {
@@ -253,8 +255,11 @@ impl V2Backend {
             .map(|c| c.to_string())
             .collect();
         let enabled = fs::read_to_string(root.join("cgroup.subtree_control")).unwrap_or_default();
-        let missing: Vec<String> =
-            controllers.iter().filter(|c| !enabled.split_whitespace().any(|e| e == c.as_str())).map(|c| format!("+{c}")).collect();
+        let missing: Vec<String> = controllers
+            .iter()
+            .filter(|c| !enabled.split_whitespace().any(|e| e == c.as_str()))
+            .map(|c| format!("+{c}"))
+            .collect();
         if !missing.is_empty() {
             write_file(&root.join("cgroup.subtree_control"), &missing.join(" "))?;
         }
@@ -379,8 +384,11 @@ fn open_tasks(dirs: &[PathBuf]) -> Result<Vec<OwnedFd>> {
     dirs.iter()
         .map(|d| {
             let f = d.join("tasks");
-            rustix::fs::open(&f, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
-                .map_err(|e| CgroupError::Io { op: "open", path: f.clone(), source: e.into() })
+            rustix::fs::open(&f, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| CgroupError::Io {
+                op: "open",
+                path: f.clone(),
+                source: e.into(),
+            })
         })
         .collect()
 }
@@ -457,7 +465,12 @@ impl Cgroup for V2Cgroup {
     }
 
     fn exec_child(&self, name: &str) -> Result<Box<dyn Cgroup>> {
-        Ok(Box::new(ExecCgroup { own: Some(self.exec_dir(name)?), v1: Vec::new(), leftovers: self.leftovers.clone(), killed: Default::default() }))
+        Ok(Box::new(ExecCgroup {
+            own: Some(self.exec_dir(name)?),
+            v1: Vec::new(),
+            leftovers: self.leftovers.clone(),
+            killed: Default::default(),
+        }))
     }
 
     fn remove(&mut self) -> Result<()> {
@@ -498,9 +511,9 @@ pub struct V1Backend {
 
 impl V1Backend {
     fn root(&self, controller: &str) -> Result<&PathBuf> {
-        self.roots
-            .get(controller)
-            .ok_or_else(|| CgroupError::Unavailable(format!("no cgroup v1 hierarchy with the {controller} controller is mounted")))
+        self.roots.get(controller).ok_or_else(|| {
+            CgroupError::Unavailable(format!("no cgroup v1 hierarchy with the {controller} controller is mounted"))
+        })
     }
 }
 
@@ -802,7 +815,11 @@ impl Cgroup for ExecCgroup {
     }
 
     fn version(&self) -> u8 {
-        if self.own.is_some() { 2 } else { 1 }
+        if self.own.is_some() {
+            2
+        } else {
+            1
+        }
     }
 }
 
@@ -959,8 +976,12 @@ mod tests {
         let (dirs, unified) = dirs_of(text, &h);
         assert_eq!(
             dirs,
-            ["/sys/fs/cgroup/cpu,cpuacct/nsfast/sb-1", "/sys/fs/cgroup/memory/nsfast/sb-1", "/sys/fs/cgroup/pids/nsfast/sb-1"]
-                .map(PathBuf::from)
+            [
+                "/sys/fs/cgroup/cpu,cpuacct/nsfast/sb-1",
+                "/sys/fs/cgroup/memory/nsfast/sb-1",
+                "/sys/fs/cgroup/pids/nsfast/sb-1"
+            ]
+            .map(PathBuf::from)
         );
         assert_eq!(unified, Some(PathBuf::from("/sys/fs/cgroup/unified")));
         let v2 = Hierarchy::V2 { mount: "/sys/fs/cgroup".into() };
@@ -987,7 +1008,8 @@ mod tests {
     fn exec_cgroups_go_before_their_parent() {
         let root = std::env::temp_dir().join(format!("nsfast-exec-cg-{}", std::process::id()));
         fs::create_dir_all(&root).unwrap();
-        let mut parent = V2Cgroup { dir: root.clone(), fd: None, attach_by_procs: false, leftovers: Default::default() };
+        let mut parent =
+            V2Cgroup { dir: root.clone(), fd: None, attach_by_procs: false, leftovers: Default::default() };
         let mut done = parent.exec_child("exec-0").unwrap();
         assert!(root.join("exec-0").is_dir() && done.clone_fd().is_some());
         done.remove().unwrap();

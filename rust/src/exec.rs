@@ -64,7 +64,9 @@ impl Target {
         let gone = |e: Errno| Error::spawn("open target", Some(format!("/proc/{pid}")), e);
         let p = Pid::from_raw(pid).ok_or_else(|| Error::invalid("pid", "must be positive"))?;
         let pidfd = rustix::process::pidfd_open(p, PidfdFlags::empty()).map_err(gone)?;
-        let open = |what: &str, flags: OFlags| rustix::fs::open(format!("/proc/{pid}/{what}"), flags | OFlags::CLOEXEC, Mode::empty()).map_err(gone);
+        let open = |what: &str, flags: OFlags| {
+            rustix::fs::open(format!("/proc/{pid}/{what}"), flags | OFlags::CLOEXEC, Mode::empty()).map_err(gone)
+        };
         let dir = OFlags::PATH | OFlags::DIRECTORY;
         let mut ns = Vec::new();
         for (name, flag) in crate::ns::NAMESPACES {
@@ -104,18 +106,29 @@ struct MidCtx<'a> {
 pub fn spawn_join(plan: &Plan, io: &Io, target: &Target) -> Result<Child> {
     let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
     let tasks = match io.cgroup {
-        Some(cg) => cg.self_attach_files().map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), Errno::NOTSUP))?,
+        Some(cg) => {
+            cg.self_attach_files().map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), Errno::NOTSUP))?
+        }
         None => Vec::new(),
     };
-    let seccomp = plan.seccomp.as_ref().map(seccomp_fd).transpose().map_err(|e| Error::spawn("install seccomp filter", None, e))?;
+    let seccomp = plan
+        .seccomp
+        .as_ref()
+        .map(seccomp_fd)
+        .transpose()
+        .map_err(|e| Error::spawn("install seccomp filter", None, e))?;
     let init_fd = spawn::init_binary().map_err(|e| Error::spawn("load nsfast-init", None, e))?;
     let (parent, chan, report_w, _) = sync::channel(false).map_err(|e| Error::spawn("pipe", None, e))?;
     let report = report_w.as_raw_fd();
 
     // The namespaces the helper joins (by index in its error reports); the cgroup
     // namespace is joined by the final process, once inside its cgroup.
-    let joined: Vec<(u64, RawFd)> =
-        target.ns.iter().map(|(f, fd)| (*f, fd.as_raw_fd())).filter(|(f, _)| *f != libc::CLONE_NEWCGROUP as u64).collect();
+    let joined: Vec<(u64, RawFd)> = target
+        .ns
+        .iter()
+        .map(|(f, fd)| (*f, fd.as_raw_fd()))
+        .filter(|(f, _)| *f != libc::CLONE_NEWCGROUP as u64)
+        .collect();
     let cgroupns = target.ns.iter().find(|(f, _)| *f == libc::CLONE_NEWCGROUP as u64).map(|(_, fd)| fd.as_raw_fd());
     let joins_user = joined.iter().any(|(f, _)| *f == libc::CLONE_NEWUSER as u64);
     // In a joined user namespace our own ids (host root for a root caller) are not mapped:
@@ -177,7 +190,8 @@ pub fn spawn_join(plan: &Plan, io: &Io, target: &Target) -> Result<Child> {
     }
     argv.push(b"--".to_vec());
     argv.extend(plan.exec.argv_strings.iter().map(|a| a.as_bytes().to_vec()));
-    let argv = CStrArray::new(argv.into_iter().map(|a| CString::new(a).expect("no NUL: built from C strings and numbers")));
+    let argv =
+        CStrArray::new(argv.into_iter().map(|a| CString::new(a).expect("no NUL: built from C strings and numbers")));
 
     let mut inherit: Vec<RawFd> = vec![report, target.root.as_raw_fd()];
     inherit.extend(target.ns.iter().map(|(_, fd)| fd.as_raw_fd()));
@@ -257,7 +271,11 @@ pub fn spawn_join(plan: &Plan, io: &Io, target: &Target) -> Result<Child> {
             }
             Err(exec_error(plan, &joined, rec))
         }
-        (None, None) => Err(Error::spawn("exec helper", Some(format!("nsfast-init --exec ended with wait status {helper_status}")), Errno::CHILD)),
+        (None, None) => Err(Error::spawn(
+            "exec helper",
+            Some(format!("nsfast-init --exec ended with wait status {helper_status}")),
+            Errno::CHILD,
+        )),
     }
 }
 

@@ -47,19 +47,47 @@ pub enum FsOp {
     MakePrivate,
     /// Clone the tree (unless prepared), create `ensure_dirs` in it if missing, set `attrs`
     /// (recursive), attach it on top of `/` and chdir into it.
-    EnterRoot { tree: Tree, attrs: u64, ensure_dirs: Vec<CString> },
+    EnterRoot {
+        tree: Tree,
+        attrs: u64,
+        ensure_dirs: Vec<CString>,
+    },
     /// mount(2) of a fresh filesystem on `dst` (resolved inside the new root).
-    Mount { fstype: CString, dst: CString, flags: MountFlags, data: CString },
+    Mount {
+        fstype: CString,
+        dst: CString,
+        flags: MountFlags,
+        data: CString,
+    },
     /// Attach `tree` (recursive when asked) on `dst` with `attrs` (set by the child unless
     /// prepared).
-    Bind { tree: Tree, dst: CString, recursive: bool, attrs: u64 },
+    Bind {
+        tree: Tree,
+        dst: CString,
+        recursive: bool,
+        attrs: u64,
+    },
     /// mkdir `name` in directory `parent` (both inside the new root).
-    Mkdir { parent: CString, name: CString, mode: u32 },
+    Mkdir {
+        parent: CString,
+        name: CString,
+        mode: u32,
+    },
     /// Create an empty file `name` in `parent` (never following a symlink at `name`).
-    Touch { parent: CString, name: CString },
-    Symlink { target: CString, parent: CString, name: CString },
+    Touch {
+        parent: CString,
+        name: CString,
+    },
+    Symlink {
+        target: CString,
+        parent: CString,
+        name: CString,
+    },
     /// mount_setattr(2) `attrs` on one mount (not its submounts).
-    SetAttr { path: CString, attrs: u64 },
+    SetAttr {
+        path: CString,
+        attrs: u64,
+    },
     /// pivot_root(".", "."), detach the old root, chdir("/").
     PivotRoot,
 }
@@ -118,8 +146,12 @@ pub struct FsSpec<'a> {
 pub const HIDDEN_SIZE: u64 = 16 << 20;
 
 const DEV_NODES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
-const DEV_LINKS: [(&str, &str); 4] =
-    [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")];
+const DEV_LINKS: [(&str, &str); 4] = [
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+];
 
 const NOSUID_NODEV: u64 = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
 
@@ -176,9 +208,9 @@ pub fn normalize_target(path: &[u8]) -> Option<Vec<u8>> {
 /// A path of `field` (masked, read-only, hidden) as the plan uses it and as messages show it:
 /// (`a/b`, `/a/b`); not `/`, nothing relative or with `..`.
 fn sandbox_path(field: &'static str, path: &[u8]) -> Result<(Vec<u8>, String)> {
-    let rel = normalize_target(path)
-        .filter(|r| !r.is_empty())
-        .ok_or_else(|| Error::invalid(field, format!("must be absolute paths without '..', other than '/': {}", show(path))))?;
+    let rel = normalize_target(path).filter(|r| !r.is_empty()).ok_or_else(|| {
+        Error::invalid(field, format!("must be absolute paths without '..', other than '/': {}", show(path)))
+    })?;
     let shown = format!("/{}", show(&rel));
     Ok((rel, shown))
 }
@@ -231,18 +263,31 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
     if in_root {
         for d in ["proc", "dev", "tmp"] {
             if (probes.is_link)(&root, d.as_bytes()) {
-                return Err(Error::invalid("rootfs", format!("has a symlink at /{d}; nsfast mounts a fresh {d} there and needs a directory or nothing")));
+                return Err(Error::invalid(
+                    "rootfs",
+                    format!("has a symlink at /{d}; nsfast mounts a fresh {d} there and needs a directory or nothing"),
+                ));
             }
         }
     }
 
     push(FsOp::MakePrivate, "make / private".into(), "/".into());
     let root_attrs = NOSUID_NODEV | if fs.readonly { MOUNT_ATTR_RDONLY } else { 0 };
-    let ensure_dirs: Vec<CString> =
-        if in_root { ["proc", "dev", "tmp"].iter().filter(|d| exists(d.as_bytes()).is_none()).map(|d| c(*d)).collect() } else { vec![] };
+    let ensure_dirs: Vec<CString> = if in_root {
+        ["proc", "dev", "tmp"].iter().filter(|d| exists(d.as_bytes()).is_none()).map(|d| c(*d)).collect()
+    } else {
+        vec![]
+    };
     let enter = if in_root && fs.prepare_trees {
         // Idmapped like the binds: an image's ids 0..65535 on disk are the sandbox's ids.
-        prepare.push(PrepareTree { src: c(root.clone()), recursive: true, attrs: root_attrs, idmap: true, mkdirs: ensure_dirs, step: "bind root".into() });
+        prepare.push(PrepareTree {
+            src: c(root.clone()),
+            recursive: true,
+            attrs: root_attrs,
+            idmap: true,
+            mkdirs: ensure_dirs,
+            step: "bind root".into(),
+        });
         FsOp::EnterRoot { tree: Tree::Prepared(prepare.len() - 1), attrs: 0, ensure_dirs: vec![] }
     } else {
         FsOp::EnterRoot { tree: Tree::Path(c(root.clone())), attrs: root_attrs, ensure_dirs }
@@ -250,43 +295,81 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
     push(enter, "bind root".into(), show(&root));
     if fs.fresh_proc {
         push(
-            FsOp::Mount { fstype: c("proc"), dst: c("proc"), flags: MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, data: c("") },
+            FsOp::Mount {
+                fstype: c("proc"),
+                dst: c("proc"),
+                flags: MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                data: c(""),
+            },
             "mount /proc".into(),
             "/proc".into(),
         );
     } else {
         let attrs = NOSUID_NODEV | MOUNT_ATTR_NOEXEC;
-        push(FsOp::Bind { tree: Tree::Path(c("/proc")), dst: c("proc"), recursive: true, attrs }, "bind /proc".into(), "/proc".into());
+        push(
+            FsOp::Bind { tree: Tree::Path(c("/proc")), dst: c("proc"), recursive: true, attrs },
+            "bind /proc".into(),
+            "/proc".into(),
+        );
     }
-    push(tmpfs(b"dev", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "0755", Some(64 << 10)), "mount /dev".into(), "/dev".into());
+    push(
+        tmpfs(b"dev", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "0755", Some(64 << 10)),
+        "mount /dev".into(),
+        "/dev".into(),
+    );
     for node in DEV_NODES {
         let dst = format!("dev/{node}");
         push(touch(dst.as_bytes()), format!("create /{dst}"), format!("/{dst}"));
         push(
-            FsOp::Bind { tree: Tree::Path(c(format!("/dev/{node}"))), dst: c(dst.clone()), recursive: false, attrs: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC },
+            FsOp::Bind {
+                tree: Tree::Path(c(format!("/dev/{node}"))),
+                dst: c(dst.clone()),
+                recursive: false,
+                attrs: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+            },
             format!("bind /{dst}"),
             format!("/{dst}"),
         );
     }
     for (name, target) in DEV_LINKS {
-        push(FsOp::Symlink { target: c(target), parent: c("dev"), name: c(name) }, format!("symlink /dev/{name}"), format!("/dev/{name}"));
+        push(
+            FsOp::Symlink { target: c(target), parent: c("dev"), name: c(name) },
+            format!("symlink /dev/{name}"),
+            format!("/dev/{name}"),
+        );
     }
 
     // runc's masks: what they name must not be readable, whatever the sandbox's ids.
-    let kind = |rel: &[u8]| if rel == b"proc" || rel.starts_with(b"proc/") { probe(&[b"/", rel].concat()) } else { exists(rel) };
+    let kind = |rel: &[u8]| {
+        if rel == b"proc" || rel.starts_with(b"proc/") {
+            probe(&[b"/", rel].concat())
+        } else {
+            exists(rel)
+        }
+    };
     let sealed = MOUNT_ATTR_RDONLY | NOSUID_NODEV | MOUNT_ATTR_NOEXEC;
     for p in fs.masked {
         let (rel, shown) = sandbox_path("masked_paths", p)?;
         match kind(&rel) {
             None => {}
             Some(true) => push(
-                tmpfs(&rel, MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "0555", Some(4096)),
+                tmpfs(
+                    &rel,
+                    MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                    "0555",
+                    Some(4096),
+                ),
                 format!("mask {shown}"),
                 shown,
             ),
             // /dev/null, as runc: reads are empty (so it keeps nodev off, like the other nodes).
             Some(false) => push(
-                FsOp::Bind { tree: Tree::Path(c("dev/null")), dst: c(rel.clone()), recursive: false, attrs: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC },
+                FsOp::Bind {
+                    tree: Tree::Path(c("dev/null")),
+                    dst: c(rel.clone()),
+                    recursive: false,
+                    attrs: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+                },
                 format!("mask {shown}"),
                 shown,
             ),
@@ -295,17 +378,30 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
     for p in fs.readonly_paths {
         let (rel, shown) = sandbox_path("readonly_paths", p)?;
         if kind(&rel).is_some() {
-            push(FsOp::Bind { tree: Tree::Path(c(rel.clone())), dst: c(rel), recursive: true, attrs: sealed }, format!("remount {shown} read-only"), shown);
+            push(
+                FsOp::Bind { tree: Tree::Path(c(rel.clone())), dst: c(rel), recursive: true, attrs: sealed },
+                format!("remount {shown} read-only"),
+                shown,
+            );
         }
     }
     push(mkdir(b"dev/shm", 0o755), "mkdir /dev/shm".into(), "/dev/shm".into());
-    push(tmpfs(b"dev/shm", MountFlags::NOSUID | MountFlags::NODEV, "1777", fs.shm_size), "mount /dev/shm".into(), "/dev/shm".into());
+    push(
+        tmpfs(b"dev/shm", MountFlags::NOSUID | MountFlags::NODEV, "1777", fs.shm_size),
+        "mount /dev/shm".into(),
+        "/dev/shm".into(),
+    );
     push(FsOp::SetAttr { path: c("dev"), attrs: sealed }, "remount /dev read-only".into(), "/dev".into());
-    push(tmpfs(b"tmp", MountFlags::NOSUID | MountFlags::NODEV, "1777", fs.tmp_size), "mount /tmp".into(), "/tmp".into());
+    push(
+        tmpfs(b"tmp", MountFlags::NOSUID | MountFlags::NODEV, "1777", fs.tmp_size),
+        "mount /tmp".into(),
+        "/tmp".into(),
+    );
 
     // Directories that are fresh tmpfs: targets below them are created on the fly.
     let mut fresh: Vec<Vec<u8>> = vec![b"tmp".to_vec(), b"dev/shm".to_vec()];
-    let below = |fresh: &[Vec<u8>], p: &[u8]| fresh.iter().find(|f| p.starts_with(f) && p.get(f.len()) == Some(&b'/')).cloned();
+    let below =
+        |fresh: &[Vec<u8>], p: &[u8]| fresh.iter().find(|f| p.starts_with(f) && p.get(f.len()) == Some(&b'/')).cloned();
     if !in_root {
         for h in fs.hidden {
             let (rel, shown) = sandbox_path("hidden", h)?;
@@ -313,7 +409,11 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
                 continue;
             }
             let mode = if rel == b"var/tmp" { "1777" } else { "0755" };
-            push(tmpfs(&rel, MountFlags::NOSUID | MountFlags::NODEV, mode, Some(HIDDEN_SIZE)), format!("hide {shown}"), shown);
+            push(
+                tmpfs(&rel, MountFlags::NOSUID | MountFlags::NODEV, mode, Some(HIDDEN_SIZE)),
+                format!("hide {shown}"),
+                shown,
+            );
             fresh.push(rel);
         }
     }
@@ -322,7 +422,10 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
         let (dst_raw, src_is_dir) = match m {
             Mount::Bind { src, dst, .. } => {
                 if !src.starts_with(b"/") || src.contains(&0) {
-                    return Err(Error::invalid("mounts", format!("bind source must be an absolute path: {}", show(src))));
+                    return Err(Error::invalid(
+                        "mounts",
+                        format!("bind source must be an absolute path: {}", show(src)),
+                    ));
                 }
                 match probe(src) {
                     Some(is_dir) => (dst, is_dir),
@@ -374,7 +477,14 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
                 let attrs = NOSUID_NODEV | if *readonly { MOUNT_ATTR_RDONLY } else { 0 };
                 let step = format!("bind {} -> {shown}", show(src));
                 let (tree, attrs) = if fs.prepare_trees {
-                    prepare.push(PrepareTree { src: c(src.clone()), recursive: true, attrs, idmap: true, mkdirs: vec![], step: step.clone() });
+                    prepare.push(PrepareTree {
+                        src: c(src.clone()),
+                        recursive: true,
+                        attrs,
+                        idmap: true,
+                        mkdirs: vec![],
+                        step: step.clone(),
+                    });
                     (Tree::Prepared(prepare.len() - 1), 0)
                 } else {
                     (Tree::Path(c(src.clone())), attrs)
@@ -382,7 +492,11 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
                 push(FsOp::Bind { tree, dst: c(dst.clone()), recursive: true, attrs }, step, show(src));
             }
             Mount::Tmpfs { size, .. } => {
-                push(tmpfs(&dst, MountFlags::NOSUID | MountFlags::NODEV, "0755", *size), format!("mount tmpfs {shown}"), shown.clone());
+                push(
+                    tmpfs(&dst, MountFlags::NOSUID | MountFlags::NODEV, "0755", *size),
+                    format!("mount tmpfs {shown}"),
+                    shown.clone(),
+                );
                 fresh.push(dst.clone());
             }
         }
@@ -394,7 +508,13 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
 /// Child-safe: an O_PATH fd of `path` (relative to the cwd, the new root) resolved with the
 /// new root as "/" (symlinks cannot lead out of it, magic links are refused).
 fn at_root(path: &CStr) -> std::result::Result<OwnedFd, Errno> {
-    rustix::fs::openat2(CWD, path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS)
+    rustix::fs::openat2(
+        CWD,
+        path,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
 }
 
 /// Child-safe: "/proc/self/fd/N" in `buf`, to mount onto what an O_PATH fd names.
@@ -420,7 +540,12 @@ fn fd_path(buf: &mut [u8; 32], fd: i32) -> &CStr {
 }
 
 /// Child-safe: a clone of `tree` (a host path, a path in the new root, or a prepared fd).
-fn open_tree<'a>(tree: &Tree, recursive: bool, prepared: &'a [RawFd], owned: &'a mut Option<OwnedFd>) -> std::result::Result<BorrowedFd<'a>, Errno> {
+fn open_tree<'a>(
+    tree: &Tree,
+    recursive: bool,
+    prepared: &'a [RawFd],
+    owned: &'a mut Option<OwnedFd>,
+) -> std::result::Result<BorrowedFd<'a>, Errno> {
     let mut how = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
     if recursive {
         how |= OpenTreeFlags::AT_RECURSIVE;
@@ -433,7 +558,8 @@ fn open_tree<'a>(tree: &Tree, recursive: bool, prepared: &'a [RawFd], owned: &'a
         }
         Tree::Path(p) => {
             let at = at_root(p)?;
-            let fd: &'a OwnedFd = Option::insert(owned, rustix::mount::open_tree(&at, c"", how | OpenTreeFlags::AT_EMPTY_PATH)?);
+            let fd: &'a OwnedFd =
+                Option::insert(owned, rustix::mount::open_tree(&at, c"", how | OpenTreeFlags::AT_EMPTY_PATH)?);
             Ok(fd.as_fd())
         }
     }
@@ -442,7 +568,9 @@ fn open_tree<'a>(tree: &Tree, recursive: bool, prepared: &'a [RawFd], owned: &'a
 /// Child-safe: run one step. `prepared`: the fds of the parent's [`PrepareTree`]s.
 pub fn run(op: &FsOp, prepared: &[RawFd]) -> std::result::Result<(), Errno> {
     match op {
-        FsOp::MakePrivate => rustix::mount::mount_change(c"/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC),
+        FsOp::MakePrivate => {
+            rustix::mount::mount_change(c"/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
+        }
         FsOp::EnterRoot { tree, attrs, ensure_dirs } => {
             let mut owned = None;
             let tree = open_tree(tree, true, prepared, &mut owned)?;
@@ -507,7 +635,8 @@ pub fn run(op: &FsOp, prepared: &[RawFd]) -> std::result::Result<(), Errno> {
 /// is refused with ELOOP.
 pub fn chdir_in_root(path: &CStr) -> std::result::Result<(), Errno> {
     let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    let dir = rustix::fs::openat2(CWD, path, flags, Mode::empty(), ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS)?;
+    let dir =
+        rustix::fs::openat2(CWD, path, flags, Mode::empty(), ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS)?;
     rustix::process::fchdir(&dir)
 }
 
@@ -542,8 +671,8 @@ mod tests {
 
     fn host(path: &[u8]) -> Option<bool> {
         match path {
-            b"/" | b"/srv" | b"/home/u/data" | b"/rootfs" | b"/rootfs/proc" | b"/rootfs/work" | b"/opt" | b"/run" | b"/home" | b"/proc/sys"
-            | b"/proc/acpi" => Some(true),
+            b"/" | b"/srv" | b"/home/u/data" | b"/rootfs" | b"/rootfs/proc" | b"/rootfs/work" | b"/opt" | b"/run"
+            | b"/home" | b"/proc/sys" | b"/proc/acpi" => Some(true),
             b"/etc/hosts" | b"/rootfs/etc/hosts" | b"/proc/kcore" => Some(false),
             _ => None,
         }
@@ -618,7 +747,10 @@ mod tests {
         for want in ["mask /proc/kcore", "mask /proc/acpi", "remount /proc/sys read-only", "hide /run", "hide /home"] {
             assert!(names.contains(&want), "{want} missing in {names:?}");
         }
-        assert!(!names.iter().any(|n| n.contains("missing") || n.contains("nonexistent") || *n == "hide /tmp"), "{names:?}");
+        assert!(
+            !names.iter().any(|n| n.contains("missing") || n.contains("nonexistent") || *n == "hide /tmp"),
+            "{names:?}"
+        );
         let kcore = s.iter().find(|st| st.step == "mask /proc/kcore").unwrap();
         assert!(matches!(&kcore.op, FsOp::Bind { tree: Tree::Path(p), .. } if cstr(p) == "dev/null"));
         // In a rootfs nothing of the host is hidden (there is none of it).
@@ -632,7 +764,10 @@ mod tests {
     fn rootfs_gets_missing_mountpoints_created() {
         let s = steps(Some(b"/rootfs"), &[]).unwrap();
         let attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
-        assert_eq!(s[1].op, FsOp::EnterRoot { tree: Tree::Path(c("/rootfs")), attrs, ensure_dirs: vec![c("dev"), c("tmp")] });
+        assert_eq!(
+            s[1].op,
+            FsOp::EnterRoot { tree: Tree::Path(c("/rootfs")), attrs, ensure_dirs: vec![c("dev"), c("tmp")] }
+        );
     }
 
     #[test]
@@ -646,7 +781,10 @@ mod tests {
         assert!(p.prepare[0].idmap && p.prepare[1].idmap);
         assert_eq!(p.prepare[1].attrs, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV);
         assert_eq!(p.steps[1].op, FsOp::EnterRoot { tree: Tree::Prepared(0), attrs: 0, ensure_dirs: vec![] });
-        assert!(p.steps.iter().any(|st| st.op == FsOp::Bind { tree: Tree::Prepared(1), dst: c("work"), recursive: true, attrs: 0 }));
+        assert!(p
+            .steps
+            .iter()
+            .any(|st| st.op == FsOp::Bind { tree: Tree::Prepared(1), dst: c("work"), recursive: true, attrs: 0 }));
     }
 
     #[test]
@@ -659,22 +797,43 @@ mod tests {
         let s = steps(None, &m).unwrap();
         let tail: Vec<&FsOp> = s.iter().rev().skip(1).take(5).map(|st| &st.op).collect();
         let rw = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
-        assert_eq!(*tail[0], FsOp::Bind { tree: Tree::Path(c("/etc/hosts")), dst: c("opt/x/hosts"), recursive: true, attrs: rw });
+        assert_eq!(
+            *tail[0],
+            FsOp::Bind { tree: Tree::Path(c("/etc/hosts")), dst: c("opt/x/hosts"), recursive: true, attrs: rw }
+        );
         assert_eq!(*tail[1], FsOp::Touch { parent: c("opt/x"), name: c("hosts") });
         assert_eq!(*tail[2], FsOp::Mkdir { parent: c("opt"), name: c("x"), mode: 0o755 });
-        assert!(matches!(tail[3], FsOp::Mount { dst, data, .. } if cstr(dst) == "opt" && cstr(data) == "mode=0755,size=1048576"));
-        assert_eq!(*tail[4], FsOp::Bind { tree: Tree::Path(c("/home/u/data")), dst: c("srv"), recursive: true, attrs: rw | MOUNT_ATTR_RDONLY });
+        assert!(
+            matches!(tail[3], FsOp::Mount { dst, data, .. } if cstr(dst) == "opt" && cstr(data) == "mode=0755,size=1048576")
+        );
+        assert_eq!(
+            *tail[4],
+            FsOp::Bind {
+                tree: Tree::Path(c("/home/u/data")),
+                dst: c("srv"),
+                recursive: true,
+                attrs: rw | MOUNT_ATTR_RDONLY
+            }
+        );
     }
 
     #[test]
     fn bad_mounts_name_what_is_wrong() {
         let cases: [(Option<&[u8]>, Mount, &str); 6] = [
-            (None, Mount::Bind { src: b"/nope".to_vec(), dst: b"/srv".to_vec(), readonly: true }, "bind source does not exist: /nope"),
+            (
+                None,
+                Mount::Bind { src: b"/nope".to_vec(), dst: b"/srv".to_vec(), readonly: true },
+                "bind source does not exist: /nope",
+            ),
             (None, Mount::Bind { src: b"rel".to_vec(), dst: b"/srv".to_vec(), readonly: true }, "absolute"),
             (None, Mount::Tmpfs { dst: b"srv".to_vec(), size: None }, "absolute path"),
             (None, Mount::Tmpfs { dst: b"/srv/../etc".to_vec(), size: None }, "'..'"),
             (None, Mount::Tmpfs { dst: b"/missing".to_vec(), size: None }, "/missing does not exist"),
-            (None, Mount::Bind { src: b"/etc/hosts".to_vec(), dst: b"/srv".to_vec(), readonly: true }, "is a directory but the source is a file"),
+            (
+                None,
+                Mount::Bind { src: b"/etc/hosts".to_vec(), dst: b"/srv".to_vec(), readonly: true },
+                "is a directory but the source is a file",
+            ),
         ];
         for (root, m, want) in cases {
             let err = steps(root, &[m]).err().unwrap().to_string();
@@ -688,7 +847,9 @@ mod tests {
     #[test]
     fn rootfs_symlinks_at_mountpoints_are_refused() {
         let links = |_: &[u8], rel: &[u8]| rel == b"dev";
-        let err = plan(&spec(Some(b"/rootfs"), &[]), &Probes { host: &host, in_root: &in_root, is_link: &links }).err().unwrap();
+        let err = plan(&spec(Some(b"/rootfs"), &[]), &Probes { host: &host, in_root: &in_root, is_link: &links })
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("symlink at /dev"), "{err}");
     }
 

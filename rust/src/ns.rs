@@ -35,7 +35,8 @@ pub fn inodes(pid: &str) -> io::Result<BTreeMap<String, u64>> {
             Ok(m) => {
                 out.insert(name.to_owned(), m.ino());
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound && std::path::Path::new(&format!("/proc/{pid}")).exists() => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound && std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+            }
             Err(e) => return Err(e),
         }
     }

@@ -235,7 +235,11 @@ fn spawn(
             None => None,
             Some((root, (memory, memory_swap, pids, cpu, cpuset), kill_tree)) => {
                 let limits = Limits { memory, memory_swap, pids, cpu, cpuset };
-                let cg_err = |msg: String| Error::Spawn { step: "create cgroup".into(), filename: Some(msg), errno: rustix::io::Errno::NOTSUP };
+                let cg_err = |msg: String| Error::Spawn {
+                    step: "create cgroup".into(),
+                    filename: Some(msg),
+                    errno: rustix::io::Errno::NOTSUP,
+                };
                 let backend = backend_for(&root).map_err(cg_err)?;
                 Some(backend.create(&cgroup::unique_name(), &limits, kill_tree).map_err(|e| cg_err(e.to_string()))?)
             }
@@ -266,7 +270,9 @@ fn spawn(
 #[pyo3(signature = (pid, pidfd, timeout=None))]
 fn wait(py: Python<'_>, pid: i32, pidfd: i32, timeout: Option<f64>) -> PyResult<Option<(i32, f64, f64, u64)>> {
     let timeout = match timeout {
-        Some(t) if !(t.is_finite()) || t < 0.0 => return Err(PyValueError::new_err("timeout must be a finite number >= 0")),
+        Some(t) if !(t.is_finite()) || t < 0.0 => {
+            return Err(PyValueError::new_err("timeout must be a finite number >= 0"))
+        }
         Some(t) => Some(Duration::from_secs_f64(t)),
         None => None,
     };
@@ -278,7 +284,9 @@ fn wait(py: Python<'_>, pid: i32, pidfd: i32, timeout: Option<f64>) -> PyResult<
     loop {
         let slice = deadline.map_or(SLICE, |d| d.saturating_duration_since(std::time::Instant::now()).min(SLICE));
         match detached(py, move || crate::spawn::wait(pid, pidfd, Some(slice))) {
-            Ok(Some((status, ru))) => return Ok(Some((status, tv(ru.ru_utime), tv(ru.ru_stime), ru.ru_maxrss as u64 * 1024))),
+            Ok(Some((status, ru))) => {
+                return Ok(Some((status, tv(ru.ru_utime), tv(ru.ru_stime), ru.ru_maxrss as u64 * 1024)))
+            }
             Ok(None) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => return Ok(None),
             Ok(None) => py.check_signals()?,
             Err(e) => return Err(PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string()))),
@@ -351,14 +359,16 @@ fn spawn_join(
     let mut held_fds = None;
     let mut container_cgroup: Option<PyRef<'_, PyCgroup>> = None;
     if let Some(h) = &held {
-        let gone = |e: rustix::io::Errno| to_pyerr(py, Error::spawn("join namespaces", Some(format!("container {pid}")), e));
+        let gone =
+            |e: rustix::io::Errno| to_pyerr(py, Error::spawn("join namespaces", Some(format!("container {pid}")), e));
         if h.getattr("closed")?.extract::<bool>()? {
             return Err(gone(rustix::io::Errno::SRCH));
         }
         let dup = |fd: i32| rustix::io::fcntl_dupfd_cloexec(crate::sys::borrow_fd(fd), 3).map_err(gone);
         let mut ns = Vec::new();
         for (name, fd) in h.getattr("ns_fds")?.extract::<Vec<(String, i32)>>()? {
-            let flag = crate::ns::flag(&name).ok_or_else(|| PyValueError::new_err(format!("unknown namespace {name:?}")))?;
+            let flag =
+                crate::ns::flag(&name).ok_or_else(|| PyValueError::new_err(format!("unknown namespace {name:?}")))?;
             ns.push((flag, dup(fd)?));
         }
         held_fds = Some((ns, dup(h.getattr("root_fd")?.extract::<i32>()?)?));
@@ -372,7 +382,8 @@ fn spawn_join(
     let result = detached(py, move || -> Result<_, Error> {
         let mut plan = Plan::build(&spec, Caller::current())?;
         plan.nproc = nproc;
-        let cg_err = |e: cgroup::CgroupError| Error::spawn("join cgroup", Some(e.to_string()), rustix::io::Errno::NOTSUP);
+        let cg_err =
+            |e: cgroup::CgroupError| Error::spawn("join cgroup", Some(e.to_string()), rustix::io::Errno::NOTSUP);
         let (target, mut cg): (Target, Option<Box<dyn Cgroup>>) = match held_fds {
             Some((ns, root)) => {
                 let cg = match container_cgroup.filter(|_| join_cgroup) {
@@ -388,7 +399,9 @@ fn spawn_join(
             None => {
                 let t = Target::of_process(pid, ns_flags, (!use_cwd_fd).then(|| plan.cwd.clone()))?;
                 let cg: Option<Box<dyn Cgroup>> = if join_cgroup {
-                    let h = cgroup::detect().ok_or_else(|| Error::spawn("join cgroup", Some("no cgroup filesystem".into()), rustix::io::Errno::NOTSUP))?;
+                    let h = cgroup::detect().ok_or_else(|| {
+                        Error::spawn("join cgroup", Some("no cgroup filesystem".into()), rustix::io::Errno::NOTSUP)
+                    })?;
                     Some(Box::new(cgroup::Existing::of_process(pid, &h).map_err(cg_err)?))
                 } else {
                     None

@@ -77,7 +77,9 @@ struct ChildCtx<'a> {
 /// Open the files a v1 child moves itself in with (see `Cgroup::self_attach_files`).
 fn self_attach_files(io: &Io) -> Result<Vec<OwnedFd>> {
     match io.cgroup {
-        Some(cg) => cg.self_attach_files().map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), cgroup_errno(&e))),
+        Some(cg) => {
+            cg.self_attach_files().map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), cgroup_errno(&e)))
+        }
         None => Ok(Vec::new()),
     }
 }
@@ -115,7 +117,8 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         None
     };
     // stdio -1 keeps the parent's 0, 1, 2.
-    let inherited: Vec<RawFd> = io.stdio.iter().enumerate().filter(|(_, &fd)| fd < 0).map(|(i, _)| i as RawFd).collect();
+    let inherited: Vec<RawFd> =
+        io.stdio.iter().enumerate().filter(|(_, &fd)| fd < 0).map(|(i, _)| i as RawFd).collect();
     let keep_fds = keep_list(&[
         &[chan.report, chan.go],
         &io.stdio,
@@ -192,7 +195,8 @@ fn finish(
     if parent.go.is_some() {
         let mut ready = maps.map_or(Ok(()), |maps| write_maps(child.pid, maps));
         if let (Ok(()), Some(cg)) = (&ready, attach) {
-            ready = cg.attach(child.pid).map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), cgroup_errno(&e)));
+            ready =
+                cg.attach(child.pid).map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), cgroup_errno(&e)));
         }
         let ready = ready.and_then(|()| parent.mappings_written().map_err(|e| Error::spawn("signal child", None, e)));
         if let Err(e) = ready {
@@ -224,13 +228,15 @@ fn spawning_thread_pidfd() -> std::result::Result<OwnedFd, Errno> {
     use rustix::process::{pidfd_open, PidfdFlags};
     const PIDFD_THREAD: u32 = libc::O_EXCL as u32;
     let tid = rustix::thread::gettid();
-    pidfd_open(tid, PidfdFlags::from_bits_retain(PIDFD_THREAD)).or_else(|_| pidfd_open(rustix::process::getpid(), PidfdFlags::empty()))
+    pidfd_open(tid, PidfdFlags::from_bits_retain(PIDFD_THREAD))
+        .or_else(|_| pidfd_open(rustix::process::getpid(), PidfdFlags::empty()))
 }
 
 /// Child-safe: (re-)arm the death signal; a change of ids clears it.
 fn arm_death_signal(ctx: &ChildCtx) {
     if ctx.plan.die_with_parent {
-        sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize, 0).unwrap_or_else(|e| ctx.chan.fail(Step::DeathSignal, 0, e));
+        sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize, 0)
+            .unwrap_or_else(|e| ctx.chan.fail(Step::DeathSignal, 0, e));
     }
 }
 
@@ -295,7 +301,9 @@ fn idmap_userns() -> std::result::Result<std::os::fd::BorrowedFd<'static>, Errno
                 Error::Spawn { errno, .. } => errno,
                 Error::Invalid { .. } => Errno::INVAL,
             })
-            .and_then(|()| rustix::fs::open(format!("/proc/{pid}/ns/user"), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()));
+            .and_then(|()| {
+                rustix::fs::open(format!("/proc/{pid}/ns/user"), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            });
         drop(w);
         let _ = rustix::process::waitpid(Pid::from_raw(pid), WaitOptions::empty());
         drop(stack);
@@ -327,7 +335,9 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 fn cgroup_errno(e: &crate::cgroup::CgroupError) -> Errno {
     match e {
-        crate::cgroup::CgroupError::Write { source, .. } | crate::cgroup::CgroupError::Io { source, .. } => errno_of(source),
+        crate::cgroup::CgroupError::Write { source, .. } | crate::cgroup::CgroupError::Io { source, .. } => {
+            errno_of(source)
+        }
         crate::cgroup::CgroupError::Unavailable(_) => Errno::NOTSUP,
     }
 }
@@ -375,8 +385,11 @@ pub(crate) fn init_binary() -> std::result::Result<RawFd, Errno> {
     static FD: OnceLock<std::result::Result<OwnedFd, Errno>> = OnceLock::new();
     FD.get_or_init(|| {
         use rustix::fs::{MemfdFlags, SealFlags};
-        let fd = rustix::fs::memfd_create(c"nsfast-init", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::EXEC)
-            .or_else(|_| rustix::fs::memfd_create(c"nsfast-init", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING))?;
+        let fd = rustix::fs::memfd_create(
+            c"nsfast-init",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::EXEC,
+        )
+        .or_else(|_| rustix::fs::memfd_create(c"nsfast-init", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING))?;
         let mut rest: &[u8] = INIT_BINARY;
         while !rest.is_empty() {
             let n = rustix::io::write(&fd, rest)?;
@@ -471,7 +484,8 @@ fn child(ctx: &ChildCtx) -> ! {
             sys::exit_now(127);
         }
     }
-    sys::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as usize, 0).unwrap_or_else(|e| fail(Step::DropCaps, e));
+    sys::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as usize, 0)
+        .unwrap_or_else(|e| fail(Step::DropCaps, e));
     let have = sys::capget_permitted().unwrap_or_else(|e| fail(Step::DropCaps, e));
     sys::capset(have & plan.keep_caps).unwrap_or_else(|e| fail(Step::DropCaps, e));
     if plan.new_session {
@@ -493,7 +507,13 @@ fn child(ctx: &ChildCtx) -> ! {
     }
     for (i, &fd) in src.iter().enumerate() {
         let target = i as RawFd;
-        let res = if fd < 0 { Ok(()) } else if fd == target { sys::set_cloexec(fd, false) } else { sys::dup2(fd, target) };
+        let res = if fd < 0 {
+            Ok(())
+        } else if fd == target {
+            sys::set_cloexec(fd, false)
+        } else {
+            sys::dup2(fd, target)
+        };
         res.unwrap_or_else(|e| fail(Step::Stdio, e));
     }
     // Everything from 3 up closes at exec, except the fds passed on purpose.
@@ -542,7 +562,11 @@ fn child(ctx: &ChildCtx) -> ! {
 
 /// Wait up to `timeout` (forever if None) for the child to exit; reap it with its resource
 /// usage. `Ok(None)` on timeout. Returns the raw wait status.
-pub fn wait(pid: i32, pidfd: RawFd, timeout: Option<std::time::Duration>) -> std::io::Result<Option<(c_int, libc::rusage)>> {
+pub fn wait(
+    pid: i32,
+    pidfd: RawFd,
+    timeout: Option<std::time::Duration>,
+) -> std::io::Result<Option<(c_int, libc::rusage)>> {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let deadline = timeout.map(|t| std::time::Instant::now() + t);
     loop {

@@ -80,7 +80,8 @@ pub const DEFAULT_MASKED_PATHS: [&str; 10] = [
 ];
 
 /// runc's read-only paths (kernel knobs).
-pub const DEFAULT_READONLY_PATHS: [&str; 5] = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+pub const DEFAULT_READONLY_PATHS: [&str; 5] =
+    ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
 
 /// Host directories hidden in host-root mode: other programs' sockets and temporary files,
 /// and users' homes.
@@ -103,7 +104,10 @@ impl Spec {
     pub fn new(args: Vec<Vec<u8>>) -> Spec {
         Spec {
             args,
-            env: vec![b"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_vec(), b"HOME=/".to_vec()],
+            env: vec![
+                b"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_vec(),
+                b"HOME=/".to_vec(),
+            ],
             cwd: b"/".to_vec(),
             namespaces: crate::ns::flags(DEFAULT_NAMESPACES).expect("known names"),
             hostname: None,
@@ -309,7 +313,9 @@ fn in_root_probe(root: &[u8], rel: &[u8]) -> Option<bool> {
     let dir = rustix::fs::open(os(root), OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).ok()?;
     let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
     let fd = rustix::fs::openat2(&dir, os(rel), OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), how).ok()?;
-    rustix::fs::fstat(&fd).ok().map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory)
+    rustix::fs::fstat(&fd)
+        .ok()
+        .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory)
 }
 
 fn is_link_probe(root: &[u8], rel: &[u8]) -> bool {
@@ -378,7 +384,10 @@ impl Plan {
         let range = maps.as_ref().is_some_and(|m| m.range);
         for (field, id) in [("uid", spec.uid), ("gid", spec.gid)] {
             if let Some(id) = id.filter(|&id| range && id >= SANDBOX_ID_COUNT) {
-                return Err(Error::invalid(field, format!("{id} is outside the sandbox's id range 0..{}", SANDBOX_ID_COUNT - 1)));
+                return Err(Error::invalid(
+                    field,
+                    format!("{id} is outside the sandbox's id range 0..{}", SANDBOX_ID_COUNT - 1),
+                ));
             }
         }
         // Without a user namespace (root caller, trusted) or with the root caller's range,
@@ -412,10 +421,11 @@ impl Plan {
 
         let argv = spec.args.iter().map(|a| cstring("args", a)).collect::<Result<Vec<_>>>()?;
         let envp = spec.env.iter().map(|e| cstring("env", e)).collect::<Result<Vec<_>>>()?;
-        let candidates = if spec.args.is_empty() { Vec::new() } else { exec_candidates(argv0, env_get(&spec.env, b"PATH")) }
-            .into_iter()
-            .map(|c| cstring("args", &c))
-            .collect::<Result<Vec<_>>>()?;
+        let candidates =
+            if spec.args.is_empty() { Vec::new() } else { exec_candidates(argv0, env_get(&spec.env, b"PATH")) }
+                .into_iter()
+                .map(|c| cstring("args", &c))
+                .collect::<Result<Vec<_>>>()?;
         Ok(Plan {
             clone_flags,
             maps,
@@ -431,7 +441,13 @@ impl Plan {
             new_session: spec.new_session,
             die_with_parent: spec.die_with_parent,
             cwd: cstring("cwd", &spec.cwd)?,
-            exec: Exec { candidates, argv: CStrArray::new(argv.clone()), argv_strings: argv, envp: CStrArray::new(envp), init: spec.init },
+            exec: Exec {
+                candidates,
+                argv: CStrArray::new(argv.clone()),
+                argv_strings: argv,
+                envp: CStrArray::new(envp),
+                init: spec.init,
+            },
             argv0: String::from_utf8_lossy(argv0).into_owned(),
         })
     }

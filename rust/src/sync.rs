@@ -44,9 +44,36 @@ pub enum Step {
 impl Step {
     pub fn from_raw(v: u32) -> Option<Step> {
         use Step::*;
-        [WaitMappings, Fs, Hostname, Loopback, SetGroups, SetGid, SetUid, DropCaps, NoNewPrivs, DeathSignal, Setsid, Stdio, CloseFds, Chdir, Exec, ExecInit, CgroupNs, JoinNamespaces, Chroot, CloneJoined, JoinCgroupNs, AttachCgroup, BecomeRoot, Seccomp, Rlimit, CloseFdsEarly]
-            .into_iter()
-            .find(|s| *s as u32 == v)
+        [
+            WaitMappings,
+            Fs,
+            Hostname,
+            Loopback,
+            SetGroups,
+            SetGid,
+            SetUid,
+            DropCaps,
+            NoNewPrivs,
+            DeathSignal,
+            Setsid,
+            Stdio,
+            CloseFds,
+            Chdir,
+            Exec,
+            ExecInit,
+            CgroupNs,
+            JoinNamespaces,
+            Chroot,
+            CloneJoined,
+            JoinCgroupNs,
+            AttachCgroup,
+            BecomeRoot,
+            Seccomp,
+            Rlimit,
+            CloseFdsEarly,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == v)
     }
 
     /// The name SpawnError.step carries.
@@ -103,7 +130,11 @@ impl ChildError {
 
     pub fn decode(b: &[u8; RECORD_LEN]) -> ChildError {
         let word = |i: usize| [b[i], b[i + 1], b[i + 2], b[i + 3]];
-        ChildError { step: u32::from_ne_bytes(word(0)), index: u32::from_ne_bytes(word(4)), errno: i32::from_ne_bytes(word(8)) }
+        ChildError {
+            step: u32::from_ne_bytes(word(0)),
+            index: u32::from_ne_bytes(word(4)),
+            errno: i32::from_ne_bytes(word(8)),
+        }
     }
 }
 

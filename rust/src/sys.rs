@@ -105,15 +105,7 @@ pub unsafe fn clone_legacy(
     arg: *mut c_void,
 ) -> Result<i32, Errno> {
     // SAFETY: glibc's clone() switches to `stack_top` in the child and calls `entry`.
-    let ret = unsafe {
-        libc::clone(
-            entry,
-            stack_top,
-            (flags as c_int) | libc::SIGCHLD,
-            arg,
-            pidfd as *mut c_int,
-        )
-    };
+    let ret = unsafe { libc::clone(entry, stack_top, (flags as c_int) | libc::SIGCHLD, arg, pidfd as *mut c_int) };
     if ret < 0 {
         Err(Errno::from_raw_os_error(io::Error::last_os_error().raw_os_error().unwrap_or(0)))
     } else {
@@ -358,10 +350,8 @@ pub fn prctl(option: i32, a2: usize, a3: usize) -> Result<usize, Errno> {
 
 /// Child-safe: bring `lo` of the current network namespace up.
 pub fn loopback_up() -> Result<(), Errno> {
-    let sock = raw6(
-        libc::SYS_socket,
-        [libc::AF_INET as usize, (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as usize, 0, 0, 0, 0],
-    )?;
+    let sock =
+        raw6(libc::SYS_socket, [libc::AF_INET as usize, (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as usize, 0, 0, 0, 0])?;
     // struct ifreq: 16 bytes of name, then a union whose first member here is ifr_flags.
     let mut ifr = [0u8; 40];
     ifr[..2].copy_from_slice(b"lo");
