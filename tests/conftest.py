@@ -107,8 +107,9 @@ def mountinfo() -> str:
 @pytest.fixture(scope="session")
 def init_binary_loaded() -> None:
     """nsfast keeps one sealed memfd of nsfast-init open for the life of the process, made
-    on first use of init=True. Make it up front so fd-count checks see a steady state."""
-    r = nsfast.run(["true"], init=True)
+    on first use of init=True, and (as root) one user namespace that idmaps Binds, made on
+    the first Bind. Make them up front so fd-count checks see a steady state."""
+    r = nsfast.run(["true"], init=True, mounts=[nsfast.Bind("/etc", "/mnt")])
     assert r.returncode == 0
 
 

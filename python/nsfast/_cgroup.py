@@ -36,6 +36,8 @@ class Limits:
     pids: Optional[int] = None
     cpu: Optional[float] = None
     cpuset: Optional[str] = None
+    cpu_time: Optional[float] = None
+    cpu_time_soft: Optional[float] = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)

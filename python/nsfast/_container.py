@@ -36,11 +36,11 @@ class _Held:
     namespaces the container had at start, not ones a process inside made later (a pid 1
     that unshared a user namespace), and not whatever a reused pid would point to."""
 
-    def __init__(self, pid: int, cgroup: Any, seccomp: Any, nproc: Optional[int] = None) -> None:
+    def __init__(self, pid: int, sandbox: Any, seccomp: Any, nproc: Optional[int] = None) -> None:
         self.pid = pid
         self.nproc = nproc  # its RLIMIT_NPROC (the pids limit): execs get the same
-        self.cgroup = cgroup  # the container's _core.Cgroup (execs get a child of it), or None
-        self.seccomp = seccomp  # its filter, as _core.spawn takes it: execs get the same
+        self.sandbox = sandbox  # the container's _core.Sandbox (execs get a child of its cgroup)
+        self.seccomp = seccomp  # its nsfast.Seccomp (or None): execs get the same
         self.closed = False
         ours = _namespaces("self")
         self.ns_fds: List[Tuple[str, int]] = []
@@ -65,26 +65,12 @@ class _Held:
     def close(self) -> None:
         # `closed` first: _core.spawn_join duplicates the fds, GIL held, only while it is False.
         self.closed = True
+        self.sandbox = None  # and its pidfd, once the main Process let it go
         fds, self.ns_fds = [fd for _, fd in self.ns_fds] + [getattr(self, "root_fd", -1)], []
         self.root_fd = -1
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
-
-
-class _ExecTarget(int):
-    """The container's pid as one exec passes it to `_core.spawn_join(target=)` (an int, so
-    that Process hands it on unchanged), with the `held` fds to join instead of opening the
-    pid's. spawn_join leaves the exec's own cgroup on `exec_cgroup`."""
-
-    held: _Held
-    exec_cgroup: Any
-
-    def __new__(cls, held: _Held) -> _ExecTarget:
-        self = super().__new__(cls, held.pid)
-        self.held = held
-        self.exec_cgroup = None
-        return self
 
 
 class Container:
@@ -164,8 +150,7 @@ class Container:
         until the command was exec'd. Kills the main process on failure."""
         assert self._proc is not None
         try:
-            kw = self.spec._core_kwargs()
-            self._held = _Held(self._proc.pid, self._proc._cgroup, kw.get("seccomp"), kw.get("nproc"))
+            self._held = _Held(self._proc.pid, self._proc._sandbox, self.spec.seccomp, self.spec._nproc)
             if gate is not None:
                 os.write(gate, b"1")
                 os.close(gate)
@@ -300,10 +285,11 @@ class Container:
         self._running_pid()
         assert self._held is not None
         return _JoinTarget(
-            pid=_ExecTarget(self._held),
+            pid=self._held.pid,
             namespaces=self._held.types,
-            cgroup=self._held.cgroup is not None,
+            cgroup=self._held.sandbox is not None and self._held.sandbox.cgroup_version is not None,
             cwd=os.fspath(self.spec.cwd) if cwd is None else cwd,
+            held=self._held,
         )
 
     def _exec_spec(self, env: Optional[Dict[str, str]]) -> Spec:
@@ -331,25 +317,19 @@ class Container:
         kills everything the exec started; after a normal exit, what it left running keeps
         running in the container."""
         target = self._target(cwd)
-        assert isinstance(target.pid, _ExecTarget)
-        try:
-            r = run(
-                args,
-                spec=self._exec_spec(env),
-                input=input,
-                capture_output=capture_output,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
-                timeout=timeout,
-                text=text,
-                pass_fds=pass_fds,
-                _join=target,
-            )
-        except BaseException:
-            _end_exec(target.pid.exec_cgroup, kill=True)
-            raise
-        _end_exec(target.pid.exec_cgroup, kill=False)
+        r = run(
+            args,
+            spec=self._exec_spec(env),
+            input=input,
+            capture_output=capture_output,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            timeout=timeout,
+            text=text,
+            pass_fds=pass_fds,
+            _join=target,
+        )
         if check and r.returncode:
             raise CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
         return r
@@ -369,7 +349,6 @@ class Container:
         """Start `args` inside the container (as exec does) and return its Process at once;
         its kill() ends everything the exec started."""
         target = self._target(cwd)
-        assert isinstance(target.pid, _ExecTarget)
         proc = Process(
             args,
             spec=self._exec_spec(env),
@@ -380,27 +359,11 @@ class Container:
             pass_fds=pass_fds,
             _join=target,
         )
-        if target.pid.exec_cgroup is not None:
-            # The Process owns the exec's cgroup: kill() writes cgroup.kill on it; once reaped
-            # it measures and removes it without killing (as with a pid namespace), so what
-            # the exec left running keeps running (docker exec).
-            proc._cgroup = target.pid.exec_cgroup
-            proc._pid_namespace = True
+        # Its Sandbox owns the exec's cgroup: kill() ends everything the exec started; once
+        # reaped it measures and removes it without killing, so what the exec left running
+        # keeps running (docker exec).
         self._execs.add(proc)
         return proc
-
-
-def _end_exec(cgroup: Any, *, kill: bool) -> None:
-    """After a `Container.exec`: kill its tree if asked, then remove its cgroup (waiting for
-    the killed; a populated one stays for the container's removal)."""
-    if cgroup is None:
-        return
-    try:
-        if kill:
-            cgroup.kill()
-        cgroup.remove()
-    except OSError:
-        pass
 
 
 def enter(

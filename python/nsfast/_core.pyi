@@ -1,11 +1,12 @@
 """Type stubs of the native module (rust/src/py.rs). Private: use the `nsfast` package."""
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 from typing_extensions import final
 
 __all__ = [
-    "Cgroup",
+    "Exit",
+    "Sandbox",
     "DEFAULT_HIDDEN",
     "DEFAULT_MASKED_PATHS",
     "DEFAULT_NAMESPACES",
@@ -23,7 +24,6 @@ __all__ = [
     "seccomp_syscalls",
     "spawn",
     "spawn_join",
-    "wait",
 ]
 
 NAMESPACES: list[str]
@@ -40,62 +40,68 @@ INIT_BINARY_SIZE: int
 _Limits = Tuple[Optional[int], Optional[int], Optional[int], Optional[Tuple[int, int]], Optional[str]]
 
 @final
-class Cgroup:
-    """One sandbox's cgroup; removed by remove() or when garbage-collected."""
+class Exit:
+    """How a sandbox ended and what it cost, recorded once, when it was reaped."""
 
     @property
-    def version(self) -> int: ...
-    def kill(self) -> None: ...
-    def usage(self) -> Optional[Tuple[Optional[int], Optional[int], Optional[int], Optional[int], int]]: ...
-    def remove(self) -> None: ...
-    def release(self) -> list[str]: ...
-    def paths(self) -> list[str]: ...
+    def returncode(self) -> int: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def wall_s(self) -> float: ...
+    @property
+    def cpu_user_s(self) -> Optional[float]: ...
+    @property
+    def cpu_system_s(self) -> Optional[float]: ...
+    @property
+    def memory_peak_bytes(self) -> Optional[int]: ...
+    @property
+    def pids_peak(self) -> Optional[int]: ...
+    @property
+    def oom_killed(self) -> bool: ...
+    @property
+    def termination(self) -> str: ...
+    @property
+    def cleanup_error(self) -> Optional[str]: ...
+
+@final
+class Sandbox:
+    """A running sandbox: its first process's pidfd, its cgroup, its recorded Exit."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def cgroup_version(self) -> Optional[int]: ...
+    @property
+    def exit(self) -> Optional[Exit]: ...
+    def fileno(self) -> int: ...
+    def wait(self, timeout: Optional[float] = None) -> Optional[Exit]: ...
+    def poll(self) -> Optional[Exit]: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self, reason: Optional[str] = None) -> None: ...
+    def detach(self) -> list[str]: ...
+    def cgroup_paths(self) -> list[str]: ...
 
 def spawn(
+    spec: Any,  # a frozen nsfast.Spec, read attribute by attribute
     args: Sequence[bytes],
     *,
-    env: Sequence[bytes],
-    cwd: bytes,
-    namespaces: Sequence[str],
-    hostname: Optional[bytes],
-    rootfs: Optional[bytes],
-    readonly_root: bool,
-    mounts: Sequence[Tuple[str, Optional[bytes], bytes, bool, Optional[int]]],
-    uid: Optional[int],
-    gid: Optional[int],
-    keep_caps: int,
-    init: bool,
-    new_session: bool,
-    die_with_parent: bool,
     stdio: Tuple[int, int, int],
     pass_fds: Sequence[int],
     cgroup: Optional[Tuple[str, _Limits, bool]] = None,
-    masked_paths: Sequence[bytes] = ...,
-    readonly_paths: Sequence[bytes] = ...,
-    hidden: Sequence[bytes] = ...,
-    tmp_size: Optional[int] = None,
-    shm_size: Optional[int] = None,
-    seccomp: Optional[Tuple[Sequence[str], Sequence[str]]] = None,
-    nproc: Optional[int] = None,
-) -> Tuple[int, int, Optional[Cgroup]]: ...
+) -> Sandbox: ...
 def spawn_join(
+    spec: Any,
     args: Sequence[bytes],
     *,
-    # A pid, or an int subclass with `held` (a container's namespace/root fds, cgroup and
-    # seccomp since its start); then the exec's own cgroup is set on `target.exec_cgroup`.
     target: int,
     join: Sequence[str],
-    env: Sequence[bytes],
     cwd: Optional[bytes],
-    uid: Optional[int],
-    gid: Optional[int],
-    keep_caps: int,
-    die_with_parent: bool,
     stdio: Tuple[int, int, int],
     pass_fds: Sequence[int],
     join_cgroup: bool,
-) -> Tuple[int, int]: ...
-def wait(pid: int, pidfd: int, timeout: Optional[float] = None) -> Optional[Tuple[int, float, float, int]]: ...
+    held: Any = None,  # a container's _Held: its namespace/root fds, Sandbox, seccomp, nproc
+) -> Sandbox: ...
 def namespaces(pid: str) -> dict[str, int]: ...
 def cap_last_cap() -> int: ...
 def seccomp_syscalls() -> Tuple[list[str], list[str]]: ...

@@ -36,6 +36,9 @@ class Usage:
     pids_peak: Optional[int] = None
     oom_killed: bool = False
     timed_out: bool = False
+    #: Why the run ended: "exit", "signal", "timeout", "cpu_time" (Limits.cpu_time) or
+    #: "memory" (killed by the OOM killer), as BenchExec's terminationreason.
+    termination: str = "exit"
 
 
 class Result(subprocess.CompletedProcess):  # type: ignore[type-arg]
@@ -189,14 +192,11 @@ class Process:
         self.returncode: Optional[int] = None
         self.usage: Optional[Usage] = None
         self.pid = -1
-        self.pidfd: Optional[int] = None
         self.text = bool(text)
-        self._timed_out = False
         self._detached = False
         self._wait_lock = threading.Lock()
         self._comm: Optional[_Communication] = None
-        self._cgroup: Any = None
-        self._pid_namespace = "pid" in self.spec.namespaces if _join is None else "pid" in _join.namespaces
+        self._sandbox: Any = None
         fds = sorted({int(fd) for fd in pass_fds})
         for fd in fds:
             if fd < 0:
@@ -205,27 +205,20 @@ class Process:
         if self.spec.cgroup and _join is None:
             cgroup = _cgroup.request(self.spec.limits, kill_tree="pid" not in self.spec.namespaces)
         handles = _Handles(stdin, stdout, stderr, _pipe_owner(self.spec, _join))
-        self._start = time.perf_counter()
         try:
             if _join is None:
-                self.pid, self.pidfd, self._cgroup = _core.spawn(
-                    argv, stdio=tuple(handles.child), pass_fds=fds, cgroup=cgroup, **self.spec._core_kwargs()
-                )
+                self._sandbox = _core.spawn(self.spec, argv, stdio=tuple(handles.child), pass_fds=fds, cgroup=cgroup)
             else:
-                kw = self.spec._core_kwargs()
-                self.pid, self.pidfd = _core.spawn_join(
+                self._sandbox = _core.spawn_join(
+                    self.spec,
                     argv,
                     target=_join.pid,
                     join=list(_join.namespaces),
-                    env=kw["env"],
                     cwd=None if _join.cwd is None else os.fsencode(_join.cwd),
-                    uid=kw["uid"],
-                    gid=kw["gid"],
-                    keep_caps=kw["keep_caps"],
-                    die_with_parent=kw["die_with_parent"],
                     stdio=tuple(handles.child),
                     pass_fds=fds,
                     join_cgroup=_join.cgroup,
+                    held=_join.held,
                 )
         except BaseException as e:
             for fd in handles.parent:
@@ -236,9 +229,18 @@ class Process:
             raise
         finally:
             handles.close_child()
+        self.pid = self._sandbox.pid
         self.stdin: Optional[IO[Any]] = self._file(handles.parent[0], "wb")
         self.stdout: Optional[IO[Any]] = self._file(handles.parent[1], "rb")
         self.stderr: Optional[IO[Any]] = self._file(handles.parent[2], "rb")
+
+    @property
+    def pidfd(self) -> Optional[int]:
+        """A pidfd for the first process while it is not reaped (None after, or detached)."""
+        sb = self._sandbox
+        if sb is None or self.returncode is not None or self._detached:
+            return None
+        return int(sb.fileno())
 
     def _file(self, fd: Optional[int], mode: str) -> Optional[IO[Any]]:
         if fd is None:
@@ -253,45 +255,27 @@ class Process:
 
     # -- waiting ---------------------------------------------------------------------------
 
-    def _reaped(self, status: int, utime: float, stime: float) -> None:
-        wall = time.perf_counter() - self._start
-        self.returncode = os.waitstatus_to_exitcode(status)
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
-        mem = pids = None
-        oom = False
-        cg, self._cgroup = self._cgroup, None
-        if cg is not None:
-            # The first process is gone. With a pid namespace the kernel ends the rest;
-            # without one, kill what it left behind. Then measure and clean up.
-            u = None
-            try:
-                if not self._pid_namespace:
-                    cg.kill()
-                u = cg.usage()
-                cg.remove()
-            except OSError as e:
-                # The run itself is over and reaped: report, do not lose its result.
-                warnings.warn(
-                    f"nsfast: cleaning up the cgroup of sandbox {self.pid} failed: {e}",
-                    _cgroup.CgroupWarning,
-                    stacklevel=3,
-                )
-            if u is not None:
-                cu, cs, mem, pids, ooms = u
-                utime = utime if cu is None else cu / 1e9
-                stime = stime if cs is None else cs / 1e9
-                oom = ooms > 0
+    def _reaped(self, exit: Any) -> None:
+        if exit.cleanup_error is not None:
+            # The run itself is over and reaped: report, do not lose its result.
+            warnings.warn(
+                f"nsfast: cleaning up the cgroup of sandbox {self.pid} failed: {exit.cleanup_error}",
+                _cgroup.CgroupWarning,
+                stacklevel=4,
+            )
         self.usage = Usage(
-            wall_s=wall,
-            cpu_user_s=utime,
-            cpu_system_s=stime,
-            memory_peak_bytes=mem,
-            pids_peak=pids,
-            oom_killed=oom,
-            timed_out=self._timed_out,
+            wall_s=exit.wall_s,
+            cpu_user_s=exit.cpu_user_s,
+            cpu_system_s=exit.cpu_system_s,
+            memory_peak_bytes=exit.memory_peak_bytes,
+            pids_peak=exit.pids_peak,
+            oom_killed=exit.oom_killed,
+            timed_out=exit.termination == "timeout",
+            termination=exit.termination,
         )
+        self.returncode = exit.returncode
+        # Let the Sandbox go now (its pidfd closes), not when a reference cycle is collected.
+        self._sandbox = None
 
     def poll(self) -> Optional[int]:
         """The returncode if the sandbox has exited (reaping it), else None."""
@@ -299,6 +283,8 @@ class Process:
 
     def wait(self, timeout: Optional[float] = None) -> int:
         """Wait for the sandbox's first process to exit; TimeoutExpired after `timeout` s."""
+        if self._detached and self.returncode is None:
+            raise ValueError("wait() on a detached sandbox: it is no longer this Process's")
         rc = self._wait(timeout, block=True)
         if rc is None:
             raise TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
@@ -319,11 +305,12 @@ class Process:
         if not acquired:
             return self.returncode
         try:
-            if self.returncode is None and self.pidfd is not None:
+            sb = self._sandbox
+            if self.returncode is None and not self._detached and sb is not None:
                 left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-                res = _core.wait(self.pid, self.pidfd, left)
-                if res is not None:
-                    self._reaped(res[0], res[1], res[2])
+                exit = sb.poll() if not block else sb.wait(left)
+                if exit is not None:
+                    self._reaped(exit)
         finally:
             self._wait_lock.release()
         return self.returncode
@@ -331,34 +318,22 @@ class Process:
     # -- signals ---------------------------------------------------------------------------
 
     def send_signal(self, sig: int) -> None:
-        """Send `sig` to the sandbox's first process (no-op once it has been reaped).
-
-        Without `init=True`, the command is pid 1 of its pid namespace, and the kernel drops
-        signals it has no handler for (SIGTERM, SIGINT, ...) — like `docker run` without
-        `--init`. SIGKILL always works."""
-        if self.returncode is not None or self.pidfd is None:
-            return
-        try:
-            signal.pidfd_send_signal(self.pidfd, sig)
-        except ProcessLookupError:
-            pass
+        """Send `sig` to the sandbox's first process (no-op once it has been reaped). By
+        default that is nsfast-init, which forwards it to the command."""
+        sb = self._sandbox
+        if sb is not None and not self._detached:
+            sb.send_signal(sig)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
 
-    def kill(self) -> None:
+    def kill(self, _reason: Optional[str] = None) -> None:
         """Kill the whole sandbox: every process in its cgroup (cgroup.kill on v2, freezer +
         SIGKILL on v1), and SIGKILL to its pid 1, which ends every process of a pid
         namespace; without either, its process group (a session leader's) is killed too."""
-        cg = self._cgroup
-        if cg is not None:
-            cg.kill()
-        self.send_signal(signal.SIGKILL)
-        if not self._pid_namespace and self.spec.new_session and self.returncode is None:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        sb = self._sandbox
+        if sb is not None and not self._detached:
+            sb.kill(_reason)
 
     # -- I/O -------------------------------------------------------------------------------
 
@@ -396,20 +371,13 @@ class Process:
 
     def detach(self) -> List[str]:
         """Let the sandbox outlive this object and this process (used by `nsfast run -d`):
-        no kill on garbage collection, its cgroup is left in place (its paths are returned),
-        the pidfd is closed."""
+        no kill on garbage collection, its cgroup is left in place (its paths are returned)."""
         self._detached = True
-        paths: List[str] = []
-        if self._cgroup is not None:
-            paths = self._cgroup.release()
-            self._cgroup = None
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
-        return paths
+        return list(self._sandbox.detach()) if self._sandbox is not None else []
 
     def __del__(self) -> None:
-        if getattr(self, "pidfd", None) is None or self.returncode is not None or getattr(self, "_detached", False):
+        sb = getattr(self, "_sandbox", None)
+        if sb is None or self.returncode is not None or getattr(self, "_detached", False):
             return
         if self.poll() is not None:
             return  # it had exited: reaped (and its cgroup removed) without a fuss
@@ -432,6 +400,7 @@ class _JoinTarget:
     namespaces: Tuple[str, ...]
     cgroup: bool
     cwd: Optional[str]
+    held: Any = None  # a container's _Held: what it held since its start
 
 
 class _Communication:
@@ -575,8 +544,7 @@ def run(
             else:
                 out, err = proc.communicate(input, timeout)
         except TimeoutExpired as exc:
-            proc._timed_out = True
-            proc.kill()
+            proc.kill("timeout")
             proc.wait()
             exc.timeout = timeout  # type: ignore[assignment]
             # What the killed run cost (usage.timed_out is True), next to the partial output.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import resource
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Tuple, Union
 
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_SHM_SIZE",
     "SANDBOX_ID_BASE",
     "SANDBOX_ID_COUNT",
+    "RLIMITS",
 ]
 
 StrPath = Union[str, "os.PathLike[str]"]
@@ -259,6 +261,51 @@ def _paths(field_name: str, value: Any) -> Tuple[str, ...]:
     return tuple(_target(field_name, p) for p in _names(field_name, value))
 
 
+#: Spec.rlimits names: the `resource` module's RLIMIT_* constants, lower case without the prefix.
+RLIMITS: Tuple[str, ...] = tuple(
+    sorted(n[len("RLIMIT_") :].lower() for n in dir(resource) if n.startswith("RLIMIT_") and n != "RLIMIT_OFILE")
+)
+_RLIM_INFINITY = 2**64 - 1
+
+
+def _rlimit_value(name: str, v: Any) -> int:
+    if v is None or v == resource.RLIM_INFINITY:
+        return _RLIM_INFINITY
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(
+            f"rlimits[{name!r}] must be an int, None (unlimited) or a (soft, hard) pair, not {type(v).__name__}"
+        )
+    if not 0 <= v < _RLIM_INFINITY:
+        raise SpecError("rlimits", f"{name}: {v} is out of range")
+    return v
+
+
+def _rlimits(value: Any, user_ns: bool) -> dict[str, Tuple[int, int]]:
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"rlimits must be a mapping of names ({', '.join(RLIMITS)}) to limits, not {type(value).__name__}"
+        )
+    out = {}
+    for name, v in value.items():
+        if not isinstance(name, str) or name.lower() not in RLIMITS:
+            raise SpecError("rlimits", f"has an unknown resource {name!r} (known: {', '.join(RLIMITS)})")
+        name = name.lower()
+        soft, hard = v if isinstance(v, tuple) and len(v) == 2 else (v, v)
+        soft, hard = _rlimit_value(name, soft), _rlimit_value(name, hard)
+        if soft > hard:
+            raise SpecError("rlimits", f"{name}: the soft limit {soft} is above the hard limit {hard}")
+        cur = resource.getrlimit(getattr(resource, "RLIMIT_" + name.upper()))[1]
+        cur = _RLIM_INFINITY if cur == resource.RLIM_INFINITY else cur
+        if hard > cur and (user_ns or os.geteuid() != 0):
+            raise SpecError(
+                "rlimits",
+                f"{name}: the hard limit {hard} is above this process's ({cur}); raising it needs "
+                "CAP_SYS_RESOURCE outside any user namespace (a root caller without 'user' in namespaces)",
+            )
+        out[name] = (soft, hard)
+    return out
+
+
 def default_env() -> dict[str, str]:
     env = {"PATH": DEFAULT_PATH, "HOME": "/"}
     if "TERM" in os.environ:
@@ -272,6 +319,8 @@ class Spec:
 
     namespaces: names as in /proc/self/ns; "user" is added when not running as root.
     rootfs: None = the host root (read-only), else a directory used as "/".
+    readonly_root: None (default) = read-only wherever there is a mount namespace; True
+        without "mnt" is an error (the root would be the host's, writable).
     mounts: extra `Bind`/`Tmpfs` mounts, applied in order.
     namespaces: "user" is always created for rootless callers; a root caller that leaves it
         out opts out of the user namespace (the sandbox's root is then host root: trusted
@@ -290,11 +339,19 @@ class Spec:
     masked_paths / readonly_paths: runc's lists (DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS).
     hidden: host directories replaced by an empty tmpfs when the root is the host's.
     tmp_size / shm_size: sizes of /tmp and /dev/shm (bytes or "256M"; None: half of RAM).
+        Without "mnt", these and masked_paths/readonly_paths/hidden cannot apply: left at
+        their defaults they are dropped, set to something else they are an error.
+    rlimits: {name: limit} set before exec, names as the `resource` module's without RLIMIT_
+        ("fsize", "nofile", "core", "cpu", "as", ...); a limit is an int (soft = hard), None
+        (unlimited) or a (soft, hard) pair. A hard limit above the caller's cannot be set from
+        a user namespace (SpecError).
+    strict: a limit the user asked for that cannot take effect here raises LimitError before
+        anything starts; strict=False applies what it can, with a CgroupWarning for the rest.
     """
 
     namespaces: Tuple[str, ...] = DEFAULT_NAMESPACES
     rootfs: Optional[StrPath] = None
-    readonly_root: bool = True
+    readonly_root: Optional[bool] = None
     mounts: Tuple[Mount, ...] = ()
     hostname: Optional[str] = None
     env: Optional[Mapping[str, str]] = None
@@ -313,7 +370,11 @@ class Spec:
     hidden: Tuple[str, ...] = DEFAULT_HIDDEN
     tmp_size: Union[int, str, None] = DEFAULT_TMP_SIZE
     shm_size: Union[int, str, None] = DEFAULT_SHM_SIZE
+    rlimits: Mapping[str, Union[int, None, Tuple[Optional[int], Optional[int]]]] = field(default_factory=dict)
+    strict: bool = True
     _env_items: Tuple[Tuple[str, str], ...] = field(default=(), init=False, repr=False, compare=False)
+    _cap_mask: int = field(default=0, init=False, repr=False, compare=False)
+    _rlimit_items: Tuple[Tuple[int, int, int], ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -328,7 +389,12 @@ class Spec:
             if not os.path.isdir(root):
                 raise SpecError("rootfs", f"is not an existing directory: {root!r}")
             set_("rootfs", root)
+        mnt = "mnt" in self.namespaces
+        if self.readonly_root is None:
+            set_("readonly_root", mnt)  # read-only wherever a mount namespace can make it so
         _bool("readonly_root", self.readonly_root)
+        if self.readonly_root and not mnt:
+            raise SpecError("readonly_root", "needs the 'mnt' namespace (without it the sandbox's / is the host's)")
 
         mounts = self.mounts
         if isinstance(mounts, (Bind, Tmpfs)):
@@ -379,7 +445,8 @@ class Spec:
                 raise SpecError("capabilities", f"has an unknown capability {c!r}")
             norm.append(name)
         set_("capabilities", tuple(sorted(set(norm), key=CAPABILITIES.index)))
-        for name in ("init", "new_session", "die_with_parent", "cgroup"):
+        set_("_cap_mask", sum(1 << CAPABILITIES.index(c) for c in self.capabilities))
+        for name in ("init", "new_session", "die_with_parent", "cgroup", "strict"):
             _bool(name, getattr(self, name))
         from ._cgroup import DEFAULT_LIMITS, Limits
 
@@ -395,48 +462,40 @@ class Spec:
             set_(name, _paths(name, getattr(self, name)))
         set_("tmp_size", parse_size("tmp_size", self.tmp_size))
         set_("shm_size", parse_size("shm_size", self.shm_size))
+        if not mnt:
+            # What only a mount namespace can do: at its default, it does not apply (stored as
+            # such); asked for explicitly, it is an error rather than silently dropped.
+            for name, none in (("masked_paths", ()), ("readonly_paths", ()), ("hidden", ()), ("tmp_size", None),
+                               ("shm_size", None)):  # fmt: skip
+                value, default = getattr(self, name), _MNT_DEFAULTS[name]
+                if value not in (default, none):
+                    raise SpecError(name, "needs the 'mnt' namespace")
+                set_(name, none)
+        rl = _rlimits(self.rlimits, "user" in self.namespaces)
+        set_("rlimits", rl)
+        set_(
+            "_rlimit_items",
+            tuple((getattr(resource, "RLIMIT_" + n.upper()), soft, hard) for n, (soft, hard) in sorted(rl.items())),
+        )
+
+    @property
+    def _nproc(self) -> Optional[int]:
+        """RLIMIT_NPROC for the sandbox's user: the pids limit (see the Rust Spec)."""
+        return None if self.limits is None else self.limits.pids
 
     def replace(self, **changes: Any) -> Spec:
         """A copy with `changes` applied (and validated); unknown names raise TypeError."""
         return with_fields(self, changes)
 
-    def _core_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `_core.spawn` for this spec."""
-        enc = os.fsencode
-        mounts = []
-        for m in self.mounts:
-            if isinstance(m, Bind):
-                mounts.append(("bind", enc(m.src), enc(m.dst), m.readonly, None))
-            else:
-                mounts.append(("tmpfs", None, enc(m.dst), False, m.size))
-        keep = 0
-        for c in self.capabilities:
-            keep |= 1 << CAPABILITIES.index(c)
-        return dict(
-            env=[enc(f"{k}={v}") for k, v in self._env_items],
-            cwd=enc(self.cwd),
-            namespaces=list(self.namespaces),
-            hostname=None if self.hostname is None else self.hostname.encode(),
-            rootfs=None if self.rootfs is None else enc(self.rootfs),
-            readonly_root=self.readonly_root,
-            mounts=mounts,
-            uid=self.uid,
-            gid=self.gid,
-            keep_caps=keep,
-            init=self.init,
-            new_session=self.new_session,
-            die_with_parent=self.die_with_parent,
-            masked_paths=[enc(p) for p in self.masked_paths],
-            readonly_paths=[enc(p) for p in self.readonly_paths],
-            hidden=[enc(p) for p in self.hidden],
-            tmp_size=self.tmp_size,
-            shm_size=self.shm_size,
-            seccomp=None if self.seccomp is None else (list(self.seccomp.allow), list(self.seccomp.deny)),
-            nproc=None if self.limits is None else self.limits.pids,
-        )
-
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Spec) if f.init)
+_MNT_DEFAULTS = {
+    "masked_paths": DEFAULT_MASKED_PATHS,
+    "readonly_paths": DEFAULT_READONLY_PATHS,
+    "hidden": DEFAULT_HIDDEN,
+    "tmp_size": DEFAULT_TMP_SIZE,
+    "shm_size": DEFAULT_SHM_SIZE,
+}
 _default: Optional[Tuple[Optional[str], Spec]] = None
 
 

@@ -4,7 +4,6 @@
 //! the GIL released (`detached`). Errors are mapped in one place (`to_pyerr`) onto the
 //! exception classes of `nsfast._errors`.
 
-use std::os::fd::IntoRawFd;
 use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -17,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::cgroup::{self, Backend, Cgroup, Limits};
 use crate::error::Error;
-use crate::spec::{Caller, Mount, Plan, Spec};
+use crate::spec::{Caller, Plan, Spec};
 
 /// Run `f` with the GIL released: every blocking call of this module goes through here.
 fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
@@ -47,18 +46,6 @@ fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
 
 fn bytes(v: PyBackedBytes) -> Vec<u8> {
     v.as_ref().to_vec()
-}
-
-/// A mount as the Python layer passes it: (kind, src, dst, readonly, size).
-type MountTuple = (String, Option<PyBackedBytes>, PyBackedBytes, bool, Option<u64>);
-
-fn mount_from(t: MountTuple) -> PyResult<Mount> {
-    let (kind, src, dst, readonly, size) = t;
-    match (kind.as_str(), src) {
-        ("bind", Some(src)) => Ok(Mount::Bind { src: bytes(src), dst: bytes(dst), readonly }),
-        ("tmpfs", None) => Ok(Mount::Tmpfs { dst: bytes(dst), size }),
-        (k, _) => Err(PyValueError::new_err(format!("mounts: bad mount tuple of kind {k:?}"))),
-    }
 }
 
 /// The backend for `root`, made once per root and process.
@@ -91,80 +78,449 @@ fn own_cgroup() -> Option<String> {
     cgroup::own_v2_path()
 }
 
-/// (cpu_user_ns, cpu_system_ns, memory_peak, pids_peak, oom_kills).
-type UsageTuple = (Option<u64>, Option<u64>, Option<u64>, Option<u64>, u64);
+// ---------------------------------------------------------------------------------------
+// Reading a frozen nsfast.Spec (the `from_py_with` helpers of spec.rs' derives)
 
-/// One sandbox's cgroup, owned by its `nsfast.Process`. Removed on `remove()` or when
-/// garbage-collected.
-#[pyclass(module = "nsfast._core", name = "Cgroup")]
-struct PyCgroup {
-    inner: Mutex<Option<Box<dyn Cgroup>>>,
-    version: u8,
+/// A path as `os.fsencode` gives it: str (surrogateescape) or bytes.
+pub(crate) fn fs_bytes(ob: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    use std::os::unix::ffi::OsStringExt;
+    if let Ok(b) = ob.cast::<pyo3::types::PyBytes>() {
+        return Ok(b.as_bytes().to_vec());
+    }
+    Ok(ob.extract::<std::ffi::OsString>()?.into_vec())
 }
 
-impl PyCgroup {
-    fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Box<dyn Cgroup>) -> T + Send) -> Option<T> {
-        detached(py, || {
-            let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            guard.as_mut().map(f)
-        })
+pub(crate) fn opt_fs_bytes(ob: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u8>>> {
+    if ob.is_none() {
+        Ok(None)
+    } else {
+        fs_bytes(ob).map(Some)
+    }
+}
+
+pub(crate) fn fs_bytes_list(ob: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<u8>>> {
+    ob.try_iter()?.map(|item| fs_bytes(&item?)).collect()
+}
+
+pub(crate) fn opt_utf8(ob: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u8>>> {
+    Ok(ob.extract::<Option<String>>()?.map(String::into_bytes))
+}
+
+/// `Spec._env_items` ((key, value) pairs) as `KEY=VALUE` entries.
+pub(crate) fn env_entries(ob: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for item in ob.try_iter()? {
+        let item = item?;
+        let (k, v) = (item.get_item(0)?, item.get_item(1)?);
+        let mut kv = fs_bytes(&k)?;
+        kv.push(b'=');
+        kv.extend(fs_bytes(&v)?);
+        out.push(kv);
+    }
+    Ok(out)
+}
+
+pub(crate) fn namespace_flags(ob: &Bound<'_, PyAny>) -> PyResult<u64> {
+    let names: Vec<String> = ob.extract()?;
+    crate::ns::flags(names.iter().map(String::as_str))
+        .map_err(|n| PyValueError::new_err(format!("namespaces: unknown namespace {n:?}")))
+}
+
+/// The CPU-time limits of a Spec's `limits` (an nsfast.Limits).
+#[derive(FromPyObject, Default, Clone, Copy)]
+struct CpuTimeLimits {
+    cpu_time: Option<f64>,
+    cpu_time_soft: Option<f64>,
+}
+
+// ---------------------------------------------------------------------------------------
+// The sandbox object
+
+/// Why a run ended (BenchExec's `terminationreason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Termination {
+    Exit,
+    Signal,
+    Timeout,
+    CpuTime,
+    Memory,
+}
+
+impl Termination {
+    fn name(self) -> &'static str {
+        match self {
+            Termination::Exit => "exit",
+            Termination::Signal => "signal",
+            Termination::Timeout => "timeout",
+            Termination::CpuTime => "cpu_time",
+            Termination::Memory => "memory",
+        }
+    }
+
+    fn parse(s: &str) -> PyResult<Termination> {
+        match s {
+            "timeout" => Ok(Termination::Timeout),
+            "cpu_time" => Ok(Termination::CpuTime),
+            "memory" => Ok(Termination::Memory),
+            _ => Err(PyValueError::new_err(format!("reason must be 'timeout', 'cpu_time' or 'memory', not {s:?}"))),
+        }
+    }
+}
+
+/// How a sandbox ended and what it cost, recorded once, when it is reaped.
+#[pyclass(module = "nsfast._core", name = "Exit", frozen, get_all)]
+#[derive(Clone, Debug)]
+struct Exit {
+    /// As subprocess gives it: the exit code, or -N for death by signal N.
+    returncode: i32,
+    /// The raw wait status (of the command: nsfast-init reports its child's).
+    status: i32,
+    wall_s: f64,
+    cpu_user_s: Option<f64>,
+    cpu_system_s: Option<f64>,
+    memory_peak_bytes: Option<u64>,
+    pids_peak: Option<u64>,
+    oom_killed: bool,
+    /// "exit", "signal", "timeout", "cpu_time" or "memory".
+    termination: &'static str,
+    /// Why the sandbox's cgroup could not be removed, if it could not (the run's result
+    /// stands; the cgroup is retried when the sandbox object goes).
+    cleanup_error: Option<String>,
+}
+
+struct Inner {
+    cgroup: Option<Box<dyn Cgroup>>,
+    exit: Option<Exit>,
+    /// Set by kill(reason) or the CPU-time watcher before the kill.
+    reason: Option<Termination>,
+    detached: bool,
+}
+
+/// What a Sandbox and its CPU-time watcher share.
+struct Core {
+    pid: i32,
+    pidfd: std::os::fd::OwnedFd,
+    /// No pid namespace: the first process's exit does not end the others; kill them.
+    kill_leftovers: bool,
+    /// No pid namespace and a session of its own: kill() also kills its process group.
+    kill_group: bool,
+    started: std::time::Instant,
+    inner: Mutex<Inner>,
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+impl Core {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait up to `slice` for the first process to exit; if it did, reap it, end what it
+    /// left behind, read the usage, remove the cgroup, and record all that.
+    fn wait_slice(&self, slice: Duration) -> std::io::Result<Option<Exit>> {
+        if let Some(e) = &self.lock().exit {
+            return Ok(Some(e.clone()));
+        }
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let ts = Timespec { tv_sec: slice.as_secs() as i64, tv_nsec: slice.subsec_nanos() as i64 };
+        let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+        match poll(&mut fds, Some(&ts)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.reap()
+    }
+
+    /// Reap the first process if it has exited (non-blocking) and record the outcome.
+    fn reap(&self) -> std::io::Result<Option<Exit>> {
+        let mut inner = self.lock();
+        if let Some(e) = &inner.exit {
+            return Ok(Some(e.clone()));
+        }
+        let Some((status, ru)) = crate::sys::wait4_nohang(self.pid)? else { return Ok(None) };
+        let wall_s = self.started.elapsed().as_secs_f64();
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        let (mut cpu_user_s, mut cpu_system_s) = (Some(tv(ru.ru_utime)), Some(tv(ru.ru_stime)));
+        let (mut memory_peak_bytes, mut pids_peak, mut oom_killed) = (None, None, false);
+        let mut cleanup_error = None;
+        if let Some(mut cg) = inner.cgroup.take() {
+            if self.kill_leftovers {
+                let _ = cg.kill();
+            }
+            let u = cg.usage();
+            cpu_user_s = u.cpu_user_ns.map(secs).or(cpu_user_s);
+            cpu_system_s = u.cpu_system_ns.map(secs).or(cpu_system_s);
+            memory_peak_bytes = u.memory_peak.or(memory_peak_bytes);
+            pids_peak = u.pids_peak;
+            oom_killed = u.oom_kills > 0;
+            if let Err(e) = cg.remove() {
+                cleanup_error = Some(e.to_string());
+                inner.cgroup = Some(cg); // retried on drop
+            }
+        }
+        let signal = if libc::WIFSIGNALED(status) { Some(libc::WTERMSIG(status)) } else { None };
+        let returncode = match signal {
+            Some(sig) => -sig,
+            None => libc::WEXITSTATUS(status),
+        };
+        let termination = match (inner.reason, signal) {
+            (Some(r), _) => r,
+            (None, Some(libc::SIGKILL)) if oom_killed => Termination::Memory,
+            (None, Some(_)) => Termination::Signal,
+            (None, None) => Termination::Exit,
+        };
+        let exit = Exit {
+            returncode,
+            status,
+            wall_s,
+            cpu_user_s,
+            cpu_system_s,
+            memory_peak_bytes,
+            pids_peak,
+            oom_killed,
+            termination: termination.name(),
+            cleanup_error,
+        };
+        inner.exit = Some(exit.clone());
+        Ok(Some(exit))
+    }
+
+    /// Kill the whole sandbox (its cgroup, its first process, and without a pid namespace
+    /// its process group), unless it was reaped already; `reason` is recorded first.
+    fn kill(&self, reason: Option<Termination>) -> Result<(), cgroup::CgroupError> {
+        let mut inner = self.lock();
+        if inner.exit.is_some() {
+            return Ok(());
+        }
+        if inner.reason.is_none() {
+            inner.reason = reason;
+        }
+        let res = inner.cgroup.as_ref().map_or(Ok(()), |cg| cg.kill());
+        // Not reaped (we hold the lock reap takes), so neither pid nor process group id
+        // can have been reused.
+        let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
+        if self.kill_group {
+            if let Some(pgid) = rustix::process::Pid::from_raw(self.pid) {
+                let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+            }
+        }
+        res
+    }
+
+    fn send_signal(&self, sig: i32) -> PyResult<()> {
+        let inner = self.lock();
+        if inner.exit.is_some() {
+            return Ok(());
+        }
+        // SAFETY: not a safety matter: a raw signal number the kernel validates.
+        let signal = unsafe { rustix::process::Signal::from_raw_unchecked(sig) };
+        match rustix::process::pidfd_send_signal(&self.pidfd, signal) {
+            Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+            Err(e) => Err(PyOSError::new_err((e.raw_os_error(), e.to_string()))),
+        }
+    }
+
+    /// The CPU-time watcher: kill the sandbox once its processes together used `hard`
+    /// seconds of CPU (SIGTERM to its first process at `soft`). Polls the cgroup's CPU
+    /// usage, sleeping for the least time the rest of the budget can take on every CPU.
+    fn watch_cpu(&self, limits: CpuTimeLimits) {
+        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let mut soft_sent = false;
+        loop {
+            let used = {
+                let inner = self.lock();
+                match (&inner.exit, inner.detached, &inner.cgroup) {
+                    (None, false, Some(cg)) => {
+                        let u = cg.usage();
+                        secs(u.cpu_user_ns.unwrap_or(0)) + secs(u.cpu_system_ns.unwrap_or(0))
+                    }
+                    _ => return,
+                }
+            };
+            if let (Some(s), false) = (limits.cpu_time_soft, soft_sent) {
+                if used >= s {
+                    soft_sent = true;
+                    let mut inner = self.lock();
+                    if inner.exit.is_none() {
+                        inner.reason.get_or_insert(Termination::CpuTime);
+                        let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::TERM);
+                    }
+                }
+            }
+            if let Some(h) = limits.cpu_time {
+                if used >= h {
+                    let _ = self.kill(Some(Termination::CpuTime));
+                    return;
+                }
+            }
+            let next = if soft_sent { limits.cpu_time } else { limits.cpu_time_soft.or(limits.cpu_time) };
+            let Some(next) = next else { return };
+            let sleep = Duration::from_secs_f64(((next - used) / ncpu).clamp(0.005, 0.5));
+            use rustix::event::{poll, PollFd, PollFlags, Timespec};
+            let ts = Timespec { tv_sec: sleep.as_secs() as i64, tv_nsec: sleep.subsec_nanos() as i64 };
+            let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+            if let Ok(n) = poll(&mut fds, Some(&ts)) {
+                if n > 0 {
+                    return; // exited: the reaper measures
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        if inner.detached {
+            return;
+        }
+        if inner.exit.is_none() {
+            // Nobody waited: end it, and reap it (bounded) so that no zombie stays.
+            if let Some(cg) = &inner.cgroup {
+                let _ = cg.kill();
+            }
+            let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while std::time::Instant::now() < deadline {
+                match crate::sys::wait4_nohang(self.pid) {
+                    Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+                    _ => break,
+                }
+            }
+        }
+        if let Some(mut cg) = inner.cgroup.take() {
+            let _ = cg.kill();
+            let _ = cg.remove();
+        }
+    }
+}
+
+/// A running sandbox: owns its first process's pidfd, its cgroup and, once reaped, its
+/// recorded `Exit`. `wait` reaps, ends leftovers, measures and removes the cgroup in one
+/// GIL-free call. Dropped unwaited, it kills and reaps its sandbox.
+#[pyclass(module = "nsfast._core", name = "Sandbox", frozen)]
+struct Sandbox {
+    core: Arc<Core>,
+    cgroup_version: Option<u8>,
+}
+
+impl Sandbox {
+    fn new(
+        child: crate::Child,
+        cg: Option<Box<dyn Cgroup>>,
+        started: std::time::Instant,
+        pid_namespace: bool,
+        new_session: bool,
+        cpu: CpuTimeLimits,
+    ) -> Sandbox {
+        let cgroup_version = cg.as_ref().map(|c| c.version());
+        let watch = cg.is_some() && (cpu.cpu_time.is_some() || cpu.cpu_time_soft.is_some());
+        let core = Arc::new(Core {
+            pid: child.pid,
+            pidfd: child.pidfd,
+            kill_leftovers: !pid_namespace,
+            kill_group: !pid_namespace && new_session,
+            started,
+            inner: Mutex::new(Inner { cgroup: cg, exit: None, reason: None, detached: false }),
+        });
+        if watch {
+            let c = core.clone();
+            std::thread::Builder::new()
+                .name("nsfast-cpu-time".into())
+                .spawn(move || c.watch_cpu(cpu))
+                .expect("spawn the CPU-time watcher thread");
+        }
+        Sandbox { core, cgroup_version }
     }
 }
 
 #[pymethods]
-impl PyCgroup {
+impl Sandbox {
+    /// The host pid of the sandbox's first process.
     #[getter]
-    fn version(&self) -> u8 {
-        self.version
+    fn pid(&self) -> i32 {
+        self.core.pid
     }
 
-    /// Kill every process in the cgroup.
-    fn kill(&self, py: Python<'_>) -> PyResult<()> {
-        match self.with(py, |cg| cg.kill().map_err(|e| e.to_string())) {
-            Some(Err(e)) => Err(PyOSError::new_err(e)),
-            _ => Ok(()),
+    /// The pidfd of the first process (readable once it exited); valid while this object lives.
+    fn fileno(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.core.pidfd.as_raw_fd()
+    }
+
+    /// 1 or 2 for the version of the sandbox's cgroup; None without one.
+    #[getter]
+    fn cgroup_version(&self) -> Option<u8> {
+        self.cgroup_version
+    }
+
+    /// The recorded Exit, None while not reaped.
+    #[getter]
+    fn exit(&self) -> Option<Exit> {
+        self.core.lock().exit.clone()
+    }
+
+    /// Wait up to `timeout` seconds (forever if None) for the first process to exit, then
+    /// reap, clean up and return the Exit; None on timeout. Runs GIL-free in 50 ms slices
+    /// between which Python's signal handlers run (Ctrl-C raises at once; nothing reaped
+    /// is lost: the Exit is recorded before this returns).
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Exit>> {
+        let timeout = match timeout {
+            Some(t) if !t.is_finite() || t < 0.0 => {
+                return Err(PyValueError::new_err("timeout must be a finite number >= 0"))
+            }
+            Some(t) => Some(Duration::from_secs_f64(t)),
+            None => None,
+        };
+        const SLICE: Duration = Duration::from_millis(50);
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let core = &self.core;
+        loop {
+            let slice = deadline.map_or(SLICE, |d| d.saturating_duration_since(std::time::Instant::now()).min(SLICE));
+            match detached(py, || core.wait_slice(slice)) {
+                Ok(Some(exit)) => return Ok(Some(exit)),
+                Ok(None) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => return Ok(None),
+                Ok(None) => py.check_signals()?,
+                Err(e) => return Err(PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string()))),
+            }
         }
     }
 
-    /// (cpu_user_ns, cpu_system_ns, memory_peak, pids_peak, oom_kills); None once removed.
-    fn usage(&self, py: Python<'_>) -> Option<UsageTuple> {
-        self.with(py, |cg| {
-            let u = cg.usage();
-            (u.cpu_user_ns, u.cpu_system_ns, u.memory_peak, u.pids_peak, u.oom_kills)
-        })
+    /// Reap if exited (never blocks); the Exit or None.
+    fn poll(&self, py: Python<'_>) -> PyResult<Option<Exit>> {
+        detached(py, || self.core.reap())
+            .map_err(|e| PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string())))
     }
 
-    /// Remove the cgroup directories (waits briefly for dying processes).
-    fn remove(&self, py: Python<'_>) -> PyResult<()> {
-        let res = detached(py, || {
-            let taken = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
-            taken.map(|mut cg| cg.remove().map_err(|e| e.to_string()))
-        });
-        match res {
-            Some(Err(e)) => Err(PyOSError::new_err(e)),
-            _ => Ok(()),
-        }
+    /// Send `sig` to the first process (nothing once it was reaped).
+    fn send_signal(&self, sig: i32) -> PyResult<()> {
+        self.core.send_signal(sig)
     }
 
-    /// Forget the cgroup without removing it (it outlives this process); returns its paths.
-    fn release(&self, py: Python<'_>) -> Vec<String> {
-        detached(py, || {
-            let taken = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
-            taken.map(|cg| cg.paths().iter().map(|p| p.display().to_string()).collect()).unwrap_or_default()
-        })
+    /// Kill the whole sandbox; `reason` ("timeout", "cpu_time", "memory") becomes the
+    /// Exit's termination.
+    #[pyo3(signature = (reason=None))]
+    fn kill(&self, py: Python<'_>, reason: Option<&str>) -> PyResult<()> {
+        let reason = reason.map(Termination::parse).transpose()?;
+        detached(py, || self.core.kill(reason)).map_err(|e| PyOSError::new_err(e.to_string()))
     }
 
-    fn paths(&self, py: Python<'_>) -> Vec<String> {
-        self.with(py, |cg| cg.paths().iter().map(|p| p.display().to_string()).collect()).unwrap_or_default()
+    /// Let the sandbox outlive this object: its cgroup stays (its paths are returned) and
+    /// nothing is killed when this object goes.
+    fn detach(&self) -> Vec<String> {
+        let mut inner = self.core.lock();
+        inner.detached = true;
+        inner.cgroup.take().map(|cg| cg.paths().iter().map(|p| p.display().to_string()).collect()).unwrap_or_default()
     }
-}
 
-impl Drop for PyCgroup {
-    fn drop(&mut self) {
-        if let Some(mut cg) = self.inner.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = cg.kill();
-            let _ = cg.remove();
-        }
+    /// The sandbox's cgroup directories (empty without a cgroup or once removed).
+    fn cgroup_paths(&self) -> Vec<String> {
+        let inner = self.core.lock();
+        inner.cgroup.as_ref().map(|cg| cg.paths().iter().map(|p| p.display().to_string()).collect()).unwrap_or_default()
     }
 }
 
@@ -172,65 +528,27 @@ impl Drop for PyCgroup {
 /// cpu (quota, period), cpuset), kill_tree).
 type CgroupRequest = (String, (Option<u64>, Option<u64>, Option<u64>, Option<(u64, u64)>, Option<String>), bool);
 
-/// Start a sandbox; returns (pid, pidfd, cgroup). The caller owns the pidfd.
+/// Start a sandbox as the frozen nsfast.Spec `spec` says, running `args`; returns its Sandbox.
 #[pyfunction]
-#[pyo3(signature = (args, *, env, cwd, namespaces, hostname, rootfs, readonly_root, mounts, uid, gid, keep_caps, init, new_session, die_with_parent, stdio, pass_fds, cgroup=None, masked_paths=Vec::new(), readonly_paths=Vec::new(), hidden=Vec::new(), tmp_size=None, shm_size=None, seccomp=None, nproc=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (spec, args, *, stdio, pass_fds, cgroup=None))]
 fn spawn(
     py: Python<'_>,
+    spec: &Bound<'_, PyAny>,
     args: Vec<PyBackedBytes>,
-    env: Vec<PyBackedBytes>,
-    cwd: PyBackedBytes,
-    namespaces: Vec<String>,
-    hostname: Option<PyBackedBytes>,
-    rootfs: Option<PyBackedBytes>,
-    readonly_root: bool,
-    mounts: Vec<MountTuple>,
-    uid: Option<u32>,
-    gid: Option<u32>,
-    keep_caps: u64,
-    init: bool,
-    new_session: bool,
-    die_with_parent: bool,
     stdio: (i32, i32, i32),
     pass_fds: Vec<i32>,
     cgroup: Option<CgroupRequest>,
-    masked_paths: Vec<PyBackedBytes>,
-    readonly_paths: Vec<PyBackedBytes>,
-    hidden: Vec<PyBackedBytes>,
-    tmp_size: Option<u64>,
-    shm_size: Option<u64>,
-    seccomp: Option<(Vec<String>, Vec<String>)>,
-    nproc: Option<u64>,
-) -> PyResult<(i32, i32, Option<PyCgroup>)> {
-    let namespaces = crate::ns::flags(namespaces.iter().map(String::as_str))
-        .map_err(|n| to_pyerr(py, Error::invalid("namespaces", format!("has an unknown namespace {n:?}"))))?;
-    let spec = Spec {
-        args: args.into_iter().map(bytes).collect(),
-        env: env.into_iter().map(bytes).collect(),
-        cwd: bytes(cwd),
-        namespaces,
-        hostname: hostname.map(bytes),
-        rootfs: rootfs.map(bytes),
-        readonly_root,
-        mounts: mounts.into_iter().map(mount_from).collect::<PyResult<_>>()?,
-        uid,
-        gid,
-        keep_caps,
-        init,
-        new_session,
-        die_with_parent,
-        masked_paths: masked_paths.into_iter().map(bytes).collect(),
-        readonly_paths: readonly_paths.into_iter().map(bytes).collect(),
-        hidden: hidden.into_iter().map(bytes).collect(),
-        tmp_size,
-        shm_size,
-        seccomp: seccomp.map(|(allow, deny)| crate::spec::SeccompSpec { allow, deny }),
-        nproc,
-    };
+) -> PyResult<Sandbox> {
+    let mut core_spec: Spec = spec.extract()?;
+    core_spec.args = args.into_iter().map(bytes).collect();
+    let limits = spec.getattr("limits")?;
+    let cpu: CpuTimeLimits = if limits.is_none() { CpuTimeLimits::default() } else { limits.extract()? };
+    let pid_namespace = core_spec.namespaces & (libc::CLONE_NEWPID as u64) != 0;
+    let new_session = core_spec.new_session;
     let io_stdio = [stdio.0, stdio.1, stdio.2];
+    let started = std::time::Instant::now();
     let result = detached(py, move || -> Result<_, Error> {
-        let plan = Plan::build(&spec, Caller::current())?;
+        let plan = Plan::build(&core_spec, Caller::current())?;
         let mut cg = match cgroup {
             None => None,
             Some((root, (memory, memory_swap, pids, cpu, cpuset), kill_tree)) => {
@@ -256,41 +574,8 @@ fn spawn(
         }
     });
     match result {
-        Ok((child, cg)) => {
-            let pycg = cg.map(|c| PyCgroup { version: c.version(), inner: Mutex::new(Some(c)) });
-            Ok((child.pid, child.pidfd.into_raw_fd(), pycg))
-        }
+        Ok((child, cg)) => Ok(Sandbox::new(child, cg, started, pid_namespace, new_session, cpu)),
         Err(e) => Err(to_pyerr(py, e)),
-    }
-}
-
-/// Wait for `pid` (via its pidfd) up to `timeout` seconds (forever if None) and reap it.
-/// Returns None on timeout, else (wait status, user s, system s, max rss bytes).
-#[pyfunction]
-#[pyo3(signature = (pid, pidfd, timeout=None))]
-fn wait(py: Python<'_>, pid: i32, pidfd: i32, timeout: Option<f64>) -> PyResult<Option<(i32, f64, f64, u64)>> {
-    let timeout = match timeout {
-        Some(t) if !(t.is_finite()) || t < 0.0 => {
-            return Err(PyValueError::new_err("timeout must be a finite number >= 0"))
-        }
-        Some(t) => Some(Duration::from_secs_f64(t)),
-        None => None,
-    };
-    // GIL-free slices, Python's signal handlers run between them: Ctrl-C interrupts a wait
-    // at once (KeyboardInterrupt), before anything is reaped, so no exit status is lost.
-    const SLICE: Duration = Duration::from_millis(50);
-    let deadline = timeout.map(|t| std::time::Instant::now() + t);
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    loop {
-        let slice = deadline.map_or(SLICE, |d| d.saturating_duration_since(std::time::Instant::now()).min(SLICE));
-        match detached(py, move || crate::spawn::wait(pid, pidfd, Some(slice))) {
-            Ok(Some((status, ru))) => {
-                return Ok(Some((status, tv(ru.ru_utime), tv(ru.ru_stime), ru.ru_maxrss as u64 * 1024)))
-            }
-            Ok(None) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => return Ok(None),
-            Ok(None) => py.check_signals()?,
-            Err(e) => return Err(PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string()))),
-        }
     }
 }
 
@@ -310,54 +595,56 @@ fn namespaces<'py>(py: Python<'py>, pid: &str) -> PyResult<Bound<'py, PyDict>> {
     Ok(d)
 }
 
-/// Start a process inside a running sandbox or process; returns (pid, pidfd).
+/// Start a process inside a running sandbox or process; returns its Sandbox.
 ///
-/// `target` is a pid: the namespaces of types `join`, root and (`cwd` None) working directory
-/// of that process are opened now (`nsenter -t PID`); `join_cgroup` also joins its cgroups.
-/// Or it is a container's pid with a `held` attribute: what the container held since its
-/// start (`ns_fds` [(type, fd)], `root_fd`, `closed`, `cgroup`, `seccomp`); then the
-/// process runs in a new cgroup below the container's, left on `target.exec_cgroup`.
+/// `spec` gives the process's env, uid/gid, capabilities and die_with_parent. `target` is a
+/// pid: the namespaces of types `join`, root and (`cwd` None) working directory of that
+/// process are opened now (`nsenter -t PID`); `join_cgroup` also joins its cgroups. Or
+/// `held` is what a container held since its start (`ns_fds` [(type, fd)], `root_fd`,
+/// `closed`, `sandbox` (its Sandbox), `seccomp`, `nproc`); then the process runs in a new
+/// cgroup below the container's (with `join_cgroup`), which its Sandbox owns.
 #[pyfunction]
-#[pyo3(signature = (args, *, target, join, env, cwd, uid, gid, keep_caps, die_with_parent, stdio, pass_fds, join_cgroup))]
+#[pyo3(signature = (spec, args, *, target, join, cwd, stdio, pass_fds, join_cgroup, held=None))]
 #[allow(clippy::too_many_arguments)]
 fn spawn_join(
     py: Python<'_>,
+    spec: &Bound<'_, PyAny>,
     args: Vec<PyBackedBytes>,
-    target: &Bound<'_, PyAny>,
+    target: i32,
     join: Vec<String>,
-    env: Vec<PyBackedBytes>,
     cwd: Option<PyBackedBytes>,
-    uid: Option<u32>,
-    gid: Option<u32>,
-    keep_caps: u64,
-    die_with_parent: bool,
     stdio: (i32, i32, i32),
     pass_fds: Vec<i32>,
     join_cgroup: bool,
-) -> PyResult<(i32, i32)> {
+    held: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Sandbox> {
     use crate::exec::{Cwd, Target};
     use std::sync::atomic::{AtomicU64, Ordering};
     static EXECS: AtomicU64 = AtomicU64::new(0);
     let ns_flags = crate::ns::flags(join.iter().map(String::as_str))
         .map_err(|n| to_pyerr(py, Error::invalid("namespaces", format!("has an unknown namespace {n:?}"))))?;
-    let pid: i32 = target.extract()?;
+    let pid = target;
+    let from: Spec = spec.extract()?;
     let mut spec = Spec::new(args.into_iter().map(bytes).collect());
-    spec.env = env.into_iter().map(bytes).collect();
+    spec.env = from.env;
     let use_cwd_fd = cwd.is_none();
     spec.cwd = cwd.map(bytes).unwrap_or_else(|| b"/".to_vec());
     spec.namespaces = 0;
-    spec.uid = uid;
-    spec.gid = gid;
-    spec.keep_caps = keep_caps;
+    spec.uid = from.uid;
+    spec.gid = from.gid;
+    spec.keep_caps = from.keep_caps;
     spec.new_session = true;
-    spec.die_with_parent = die_with_parent;
+    spec.die_with_parent = from.die_with_parent;
+    spec.rlimits = from.rlimits;
+    spec.seccomp = None;
+    let pid_namespace = ns_flags & (libc::CLONE_NEWPID as u64) != 0;
     // A container's held fds are duplicated here, with the GIL held: a concurrent stop()
     // (which sets `closed` before closing them) cannot close them under this exec.
-    let held = target.getattr("held").ok().filter(|h| !h.is_none());
+    let held = held.filter(|h| !h.is_none());
     // The container's RLIMIT_NPROC (counted in its user namespace), which its execs share.
     let mut nproc: Option<u64> = None;
     let mut held_fds = None;
-    let mut container_cgroup: Option<PyRef<'_, PyCgroup>> = None;
+    let mut container: Option<PyRef<'_, Sandbox>> = None;
     if let Some(h) = &held {
         let gone =
             |e: rustix::io::Errno| to_pyerr(py, Error::spawn("join namespaces", Some(format!("container {pid}")), e));
@@ -372,13 +659,13 @@ fn spawn_join(
             ns.push((flag, dup(fd)?));
         }
         held_fds = Some((ns, dup(h.getattr("root_fd")?.extract::<i32>()?)?));
-        let seccomp: Option<(Vec<String>, Vec<String>)> = h.getattr("seccomp")?.extract()?;
-        spec.seccomp = seccomp.map(|(allow, deny)| crate::spec::SeccompSpec { allow, deny });
-        nproc = h.getattr("nproc").ok().map(|v| v.extract::<Option<u64>>()).transpose()?.flatten();
-        container_cgroup = h.getattr("cgroup")?.extract()?;
+        spec.seccomp = h.getattr("seccomp")?.extract()?;
+        nproc = h.getattr("nproc")?.extract()?;
+        container = h.getattr("sandbox")?.extract()?;
     }
-    let container_cgroup: Option<&PyCgroup> = container_cgroup.as_deref();
+    let container_core: Option<Arc<Core>> = container.as_ref().map(|c| c.core.clone());
     let io_stdio = [stdio.0, stdio.1, stdio.2];
+    let started = std::time::Instant::now();
     let result = detached(py, move || -> Result<_, Error> {
         let mut plan = Plan::build(&spec, Caller::current())?;
         plan.nproc = nproc;
@@ -386,11 +673,11 @@ fn spawn_join(
             |e: cgroup::CgroupError| Error::spawn("join cgroup", Some(e.to_string()), rustix::io::Errno::NOTSUP);
         let (target, mut cg): (Target, Option<Box<dyn Cgroup>>) = match held_fds {
             Some((ns, root)) => {
-                let cg = match container_cgroup.filter(|_| join_cgroup) {
+                let cg = match container_core.filter(|_| join_cgroup) {
                     Some(c) => {
                         let name = format!("exec-{}", EXECS.fetch_add(1, Ordering::Relaxed));
-                        let guard = c.inner.lock().unwrap_or_else(|p| p.into_inner());
-                        guard.as_ref().map(|c| c.exec_child(&name)).transpose().map_err(cg_err)?
+                        let inner = c.lock();
+                        inner.cgroup.as_ref().map(|c| c.exec_child(&name)).transpose().map_err(cg_err)?
                     }
                     None => None,
                 };
@@ -421,13 +708,9 @@ fn spawn_join(
         }
     });
     match result {
-        Ok((child, cg)) => {
-            if let (Some(cg), true) = (cg, held.is_some()) {
-                let pycg = PyCgroup { version: cg.version(), inner: Mutex::new(Some(cg)) };
-                target.setattr("exec_cgroup", Py::new(py, pycg)?)?;
-            }
-            Ok((child.pid, child.pidfd.into_raw_fd()))
-        }
+        // An exec's process is not its pid namespace's init: what it leaves behind keeps
+        // running in the container (docker exec), unless killed.
+        Ok((child, cg)) => Ok(Sandbox::new(child, cg, started, pid_namespace, true, CpuTimeLimits::default())),
         Err(e) => Err(to_pyerr(py, e)),
     }
 }
@@ -448,14 +731,14 @@ fn seccomp_syscalls() -> (Vec<&'static str>, Vec<&'static str>) {
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(spawn, m)?)?;
-    m.add_function(wrap_pyfunction!(wait, m)?)?;
     m.add_function(wrap_pyfunction!(namespaces, m)?)?;
     m.add_function(wrap_pyfunction!(cap_last_cap, m)?)?;
     m.add_function(wrap_pyfunction!(seccomp_syscalls, m)?)?;
     m.add_function(wrap_pyfunction!(cgroup_backend, m)?)?;
     m.add_function(wrap_pyfunction!(own_cgroup, m)?)?;
     m.add_function(wrap_pyfunction!(spawn_join, m)?)?;
-    m.add_class::<PyCgroup>()?;
+    m.add_class::<Sandbox>()?;
+    m.add_class::<Exit>()?;
     m.add("NAMESPACES", crate::ns::NAMESPACES.iter().map(|(n, _)| *n).collect::<Vec<_>>())?;
     m.add("DEFAULT_NAMESPACES", crate::spec::DEFAULT_NAMESPACES.to_vec())?;
     m.add("DEFAULT_MASKED_PATHS", crate::spec::DEFAULT_MASKED_PATHS.to_vec())?;

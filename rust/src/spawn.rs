@@ -375,6 +375,10 @@ pub(crate) fn child_error(plan: &Plan, rec: sync::ChildError) -> Error {
         },
         Some(Step::Exec) => Error::spawn("exec", Some(plan.argv0.clone()), errno),
         Some(Step::Chdir) => Error::spawn("chdir", Some(plan.cwd.to_string_lossy().into_owned()), errno),
+        Some(Step::Rlimit) if rec.index > 0 => {
+            let what = plan.rlimits.get(rec.index as usize - 1).map(|r| format!("rlimit {} ({}, {})", r.0, r.1, r.2));
+            Error::spawn("setrlimit", what, errno)
+        }
         Some(step) => Error::spawn(step.name(), None, errno),
         None => Error::spawn("child setup", None, errno),
     }
@@ -496,6 +500,11 @@ fn child(ctx: &ChildCtx) -> ! {
     sys::rlimit_set(libc::RLIMIT_CORE, 0).unwrap_or_else(|e| fail(Step::Rlimit, e));
     if let Some(n) = plan.nproc {
         sys::rlimit_set(libc::RLIMIT_NPROC, n).unwrap_or_else(|e| fail(Step::Rlimit, e));
+    }
+    // The spec's own rlimits, after nsfast's (Spec(rlimits={"core": ...}) wins); index+1
+    // names the one that failed (0: nsfast's).
+    for (i, &(resource, soft, hard)) in plan.rlimits.iter().enumerate() {
+        sys::rlimit_set_pair(resource, soft, hard).unwrap_or_else(|e| ch.fail(Step::Rlimit, i as u32 + 1, e));
     }
 
     // stdio: first lift sources sitting on 0..2 out of the way, then install.

@@ -11,42 +11,72 @@ use crate::error::{Error, Result};
 use crate::mount::{self, FsPlan};
 use crate::seccomp::{self, Filter};
 
-/// An extra mount inside the sandbox.
+/// An extra mount inside the sandbox. With the `python` feature, read directly from an
+/// `nsfast.Bind` / `nsfast.Tmpfs` (their attributes; paths as os.fsencode gives them).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "python", derive(pyo3::FromPyObject))]
 pub enum Mount {
     /// Bind `src` (a host path) onto `dst` (a path inside the sandbox).
-    Bind { src: Vec<u8>, dst: Vec<u8>, readonly: bool },
+    Bind {
+        #[cfg_attr(feature = "python", pyo3(from_py_with = crate::py::fs_bytes))]
+        src: Vec<u8>,
+        #[cfg_attr(feature = "python", pyo3(from_py_with = crate::py::fs_bytes))]
+        dst: Vec<u8>,
+        readonly: bool,
+    },
     /// A fresh tmpfs on `dst`, `size` bytes at most (the kernel default when None).
-    Tmpfs { dst: Vec<u8>, size: Option<u64> },
+    Tmpfs {
+        #[cfg_attr(feature = "python", pyo3(from_py_with = crate::py::fs_bytes))]
+        dst: Vec<u8>,
+        size: Option<u64>,
+    },
 }
 
 /// Everything a sandbox needs, as plain Rust data (the Python layer validates first; this
 /// module checks again what would otherwise become a confusing errno).
+///
+/// With the `python` feature this is read directly from a frozen `nsfast.Spec` (the one
+/// seam between the languages): each field is its attribute of the same name unless said
+/// otherwise; paths are bytes as `os.fsencode` gives them.
 #[derive(Clone, Debug)]
+#[cfg_attr(feature = "python", derive(pyo3::FromPyObject))]
 pub struct Spec {
+    /// Not part of a Python Spec: the command is passed next to it.
+    #[cfg_attr(feature = "python", pyo3(default))]
     pub args: Vec<Vec<u8>>,
+    /// `KEY=VALUE` entries, from `Spec._env_items`.
+    #[cfg_attr(feature = "python", pyo3(attribute("_env_items"), from_py_with = crate::py::env_entries))]
     pub env: Vec<Vec<u8>>,
+    #[cfg_attr(feature = "python", pyo3(from_py_with = crate::py::fs_bytes))]
     pub cwd: Vec<u8>,
-    /// CLONE_NEW* flags.
+    /// CLONE_NEW* flags (from the namespace names).
+    #[cfg_attr(feature = "python", pyo3(from_py_with = crate::py::namespace_flags))]
     pub namespaces: u64,
+    #[cfg_attr(feature = "python", pyo3(from_py_with = crate::py::opt_utf8))]
     pub hostname: Option<Vec<u8>>,
     /// None: the host root, bind-mounted.
+    #[cfg_attr(feature = "python", pyo3(from_py_with = crate::py::opt_fs_bytes))]
     pub rootfs: Option<Vec<u8>>,
     pub readonly_root: bool,
     pub mounts: Vec<Mount>,
     /// The uid/gid the command runs as inside the sandbox.
     pub uid: Option<u32>,
     pub gid: Option<u32>,
-    /// Bit n set: capability n stays in the bounding set; all others are dropped.
+    /// Bit n set: capability n stays in the bounding set; all others are dropped
+    /// (`Spec._cap_mask`, from the capability names).
+    #[cfg_attr(feature = "python", pyo3(attribute("_cap_mask")))]
     pub keep_caps: u64,
     pub init: bool,
     pub new_session: bool,
     pub die_with_parent: bool,
     /// Paths replaced by an empty read-only tmpfs (directories) or /dev/null (files).
+    #[cfg_attr(feature = "python", pyo3(from_py_with = crate::py::fs_bytes_list))]
     pub masked_paths: Vec<Vec<u8>>,
     /// Paths bound read-only onto themselves.
+    #[cfg_attr(feature = "python", pyo3(from_py_with = crate::py::fs_bytes_list))]
     pub readonly_paths: Vec<Vec<u8>>,
     /// Host directories hidden behind an empty tmpfs (host root only).
+    #[cfg_attr(feature = "python", pyo3(from_py_with = crate::py::fs_bytes_list))]
     pub hidden: Vec<Vec<u8>>,
     /// Sizes of /tmp and /dev/shm in bytes (None: the kernel's default, half of RAM).
     pub tmp_size: Option<u64>,
@@ -55,11 +85,16 @@ pub struct Spec {
     pub seccomp: Option<SeccompSpec>,
     /// RLIMIT_NPROC of the sandbox's user (the pids limit): counted per user namespace, it
     /// bounds the sandbox's processes even without a cgroup (rootless without delegation).
+    #[cfg_attr(feature = "python", pyo3(attribute("_nproc")))]
     pub nproc: Option<u64>,
+    /// (resource, soft, hard) set before exec (`Spec._rlimit_items`, from `Spec.rlimits`).
+    #[cfg_attr(feature = "python", pyo3(attribute("_rlimit_items")))]
+    pub rlimits: Vec<(u32, u64, u64)>,
 }
 
-/// Changes to nsfast's default syscall allow list.
+/// Changes to nsfast's default syscall allow list (an `nsfast.Seccomp`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "python", derive(pyo3::FromPyObject))]
 pub struct SeccompSpec {
     pub allow: Vec<String>,
     pub deny: Vec<String>,
@@ -127,6 +162,7 @@ impl Spec {
             shm_size: Some(DEFAULT_SHM_SIZE),
             seccomp: Some(SeccompSpec::default()),
             nproc: None,
+            rlimits: Vec::new(),
         }
     }
 }
@@ -257,6 +293,8 @@ pub struct Plan {
     pub seccomp: Option<Arc<Filter>>,
     /// RLIMIT_NPROC set in a new user namespace (where it counts that namespace's processes).
     pub nproc: Option<u64>,
+    /// The spec's rlimits, (resource, soft, hard), set before exec.
+    pub rlimits: Vec<(u32, u64, u64)>,
     pub hostname: Option<Vec<u8>>,
     pub loopback: bool,
     pub set_ids: Option<SetIds>,
@@ -433,6 +471,7 @@ impl Plan {
             become_root: range,
             seccomp,
             nproc: spec.nproc.filter(|_| user_ns),
+            rlimits: spec.rlimits.clone(),
             hostname: spec.hostname.clone(),
             loopback: clone_flags & libc::CLONE_NEWNET as u64 != 0,
             set_ids,

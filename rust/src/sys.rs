@@ -332,6 +332,12 @@ pub fn rlimit_set(resource: libc::__rlimit_resource_t, value: u64) -> Result<(),
     raw6(libc::SYS_prlimit64, [0, resource as usize, &lim as *const [u64; 2] as usize, 0, 0, 0]).map(drop)
 }
 
+/// Child-safe: setrlimit(resource, {soft, hard}) (prlimit64 on ourselves).
+pub fn rlimit_set_pair(resource: u32, soft: u64, hard: u64) -> Result<(), Errno> {
+    let lim: [u64; 2] = [soft, hard];
+    raw6(libc::SYS_prlimit64, [0, resource as usize, &lim as *const [u64; 2] as usize, 0, 0, 0]).map(drop)
+}
+
 /// Child-safe: seccomp(SECCOMP_SET_MODE_FILTER, 0, prog); `prog` is the address of a
 /// `struct sock_fprog` that stays alive for the call (the kernel copies the program).
 pub fn seccomp_set_mode_filter(prog: usize) -> Result<(), Errno> {
