@@ -58,7 +58,7 @@ class SpawnError(NsfastError, OSError):
         if self.hint:
             return f"{msg} ({self.hint})"
         hint = _HINTS.get(self.errno or 0)
-        if hint and self.step != "exec":
+        if hint and self.step not in ("exec", "setrlimit"):
             msg += f" ({hint})"
         elif self.step == "chdir" and self.errno == _errno.ELOOP:
             msg += " (the working directory is resolved inside the sandbox; a magic link such as /proc/self/fd/N is refused)"

@@ -497,7 +497,10 @@ fn child(ctx: &ChildCtx) -> ! {
     }
     sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
     // A crash must not hand a core to the host's core_pattern (a pipe helper runs as host root).
-    sys::rlimit_set(libc::RLIMIT_CORE, 0).unwrap_or_else(|e| fail(Step::Rlimit, e));
+    // (Unless the spec sets a core limit of its own: a hard 0 could not be raised again.)
+    if !plan.rlimits.iter().any(|r| r.0 == libc::RLIMIT_CORE) {
+        sys::rlimit_set(libc::RLIMIT_CORE, 0).unwrap_or_else(|e| fail(Step::Rlimit, e));
+    }
     if let Some(n) = plan.nproc {
         sys::rlimit_set(libc::RLIMIT_NPROC, n).unwrap_or_else(|e| fail(Step::Rlimit, e));
     }

@@ -1,0 +1,155 @@
+"""Process semantics a BenchExec or subprocess user relies on: why a run ended
+(`Usage.termination`), CPU-time limits (hard and soft) over the whole sandbox, rlimits, and
+fields that cannot take effect raising instead of being dropped."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+
+import pytest
+
+import nsfast
+from conftest import suite, wait_until
+
+pytestmark = suite
+
+BUSY = "import time\nwhile True: pass"
+
+
+def test_termination_says_why_a_run_ended():
+    assert nsfast.run(["true"]).usage.termination == "exit"
+    assert nsfast.run(["false"]).usage.termination == "exit"
+    r = nsfast.run(["sh", "-c", "kill -KILL $$"], init=True)
+    assert (r.returncode, r.usage.termination) == (-9, "signal")
+    with pytest.raises(subprocess.TimeoutExpired) as exc:
+        nsfast.run(["sleep", "30"], timeout=0.2)
+    usage = exc.value.usage  # type: ignore[attr-defined]
+    assert (usage.termination, usage.timed_out) == ("timeout", True)
+
+
+def test_an_oom_kill_is_termination_memory():
+    r = nsfast.run(
+        ["python3", "-c", "b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096])"],
+        limits=nsfast.Limits(memory="48M", memory_swap="48M"),
+    )
+    assert r.returncode == -9, r
+    assert r.usage.oom_killed and r.usage.termination == "memory", r.usage
+
+
+def test_cpu_time_limit_kills_the_whole_sandbox_once_it_used_that_much_cpu():
+    r = nsfast.run(["python3", "-c", BUSY], limits=nsfast.Limits(cpu_time=0.4), timeout=30)
+    assert r.returncode == -9 and r.usage.termination == "cpu_time", r.usage
+    used = r.usage.cpu_user_s + r.usage.cpu_system_s
+    assert 0.4 <= used < 0.9, r.usage
+
+
+def test_cpu_time_counts_all_processes_together():
+    # Two busy processes: together they reach 0.6 s of CPU in about half the wall time
+    # one would need; each alone stays below the limit until the kill.
+    r = nsfast.run(
+        ["sh", "-c", f"python3 -c '{BUSY}' & python3 -c '{BUSY}' & wait"],
+        limits=nsfast.Limits(cpu_time=0.6),
+        timeout=30,
+    )
+    assert r.usage.termination == "cpu_time", r.usage
+    used = r.usage.cpu_user_s + r.usage.cpu_system_s
+    assert 0.6 <= used < 1.2, r.usage
+
+
+def test_soft_cpu_time_limit_sends_sigterm_first_then_the_hard_limit_kills():
+    trap = "trap 'echo soft; exit 7' TERM; while :; do :; done"
+    r = nsfast.run(
+        ["sh", "-c", trap], limits=nsfast.Limits(cpu_time_soft=0.3, cpu_time=5), capture_output=True, timeout=30
+    )
+    assert (r.returncode, r.stdout, r.usage.termination) == (7, b"soft\n", "cpu_time"), r
+    # A program that ignores SIGTERM is killed at the hard limit.
+    stubborn = "trap '' TERM; while :; do :; done"
+    r = nsfast.run(["sh", "-c", stubborn], limits=nsfast.Limits(cpu_time_soft=0.2, cpu_time=0.5), timeout=30)
+    assert r.returncode == -9 and r.usage.termination == "cpu_time", r.usage
+    assert r.usage.cpu_user_s + r.usage.cpu_system_s >= 0.5
+
+
+def test_cpu_time_limit_does_not_touch_a_program_that_sleeps():
+    r = nsfast.run(["sleep", "0.5"], limits=nsfast.Limits(cpu_time=0.1), timeout=30)
+    assert (r.returncode, r.usage.termination) == (0, "exit"), r.usage
+
+
+def test_file_size_rlimit_stops_writes_at_the_limit():
+    r = nsfast.run(
+        ["sh", "-c", "head -c 100000 /dev/zero > /tmp/f; echo $?; wc -c < /tmp/f"],
+        rlimits={"fsize": 4096},
+        capture_output=True,
+        text=True,
+    )
+    status, size = r.stdout.split()
+    assert (int(status), int(size)) == (128 + 25, 4096), r  # SIGXFSZ killed the writer
+
+
+def test_rlimits_are_set_soft_and_hard():
+    r = nsfast.run(
+        ["sh", "-c", "ulimit -Sn; ulimit -Hn; ulimit -Sc"],
+        rlimits={"NOFILE": (64, 128), "core": resource.RLIM_INFINITY},
+        capture_output=True,
+        text=True,
+    )
+    assert r.stdout.split() == ["64", "128", "unlimited"], r
+    # nsfast's own default: no core dumps.
+    assert nsfast.run(["sh", "-c", "ulimit -c"], capture_output=True, text=True).stdout.strip() == "0"
+
+
+@pytest.mark.parametrize(
+    ("rlimits", "match"),
+    [
+        ({"fsze": 1}, "unknown resource 'fsze'"),
+        ({"nofile": (100, 10)}, "soft limit 100 is above the hard limit 10"),
+        ({"nofile": 10**9}, "hard limit 1000000000 is above"),
+        ({"nofile": -5}, "out of range"),
+    ],
+)
+def test_bad_rlimits_raise_naming_them(rlimits, match):
+    with pytest.raises(nsfast.SpecError, match=match):
+        nsfast.Spec(rlimits=rlimits)
+
+
+def test_bad_rlimit_types_raise_typeerror():
+    with pytest.raises(TypeError, match="rlimits"):
+        nsfast.Spec(rlimits=[("nofile", 1)])
+    with pytest.raises(TypeError, match="nofile"):
+        nsfast.Spec(rlimits={"nofile": "many"})
+
+
+def test_without_a_mount_namespace_the_root_is_writable_and_saying_otherwise_is_an_error(tmp_path):
+    # Before: Spec(namespaces=("pid",)) kept readonly_root=True and the sandbox wrote to /.
+    assert nsfast.Spec(namespaces=("pid",)).readonly_root is False
+    assert nsfast.Spec().readonly_root is True
+    with pytest.raises(nsfast.SpecError, match="readonly_root: needs the 'mnt' namespace"):
+        nsfast.Spec(namespaces=("pid",), readonly_root=True)
+    for field, value in [("hidden", ("/srv",)), ("masked_paths", ("/proc/kcore",)), ("tmp_size", "1M")]:
+        with pytest.raises(nsfast.SpecError, match=f"{field}: needs the 'mnt' namespace"):
+            nsfast.Spec(namespaces=("pid",), **{field: value})
+
+
+def test_wait_after_detach_is_a_clear_error():
+    p = nsfast.spawn(["sleep", "30"])
+    paths = p.detach()
+    try:
+        with pytest.raises(ValueError, match="detached"):
+            p.wait()
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        os.waitpid(p.pid, 0)
+        for d in sorted(paths, key=len, reverse=True):
+            wait_until(lambda d=d: _rmdir(d), timeout=5)
+
+
+def _rmdir(d: str) -> bool:
+    try:
+        os.rmdir(d)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
