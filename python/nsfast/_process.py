@@ -308,7 +308,16 @@ class Process:
             sb = self._sandbox
             if self.returncode is None and not self._detached and sb is not None:
                 left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-                exit = sb.poll() if not block else sb.wait(left)
+                try:
+                    exit = sb.poll() if not block else sb.wait(left)
+                except BaseException:
+                    # Ctrl-C (or another signal handler's exception) while waiting: unlike
+                    # Popen, leave nothing running behind the exception. A second Ctrl-C
+                    # interrupts this reap too; the Sandbox then reaps when it goes.
+                    sb.kill()
+                    exit = sb.wait()
+                    self._reaped(exit)
+                    raise
                 if exit is not None:
                     self._reaped(exit)
         finally:
