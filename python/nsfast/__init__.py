@@ -16,7 +16,7 @@ from ._cgroup import DEFAULT_LIMITS, CgroupWarning, Limits, configure
 from ._container import Container, enter
 from ._errors import ContainerError, NsfastError, SpawnError, SpecError
 from ._ns import compare_namespaces, namespaces
-from ._process import DEVNULL, PIPE, STDOUT, Process, Result, Usage, run, spawn
+from ._process import DEVNULL, PIPE, STDOUT, Process, Result, TimeoutExpired, Usage, run, spawn
 from ._spec import (
     CAPABILITIES,
     DEFAULT_HIDDEN,
@@ -27,12 +27,14 @@ from ._spec import (
     DEFAULT_SHM_SIZE,
     DEFAULT_TMP_SIZE,
     NAMESPACES,
+    RLIMITS,
     SANDBOX_ID_BASE,
     SANDBOX_ID_COUNT,
     Bind,
     Mount,
     Seccomp,
     Spec,
+    SpecFields,
     Tmpfs,
 )
 
@@ -42,7 +44,10 @@ __all__ = [
     "Process",
     "Result",
     "Usage",
+    "TimeoutExpired",
     "Spec",
+    "SpecFields",
+    "RLIMITS",
     "Limits",
     "DEFAULT_LIMITS",
     "Seccomp",

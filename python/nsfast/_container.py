@@ -9,12 +9,15 @@ import time
 import uuid
 import weakref
 from subprocess import CalledProcessError, TimeoutExpired
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ._errors import ContainerError, SpawnError
 from ._ns import namespaces as _namespaces
 from ._process import Args, File, Process, Result, _explain_hidden, _JoinTarget, run
-from ._spec import Spec, with_fields
+from ._spec import Spec, SpecFields, with_fields
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Container", "enter"]
 
@@ -90,7 +93,7 @@ class Container:
         spec: Optional[Spec] = None,
         name: Optional[str] = None,
         stop_timeout: float = 10,
-        **spec_fields: Any,
+        **spec_fields: Unpack[SpecFields],
     ) -> None:
         self.spec = with_fields(spec, spec_fields)
         self.stop_timeout = stop_timeout

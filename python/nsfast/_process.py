@@ -12,14 +12,17 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError, TimeoutExpired
-from typing import IO, Any, List, Optional, Sequence, Tuple, Union
+from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError
+from typing import IO, TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
 
 from . import _cgroup, _core
 from ._errors import SpawnError
-from ._spec import SANDBOX_ID_BASE, Spec, StrPath, with_fields
+from ._spec import SANDBOX_ID_BASE, Spec, SpecFields, StrPath, with_fields
 
-__all__ = ["run", "spawn", "Process", "Result", "Usage", "PIPE", "DEVNULL", "STDOUT"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["run", "spawn", "Process", "Result", "Usage", "TimeoutExpired", "PIPE", "DEVNULL", "STDOUT"]
 
 Args = Union[StrPath, bytes, Sequence[Union[StrPath, bytes]]]
 File = Union[None, int, IO[Any]]
@@ -39,6 +42,24 @@ class Usage:
     #: Why the run ended: "exit", "signal", "timeout", "cpu_time" (Limits.cpu_time) or
     #: "memory" (killed by the OOM killer), as BenchExec's terminationreason.
     termination: str = "exit"
+
+
+class TimeoutExpired(subprocess.TimeoutExpired):
+    """`subprocess.TimeoutExpired` (catch either) with `.usage`: what the killed run cost, from
+    `run`/`Container.exec` (termination "timeout"); None from `wait`/`communicate`, after which
+    the sandbox still runs."""
+
+    def __init__(
+        self,
+        cmd: Any,
+        timeout: Optional[float],
+        output: Any = None,
+        stderr: Any = None,
+        usage: Optional[Usage] = None,
+    ) -> None:
+        super().__init__(cmd, timeout if timeout is not None else 0.0, output, stderr)
+        self.timeout = timeout  # type: ignore[assignment]  # None: no timeout was given
+        self.usage = usage
 
 
 class Result(subprocess.CompletedProcess):  # type: ignore[type-arg]
@@ -183,7 +204,7 @@ class Process:
         text: bool = False,
         pass_fds: Sequence[int] = (),
         _join: Optional[_JoinTarget] = None,
-        **spec_fields: Any,
+        **spec_fields: Unpack[SpecFields],
     ) -> None:
         self.spec = with_fields(spec, spec_fields)
         if _join is not None and not args:
@@ -206,8 +227,9 @@ class Process:
             cgroup = _cgroup.request(self.spec.limits, kill_tree="pid" not in self.spec.namespaces)
         handles = _Handles(stdin, stdout, stderr, _pipe_owner(self.spec, _join))
         try:
+            stdio = (handles.child[0], handles.child[1], handles.child[2])
             if _join is None:
-                self._sandbox = _core.spawn(self.spec, argv, stdio=tuple(handles.child), pass_fds=fds, cgroup=cgroup)
+                self._sandbox = _core.spawn(self.spec, argv, stdio=stdio, pass_fds=fds, cgroup=cgroup)
             else:
                 self._sandbox = _core.spawn_join(
                     self.spec,
@@ -215,15 +237,15 @@ class Process:
                     target=_join.pid,
                     join=list(_join.namespaces),
                     cwd=None if _join.cwd is None else os.fsencode(_join.cwd),
-                    stdio=tuple(handles.child),
+                    stdio=stdio,
                     pass_fds=fds,
                     join_cgroup=_join.cgroup,
                     held=_join.held,
                 )
         except BaseException as e:
-            for fd in handles.parent:
-                if fd is not None:
-                    os.close(fd)
+            for pfd in handles.parent:
+                if pfd is not None:
+                    os.close(pfd)
             if isinstance(e, SpawnError) and _join is None:
                 _explain_hidden(e, argv, self.spec)
             raise
@@ -247,7 +269,7 @@ class Process:
             return None
         f: IO[Any] = open(fd, mode, buffering=0 if mode == "wb" else -1)
         if self.text:
-            f = io.TextIOWrapper(f, write_through=True, line_buffering=mode == "wb")  # type: ignore[arg-type]
+            f = io.TextIOWrapper(f, write_through=True, line_buffering=mode == "wb")
         return f
 
     def __repr__(self) -> str:
@@ -287,7 +309,7 @@ class Process:
             raise ValueError("wait() on a detached sandbox: it is no longer this Process's")
         rc = self._wait(timeout, block=True)
         if rc is None:
-            raise TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
+            raise TimeoutExpired(self.args, timeout)
         return rc
 
     def _wait(self, timeout: Optional[float], *, block: bool) -> Optional[int]:
@@ -359,7 +381,7 @@ class Process:
         out, err = self._comm.run(deadline, timeout)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         if self._wait(left, block=True) is None:
-            raise TimeoutExpired(self.args, timeout, out, err)  # type: ignore[arg-type]
+            raise TimeoutExpired(self.args, timeout, out, err)
         return out, err
 
     def __enter__(self) -> Process:
@@ -418,7 +440,7 @@ class _Communication:
     def __init__(self, proc: Process, input: Any) -> None:
         self.proc = proc
         self.sel = selectors.DefaultSelector()
-        self.chunks = {}
+        self.chunks: dict[str, List[bytes]] = {}
         self.input = b""
         self.offset = 0
         if proc.stdin is not None:
@@ -443,21 +465,21 @@ class _Communication:
         if name not in self.chunks:
             return None
         data = b"".join(self.chunks[name])
-        if self.proc.text:
-            f = getattr(self.proc, name)
-            decoder = codecs.getincrementaldecoder(getattr(f, "encoding", "utf-8"))(getattr(f, "errors", "strict"))
-            # Output so far (final=False, at a timeout) may end inside a multi-byte character:
-            # leave that tail out instead of failing; a resumed communicate() decodes it.
-            data = decoder.decode(data, final=final)
-            data = data.replace("\r\n", "\n").replace("\r", "\n")
-        return data
+        if not self.proc.text:
+            return data
+        f = getattr(self.proc, name)
+        decoder = codecs.getincrementaldecoder(getattr(f, "encoding", "utf-8"))(getattr(f, "errors", "strict"))
+        # Output so far (final=False, at a timeout) may end inside a multi-byte character:
+        # leave that tail out instead of failing; a resumed communicate() decodes it.
+        text: str = decoder.decode(data, final=final)
+        return text.replace("\r\n", "\n").replace("\r", "\n")
 
     def run(self, deadline: Optional[float], timeout: Optional[float]) -> Tuple[Any, Any]:
         proc = self.proc
         while self.sel.get_map():
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimeoutExpired(proc.args, timeout, self._decode("stdout", False), self._decode("stderr", False))  # type: ignore[arg-type]
+                raise TimeoutExpired(proc.args, timeout, self._decode("stdout", False), self._decode("stderr", False))
             for key, _ in self.sel.select(left):
                 name = key.data
                 if name == "stdin":
@@ -492,7 +514,7 @@ def spawn(
     stderr: File = None,
     text: bool = False,
     pass_fds: Sequence[int] = (),
-    **spec_fields: Any,
+    **spec_fields: Unpack[SpecFields],
 ) -> Process:
     """Start `args` in a new sandbox and return its `Process` at once.
 
@@ -518,11 +540,12 @@ def run(
     text: bool = False,
     pass_fds: Sequence[int] = (),
     _join: Optional[_JoinTarget] = None,
-    **spec_fields: Any,
+    **spec_fields: Unpack[SpecFields],
 ) -> Result:
     """Run `args` in a new sandbox, wait for it, return a `Result` (like subprocess.run).
 
-    `timeout` kills the whole sandbox and raises `subprocess.TimeoutExpired`, whose `.usage`
+    `timeout` kills the whole sandbox and raises `nsfast.TimeoutExpired` (a
+    `subprocess.TimeoutExpired`), whose `.usage`
     is the run's `Usage` (with `timed_out=True`); `check=True` raises
     `subprocess.CalledProcessError` on a non-zero exit."""
     if input is not None:
@@ -556,8 +579,8 @@ def run(
             proc.kill("timeout")
             proc.wait()
             exc.timeout = timeout  # type: ignore[assignment]
-            # What the killed run cost (usage.timed_out is True), next to the partial output.
-            exc.usage = proc.usage  # type: ignore[attr-defined]
+            # What the killed run cost (termination "timeout"), next to the partial output.
+            exc.usage = proc.usage
             raise
         except BaseException:
             proc.kill()

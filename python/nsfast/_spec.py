@@ -4,16 +4,19 @@ system call; a bad value raises `SpecError` (a `ValueError`) or `TypeError` nami
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import resource
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Tuple, TypedDict, Union
 
 from . import _core
 from ._errors import SpecError
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ._cgroup import Limits
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "SANDBOX_ID_BASE",
     "SANDBOX_ID_COUNT",
     "RLIMITS",
+    "SpecFields",
 ]
 
 StrPath = Union[str, "os.PathLike[str]"]
@@ -377,7 +381,7 @@ class Spec:
     _rlimit_items: Tuple[Tuple[int, int, int], ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_ = functools.partial(object.__setattr__, self)  # frozen dataclass
         names = _names("namespaces", self.namespaces)
         for n in names:
             if n not in NAMESPACES:
@@ -483,9 +487,39 @@ class Spec:
         """RLIMIT_NPROC for the sandbox's user: the pids limit (see the Rust Spec)."""
         return None if self.limits is None else self.limits.pids
 
-    def replace(self, **changes: Any) -> Spec:
+    def replace(self, **changes: Unpack[SpecFields]) -> Spec:
         """A copy with `changes` applied (and validated); unknown names raise TypeError."""
         return with_fields(self, changes)
+
+
+class SpecFields(TypedDict, total=False):
+    """The Spec fields as keyword arguments of run/spawn/Container/Spec.replace, with the
+    input types each accepts (so a type checker rejects `hostnme=`). A test keeps it equal
+    to Spec's fields."""
+
+    namespaces: Iterable[str]
+    rootfs: Optional[StrPath]
+    readonly_root: Optional[bool]
+    mounts: Union[Mount, Iterable[Mount]]
+    hostname: Optional[str]
+    env: Optional[Mapping[str, str]]
+    cwd: StrPath
+    uid: Optional[int]
+    gid: Optional[int]
+    capabilities: Iterable[str]
+    init: bool
+    new_session: bool
+    die_with_parent: bool
+    limits: Optional[Limits]
+    cgroup: bool
+    seccomp: Optional[Seccomp]
+    masked_paths: Iterable[str]
+    readonly_paths: Iterable[str]
+    hidden: Iterable[str]
+    tmp_size: Union[int, str, None]
+    shm_size: Union[int, str, None]
+    rlimits: Mapping[str, Union[int, None, Tuple[Optional[int], Optional[int]]]]
+    strict: bool
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Spec) if f.init)
