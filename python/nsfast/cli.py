@@ -1,28 +1,79 @@
-"""The `nsfast` command line. It only builds a `Spec` (flag names from bwrap and unshare)
-and calls the library.
+"""The `nsfast` command line. It only builds a `Spec` (flag names from bwrap, unshare and
+docker run) and calls the library.
 
     nsfast run [-d --name NAME] [--hostname H] [--rootfs DIR] [--bind SRC DEST]
                [--ro-bind SRC DEST] [--tmpfs DEST] [--unshare-all | --unshare-NS...]
-               [--share-net] -- CMD...
+               [--share-NS...] [--memory SIZE] [--pids N] [--cpus N] [--cpu-time S]
+               [--no-limits] [--timeout S] [--json | --json-file PATH] -- CMD...
     nsfast exec NAME|PID -- CMD...      run CMD inside a container (or any process)
     nsfast ps                           list detached containers
     nsfast stop NAME                    stop a detached container and clean up
     nsfast ns PID|NAME [PID|NAME...]    namespace inodes per type, differences marked
     nsfast demo
+
+Exit status (docker run's and timeout(1)'s conventions): run and exec exit with the
+command's status, 128+N if a signal N killed it, 124 if --timeout killed it, 125 if nsfast
+itself failed (a value it rejects, a sandbox it could not set up), 126 if the command could
+not be executed, 127 if it was not found; 2 for a command line that does not parse. ps,
+stop and ns exit 0, or 1 when a named container or process is not there or is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
+import json
+import math
 import os
 import subprocess
 import sys
-from typing import List, Optional, Sequence, Union
+from typing import IO, Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from ._errors import NsfastError, SpawnError
+from ._cgroup import DEFAULT_LIMITS, Limits
+from ._errors import NsfastError, SpawnError, SpecError
 from ._spec import DEFAULT_NAMESPACES, NAMESPACES, Bind, Spec, Tmpfs
 
-__all__ = ["main", "build_parser", "spec_from_args"]
+__all__ = ["main", "build_parser", "spec_from_args", "limits_from_args"]
+
+#: Exit statuses of nsfast's own outcomes (timeout(1) and docker run's numbers).
+EXIT_TIMEOUT = 124
+EXIT_NSFAST = 125
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+
+
+def _size(n: Any) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+RUN_EPILOG = f"""\
+namespaces:
+  A sandbox gets new namespaces of the default types ({" ".join(DEFAULT_NAMESPACES)}).
+  --unshare-NS adds type NS to them (it never drops the others: --unshare-user alone keeps
+  every default); --share-NS keeps the host's NS instead; --unshare-all adds every type but
+  time. --share wins over --unshare for the same type.
+
+limits:
+  A sandbox is limited to {_size(DEFAULT_LIMITS.memory)} of memory and {DEFAULT_LIMITS.pids} processes unless told otherwise.
+  --memory, --pids, --cpus and --cpu-time replace that one limit and keep the others
+  (--memory 256M keeps the {DEFAULT_LIMITS.pids}-process limit); --no-limits drops the defaults, so
+  only the limit flags given with it apply. --timeout is wall time for the whole sandbox.
+
+--json / --json-file:
+  After the run, one JSON object on stderr (one line) or in PATH: args, returncode (as
+  nsfast.Result: negative = killed by that signal; null if it timed out or did not start),
+  exit_status (nsfast's), timed_out, usage (nsfast.Usage's fields, null where not measured)
+  and error (nsfast's error line, or null). The command's stdout and stderr are not in it.
+
+exit status:
+  the command's; 128+N if signal N killed it; {EXIT_TIMEOUT} if --timeout killed it (as timeout(1));
+  {EXIT_NSFAST} if nsfast failed or refused a value; {EXIT_CANNOT_EXECUTE} if the command cannot be executed; {EXIT_NOT_FOUND} if it
+  was not found (as docker run); 2 if the command line does not parse.
+"""
 
 
 class _MountAction(argparse.Action):
@@ -55,9 +106,16 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
         help="bind SRC onto DEST, read-only",
     )
     p.add_argument("--tmpfs", metavar="DEST", action=_MountAction, dest="mounts", help="a fresh tmpfs on DEST")
-    p.add_argument("--unshare-all", action="store_true", help="new namespaces of every type but time")
+    p.add_argument("--unshare-all", action="store_true", help="add new namespaces of every type but time")
     for ns in NAMESPACES:
-        p.add_argument(f"--unshare-{ns}", action="append_const", const=ns, dest="unshare", help=f"new {ns} namespace")
+        p.add_argument(
+            f"--unshare-{ns}",
+            action="append_const",
+            const=ns,
+            dest="unshare",
+            help=f"new {ns} namespace "
+            + ("(a default already)" if ns in DEFAULT_NAMESPACES else "(added to the defaults)"),
+        )
     for ns in NAMESPACES:
         extra = " (a root caller's sandbox then runs as host root: trusted code only)" if ns == "user" else ""
         p.add_argument(
@@ -77,36 +135,106 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", action="store_true", help="run a tiny init as pid 1 (forwards signals, reaps)")
 
 
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits (each replaces that field of the defaults, keeping the others)")
+    g.add_argument(
+        "--memory",
+        metavar="SIZE",
+        help=f"memory limit: bytes or 256M, 1.5G (default {_size(DEFAULT_LIMITS.memory)})",
+    )
+    g.add_argument("--pids", metavar="N", type=int, help=f"at most N processes (default {DEFAULT_LIMITS.pids})")
+    g.add_argument("--cpus", metavar="N", type=float, help="N cores of CPU time, e.g. 0.5 (default: no limit)")
+    g.add_argument(
+        "--cpu-time", metavar="SECONDS", type=float, help="CPU time the sandbox may use in all (default: no limit)"
+    )
+    g.add_argument("--no-limits", action="store_true", help="no default limits: only the limit flags given apply")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="nsfast", description="Fast, safe Linux sandboxes.")
+    # No abbreviations (as bwrap): `--share-n` or `--mem` must not silently mean a flag.
+    parser = argparse.ArgumentParser(prog="nsfast", description="Fast, safe Linux sandboxes.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"nsfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a command in a new sandbox", usage="nsfast run [options] -- CMD [ARGS...]")
+    run = sub.add_parser(
+        "run",
+        help="run a command in a new sandbox",
+        usage="nsfast run [options] -- CMD [ARGS...]",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     _add_spec_flags(run)
+    _add_limit_flags(run)
     run.add_argument("-d", "--detach", action="store_true", help="start a detached container and print its name")
     run.add_argument("--name", help="name of the detached container (default: generated)")
+    run.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        help=f"kill the whole sandbox after SECONDS of wall time and exit {EXIT_TIMEOUT}, as timeout(1) (0: none)",
+    )
+    out = run.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="after the run, print the result and usage as JSON on stderr")
+    out.add_argument("--json-file", metavar="PATH", help="write the result and usage as JSON to PATH")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
     ex = sub.add_parser(
         "exec",
         help="run a command inside a container or process",
         usage="nsfast exec [options] NAME|PID -- CMD [ARGS...]",
+        allow_abbrev=False,
     )
     ex.add_argument("target", metavar="NAME|PID")
     ex.add_argument("--chdir", metavar="DIR", help="working directory (default: the container's)")
     ex.add_argument("--setenv", nargs=2, metavar=("VAR", "VALUE"), action="append", default=[])
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
-    sub.add_parser("ps", help="list detached containers")
-    st = sub.add_parser("stop", help="stop a detached container (SIGTERM, then kill) and clean up")
+    sub.add_parser("ps", help="list detached containers", allow_abbrev=False)
+    st = sub.add_parser("stop", help="stop a detached container (SIGTERM, then kill) and clean up", allow_abbrev=False)
     st.add_argument("names", nargs="+", metavar="NAME")
     st.add_argument("-t", "--time", type=float, default=10.0, help="seconds to wait after SIGTERM (default 10)")
-    ns = sub.add_parser("ns", help="namespace inodes of processes, differences marked")
+    ns = sub.add_parser("ns", help="namespace inodes of processes, differences marked", allow_abbrev=False)
     ns.add_argument("targets", nargs="+", metavar="PID|NAME")
     sub.add_parser("demo", help="show what a sandbox isolates and how fast it starts")
     for p in sub.choices.values():
         p.set_defaults(subparser=p)  # errors print the subcommand's usage
     return parser
+
+
+class _UserError(Exception):
+    """A value on a command line that parses but cannot work: one line, exit 125."""
+
+
+_LIMIT_FLAGS = {"memory": "--memory", "pids": "--pids", "cpu": "--cpus", "cpu_time": "--cpu-time"}
+
+
+def limits_from_args(args: argparse.Namespace) -> Optional[Limits]:
+    """The Limits the flags describe: nsfast.DEFAULT_LIMITS with the fields given replaced
+    (None with --no-limits and no limit flag)."""
+    given: Dict[str, Any] = {}
+    for field, value in (
+        ("memory", args.memory),
+        ("pids", args.pids),
+        ("cpu", args.cpus),
+        ("cpu_time", args.cpu_time),
+    ):
+        if value is not None:
+            given[field] = value
+    if "cpu_time" in given:
+        if "cpu_time" not in {f.name for f in dataclasses.fields(Limits)}:
+            raise _UserError("--cpu-time: this nsfast cannot limit CPU time yet (nsfast.Limits has no cpu_time)")
+        if float(given["cpu_time"]).is_integer():
+            given["cpu_time"] = int(given["cpu_time"])  # whole seconds stay an int
+    base = None if args.no_limits else DEFAULT_LIMITS
+    if not given:
+        return base
+    try:
+        return Limits(**given) if base is None else dataclasses.replace(base, **given)
+    except SpecError as e:
+        # "Limits.memory: is not a size: ..." -> "--memory: is not a size: ..."
+        name = e.field.split(".", 1)[-1]
+        message = str(e)[len(e.field) + 2 :]
+        raise _UserError(f"{_LIMIT_FLAGS.get(name, e.field)}: {message}") from None
 
 
 def spec_from_args(args: argparse.Namespace) -> Spec:
@@ -144,6 +272,7 @@ def spec_from_args(args: argparse.Namespace) -> Spec:
         gid=args.gid,
         capabilities=tuple(args.cap_add),
         init=args.init,
+        limits=limits_from_args(args) if hasattr(args, "memory") else DEFAULT_LIMITS,
         # Its own session, so no controlling terminal: with ours, TIOCSTI could type
         # commands into the caller's shell (CVE-2017-5226). stdio still works.
         new_session=True,
@@ -163,16 +292,100 @@ def _exit_code(rc: int) -> int:
     return 128 - rc if rc < 0 else rc
 
 
+def _error(e: BaseException) -> Optional[Tuple[int, str]]:
+    """(exit status, error line) of an exception that is the user's or the system's doing, not
+    nsfast's bug; None for anything else (a traceback then says where the bug is)."""
+    if isinstance(e, _UserError):
+        return EXIT_NSFAST, str(e)
+    if isinstance(e, SpawnError):
+        if e.step == "exec":
+            not_found = e.errno in (errno.ENOENT, errno.ENOTDIR)
+            return (EXIT_NOT_FOUND if not_found else EXIT_CANNOT_EXECUTE), str(e)
+        return EXIT_NSFAST, str(e)
+    if isinstance(e, (NsfastError, ValueError, TypeError, LookupError)):
+        return EXIT_NSFAST, str(e)
+    if isinstance(e, OSError):
+        why = (e.strerror or str(e)).split(" (os error")[0]  # the Rust core's suffix
+        return EXIT_NSFAST, f"{why}: {e.filename}" if e.filename is not None else why
+    return None
+
+
+def _open_report(args: argparse.Namespace) -> Optional[IO[str]]:
+    """Where --json / --json-file go, opened before the run so a bad PATH fails first."""
+    if args.json_file is not None:
+        try:
+            return open(args.json_file, "w")
+        except OSError as e:
+            raise _UserError(f"--json-file: cannot write {args.json_file}: {e.strerror}") from None
+    return sys.stderr if args.json else None
+
+
+def _report(
+    out: Optional[IO[str]],
+    cmd: List[str],
+    status: int,
+    returncode: Optional[int] = None,
+    usage: Any = None,
+    timed_out: bool = False,
+    error: Optional[str] = None,
+) -> None:
+    if out is None:
+        return
+    obj = {
+        "args": cmd,
+        "returncode": returncode,
+        "exit_status": status,
+        "timed_out": timed_out,
+        "usage": dataclasses.asdict(usage) if usage is not None else None,
+        "error": error,
+    }
+    out.write(json.dumps(obj) + "\n")
+    out.flush()
+
+
+def _timeout(args: argparse.Namespace) -> Optional[float]:
+    t = args.timeout
+    if t is None or t == 0:  # 0: no timeout, as timeout(1)
+        return None
+    if not math.isfinite(t) or t < 0:
+        raise _UserError(f"--timeout: must be a number of seconds >= 0, got {t!r}")
+    return float(t)
+
+
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ._process import run
 
     cmd = _cmd(args, parser)
-    spec = spec_from_args(args)
     if args.detach:
-        return _run_detached(args, cmd, spec)
+        for flag, value in (("--timeout", args.timeout), ("--json", args.json), ("--json-file", args.json_file)):
+            if value:
+                args.subparser.error(f"{flag} cannot be used with -d (it is about a run nsfast waits for)")
+        return _run_detached(args, cmd, spec_from_args(args))
     if args.name:
         args.subparser.error("--name needs -d")
-    return _exit_code(run(cmd, spec=spec).returncode)
+    report = _open_report(args)
+    try:
+        try:
+            timeout = _timeout(args)
+            result = run(cmd, spec=spec_from_args(args), timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            print(f"nsfast: timed out after {timeout:g} s: the sandbox was killed", file=sys.stderr)
+            _report(report, cmd, EXIT_TIMEOUT, usage=getattr(e, "usage", None), timed_out=True)
+            return EXIT_TIMEOUT
+        except Exception as e:
+            known = _error(e)
+            if known is None:
+                raise
+            status, line = known
+            print(f"nsfast: {line}", file=sys.stderr)
+            _report(report, cmd, status, error=line)
+            return status
+        status = _exit_code(result.returncode)
+        _report(report, cmd, status, result.returncode, result.usage)
+        return status
+    finally:
+        if report is not None and report is not sys.stderr:
+            report.close()
 
 
 def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
@@ -265,6 +478,14 @@ def _exec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         result = enter(pid, cmd, env=env, cwd=cwd, cgroup=st is not None)
     except ProcessLookupError:
         print(f"nsfast: no process {pid}", file=sys.stderr)
+        return 125
+    except OSError as e:
+        if isinstance(e, SpawnError):
+            raise
+        why = (e.strerror or str(e)).split(" (os error")[0]
+        print(
+            f"nsfast: cannot enter process {pid}: {why}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr
+        )
         return 125
     return _exit_code(result.returncode)
 
@@ -424,7 +645,7 @@ def _ns(args: argparse.Namespace) -> int:
                 print(f"nsfast: container {t} has an invalid state: {verdict.reason}", file=sys.stderr)
                 return 1
             cols.append((t if str(pid) == t else f"{t} ({pid})", namespaces(pid)))
-        except (LookupError, FileNotFoundError):
+        except (LookupError, FileNotFoundError, ValueError):  # ValueError: pid 0
             print(f"nsfast: no such process or container: {t}", file=sys.stderr)
             return 1
         except PermissionError as e:
@@ -446,7 +667,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         # The subcommand's usage, not the top-level one, for `nsfast run --bogus`.
-        getattr(args, "subparser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+        sub = getattr(args, "subparser", parser)
+        for a in extra:
+            kind, _, ns = a.lstrip("-").partition("-")
+            if a.startswith("--") and kind in ("unshare", "share") and ns not in NAMESPACES:
+                sub.error(f"unknown namespace type {ns!r} in {a} (the types are: {' '.join(NAMESPACES)})")
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "run":
             return _run(args, parser)
@@ -462,14 +688,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from ._demo import demo
 
             return demo()
-    except SpawnError as e:
-        print(f"nsfast: {e}", file=sys.stderr)
-        return 127 if e.step == "exec" else 125
-    except (NsfastError, ValueError, TypeError) as e:
-        print(f"nsfast: {e}", file=sys.stderr)
-        return 125
     except KeyboardInterrupt:
         return 130  # the sandbox has been killed on the way out (run() does so on any exception)
+    except Exception as e:
+        known = _error(e)
+        if known is None:
+            raise
+        print(f"nsfast: {known[1]}", file=sys.stderr)
+        return known[0]
     parser.error(f"unknown command {args.command!r}")
     return 2  # pragma: no cover
 
