@@ -153,3 +153,29 @@ def _rmdir(d: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_capabilities_kept_for_a_non_root_uid_take_effect():
+    # Before: uid=1000 with CAP_NET_BIND_SERVICE gave the command no capability, no error.
+    r = nsfast.run(
+        ["grep", "-E", "^(Uid|CapEff|CapAmb)", "/proc/self/status"],
+        uid=1000,
+        gid=1000,
+        capabilities=("CAP_NET_BIND_SERVICE",),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    fields = {line.split(":")[0]: line.split()[1:] for line in r.stdout.splitlines()}
+    assert fields["Uid"][0] == "1000"
+    bit = 1 << nsfast.CAPABILITIES.index("CAP_NET_BIND_SERVICE")
+    assert int(fields["CapEff"][0], 16) == bit and int(fields["CapAmb"][0], 16) == bit, r.stdout
+    # And it works: a non-root uid binds a port below 1024 in the sandbox's own netns.
+    code = "import socket; s = socket.socket(); s.bind(('127.0.0.1', 80)); print('bound')"
+    r = nsfast.run(
+        ["python3", "-c", code], uid=1000, capabilities=("CAP_NET_BIND_SERVICE",), capture_output=True, text=True
+    )
+    assert (r.returncode, r.stdout) == (0, "bound\n"), r.stderr
+    # Without the capability the same bind is refused.
+    r = nsfast.run(["python3", "-c", code], uid=1000, capture_output=True, text=True)
+    assert r.returncode == 1 and "PermissionError" in r.stderr

@@ -470,6 +470,13 @@ fn child(ctx: &ChildCtx) -> ! {
             sys::prctl(libc::PR_CAPBSET_DROP, cap as usize, 0).unwrap_or_else(|e| fail(Step::DropCaps, e));
         }
     }
+    // Capabilities kept for a non-root uid survive the uid switch (KEEPCAPS) and the exec
+    // (the ambient set), as crun does with the OCI spec's ambient set: without that,
+    // `uid=1000, capabilities=(...)` would silently give the command none.
+    let ambient = plan.keep_caps != 0 && plan.set_ids.is_some_and(|ids| ids.uid.is_some_and(|u| u != 0));
+    if ambient {
+        sys::prctl(libc::PR_SET_KEEPCAPS, 1, 0).unwrap_or_else(|e| fail(Step::DropCaps, e));
+    }
     if let Some(ids) = plan.set_ids {
         sys::clear_supplementary_groups().unwrap_or_else(|e| fail(Step::SetGroups, e));
         if let Some(gid) = ids.gid {
@@ -492,6 +499,14 @@ fn child(ctx: &ChildCtx) -> ! {
         .unwrap_or_else(|e| fail(Step::DropCaps, e));
     let have = sys::capget_permitted().unwrap_or_else(|e| fail(Step::DropCaps, e));
     sys::capset(have & plan.keep_caps).unwrap_or_else(|e| fail(Step::DropCaps, e));
+    if ambient {
+        for cap in 0..=plan.cap_last {
+            if have & plan.keep_caps & (1u64 << cap) != 0 {
+                sys::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE as usize, cap as usize)
+                    .unwrap_or_else(|e| fail(Step::DropCaps, e));
+            }
+        }
+    }
     if plan.new_session {
         rustix::process::setsid().unwrap_or_else(|e| fail(Step::Setsid, e));
     }
