@@ -36,8 +36,11 @@ def _mypy(tmp_path: Path, code: str) -> subprocess.CompletedProcess[str]:
 def test_mypy_rejects_a_misspelt_or_mistyped_spec_field(tmp_path):
     ok = _mypy(
         tmp_path,
-        "import nsfast\n"
+        "import pathlib, nsfast\n"
         "r = nsfast.run(['true'], hostname='box', limits=nsfast.Limits(memory='64M'), tmp_size='1M')\n"
+        "s = nsfast.Spec(rootfs=pathlib.Path('/'), mounts=[nsfast.Bind(pathlib.Path('/etc'), '/mnt')])\n"
+        "t: int | None = s.tmp_size\n"
+        "root: str | None = s.rootfs\n"
         "u: nsfast.Usage | None = r.usage\n"
         "try:\n    nsfast.run(['sleep', '1'], timeout=0.1)\n"
         "except nsfast.TimeoutExpired as e:\n    v: nsfast.Usage | None = e.usage\n",
@@ -46,8 +49,8 @@ def test_mypy_rejects_a_misspelt_or_mistyped_spec_field(tmp_path):
     bad = _mypy(
         tmp_path,
         "import nsfast\nnsfast.run(['true'], hostnme='box')\nnsfast.spawn(['true'], uid='root')\n"
-        "nsfast.Container(rlimits=3)\nnsfast.Spec().replace(init='yes')\n",
+        "nsfast.Container(rlimits=3)\nnsfast.Spec().replace(init='yes')\nnsfast.Spec(hostnme='x')\n",
     )
     assert bad.returncode == 1, bad.stdout
-    for line, what in ((2, "hostnme"), (3, '"uid"'), (4, '"rlimits"'), (5, '"init"')):
+    for line, what in ((2, "hostnme"), (3, '"uid"'), (4, '"rlimits"'), (5, '"init"'), (6, "hostnme")):
         assert f"user_code.py:{line}: error" in bad.stdout and what in bad.stdout, bad.stdout

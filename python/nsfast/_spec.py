@@ -9,7 +9,7 @@ import os
 import re
 import resource
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Tuple, TypedDict, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Tuple, TypedDict, Union
 
 from . import _core
 from ._errors import SpecError
@@ -169,9 +169,13 @@ def parse_size(field_name: str, value: Any) -> Optional[int]:
 class Bind:
     """Bind the host path `src` onto `dst` inside the sandbox (read-only by default)."""
 
-    src: StrPath
-    dst: StrPath
+    src: str  # stored: absolute; given: a str or os.PathLike
+    dst: str
     readonly: bool = True
+
+    if TYPE_CHECKING:
+
+        def __init__(self, src: StrPath, dst: StrPath, readonly: bool = True) -> None: ...
 
     def __post_init__(self) -> None:
         src = os.path.abspath(_path("Bind.src", self.src, absolute=False))
@@ -186,8 +190,12 @@ class Bind:
 class Tmpfs:
     """A fresh, empty tmpfs on `dst` (`size` in bytes or "64M"; None = kernel default)."""
 
-    dst: StrPath
-    size: Union[int, str, None] = None
+    dst: str
+    size: Optional[int] = None  # stored: bytes; given: bytes or "64M"
+
+    if TYPE_CHECKING:
+
+        def __init__(self, dst: StrPath, size: Union[int, str, None] = None) -> None: ...
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dst", _target("Tmpfs.dst", self.dst))
@@ -353,13 +361,15 @@ class Spec:
         anything starts; strict=False applies what it can, with a CgroupWarning for the rest.
     """
 
+    # The annotations are the types stored (after validation and normalisation); what each
+    # field accepts is SpecFields' (the __init__ a type checker sees).
     namespaces: Tuple[str, ...] = DEFAULT_NAMESPACES
-    rootfs: Optional[StrPath] = None
-    readonly_root: Optional[bool] = None
+    rootfs: Optional[str] = None
+    readonly_root: bool = None  # type: ignore[assignment]  # None: decided from namespaces
     mounts: Tuple[Mount, ...] = ()
     hostname: Optional[str] = None
-    env: Optional[Mapping[str, str]] = None
-    cwd: StrPath = "/"
+    env: Optional[Dict[str, str]] = None
+    cwd: str = "/"
     uid: Optional[int] = None
     gid: Optional[int] = None
     capabilities: Tuple[str, ...] = ()
@@ -372,13 +382,17 @@ class Spec:
     masked_paths: Tuple[str, ...] = DEFAULT_MASKED_PATHS
     readonly_paths: Tuple[str, ...] = DEFAULT_READONLY_PATHS
     hidden: Tuple[str, ...] = DEFAULT_HIDDEN
-    tmp_size: Union[int, str, None] = DEFAULT_TMP_SIZE
-    shm_size: Union[int, str, None] = DEFAULT_SHM_SIZE
-    rlimits: Mapping[str, Union[int, None, Tuple[Optional[int], Optional[int]]]] = field(default_factory=dict)
+    tmp_size: Optional[int] = DEFAULT_TMP_SIZE
+    shm_size: Optional[int] = DEFAULT_SHM_SIZE
+    rlimits: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # name -> (soft, hard)
     strict: bool = True
     _env_items: Tuple[Tuple[str, str], ...] = field(default=(), init=False, repr=False, compare=False)
     _cap_mask: int = field(default=0, init=False, repr=False, compare=False)
     _rlimit_items: Tuple[Tuple[int, int, int], ...] = field(default=(), init=False, repr=False, compare=False)
+
+    if TYPE_CHECKING:
+
+        def __init__(self, **fields: Unpack[SpecFields]) -> None: ...
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)  # frozen dataclass
