@@ -386,17 +386,20 @@ def enter(
     cwd: Optional[str] = None,
     cgroup: bool = False,
     pass_fds: Sequence[int] = (),
+    pidfd: Optional[int] = None,
 ) -> Result:
     """Run `args` inside the namespaces of any process `pid` (all that differ from ours, or
     `namespaces`), with its root and working directory (or `cwd`), like `nsenter -t PID -a`.
-    cgroup=True also puts it into `pid`'s cgroup(s)."""
+    cgroup=True also puts it into `pid`'s cgroup(s). `pidfd`: a pidfd of `pid` opened before
+    you checked that `pid` is the process you mean; the enter fails (ProcessLookupError)
+    rather than join a process that reused the pid since."""
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         raise ValueError(f"pid must be a positive int, got {pid!r}")
     try:
         types = _join_types(pid, namespaces)
     except FileNotFoundError:
         raise ProcessLookupError(f"no process {pid}") from None
-    target = _JoinTarget(pid=pid, namespaces=types, cgroup=cgroup, cwd=cwd)
+    target = _JoinTarget(pid=pid, namespaces=types, cgroup=cgroup, cwd=cwd, pin=pidfd)
     spec = with_fields(None, {} if env is None else {"env": env})
     return run(
         args,

@@ -241,6 +241,7 @@ class Process:
                     pass_fds=fds,
                     join_cgroup=_join.cgroup,
                     held=_join.held,
+                    pin=_join.pin,
                 )
         except BaseException as e:
             for pfd in handles.parent:
@@ -432,6 +433,7 @@ class _JoinTarget:
     cgroup: bool
     cwd: Optional[str]
     held: Any = None  # a container's _Held: what it held since its start
+    pin: Optional[int] = None  # a pidfd of `pid` opened before the caller checked who it is
 
 
 class _Communication:

@@ -454,8 +454,6 @@ def _resolve(target: str) -> tuple[int, Optional[object]]:
 
 
 def _exec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ._container import enter
-    from ._spec import default_env
 
     cmd = _cmd(args, parser)
     try:
@@ -463,7 +461,24 @@ def _exec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except LookupError as e:
         print(f"nsfast: {e}", file=sys.stderr)
         return 125
-    status, reason, _ = st.check() if st is not None else ("running", "", [])  # type: ignore[attr-defined]
+    # A pidfd first: if the pid is still this process after the check, enter joins it and
+    # not a process that reused the pid in between (enter fails if it exited).
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # gone, or not a valid pid (the state check says which)
+        pidfd = -1
+    try:
+        return _exec_pinned(args, cmd, pid, st, pidfd)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _exec_pinned(args: argparse.Namespace, cmd: List[str], pid: int, st: Any, pidfd: int) -> int:
+    from ._container import enter
+    from ._spec import default_env
+
+    status, reason, _ = st.check() if st is not None else ("running", "", [])
     if status == "invalid":
         print(f"nsfast: container {args.target} has an invalid state, not entering it: {reason}", file=sys.stderr)
         return 1
@@ -471,11 +486,14 @@ def _exec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         why = "has exited" if status == "exited" else f"is stale: its process {pid} is gone"
         print(f"nsfast: container {args.target} {why} (nsfast stop {args.target} cleans up)", file=sys.stderr)
         return 125
+    if pidfd < 0:
+        print(f"nsfast: no process {pid}", file=sys.stderr)
+        return 125
     env = dict(st.env) if st is not None else default_env()  # type: ignore[attr-defined]
     env.update(dict(args.setenv))
     cwd = args.chdir if args.chdir else (st.cwd if st is not None else None)  # type: ignore[attr-defined]
     try:
-        result = enter(pid, cmd, env=env, cwd=cwd, cgroup=st is not None)
+        result = enter(pid, cmd, env=env, cwd=cwd, cgroup=st is not None, pidfd=pidfd)
     except ProcessLookupError:
         print(f"nsfast: no process {pid}", file=sys.stderr)
         return 125

@@ -604,7 +604,7 @@ fn namespaces<'py>(py: Python<'py>, pid: &str) -> PyResult<Bound<'py, PyDict>> {
 /// `closed`, `sandbox` (its Sandbox), `seccomp`, `nproc`); then the process runs in a new
 /// cgroup below the container's (with `join_cgroup`), which its Sandbox owns.
 #[pyfunction]
-#[pyo3(signature = (spec, args, *, target, join, cwd, stdio, pass_fds, join_cgroup, held=None))]
+#[pyo3(signature = (spec, args, *, target, join, cwd, stdio, pass_fds, join_cgroup, held=None, pin=None))]
 #[allow(clippy::too_many_arguments)]
 fn spawn_join(
     py: Python<'_>,
@@ -617,6 +617,7 @@ fn spawn_join(
     pass_fds: Vec<i32>,
     join_cgroup: bool,
     held: Option<&Bound<'_, PyAny>>,
+    pin: Option<i32>,
 ) -> PyResult<Sandbox> {
     use crate::exec::{Cwd, Target};
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -693,6 +694,18 @@ fn spawn_join(
                 } else {
                     None
                 };
+                // `pin`, a pidfd of the process opened before the caller checked who it is:
+                // still running now, so what was opened by its pid above was its, not that of
+                // a process that reused the pid since.
+                if let Some(pin) = pin {
+                    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+                    let mut fds = [PollFd::from_borrowed_fd(crate::sys::borrow_fd(pin), PollFlags::IN)];
+                    let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+                    if poll(&mut fds, Some(&zero)).map_err(|e| Error::spawn("join namespaces", None, e))? != 0 {
+                        let gone = format!("process {pid} exited");
+                        return Err(Error::spawn("join namespaces", Some(gone), rustix::io::Errno::SRCH));
+                    }
+                }
                 (t, cg)
             }
         };
