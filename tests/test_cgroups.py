@@ -52,7 +52,8 @@ def no_leftover_cgroups():
 def test_backend_matches_the_host_hierarchy():
     info = _cgroup.backend_info()
     assert info is not None, "running as root, sandboxes must get cgroups"
-    version, roots, controllers = info
+    version, roots, controllers, cpu_usage = info
+    assert cpu_usage
     assert version == expected_version()
     if os.environ.get("NSFAST_EXPECT_CGROUP"):
         assert version == int(os.environ["NSFAST_EXPECT_CGROUP"])
@@ -273,14 +274,22 @@ with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     r = nsfast.run(["sh", "-c", "cat /proc/self/cgroup; id -u"], limits=nsfast.Limits(pids=8), capture_output=True,
                    text=True)
-    oom = nsfast.run(["/usr/bin/python3", "-c", hog], limits=nsfast.Limits(memory="64M", memory_swap="64M"))
+    try:
+        oom = nsfast.run(["/usr/bin/python3", "-c", hog], limits=nsfast.Limits(memory="64M", memory_swap="64M"))
+        oom_rc, oom_killed, refused = oom.returncode, oom.usage.oom_killed, None
+    except nsfast.LimitError as e:
+        oom_rc, oom_killed, refused = None, None, [str(e), e.limits, isinstance(e, nsfast.NsfastError)]
+    lax = nsfast.run(["/usr/bin/python3", "-c", hog], limits=nsfast.Limits(memory="64M", memory_swap="64M"),
+                     strict=False)
+    default = nsfast.run(["true"])
     p = nsfast.spawn(["sleep", "5"], limits=nsfast.Limits(pids=8))
     with open(f"/proc/{p.pid}/cgroup") as f:
         host_view = f.read()
     p.kill()
     p.wait()
-print(json.dumps({"rc": r.returncode, "out": r.stdout, "pids_peak": r.usage.pids_peak, "oom": oom.usage.oom_killed,
-                  "oom_rc": oom.returncode, "host_view": host_view,
+print(json.dumps({"rc": r.returncode, "out": r.stdout, "pids_peak": r.usage.pids_peak, "oom": oom_killed,
+                  "oom_rc": oom_rc, "refused": refused, "lax_rc": lax.returncode, "lax_oom": lax.usage.oom_killed,
+                  "default_rc": default.returncode, "host_view": host_view,
                   "warnings": [f"{x.category.__name__}: {x.message}" for x in w]}))
 """
 
@@ -303,10 +312,17 @@ def run_as_nobody(prefix: str = ""):
 
 
 @pytest.mark.skipif(expected_version() == 2, reason="this host has cgroup v2; the VM-only test covers delegation")
-def test_rootless_without_a_delegated_cgroup_warns_and_runs():
+def test_rootless_without_a_delegated_cgroup_refuses_asked_limits_and_warns_for_the_defaults():
     res = run_as_nobody()
+    # pids alone: bounded by RLIMIT_NPROC without a cgroup, so it runs (unmeasured).
     assert res["rc"] == 0 and res["out"].endswith("0\n")
     assert res["pids_peak"] is None
+    # A memory limit that cannot take effect is refused before anything runs, not dropped.
+    message, names, is_nsfast_error = res["refused"]
+    assert names == ["Limits.memory", "Limits.memory_swap"] and is_nsfast_error, res
+    assert "no cgroup this caller may create cgroups in" in message, res
+    # strict=False and the defaults are best effort, with a CgroupWarning.
+    assert res["lax_rc"] == 0 and not res["lax_oom"] and res["default_rc"] == 0, res  # the 200M hog ran
     assert any(w.startswith("CgroupWarning:") and "without cgroup limits" in w for w in res["warnings"]), res
 
 
@@ -323,7 +339,8 @@ def test_rootless_in_a_delegated_v2_subtree_gets_limits():
         assert res["host_view"].startswith("0::/nsfast-deleg-test/nsfast/sb-"), res  # under the delegated cgroup
         assert res["out"].startswith("0::/\n"), res  # its cgroup namespace is rooted there
         assert res["pids_peak"] is not None and res["pids_peak"] <= 8
-        assert res["oom"] is True and res["oom_rc"] == -9
+        assert res["oom"] is True and res["oom_rc"] == -9 and res["refused"] is None
+        assert res["lax_rc"] == -9 and res["lax_oom"] is True, res
     finally:
         for sub in ("nsfast", "nsfast-caller", ""):
             d = os.path.join(deleg, sub)

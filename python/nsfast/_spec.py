@@ -307,6 +307,7 @@ class Spec:
     die_with_parent: bool = True
     limits: Optional[Limits] = field(default_factory=_default_limits)
     cgroup: bool = True
+    strict: bool = True  # limits asked for that cannot take effect: LimitError (False: a warning)
     seccomp: Optional[Seccomp] = DEFAULT_SECCOMP
     masked_paths: Tuple[str, ...] = DEFAULT_MASKED_PATHS
     readonly_paths: Tuple[str, ...] = DEFAULT_READONLY_PATHS
@@ -379,7 +380,7 @@ class Spec:
                 raise SpecError("capabilities", f"has an unknown capability {c!r}")
             norm.append(name)
         set_("capabilities", tuple(sorted(set(norm), key=CAPABILITIES.index)))
-        for name in ("init", "new_session", "die_with_parent", "cgroup"):
+        for name in ("init", "new_session", "die_with_parent", "cgroup", "strict"):
             _bool(name, getattr(self, name))
         from ._cgroup import DEFAULT_LIMITS, Limits
 
