@@ -573,13 +573,13 @@ with warnings.catch_warnings(record=True) as w:
     lax = nsfast.run(["/usr/bin/python3", "-c", hog], limits=nsfast.Limits(memory="64M", memory_swap="64M"),
                      strict=False)
     default = nsfast.run(["true"])
-    def refused(**kw):
+    def refusal(**kw):
         try:
             nsfast.run(["true"], **kw)
         except nsfast.LimitError as e:
             return e.limits
-    required = refused(limits=nsfast.Limits(require=("pids",)), strict=False)
-    cpu_time = refused(limits=nsfast.Limits(cpu_time=1))
+    required = refusal(limits=nsfast.Limits(require=("pids",)), strict=False)
+    cpu_time = refusal(limits=nsfast.Limits(cpu_time=1))
     p = nsfast.spawn(["sleep", "5"], limits=nsfast.Limits(pids=8))
     with open(f"/proc/{p.pid}/cgroup") as f:
         host_view = f.read()
