@@ -49,6 +49,10 @@ def _mount_relative_cgroup_root() -> str | None:
 if "NSFAST_CGROUP_ROOT" not in os.environ and (_root := _mount_relative_cgroup_root()) is not None:
     os.environ["NSFAST_CGROUP_ROOT"] = _root
 
+# For nsfast subprocesses that run as root with an environment of their own: keep the session's
+# cgroup root (else they would make cgroups below this process's own, see above).
+CGROUP_ENV = {k: os.environ[k] for k in ("NSFAST_CGROUP_ROOT",) if k in os.environ}
+
 # The directory that holds the `nsfast` package (python/ in the source tree); other
 # interpreters (the system python of the rootless tests) import nsfast from here.
 PYTHON_SRC = str(Path(nsfast.__file__).resolve().parent.parent)
