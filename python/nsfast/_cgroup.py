@@ -290,6 +290,7 @@ def _cgroup_mount_of(path: str) -> Optional[str]:
     return best[0] if best is not None and best[1] in ("cgroup", "cgroup2") else None
 
 
+_moved_from: Dict[int, str] = {}  # pid -> the cgroup v2 path it left for its nsfast-caller leaf
 _prepared: Dict[Tuple[int, str], Optional[str]] = {}  # (pid, relative root) -> what to pass to Rust
 
 
@@ -319,7 +320,9 @@ def _below_own(rel: str) -> Optional[str]:
     base = "/sys/fs/cgroup"
     if not os.path.exists(f"{base}/cgroup.controllers"):
         return rel if os.geteuid() == 0 else None
-    own = _core.own_cgroup()
+    # After this process moved itself into <own>/nsfast-caller, "our cgroup" for every root
+    # is still the one it was in.
+    own = _moved_from.get(os.getpid()) or _core.own_cgroup()
     if own is None:
         return None
     mine = os.path.join(base, own) if own else base
@@ -351,6 +354,7 @@ def _below_own(rel: str) -> Optional[str]:
             os.makedirs(leaf, exist_ok=True)
             with open(os.path.join(leaf, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
+            _moved_from[os.getpid()] = own
         for c in missing:
             with open(os.path.join(mine, "cgroup.subtree_control"), "w") as f:
                 f.write("+" + c)
