@@ -30,14 +30,18 @@ build: sysdeps $(STAMP)
 run: build
 	$(PY) -m nsfast demo
 
-test: build test-rust test-python
+test: build lint test-rust test-python
 
 # Formatting and lint are gates: part of `make test`, so of CI.
 lint: $(STAMP)
 	cargo fmt --all -- --check
 	rustfmt --edition 2021 --check rust/init/main.rs
+	PYO3_PYTHON=$(abspath $(PY)) cargo clippy -q --all-targets --all-features -- -D warnings
+	mkdir -p target && cd rust && clippy-driver --edition=2021 --crate-type=bin --crate-name=nsfast_init -C panic=abort \
+		--emit=metadata -o $(CURDIR)/target/nsfast_init.rmeta -D warnings init/main.rs
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/python -m mypy --strict python/nsfast
 
 test-rust:
 	cargo test -q

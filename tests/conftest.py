@@ -21,6 +21,38 @@ import pytest
 
 import nsfast
 
+
+def _mount_relative_cgroup_root() -> str | None:
+    """NSFAST_CGROUP_ROOT for this session, or None to test nsfast's default.
+
+    By default sandbox cgroups go below the caller's own cgroup, in each hierarchy. On the
+    development host this process's memory cgroup (/process_api/<id>) belongs to the machine,
+    and tests must never create cgroups in it: where any of our cgroups is not a hierarchy's
+    root, the session uses the mount-relative form (the same cgroup `/nsfast` in every
+    hierarchy; inherited by the nsfast subprocesses tests start). test_cgroups tests the
+    default itself in an outer cgroup it makes; the pure v2 VM runs in the root cgroup and
+    uses the default throughout."""
+    with open("/proc/self/cgroup") as f:
+        paths = [line.split(":", 2) for line in f.read().splitlines()]
+    managed = {"", "memory", "pids", "cpu", "cpuacct", "cpuset", "freezer"}
+    if all(p.strip() == "/" for _, ctrls, p in paths if managed & set(ctrls.split(","))):
+        return None
+    mounts = {}  # fstype -> first mount point
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mounts.setdefault(right.split(" ", 1)[0], left.split(" ")[4])
+    mount = mounts.get("cgroup2") or mounts.get("cgroup")
+    return None if mount is None else mount + "/nsfast"
+
+
+if "NSFAST_CGROUP_ROOT" not in os.environ and (_root := _mount_relative_cgroup_root()) is not None:
+    os.environ["NSFAST_CGROUP_ROOT"] = _root
+
+# For nsfast subprocesses that run as root with an environment of their own: keep the session's
+# cgroup root (else they would make cgroups below this process's own, see above).
+CGROUP_ENV = {k: os.environ[k] for k in ("NSFAST_CGROUP_ROOT",) if k in os.environ}
+
 # The directory that holds the `nsfast` package (python/ in the source tree); other
 # interpreters (the system python of the rootless tests) import nsfast from here.
 PYTHON_SRC = str(Path(nsfast.__file__).resolve().parent.parent)
@@ -209,3 +241,14 @@ def subreaper() -> Iterator[Subreaper]:
         yield r
     finally:
         r._set(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_cgroups_untouched() -> Iterator[None]:
+    """This machine's own cgroups (process_api and below, in every hierarchy) are not ours:
+    a test run must never create a cgroup there (see CGROUP_ENV)."""
+    pattern = "/sys/fs/cgroup/*/process_api/**/nsfast*"
+    before = set(glob.glob(pattern, recursive=True))
+    yield
+    made = sorted(set(glob.glob(pattern, recursive=True)) - before)
+    assert not made, f"the test run created cgroups in the machine's own cgroups: {made}"

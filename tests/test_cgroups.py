@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import psutil
@@ -52,7 +53,8 @@ def no_leftover_cgroups():
 def test_backend_matches_the_host_hierarchy():
     info = _cgroup.backend_info()
     assert info is not None, "running as root, sandboxes must get cgroups"
-    version, roots, controllers = info
+    version, roots, controllers, cpu_usage = info
+    assert cpu_usage
     assert version == expected_version()
     if os.environ.get("NSFAST_EXPECT_CGROUP"):
         assert version == int(os.environ["NSFAST_EXPECT_CGROUP"])
@@ -238,25 +240,315 @@ def test_exception_in_the_caller_cleans_up():
     assert our_cgroups() == []
 
 
-def test_cgroup_root_is_configurable(monkeypatch):
-    nsfast.configure(cgroup_root="nsfast-test-root")
+def cgroup_mounts() -> dict[str, str]:
+    """Mount point -> "cgroup2" or the v1 controllers nsfast uses there."""
+    found = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, right = line.split(" - ")
+            fstype, _, opts = right.split(" ")[:3]
+            ctrls = set(opts.strip().split(",")) & {"memory", "pids", "cpu", "cpuacct", "cpuset", "freezer"}
+            if fstype == "cgroup2" or (fstype == "cgroup" and ctrls):
+                found[left.split(" ")[4]] = "cgroup2" if fstype == "cgroup2" else ",".join(sorted(ctrls))
+    return found
+
+
+def mount_relative(name: str) -> str:
+    """The absolute cgroup_root form naming the cgroup /NAME in every hierarchy."""
+    mounts = cgroup_mounts()
+    return next((m for m, kind in mounts.items() if kind == "cgroup2"), next(iter(mounts))) + "/" + name
+
+
+def rmdir_tree(top: str) -> None:
+    """Remove the cgroup directory `top` and every cgroup below it (deepest first)."""
+    if not os.path.isdir(top):
+        return
+    dirs = [d for d, _, _ in os.walk(top)]
+    for d in sorted(dirs, key=len, reverse=True):
+        deadline = time.monotonic() + 5
+        while os.path.isdir(d):
+            try:
+                os.rmdir(d)
+            except OSError:  # EBUSY while the last exited processes go
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def configured(root):
+    nsfast.configure(cgroup_root=root)
     try:
-        info = _cgroup.backend_info()
-        assert info is not None and all("nsfast-test-root" in r for r in info[1])
-        r = nsfast.run(["cat", "/proc/self/cgroup"], capture_output=True, text=True)
-        assert r.returncode == 0
-        p = nsfast.spawn(["sleep", "5"])
-        with open(f"/proc/{p.pid}/cgroup") as f:
-            assert "nsfast-test-root/sb-" in f.read()
-        p.kill()
-        p.wait()
+        yield
     finally:
         nsfast.configure(cgroup_root=None)
-        for r in info[1]:
-            with contextlib.suppress(FileNotFoundError):
-                os.rmdir(r)
-    with pytest.raises(ValueError, match="cgroup_root"):
-        nsfast.configure(cgroup_root="/")
+
+
+def sandbox_dirs(p: nsfast.Process) -> list[str]:
+    return list(p._sandbox.cgroup_paths())
+
+
+def test_cgroup_root_absolute_names_a_cgroup_in_every_hierarchy():
+    root = mount_relative("nsfast-test-root")
+    try:
+        with configured(root):
+            info = _cgroup.backend_info()
+            assert info is not None and all(r.endswith("/nsfast-test-root") for r in info[1]), info
+            assert {os.path.dirname(r) for r in info[1]} <= set(cgroup_mounts()), info
+            with nsfast.spawn(["sleep", "5"]) as p:
+                with open(f"/proc/{p.pid}/cgroup") as f:
+                    lines = f.read().splitlines()
+                p.kill()
+            # Every hierarchy the sandbox has a cgroup of its own in: /nsfast-test-root/sb-...
+            mine = [line for line in lines if "/sb-" in line]
+            assert mine and all(line.split(":", 2)[2].startswith("/nsfast-test-root/sb-") for line in mine), lines
+    finally:
+        for m in cgroup_mounts():
+            rmdir_tree(os.path.join(m, "nsfast-test-root"))
+
+
+@pytest.mark.parametrize(
+    "root, why",
+    [
+        ("/", "non-empty"),
+        ("", "non-empty"),
+        ("/tmp/nsfast-cgroup", "not inside a mounted cgroup file system"),
+        ("/sys/fs/cgroup/../cgroup", "'..'"),
+        ("a/../../escape", "'..'"),
+        ("./a", "'.'"),
+        (42, "non-empty path"),
+    ],
+)
+def test_bad_cgroup_roots_are_spec_errors_naming_the_value(root, why):
+    with pytest.raises(nsfast.SpecError, match="cgroup_root") as err:
+        nsfast.configure(cgroup_root=root)
+    assert why in str(err.value) and repr(root) in str(err.value)
+    assert err.value.field == "cgroup_root"
+
+
+def test_a_bad_cgroup_root_in_the_environment_fails_the_run(monkeypatch):
+    monkeypatch.setenv("NSFAST_CGROUP_ROOT", "/proc/nsfast")
+    with pytest.raises(nsfast.SpecError, match="NSFAST_CGROUP_ROOT.*not inside a mounted cgroup"):
+        nsfast.run(["true"])
+    monkeypatch.setenv("NSFAST_CGROUP_ROOT", "/proc/nsfast")  # also when the sandbox needs no limit
+    with pytest.raises(nsfast.SpecError):
+        nsfast.run(["true"], limits=None)
+
+
+NESTED_CHILD = r"""
+import json, os, resource, sys
+for d in sys.argv[1:]:  # a fresh process, moved into the outer cgroup by itself
+    with open(os.path.join(d, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+import nsfast
+
+assert "NSFAST_CGROUP_ROOT" not in os.environ
+def cgroup_of(p):
+    with open(f"/proc/{p.pid}/cgroup") as f:
+        return f.read()
+busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+r = nsfast.run(["/usr/bin/python3", "-c", busy])
+with nsfast.spawn(["sleep", "30"]) as p:
+    default = cgroup_of(p)
+    p.kill()
+hog = "b = bytearray(400 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('survived')"
+h = nsfast.run(["/usr/bin/python3", "-c", hog], capture_output=True, text=True)  # DEFAULT_LIMITS: 1G
+nsfast.configure(cgroup_root="inner/deeper")
+with nsfast.spawn(["sleep", "30"], limits=nsfast.Limits(memory="64M", pids=8)) as p:
+    relative = cgroup_of(p)
+    p.kill()
+me = resource.getrusage(resource.RUSAGE_SELF)
+with open("/proc/self/cgroup") as f:
+    own = f.read()
+print(json.dumps({"cpu": r.usage.cpu_user_s + r.usage.cpu_system_s, "self_cpu": me.ru_utime + me.ru_stime,
+                  "default": default, "relative": relative, "hog_rc": h.returncode, "hog_out": h.stdout,
+                  "own": own}))
+"""
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def test_default_root_nests_sandboxes_below_the_callers_cgroup():
+    """An outer cgroup (as BenchExec or a systemd slice makes) measures and limits the
+    sandboxes of a process in it: CPU time and a memory limit cover them."""
+    name = f"nsfast-outer-{os.getpid()}"
+    outer = {m: os.path.join(m, name) for m in cgroup_mounts()}
+    try:
+        for m, d in outer.items():
+            os.mkdir(d)
+            kind = cgroup_mounts()[m]
+            if "cpuset" in kind:
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    with open(os.path.join(m, f)) as src:
+                        _write(os.path.join(d, f), src.read().strip())
+            if "memory" in kind:
+                _write(os.path.join(d, "memory.limit_in_bytes"), str(160 << 20))
+                if os.path.exists(os.path.join(d, "memory.memsw.limit_in_bytes")):
+                    _write(os.path.join(d, "memory.memsw.limit_in_bytes"), str(160 << 20))
+            if kind == "cgroup2" and os.path.exists(os.path.join(d, "memory.max")):
+                _write(os.path.join(d, "memory.max"), str(160 << 20))
+                if os.path.exists(os.path.join(d, "memory.swap.max")):
+                    _write(os.path.join(d, "memory.swap.max"), "0")
+        env = {k: v for k, v in os.environ.items() if k != "NSFAST_CGROUP_ROOT"}
+        r = subprocess.run(
+            [sys.executable, "-c", NESTED_CHILD, *outer.values()],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout.splitlines()[-1])
+        # Every sandbox cgroup is below the outer one, in every hierarchy it has one in.
+        for key, below in (("default", f"/{name}/nsfast/sb-"), ("relative", f"/{name}/inner/deeper/sb-")):
+            mine = [line for line in res[key].splitlines() if "/sb-" in line]
+            assert mine and all(line.split(":", 2)[2].startswith(below) for line in mine), (key, res[key])
+        # The outer cgroup's CPU usage includes the sandbox's 0.3 s (beyond the child's own).
+        assert res["cpu"] >= 0.3, res
+        for m, d in outer.items():
+            kind = cgroup_mounts()[m]
+            if kind == "cgroup2":
+                with open(os.path.join(d, "cpu.stat")) as f:
+                    outer_cpu = _cgroup_keyed(f.read(), "usage_usec") / 1e6
+            elif "cpuacct" in kind:
+                with open(os.path.join(d, "cpuacct.usage")) as f:
+                    outer_cpu = int(f.read()) / 1e9
+            else:
+                continue
+            assert outer_cpu - res["self_cpu"] >= 0.3, (m, outer_cpu, res)
+        # The outer memory limit (160M) covers the sandbox (its own default limit is 1G).
+        assert res["hog_rc"] == -9 and "survived" not in res["hog_out"], res
+        if expected_version() == 2:  # the caller moved into a leaf: its cgroup had to have no processes
+            assert f"0::/{name}/nsfast-caller\n" in res["own"], res["own"]
+    finally:
+        for d in outer.values():
+            rmdir_tree(d)
+
+
+def _cgroup_keyed(text: str, key: str) -> int:
+    return next(int(line.split()[1]) for line in text.splitlines() if line.startswith(key + " "))
+
+
+def read_limit(p: nsfast.Process, file: str) -> str:
+    [path] = [os.path.join(d, file) for d in sandbox_dirs(p) if os.path.exists(os.path.join(d, file))]
+    with open(path) as f:
+        return f.read().strip()
+
+
+def test_raw_controller_values_are_written_translated_on_v1():
+    limits = nsfast.Limits(cgroup={"cpu.weight": 50, "pids.max": "7", "cpu.max": "20000 100000"})
+    assert limits.cgroup == (("cpu.max", "20000 100000"), ("cpu.weight", "50"), ("pids.max", "7"))
+    with nsfast.spawn(["sleep", "10"], limits=limits) as p:
+        try:
+            assert read_limit(p, "pids.max") == "7"
+            if expected_version() == 2:
+                assert read_limit(p, "cpu.weight") == "50"
+                assert read_limit(p, "cpu.max") == "20000 100000"
+            else:
+                assert read_limit(p, "cpu.shares") == "512"  # 50 * 1024 / 100
+                assert read_limit(p, "cpu.cfs_quota_us") == "20000"
+                assert read_limit(p, "cpu.cfs_period_us") == "100000"
+        finally:
+            p.kill()
+
+
+def test_raw_memory_high_throttles_on_v2_and_is_refused_on_v1():
+    limits = nsfast.Limits(cgroup={"memory.high": "64M"})
+    if expected_version() == 2:
+        with nsfast.spawn(["sleep", "10"], limits=limits) as p:
+            assert read_limit(p, "memory.high") == str(64 << 20)
+            p.kill()
+        return
+    with pytest.raises(nsfast.LimitError, match=r"cgroup\['memory.high'\].*no cgroup v1 equivalent") as err:
+        nsfast.run(["true"], limits=limits)
+    assert err.value.limits == ["Limits.cgroup['memory.high']"]
+    with pytest.warns(nsfast.CgroupWarning, match="memory.high"):
+        assert nsfast.run(["true"], limits=limits, strict=False).returncode == 0
+
+
+def test_a_raw_value_the_kernel_refuses_names_file_and_value():
+    with pytest.raises(nsfast.SpawnError, match=r"pids\.max.*lots|lots.*pids\.max") as err:
+        nsfast.run(["true"], limits=nsfast.Limits(cgroup={"pids.max": "lots"}))
+    assert err.value.step == "create cgroup"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"cgroup.procs": "1"},
+        {"cgroup.subtree_control": "+memory"},
+        {"../memory.max": "1"},
+        {"memory.max/../../cgroup.procs": "1"},
+        {"memory": "1"},
+        {"io.max": "8:0 rbps=1"},
+        {"Memory.max": "1"},
+        {"memory.high": "1\n2"},
+        {"memory.high": ""},
+        {"memory.high": True},
+        {"memory.high": 1.5},
+    ],
+)
+def test_raw_keys_and_values_are_validated(raw):
+    with pytest.raises(nsfast.SpecError, match=r"Limits\.cgroup\["):
+        nsfast.Limits(cgroup=raw)
+
+
+def test_a_raw_value_and_its_typed_field_conflict():
+    with pytest.raises(nsfast.SpecError, match="Limits.memory"):
+        nsfast.Limits(memory="64M", cgroup={"memory.max": "32M"})
+
+
+def test_required_controllers_are_checked():
+    r = nsfast.run(["true"], limits=nsfast.Limits(require=("memory", "pids", "cpu", "cpuset")))
+    assert r.returncode == 0
+    with pytest.raises(nsfast.SpecError, match="Limits.require"):
+        nsfast.Limits(require=("io",))
+    with pytest.raises(TypeError):
+        nsfast.Limits(require="memory")
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(cpu_time=0), "Limits.cpu_time"),
+        (dict(cpu_time=-1.0), "Limits.cpu_time"),
+        (dict(cpu_time=float("inf")), "Limits.cpu_time"),
+        (dict(cpu_time_soft=float("nan")), "Limits.cpu_time_soft"),
+        (dict(cpu_time=1, cpu_time_soft=2), "Limits.cpu_time_soft"),
+    ],
+)
+def test_cpu_time_limits_are_validated(kwargs, field):
+    with pytest.raises(nsfast.SpecError, match=field):
+        nsfast.Limits(**kwargs)
+
+
+def test_cpu_time_needs_and_here_has_a_readable_cpu_usage():
+    limits = nsfast.Limits(cpu_time=2, cpu_time_soft=1.5)
+    assert (limits.cpu_time, limits.cpu_time_soft) == (2.0, 1.5)
+    r = nsfast.run(["true"], limits=limits)  # enforcement is not ours; being accepted is
+    assert r.returncode == 0 and r.usage.cpu_user_s is not None
+
+
+@pytest.mark.skipif(expected_version() != 2, reason="a cgroup without the memory controller: cgroup v2 (the VM)")
+def test_a_missing_controller_is_a_limit_error_unless_not_strict():
+    base = f"/sys/fs/cgroup/nsfast-nomem-{os.getpid()}"
+    os.mkdir(base)
+    try:
+        _write(os.path.join(base, "cgroup.subtree_control"), "+pids")  # no memory below it
+        with configured(base + "/sandboxes"):
+            with pytest.raises(nsfast.LimitError, match="Limits.memory: the memory controller is not available"):
+                nsfast.run(["true"], limits=nsfast.Limits(memory="64M"))
+            with pytest.raises(nsfast.LimitError, match=r"require\['memory'\]"):
+                nsfast.run(["true"], limits=nsfast.Limits(require=("memory",)), strict=False)
+            with pytest.warns(nsfast.CgroupWarning, match="Limits|memory"):
+                r = nsfast.run(["true"], limits=nsfast.Limits(memory="64M", pids=8), strict=False)
+            assert r.returncode == 0 and r.usage.pids_peak is not None
+            assert nsfast.run(["true"], limits=nsfast.Limits(pids=8, require=("pids",))).returncode == 0
+    finally:
+        rmdir_tree(base)
 
 
 def test_timeout_reports_usage_on_the_exception():
@@ -273,14 +565,30 @@ with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     r = nsfast.run(["sh", "-c", "cat /proc/self/cgroup; id -u"], limits=nsfast.Limits(pids=8), capture_output=True,
                    text=True)
-    oom = nsfast.run(["/usr/bin/python3", "-c", hog], limits=nsfast.Limits(memory="64M", memory_swap="64M"))
+    try:
+        oom = nsfast.run(["/usr/bin/python3", "-c", hog], limits=nsfast.Limits(memory="64M", memory_swap="64M"))
+        oom_rc, oom_killed, refused = oom.returncode, oom.usage.oom_killed, None
+    except nsfast.LimitError as e:
+        oom_rc, oom_killed, refused = None, None, [str(e), e.limits, isinstance(e, nsfast.NsfastError)]
+    lax = nsfast.run(["/usr/bin/python3", "-c", hog], limits=nsfast.Limits(memory="64M", memory_swap="64M"),
+                     strict=False)
+    default = nsfast.run(["true"])
+    def refusal(**kw):
+        try:
+            nsfast.run(["true"], **kw)
+        except nsfast.LimitError as e:
+            return e.limits
+    required = refusal(limits=nsfast.Limits(require=("pids",)), strict=False)
+    cpu_time = refusal(limits=nsfast.Limits(cpu_time=1))
     p = nsfast.spawn(["sleep", "5"], limits=nsfast.Limits(pids=8))
     with open(f"/proc/{p.pid}/cgroup") as f:
         host_view = f.read()
     p.kill()
     p.wait()
-print(json.dumps({"rc": r.returncode, "out": r.stdout, "pids_peak": r.usage.pids_peak, "oom": oom.usage.oom_killed,
-                  "oom_rc": oom.returncode, "host_view": host_view,
+print(json.dumps({"rc": r.returncode, "out": r.stdout, "pids_peak": r.usage.pids_peak, "oom": oom_killed,
+                  "oom_rc": oom_rc, "refused": refused, "lax_rc": lax.returncode, "lax_oom": lax.usage.oom_killed,
+                  "default_rc": default.returncode, "host_view": host_view, "required": required,
+                  "cpu_time": cpu_time,
                   "warnings": [f"{x.category.__name__}: {x.message}" for x in w]}))
 """
 
@@ -303,10 +611,19 @@ def run_as_nobody(prefix: str = ""):
 
 
 @pytest.mark.skipif(expected_version() == 2, reason="this host has cgroup v2; the VM-only test covers delegation")
-def test_rootless_without_a_delegated_cgroup_warns_and_runs():
+def test_rootless_without_a_delegated_cgroup_refuses_asked_limits_and_warns_for_the_defaults():
     res = run_as_nobody()
+    # pids alone: bounded by RLIMIT_NPROC without a cgroup, so it runs (unmeasured).
     assert res["rc"] == 0 and res["out"].endswith("0\n")
     assert res["pids_peak"] is None
+    # A memory limit that cannot take effect is refused before anything runs, not dropped.
+    message, names, is_nsfast_error = res["refused"]
+    assert names == ["Limits.memory", "Limits.memory_swap"] and is_nsfast_error, res
+    assert "no cgroup this caller may create cgroups in" in message, res
+    # strict=False and the defaults are best effort, with a CgroupWarning.
+    # require= is checked even with strict=False; cpu_time needs a readable CPU usage.
+    assert res["required"] == ["Limits.require['pids']"] and res["cpu_time"] == ["Limits.cpu_time"], res
+    assert res["lax_rc"] == 0 and not res["lax_oom"] and res["default_rc"] == 0, res  # the 200M hog ran
     assert any(w.startswith("CgroupWarning:") and "without cgroup limits" in w for w in res["warnings"]), res
 
 
@@ -323,7 +640,9 @@ def test_rootless_in_a_delegated_v2_subtree_gets_limits():
         assert res["host_view"].startswith("0::/nsfast-deleg-test/nsfast/sb-"), res  # under the delegated cgroup
         assert res["out"].startswith("0::/\n"), res  # its cgroup namespace is rooted there
         assert res["pids_peak"] is not None and res["pids_peak"] <= 8
-        assert res["oom"] is True and res["oom_rc"] == -9
+        assert res["oom"] is True and res["oom_rc"] == -9 and res["refused"] is None
+        assert res["lax_rc"] == -9 and res["lax_oom"] is True, res
+        assert res["required"] is None and res["cpu_time"] is None, res
     finally:
         for sub in ("nsfast", "nsfast-caller", ""):
             d = os.path.join(deleg, sub)

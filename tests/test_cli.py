@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 import nsfast
-from conftest import PY_ERRNO, PYTHON_SRC, running_with_cmdline, suite
+from conftest import CGROUP_ENV, PY_ERRNO, PYTHON_SRC, running_with_cmdline, suite
 from nsfast import cli
 
 pytestmark = suite
@@ -300,7 +300,7 @@ def test_version_unknown_flags_and_unreadable_namespaces_give_clear_errors():
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PYTHONPATH": PYTHON_SRC, "PATH": "/usr/bin:/bin"},
+        env={"PYTHONPATH": PYTHON_SRC, "PATH": "/usr/bin:/bin", **CGROUP_ENV},
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith(f"nsfast: cannot read the namespaces of {os.getpid()}: "), r.stderr

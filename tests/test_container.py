@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 import nsfast
-from conftest import PYTHON_SRC, running_with_cmdline, sandbox_cgroups, wait_until
+from conftest import CGROUP_ENV, PYTHON_SRC, running_with_cmdline, sandbox_cgroups, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -528,7 +528,7 @@ def test_exec_never_exposes_the_caller(caller):
     if prefix and not shutil.which("setpriv"):
         pytest.skip("needs setpriv to run as an unprivileged user")
     marker = f"nsfast-marker-{os.urandom(8).hex()}"
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": PYTHON_SRC, "NSFAST_TEST_MARKER": marker}
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": PYTHON_SRC, "NSFAST_TEST_MARKER": marker, **CGROUP_ENV}
     p = subprocess.run(
         [*prefix, "/usr/bin/python3", "-c", ATTACK_CALLER, ATTACKER, "3", json.dumps(fields)],
         env=env,

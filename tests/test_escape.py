@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 import nsfast
-from conftest import PY_ERRNO, PYTHON_SRC, py, running_with_cmdline, suite, wait_until
+from conftest import CGROUP_ENV, PY_ERRNO, PYTHON_SRC, py, running_with_cmdline, suite, wait_until
 from test_rootless import NOBODY, SETPRIV, SYSTEM_PYTHON, _userns_disabled_reason, as_nobody, nobody_dir  # noqa: F401 (nobody_dir is a fixture)
 
 pytestmark = suite
@@ -821,7 +821,7 @@ def test_exec_never_exposes_the_callers_memory_fds_or_environment():
     script = "import json, nsfast\ndef out(v):\n    print(json.dumps(v), flush=True)\n" + EXPOSURE_CALLER.format(
         canary=canary, watcher=WATCHER
     )
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": PYTHON_SRC, "NSFAST_CANARY": canary}
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": PYTHON_SRC, "NSFAST_CANARY": canary, **CGROUP_ENV}
     p = subprocess.run(
         [sys.executable, "-c", script, canary], env=env, capture_output=True, text=True, timeout=120, cwd="/"
     )

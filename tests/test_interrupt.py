@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import PYTHON_SRC, running_with_cmdline, suite, wait_until
+from conftest import CGROUP_ENV, PYTHON_SRC, running_with_cmdline, suite, wait_until
 
 pytestmark = suite
 
@@ -53,7 +53,7 @@ def test_ctrl_c_interrupts_at_once_and_leaves_nothing(how):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={"PYTHONPATH": PYTHON_SRC, "PATH": "/usr/bin:/bin"},
+        env={"PYTHONPATH": PYTHON_SRC, "PATH": "/usr/bin:/bin", **CGROUP_ENV},
     )
     assert p.stdout is not None and p.stdout.readline() == "go\n"
     # Readiness: the sandbox's sleep runs (so the caller is inside its wait).

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ._cgroup import DEFAULT_LIMITS, CgroupWarning, Limits, configure
 from ._container import Container, enter
-from ._errors import ContainerError, NsfastError, SpawnError, SpecError
+from ._errors import ContainerError, LimitError, NsfastError, SpawnError, SpecError
 from ._ns import compare_namespaces, namespaces
 from ._process import DEVNULL, PIPE, STDOUT, Process, Result, TimeoutExpired, Usage, run, spawn
 from ._spec import (
@@ -78,6 +78,7 @@ __all__ = [
     "SpecError",
     "SpawnError",
     "ContainerError",
+    "LimitError",
 ]
 
 try:

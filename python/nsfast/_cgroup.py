@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 from . import _core
-from ._errors import SpecError
+from ._errors import LimitError, SpecError
 from ._spec import parse_size
 
 __all__ = ["Limits", "configure", "CgroupWarning", "DEFAULT_LIMITS"]
@@ -22,25 +24,72 @@ class CgroupWarning(UserWarning):
     """Sandboxes run without (some) cgroup limits or measurements; the message says why."""
 
 
+#: The controllers nsfast makes sandbox cgroups with (rust/src/cgroup.rs RAW_CONTROLLERS).
+CONTROLLERS = ("cpu", "cpuset", "memory", "pids")
+# A raw controller file: <controller>.<name>, lowercase words joined by dots (no "/", no "..",
+# no cgroup.* core file: the write stays a limit of the sandbox's own cgroup directory).
+_RAW_KEY = re.compile(r"(cpu|cpuset|memory|pids)(\.[a-z][a-z0-9_]*)+")
+# Raw keys that are the cgroup file of a typed field: giving both is ambiguous.
+_TYPED = {"memory.max": "memory", "memory.swap.max": "memory_swap", "pids.max": "pids", "cpu.max": "cpu",
+          "cpuset.cpus": "cpuset"}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Limits:
     """Resource limits of a sandbox, applied through its own cgroup.
 
     memory / memory_swap: bytes (int) or a size string ("256M", "1.5G"); memory_swap is
-    memory + swap together, as docker's --memory-swap. pids: max number of processes.
-    cpu: cores of CPU time (0.5 = half a core, via quota/period). cpuset: CPUs to run on
-    ("0", "0-1", "0,2")."""
+    memory + swap together, as docker's --memory-swap. pids: max number of processes (also the
+    sandbox's RLIMIT_NPROC, which bounds it where no pids controller is available: such a
+    pids limit is not an error). cpu: cores of CPU time (0.5 = half a core, via quota/period).
+    cpuset: CPUs to run on ("0", "0-1", "0,2").
 
-    memory: Union[int, str, None] = None
-    memory_swap: Union[int, str, None] = None
+    cgroup: raw controller values, cgroup v2 names: {"cpu.weight": 50, "memory.high": "64M"},
+    each `<controller>.<file>` of cpu, cpuset, memory or pids (never a `cgroup.*` file), kept
+    as a sorted tuple of (name, value) pairs. On cgroup v1 they are translated (`V1_RAW`):
+    cpu.weight -> cpu.shares (weight * 1024 / 100), cpu.max -> cpu.cfs_quota_us +
+    cpu.cfs_period_us, memory.max -> memory.limit_in_bytes, pids.max, cpuset.cpus and
+    cpuset.mems as they are; every other name (memory.high, memory.low, memory.swap.max, ...)
+    has no v1 equivalent and is a LimitError there. A value the kernel refuses fails the spawn
+    with a SpawnError (step "create cgroup") naming the file and the value.
+    require: controllers that must be available to the sandbox's cgroup ("memory", "pids",
+    "cpu", "cpuset"), whatever else is asked: LimitError otherwise, even with strict=False.
+    cpu_time / cpu_time_soft: seconds of CPU (user + system) the sandbox may use; soft <=
+    hard. They need the sandbox's CPU usage to be readable (cgroup v2 cpu.stat; on v1 the
+    cpuacct controller or a hybrid host's unified hierarchy): LimitError otherwise.
+
+    A limit asked for that cannot take effect raises nsfast.LimitError before anything is
+    spawned, unless the Spec says strict=False (then a CgroupWarning and the limit is left out).
+    `nsfast.DEFAULT_LIMITS`, which nobody asked for explicitly, is always best effort."""
+
+    # Stored types (bytes, seconds, normalised pairs); the __init__ below gives the accepted ones.
+    memory: Optional[int] = None
+    memory_swap: Optional[int] = None
     pids: Optional[int] = None
     cpu: Optional[float] = None
     cpuset: Optional[str] = None
+    cgroup: Tuple[Tuple[str, str], ...] = ()
+    require: Tuple[str, ...] = ()
     cpu_time: Optional[float] = None
     cpu_time_soft: Optional[float] = None
 
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            memory: Union[int, str, None] = None,
+            memory_swap: Union[int, str, None] = None,
+            pids: Optional[int] = None,
+            cpu: Optional[float] = None,
+            cpuset: Optional[str] = None,
+            cgroup: Union[Mapping[str, Union[str, int]], Iterable[Tuple[str, Union[str, int]]]] = (),
+            require: Iterable[str] = (),
+            cpu_time: Optional[float] = None,
+            cpu_time_soft: Optional[float] = None,
+        ) -> None: ...
+
     def __post_init__(self) -> None:
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_ = functools.partial(object.__setattr__, self)  # frozen dataclass
         set_("memory", parse_size("Limits.memory", self.memory))
         set_("memory_swap", parse_size("Limits.memory_swap", self.memory_swap))
         if self.memory is not None and self.memory < 1 << 20:
@@ -65,23 +114,97 @@ class Limits:
             online = os.sched_getaffinity(0) | set(range(os.cpu_count() or 1))
             if not cpus or not cpus <= online:
                 raise SpecError("Limits.cpuset", f"must name online CPUs ({_fmt(online)}), got {self.cpuset!r}")
+        set_("cgroup", self._raw_pairs())
+        if isinstance(self.require, str) or not isinstance(self.require, (tuple, list, set, frozenset)):
+            raise TypeError(f"Limits.require must be a tuple of controller names, not {type(self.require).__name__}")
+        for c in self.require:
+            if c not in CONTROLLERS:
+                raise SpecError("Limits.require", f"has an unknown controller {c!r} (known: {', '.join(CONTROLLERS)})")
+        set_("require", tuple(sorted(set(self.require))))
+        for name in ("cpu_time", "cpu_time_soft"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"Limits.{name} must be seconds of CPU or None, not {type(v).__name__}")
+            if not math.isfinite(v) or v <= 0:
+                raise SpecError(f"Limits.{name}", f"must be a number of seconds > 0, got {v!r}")
+            set_(name, float(v))
+        if self.cpu_time is not None and self.cpu_time_soft is not None and self.cpu_time_soft > self.cpu_time:
+            raise SpecError(
+                "Limits.cpu_time_soft", f"must be <= cpu_time ({self.cpu_time} s), got {self.cpu_time_soft} s"
+            )
 
-    def _core(self) -> Tuple[Optional[int], Optional[int], Optional[int], Optional[Tuple[int, int]], Optional[str]]:
-        cpu = None if self.cpu is None else (int(round(self.cpu * CPU_PERIOD_US)), CPU_PERIOD_US)
-        return (self.memory, self.memory_swap, self.pids, cpu, self.cpuset)  # type: ignore[return-value]
+    def _raw_pairs(self) -> Tuple[Tuple[str, str], ...]:
+        raw = self.cgroup
+        if raw is None:
+            return ()
+        items = list(raw.items()) if isinstance(raw, Mapping) else list(raw)
+        out: Dict[str, str] = {}
+        for item in items:
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise TypeError(f"Limits.cgroup must be a mapping of file name to value, got the item {item!r}")
+            key, value = item
+            field = f"Limits.cgroup[{key!r}]"
+            if not isinstance(key, str) or not _RAW_KEY.fullmatch(key):
+                raise SpecError(
+                    field,
+                    "must name a file of a controller nsfast manages, as <controller>.<name> with a controller "
+                    f"of {', '.join(CONTROLLERS)} (cgroup v2 names; no '/', '..' or cgroup.* files)",
+                )
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise SpecError(field, f"must be a str or an int, got {type(value).__name__}")
+            text = str(value)
+            if not text or "\0" in text or "\n" in text:
+                raise SpecError(field, f"must be a non-empty single-line value, got {text!r}")
+            typed = _TYPED.get(key)
+            if typed is not None and getattr(self, typed) is not None:
+                raise SpecError(field, f"sets the same cgroup file as Limits.{typed}; give one of them")
+            if key in out:
+                raise SpecError(field, "is given twice")
+            out[key] = text
+        return tuple(sorted(out.items()))
+
+    def _asks(self) -> list[Tuple[str, str]]:
+        """(limit name, what it needs) for each limit set: a controller, or "cpu usage"."""
+        asks = [(f, c) for f, c in (("memory", "memory"), ("memory_swap", "memory"), ("pids", "pids"),
+                                    ("cpu", "cpu"), ("cpuset", "cpuset")) if getattr(self, f) is not None]  # fmt: skip
+        asks += [(f"cgroup[{k!r}]", k.split(".", 1)[0]) for k, _ in self.cgroup]
+        asks += [(f, "cpu usage") for f in ("cpu_time", "cpu_time_soft") if getattr(self, f) is not None]
+        return asks
 
     def controllers(self) -> set[str]:
-        """The cgroup controllers these limits need."""
-        need = set()
-        if self.memory is not None or self.memory_swap is not None:
-            need.add("memory")
-        if self.pids is not None:
-            need.add("pids")
-        if self.cpu is not None:
-            need.add("cpu")
-        if self.cpuset is not None:
-            need.add("cpuset")
-        return need
+        """The cgroup controllers these limits need (`require` included)."""
+        return {c for _, c in self._asks() if c in CONTROLLERS} | set(self.require)
+
+
+def _v1_raw(key: str, value: str) -> Optional[list[Tuple[str, str]]]:
+    """The cgroup v1 files and values for the v2 raw limit `key`, or None (no equivalent)."""
+    if key in ("pids.max", "cpuset.cpus", "cpuset.mems"):
+        return [(key, value)]
+    if key == "memory.max":
+        return [("memory.limit_in_bytes", "-1" if value == "max" else value)]
+    if key == "cpu.weight":
+        if not value.isdigit() or not 1 <= int(value) <= 10000:
+            raise SpecError(f"Limits.cgroup[{key!r}]", f"must be a weight 1..10000, got {value!r}")
+        # As systemd does: the v2 default weight 100 is v1's default 1024 shares.
+        return [("cpu.shares", str(max(2, int(value) * 1024 // 100)))]
+    if key == "cpu.max":
+        quota, _, period = value.partition(" ")
+        period = period or str(CPU_PERIOD_US)
+        return [("cpu.cfs_period_us", period), ("cpu.cfs_quota_us", "-1" if quota == "max" else quota)]
+    return None
+
+
+#: cgroup v2 raw limit -> its cgroup v1 file(s); anything else has no v1 equivalent.
+V1_RAW = {
+    "cpu.weight": "cpu.shares (= weight * 1024 / 100)",
+    "cpu.max": "cpu.cfs_quota_us + cpu.cfs_period_us ('max' = -1)",
+    "memory.max": "memory.limit_in_bytes ('max' = -1)",
+    "pids.max": "pids.max",
+    "cpuset.cpus": "cpuset.cpus",
+    "cpuset.mems": "cpuset.mems",
+}
 
 
 #: What bounds a sandbox unless its Spec says otherwise (limits=None: nothing).
@@ -111,71 +234,150 @@ def _fmt(cpus: set[int]) -> str:
 
 _lock = threading.Lock()
 _configured_root: Optional[str] = None
-_backends: Dict[str, Any] = {}  # root -> (version, roots, controllers) or an error string
+_backends: Dict[str, Any] = {}  # root -> (version, roots, controllers, cpu_usage) or an error string
+_notes: Dict[str, str] = {}  # root -> why controllers could not be prepared there
 _warned: set[str] = set()
+
+DEFAULT_ROOT = "nsfast"
 
 
 def configure(*, cgroup_root: Optional[str] = None) -> None:
-    """Set where sandboxes' cgroups are created: a path relative to each cgroup hierarchy's
-    mount ("nsfast", the default as root), or an absolute path inside a cgroup2 mount.
-    The environment variable NSFAST_CGROUP_ROOT does the same; configure() wins."""
+    """Set where sandboxes' cgroups are created (the environment variable NSFAST_CGROUP_ROOT
+    does the same; configure() wins; None goes back to that, or the default).
+
+    - A relative path ("nsfast", the default): below the caller's own cgroup, so that whatever
+      measures or limits the caller (BenchExec, a systemd slice, an outer nsfast sandbox) also
+      covers its sandboxes. On cgroup v1 (and hybrid hosts) per hierarchy, as BenchExec does:
+      `<mount>/<the caller's path in that hierarchy>/nsfast/sb-PID-N`. On cgroup v2:
+      `<own cgroup>/nsfast/sb-PID-N`; there the "no internal processes" rule forbids
+      enabling controllers for the children of a (non-root) cgroup that has processes, so
+      nsfast first moves the calling process (all its threads) into a new leaf child
+      `<own cgroup>/nsfast-caller`, once, at the first sandbox: /proc/self/cgroup then says
+      `.../nsfast-caller`; whatever contained the caller still contains it and its
+      sandboxes. It does not move when other processes share its cgroup (it could not enable
+      controllers anyway): then sandboxes are measured but limits needing a controller are a
+      LimitError (a warning for the defaults). A rootless caller gets this on a pure cgroup v2
+      host when its cgroup was delegated to it (`systemd-run --user -p Delegate=yes --scope`).
+    - An absolute path: a directory path inside a mounted cgroup file system (cgroup2, or a
+      cgroup v1 hierarchy), e.g. "/sys/fs/cgroup/nsfast" (v2), that names the cgroup
+      sandboxes go below. On v1 and hybrid hosts the same cgroup path is used in every
+      hierarchy: "/sys/fs/cgroup/unified/nsfast" means `<each mount>/nsfast`, i.e. relative
+      to each hierarchy's mount whatever the caller's own cgroups are (this is what the
+      previous releases did with a relative path).
+
+    SpecError (field "cgroup_root") for anything else: not a str, empty, "." or ".."
+    components, an absolute path outside the cgroup file systems or one that exists and is
+    not a directory."""
     global _configured_root
-    if cgroup_root is not None and (not isinstance(cgroup_root, str) or not cgroup_root.strip("/")):
-        raise SpecError("cgroup_root", f"must be a non-empty path, got {cgroup_root!r}")
+    if cgroup_root is not None:
+        _check_root("cgroup_root", cgroup_root)
     with _lock:
         _configured_root = cgroup_root
         _backends.clear()
 
 
-_default: Optional[Tuple[int, Optional[str]]] = None  # (pid, root): decided once per process
+def _check_root(field: str, root: object) -> str:
+    if not isinstance(root, str) or not root.strip("/"):
+        raise SpecError(field, f"must be a non-empty path, got {root!r}")
+    if any(part in (".", "..") for part in root.split("/")):
+        raise SpecError(field, f"must not have '.' or '..' components, got {root!r}")
+    if root.startswith("/"):
+        if _cgroup_mount_of(root) is None:
+            raise SpecError(field, f"{root!r} is not inside a mounted cgroup file system (see /proc/self/mountinfo)")
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise SpecError(field, f"{root!r} exists and is not a directory")
+    return root
 
 
-def _default_root() -> Optional[str]:
-    global _default
-    if _default is None or _default[0] != os.getpid():
-        # Once: preparing a delegated root moves this process into a leaf cgroup, after
-        # which "our cgroup" is that leaf.
-        _default = (os.getpid(), "nsfast" if os.geteuid() == 0 else _delegated_root())
-    return _default[1]
+def _cgroup_mount_of(path: str) -> Optional[str]:
+    """The mount point of the cgroup (v1 or v2) file system `path` is inside, if any."""
+    best = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        mount = left.split(" ")[4].replace("\\040", " ")
+        fstype = right.split(" ", 1)[0]
+        inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+        if inside and (best is None or len(mount) > len(best[0])):
+            best = (mount, fstype)
+    return best[0] if best is not None and best[1] in ("cgroup", "cgroup2") else None
 
 
-def _delegated_root() -> Optional[str]:
-    """Where a non-root caller can make sandbox cgroups: inside its own cgroup v2, when that
-    was delegated to it (writable, e.g. `systemd-run --user -p Delegate=yes --scope`).
+_moved_from: Dict[int, str] = {}  # pid -> the cgroup v2 path it left for its nsfast-caller leaf
+_prepared: Dict[Tuple[int, str], Optional[str]] = {}  # (pid, relative root) -> what to pass to Rust
 
-    cgroup v2's "no internal processes" rule forbids enabling controllers for the children
-    of a cgroup that has processes, and ours has at least this one: so, like podman, this
-    process first moves itself into a leaf child (`nsfast-caller`), then enables the
-    controllers, and sandboxes go under `nsfast/`. None when there is no such subtree."""
-    own = _core.own_cgroup()
+
+def _root() -> Optional[str]:
+    """The root to pass to `_core` (relative: below our own cgroup; absolute: a directory in
+    a cgroup mount), or None when this caller has no cgroup to put sandboxes in."""
+    root = _configured_root
+    if root is None:
+        env = os.environ.get("NSFAST_CGROUP_ROOT")
+        root = DEFAULT_ROOT if env is None else _check_root("NSFAST_CGROUP_ROOT", env)
+    if root.startswith("/"):
+        return root
+    key = (os.getpid(), root)
+    if key not in _prepared:
+        # Once per process and root: preparing a v2 root moves this process into a leaf
+        # cgroup, after which "our cgroup" is that leaf.
+        _prepared[key] = _below_own(root)
+    return _prepared[key]
+
+
+def _below_own(rel: str) -> Optional[str]:
+    """Where sandboxes go for the relative root `rel`: on cgroup v1/hybrid hosts `rel` itself
+    (Rust puts it below our cgroup in each hierarchy; not for a rootless caller, to whom v1
+    hierarchies are never delegated); on a pure v2 host the absolute directory below our own
+    cgroup, after moving this process into a leaf `nsfast-caller` where the "no internal
+    processes" rule requires it (as podman does). None: no cgroup we may use."""
     base = "/sys/fs/cgroup"
-    if own is None or not os.path.exists(f"{base}/cgroup.controllers"):
-        return None  # not a pure cgroup v2 host: v1 hierarchies are not delegated
+    if not os.path.exists(f"{base}/cgroup.controllers"):
+        return rel if os.geteuid() == 0 else None
+    # After this process moved itself into <own>/nsfast-caller, "our cgroup" for every root
+    # is still the one it was in.
+    own = _moved_from.get(os.getpid()) or _core.own_cgroup()
+    if own is None:
+        return None
     mine = os.path.join(base, own) if own else base
-    if not own or not all(
+    target = os.path.join(mine, rel)
+    if not own:
+        return target  # the root cgroup: processes and enabled controllers may coexist
+    if os.geteuid() != 0 and not all(
         os.access(os.path.join(mine, f), os.W_OK) for f in ("", "cgroup.procs", "cgroup.subtree_control")
     ):
         return None
     try:
+        with open(os.path.join(mine, "cgroup.controllers")) as f:
+            available = [c for c in f.read().split() if c in CONTROLLERS]
+        with open(os.path.join(mine, "cgroup.subtree_control")) as f:
+            enabled = f.read().split()
         with open(os.path.join(mine, "cgroup.procs")) as f:
             busy = f.read().split()
+        missing = [c for c in available if c not in enabled]
+        if not missing:
+            return target
+        if busy and busy != [str(os.getpid())]:
+            _notes[target] = (
+                f"other processes share the caller's cgroup {mine} (cgroup v2 then refuses to enable "
+                "controllers for its children, and nsfast moves only itself)"
+            )
+            return target
         if busy:
             leaf = os.path.join(mine, "nsfast-caller")
             os.makedirs(leaf, exist_ok=True)
             with open(os.path.join(leaf, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
-        with open(os.path.join(mine, "cgroup.controllers")) as f:
-            available = f.read().split()
-        if available:
+            _moved_from[os.getpid()] = own
+        for c in missing:
             with open(os.path.join(mine, "cgroup.subtree_control"), "w") as f:
-                f.write(" ".join("+" + c for c in available))
+                f.write("+" + c)
     except OSError as e:
-        # E.g. other processes share our cgroup (EBUSY): limits will warn; measuring works.
-        _warn_once(
-            f"deleg:{mine}",
-            f"nsfast: could not prepare the delegated cgroup {mine} for sandboxes ({e}); limits may not apply",
-        )
-    return os.path.join(mine, "nsfast")
+        _notes[target] = f"preparing the caller's cgroup {mine} for sandboxes failed: {e}"
+    return target
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -184,53 +386,106 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, CgroupWarning, stacklevel=4)
 
 
-def request(limits: Optional[Limits], kill_tree: bool) -> Optional[tuple]:  # type: ignore[type-arg]
-    """The cgroup argument of `_core.spawn`, or None (with a warning) when sandboxes cannot
-    have a cgroup here. Limits whose controller is unavailable are dropped with a warning."""
+def request(limits: Optional[Limits], kill_tree: bool, strict: bool = True) -> Optional[tuple]:  # type: ignore[type-arg]
+    """The cgroup argument of `_core.spawn`, or None when sandboxes cannot have a cgroup here.
+
+    A limit the user asked for (any `Limits` but `DEFAULT_LIMITS`) that cannot take effect
+    raises LimitError naming it and why, unless strict=False: then it is left out with a
+    CgroupWarning, as the default limits always are (once per reason). `Limits.require` is
+    checked either way. A bad NSFAST_CGROUP_ROOT is a SpecError."""
     with _lock:
-        root = _configured_root or os.environ.get("NSFAST_CGROUP_ROOT") or _default_root()
+        root = _root()
+        info: Any = None
         if root is None:
-            _warn_once(
-                "noroot",
-                "nsfast: no writable cgroup to put sandboxes in (not root, no delegated cgroup v2 "
-                "subtree): sandboxes run without cgroup limits (memory, cpu) and usage measurement; "
-                "their processes are still bounded by RLIMIT_NPROC (Limits.pids)",
+            why = (
+                "no cgroup this caller may create cgroups in (not root, and no delegated cgroup v2 "
+                "subtree: e.g. systemd-run --user -p Delegate=yes --scope)"
             )
-            return None
-        info = _backends.get(root)
-        if info is None:
-            try:
-                info = _core.cgroup_backend(root)
-            except OSError as e:
-                info = str(e)
-            _backends[root] = info
-    if isinstance(info, str):
+        else:
+            info = _backends.get(root)
+            if info is None:
+                try:
+                    info = _core.cgroup_backend(root)
+                except OSError as e:
+                    info = str(e)
+                _backends[root] = info
+            why = f"cannot create cgroups under {root!r} ({info})" if isinstance(info, str) else ""
+    asked = limits is not None and limits is not DEFAULT_LIMITS
+    if isinstance(info, str) or info is None:
+        problems = [(n, why) for n, need in (limits._asks() if limits else []) if need != "pids"]
+        problems += [(f"require[{c!r}]", why) for c in (limits.require if limits else ())]
+        _refuse(problems, asked, strict, limits)
         _warn_once(
-            root,
-            f"nsfast: cannot create cgroups under {root!r} ({info}): sandboxes run without cgroup "
-            "limits and usage measurement",
+            root or "noroot",
+            f"nsfast: {why}: sandboxes run without cgroup limits (memory, cpu) and usage measurement; "
+            "their processes are still bounded by RLIMIT_NPROC (Limits.pids)",
         )
         return None
-    core_limits = (limits or Limits())._core()
-    if limits is not None:
-        missing = limits.controllers() - set(info[2])
-        if missing:
-            _warn_once(
-                f"{root}:{sorted(missing)}",
-                f"nsfast: the cgroup controller(s) {', '.join(sorted(missing))} "
-                f"are not available under {root!r}: those limits are not applied",
+    version, roots, available, cpu_usage = info
+    where = f"for sandboxes under {', '.join(roots)}"
+    note = _notes.get(root or "")
+    problems = []
+    drop: set[str] = set()
+    for name, need in limits._asks() if limits else []:
+        if need == "cpu usage":
+            if not cpu_usage:
+                problems.append(
+                    (name, "the sandbox's CPU usage cannot be read (needs the cpuacct controller on cgroup v1)")
+                )
+                drop.add(name)
+        elif need not in available and need != "pids":  # pids without a controller: RLIMIT_NPROC
+            problems.append((name, f"the {need} controller is not available {where}" + (f": {note}" if note else "")))
+            drop.add(name)
+        elif need not in available:
+            drop.add(name)
+    raw: list[Tuple[str, str]] = []
+    for key, value in limits.cgroup if limits else ():
+        name = f"cgroup[{key!r}]"
+        if name in drop:
+            continue
+        if version == 1:
+            v1 = _v1_raw(key, value)
+            if v1 is None:
+                problems.append((name, f"has no cgroup v1 equivalent on this host (translated: {', '.join(V1_RAW)})"))
+                continue
+            raw += v1
+        else:
+            raw.append((key, value))
+    for c in limits.require if limits else ():
+        if c not in available:
+            problems.append(
+                (f"require[{c!r}]", f"the {c} controller is not available {where}" + (f": {note}" if note else ""))
             )
-            drop = {"memory": (0, 1), "pids": (2,), "cpu": (3,), "cpuset": (4,)}
-            cl = list(core_limits)
-            for c in missing:
-                for i in drop[c]:
-                    cl[i] = None
-            core_limits = tuple(cl)  # type: ignore[assignment]
+    _refuse(problems, asked, strict, limits)
+    if problems:
+        _warn_once(
+            f"{root}:{sorted(problems)}",
+            "nsfast: these limits are not applied: " + "; ".join(f"{n}: {w}" for n, w in problems),
+        )
+    if limits is None:
+        return (root, (None, None, None, None, None, []), kill_tree)
+    cpu = None if limits.cpu is None else (int(round(limits.cpu * CPU_PERIOD_US)), CPU_PERIOD_US)
+    core_limits = (
+        None if "memory" in drop else limits.memory,
+        None if "memory_swap" in drop else limits.memory_swap,
+        None if "pids" in drop else limits.pids,
+        None if "cpu" in drop else cpu,
+        None if "cpuset" in drop else limits.cpuset,
+        raw,
+    )
     return (root, core_limits, kill_tree)
 
 
-def backend_info() -> Optional[Tuple[int, list, list]]:  # type: ignore[type-arg]
-    """(version, roots, controllers) of the cgroup backend in use, or None."""
+def _refuse(problems: list[Tuple[str, str]], asked: bool, strict: bool, limits: Optional[Limits]) -> None:
+    """Raise LimitError for `problems` the caller may not be left with: those of limits asked
+    for in strict mode, and missing `require`d controllers always."""
+    required = [p for p in problems if p[0].startswith("require[")]
+    if required or (problems and asked and strict):
+        raise LimitError([(f"Limits.{n}", w) for n, w in problems])
+
+
+def backend_info() -> Optional[Tuple[int, list, list, bool]]:  # type: ignore[type-arg]
+    """(version, roots, controllers, cpu usage readable) of the cgroup backend in use, or None."""
     req = request(None, False)
     if req is None:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno as _errno
 from typing import Optional
 
-__all__ = ["NsfastError", "SpecError", "SpawnError", "ContainerError"]
+__all__ = ["NsfastError", "SpecError", "SpawnError", "ContainerError", "LimitError"]
 
 # Usual causes of the usual errnos, added to SpawnError messages.
 _HINTS = {
@@ -70,3 +70,21 @@ class SpawnError(NsfastError, OSError):
 
 class ContainerError(NsfastError):
     """An operation on a container that is not in the right state."""
+
+
+class LimitError(NsfastError):
+    """A limit that was asked for cannot take effect here (no cgroup the caller may use, a
+    missing controller, a raw value without a cgroup v1 equivalent, CPU usage that cannot be
+    read), raised before anything is spawned. `.limits` names each limit, `.reasons` says why
+    (one per limit). `Spec(strict=False)` makes such limits best effort (a CgroupWarning)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        by_reason: dict[str, list[str]] = {}
+        for name, why in problems:
+            by_reason.setdefault(why, []).append(name)
+        super().__init__("; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items()))
+        self.limits = [name for name, _ in problems]
+        self.reasons = [why for _, why in problems]
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (list(zip(self.limits, self.reasons)),))

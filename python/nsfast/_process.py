@@ -224,7 +224,9 @@ class Process:
                 raise ValueError(f"pass_fds: invalid file descriptor {fd}")
         cgroup = None
         if self.spec.cgroup and _join is None:
-            cgroup = _cgroup.request(self.spec.limits, kill_tree="pid" not in self.spec.namespaces)
+            cgroup = _cgroup.request(
+                self.spec.limits, kill_tree="pid" not in self.spec.namespaces, strict=self.spec.strict
+            )
         handles = _Handles(stdin, stdout, stderr, _pipe_owner(self.spec, _join))
         try:
             stdio = (handles.child[0], handles.child[1], handles.child[2])

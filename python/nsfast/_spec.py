@@ -378,6 +378,7 @@ class Spec:
     die_with_parent: bool = True
     limits: Optional[Limits] = field(default_factory=_default_limits)
     cgroup: bool = True
+    strict: bool = True  # limits asked for that cannot take effect: LimitError (False: a warning)
     seccomp: Optional[Seccomp] = DEFAULT_SECCOMP
     masked_paths: Tuple[str, ...] = DEFAULT_MASKED_PATHS
     readonly_paths: Tuple[str, ...] = DEFAULT_READONLY_PATHS
@@ -385,7 +386,6 @@ class Spec:
     tmp_size: Optional[int] = DEFAULT_TMP_SIZE
     shm_size: Optional[int] = DEFAULT_SHM_SIZE
     rlimits: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # name -> (soft, hard)
-    strict: bool = True
     _env_items: Tuple[Tuple[str, str], ...] = field(default=(), init=False, repr=False, compare=False)
     _cap_mask: int = field(default=0, init=False, repr=False, compare=False)
     _rlimit_items: Tuple[Tuple[int, int, int], ...] = field(default=(), init=False, repr=False, compare=False)

@@ -489,9 +489,9 @@ def _exec_pinned(args: argparse.Namespace, cmd: List[str], pid: int, st: Any, pi
     if pidfd < 0:
         print(f"nsfast: no process {pid}", file=sys.stderr)
         return 125
-    env = dict(st.env) if st is not None else default_env()  # type: ignore[attr-defined]
+    env = dict(st.env) if st is not None else default_env()
     env.update(dict(args.setenv))
-    cwd = args.chdir if args.chdir else (st.cwd if st is not None else None)  # type: ignore[attr-defined]
+    cwd = args.chdir if args.chdir else (st.cwd if st is not None else None)
     try:
         result = enter(pid, cmd, env=env, cwd=cwd, cgroup=st is not None, pidfd=pidfd)
     except ProcessLookupError:

@@ -100,7 +100,9 @@ fn main() {
     let use_cgroup = o.cgroup && rustix::process::geteuid().is_root();
     let backend = use_cgroup.then(|| {
         let hierarchy = cgroup::detect().expect("a cgroup filesystem");
-        cgroup::backend(&hierarchy, "nsfast").expect("cgroup backend")
+        // Mount-relative (<mount>/nsfast), not below our own cgroup: a bench must not make
+        // cgroups inside one the machine owns.
+        cgroup::backend_at(&hierarchy, &cgroup::Root::Path("nsfast".into())).expect("cgroup backend")
     });
     let kill_tree = spec.namespaces & libc::CLONE_NEWPID as u64 == 0;
     let caller = nsfast::Caller::current();

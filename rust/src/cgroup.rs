@@ -28,6 +28,41 @@ pub struct Limits {
     pub cpu: Option<(u64, u64)>,
     /// cpuset.cpus list, e.g. "0" or "0-1".
     pub cpuset: Option<String>,
+    /// Raw controller files and values, written after the limits above: (file, value), the
+    /// file named as in this backend's version (`cpu.weight` on v2, `cpu.shares` on v1; the
+    /// Python layer translates). Each must pass [`raw_file_ok`].
+    pub raw: Vec<(String, String)>,
+}
+
+/// The controllers nsfast makes cgroups for and whose files `Limits::raw` may name.
+pub const RAW_CONTROLLERS: [&str; 4] = ["cpu", "cpuset", "memory", "pids"];
+
+/// Whether `file` may be written as a raw limit: `<controller>.<name>` with a controller of
+/// [`RAW_CONTROLLERS`] and a name of lowercase letters, digits, `_` and inner dots. So no
+/// `/`, no `..`, no `cgroup.*` core file (`cgroup.procs`, `cgroup.subtree_control`): the
+/// write stays a limit of the sandbox's own cgroup directory.
+pub fn raw_file_ok(file: &str) -> bool {
+    let Some((controller, name)) = file.split_once('.') else { return false };
+    RAW_CONTROLLERS.contains(&controller)
+        && !name.is_empty()
+        && name.split('.').all(|part| {
+            part.starts_with(|c: char| c.is_ascii_lowercase())
+                && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        })
+}
+
+/// Write each raw limit of `limits` whose controller has a directory in `dir_of`.
+fn write_raw(limits: &Limits, dir_of: impl Fn(&str) -> Option<PathBuf>) -> Result<()> {
+    for (file, value) in &limits.raw {
+        if !raw_file_ok(file) || value.contains(['\0', '\n']) {
+            return Err(CgroupError::Unavailable(format!("refusing the raw cgroup limit {file:?} = {value:?}")));
+        }
+        let controller = file.split('.').next().unwrap_or_default();
+        let dir = dir_of(controller)
+            .ok_or_else(|| CgroupError::Unavailable(format!("no {controller} cgroup for the raw limit {file:?}")))?;
+        write_file(&dir.join(file), value)?;
+    }
+    Ok(())
 }
 
 /// What a sandbox's cgroup measured. `None` where the kernel does not report it.
@@ -74,10 +109,6 @@ pub fn keyed(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-fn mkdir_p(path: &Path) -> Result<()> {
-    fs::create_dir_all(path).map_err(io_err("mkdir", path))
-}
-
 /// A sandbox's cgroup, whichever the version.
 pub trait Cgroup: Send {
     /// The directory fd for CLONE_INTO_CGROUP (v2), or None: then `attach` is needed.
@@ -121,6 +152,9 @@ pub trait Backend: Send + Sync {
     fn roots(&self) -> Vec<PathBuf>;
     /// Controllers whose limits this backend can apply.
     fn controllers(&self) -> Vec<String>;
+    /// Whether a sandbox's CPU usage can be read (v2 `cpu.stat`, always there; v1 `cpuacct`,
+    /// or a hybrid host's unified hierarchy).
+    fn cpu_usage(&self) -> bool;
 }
 
 /// What the host has mounted.
@@ -200,36 +234,132 @@ pub fn sweep_stale(root: &Path) {
     }
 }
 
-/// The backend for `hierarchy`, with sandboxes under `root` (relative to each hierarchy's
-/// mount, or absolute inside a v2 mount). Stale cgroups there are swept first.
+/// This process's cgroup path in each hierarchy, from `/proc/self/cgroup` text: v1
+/// controller name -> path relative to its mount, and the unified (v2) path.
+pub fn own_paths(cgroup_file: &str) -> (BTreeMap<String, PathBuf>, Option<PathBuf>) {
+    let mut v1 = BTreeMap::new();
+    let mut unified = None;
+    for line in cgroup_file.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let rel = PathBuf::from(path.trim().trim_start_matches('/'));
+        if ctrls.is_empty() {
+            unified = Some(rel);
+        } else {
+            for c in ctrls.split(',') {
+                v1.insert(c.to_owned(), rel.clone());
+            }
+        }
+    }
+    (v1, unified)
+}
+
+/// Where sandboxes' cgroups go, as `configure(cgroup_root=...)` says (see `_cgroup.py`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Root {
+    /// Below this process's own cgroup, in each hierarchy: `<mount>/<own path>/<rel>`.
+    OwnRelative(PathBuf),
+    /// The cgroup with this path (relative to the mounts), in every hierarchy: `<mount>/<path>`.
+    Path(PathBuf),
+}
+
+impl Root {
+    /// A relative `root` is below our own cgroup; an absolute one must be a directory path
+    /// inside one of `hierarchy`'s mounts, and names that cgroup (in every hierarchy on v1).
+    /// Components `..` and `.` are refused.
+    pub fn parse(hierarchy: &Hierarchy, root: &str) -> Result<Root> {
+        let path = Path::new(root);
+        let bad = |why: &str| CgroupError::Unavailable(format!("cgroup_root {root:?} {why}"));
+        if root.is_empty()
+            || path.components().any(|c| matches!(c, std::path::Component::ParentDir | std::path::Component::CurDir))
+            || root.split('/').any(|c| c == "." || c == "..")
+        {
+            return Err(bad("must be a path without '.' or '..' components"));
+        }
+        if !path.is_absolute() {
+            return Ok(Root::OwnRelative(path.to_owned()));
+        }
+        let mounts: Vec<&PathBuf> = match hierarchy {
+            Hierarchy::V2 { mount } => vec![mount],
+            Hierarchy::V1 { controllers, unified } => controllers.values().chain(unified.iter()).collect(),
+        };
+        // The deepest mount containing it (a cgroup2 mount may sit inside the v1 tmpfs).
+        let mount = mounts
+            .into_iter()
+            .filter(|m| path.starts_with(m))
+            .max_by_key(|m| m.components().count())
+            .ok_or_else(|| bad("is not inside a mounted cgroup file system"))?;
+        let rel = path.strip_prefix(mount).unwrap_or(Path::new(""));
+        Ok(Root::Path(rel.to_owned()))
+    }
+
+    /// The directory of this root in the hierarchy mounted at `mount`, where this process
+    /// is in cgroup `own` (relative to that mount).
+    fn dir(&self, mount: &Path, own: Option<&Path>) -> PathBuf {
+        match self {
+            Root::OwnRelative(rel) => mount.join(own.unwrap_or(Path::new(""))).join(rel),
+            Root::Path(p) => mount.join(p),
+        }
+    }
+}
+
+/// The backend for `hierarchy`, with sandboxes under `root` (see [`Root::parse`]). Stale
+/// cgroups there are swept first.
 pub fn backend(hierarchy: &Hierarchy, root: &str) -> Result<Box<dyn Backend>> {
-    let b = backend_unswept(hierarchy, root)?;
+    backend_at(hierarchy, &Root::parse(hierarchy, root)?)
+}
+
+/// [`backend`] for a parsed root.
+pub fn backend_at(hierarchy: &Hierarchy, root: &Root) -> Result<Box<dyn Backend>> {
+    let own = fs::read_to_string("/proc/self/cgroup").map_err(io_err("read", Path::new("/proc/self/cgroup")))?;
+    let b = backend_unswept(hierarchy, root, &own)?;
     for r in b.roots() {
         sweep_stale(&r);
     }
     Ok(b)
 }
 
-fn backend_unswept(hierarchy: &Hierarchy, root: &str) -> Result<Box<dyn Backend>> {
+/// The directories of `root` for `hierarchy`, for a process whose `/proc/self/cgroup` is
+/// `own`: v1 controller -> directory (empty on v2), and the v2 / unified directory.
+pub fn root_dirs(hierarchy: &Hierarchy, root: &Root, own: &str) -> (BTreeMap<String, PathBuf>, Option<PathBuf>) {
+    let (own_v1, own_v2) = own_paths(own);
     match hierarchy {
-        Hierarchy::V2 { mount } => {
-            let dir = if Path::new(root).is_absolute() && Path::new(root).starts_with(mount) {
-                PathBuf::from(root)
-            } else {
-                mount.join(root.trim_start_matches('/'))
-            };
-            Ok(Box::new(V2Backend::new(dir)?))
-        }
-        Hierarchy::V1 { controllers, unified } => {
-            let rel = root.trim_start_matches('/');
-            let roots = controllers.iter().map(|(c, m)| (c.clone(), m.join(rel))).collect();
+        Hierarchy::V2 { mount } => (BTreeMap::new(), Some(root.dir(mount, own_v2.as_deref()))),
+        Hierarchy::V1 { controllers, unified } => (
+            controllers.iter().map(|(c, m)| (c.clone(), root.dir(m, own_v1.get(c).map(PathBuf::as_path)))).collect(),
+            unified.as_ref().map(|u| root.dir(u, own_v2.as_deref())),
+        ),
+    }
+}
+
+fn backend_unswept(hierarchy: &Hierarchy, root: &Root, own: &str) -> Result<Box<dyn Backend>> {
+    let (roots, unified) = root_dirs(hierarchy, root, own);
+    match hierarchy {
+        Hierarchy::V2 { .. } => Ok(Box::new(V2Backend::new(unified.unwrap_or_default())?)),
+        Hierarchy::V1 { .. } => {
             // On a hybrid host the unified hierarchy tracks every sandbox: born there with
             // CLONE_INTO_CGROUP, it needs no migration, whose cgroup_threadgroup_rwsem write
             // waits for an RCU grace period (~10 ms) when cgroups were quiet. v1 controllers
             // (and that migration) are then only used for the limits asked for.
-            let tracker = unified.as_ref().and_then(|u| V2Backend::new(u.join(rel)).ok());
+            let tracker = unified.and_then(|u| V2Backend::new(u).ok());
             Ok(Box::new(V1Backend { roots, tracker }))
         }
+    }
+}
+
+/// Make `dir` and its missing ancestors one by one, calling `made` on each new directory
+/// (top-down), e.g. to enable controllers or fill a v1 cpuset before its child is made.
+fn mkdir_chain(dir: &Path, made: &dyn Fn(&Path) -> Result<()>) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        mkdir_chain(parent, made)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => made(dir),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(CgroupError::Io { op: "mkdir", path: dir.to_owned(), source: e }),
     }
 }
 
@@ -245,27 +375,44 @@ pub struct V2Backend {
 }
 
 impl V2Backend {
-    /// Make `root` (if needed) and enable the controllers we use in its subtree_control.
+    /// Make `root` (if needed) and enable the controllers we use in its subtree_control
+    /// (and in that of each directory made on the way, so they reach `root`). A controller
+    /// that cannot be enabled (not delegated to us, or EBUSY: processes in a non-root
+    /// cgroup) is left out of `controllers`: sandboxes are still measured, and the Python
+    /// layer refuses (or warns about) the limits that needed it.
     pub fn new(root: PathBuf) -> Result<V2Backend> {
-        mkdir_p(&root)?;
-        let available = fs::read_to_string(root.join("cgroup.controllers")).map_err(io_err("read", &root))?;
-        let controllers: Vec<String> = ["cpu", "memory", "pids", "cpuset"]
-            .iter()
-            .filter(|c| available.split_whitespace().any(|a| a == **c))
-            .map(|c| c.to_string())
-            .collect();
-        let enabled = fs::read_to_string(root.join("cgroup.subtree_control")).unwrap_or_default();
-        let missing: Vec<String> = controllers
-            .iter()
-            .filter(|c| !enabled.split_whitespace().any(|e| e == c.as_str()))
-            .map(|c| format!("+{c}"))
-            .collect();
-        if !missing.is_empty() {
-            write_file(&root.join("cgroup.subtree_control"), &missing.join(" "))?;
-        }
+        mkdir_chain(&root, &|d| {
+            if d != root {
+                let _ = enable_controllers(d);
+            }
+            Ok(())
+        })?;
+        let controllers = enable_controllers(&root)?;
         let attach_by_procs = std::env::var("NSFAST_CGROUP_V2_ATTACH").is_ok_and(|v| v == "procs");
         Ok(V2Backend { root, controllers, attach_by_procs })
     }
+}
+
+/// Enable nsfast's controllers available in `dir` for its children; returns those enabled.
+fn enable_controllers(dir: &Path) -> Result<Vec<String>> {
+    let available = fs::read_to_string(dir.join("cgroup.controllers")).map_err(io_err("read", dir))?;
+    let enabled = || fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    let ours = |text: &str| -> Vec<String> {
+        RAW_CONTROLLERS.iter().filter(|c| text.split_whitespace().any(|a| a == **c)).map(|c| c.to_string()).collect()
+    };
+    let now = enabled();
+    let missing: Vec<String> = ours(&available)
+        .iter()
+        .filter(|c| !now.split_whitespace().any(|e| e == c.as_str()))
+        .map(|c| format!("+{c}"))
+        .collect();
+    if !missing.is_empty() {
+        // One at a time: a controller that cannot be enabled does not keep the others out.
+        for m in &missing {
+            let _ = write_file(&dir.join("cgroup.subtree_control"), m);
+        }
+    }
+    Ok(ours(&enabled()))
 }
 
 impl Backend for V2Backend {
@@ -283,6 +430,10 @@ impl Backend for V2Backend {
 
     fn controllers(&self) -> Vec<String> {
         self.controllers.clone()
+    }
+
+    fn cpu_usage(&self) -> bool {
+        true
     }
 }
 
@@ -320,6 +471,11 @@ impl V2Backend {
                 need("cpuset")?;
                 write_file(&cg.dir.join("cpuset.cpus"), cpus)?;
             }
+            for (file, _) in &limits.raw {
+                need(file.split('.').next().unwrap_or_default())?;
+            }
+            let dir = cg.dir.clone();
+            write_raw(limits, |_| Some(dir.clone()))?;
             let fd = rustix::fs::open(&cg.dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
                 .map_err(|e| CgroupError::Io { op: "open", path: cg.dir.clone(), source: e.into() })?;
             cg.fd = Some(fd);
@@ -547,6 +703,12 @@ impl Backend for V1Backend {
         if limits.cpuset.is_some() {
             wanted.push("cpuset");
         }
+        for (file, _) in &limits.raw {
+            let c = RAW_CONTROLLERS.iter().find(|c| file.split('.').next() == Some(**c));
+            if let Some(c) = c.filter(|c| !wanted.contains(c)) {
+                wanted.push(c);
+            }
+        }
         if kill_tree && self.tracker.is_none() {
             wanted.push("freezer");
         }
@@ -568,12 +730,9 @@ impl Backend for V1Backend {
                     cg.dirs.insert(c.to_string(), existing);
                     continue;
                 }
-                if !root.exists() {
-                    mkdir_p(root)?;
-                    if *c == "cpuset" {
-                        cpuset_inherit(root)?;
-                    }
-                }
+                // A new v1 cpuset cgroup is empty and its children could not be filled.
+                let is_cpuset = *c == "cpuset";
+                mkdir_chain(root, &|d| if is_cpuset { cpuset_inherit(d) } else { Ok(()) })?;
                 let dir = root.join(name);
                 fs::create_dir(&dir).map_err(io_err("mkdir", &dir))?;
                 cg.dirs.insert(c.to_string(), dir);
@@ -596,6 +755,10 @@ impl Backend for V1Backend {
                 write_file(&d.join("cpuset.cpus"), cpus)?;
                 cpuset_inherit(&d)?;
             }
+            if cg.dirs.contains_key("cpuset") {
+                cpuset_inherit(&cg.dirs["cpuset"])?;
+            }
+            write_raw(limits, dir)?;
             Ok(())
         })();
         match res {
@@ -621,6 +784,10 @@ impl Backend for V1Backend {
 
     fn controllers(&self) -> Vec<String> {
         self.roots.keys().cloned().collect()
+    }
+
+    fn cpu_usage(&self) -> bool {
+        self.tracker.is_some() || self.roots.contains_key("cpuacct")
     }
 }
 
@@ -1018,6 +1185,81 @@ mod tests {
         parent.remove().unwrap();
         assert!(!root.exists());
         drop(left);
+    }
+
+    #[test]
+    fn roots_are_below_our_own_cgroup_or_a_named_one() {
+        let Some(h @ Hierarchy::V1 { .. }) = parse_mountinfo(HYBRID) else { panic!() };
+        let own = "9:name=systemd:/\n8:pids:/\n4:memory:/outer/x\n2:cpu,cpuacct:/outer\n0::/u\n";
+        let rel = Root::parse(&h, "nsfast").unwrap();
+        assert_eq!(rel, Root::OwnRelative("nsfast".into()));
+        let (v1, unified) = root_dirs(&h, &rel, own);
+        assert_eq!(v1["memory"], PathBuf::from("/sys/fs/cgroup/memory/outer/x/nsfast"));
+        assert_eq!(v1["pids"], PathBuf::from("/sys/fs/cgroup/pids/nsfast"));
+        assert_eq!(v1["cpuacct"], PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/outer/nsfast"));
+        assert_eq!(unified, Some(PathBuf::from("/sys/fs/cgroup/unified/u/nsfast")));
+        // Absolute: the cgroup that directory is, in every hierarchy (mount-relative).
+        let abs = Root::parse(&h, "/sys/fs/cgroup/unified/nsfast").unwrap();
+        assert_eq!(abs, Root::Path("nsfast".into()));
+        let (v1, unified) = root_dirs(&h, &abs, own);
+        assert_eq!(v1["memory"], PathBuf::from("/sys/fs/cgroup/memory/nsfast"));
+        assert_eq!(unified, Some(PathBuf::from("/sys/fs/cgroup/unified/nsfast")));
+        for bad in ["/tmp/x", "/sys/fs/cgroup/x", "a/../b", "../up", "./a", "", "/sys/fs/cgroup/memory/a/.."] {
+            assert!(Root::parse(&h, bad).is_err(), "{bad:?} accepted");
+        }
+        let v2 = Hierarchy::V2 { mount: "/sys/fs/cgroup".into() };
+        let (_, dir) = root_dirs(&v2, &Root::parse(&v2, "sb/x").unwrap(), "0::/user.slice/a.scope\n");
+        assert_eq!(dir, Some(PathBuf::from("/sys/fs/cgroup/user.slice/a.scope/sb/x")));
+        let (_, dir) = root_dirs(&v2, &Root::parse(&v2, "/sys/fs/cgroup/sys/x").unwrap(), "0::/a\n");
+        assert_eq!(dir, Some(PathBuf::from("/sys/fs/cgroup/sys/x")));
+    }
+
+    #[test]
+    fn raw_limits_stay_limits_of_the_own_directory() {
+        for ok in ["cpu.weight", "memory.high", "pids.max", "cpuset.cpus", "memory.swap.max", "cpu.shares"] {
+            assert!(raw_file_ok(ok), "{ok}");
+        }
+        for bad in [
+            "cgroup.procs",
+            "cgroup.subtree_control",
+            "memory",
+            "memory.",
+            "../memory.max",
+            "memory.max/x",
+            "io.max",
+            "memory..max",
+            "Memory.max",
+            "memory.max\n",
+            "cpu./x",
+        ] {
+            assert!(!raw_file_ok(bad), "{bad:?} accepted");
+        }
+        let dir = std::env::temp_dir().join(format!("nsfast-raw-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("cpu.weight"), "").unwrap();
+        let limits = |file: &str, value: &str| Limits { raw: vec![(file.into(), value.into())], ..Limits::default() };
+        write_raw(&limits("cpu.weight", "50"), |_| Some(dir.clone())).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("cpu.weight")).unwrap(), "50");
+        assert!(write_raw(&limits("cgroup.procs", "1"), |_| Some(dir.clone())).is_err());
+        assert!(write_raw(&limits("cpu.weight", "1\n2"), |_| Some(dir.clone())).is_err());
+        let err = write_raw(&limits("memory.high", "64M"), |_| Some(dir.join("gone"))).unwrap_err().to_string();
+        assert!(err.contains("\"64M\"") && err.contains("gone/memory.high"), "{err}");
+        assert!(!dir.join("cgroup.procs").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn mkdir_chain_visits_each_new_directory_top_down() {
+        let base = std::env::temp_dir().join(format!("nsfast-chain-{}", std::process::id()));
+        fs::create_dir_all(&base).unwrap();
+        let seen = Mutex::new(Vec::new());
+        mkdir_chain(&base.join("a/b/c"), &|d| {
+            seen.lock().unwrap().push(d.strip_prefix(&base).unwrap().to_owned());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(*seen.lock().unwrap(), ["a", "a/b", "a/b/c"].map(PathBuf::from));
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

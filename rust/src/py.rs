@@ -63,13 +63,13 @@ fn backend_for(root: &str) -> Result<Arc<dyn Backend>, String> {
     Ok(b)
 }
 
-/// Prepare the cgroup backend for `root`: (version, roots, controllers). Raises OSError
-/// saying why when sandboxes cannot get cgroups there.
+/// Prepare the cgroup backend for `root`: (version, roots, controllers, cpu usage
+/// readable). Raises OSError saying why when sandboxes cannot get cgroups there.
 #[pyfunction]
-fn cgroup_backend(py: Python<'_>, root: String) -> PyResult<(u8, Vec<String>, Vec<String>)> {
+fn cgroup_backend(py: Python<'_>, root: String) -> PyResult<(u8, Vec<String>, Vec<String>, bool)> {
     let b = detached(py, move || backend_for(&root)).map_err(PyOSError::new_err)?;
     let roots = b.roots().iter().map(|p| p.display().to_string()).collect();
-    Ok((b.version(), roots, b.controllers()))
+    Ok((b.version(), roots, b.controllers(), b.cpu_usage()))
 }
 
 /// The own cgroup v2 path of this process (for rootless delegation), if any.
@@ -524,9 +524,11 @@ impl Sandbox {
     }
 }
 
-/// A cgroup request as the Python layer passes it: (root, (memory, memory_swap, pids,
-/// cpu (quota, period), cpuset), kill_tree).
-type CgroupRequest = (String, (Option<u64>, Option<u64>, Option<u64>, Option<(u64, u64)>, Option<String>), bool);
+/// Limits as the Python layer passes them: (memory, memory_swap, pids, cpu (quota, period),
+/// cpuset, raw [(file, value)]).
+type LimitsTuple = (Option<u64>, Option<u64>, Option<u64>, Option<(u64, u64)>, Option<String>, Vec<(String, String)>);
+/// A cgroup request as the Python layer passes it: (root, limits, kill_tree).
+type CgroupRequest = (String, LimitsTuple, bool);
 
 /// Start a sandbox as the frozen nsfast.Spec `spec` says, running `args`; returns its Sandbox.
 #[pyfunction]
@@ -551,8 +553,8 @@ fn spawn(
         let plan = Plan::build(&core_spec, Caller::current())?;
         let mut cg = match cgroup {
             None => None,
-            Some((root, (memory, memory_swap, pids, cpu, cpuset), kill_tree)) => {
-                let limits = Limits { memory, memory_swap, pids, cpu, cpuset };
+            Some((root, (memory, memory_swap, pids, cpu, cpuset, raw), kill_tree)) => {
+                let limits = Limits { memory, memory_swap, pids, cpu, cpuset, raw };
                 let cg_err = |msg: String| Error::Spawn {
                     step: "create cgroup".into(),
                     filename: Some(msg),
