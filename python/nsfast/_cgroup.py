@@ -386,7 +386,24 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, CgroupWarning, stacklevel=4)
 
 
-def request(limits: Optional[Limits], kill_tree: bool, strict: bool = True) -> Optional[tuple]:  # type: ignore[type-arg]
+@dataclass(frozen=True)
+class CgroupRequest:
+    """The cgroup `_core.spawn` makes for one sandbox (Rust reads it attribute by attribute):
+    where, and the limits that apply here (those that cannot were refused or dropped)."""
+
+    root: str
+    kill_tree: bool  # the v1 freezer too (no pid namespace whose init's death ends the rest)
+    memory: Optional[int] = None
+    memory_swap: Optional[int] = None
+    pids: Optional[int] = None
+    cpu: Optional[Tuple[int, int]] = None  # (quota, period) in microseconds
+    cpuset: Optional[str] = None
+    raw: Tuple[Tuple[str, str], ...] = ()  # (file, value), in this backend's version's names
+    cpu_time: Optional[float] = None  # enforced by watching the cgroup's CPU usage
+    cpu_time_soft: Optional[float] = None
+
+
+def request(limits: Optional[Limits], kill_tree: bool, strict: bool = True) -> Optional[CgroupRequest]:
     """The cgroup argument of `_core.spawn`, or None when sandboxes cannot have a cgroup here.
 
     A limit the user asked for (any `Limits` but `DEFAULT_LIMITS`) that cannot take effect
@@ -462,18 +479,22 @@ def request(limits: Optional[Limits], kill_tree: bool, strict: bool = True) -> O
             f"{root}:{sorted(problems)}",
             "nsfast: these limits are not applied: " + "; ".join(f"{n}: {w}" for n, w in problems),
         )
+    assert root is not None
     if limits is None:
-        return (root, (None, None, None, None, None, []), kill_tree)
+        return CgroupRequest(root, kill_tree)
     cpu = None if limits.cpu is None else (int(round(limits.cpu * CPU_PERIOD_US)), CPU_PERIOD_US)
-    core_limits = (
-        None if "memory" in drop else limits.memory,
-        None if "memory_swap" in drop else limits.memory_swap,
-        None if "pids" in drop else limits.pids,
-        None if "cpu" in drop else cpu,
-        None if "cpuset" in drop else limits.cpuset,
-        raw,
+    return CgroupRequest(
+        root,
+        kill_tree,
+        memory=None if "memory" in drop else limits.memory,
+        memory_swap=None if "memory_swap" in drop else limits.memory_swap,
+        pids=None if "pids" in drop else limits.pids,
+        cpu=None if "cpu" in drop else cpu,
+        cpuset=None if "cpuset" in drop else limits.cpuset,
+        raw=tuple(raw),
+        cpu_time=None if "cpu_time" in drop else limits.cpu_time,
+        cpu_time_soft=None if "cpu_time_soft" in drop else limits.cpu_time_soft,
     )
-    return (root, core_limits, kill_tree)
 
 
 def _refuse(problems: list[Tuple[str, str]], asked: bool, strict: bool, limits: Optional[Limits]) -> None:
@@ -489,5 +510,5 @@ def backend_info() -> Optional[Tuple[int, list, list, bool]]:  # type: ignore[ty
     req = request(None, False)
     if req is None:
         return None
-    info = _backends.get(req[0])
+    info = _backends.get(req.root)
     return None if isinstance(info, str) else info

@@ -37,10 +37,6 @@ SANDBOX_ID_BASE: int
 SANDBOX_ID_COUNT: int
 INIT_BINARY_SIZE: int
 
-_Limits = Tuple[
-    Optional[int], Optional[int], Optional[int], Optional[Tuple[int, int]], Optional[str], Sequence[Tuple[str, str]]
-]
-
 @final
 class Exit:
     """How a sandbox ended and what it cost, recorded once, when it was reaped."""
@@ -90,7 +86,7 @@ def spawn(
     *,
     stdio: Tuple[int, int, int],
     pass_fds: Sequence[int],
-    cgroup: Optional[Tuple[str, _Limits, bool]] = None,
+    cgroup: Any = None,  # an nsfast._cgroup.CgroupRequest, read attribute by attribute
 ) -> Sandbox: ...
 def spawn_join(
     spec: Any,

@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 
 use rustix::fs::{Mode, OFlags};
 
-/// Resource limits of one sandbox. `None` leaves the kernel default (no limit).
+/// Resource limits of one sandbox. `None` leaves the kernel default (no limit). With the
+/// `python` feature, read from the attributes of an `nsfast._cgroup.CgroupRequest`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "python", derive(pyo3::FromPyObject))]
 pub struct Limits {
     /// Bytes of memory (v2 memory.max, v1 memory.limit_in_bytes).
     pub memory: Option<u64>,

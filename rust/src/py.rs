@@ -524,11 +524,15 @@ impl Sandbox {
     }
 }
 
-/// Limits as the Python layer passes them: (memory, memory_swap, pids, cpu (quota, period),
-/// cpuset, raw [(file, value)]).
-type LimitsTuple = (Option<u64>, Option<u64>, Option<u64>, Option<(u64, u64)>, Option<String>, Vec<(String, String)>);
-/// A cgroup request as the Python layer passes it: (root, limits, kill_tree).
-type CgroupRequest = (String, LimitsTuple, bool);
+/// Where and with which CPU-time limits a sandbox's cgroup is made: the rest of an
+/// `nsfast._cgroup.CgroupRequest` (its limits are a `cgroup::Limits`).
+#[derive(FromPyObject)]
+struct CgroupRequest {
+    root: String,
+    kill_tree: bool,
+    cpu_time: Option<f64>,
+    cpu_time_soft: Option<f64>,
+}
 
 /// Start a sandbox as the frozen nsfast.Spec `spec` says, running `args`; returns its Sandbox.
 #[pyfunction]
@@ -539,12 +543,30 @@ fn spawn(
     args: Vec<PyBackedBytes>,
     stdio: (i32, i32, i32),
     pass_fds: Vec<i32>,
-    cgroup: Option<CgroupRequest>,
+    cgroup: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Sandbox> {
     let mut core_spec: Spec = spec.extract()?;
     core_spec.args = args.into_iter().map(bytes).collect();
+    let cgroup: Option<(CgroupRequest, Limits)> = match cgroup {
+        Some(c) if !c.is_none() => Some((c.extract()?, c.extract()?)),
+        _ => None,
+    };
+    let cpu = cgroup.as_ref().map_or(CpuTimeLimits::default(), |(r, _)| CpuTimeLimits {
+        cpu_time: r.cpu_time,
+        cpu_time_soft: r.cpu_time_soft,
+    });
+    // CPU-time limits the cgroup cannot enforce (no cgroup, no readable CPU usage; the
+    // Python layer refused them unless strict=False): each process's RLIMIT_CPU instead.
     let limits = spec.getattr("limits")?;
-    let cpu: CpuTimeLimits = if limits.is_none() { CpuTimeLimits::default() } else { limits.extract()? };
+    let asked: CpuTimeLimits = if limits.is_none() { CpuTimeLimits::default() } else { limits.extract()? };
+    let unwatched = cpu.cpu_time.is_none() && cpu.cpu_time_soft.is_none();
+    if unwatched && (asked.cpu_time.is_some() || asked.cpu_time_soft.is_some()) {
+        let hard = asked.cpu_time.map_or(u64::MAX, |h| h.ceil() as u64);
+        let soft = asked.cpu_time_soft.map_or(hard, |s| s.ceil() as u64).min(hard);
+        if !core_spec.rlimits.iter().any(|r| r.0 == libc::RLIMIT_CPU) {
+            core_spec.rlimits.push((libc::RLIMIT_CPU, soft, hard));
+        }
+    }
     let pid_namespace = core_spec.namespaces & (libc::CLONE_NEWPID as u64) != 0;
     let new_session = core_spec.new_session;
     let io_stdio = [stdio.0, stdio.1, stdio.2];
@@ -553,8 +575,7 @@ fn spawn(
         let plan = Plan::build(&core_spec, Caller::current())?;
         let mut cg = match cgroup {
             None => None,
-            Some((root, (memory, memory_swap, pids, cpu, cpuset, raw), kill_tree)) => {
-                let limits = Limits { memory, memory_swap, pids, cpu, cpuset, raw };
+            Some((CgroupRequest { root, kill_tree, .. }, limits)) => {
                 let cg_err = |msg: String| Error::Spawn {
                     step: "create cgroup".into(),
                     filename: Some(msg),
