@@ -538,47 +538,15 @@ def _ps() -> int:
     return 0
 
 
-def _write_cgroup_file(path: str, value: str) -> None:
-    """Write an existing cgroup file: never created, never through a symlink."""
-    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
-
-
 def _kill_cgroups(paths: List[str]) -> None:
-    """Kill every process in, then remove, cgroups proven to be a container's (State.check)."""
-    import signal
-    import time
+    """Kill every process in, then remove, cgroups proven to be a container's (State.check):
+    the core's cleanup policy (cgroup.rs), as for a sandbox this process started."""
+    from . import _core
 
-    for p in paths:
-        for f, value in (("cgroup.kill", "1"), ("freezer.state", "FROZEN")):
-            try:
-                _write_cgroup_file(os.path.join(p, f), value)
-            except OSError:
-                pass
-        try:
-            fd = os.open(os.path.join(p, "cgroup.procs"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with open(fd) as fh:
-                for line in fh:
-                    try:
-                        os.kill(int(line), signal.SIGKILL)
-                    except (ProcessLookupError, ValueError):
-                        pass
-            _write_cgroup_file(os.path.join(p, "freezer.state"), "THAWED")
-        except OSError:
-            pass
-    deadline = time.monotonic() + 5
-    for p in paths:
-        while os.path.isdir(p):
-            try:
-                os.rmdir(p)
-            except OSError:
-                if time.monotonic() > deadline:
-                    print(f"nsfast: could not remove cgroup {p}", file=sys.stderr)
-                    break
-                time.sleep(0.01)
+    try:
+        _core.kill_cgroups(paths)
+    except OSError as e:
+        print(f"nsfast: could not remove the cgroups {', '.join(paths)}: {e}", file=sys.stderr)
 
 
 def _wait_gone(pidfd: int, timeout: float) -> bool:

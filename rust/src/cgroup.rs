@@ -91,8 +91,11 @@ type Result<T> = std::result::Result<T, CgroupError>;
 
 /// The one place cgroup files are written: a single write(2), errors name path and value.
 pub fn write_file(path: &Path, value: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never created, never through a symlink (cgroupfs has none: one would be planted).
     fs::OpenOptions::new()
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .and_then(|mut f| f.write_all(value.as_bytes()))
         .map_err(|source| CgroupError::Write { path: path.to_owned(), value: value.to_owned(), source })
@@ -520,6 +523,38 @@ impl V2Cgroup {
             }
         }
     }
+}
+
+/// Kill every process in the cgroup directories `dirs` and remove them with the cgroups
+/// below them: the cleanup of a sandbox this process did not start (`nsfast stop` of a
+/// detached container), whose directories the caller has proven to be that sandbox's. The
+/// same policy as a sandbox's own cgroup: cgroup.kill (v2, or a hybrid host's unified
+/// tracker), else the v1 freezer around SIGKILL to each member; then a bounded rmdir.
+pub fn kill_and_remove(dirs: &[PathBuf]) -> Result<()> {
+    let kill = || {
+        for d in dirs {
+            if write_file(&d.join("cgroup.kill"), "1").is_ok() {
+                continue;
+            }
+            let freezer = d.join("freezer.state");
+            let frozen = freezer.exists() && write_file(&freezer, "FROZEN").is_ok();
+            for pid in pids_in(&d.join("cgroup.procs")) {
+                sigkill(pid);
+            }
+            if frozen {
+                let _ = write_file(&freezer, "THAWED");
+            }
+        }
+    };
+    kill();
+    let mut first_err = None;
+    for d in dirs {
+        let res = remove_children(d, &kill).and_then(|()| rmdir_patiently(d, Duration::from_secs(5), &kill));
+        if let Err(e) = res {
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
 }
 
 /// Remove the cgroups below `dir` (an exec's, left by processes it started), deepest

@@ -72,6 +72,14 @@ fn cgroup_backend(py: Python<'_>, root: String) -> PyResult<(u8, Vec<String>, Ve
     Ok((b.version(), roots, b.controllers(), b.cpu_usage()))
 }
 
+/// Kill every process in, then remove, the cgroup directories `paths` of a sandbox this
+/// process did not start, proven by the caller to be that sandbox's (`nsfast stop`).
+#[pyfunction]
+fn kill_cgroups(py: Python<'_>, paths: Vec<String>) -> PyResult<()> {
+    let dirs: Vec<std::path::PathBuf> = paths.into_iter().map(Into::into).collect();
+    detached(py, || cgroup::kill_and_remove(&dirs)).map_err(|e| PyOSError::new_err(e.to_string()))
+}
+
 /// The own cgroup v2 path of this process (for rootless delegation), if any.
 #[pyfunction]
 fn own_cgroup() -> Option<String> {
@@ -772,6 +780,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(seccomp_syscalls, m)?)?;
     m.add_function(wrap_pyfunction!(cgroup_backend, m)?)?;
     m.add_function(wrap_pyfunction!(own_cgroup, m)?)?;
+    m.add_function(wrap_pyfunction!(kill_cgroups, m)?)?;
     m.add_function(wrap_pyfunction!(spawn_join, m)?)?;
     m.add_class::<Sandbox>()?;
     m.add_class::<Exit>()?;
