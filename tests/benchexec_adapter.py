@@ -49,7 +49,8 @@ class NsfastRunExecutor:
     """RunExecutor's `execute_run`/`stop` with nsfast. `container=False` mimics BenchExec's
     `use_namespaces=False` (host paths, HOME/TMPDIR below the run's temp dir), `container=True`
     its container (`/tmp` writable and private, `/home` hidden, result files). `dir_modes`:
-    BenchExec's, as far as nsfast has them (read-only `/`, hidden, full access)."""
+    BenchExec's, as far as nsfast has them (read-only `/`, hidden, full access). `init=False`:
+    the tool is the sandbox's pid 1 (nsfast's default) instead of nsfast's init's child."""
 
     def __init__(
         self,
@@ -58,6 +59,7 @@ class NsfastRunExecutor:
         dir_modes: Optional[Mapping[str, Any]] = None,
         cleanup_temp_dir: bool = True,
         container_tmpfs: bool = True,
+        init: bool = True,
         **unsupported: Any,
     ) -> None:
         if unsupported:
@@ -66,6 +68,7 @@ class NsfastRunExecutor:
         self.container = container
         self.dir_modes = dict(dir_modes or {})
         self.cleanup_temp_dir = cleanup_temp_dir
+        self.init = init
         del container_tmpfs  # where BenchExec's container keeps written files; here: the run's dir
         self._lock = threading.Lock()
         self._proc: Optional[nsfast.Process] = None
@@ -206,7 +209,7 @@ class NsfastRunExecutor:
             "mounts": tuple(mounts),
             "hidden": tuple(hidden),
             "readonly_root": modes.get("/", containerexecutor.DIR_READ_ONLY) == containerexecutor.DIR_READ_ONLY,
-            "init": True,  # the tool is not pid 1, as under BenchExec
+            "init": self.init,  # True: the tool is not pid 1, as under BenchExec
         }
 
     def _execute(
