@@ -190,6 +190,7 @@ class Process:
         self.usage: Optional[Usage] = None
         self.pid = -1
         self.pidfd: Optional[int] = None
+        self._status_fd: Optional[int] = None  # nsfast-init's status report (see _core.wait)
         self.text = bool(text)
         self._timed_out = False
         self._detached = False
@@ -208,7 +209,7 @@ class Process:
         self._start = time.perf_counter()
         try:
             if _join is None:
-                self.pid, self.pidfd, self._cgroup = _core.spawn(
+                self.pid, self.pidfd, self._cgroup, self._status_fd = _core.spawn(
                     argv, stdio=tuple(handles.child), pass_fds=fds, cgroup=cgroup, **self.spec._core_kwargs()
                 )
             else:
@@ -259,6 +260,7 @@ class Process:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+        self._close_status_fd()
         mem = pids = None
         oom = False
         cg, self._cgroup = self._cgroup, None
@@ -321,7 +323,7 @@ class Process:
         try:
             if self.returncode is None and self.pidfd is not None:
                 left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-                res = _core.wait(self.pid, self.pidfd, left)
+                res = _core.wait(self.pid, self.pidfd, left, self._status_fd)
                 if res is not None:
                     self._reaped(res[0], res[1], res[2])
         finally:
@@ -333,9 +335,10 @@ class Process:
     def send_signal(self, sig: int) -> None:
         """Send `sig` to the sandbox's first process (no-op once it has been reaped).
 
-        Without `init=True`, the command is pid 1 of its pid namespace, and the kernel drops
-        signals it has no handler for (SIGTERM, SIGINT, ...) — like `docker run` without
-        `--init`. SIGKILL always works."""
+        With a pid namespace the first process is nsfast-init (the default), which forwards
+        the signal to the command. With `init=False` the command is pid 1 of its pid
+        namespace, and the kernel drops signals it has no handler for (SIGTERM, SIGINT, ...)
+        — like `docker run` without `--init`. SIGKILL always works."""
         if self.returncode is not None or self.pidfd is None:
             return
         try:
@@ -406,7 +409,13 @@ class Process:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+        self._close_status_fd()
         return paths
+
+    def _close_status_fd(self) -> None:
+        if self._status_fd is not None:
+            os.close(self._status_fd)
+            self._status_fd = None
 
     def __del__(self) -> None:
         if getattr(self, "pidfd", None) is None or self.returncode is not None or getattr(self, "_detached", False):

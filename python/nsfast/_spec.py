@@ -280,7 +280,15 @@ class Spec:
     env: the whole environment (default: PATH, HOME=/, TERM if set), never the host's.
     uid/gid: the ids the command runs as inside.
     capabilities: capability names kept; every other is dropped (default: none kept).
-    init: run a tiny init as pid 1 that forwards signals and reaps orphans.
+    init: run nsfast-init, a tiny init, as the sandbox's first process: it forwards signals to
+        the command, reaps orphans and reports how the command ended. None (the default):
+        exactly when there is a pid namespace, so the command gets ordinary signal semantics
+        (`kill -TERM $$` ends it, returncode -15). True: also without a pid namespace (then it
+        is a subreaper, not pid 1). False: never; with a pid namespace the command is its
+        pid 1, and the kernel drops every signal it has no handler for, sent from inside or by
+        the parent (SIGKILL from the parent excepted): `kill -TERM $$` and `kill -KILL $$` do
+        nothing, `abort()` ends with SIGSEGV (-11), orphans stay zombies unless it reaps.
+        Whatever the mode, death by signal N is returncode -N.
     limits: an `nsfast.Limits` (memory, pids, cpu, cpuset), applied through the sandbox's
         own cgroup; default `nsfast.DEFAULT_LIMITS`, None for none. cgroup=False turns
         cgroups off entirely (no limits, no cgroup usage).
@@ -302,7 +310,7 @@ class Spec:
     uid: Optional[int] = None
     gid: Optional[int] = None
     capabilities: Tuple[str, ...] = ()
-    init: bool = False
+    init: Optional[bool] = None
     new_session: bool = True
     die_with_parent: bool = True
     limits: Optional[Limits] = field(default_factory=_default_limits)
@@ -379,7 +387,9 @@ class Spec:
                 raise SpecError("capabilities", f"has an unknown capability {c!r}")
             norm.append(name)
         set_("capabilities", tuple(sorted(set(norm), key=CAPABILITIES.index)))
-        for name in ("init", "new_session", "die_with_parent", "cgroup"):
+        if self.init is not None:
+            _bool("init", self.init)
+        for name in ("new_session", "die_with_parent", "cgroup"):
             _bool(name, getattr(self, name))
         from ._cgroup import DEFAULT_LIMITS, Limits
 
@@ -395,6 +405,10 @@ class Spec:
             set_(name, _paths(name, getattr(self, name)))
         set_("tmp_size", parse_size("tmp_size", self.tmp_size))
         set_("shm_size", parse_size("shm_size", self.shm_size))
+
+    def _uses_init(self) -> bool:
+        """Whether nsfast-init is the first process (`init`, resolved)."""
+        return self.init if self.init is not None else "pid" in self.namespaces
 
     def replace(self, **changes: Any) -> Spec:
         """A copy with `changes` applied (and validated); unknown names raise TypeError."""
@@ -423,7 +437,7 @@ class Spec:
             uid=self.uid,
             gid=self.gid,
             keep_caps=keep,
-            init=self.init,
+            init=self._uses_init(),
             new_session=self.new_session,
             die_with_parent=self.die_with_parent,
             masked_paths=[enc(p) for p in self.masked_paths],

@@ -258,7 +258,7 @@ pub fn spawn_join(plan: &Plan, io: &Io, target: &Target) -> Result<Child> {
             // The final process is our child (CLONE_PARENT): its pid cannot be reused before
             // we reap it, so pidfd_open is race-free here.
             match rustix::process::pidfd_open(Pid::from_raw(p).expect("positive"), PidfdFlags::empty()) {
-                Ok(pidfd) => Ok(Child { pid: p, pidfd }),
+                Ok(pidfd) => Ok(Child { pid: p, pidfd, status: None }),
                 Err(e) => {
                     kill_and_reap(p);
                     Err(Error::spawn("pidfd_open", None, e))

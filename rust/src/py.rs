@@ -172,7 +172,8 @@ impl Drop for PyCgroup {
 /// cpu (quota, period), cpuset), kill_tree).
 type CgroupRequest = (String, (Option<u64>, Option<u64>, Option<u64>, Option<(u64, u64)>, Option<String>), bool);
 
-/// Start a sandbox; returns (pid, pidfd, cgroup). The caller owns the pidfd.
+/// Start a sandbox; returns (pid, pidfd, cgroup, status_fd). The caller owns the pidfd and
+/// status_fd (nsfast-init's status report, None without init: pass it to `wait`).
 #[pyfunction]
 #[pyo3(signature = (args, *, env, cwd, namespaces, hostname, rootfs, readonly_root, mounts, uid, gid, keep_caps, init, new_session, die_with_parent, stdio, pass_fds, cgroup=None, masked_paths=Vec::new(), readonly_paths=Vec::new(), hidden=Vec::new(), tmp_size=None, shm_size=None, seccomp=None, nproc=None))]
 #[allow(clippy::too_many_arguments)]
@@ -202,7 +203,7 @@ fn spawn(
     shm_size: Option<u64>,
     seccomp: Option<(Vec<String>, Vec<String>)>,
     nproc: Option<u64>,
-) -> PyResult<(i32, i32, Option<PyCgroup>)> {
+) -> PyResult<(i32, i32, Option<PyCgroup>, Option<i32>)> {
     let namespaces = crate::ns::flags(namespaces.iter().map(String::as_str))
         .map_err(|n| to_pyerr(py, Error::invalid("namespaces", format!("has an unknown namespace {n:?}"))))?;
     let spec = Spec {
@@ -258,17 +259,24 @@ fn spawn(
     match result {
         Ok((child, cg)) => {
             let pycg = cg.map(|c| PyCgroup { version: c.version(), inner: Mutex::new(Some(c)) });
-            Ok((child.pid, child.pidfd.into_raw_fd(), pycg))
+            Ok((child.pid, child.pidfd.into_raw_fd(), pycg, child.status.map(IntoRawFd::into_raw_fd)))
         }
         Err(e) => Err(to_pyerr(py, e)),
     }
 }
 
 /// Wait for `pid` (via its pidfd) up to `timeout` seconds (forever if None) and reap it.
-/// Returns None on timeout, else (wait status, user s, system s, max rss bytes).
+/// Returns None on timeout, else (wait status, user s, system s, max rss bytes): the
+/// command's status, from nsfast-init's report on `status_fd` (see `spawn`) if it made one.
 #[pyfunction]
-#[pyo3(signature = (pid, pidfd, timeout=None))]
-fn wait(py: Python<'_>, pid: i32, pidfd: i32, timeout: Option<f64>) -> PyResult<Option<(i32, f64, f64, u64)>> {
+#[pyo3(signature = (pid, pidfd, timeout=None, status_fd=None))]
+fn wait(
+    py: Python<'_>,
+    pid: i32,
+    pidfd: i32,
+    timeout: Option<f64>,
+    status_fd: Option<i32>,
+) -> PyResult<Option<(i32, f64, f64, u64)>> {
     let timeout = match timeout {
         Some(t) if !(t.is_finite()) || t < 0.0 => {
             return Err(PyValueError::new_err("timeout must be a finite number >= 0"))
@@ -285,7 +293,10 @@ fn wait(py: Python<'_>, pid: i32, pidfd: i32, timeout: Option<f64>) -> PyResult<
         let slice = deadline.map_or(SLICE, |d| d.saturating_duration_since(std::time::Instant::now()).min(SLICE));
         match detached(py, move || crate::spawn::wait(pid, pidfd, Some(slice))) {
             Ok(Some((status, ru))) => {
-                return Ok(Some((status, tv(ru.ru_utime), tv(ru.ru_stime), ru.ru_maxrss as u64 * 1024)))
+                // The caller keeps status_fd (from `spawn`) open across this call.
+                let report = status_fd.map(crate::sys::borrow_fd);
+                let status = crate::spawn::command_status(status, report);
+                return Ok(Some((status, tv(ru.ru_utime), tv(ru.ru_stime), ru.ru_maxrss as u64 * 1024)));
             }
             Ok(None) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => return Ok(None),
             Ok(None) => py.check_signals()?,

@@ -43,6 +43,24 @@ const STACK_SIZE: usize = 256 * 1024;
 pub struct Child {
     pub pid: i32,
     pub pidfd: OwnedFd,
+    /// With nsfast-init as the first process: the read end of its status report, which says
+    /// how the command ended. Reap `pid`, then pass its status and this fd to
+    /// [`command_status`]; close it after.
+    pub status: Option<OwnedFd>,
+}
+
+/// The command's wait status, given the reaped first process's `init_status` and (with
+/// nsfast-init) the read end of its status report (`Child::status`).
+///
+/// nsfast-init reports the command's raw wait status right before it exits, as pid 1 of a
+/// pid namespace cannot die by a signal from inside. Without a well-formed report (init was
+/// killed — `kill()`, a timeout, the OOM killer — or never ran a command), the status is
+/// init's own. Never blocks.
+pub fn command_status(init_status: c_int, report: Option<std::os::fd::BorrowedFd<'_>>) -> c_int {
+    match report.and_then(sync::read_status_report) {
+        Some(rep) => rep.status,
+        None => init_status,
+    }
 }
 
 /// What the child needs besides the plan, all plain numbers.
@@ -60,7 +78,8 @@ struct ChildCtx<'a> {
     plan: &'a Plan,
     io: &'a Io<'a>,
     chan: ChildChannel,
-    init: Option<(RawFd, &'a CStrArray)>,
+    /// (nsfast-init's memfd, its argv, the write end of its status report).
+    init: Option<(RawFd, &'a CStrArray, RawFd)>,
     /// unshare(CLONE_NEWCGROUP) after sync point 1 instead of at clone.
     late_cgroup_ns: bool,
     /// v1 `tasks` files the child writes "0" to (moves itself in).
@@ -109,10 +128,14 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     let (mut parent, chan, report_w, go_r) =
         sync::channel(plan.maps.is_some() || attach.is_some()).map_err(|e| Error::spawn("pipe", None, e))?;
     let init_argv;
+    let mut status_pipe = None;
     let init = if plan.exec.init {
         let fd = init_binary().map_err(|e| Error::spawn("load nsfast-init", None, e))?;
-        init_argv = plan.exec.init_argv(chan.report);
-        Some((fd, &init_argv))
+        let (r, w) = sync::status_pipe().map_err(|e| Error::spawn("pipe", None, e))?;
+        init_argv = plan.exec.init_argv(chan.report, w.as_raw_fd());
+        let w_raw = w.as_raw_fd();
+        status_pipe = Some((r, w));
+        Some((fd, &init_argv, w_raw))
     } else {
         None
     };
@@ -126,7 +149,7 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         io.pass_fds,
         &tasks_fds,
         &prepared_fds,
-        &[init.map_or(-1, |(fd, _)| fd), parent_pidfd_raw],
+        &[init.map_or(-1, |(fd, _, _)| fd), init.map_or(-1, |(_, _, status)| status), parent_pidfd_raw],
     ]);
     let stack = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
     let ctx = ChildCtx {
@@ -175,9 +198,11 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     drop(go_r);
     drop(prepared);
     drop(parent_pidfd);
+    // Only init holds the write end of its status report.
+    let status = status_pipe.map(|(r, _w)| r);
     let pid = res.map_err(|e| Error::spawn("clone3", Some(namespaces_hint(plan.clone_flags)), e))?;
     // SAFETY: CLONE_PIDFD stored a fresh fd that nothing else owns.
-    let child = Child { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } };
+    let child = Child { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) }, status };
 
     finish(plan, child, &mut parent, plan.maps.as_ref(), attach, stack)
 }
@@ -524,15 +549,17 @@ fn child(ctx: &ChildCtx) -> ! {
     sys::child_unblock_all_signals();
 
     let envp = plan.exec.envp.as_ptr();
-    if ctx.init.is_some() {
-        // init inherits the report pipe and closes it once its child has exec'd.
+    if let Some((_, _, status)) = ctx.init {
+        // init inherits the report pipe and closes it once its child has exec'd, and the
+        // write end of its status report, which it keeps from the command (close-on-exec).
         sys::set_cloexec(ch.report, false).unwrap_or_else(|e| fail(Step::ExecInit, e));
+        sys::set_cloexec(status, false).unwrap_or_else(|e| fail(Step::ExecInit, e));
     }
     // Last: from here on only what the filter allows (execve, write, exit_group are).
     if let Some(filter) = &plan.seccomp {
         filter.install().unwrap_or_else(|e| fail(Step::Seccomp, e));
     }
-    if let Some((init_fd, init_argv)) = ctx.init {
+    if let Some((init_fd, init_argv, _)) = ctx.init {
         // SAFETY: prepared NULL-terminated arrays.
         let e = unsafe { sys::execve_fd(init_fd, init_argv.as_ptr(), envp) };
         fail(Step::ExecInit, e);

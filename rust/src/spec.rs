@@ -231,10 +231,12 @@ pub struct Exec {
 
 impl Exec {
     /// nsfast-init's command line: `nsfast-init REPORT_FD N CANDIDATE... -- ARGV...`.
-    pub fn init_argv(&self, report_fd: RawFd) -> CStrArray {
+    /// nsfast-init's command line; `status_fd` -1: no status report (see init/main.rs).
+    pub fn init_argv(&self, report_fd: RawFd, status_fd: RawFd) -> CStrArray {
         let mut v = vec![
             CString::from(c"nsfast-init"),
             CString::new(report_fd.to_string()).expect("digits"),
+            CString::new(status_fd.to_string()).expect("digits"),
             CString::new(self.candidates.len().to_string()).expect("digits"),
         ];
         v.extend(self.candidates.iter().cloned());
