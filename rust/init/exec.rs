@@ -291,7 +291,16 @@ pub fn main(args: Args) -> ! {
     // With CLONE_PARENT the exit signal is ours (SIGCHLD); clone3 wants none given.
     // SAFETY: the final process only reads `p` and uses STACK/FILTERS while we are stopped
     // in vfork (or in its own copy of our memory).
-    match unsafe { rt::clone3(&clone, final_entry, &p as *const Plan as usize) } {
+    let mut res = unsafe { rt::clone3(&clone, final_entry, &p as *const Plan as usize) };
+    if res == Err(rt::ENOSYS) && p.cgroup.is_none() {
+        // No clone3 here (the caller then gave no `cgroup=`: the final process moves itself
+        // through a `tasks=` fd instead). clone(2) as a fork: no stack of our own to give.
+        res = rt::fork_flags(CLONE_PARENT as usize);
+        if res == Ok(0) {
+            final_process(&p);
+        }
+    }
+    match res {
         Ok(pid) => {
             rt::record(p.report, STEP_EXEC_PID, pid as u32, 0);
             rt::exit(0)

@@ -338,6 +338,7 @@ pub const EACCES: i32 = 13;
 pub const ENOTDIR: i32 = 20;
 pub const EINVAL: i32 = 22;
 pub const EPERM: i32 = 1;
+pub const ENOSYS: i32 = 38;
 
 /// execvpe's rule over `candidates`: skip ENOENT/ENOTDIR, remember EACCES, stop at anything
 /// else. Returns the errno to report (only returns if nothing could be exec'd).
@@ -423,5 +424,11 @@ pub unsafe fn clone3(args: &CloneArgs, entry: extern "C" fn(usize) -> !, arg: us
 /// fork(2) as clone(SIGCHLD): 0 in the child, which continues on its copy of our memory.
 pub fn fork() -> Result<usize, i32> {
     const SIGCHLD: usize = 17;
-    sys(nr::CLONE, [SIGCHLD, 0, 0, 0, 0, 0])
+    fork_flags(SIGCHLD)
+}
+
+/// clone(2) with `flags` (the exit signal in the low byte) and no new stack: a fork, 0 in
+/// the child, which continues on its copy of our memory. Never with CLONE_VM.
+pub fn fork_flags(flags: usize) -> Result<usize, i32> {
+    sys(nr::CLONE, [flags & !0x100, 0, 0, 0, 0, 0])
 }

@@ -20,6 +20,7 @@
 use std::ffi::{c_int, c_void};
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use rustix::io::Errno;
@@ -82,6 +83,9 @@ struct ChildCtx<'a> {
     init: Option<(RawFd, &'a CStrArray, RawFd)>,
     /// unshare(CLONE_NEWCGROUP) after sync point 1 instead of at clone.
     late_cgroup_ns: bool,
+    /// unshare(CLONE_NEWTIME) after sync point 1 (clone(2) cannot carry it); the command
+    /// enters the new time namespace at execve.
+    late_time_ns: bool,
     /// v1 `tasks` files the child writes "0" to (moves itself in).
     tasks: &'a [RawFd],
     /// The fds of the plan's prepared trees (`mount::PrepareTree`), by number.
@@ -109,9 +113,54 @@ fn late_cgroup_ns(clone_flags: u64, moved_after_clone: bool) -> bool {
     moved_after_clone && clone_flags & libc::CLONE_NEWCGROUP as u64 != 0
 }
 
+/// Set once clone3 failed with ENOSYS (an older kernel, or a seccomp filter such as nsfast's
+/// own): it stays so for the life of the process, so later spawns go straight to `clone`.
+static NO_CLONE3: AtomicBool = AtomicBool::new(false);
+
+/// Whether clone3 is known to be missing here (see [`note_no_clone3`]).
+pub(crate) fn clone3_missing() -> bool {
+    NO_CLONE3.load(Ordering::Relaxed)
+}
+
+pub(crate) fn note_no_clone3() {
+    NO_CLONE3.store(true, Ordering::Relaxed);
+}
+
+/// How the child is started: clone3, or clone(2) where clone3 is ENOSYS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Clone {
+    Clone3,
+    /// clone(2) takes 32 bits of flags, the low 8 of them the exit signal: CLONE_NEWTIME
+    /// (0x80) is unshared by the child instead (the command enters it at execve), and
+    /// CLONE_INTO_CGROUP (bit 33) is replaced by the parent writing the child's pid to the
+    /// cgroup's `cgroup.procs` while the child waits at sync point 1.
+    Legacy,
+}
+
 /// Start the sandbox described by `plan`. Returns once the command has been exec'd.
 pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
+    if !clone3_missing() {
+        match spawn_with(plan, io, Clone::Clone3)? {
+            Some(child) => return Ok(child),
+            None => note_no_clone3(),
+        }
+    }
+    Ok(spawn_with(plan, io, Clone::Legacy)?.expect("clone(2) is not retried"))
+}
+
+/// One attempt; `Ok(None)`: clone3 is ENOSYS (nothing was started).
+fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
+    let legacy = how == Clone::Legacy;
     let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
+    // Without CLONE_INTO_CGROUP: the parent moves the child in through this file.
+    let procs = match cgroup_fd.filter(|_| legacy) {
+        Some(fd) => Some(
+            rustix::fs::openat(sys::borrow_fd(fd), c"cgroup.procs", OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
+                .map_err(|e| Error::spawn("attach cgroup", Some("cgroup.procs".into()), e))?,
+        ),
+        None => None,
+    };
+    let cgroup_fd = cgroup_fd.filter(|_| !legacy);
     let attach = io.cgroup.filter(|c| c.needs_attach());
     let tasks = self_attach_files(io)?;
     let tasks_fds: Vec<RawFd> = tasks.iter().map(|f| f.as_raw_fd()).collect();
@@ -125,8 +174,8 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         None
     };
     let parent_pidfd_raw = parent_pidfd.as_ref().map_or(-1, |f| f.as_raw_fd());
-    let (mut parent, chan, report_w, go_r) =
-        sync::channel(plan.maps.is_some() || attach.is_some()).map_err(|e| Error::spawn("pipe", None, e))?;
+    let (mut parent, chan, report_w, go_r) = sync::channel(plan.maps.is_some() || attach.is_some() || procs.is_some())
+        .map_err(|e| Error::spawn("pipe", None, e))?;
     let init_argv;
     let mut status_pipe = None;
     let init = if plan.exec.init {
@@ -157,7 +206,8 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         io,
         chan,
         init,
-        late_cgroup_ns: late_cgroup_ns(plan.clone_flags, attach.is_some() || !tasks_fds.is_empty()),
+        late_cgroup_ns: late_cgroup_ns(plan.clone_flags, attach.is_some() || !tasks_fds.is_empty() || procs.is_some()),
+        late_time_ns: legacy && plan.clone_flags & CLONE_NEWTIME != 0,
         tasks: &tasks_fds,
         prepared: &prepared_fds,
         keep_fds: &keep_fds,
@@ -174,6 +224,9 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     if cgroup_fd.is_some() {
         flags |= CLONE_INTO_CGROUP;
     }
+    if ctx.late_time_ns {
+        flags &= !CLONE_NEWTIME;
+    }
     let mut args = CloneArgs {
         flags,
         cgroup: cgroup_fd.map_or(0, |fd| fd as u64),
@@ -188,12 +241,18 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     let old_mask = sys::block_all_signals();
     // SAFETY: `stack` and `ctx` outlive the child's use of them: we only return (dropping
     // them) after `wait_exec` saw the report pipe close, i.e. after the child exec'd or died.
-    let mut res = unsafe { sys::clone3(&mut args, child_main, arg) };
-    if res == Err(Errno::NOSYS) {
+    let res = if legacy {
+        debug_assert!(args.flags >> 32 == 0 && args.flags & 0xff == 0, "clone(2) flags");
         // SAFETY: as above.
-        res = unsafe { sys::clone_legacy(args.flags, stack.top(), &mut pidfd, child_main, arg) };
-    }
+        unsafe { sys::clone_legacy(args.flags, stack.top(), &mut pidfd, child_main, arg) }
+    } else {
+        // SAFETY: as above.
+        unsafe { sys::clone3(&mut args, child_main, arg) }
+    };
     sys::restore_signals(&old_mask);
+    if res == Err(Errno::NOSYS) && !legacy {
+        return Ok(None); // no child: everything above is dropped, and clone(2) tries again
+    }
     drop(report_w);
     drop(go_r);
     drop(prepared);
@@ -204,7 +263,7 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     // SAFETY: CLONE_PIDFD stored a fresh fd that nothing else owns.
     let child = Child { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) }, status };
 
-    finish(plan, child, &mut parent, plan.maps.as_ref(), attach, stack)
+    finish(plan, child, &mut parent, plan.maps.as_ref(), attach, procs, stack).map(Some)
 }
 
 /// Sync point 1 (id maps written, v1 cgroup attached, then `go`), then sync point 2 (the
@@ -215,6 +274,7 @@ fn finish(
     parent: &mut sync::ParentChannel,
     maps: Option<&IdMaps>,
     attach: Option<&dyn Cgroup>,
+    procs: Option<OwnedFd>,
     stack: Stack,
 ) -> Result<Child> {
     if parent.go.is_some() {
@@ -222,6 +282,12 @@ fn finish(
         if let (Ok(()), Some(cg)) = (&ready, attach) {
             ready =
                 cg.attach(child.pid).map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), cgroup_errno(&e)));
+        }
+        if let (Ok(()), Some(procs)) = (&ready, &procs) {
+            // The cgroup CLONE_INTO_CGROUP would have put it in (clone(2) has no such flag).
+            ready = rustix::io::write(procs, child.pid.to_string().as_bytes())
+                .map(drop)
+                .map_err(|e| Error::spawn("attach cgroup", Some("cgroup.procs".into()), e));
         }
         let ready = ready.and_then(|()| parent.mappings_written().map_err(|e| Error::spawn("signal child", None, e)));
         if let Err(e) = ready {
@@ -318,7 +384,15 @@ fn idmap_userns() -> std::result::Result<std::os::fd::BorrowedFd<'static>, Errno
         let fds = [r.as_raw_fd(), w.as_raw_fd()];
         // SAFETY: the child only reads `fds` (alive until we reaped it), closes its copy of the
         // write end, reads the pipe and exits; it runs on `stack`, which outlives it.
-        let res = unsafe { sys::clone3(&mut args, hold_userns_main, fds.as_ptr() as *mut c_void) };
+        let mut res = unsafe { sys::clone3(&mut args, hold_userns_main, fds.as_ptr() as *mut c_void) };
+        if res == Err(Errno::NOSYS) {
+            note_no_clone3();
+            let mut unused: c_int = -1;
+            // SAFETY: as above (the flags fit clone(2)'s 32 bits).
+            res = unsafe {
+                sys::clone_legacy(args.flags, stack.top(), &mut unused, hold_userns_main, fds.as_ptr() as *mut c_void)
+            };
+        }
         sys::restore_signals(&old_mask);
         let pid = res?;
         let done = write_maps(pid, &IdMaps::sandbox_range())
@@ -357,6 +431,7 @@ fn abort_child(child: &Child, parent: &sync::ParentChannel) {
 }
 
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+const CLONE_NEWTIME: u64 = libc::CLONE_NEWTIME as u64;
 
 fn cgroup_errno(e: &crate::cgroup::CgroupError) -> Errno {
     match e {
@@ -467,6 +542,9 @@ fn child(ctx: &ChildCtx) -> ! {
     }
     if ctx.late_cgroup_ns {
         sys::unshare(libc::CLONE_NEWCGROUP as u64).unwrap_or_else(|e| fail(Step::CgroupNs, e));
+    }
+    if ctx.late_time_ns {
+        sys::unshare(CLONE_NEWTIME).unwrap_or_else(|e| fail(Step::TimeNs, e));
     }
     for (i, st) in plan.fs.steps.iter().enumerate() {
         if let Err(e) = mount::run(&st.op, ctx.prepared) {

@@ -39,6 +39,7 @@ pub enum Step {
     Seccomp,
     Rlimit,
     CloseFdsEarly,
+    TimeNs,
 }
 
 impl Step {
@@ -71,6 +72,7 @@ impl Step {
             Seccomp,
             Rlimit,
             CloseFdsEarly,
+            TimeNs,
         ]
         .into_iter()
         .find(|s| *s as u32 == v)
@@ -105,6 +107,7 @@ impl Step {
             Step::Seccomp => "install seccomp filter",
             Step::Rlimit => "setrlimit",
             Step::CloseFdsEarly => "close inherited fds",
+            Step::TimeNs => "unshare time namespace",
         }
     }
 }
