@@ -126,9 +126,10 @@ fn spawn_join_with(plan: &Plan, io: &Io, target: &Target, legacy: bool) -> Resul
         None => Vec::new(),
     };
     if let Some(fd) = cgroup_fd.filter(|_| legacy) {
-        let procs =
-            rustix::fs::openat(sys::borrow_fd(fd), c"cgroup.procs", OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
-                .map_err(|e| Error::spawn("attach cgroup", Some("cgroup.procs".into()), e))?;
+        // SAFETY: io.cgroup owns the directory fd and outlives this call.
+        let dir = unsafe { sys::borrow_fd(fd) };
+        let procs = rustix::fs::openat(dir, c"cgroup.procs", OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| Error::spawn("attach cgroup", Some("cgroup.procs".into()), e))?;
         tasks.push(procs);
     }
     let cgroup_fd = cgroup_fd.filter(|_| !legacy);
@@ -345,7 +346,8 @@ fn intermediate(ctx: &MidCtx) -> ! {
     let ch = &ctx.chan;
     sys::child_reset_signal_dispositions();
     // Our copy of the caller's fd table: the helper gets nothing else.
-    sys::close_all_except(ctx.keep).unwrap_or_else(|e| ch.fail(Step::CloseFdsEarly, 0, e));
+    // SAFETY: our copy of the caller's table: nothing in this process owns the others.
+    unsafe { sys::close_all_except(ctx.keep) }.unwrap_or_else(|e| ch.fail(Step::CloseFdsEarly, 0, e));
     for &fd in ctx.inherit {
         sys::set_cloexec(fd, false).unwrap_or_else(|e| ch.fail(Step::CloseFds, 0, e));
     }

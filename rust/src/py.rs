@@ -293,8 +293,8 @@ fn wait(
         let slice = deadline.map_or(SLICE, |d| d.saturating_duration_since(std::time::Instant::now()).min(SLICE));
         match detached(py, move || crate::spawn::wait(pid, pidfd, Some(slice))) {
             Ok(Some((status, ru))) => {
-                // The caller keeps status_fd (from `spawn`) open across this call.
-                let report = status_fd.map(crate::sys::borrow_fd);
+                // SAFETY: the caller keeps status_fd (from `spawn`) open across this call.
+                let report = status_fd.map(|fd| unsafe { crate::sys::borrow_fd(fd) });
                 let status = crate::spawn::command_status(status, report);
                 return Ok(Some((status, tv(ru.ru_utime), tv(ru.ru_stime), ru.ru_maxrss as u64 * 1024)));
             }
@@ -375,7 +375,9 @@ fn spawn_join(
         if h.getattr("closed")?.extract::<bool>()? {
             return Err(gone(rustix::io::Errno::SRCH));
         }
-        let dup = |fd: i32| rustix::io::fcntl_dupfd_cloexec(crate::sys::borrow_fd(fd), 3).map_err(gone);
+        // SAFETY: the container's held fds stay open while `closed` is false (checked above,
+        // with the GIL held, which stop() needs to close them).
+        let dup = |fd: i32| rustix::io::fcntl_dupfd_cloexec(unsafe { crate::sys::borrow_fd(fd) }, 3).map_err(gone);
         let mut ns = Vec::new();
         for (name, fd) in h.getattr("ns_fds")?.extract::<Vec<(String, i32)>>()? {
             let flag =

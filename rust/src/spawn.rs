@@ -154,10 +154,14 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
     let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
     // Without CLONE_INTO_CGROUP: the parent moves the child in through this file.
     let procs = match cgroup_fd.filter(|_| legacy) {
-        Some(fd) => Some(
-            rustix::fs::openat(sys::borrow_fd(fd), c"cgroup.procs", OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
-                .map_err(|e| Error::spawn("attach cgroup", Some("cgroup.procs".into()), e))?,
-        ),
+        Some(fd) => {
+            // SAFETY: io.cgroup owns the directory fd and outlives this call.
+            let dir = unsafe { sys::borrow_fd(fd) };
+            Some(
+                rustix::fs::openat(dir, c"cgroup.procs", OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
+                    .map_err(|e| Error::spawn("attach cgroup", Some("cgroup.procs".into()), e))?,
+            )
+        }
         None => None,
     };
     let cgroup_fd = cgroup_fd.filter(|_| !legacy);
@@ -326,8 +330,7 @@ fn spawning_thread_pidfd() -> std::result::Result<OwnedFd, Errno> {
 /// Child-safe: (re-)arm the death signal; a change of ids clears it.
 fn arm_death_signal(ctx: &ChildCtx) {
     if ctx.plan.die_with_parent {
-        sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize, 0)
-            .unwrap_or_else(|e| ctx.chan.fail(Step::DeathSignal, 0, e));
+        sys::set_death_signal_kill().unwrap_or_else(|e| ctx.chan.fail(Step::DeathSignal, 0, e));
     }
 }
 
@@ -417,9 +420,11 @@ extern "C" fn hold_userns_main(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` points to the parent's [read, write] pipe fds, alive until we are reaped.
     let [r, w] = unsafe { *(arg as *const [RawFd; 2]) };
     // Child-safe: wait until the parent closes the pipe (it has opened our user namespace).
-    sys::close(w);
+    // SAFETY: our copy of the parent's write end: nothing in this child owns it.
+    unsafe { sys::close(w) };
     let mut b = [0u8; 1];
-    let _ = rustix::io::read(sys::borrow_fd(r), &mut b);
+    // SAFETY: our copy of the read end, open until we exit.
+    let _ = rustix::io::read(unsafe { sys::borrow_fd(r) }, &mut b);
     sys::exit_now(0)
 }
 
@@ -521,7 +526,8 @@ fn child(ctx: &ChildCtx) -> ! {
     sys::child_reset_signal_dispositions();
     // Our copy of the caller's fd table: nothing the sandbox does not need stays open
     // (no path is resolved, no mount made before this).
-    sys::close_all_except(ctx.keep_fds).unwrap_or_else(|e| fail(Step::CloseFdsEarly, e));
+    // SAFETY: the child's copy of the parent's table: nothing in the child owns the others.
+    unsafe { sys::close_all_except(ctx.keep_fds) }.unwrap_or_else(|e| fail(Step::CloseFdsEarly, e));
     arm_death_signal(ctx);
     if ch.go >= 0 {
         // Also proves the parent outlived the prctl above: a dead parent's `go` reads EOF.
@@ -536,7 +542,8 @@ fn child(ctx: &ChildCtx) -> ! {
         arm_death_signal(ctx);
     }
     for (i, &fd) in ctx.tasks.iter().enumerate() {
-        if let Err(e) = rustix::io::write(sys::borrow_fd(fd), b"0") {
+        // SAFETY: a kept fd (keep_fds), open until exec.
+        if let Err(e) = rustix::io::write(unsafe { sys::borrow_fd(fd) }, b"0") {
             ch.fail(Step::AttachCgroup, i as u32, e);
         }
     }
@@ -566,7 +573,7 @@ fn child(ctx: &ChildCtx) -> ! {
     // The bounding set needs CAP_SETPCAP, which a switch to a non-root uid takes away.
     for cap in 0..=plan.cap_last {
         if plan.keep_caps & (1u64 << cap) == 0 {
-            sys::prctl(libc::PR_CAPBSET_DROP, cap as usize, 0).unwrap_or_else(|e| fail(Step::DropCaps, e));
+            sys::capbset_drop(cap).unwrap_or_else(|e| fail(Step::DropCaps, e));
         }
     }
     if let Some(ids) = plan.set_ids {
@@ -582,19 +589,19 @@ fn child(ctx: &ChildCtx) -> ! {
     if ctx.parent_pidfd >= 0 {
         // Armed for good now: if the spawning thread died at any point before, exit.
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let mut fds = [PollFd::from_borrowed_fd(sys::borrow_fd(ctx.parent_pidfd), PollFlags::IN)];
+        // SAFETY: a kept fd (keep_fds), open until exec.
+        let mut fds = [PollFd::from_borrowed_fd(unsafe { sys::borrow_fd(ctx.parent_pidfd) }, PollFlags::IN)];
         if poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })).is_ok_and(|n| n > 0) {
             sys::exit_now(127);
         }
     }
-    sys::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as usize, 0)
-        .unwrap_or_else(|e| fail(Step::DropCaps, e));
+    sys::clear_ambient_capabilities().unwrap_or_else(|e| fail(Step::DropCaps, e));
     let have = sys::capget_permitted().unwrap_or_else(|e| fail(Step::DropCaps, e));
     sys::capset(have & plan.keep_caps).unwrap_or_else(|e| fail(Step::DropCaps, e));
     if plan.new_session {
         rustix::process::setsid().unwrap_or_else(|e| fail(Step::Setsid, e));
     }
-    sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
+    sys::set_no_new_privs().unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
     // A crash must not hand a core to the host's core_pattern (a pipe helper runs as host root).
     sys::rlimit_set(libc::RLIMIT_CORE, 0).unwrap_or_else(|e| fail(Step::Rlimit, e));
     if let Some(n) = plan.nproc {
@@ -615,12 +622,14 @@ fn child(ctx: &ChildCtx) -> ! {
         } else if fd == target {
             sys::set_cloexec(fd, false)
         } else {
-            sys::dup2(fd, target)
+            // SAFETY: `target` is 0, 1 or 2 of the child's own table (what the command gets).
+            unsafe { sys::dup2(fd, target) }
         };
         res.unwrap_or_else(|e| fail(Step::Stdio, e));
     }
     // Everything from 3 up closes at exec, except the fds passed on purpose.
-    sys::close_range(3, u32::MAX, sys::CLOSE_RANGE_CLOEXEC).unwrap_or_else(|e| fail(Step::CloseFds, e));
+    // SAFETY: CLOSE_RANGE_CLOEXEC closes nothing now; at exec the child is gone.
+    unsafe { sys::close_range(3, u32::MAX, sys::CLOSE_RANGE_CLOEXEC) }.unwrap_or_else(|e| fail(Step::CloseFds, e));
     for &fd in ctx.io.pass_fds {
         sys::set_cloexec(fd, false).unwrap_or_else(|e| fail(Step::CloseFds, e));
     }
@@ -689,7 +698,9 @@ pub fn wait(
             None => None,
         };
         let ts = left.map(|d| Timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as i64 });
-        let mut fds = [PollFd::from_borrowed_fd(sys::borrow_fd(pidfd), PollFlags::IN)];
+        // SAFETY: poll only reads the readiness of `pidfd` (the caller's, open for this call):
+        // a wrong number gives a wrong answer (then wait4 tells), never closes or uses a file.
+        let mut fds = [PollFd::from_borrowed_fd(unsafe { sys::borrow_fd(pidfd) }, PollFlags::IN)];
         match poll(&mut fds, ts.as_ref()) {
             Ok(_) | Err(Errno::INTR) => {}
             Err(e) => return Err(e.into()),

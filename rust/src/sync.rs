@@ -266,10 +266,12 @@ pub fn channel(with_go: bool) -> rustix::io::Result<(ParentChannel, ChildChannel
 impl ChildChannel {
     /// Child-safe: block until the parent has written the id maps.
     pub fn wait_mappings_written(&self) -> Result<(), Errno> {
-        crate::sys::close(self.go_parent);
+        // SAFETY: the child's copy of the parent's end: nothing in the child owns it.
+        unsafe { crate::sys::close(self.go_parent) };
         let mut b = [0u8; 1];
         loop {
-            let fd = crate::sys::borrow_fd(self.go);
+            // SAFETY: the child's end, open until it execs or exits.
+            let fd = unsafe { crate::sys::borrow_fd(self.go) };
             match rustix::io::read(fd, &mut b) {
                 Ok(1) => return Ok(()),
                 Ok(_) => return Err(Errno::PIPE),
@@ -282,7 +284,8 @@ impl ChildChannel {
     /// Child-safe: report a failed step and exit.
     pub fn fail(&self, step: Step, index: u32, errno: Errno) -> ! {
         let rec = ChildError { step: step as u32, index, errno: errno.raw_os_error() }.encode();
-        let _ = rustix::io::write(crate::sys::borrow_fd(self.report), &rec);
+        // SAFETY: the child's end of the report pipe, open until it exits.
+        let _ = rustix::io::write(unsafe { crate::sys::borrow_fd(self.report) }, &rec);
         crate::sys::exit_now(127)
     }
 }
