@@ -233,7 +233,7 @@ fn parse(args: Args) -> Option<Plan> {
 }
 
 /// Memory the final process's setup uses: written by one process at a time.
-struct Shared<T>(UnsafeCell<T>);
+pub(crate) struct Shared<T>(pub(crate) UnsafeCell<T>);
 // SAFETY: this program is single-threaded; the final process runs while we wait (vfork).
 unsafe impl<T> Sync for Shared<T> {}
 
@@ -241,10 +241,11 @@ unsafe impl<T> Sync for Shared<T> {}
 static FILTERS: Shared<[u32; 64 * 1024]> = Shared(UnsafeCell::new([0; 64 * 1024]));
 static FILTERS_LEN: Shared<usize> = Shared(UnsafeCell::new(0));
 
-/// The final process's stack when it shares our memory (CLONE_VM).
+/// The final process's stack when it shares our memory (CLONE_VM); also the command's, in
+/// nsfast-init's main mode (the two modes never run in one process).
 #[repr(C, align(16))]
-struct Stack([u8; 64 * 1024]);
-static STACK: Shared<Stack> = Shared(UnsafeCell::new(Stack([0; 64 * 1024])));
+pub(crate) struct Stack([u8; 64 * 1024]);
+pub(crate) static STACK: Shared<Stack> = Shared(UnsafeCell::new(Stack([0; 64 * 1024])));
 
 /// The exec helper's main.
 pub fn main(args: Args) -> ! {

@@ -109,14 +109,13 @@ fn main(args: Args) -> ! {
         idle();
     }
 
-    let pid = match rt::fork() {
-        Ok(0) => {
-            // The child: its parent had every disposition reset; give it the mask back.
-            rt::set_sigmask(0);
-            let err = rt::exec_candidates(candidates.map(|i| args.ptr(i, 0)), args.tail(argv_start), args.envp);
-            rt::record(report, STEP_EXEC, 0, err);
-            rt::exit(127)
-        }
+    // vfork: the command's process shares our memory until its execve (no page table to
+    // copy, no copy-on-write faults), on a stack of its own; we wait meanwhile.
+    let start = Start { args, candidates, argv_start, report };
+    let top = (exec::STACK.0.get() as usize + core::mem::size_of::<exec::Stack>()) as *mut u8;
+    // SAFETY: the child only reads `start` and runs on STACK, both untouched by us while
+    // CLONE_VFORK stops us; it execs or exits.
+    let pid = match unsafe { rt::vfork_on(top, start_command, &start as *const Start as usize) } {
         Ok(pid) => pid as i32,
         Err(_) => rt::exit(127),
     };
@@ -146,6 +145,25 @@ fn main(args: Args) -> ! {
             }
         }
     }
+}
+
+/// What the command's process needs (it reads it from our memory, CLONE_VM).
+struct Start {
+    args: Args,
+    candidates: core::ops::Range<usize>,
+    argv_start: usize,
+    report: i32,
+}
+
+extern "C" fn start_command(arg: usize) -> ! {
+    // SAFETY: our parent's Start, alive and unchanged while it waits (CLONE_VFORK).
+    let s = unsafe { &*(arg as *const Start) };
+    // Our parent had every disposition reset; give the command the mask back.
+    rt::set_sigmask(0);
+    let err =
+        rt::exec_candidates(s.candidates.clone().map(|i| s.args.ptr(i, 0)), s.args.tail(s.argv_start), s.args.envp);
+    rt::record(s.report, STEP_EXEC, 0, err);
+    rt::exit(127)
 }
 
 /// Remove `KEY=` (given with its '=') from our environment, in place; its value.

@@ -421,10 +421,68 @@ pub unsafe fn clone3(args: &CloneArgs, entry: extern "C" fn(usize) -> !, arg: us
     }
 }
 
-/// fork(2) as clone(SIGCHLD): 0 in the child, which continues on its copy of our memory.
-pub fn fork() -> Result<usize, i32> {
-    const SIGCHLD: usize = 17;
-    fork_flags(SIGCHLD)
+/// vfork on a stack of its own: clone(2) (clone3 may be ENOSYS under seccomp) with
+/// CLONE_VM | CLONE_VFORK | SIGCHLD, whose child calls `entry(arg)` on `stack_top` (never
+/// returning) while we wait until it exec'd or exited. The child's pid.
+///
+/// # Safety
+/// The stack below `stack_top` (16-byte aligned) and what `arg` points to must stay valid and
+/// untouched by anything else while the child uses them; `entry` execs or exits.
+pub unsafe fn vfork_on(stack_top: *mut u8, entry: extern "C" fn(usize) -> !, arg: usize) -> Result<usize, i32> {
+    const FLAGS: usize = 0x100 /* CLONE_VM */ | 0x4000 /* CLONE_VFORK */ | 17 /* SIGCHLD */;
+    let ret: isize;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the child starts with rsp = stack_top and only calls `entry`, which never
+    // returns (ud2 if it did); r12/r13 survive `syscall`.
+    unsafe {
+        asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "and rsp, -16",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") nr::CLONE as isize => ret,
+            in("rdi") FLAGS,
+            in("rsi") stack_top,
+            in("rdx") 0usize,
+            in("r10") 0usize,
+            in("r8") 0usize,
+            in("r12") arg,
+            in("r13") entry,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: as above; the kernel sets sp to stack_top, x20/x21 survive `svc`.
+    unsafe {
+        asm!(
+            "svc 0",
+            "cbnz x0, 2f",
+            "mov x29, xzr",
+            "mov x0, x20",
+            "blr x21",
+            "brk #1",
+            "2:",
+            inlateout("x0") FLAGS as isize => ret,
+            in("x1") stack_top,
+            in("x2") 0usize,
+            in("x3") 0usize,
+            in("x4") 0usize,
+            in("x8") nr::CLONE,
+            in("x20") arg,
+            in("x21") entry,
+        );
+    }
+    if (-4095..0).contains(&ret) {
+        Err(-ret as i32)
+    } else {
+        Ok(ret as usize)
+    }
 }
 
 /// clone(2) with `flags` (the exit signal in the low byte) and no new stack: a fork, 0 in
