@@ -14,8 +14,9 @@
 //!                                             (`masked_paths=(), readonly_paths=(), hidden=()`)
 //!     --no-limits    no memory/pids limits    (`limits=None`; the cgroup stays)
 //!     --no-cgroup    no per-sandbox cgroup    (`cgroup=False`)
-//!     --init         nsfast-init as pid 1     (`init=None`, the Python default with a pid
-//!                                             namespace; without the flag: `init=False`)
+//!     --no-init      the command as pid 1     (`init=False`; by default nsfast-init is pid 1
+//!                                             when there is a pid namespace, as `init=None`)
+//!     --init         nsfast-init even without a pid namespace (`init=True`)
 //!
 //! and `--warmup K` spawns K times untimed first; `--samples` adds every sample (in the order
 //! taken) to the JSON, as "samples_us".
@@ -39,7 +40,7 @@ struct Options {
     masks: bool,
     limits: bool,
     cgroup: bool,
-    init: bool,
+    init: Option<bool>,
     samples: bool,
 }
 
@@ -53,7 +54,7 @@ fn parse(args: &[String]) -> Options {
         masks: true,
         limits: true,
         cgroup: true,
-        init: false,
+        init: None,
         samples: false,
     };
     let mut positional = 0;
@@ -65,7 +66,8 @@ fn parse(args: &[String]) -> Options {
             "--no-masks" => o.masks = false,
             "--no-limits" => o.limits = false,
             "--no-cgroup" => o.cgroup = false,
-            "--init" => o.init = true,
+            "--init" => o.init = Some(true),
+            "--no-init" => o.init = Some(false),
             "--samples" => o.samples = true,
             "--warmup" => o.warmup = it.next().and_then(|k| k.parse().ok()).expect("--warmup K"),
             flag if flag.starts_with("--") => panic!("unknown flag {flag}"),
@@ -96,7 +98,8 @@ fn main() {
     if !o.seccomp {
         spec.seccomp = None;
     }
-    spec.init = o.init;
+    // As Spec.init=None in Python: nsfast-init exactly when there is a pid namespace.
+    spec.init = o.init.unwrap_or(spec.namespaces & libc::CLONE_NEWPID as u64 != 0);
     if !o.masks {
         spec.masked_paths.clear();
         spec.readonly_paths.clear();
@@ -151,7 +154,7 @@ fn main() {
         q(0.5),
         q(0.9),
     );
-    json += &format!(", \"init\": {}", o.init);
+    json += &format!(", \"init\": {}", spec.init);
     if o.samples {
         json += &format!(", \"samples_us\": [{}]", taken.join(", "));
     }
