@@ -59,7 +59,8 @@ fn main(args: Args) -> ! {
     }
     // First: nothing in the sandbox may ptrace us or reach our fds through /proc/1 (the
     // command inherits this until its execve, which makes it dumpable again).
-    if sys(nr::PRCTL, [PR_SET_DUMPABLE, 0, 0, 0, 0, 0]).is_err() {
+    // SAFETY: integer arguments.
+    if unsafe { sys(nr::PRCTL, [PR_SET_DUMPABLE, 0, 0, 0, 0, 0]) }.is_err() {
         rt::exit(127);
     }
     let num = |i: usize| args.get(i).and_then(rt::num).and_then(|n| usize::try_from(n).ok());
@@ -83,8 +84,12 @@ fn main(args: Args) -> ! {
             if status >= 0 {
                 rt::close(status);
             }
-            let _ = sys(nr::FCNTL, [result as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]);
-            let err = rt::exec_candidates(candidates.map(|i| args.ptr(i, 0)), args.tail(argv_start), args.envp);
+            // SAFETY: integer arguments (F_SETFD, F_DUPFD_CLOEXEC).
+            let _ = unsafe { sys(nr::FCNTL, [result as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]) };
+            // SAFETY: the kernel's argv and envp arrays (NULL-terminated, alive for the process);
+            // candidates are argv strings (Args::ptr: NULL when out of range).
+            let err =
+                unsafe { rt::exec_candidates(candidates.map(|i| args.ptr(i, 0)), args.tail(argv_start), args.envp) };
             rt::record(result, STEP_EXEC, 0, err);
             rt::exit(127)
         }
@@ -93,13 +98,17 @@ fn main(args: Args) -> ! {
     }
 
     rt::set_sigmask(ALL_SIGNALS);
-    let _ = sys(nr::PRCTL, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, 0]);
-    let _ = sys(nr::FCNTL, [report as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]);
-    if status >= 0 && sys(nr::FCNTL, [status as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]).is_err() {
+    // SAFETY: integer arguments.
+    let _ = unsafe { sys(nr::PRCTL, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, 0]) };
+    // SAFETY: integer arguments (F_SETFD, F_DUPFD_CLOEXEC).
+    let _ = unsafe { sys(nr::FCNTL, [report as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]) };
+    // SAFETY: integer arguments (F_SETFD, F_DUPFD_CLOEXEC).
+    if status >= 0 && unsafe { sys(nr::FCNTL, [status as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]) }.is_err() {
         rt::exit(127);
     }
     // The name shows in ps instead of "memfd:nsfast-init".
-    let _ = sys(nr::PRCTL, [PR_SET_NAME, c"nsfast-init".as_ptr() as usize, 0, 0, 0, 0]);
+    // SAFETY: integer arguments.
+    let _ = unsafe { sys(nr::PRCTL, [PR_SET_NAME, c"nsfast-init".as_ptr() as usize, 0, 0, 0, 0]) };
     if argv_start >= args.argc {
         // Our copy of the report pipe: nothing to exec, so setup is complete.
         rt::close(report);
@@ -128,7 +137,8 @@ fn main(args: Args) -> ! {
         let Ok(sig) = wait_signal(&mut info) else { continue };
         if sig != SIGCHLD {
             // Forward to our child.
-            let _ = sys(nr::KILL, [pid as usize, sig as usize, 0, 0, 0, 0]);
+            // SAFETY: integer arguments.
+            let _ = unsafe { sys(nr::KILL, [pid as usize, sig as usize, 0, 0, 0, 0]) };
             continue;
         }
         while let Some((r, status)) = reap_one() {
@@ -160,8 +170,11 @@ extern "C" fn start_command(arg: usize) -> ! {
     let s = unsafe { &*(arg as *const Start) };
     // Our parent had every disposition reset; give the command the mask back.
     rt::set_sigmask(0);
-    let err =
-        rt::exec_candidates(s.candidates.clone().map(|i| s.args.ptr(i, 0)), s.args.tail(s.argv_start), s.args.envp);
+    // SAFETY: the kernel's argv and envp arrays (NULL-terminated, alive for the process);
+    // candidates are argv strings (Args::ptr: NULL when out of range).
+    let err = unsafe {
+        rt::exec_candidates(s.candidates.clone().map(|i| s.args.ptr(i, 0)), s.args.tail(s.argv_start), s.args.envp)
+    };
     rt::record(s.report, STEP_EXEC, 0, err);
     rt::exit(127)
 }
@@ -208,7 +221,8 @@ fn pass_gate(report: i32, gate: &[u8]) -> (i32, bool) {
     };
     rt::close(report);
     let mut b = [0u8; 1];
-    if sys(nr::READ, [gate_fd as usize, b.as_mut_ptr() as usize, 1, 0, 0, 0]) != Ok(1) {
+    // SAFETY: into a live buffer of ours, of the length given.
+    if unsafe { sys(nr::READ, [gate_fd as usize, b.as_mut_ptr() as usize, 1, 0, 0, 0]) } != Ok(1) {
         rt::exit(127); // the caller gave up (or died)
     }
     rt::close(gate_fd);
@@ -218,13 +232,16 @@ fn pass_gate(report: i32, gate: &[u8]) -> (i32, bool) {
 /// Wait for any signal (all are blocked).
 fn wait_signal(info: &mut [u8; 128]) -> Result<i32, i32> {
     let all = ALL_SIGNALS;
-    sys(nr::RT_SIGTIMEDWAIT, [&all as *const u64 as usize, info.as_mut_ptr() as usize, 0, 8, 0, 0]).map(|s| s as i32)
+    // SAFETY: a live sigset and a 128-byte siginfo buffer on our stack.
+    unsafe { sys(nr::RT_SIGTIMEDWAIT, [&all as *const u64 as usize, info.as_mut_ptr() as usize, 0, 8, 0, 0]) }
+        .map(|s| s as i32)
 }
 
 /// Reap one exited child without blocking: (pid, wait status).
 fn reap_one() -> Option<(i32, i32)> {
     let mut status: i32 = 0;
-    match sys(nr::WAIT4, [-1isize as usize, &mut status as *mut i32 as usize, WNOHANG, 0, 0, 0]) {
+    // SAFETY: a live status int on our stack; rusage NULL.
+    match unsafe { sys(nr::WAIT4, [-1isize as usize, &mut status as *mut i32 as usize, WNOHANG, 0, 0, 0]) } {
         Ok(0) | Err(_) => None,
         Ok(pid) => Some((pid as i32, status)),
     }
