@@ -6,7 +6,7 @@ below subclass its `TestRunExecutor` (no container) and `TestRunExecutorWithCont
 only replace `setUp` (which builds the executor). Each BenchExec test that tests BenchExec
 itself (its runexec command line, its cgroup plumbing, its container features, its
 logging) is skipped with the reason; each that fails because of an nsfast defect is a
-strict xfail naming the defect, so that fixing it turns into a pass signal."""
+strict xfail naming the defect, so that fixing it turns into a pass signal (none is left)."""
 
 from __future__ import annotations
 
@@ -69,34 +69,20 @@ SKIP_PLAIN: Dict[str, str] = {
 
 # --- nsfast defects (strict xfails: each turns into a pass signal when fixed) ----------------
 
-INIT_STATUS = (
-    "nsfast defect: with init=True, a command killed by signal N is reported as exit status 128+N "
-    "(returncode 128+N, Usage.termination 'exit') instead of returncode -N / 'signal'"
-)
-#: Under init=True (the adapter's: the tool is not pid 1, as under BenchExec).
-XFAIL_INIT: Dict[str, str] = {
-    "test_cputime_softlimit": INIT_STATUS + ": SIGTERM at the soft limit gives exit 143, not signal 15",
-    "test_all_timelimits": INIT_STATUS + ": SIGTERM at the soft limit gives exit 143, not signal 15",
-    "test_memory_limit": INIT_STATUS + ": the OOM-killed dd gives exit 137 and termination 'exit' although "
-    "Usage.oom_killed is True, not signal 9 / 'memory'",
-}
-XFAIL_INIT_CONTAINER: Dict[str, str] = {
-    "test_file_size_limit": INIT_STATUS + ": the SIGXFSZ death is exit 153, so no 'files-size'. Fixed, this "
-    "still fails on an adapter limitation: RLIMIT_FSIZE ends the writer with SIGXFSZ (25), BenchExec's "
-    "files-size watcher kills with SIGKILL (the test wants 9)",
+#: Under init=True (the adapter's: the tool is not pid 1, as under BenchExec): none left (signal
+#: deaths were 128+N before nsfast-init reported the command's status). One difference stays:
+SKIP_INIT_CONTAINER: Dict[str, str] = {
+    "test_file_size_limit": "adapter limitation, not a defect: RLIMIT_FSIZE ends the writer with SIGXFSZ "
+    "(returncode -25, as the kernel does), while BenchExec's files-size watcher kills with SIGKILL (the test "
+    "wants signal 9)",
 }
 
-PID1_SIGNALS = (
-    "nsfast defect: with init=False (the default) the command is pid 1, and the kernel drops the signals "
-    "pid 1 has no handler for"
-)
-#: Under init=False: nsfast's default, the tool is the sandbox's pid 1.
-XFAIL_PID1: Dict[str, str] = {
-    "test_cputime_softlimit": PID1_SIGNALS + ": Limits.cpu_time_soft's SIGTERM is a no-op (the loop runs on, "
-    "and a run that then exits 0 still has termination 'cpu_time')",
-    "test_all_timelimits": PID1_SIGNALS + ": Limits.cpu_time_soft's SIGTERM is a no-op, the hard limit kills",
-    "test_file_size_limit": PID1_SIGNALS + ": the kernel's SIGXFSZ too, the shell gets EFBIG and goes on "
-    "(exit 1, no 'files-size'); the adapter limitation of the init=True case (SIGXFSZ vs SIGKILL) also applies",
+PID1 = "with init=False the command is pid 1 of its pid namespace, and the kernel drops the signals pid 1 has no handler for"
+#: Under an explicit init=False: documented behaviour, so skips with the reason.
+SKIP_PID1: Dict[str, str] = {
+    "test_cputime_softlimit": PID1 + ": cpu_time_soft's SIGTERM could not work, so nsfast refuses it (SpecError)",
+    "test_all_timelimits": PID1 + ": cpu_time_soft's SIGTERM could not work, so nsfast refuses it (SpecError)",
+    "test_file_size_limit": PID1 + ": the kernel's SIGXFSZ too; the shell gets EFBIG and goes on (exit 1)",
 }
 
 
@@ -147,7 +133,7 @@ class TestNsfastRunExecutor(bx.TestRunExecutor):  # type: ignore[misc]
     def setUp(self, *args: Any, **kwargs: Any) -> None:
         self.runexecutor = NsfastRunExecutor(container=False, **kwargs)
 
-    _apply(locals(), bx.TestRunExecutor, {**SKIP, **SKIP_PLAIN}, XFAIL_INIT)
+    _apply(locals(), bx.TestRunExecutor, {**SKIP, **SKIP_PLAIN}, {})
 
 
 class TestNsfastRunExecutorWithContainer(bx.TestRunExecutorWithContainer):  # type: ignore[misc]
@@ -168,19 +154,14 @@ class TestNsfastRunExecutorWithContainer(bx.TestRunExecutorWithContainer):  # ty
         )
         self.runexecutor = NsfastRunExecutor(container=True, **kwargs)
 
-    _apply(
-        locals(), bx.TestRunExecutorWithContainer, {**SKIP, **SKIP_CONTAINER}, {**XFAIL_INIT, **XFAIL_INIT_CONTAINER}
-    )
+    _apply(locals(), bx.TestRunExecutorWithContainer, {**SKIP, **SKIP_CONTAINER, **SKIP_INIT_CONTAINER}, {})
 
 
 class TestNsfastRunExecutorPid1(TestNsfastRunExecutorWithContainer):
-    """The container tests with nsfast's default init=False: the tool is the sandbox's pid 1
-    (under BenchExec it never is). Shows what the pid-1 signal rules do to BenchExec's limits."""
+    """The container tests with init=False: the tool is the sandbox's pid 1 (under BenchExec
+    it never is). Shows what the pid-1 signal rules do to BenchExec's limits."""
 
     def setUp(self, *args: Any, **kwargs: Any) -> None:
         super().setUp(*args, init=False, **kwargs)
 
-    for _name in {**XFAIL_INIT, **XFAIL_INIT_CONTAINER}:  # init=True's defects, not this class's
-        locals()[_name] = getattr(bx.TestRunExecutorWithContainer, _name)
-    del _name
-    _apply(locals(), bx.TestRunExecutorWithContainer, {}, XFAIL_PID1)
+    _apply(locals(), bx.TestRunExecutorWithContainer, {**SKIP, **SKIP_CONTAINER, **SKIP_PID1}, {})

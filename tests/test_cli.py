@@ -37,10 +37,10 @@ def test_hostname_flag():
     assert (r.returncode, r.stdout, r.stderr) == (0, "cli-box\n", "")
 
 
-def test_command_is_pid_1_in_a_read_only_root_by_default():
+def test_command_is_pid_2_under_init_in_a_read_only_root_by_default():
     r = nsfast_cli("run", "--", "sh", "-c", "echo $$; touch /x")
     assert r.returncode == 1
-    assert r.stdout == "1\n"
+    assert r.stdout == "2\n"  # nsfast-init is pid 1 by default (with a pid namespace)
     assert "Read-only file system" in r.stderr
 
 
@@ -246,9 +246,10 @@ def test_sandbox_runs_in_its_own_session_without_the_callers_terminal(flags):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     probe = json.loads(lines[0])
-    # A session of the sandbox's own: the command leads it, or nsfast's init (pid 1) does. In
-    # the caller's session, getsid() would be 0 (a leader outside the pid namespace) or its sid.
-    assert probe["sid"] == (1 if flags == ["--init"] else probe["pid"])
+    # A session of the sandbox's own: nsfast's init (pid 1, the default with a pid namespace)
+    # leads it, or the command does. In the caller's session, getsid() would be 0 (a leader
+    # outside the pid namespace) or its sid.
+    assert probe["sid"] == (probe["pid"] if flags == ["--share-pid"] else 1)
     assert probe["open /dev/tty"] == "ENXIO"  # no controlling terminal at all
     assert lines[1:] == ["on stdout"] and r.stderr == "on stderr\n"
 
@@ -269,10 +270,10 @@ def test_stdin_still_reaches_a_sandbox_in_its_own_session():
         "--",
         "python3",
         "-c",
-        "import os, sys; print(os.getsid(0) == os.getpid(), sys.stdin.read())",
+        "import os, sys; print(os.getsid(0), sys.stdin.read())",
         input="typed",
     )
-    assert (r.returncode, r.stdout) == (0, "True typed\n")
+    assert (r.returncode, r.stdout) == (0, "1 typed\n")  # init (pid 1) leads the session
 
 
 def test_version_unknown_flags_and_unreadable_namespaces_give_clear_errors():
@@ -352,7 +353,7 @@ else:
 def test_pids_flag_stops_a_fork_bomb():
     r = nsfast_cli("run", "--pids", "10", "--json", "--", "python3", "-c", FORK_BOMB)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "9\tEAGAIN\n".replace("\t", " ")  # 10 processes: python and 9 children
+    assert r.stdout == "8\tEAGAIN\n".replace("\t", " ")  # 10 processes: nsfast-init, python, 8 children
     assert json_report(r)["usage"]["pids_peak"] == 10
 
 

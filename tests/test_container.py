@@ -76,8 +76,9 @@ def test_exec_sees_the_container_view(busybox_root):
         assert lines[2] == "container"
         assert sorted(lines[3:10]) == sorted(os.listdir(busybox_root))
         ps = lines[10:]
-        assert ps[1].split(None, 1) == ["1", "tail -f /dev/null"], ps
-        assert len(ps) <= 4, ps  # header, tail, sh, ps: nothing of the host
+        assert ps[1].split(None, 1)[0] == "1" and "nsfast-init" in ps[1], ps
+        assert ps[2].split(None, 1) == ["2", "tail -f /dev/null"], ps
+        assert len(ps) <= 5, ps  # header, init, tail, sh, ps: nothing of the host
         # env= and cwd= override the container's.
         r = c.exec(
             ["sh", "-c", "pwd; echo $MARK"],
@@ -153,7 +154,8 @@ def test_stop_terminates_then_kills():
     c = nsfast.Container(["sh", "-c", "trap 'exit 7' TERM; while :; do sleep 0.05; done"]).start()
     time.sleep(0.2)
     assert c.stop(timeout=5) == 7
-    stubborn = nsfast.Container(["tail", "-f", "/dev/null"]).start()  # pid 1 without a handler ignores SIGTERM
+    # pid 1 without a handler ignores SIGTERM (init=False: no nsfast-init to forward it)
+    stubborn = nsfast.Container(["tail", "-f", "/dev/null"], init=False).start()
     t = time.monotonic()
     assert stubborn.stop(timeout=0.3) == -9
     assert time.monotonic() - t < 3
@@ -274,14 +276,14 @@ def test_cli_detached_container_walkthrough(busybox_root):
         with open(f"/run/nsfast/{name}/state.json") as f:
             state = json.load(f)
         pid = state["pid"]
-        assert psutil.Process(pid).cmdline() == ["tail", "-f", "/dev/null"]
+        assert psutil.Process(pid).cmdline()[-4:] == ["--", "tail", "-f", "/dev/null"]  # nsfast-init
         ps = cli("ps", check=True).stdout.splitlines()
         row = [l for l in ps if l.startswith(name + " ")]
         assert row and str(pid) in row[0] and "running" in row[0]
         r = cli("exec", name, "--", "sh", "-c", "hostname; ps -o pid,args", check=True)
         lines = r.stdout.splitlines()
         assert lines[0] == "bb"
-        assert lines[2].split(None, 1) == ["1", "tail -f /dev/null"]
+        assert lines[3].split(None, 1) == ["2", "tail -f /dev/null"]
         assert cli("exec", name, "--", "sh", "-c", "exit 3").returncode == 3
         # `nsfast ns` of the main process and an exec'd one: every namespace equal.
         execd = subprocess.Popen([sys.executable, "-m", "nsfast", "exec", name, "--", "sleep", "30"])
@@ -528,7 +530,12 @@ def test_exec_never_exposes_the_caller(caller):
     if prefix and not shutil.which("setpriv"):
         pytest.skip("needs setpriv to run as an unprivileged user")
     marker = f"nsfast-marker-{os.urandom(8).hex()}"
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": PYTHON_SRC, "NSFAST_TEST_MARKER": marker, **CGROUP_ENV}
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": PYTHON_SRC,
+        "NSFAST_TEST_MARKER": marker,
+        **(CGROUP_ENV if not prefix else {}),
+    }
     p = subprocess.run(
         [*prefix, "/usr/bin/python3", "-c", ATTACK_CALLER, ATTACKER, "3", json.dumps(fields)],
         env=env,
@@ -549,7 +556,9 @@ def test_exec_joins_the_user_namespace_the_container_had_at_start():
     the container's (held since start), not pid 1's new one."""
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare (util-linux)")
-    with nsfast.Container(["sh", "-c", "exec unshare -U sleep 1000"], seccomp=None, stop_timeout=0.2) as c:
+    # init=False: the command is pid 1 (nsfast-init never makes namespaces).
+    c = nsfast.Container(["sh", "-c", "exec unshare -U sleep 1000"], seccomp=None, stop_timeout=0.2, init=False)
+    with c:
         at_start = c.exec_namespaces()["user"]
         assert wait_until(lambda: c.namespaces()["user"] != at_start, 10)
         r = c.exec(["readlink", "/proc/self/ns/user"], capture_output=True, text=True, check=True)

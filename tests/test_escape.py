@@ -835,8 +835,8 @@ def test_exec_joins_the_namespaces_the_container_had_at_start():
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare (util-linux)")
     c = nsfast.Container(
-        ["unshare", "-U", "-n", "sh", "-c", "echo ready; exec sleep 1000"], seccomp=None, stop_timeout=0.2
-    )
+        ["unshare", "-U", "-n", "sh", "-c", "echo ready; exec sleep 1000"], seccomp=None, stop_timeout=0.2, init=False
+    )  # init=False: pid 1 is the attacker (nsfast-init never makes namespaces)
     c.start(stdout=nsfast.PIPE)
     with c:
         assert c.process.stdout.readline() == b"ready\n"

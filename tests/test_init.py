@@ -1,4 +1,5 @@
-"""init=True: nsfast-init is pid 1, forwards signals, reaps orphans, passes the status on."""
+"""nsfast-init (the default with a pid namespace, or init=True): pid 1, forwards signals,
+reaps orphans, reports the command's status (tests/test_signals.py: -N for signal N)."""
 
 from __future__ import annotations
 
@@ -37,17 +38,26 @@ print(json.dumps({"me": os.getpid(), "zombies": zombies}))
 
 
 def test_pid_1_is_nsfast_init_and_the_command_is_pid_2():
-    r = sh("echo $$; tr '\\0' ' ' < /proc/1/cmdline; echo; readlink /proc/1/exe", init=True)
+    r = sh(
+        "echo $$; tr '\\0' ' ' < /proc/1/cmdline; echo; cat /proc/1/comm; readlink /proc/1/exe || echo no", init=True
+    )
     assert r.returncode == 0, r.stderr
-    pid, cmdline, exe = r.stdout.splitlines()
+    pid, cmdline, comm, exe = r.stdout.splitlines()
     assert pid == "2"
     assert cmdline.split()[0] == "nsfast-init"
     assert cmdline.rstrip().endswith("-- sh -c " + r.args[2])
-    assert exe.startswith("/memfd:nsfast-init")
+    assert comm == "nsfast-init"
+    # init is not dumpable: the command cannot follow its /proc links (exe, fds, root).
+    assert exe == "no"
 
 
-def test_without_init_the_command_is_pid_1():
-    r = sh("echo $$; tr '\\0' ' ' < /proc/1/cmdline")
+def test_init_is_the_default_with_a_pid_namespace():
+    r = sh("echo $$; cat /proc/1/comm")
+    assert r.stdout.split() == ["2", "nsfast-init"]
+
+
+def test_with_init_false_the_command_is_pid_1():
+    r = sh("echo $$; tr '\\0' ' ' < /proc/1/cmdline", init=False)
     assert r.stdout.splitlines()[0] == "1"
     assert "nsfast-init" not in r.stdout
 
@@ -67,7 +77,7 @@ def test_init_reaps_orphans():
 
 def test_without_init_orphans_stay_zombies_under_a_pid_1_that_does_not_reap():
     # The counterpart of the test above: shows what init=True is for.
-    r = nsfast.run(["python3", "-c", ORPHAN_THEN_LIST_ZOMBIES], capture_output=True, text=True, timeout=30)
+    r = nsfast.run(["python3", "-c", ORPHAN_THEN_LIST_ZOMBIES], init=False, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["me"] == 1
@@ -77,7 +87,7 @@ def test_without_init_orphans_stay_zombies_under_a_pid_1_that_does_not_reap():
 def test_terminate_is_forwarded_to_the_command():
     with nsfast.spawn(["sleep", "100"], init=True) as p:
         p.terminate()
-        assert p.wait(timeout=5) == 128 + signal.SIGTERM
+        assert p.wait(timeout=5) == -signal.SIGTERM
 
 
 def test_signals_are_forwarded_to_a_command_that_handles_them():
@@ -110,9 +120,10 @@ def test_exit_status_passes_through_init(code):
     assert nsfast.run(["sh", "-c", f"exit {code}"], init=True).returncode == code
 
 
-def test_command_killed_by_a_signal_gives_128_plus_n():
-    # Under init the command is pid 2, so it can signal itself; init exits like a shell does.
-    assert sh("kill -KILL $$", init=True).returncode == 128 + signal.SIGKILL
+def test_command_killed_by_a_signal_gives_minus_n():
+    # Under init the command is pid 2, so it can signal itself; init exits like a shell does
+    # (128+N) but reports the command's own status, so Python sees -N.
+    assert sh("kill -KILL $$", init=True).returncode == -signal.SIGKILL
 
 
 def test_output_and_input_pass_through_init():

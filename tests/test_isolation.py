@@ -90,13 +90,14 @@ def test_hostname_of_64_bytes_is_the_limit_and_works():
     assert sh("hostname", hostname=name).stdout == name + "\n"
 
 
-def test_command_is_pid_1():
-    assert sh("echo $$").stdout == "1\n"
+def test_command_is_pid_2_under_init_or_pid_1_without():
+    assert sh("echo $$").stdout == "2\n"
+    assert sh("echo $$", init=False).stdout == "1\n"
 
 
 def test_proc_lists_only_the_sandbox_processes():
     pids = py("import os; print(json.dumps(sorted(int(p) for p in os.listdir('/proc') if p.isdigit())))")
-    assert pids == [1]
+    assert pids == [1, 2]  # nsfast-init and the command
 
 
 def test_proc_shows_child_processes_of_the_sandbox_too():
@@ -268,7 +269,7 @@ def test_rootfs_gets_proc_and_tmp(busybox_rootfs):
     )
     assert r.returncode == 0, r.stderr
     pid1, n_ns, tmp = r.stdout.split()
-    assert (pid1, tmp) == ("1", "x")
+    assert (pid1, tmp) == ("2", "x")  # pid 1 is nsfast-init
     assert int(n_ns) >= len(nsfast.NAMESPACES)
 
 
@@ -411,7 +412,7 @@ def _orphan_sandbox(die_with_parent: bool) -> int:
     try:
         line = proc.stdout.readline()
         pid = int(line)
-        assert psutil.Process(pid).cmdline() == ["sleep", "100"]
+        assert psutil.Process(pid).cmdline()[-3:] == ["--", "sleep", "100"]  # nsfast-init
         assert psutil.Process(pid).ppid() == proc.pid
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -91,7 +91,7 @@ def test_rootless_caller_is_root_inside():
         r = nsfast.run(["sh", "-c", "id -u; id -g; echo $$"], capture_output=True, text=True)
         out([r.returncode, r.stdout, r.stderr])
     """)
-    assert r == [0, "0\n0\n1\n", ""]
+    assert r == [0, "0\n0\n2\n", ""]  # pid 1 is nsfast-init
 
 
 def test_rootless_sandbox_runs_as_the_caller_on_the_host_in_a_new_user_namespace():
@@ -144,7 +144,7 @@ def test_rootless_hostname_pid_and_network_are_isolated():
                        hostname="rootless-box", capture_output=True, text=True)
         out([r.returncode, r.stdout.split(), r.stderr])
     """)
-    assert r == [0, ["rootless-box", "1", "lo"], ""]
+    assert r == [0, ["rootless-box", "2", "lo"], ""]
 
 
 def test_rootless_writes_to_root_fail_with_erofs():

@@ -307,7 +307,7 @@ def test_run_detached_refuses_a_name_that_is_not_a_plain_one(root: Path, name):
 def test_a_valid_state_is_running_exec_works_and_stop_cleans_up(box: Box, root: Path):
     assert _state.load("box").check() == ("running", "", box.cgroups)
     r = nsfast_cli("exec", "box", "--", "sh", "-c", "echo $$")
-    assert (r.returncode, r.stdout) == (0, "2\n")
+    assert (r.returncode, r.stdout) == (0, "3\n")  # after nsfast-init (1) and sleep (2)
     r = nsfast_cli("stop", "-t", "0", "box")
     assert (r.returncode, r.stdout) == (0, "box: killed\n")
     assert not (root / "box").exists()

@@ -184,7 +184,7 @@ def test_signal_from_inside_gives_negative_returncode_without_pid_namespace():
 
 
 def test_pid_1_ignores_unhandled_sigterm_but_not_sigkill():
-    with nsfast.spawn(["sleep", "100"]) as p:
+    with nsfast.spawn(["sleep", "100"], init=False) as p:
         p.terminate()
         with pytest.raises(subprocess.TimeoutExpired):
             p.wait(timeout=0.3)

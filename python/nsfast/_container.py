@@ -118,18 +118,19 @@ class Container:
         """Start the main process (pid 1 of the container). Once only."""
         if self._proc is not None:
             raise ContainerError(f"container {self.name} was already started")
-        if self.command is None or self.spec.init:
+        if self.command is None:
             # nsfast-init is pid 1 and makes no namespaces: what it has now is the start.
-            self._proc = Process(self.command or [], spec=self.spec, stdin=stdin, stdout=stdout, stderr=stderr)
+            self._proc = Process([], spec=self.spec, stdin=stdin, stdout=stdout, stderr=stderr)
             self._hold(None)
             return self
-        # The command is pid 1, and may make namespaces of its own as soon as it runs: it
-        # starts behind nsfast-init's gate, which execs it in place once they are held.
+        # The command may make namespaces of its own (or exit) as soon as it runs: it starts
+        # behind nsfast-init's gate, opened once they are held. Then init execs it in place
+        # (init=False: the command is pid 1) or starts it as its child (with init).
         gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
         result_r, result_w = os.pipe2(os.O_CLOEXEC)
         try:
             env = dict(self.spec._env_items)
-            env["NSFAST_INIT_GATE"] = f"{gate_r},{result_w}"
+            env["NSFAST_INIT_GATE"] = f"{gate_r},{result_w}" + (",fork" if self.spec._uses_init() else "")
             self._proc = Process(
                 self.command,
                 spec=self.spec.replace(init=True, env=env),

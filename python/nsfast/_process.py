@@ -352,8 +352,12 @@ class Process:
     # -- signals ---------------------------------------------------------------------------
 
     def send_signal(self, sig: int) -> None:
-        """Send `sig` to the sandbox's first process (no-op once it has been reaped). By
-        default that is nsfast-init, which forwards it to the command."""
+        """Send `sig` to the sandbox's first process (no-op once it has been reaped).
+
+        With a pid namespace the first process is nsfast-init (the default), which forwards
+        the signal to the command. With `init=False` the command is pid 1 of its pid
+        namespace, and the kernel drops signals it has no handler for (SIGTERM, SIGINT, ...)
+        — like `docker run` without `--init`. SIGKILL always works."""
         sb = self._sandbox
         if sb is not None and not self._detached:
             sb.send_signal(sig)

@@ -341,7 +341,15 @@ class Spec:
     env: the whole environment (default: PATH, HOME=/, TERM if set), never the host's.
     uid/gid: the ids the command runs as inside.
     capabilities: capability names kept; every other is dropped (default: none kept).
-    init: run a tiny init as pid 1 that forwards signals and reaps orphans.
+    init: run nsfast-init, a tiny init, as the sandbox's first process: it forwards signals to
+        the command, reaps orphans and reports how the command ended. None (the default):
+        exactly when there is a pid namespace, so the command gets ordinary signal semantics
+        (`kill -TERM $$` ends it, returncode -15). True: also without a pid namespace (then it
+        is a subreaper, not pid 1). False: never; with a pid namespace the command is its
+        pid 1, and the kernel drops every signal it has no handler for, sent from inside or by
+        the parent (SIGKILL from the parent excepted): `kill -TERM $$` and `kill -KILL $$` do
+        nothing, `abort()` ends with SIGSEGV (-11), orphans stay zombies unless it reaps.
+        Whatever the mode, death by signal N is returncode -N.
     limits: an `nsfast.Limits` (memory, pids, cpu, cpuset), applied through the sandbox's
         own cgroup; default `nsfast.DEFAULT_LIMITS`, None for none. cgroup=False turns
         cgroups off entirely (no limits, no cgroup usage).
@@ -373,7 +381,7 @@ class Spec:
     uid: Optional[int] = None
     gid: Optional[int] = None
     capabilities: Tuple[str, ...] = ()
-    init: bool = False
+    init: Optional[bool] = None
     new_session: bool = True
     die_with_parent: bool = True
     limits: Optional[Limits] = field(default_factory=_default_limits)
@@ -464,7 +472,9 @@ class Spec:
             norm.append(name)
         set_("capabilities", tuple(sorted(set(norm), key=CAPABILITIES.index)))
         set_("_cap_mask", sum(1 << CAPABILITIES.index(c) for c in self.capabilities))
-        for name in ("init", "new_session", "die_with_parent", "cgroup", "strict"):
+        if self.init is not None:
+            _bool("init", self.init)
+        for name in ("new_session", "die_with_parent", "cgroup", "strict"):
             _bool(name, getattr(self, name))
         from ._cgroup import DEFAULT_LIMITS, Limits
 
@@ -472,6 +482,17 @@ class Spec:
             raise TypeError(f"limits must be an nsfast.Limits or None, not {type(self.limits).__name__}")
         if self.limits is DEFAULT_LIMITS and not self.cgroup:
             set_("limits", None)  # cgroup=False: no cgroup, so no default limits either
+        if (
+            self.limits is not None
+            and self.limits.cpu_time_soft is not None
+            and self.init is False
+            and "pid" in self.namespaces
+        ):
+            raise SpecError(
+                "limits",
+                "cpu_time_soft sends SIGTERM to the first process, which with init=False is the command as pid 1 "
+                "of its pid namespace: the kernel would drop it (leave init at its default)",
+            )
         if self.limits is not None and not self.cgroup:
             raise SpecError("limits", "need cgroup=True")
         if self.seccomp is not None and not isinstance(self.seccomp, Seccomp):
@@ -495,6 +516,15 @@ class Spec:
             "_rlimit_items",
             tuple((getattr(resource, "RLIMIT_" + n.upper()), soft, hard) for n, (soft, hard) in sorted(rl.items())),
         )
+
+    def _uses_init(self) -> bool:
+        """Whether nsfast-init is the first process (`init`, resolved)."""
+        return self.init if self.init is not None else "pid" in self.namespaces
+
+    @property
+    def _init(self) -> bool:
+        """`init` resolved, as the Rust Spec reads it."""
+        return self._uses_init()
 
     @property
     def _nproc(self) -> Optional[int]:
@@ -521,7 +551,7 @@ class SpecFields(TypedDict, total=False):
     uid: Optional[int]
     gid: Optional[int]
     capabilities: Iterable[str]
-    init: bool
+    init: Optional[bool]
     new_session: bool
     die_with_parent: bool
     limits: Optional[Limits]

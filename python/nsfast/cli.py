@@ -271,7 +271,7 @@ def spec_from_args(args: argparse.Namespace) -> Spec:
         uid=args.uid,
         gid=args.gid,
         capabilities=tuple(args.cap_add),
-        init=args.init,
+        init=True if args.init else None,  # None: nsfast-init exactly with a pid namespace
         limits=limits_from_args(args) if hasattr(args, "memory") else DEFAULT_LIMITS,
         # Its own session, so no controlling terminal: with ours, TIOCSTI could type
         # commands into the caller's shell (CVE-2017-5226). stdio still works.

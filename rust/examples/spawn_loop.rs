@@ -14,11 +14,14 @@
 //!                                             (`masked_paths=(), readonly_paths=(), hidden=()`)
 //!     --no-limits    no memory/pids limits    (`limits=None`; the cgroup stays)
 //!     --no-cgroup    no per-sandbox cgroup    (`cgroup=False`)
+//!     --no-init      the command as pid 1     (`init=False`; by default nsfast-init is pid 1
+//!                                             when there is a pid namespace, as `init=None`)
+//!     --init         nsfast-init even without a pid namespace (`init=True`)
 //!
 //! and `--warmup K` spawns K times untimed first; `--samples` adds every sample (in the order
 //! taken) to the JSON, as "samples_us".
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Instant;
 
 use nsfast::cgroup::{self, Limits};
@@ -37,6 +40,7 @@ struct Options {
     masks: bool,
     limits: bool,
     cgroup: bool,
+    init: Option<bool>,
     samples: bool,
 }
 
@@ -50,6 +54,7 @@ fn parse(args: &[String]) -> Options {
         masks: true,
         limits: true,
         cgroup: true,
+        init: None,
         samples: false,
     };
     let mut positional = 0;
@@ -61,6 +66,8 @@ fn parse(args: &[String]) -> Options {
             "--no-masks" => o.masks = false,
             "--no-limits" => o.limits = false,
             "--no-cgroup" => o.cgroup = false,
+            "--init" => o.init = Some(true),
+            "--no-init" => o.init = Some(false),
             "--samples" => o.samples = true,
             "--warmup" => o.warmup = it.next().and_then(|k| k.parse().ok()).expect("--warmup K"),
             flag if flag.starts_with("--") => panic!("unknown flag {flag}"),
@@ -91,6 +98,8 @@ fn main() {
     if !o.seccomp {
         spec.seccomp = None;
     }
+    // As Spec.init=None in Python: nsfast-init exactly when there is a pid namespace.
+    spec.init = o.init.unwrap_or(spec.namespaces & libc::CLONE_NEWPID as u64 != 0);
     if !o.masks {
         spec.masked_paths.clear();
         spec.readonly_paths.clear();
@@ -116,6 +125,7 @@ fn main() {
         let io = nsfast::Io { stdio: [-1; 3], pass_fds: &[], cgroup: cg.as_deref() };
         let child = nsfast::spawn(&plan, &io).expect("spawn");
         let (status, _) = nsfast::wait(child.pid, child.pidfd.as_raw_fd(), None).expect("wait").expect("no timeout");
+        let status = nsfast::spawn::command_status(status, child.status.as_ref().map(|f| f.as_fd()));
         assert_eq!(status, 0, "/bin/true failed");
         if let Some(cg) = cg.as_mut() {
             if kill_tree {
@@ -146,6 +156,7 @@ fn main() {
         q(0.5),
         q(0.9),
     );
+    json += &format!(", \"init\": {}", spec.init);
     if o.samples {
         json += &format!(", \"samples_us\": [{}]", taken.join(", "));
     }

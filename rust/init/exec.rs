@@ -103,7 +103,8 @@ impl FdSet {
                 fd += 1;
             }
             let last = if fd == MAX_FD { u32::MAX as usize } else { fd - 1 };
-            sys(nr::CLOSE_RANGE, [start, last, 0, 0, 0, 0])?;
+            // SAFETY: integer arguments; this program holds no Rust owner of any fd (close_range only closes our own).
+            unsafe { sys(nr::CLOSE_RANGE, [start, last, 0, 0, 0, 0]) }?;
         }
         Ok(())
     }
@@ -233,7 +234,7 @@ fn parse(args: Args) -> Option<Plan> {
 }
 
 /// Memory the final process's setup uses: written by one process at a time.
-struct Shared<T>(UnsafeCell<T>);
+pub(crate) struct Shared<T>(pub(crate) UnsafeCell<T>);
 // SAFETY: this program is single-threaded; the final process runs while we wait (vfork).
 unsafe impl<T> Sync for Shared<T> {}
 
@@ -241,16 +242,18 @@ unsafe impl<T> Sync for Shared<T> {}
 static FILTERS: Shared<[u32; 64 * 1024]> = Shared(UnsafeCell::new([0; 64 * 1024]));
 static FILTERS_LEN: Shared<usize> = Shared(UnsafeCell::new(0));
 
-/// The final process's stack when it shares our memory (CLONE_VM).
+/// The final process's stack when it shares our memory (CLONE_VM); also the command's, in
+/// nsfast-init's main mode (the two modes never run in one process).
 #[repr(C, align(16))]
-struct Stack([u8; 64 * 1024]);
-static STACK: Shared<Stack> = Shared(UnsafeCell::new(Stack([0; 64 * 1024])));
+pub(crate) struct Stack([u8; 64 * 1024]);
+pub(crate) static STACK: Shared<Stack> = Shared(UnsafeCell::new(Stack([0; 64 * 1024])));
 
 /// The exec helper's main.
 pub fn main(args: Args) -> ! {
     // First: nothing in the container may ptrace us or read our /proc files (and so no fd
     // we hold) — neither now nor in the final process before its execve.
-    if sys(nr::PRCTL, [PR_SET_DUMPABLE, 0, 0, 0, 0, 0]).is_err() {
+    // SAFETY: integer arguments.
+    if unsafe { sys(nr::PRCTL, [PR_SET_DUMPABLE, 0, 0, 0, 0, 0]) }.is_err() {
         rt::exit(127);
     }
     let Some(p) = parse(args) else {
@@ -268,10 +271,12 @@ pub fn main(args: Args) -> ! {
     join_namespaces(&p.ns[..p.n_ns]).unwrap_or_else(|(i, e)| fail(STEP_JOIN_NAMESPACES, i, e));
     if p.pdeath {
         // After setns: new credentials (a user namespace's) disarm the death signal.
-        sys(nr::PRCTL, [rt::PR_SET_PDEATHSIG, rt::SIGKILL, 0, 0, 0, 0])
+        // SAFETY: integer arguments.
+        unsafe { sys(nr::PRCTL, [rt::PR_SET_PDEATHSIG, rt::SIGKILL, 0, 0, 0, 0]) }
             .unwrap_or_else(|e| fail(STEP_DEATH_SIGNAL, 0, e));
         // The caller may have died before the prctl: then we were re-parented.
-        if sys1(nr::GETPPID, 0).ok() != Some(p.ppid) {
+        // SAFETY: no arguments.
+        if unsafe { sys1(nr::GETPPID, 0) }.ok() != Some(p.ppid) {
             rt::exit(127);
         }
     }
@@ -291,7 +296,16 @@ pub fn main(args: Args) -> ! {
     // With CLONE_PARENT the exit signal is ours (SIGCHLD); clone3 wants none given.
     // SAFETY: the final process only reads `p` and uses STACK/FILTERS while we are stopped
     // in vfork (or in its own copy of our memory).
-    match unsafe { rt::clone3(&clone, final_entry, &p as *const Plan as usize) } {
+    let mut res = unsafe { rt::clone3(&clone, final_entry, &p as *const Plan as usize) };
+    if res == Err(rt::ENOSYS) && p.cgroup.is_none() {
+        // No clone3 here (the caller then gave no `cgroup=`: the final process moves itself
+        // through a `tasks=` fd instead). clone(2) as a fork: no stack of our own to give.
+        res = rt::fork_parent();
+        if res == Ok(0) {
+            final_process(&p);
+        }
+    }
+    match res {
         Ok(pid) => {
             rt::record(p.report, STEP_EXEC_PID, pid as u32, 0);
             rt::exit(0)
@@ -308,7 +322,8 @@ fn join_namespaces(ns: &[(u64, i32)]) -> Result<(), (u32, i32)> {
     for pass in [user_first, !user_first] {
         for (i, &(flag, fd)) in ns.iter().enumerate() {
             if (flag == CLONE_NEWUSER) == pass {
-                sys(nr::SETNS, [fd as usize, flag as usize, 0, 0, 0, 0]).map_err(|e| (i as u32, e))?;
+                // SAFETY: integer arguments.
+                unsafe { sys(nr::SETNS, [fd as usize, flag as usize, 0, 0, 0, 0]) }.map_err(|e| (i as u32, e))?;
                 rt::close(fd);
             }
         }
@@ -319,7 +334,8 @@ fn join_namespaces(ns: &[(u64, i32)]) -> Result<(), (u32, i32)> {
 fn capget() -> Result<[CapData; 2], i32> {
     let hdr = CapHeader { version: CAP_VERSION_3, pid: 0 };
     let mut data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
-    sys(nr::CAPGET, [&hdr as *const CapHeader as usize, data.as_mut_ptr() as usize, 0, 0, 0, 0])?;
+    // SAFETY: a live header and two data structs on our stack (abi layouts, checked by the library's tests).
+    unsafe { sys(nr::CAPGET, [&hdr as *const CapHeader as usize, data.as_mut_ptr() as usize, 0, 0, 0, 0]) }?;
     Ok(data)
 }
 
@@ -334,8 +350,9 @@ fn read_filters(fd: i32) -> Result<(), i32> {
     let cap = core::mem::size_of::<[u32; 64 * 1024]>();
     let mut len = 0;
     loop {
-        // SAFETY: within FILTERS, which only this process (and later the final one) uses.
-        let n = sys(nr::PREAD64, [fd as usize, unsafe { buf.add(len) } as usize, cap - len, len, 0, 0])?;
+        // SAFETY: reads cap - len bytes into FILTERS at len (within its bounds), which only
+        // this process (and later the final one) uses.
+        let n = unsafe { sys(nr::PREAD64, [fd as usize, buf.add(len) as usize, cap - len, len, 0, 0]) }?;
         if n == 0 {
             break;
         }
@@ -372,13 +389,15 @@ fn install_filters() -> Result<(), i32> {
         at += len * 8;
         // 4-byte aligned (every offset is a multiple of 4): sock_filter's alignment.
         let prog = SockFprog { len: u16::try_from(len).map_err(|_| rt::EINVAL)?, filter: insns.as_ptr() };
-        sys(nr::SECCOMP, [SECCOMP_SET_MODE_FILTER, 0, &prog as *const SockFprog as usize, 0, 0, 0])?;
+        // SAFETY: a live sock_fprog whose filter points to len instructions inside FILTERS.
+        unsafe { sys(nr::SECCOMP, [SECCOMP_SET_MODE_FILTER, 0, &prog as *const SockFprog as usize, 0, 0, 0]) }?;
     }
     Ok(())
 }
 
 fn set_cloexec(fd: i32, on: bool) -> Result<(), i32> {
-    sys(nr::FCNTL, [fd as usize, rt::F_SETFD, on as usize, 0, 0, 0]).map(drop)
+    // SAFETY: integer arguments (F_SETFD, F_DUPFD_CLOEXEC).
+    unsafe { sys(nr::FCNTL, [fd as usize, rt::F_SETFD, on as usize, 0, 0, 0]) }.map(drop)
 }
 
 /// Whether the caller (the only reader of the report pipe) is gone.
@@ -391,7 +410,8 @@ fn reader_gone(report: i32) -> bool {
     }
     let mut pfd = PollFd { fd: report, events: POLLOUT, revents: 0 };
     let zero = [0u64; 2];
-    sys(nr::PPOLL, [&mut pfd as *mut PollFd as usize, 1, zero.as_ptr() as usize, 0, 8, 0]).is_ok()
+    // SAFETY: a live pollfd and a zero timespec on our stack.
+    unsafe { sys(nr::PPOLL, [&mut pfd as *mut PollFd as usize, 1, zero.as_ptr() as usize, 0, 8, 0]) }.is_ok()
         && pfd.revents & POLLERR != 0
 }
 
@@ -410,7 +430,8 @@ fn final_process(p: &Plan) -> ! {
     };
     let arm_death_signal = || {
         if p.pdeath {
-            sys(nr::PRCTL, [rt::PR_SET_PDEATHSIG, rt::SIGKILL, 0, 0, 0, 0])
+            // SAFETY: integer arguments.
+            unsafe { sys(nr::PRCTL, [rt::PR_SET_PDEATHSIG, rt::SIGKILL, 0, 0, 0, 0]) }
                 .unwrap_or_else(|e| fail(STEP_DEATH_SIGNAL, e));
             // Our parent is the caller, outside our pid namespace (getppid() says 0): it is
             // alive while it holds the report pipe's read end.
@@ -447,24 +468,31 @@ fn final_process(p: &Plan) -> ! {
     // Only now, inside the exec's cgroup: with nsdelegate, CLONE_INTO_CGROUP refuses to move
     // a task across the boundary of its cgroup namespace.
     if let Some(fd) = p.cgroupns {
-        sys(nr::SETNS, [fd as usize, CLONE_NEWCGROUP, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_JOIN_CGROUP_NS, e));
+        // SAFETY: integer arguments.
+        unsafe { sys(nr::SETNS, [fd as usize, CLONE_NEWCGROUP, 0, 0, 0, 0]) }
+            .unwrap_or_else(|e| fail(STEP_JOIN_CGROUP_NS, e));
         rt::close(fd);
     }
     // The container's root as it was at start, then the cwd resolved inside it: its
     // symlinks stay in the root, magic links (/proc/self/fd/N, /proc/PID/cwd) are refused.
-    sys1(nr::FCHDIR, p.root as usize).unwrap_or_else(|e| fail(STEP_CHROOT, e));
-    sys1(nr::CHROOT, c".".as_ptr() as usize).unwrap_or_else(|e| fail(STEP_CHROOT, e));
+    // SAFETY: integer arguments.
+    unsafe { sys1(nr::FCHDIR, p.root as usize) }.unwrap_or_else(|e| fail(STEP_CHROOT, e));
+    // SAFETY: a static C string.
+    unsafe { sys1(nr::CHROOT, c".".as_ptr() as usize) }.unwrap_or_else(|e| fail(STEP_CHROOT, e));
     rt::close(p.root);
     match (p.cwd, p.cwdfd) {
         (_, Some(fd)) => {
-            sys1(nr::FCHDIR, fd as usize).unwrap_or_else(|e| fail(STEP_CHDIR, e));
+            // SAFETY: integer arguments.
+            unsafe { sys1(nr::FCHDIR, fd as usize) }.unwrap_or_else(|e| fail(STEP_CHDIR, e));
             rt::close(fd);
         }
         (Some(path), None) => {
             let how: [u64; 3] = [O_PATH | nr::O_DIRECTORY | O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS];
-            let fd = sys(nr::OPENAT2, [AT_FDCWD as usize, path as usize, how.as_ptr() as usize, 24, 0, 0])
+            // SAFETY: `path` is a C string of our argv; `how` a live 24-byte open_how on our stack.
+            let fd = unsafe { sys(nr::OPENAT2, [AT_FDCWD as usize, path as usize, how.as_ptr() as usize, 24, 0, 0]) }
                 .unwrap_or_else(|e| fail(STEP_CHDIR, e));
-            sys1(nr::FCHDIR, fd).unwrap_or_else(|e| fail(STEP_CHDIR, e));
+            // SAFETY: integer arguments.
+            unsafe { sys1(nr::FCHDIR, fd) }.unwrap_or_else(|e| fail(STEP_CHDIR, e));
             rt::close(fd as i32);
         }
         (None, None) => {}
@@ -472,24 +500,31 @@ fn final_process(p: &Plan) -> ! {
     // The bounding set needs CAP_SETPCAP, which a switch to a non-root uid takes away.
     for cap in 0..=p.caplast {
         if p.keep & (1u64 << cap) == 0 {
-            sys(nr::PRCTL, [PR_CAPBSET_DROP, cap as usize, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
+            // SAFETY: integer arguments.
+            unsafe { sys(nr::PRCTL, [PR_CAPBSET_DROP, cap as usize, 0, 0, 0, 0]) }
+                .unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
         }
     }
     if let Some(gid) = p.gid {
-        sys(nr::SETRESGID, [gid as usize, gid as usize, gid as usize, 0, 0, 0])
+        // SAFETY: integer arguments.
+        unsafe { sys(nr::SETRESGID, [gid as usize, gid as usize, gid as usize, 0, 0, 0]) }
             .unwrap_or_else(|e| fail(STEP_SET_GID, e));
     }
-    match sys(nr::SETGROUPS, [0; 6]) {
+    // SAFETY: size 0, NULL list: nothing is read.
+    match unsafe { sys(nr::SETGROUPS, [0; 6]) } {
         Ok(_) | Err(rt::EPERM) => {} // EPERM: setgroups is denied in this user namespace
         Err(e) => fail(STEP_SET_GROUPS, e),
     }
     if let Some(uid) = p.uid {
-        sys(nr::SETRESUID, [uid as usize, uid as usize, uid as usize, 0, 0, 0])
+        // SAFETY: integer arguments.
+        unsafe { sys(nr::SETRESUID, [uid as usize, uid as usize, uid as usize, 0, 0, 0]) }
             .unwrap_or_else(|e| fail(STEP_SET_UID, e));
     }
     // A uid/gid change disarmed the death signal: again, and is the caller still there?
     arm_death_signal();
-    sys(nr::PRCTL, [PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
+    // SAFETY: integer arguments.
+    unsafe { sys(nr::PRCTL, [PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0, 0]) }
+        .unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
     let have = capget().unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
     let (lo, hi) = (p.keep as u32, (p.keep >> 32) as u32);
     let only = |d: CapData, m: u32| CapData {
@@ -499,25 +534,33 @@ fn final_process(p: &Plan) -> ! {
     };
     let data = [only(have[0], lo), only(have[1], hi)];
     let hdr = CapHeader { version: CAP_VERSION_3, pid: 0 };
-    sys(nr::CAPSET, [&hdr as *const CapHeader as usize, data.as_ptr() as usize, 0, 0, 0, 0])
+    // SAFETY: a live header and two data structs on our stack (abi layouts, checked by the library's tests).
+    unsafe { sys(nr::CAPSET, [&hdr as *const CapHeader as usize, data.as_ptr() as usize, 0, 0, 0, 0]) }
         .unwrap_or_else(|e| fail(STEP_DROP_CAPS, e));
     if p.session {
-        sys1(nr::SETSID, 0).unwrap_or_else(|e| fail(STEP_SETSID, e));
+        // SAFETY: no arguments.
+        unsafe { sys1(nr::SETSID, 0) }.unwrap_or_else(|e| fail(STEP_SETSID, e));
     }
-    sys(nr::PRCTL, [PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_NO_NEW_PRIVS, e));
+    // SAFETY: integer arguments.
+    unsafe { sys(nr::PRCTL, [PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0]) }.unwrap_or_else(|e| fail(STEP_NO_NEW_PRIVS, e));
     let zero: [u64; 2] = [0, 0];
-    sys(nr::PRLIMIT64, [0, RLIMIT_CORE, zero.as_ptr() as usize, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_RLIMIT, e));
+    // SAFETY: a live rlimit64 (two u64) on our stack; old NULL.
+    unsafe { sys(nr::PRLIMIT64, [0, RLIMIT_CORE, zero.as_ptr() as usize, 0, 0, 0]) }
+        .unwrap_or_else(|e| fail(STEP_RLIMIT, e));
     if let Some(n) = p.nproc {
         let lim: [u64; 2] = [n, n];
-        sys(nr::PRLIMIT64, [0, RLIMIT_NPROC, lim.as_ptr() as usize, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_RLIMIT, e));
+        // SAFETY: a live rlimit64 (two u64) on our stack; old NULL.
+        unsafe { sys(nr::PRLIMIT64, [0, RLIMIT_NPROC, lim.as_ptr() as usize, 0, 0, 0]) }
+            .unwrap_or_else(|e| fail(STEP_RLIMIT, e));
     }
 
     // stdio: first lift sources sitting on 0..2 out of the way, then install.
     let mut src = p.stdio;
     for (i, fd) in src.iter_mut().enumerate() {
         if *fd >= 0 && *fd < 3 && *fd != i as i32 {
-            *fd = sys(nr::FCNTL, [*fd as usize, F_DUPFD_CLOEXEC, 3, 0, 0, 0]).unwrap_or_else(|e| fail(STEP_STDIO, e))
-                as i32;
+            // SAFETY: integer arguments (F_SETFD, F_DUPFD_CLOEXEC).
+            *fd = unsafe { sys(nr::FCNTL, [*fd as usize, F_DUPFD_CLOEXEC, 3, 0, 0, 0]) }
+                .unwrap_or_else(|e| fail(STEP_STDIO, e)) as i32;
         }
     }
     for (i, &fd) in src.iter().enumerate() {
@@ -526,12 +569,14 @@ fn final_process(p: &Plan) -> ! {
         } else if fd == i as i32 {
             set_cloexec(fd, false)
         } else {
-            sys(nr::DUP3, [fd as usize, i, 0, 0, 0, 0]).map(drop)
+            // SAFETY: integer arguments; we own our whole fd table.
+            unsafe { sys(nr::DUP3, [fd as usize, i, 0, 0, 0, 0]) }.map(drop)
         };
         res.unwrap_or_else(|e| fail(STEP_STDIO, e));
     }
     // Everything from 3 up closes at exec (the report pipe too), but the fds passed on purpose.
-    sys(nr::CLOSE_RANGE, [3, u32::MAX as usize, CLOSE_RANGE_CLOEXEC, 0, 0, 0])
+    // SAFETY: integer arguments; this program holds no Rust owner of any fd (close_range only closes our own).
+    unsafe { sys(nr::CLOSE_RANGE, [3, u32::MAX as usize, CLOSE_RANGE_CLOEXEC, 0, 0, 0]) }
         .unwrap_or_else(|e| fail(STEP_CLOSE_FDS, e));
     for (_, v) in values(p, b"pass") {
         set_cloexec(fd_of(v).unwrap_or(-1), false).unwrap_or_else(|e| fail(STEP_CLOSE_FDS, e));
@@ -539,10 +584,13 @@ fn final_process(p: &Plan) -> ! {
     rt::set_sigmask(0);
     // SIGPIPE as everything else: the default (the caller's child reset them all).
     let dfl = [0usize; 4];
-    let _ = sys(nr::RT_SIGACTION, [SIGPIPE, dfl.as_ptr() as usize, 0, 8, 0, 0]);
+    // SAFETY: a live kernel sigaction of zeros (SIG_DFL) on our stack; old NULL.
+    let _ = unsafe { sys(nr::RT_SIGACTION, [SIGPIPE, dfl.as_ptr() as usize, 0, 8, 0, 0]) };
     // Last: from here on only what the filter allows (execve, write, exit_group are).
     install_filters().unwrap_or_else(|e| fail(STEP_SECCOMP, e));
     let candidates = values(p, b"cand").map(|(i, _)| p.args.ptr(i, 5));
-    let err = rt::exec_candidates(candidates, p.args.tail(p.argv_start), p.args.envp);
+    // SAFETY: the kernel's argv and envp arrays (NULL-terminated, alive for the process);
+    // candidates are argv strings (Args::ptr: NULL when out of range).
+    let err = unsafe { rt::exec_candidates(candidates, p.args.tail(p.argv_start), p.args.envp) };
     fail(STEP_EXEC, err)
 }

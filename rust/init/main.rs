@@ -5,16 +5,26 @@
 //! command, forwards every signal it receives to it, reaps every orphan, and exits with the
 //! command's status (128+N if the command was killed by signal N, as shells and tini do).
 //!
-//! Command line: nsfast-init REPORT_FD N CANDIDATE_1..CANDIDATE_N -- ARGV...
+//! pid 1 of a pid namespace cannot die by a signal from inside (SIGNAL_UNKILLABLE), so that
+//! exit code cannot say "killed by N": before exiting, init writes the command's raw wait
+//! status to STATUS_FD (an 8-byte `{STATUS_TAG, status}` record, sync::StatusReport in the
+//! library), and the parent uses it. Only init holds that fd (close-on-exec, so the command
+//! never has it), and init is not dumpable: the command cannot ptrace it, nor open its
+//! /proc/1/fd or /proc/1/mem (that needs CAP_SYS_PTRACE, which the sandbox does not keep).
+//!
+//! Command line: nsfast-init REPORT_FD STATUS_FD N CANDIDATE_1..CANDIDATE_N -- ARGV...
+//! (STATUS_FD -1: no status report).
 //! With no ARGV it idles as a container's main process: it reaps whatever is started in
 //! the sandbox (by exec) and exits 0 on SIGTERM, SIGINT or SIGHUP.
 //! If no candidate can be exec'd, the failure is written to REPORT_FD in nsfast's 12-byte
 //! child report format, as the sandbox setup would have.
 //!
-//! With NSFAST_INIT_GATE=GATE_FD,RESULT_FD in its environment it is only a gate: it closes
-//! REPORT_FD (the sandbox is set up), waits until GATE_FD reads a byte, and then execs the
-//! command itself, in place, as pid 1; an exec failure goes to RESULT_FD instead. A Container
-//! uses that to hold its namespaces and root before its command runs (and could make others).
+//! With NSFAST_INIT_GATE=GATE_FD,RESULT_FD[,fork] in its environment it is first a gate: it
+//! closes REPORT_FD (the sandbox is set up) and waits until GATE_FD reads a byte; an exec
+//! failure then goes to RESULT_FD instead. Without `fork` it execs the command itself, in
+//! place, as pid 1 (Container with init=False); with it, it goes on as above, the command its
+//! child. A Container uses that to hold its namespaces and root before its command runs (and
+//! could make others, or exit).
 //!
 //! `nsfast-init --exec ...` is the other mode: `Container.exec`'s helper (see exec.rs).
 #![no_std]
@@ -29,6 +39,8 @@ use rt::{nr, sys, Args};
 
 /// sync::Step::Exec in the library (a unit test there checks the two agree).
 const STEP_EXEC: u32 = 15;
+/// sync::STATUS_TAG in the library (a unit test there checks the two agree).
+const STATUS_TAG: u32 = 0x6e736673;
 
 const SIGCHLD: i32 = 17;
 const SIGHUP: i32 = 1;
@@ -37,6 +49,7 @@ const SIGTERM: i32 = 15;
 const WNOHANG: usize = 1;
 const FD_CLOEXEC: usize = 1;
 const PR_SET_NAME: usize = 15;
+const PR_SET_DUMPABLE: usize = 4;
 const PR_SET_CHILD_SUBREAPER: usize = 36;
 const ALL_SIGNALS: u64 = !0;
 
@@ -44,62 +57,126 @@ fn main(args: Args) -> ! {
     if args.get(1) == Some(b"--exec") {
         exec::main(args);
     }
+    // First: nothing in the sandbox may ptrace us or reach our fds through /proc/1 (the
+    // command inherits this until its execve, which makes it dumpable again).
+    // SAFETY: integer arguments.
+    if unsafe { sys(nr::PRCTL, [PR_SET_DUMPABLE, 0, 0, 0, 0, 0]) }.is_err() {
+        rt::exit(127);
+    }
     let num = |i: usize| args.get(i).and_then(rt::num).and_then(|n| usize::try_from(n).ok());
-    let (Some(report), Some(n)) = (num(1), num(2)) else {
-        rt::say(b"nsfast-init: usage: nsfast-init REPORT_FD N CANDIDATE... -- ARGV...\n");
+    let status = args.get(2).and_then(rt::num).and_then(|n| i32::try_from(n).ok());
+    let (Some(report), Some(status), Some(n)) = (num(1), status, num(3)) else {
+        rt::say(b"nsfast-init: usage: nsfast-init REPORT_FD STATUS_FD N CANDIDATE... -- ARGV...\n");
         rt::exit(127)
     };
     let report = report as i32;
-    if n > args.argc || args.get(3 + n) != Some(b"--") {
+    if n > args.argc || args.get(4 + n) != Some(b"--") {
         rt::say(b"nsfast-init: missing -- ARGV\n");
         rt::exit(127);
     }
-    let argv_start = 3 + n + 1;
+    let candidates = 4..4 + n;
+    let argv_start = 4 + n + 1;
+    let mut report = report;
     if let Some(gate) = take_env(&args, b"NSFAST_INIT_GATE=") {
-        pass_gate(&args, report, gate, 3..3 + n, argv_start);
+        let (result, fork) = pass_gate(report, gate);
+        if !fork {
+            // The command is exec'd in place: it is pid 1 itself, no status report.
+            if status >= 0 {
+                rt::close(status);
+            }
+            // SAFETY: integer arguments (F_SETFD, F_DUPFD_CLOEXEC).
+            let _ = unsafe { sys(nr::FCNTL, [result as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]) };
+            // SAFETY: the kernel's argv and envp arrays (NULL-terminated, alive for the process);
+            // candidates are argv strings (Args::ptr: NULL when out of range).
+            let err =
+                unsafe { rt::exec_candidates(candidates.map(|i| args.ptr(i, 0)), args.tail(argv_start), args.envp) };
+            rt::record(result, STEP_EXEC, 0, err);
+            rt::exit(127)
+        }
+        // The command's exec failure goes to `result`, which reads EOF once it exec'd.
+        report = result;
     }
 
     rt::set_sigmask(ALL_SIGNALS);
-    let _ = sys(nr::PRCTL, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, 0]);
-    let _ = sys(nr::FCNTL, [report as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]);
+    // SAFETY: integer arguments.
+    let _ = unsafe { sys(nr::PRCTL, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, 0]) };
+    // SAFETY: integer arguments (F_SETFD, F_DUPFD_CLOEXEC).
+    let _ = unsafe { sys(nr::FCNTL, [report as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]) };
+    // SAFETY: integer arguments (F_SETFD, F_DUPFD_CLOEXEC).
+    if status >= 0 && unsafe { sys(nr::FCNTL, [status as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]) }.is_err() {
+        rt::exit(127);
+    }
     // The name shows in ps instead of "memfd:nsfast-init".
-    let _ = sys(nr::PRCTL, [PR_SET_NAME, c"nsfast-init".as_ptr() as usize, 0, 0, 0, 0]);
+    // SAFETY: integer arguments.
+    let _ = unsafe { sys(nr::PRCTL, [PR_SET_NAME, c"nsfast-init".as_ptr() as usize, 0, 0, 0, 0]) };
     if argv_start >= args.argc {
         // Our copy of the report pipe: nothing to exec, so setup is complete.
         rt::close(report);
+        if status >= 0 {
+            rt::close(status);
+        }
         idle();
     }
 
-    let pid = match rt::fork() {
-        Ok(0) => {
-            // The child: its parent had every disposition reset; give it the mask back.
-            rt::set_sigmask(0);
-            let err = rt::exec_candidates((3..3 + n).map(|i| args.ptr(i, 0)), args.tail(argv_start), args.envp);
-            rt::record(report, STEP_EXEC, 0, err);
-            rt::exit(127)
-        }
+    // vfork: the command's process shares our memory until its execve (no page table to
+    // copy, no copy-on-write faults), on a stack of its own; we wait meanwhile.
+    let start = Start { args, candidates, argv_start, report };
+    let top = (exec::STACK.0.get() as usize + core::mem::size_of::<exec::Stack>()) as *mut u8;
+    // SAFETY: the child only reads `start` and runs on STACK, both untouched by us while
+    // CLONE_VFORK stops us; it execs or exits.
+    let pid = match unsafe { rt::vfork_on(top, start_command, &start as *const Start as usize) } {
         Ok(pid) => pid as i32,
         Err(_) => rt::exit(127),
     };
     // Our copy of the report pipe; the parent reads EOF once the command exec'd.
     rt::close(report);
 
+    let report_status = status;
     let mut info = [0u8; 128];
     loop {
         let Ok(sig) = wait_signal(&mut info) else { continue };
         if sig != SIGCHLD {
             // Forward to our child.
-            let _ = sys(nr::KILL, [pid as usize, sig as usize, 0, 0, 0, 0]);
+            // SAFETY: integer arguments.
+            let _ = unsafe { sys(nr::KILL, [pid as usize, sig as usize, 0, 0, 0, 0]) };
             continue;
         }
         while let Some((r, status)) = reap_one() {
             if r == pid {
+                if report_status >= 0 {
+                    let mut rec = [0u8; 8];
+                    rec[0..4].copy_from_slice(&STATUS_TAG.to_ne_bytes());
+                    rec[4..8].copy_from_slice(&status.to_ne_bytes());
+                    let _ = rt::write(report_status, &rec);
+                }
                 let code = if status & 0x7f == 0 { (status >> 8) & 0xff } else { 128 + (status & 0x7f) };
                 // Exiting: the kernel ends the rest of the pid namespace.
                 rt::exit(code);
             }
         }
     }
+}
+
+/// What the command's process needs (it reads it from our memory, CLONE_VM).
+struct Start {
+    args: Args,
+    candidates: core::ops::Range<usize>,
+    argv_start: usize,
+    report: i32,
+}
+
+extern "C" fn start_command(arg: usize) -> ! {
+    // SAFETY: our parent's Start, alive and unchanged while it waits (CLONE_VFORK).
+    let s = unsafe { &*(arg as *const Start) };
+    // Our parent had every disposition reset; give the command the mask back.
+    rt::set_sigmask(0);
+    // SAFETY: the kernel's argv and envp arrays (NULL-terminated, alive for the process);
+    // candidates are argv strings (Args::ptr: NULL when out of range).
+    let err = unsafe {
+        rt::exec_candidates(s.candidates.clone().map(|i| s.args.ptr(i, 0)), s.args.tail(s.argv_start), s.args.envp)
+    };
+    rt::record(s.report, STEP_EXEC, 0, err);
+    rt::exit(127)
 }
 
 /// Remove `KEY=` (given with its '=') from our environment, in place; its value.
@@ -125,35 +202,46 @@ fn take_env(args: &Args, key: &[u8]) -> Option<&'static [u8]> {
     None
 }
 
-/// The gate: setup is complete (close the report pipe), wait for the byte, exec in place.
-fn pass_gate(args: &Args, report: i32, gate: &[u8], candidates: core::ops::Range<usize>, argv_start: usize) -> ! {
-    let mut fds = gate.split(|&b| b == b',').map(|v| rt::num(v).and_then(|n| i32::try_from(n).ok()));
-    let (Some(Some(gate_fd)), Some(Some(result))) = (fds.next(), fds.next()) else {
+/// The gate: setup is complete (close the report pipe), wait for the byte. Returns the
+/// fd for the command's exec failure and whether to fork it (else exec in place).
+fn pass_gate(report: i32, gate: &[u8]) -> (i32, bool) {
+    let mut parts = gate.split(|&b| b == b',');
+    let mut fd = || parts.next().and_then(rt::num).and_then(|n| i32::try_from(n).ok());
+    let (Some(gate_fd), Some(result)) = (fd(), fd()) else {
         rt::say(b"nsfast-init: bad NSFAST_INIT_GATE\n");
         rt::exit(127)
     };
+    let fork = match parts.next() {
+        None => false,
+        Some(b"fork") => true,
+        Some(_) => {
+            rt::say(b"nsfast-init: bad NSFAST_INIT_GATE\n");
+            rt::exit(127)
+        }
+    };
     rt::close(report);
     let mut b = [0u8; 1];
-    if sys(nr::READ, [gate_fd as usize, b.as_mut_ptr() as usize, 1, 0, 0, 0]) != Ok(1) {
+    // SAFETY: into a live buffer of ours, of the length given.
+    if unsafe { sys(nr::READ, [gate_fd as usize, b.as_mut_ptr() as usize, 1, 0, 0, 0]) } != Ok(1) {
         rt::exit(127); // the caller gave up (or died)
     }
     rt::close(gate_fd);
-    let _ = sys(nr::FCNTL, [result as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]);
-    let err = rt::exec_candidates(candidates.map(|i| args.ptr(i, 0)), args.tail(argv_start), args.envp);
-    rt::record(result, STEP_EXEC, 0, err);
-    rt::exit(127)
+    (result, fork)
 }
 
 /// Wait for any signal (all are blocked).
 fn wait_signal(info: &mut [u8; 128]) -> Result<i32, i32> {
     let all = ALL_SIGNALS;
-    sys(nr::RT_SIGTIMEDWAIT, [&all as *const u64 as usize, info.as_mut_ptr() as usize, 0, 8, 0, 0]).map(|s| s as i32)
+    // SAFETY: a live sigset and a 128-byte siginfo buffer on our stack.
+    unsafe { sys(nr::RT_SIGTIMEDWAIT, [&all as *const u64 as usize, info.as_mut_ptr() as usize, 0, 8, 0, 0]) }
+        .map(|s| s as i32)
 }
 
 /// Reap one exited child without blocking: (pid, wait status).
 fn reap_one() -> Option<(i32, i32)> {
     let mut status: i32 = 0;
-    match sys(nr::WAIT4, [-1isize as usize, &mut status as *mut i32 as usize, WNOHANG, 0, 0, 0]) {
+    // SAFETY: a live status int on our stack; rusage NULL.
+    match unsafe { sys(nr::WAIT4, [-1isize as usize, &mut status as *mut i32 as usize, WNOHANG, 0, 0, 0]) } {
         Ok(0) | Err(_) => None,
         Ok(pid) => Some((pid as i32, status)),
     }

@@ -37,10 +37,14 @@ impl Args {
         unsafe { self.argv.add(i.min(self.argc)) }
     }
 
-    /// A pointer to argv[i] + `skip` bytes: a NUL-terminated string inside it.
+    /// A pointer to argv[i] + `skip` bytes: a NUL-terminated string inside it (NULL if there
+    /// is no argv[i] or it is shorter than `skip`).
     pub fn ptr(&self, i: usize, skip: usize) -> *const u8 {
-        // SAFETY: callers pass skip <= the string's length (its NUL included).
-        unsafe { (*self.argv.add(i)).add(skip) }
+        match self.get(i) {
+            // Still inside argv[i] (at most its NUL): a NUL-terminated string.
+            Some(s) if skip <= s.len() => s.as_ptr().wrapping_add(skip),
+            _ => core::ptr::null(),
+        }
     }
 }
 
@@ -238,9 +242,14 @@ pub mod nr {
     pub const O_DIRECTORY: u64 = 0o40000;
 }
 
-/// One system call; the errno on failure. Callers pass arguments valid for `n` (pointers
-/// to live data of the right layout).
-pub fn sys(n: usize, a: [usize; 6]) -> Result<usize, i32> {
+/// One system call; the errno on failure.
+///
+/// # Safety
+/// The arguments must be valid for system call `n`: every pointer points to live memory of
+/// the layout the kernel reads or writes there, for the whole call, and `n` does not change
+/// memory this program relies on (munmap, a CLONE_VM clone without a stack of its own...).
+/// (Fds are integers here: this program has no Rust owner of any fd.)
+pub unsafe fn sys(n: usize, a: [usize; 6]) -> Result<usize, i32> {
     let ret: isize;
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a plain system call; see above for the arguments.
@@ -272,23 +281,31 @@ pub fn sys(n: usize, a: [usize; 6]) -> Result<usize, i32> {
     }
 }
 
-pub fn sys1(n: usize, a: usize) -> Result<usize, i32> {
-    sys(n, [a, 0, 0, 0, 0, 0])
+/// [`sys`] with one argument.
+///
+/// # Safety
+/// As for [`sys`].
+pub unsafe fn sys1(n: usize, a: usize) -> Result<usize, i32> {
+    // SAFETY: as the caller promises.
+    unsafe { sys(n, [a, 0, 0, 0, 0, 0]) }
 }
 
 pub fn exit(code: i32) -> ! {
-    let _ = sys1(nr::EXIT_GROUP, code as usize);
+    // SAFETY: integer argument.
+    let _ = unsafe { sys1(nr::EXIT_GROUP, code as usize) };
     loop {
         core::hint::spin_loop();
     }
 }
 
 pub fn close(fd: i32) {
-    let _ = sys1(nr::CLOSE, fd as usize);
+    // SAFETY: integer argument; we own our whole fd table.
+    let _ = unsafe { sys1(nr::CLOSE, fd as usize) };
 }
 
 pub fn write(fd: i32, b: &[u8]) -> Result<usize, i32> {
-    sys(nr::WRITE, [fd as usize, b.as_ptr() as usize, b.len(), 0, 0, 0])
+    // SAFETY: from a live slice, of its length.
+    unsafe { sys(nr::WRITE, [fd as usize, b.as_ptr() as usize, b.len(), 0, 0, 0]) }
 }
 
 /// A message on stderr (best effort).
@@ -326,7 +343,10 @@ pub fn num(b: &[u8]) -> Option<i64> {
 
 /// The signal mask (64 signals, as the kernel's sigset_t on these architectures).
 pub fn set_sigmask(mask: u64) {
-    let _ = sys(nr::RT_SIGPROCMASK, [2 /* SIG_SETMASK */, &mask as *const u64 as usize, 0, 8, 0, 0]);
+    // SAFETY: a live sigset on our stack; old NULL.
+    let _ = unsafe {
+        sys(nr::RT_SIGPROCMASK, [2 /* SIG_SETMASK */, &mask as *const u64 as usize, 0, 8, 0, 0])
+    };
 }
 
 pub const F_SETFD: usize = 2;
@@ -338,10 +358,15 @@ pub const EACCES: i32 = 13;
 pub const ENOTDIR: i32 = 20;
 pub const EINVAL: i32 = 22;
 pub const EPERM: i32 = 1;
+pub const ENOSYS: i32 = 38;
 
 /// execvpe's rule over `candidates`: skip ENOENT/ENOTDIR, remember EACCES, stop at anything
 /// else. Returns the errno to report (only returns if nothing could be exec'd).
-pub fn exec_candidates(
+///
+/// # Safety
+/// Each candidate is NULL or a NUL-terminated string; `argv` and `envp` are NULL-terminated
+/// arrays of such strings; all stay alive for the call.
+pub unsafe fn exec_candidates(
     candidates: impl Iterator<Item = *const u8>,
     argv: *const *const u8,
     envp: *const *const u8,
@@ -349,7 +374,9 @@ pub fn exec_candidates(
     let mut err = ENOENT;
     let mut saw_eacces = false;
     for cand in candidates {
-        let e = sys(nr::EXECVE, [cand as usize, argv as usize, envp as usize, 0, 0, 0]).err().unwrap_or(EINVAL);
+        // SAFETY: the caller's promise (see # Safety).
+        let e =
+            unsafe { sys(nr::EXECVE, [cand as usize, argv as usize, envp as usize, 0, 0, 0]) }.err().unwrap_or(EINVAL);
         err = e;
         match e {
             ENOENT | ENOTDIR => {}
@@ -420,8 +447,74 @@ pub unsafe fn clone3(args: &CloneArgs, entry: extern "C" fn(usize) -> !, arg: us
     }
 }
 
-/// fork(2) as clone(SIGCHLD): 0 in the child, which continues on its copy of our memory.
-pub fn fork() -> Result<usize, i32> {
-    const SIGCHLD: usize = 17;
-    sys(nr::CLONE, [SIGCHLD, 0, 0, 0, 0, 0])
+/// vfork on a stack of its own: clone(2) (clone3 may be ENOSYS under seccomp) with
+/// CLONE_VM | CLONE_VFORK | SIGCHLD, whose child calls `entry(arg)` on `stack_top` (never
+/// returning) while we wait until it exec'd or exited. The child's pid.
+///
+/// # Safety
+/// The stack below `stack_top` (16-byte aligned) and what `arg` points to must stay valid and
+/// untouched by anything else while the child uses them; `entry` execs or exits.
+pub unsafe fn vfork_on(stack_top: *mut u8, entry: extern "C" fn(usize) -> !, arg: usize) -> Result<usize, i32> {
+    const FLAGS: usize = 0x100 /* CLONE_VM */ | 0x4000 /* CLONE_VFORK */ | 17 /* SIGCHLD */;
+    let ret: isize;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the child starts with rsp = stack_top and only calls `entry`, which never
+    // returns (ud2 if it did); r12/r13 survive `syscall`.
+    unsafe {
+        asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "and rsp, -16",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") nr::CLONE as isize => ret,
+            in("rdi") FLAGS,
+            in("rsi") stack_top,
+            in("rdx") 0usize,
+            in("r10") 0usize,
+            in("r8") 0usize,
+            in("r12") arg,
+            in("r13") entry,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: as above; the kernel sets sp to stack_top, x20/x21 survive `svc`.
+    unsafe {
+        asm!(
+            "svc 0",
+            "cbnz x0, 2f",
+            "mov x29, xzr",
+            "mov x0, x20",
+            "blr x21",
+            "brk #1",
+            "2:",
+            inlateout("x0") FLAGS as isize => ret,
+            in("x1") stack_top,
+            in("x2") 0usize,
+            in("x3") 0usize,
+            in("x4") 0usize,
+            in("x8") nr::CLONE,
+            in("x20") arg,
+            in("x21") entry,
+        );
+    }
+    if (-4095..0).contains(&ret) {
+        Err(-ret as i32)
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// clone(CLONE_PARENT) with no new stack: a fork whose child is our parent's (its exit
+/// signal is our own's), 0 in the child, which continues on its copy of our memory.
+pub fn fork_parent() -> Result<usize, i32> {
+    const CLONE_PARENT: usize = 0x8000;
+    // SAFETY: no stack and no CLONE_VM: a fork, nothing shared.
+    unsafe { sys(nr::CLONE, [CLONE_PARENT, 0, 0, 0, 0, 0]) }
 }

@@ -586,6 +586,20 @@ fn open_tasks(dirs: &[PathBuf]) -> Result<Vec<OwnedFd>> {
         .collect()
 }
 
+/// SIGKILL every process in `dir` and the cgroups below it (v1 has no cgroup.kill).
+fn kill_pids_below(dir: &Path) {
+    for pid in pids_in(&dir.join("cgroup.procs")) {
+        sigkill(pid);
+    }
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                kill_pids_below(&e.path());
+            }
+        }
+    }
+}
+
 fn pids_in(procs: &Path) -> Vec<i32> {
     fs::read_to_string(procs).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
@@ -940,12 +954,10 @@ impl Cgroup for V1Cgroup {
             }
         }
         for d in self.unique_dirs() {
-            let procs = d.join("cgroup.procs");
-            if let Err(e) = rmdir_patiently(&d, Duration::from_secs(5), &|| {
-                for pid in pids_in(&procs) {
-                    sigkill(pid);
-                }
-            }) {
+            // Cgroups below it too: a nested nsfast's (or any delegated user's) inside it.
+            let kill = || kill_pids_below(&d);
+            if let Err(e) = remove_children(&d, &kill).and_then(|()| rmdir_patiently(&d, Duration::from_secs(5), &kill))
+            {
                 first_err.get_or_insert(e);
             }
         }

@@ -104,13 +104,35 @@ struct MidCtx<'a> {
 /// (`io.cgroup`, an exec cgroup or an existing process's cgroups) its cgroups. Returns once
 /// the command has been exec'd; the process is our child.
 pub fn spawn_join(plan: &Plan, io: &Io, target: &Target) -> Result<Child> {
+    if !spawn::clone3_missing() {
+        match spawn_join_with(plan, io, target, false)? {
+            Some(child) => return Ok(child),
+            None => spawn::note_no_clone3(),
+        }
+    }
+    Ok(spawn_join_with(plan, io, target, true)?.expect("clone(2) is not retried"))
+}
+
+/// One attempt; `Ok(None)`: clone3 is ENOSYS (nothing was started). `legacy`: clone3 is
+/// missing, so the helper clones the final process with clone(2), which has no
+/// CLONE_INTO_CGROUP: the final process moves itself into the exec's cgroup instead, writing
+/// "0" to its `cgroup.procs` (opened here) as it does to v1 `tasks` files.
+fn spawn_join_with(plan: &Plan, io: &Io, target: &Target, legacy: bool) -> Result<Option<Child>> {
     let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
-    let tasks = match io.cgroup {
+    let mut tasks = match io.cgroup {
         Some(cg) => {
             cg.self_attach_files().map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), Errno::NOTSUP))?
         }
         None => Vec::new(),
     };
+    if let Some(fd) = cgroup_fd.filter(|_| legacy) {
+        // SAFETY: io.cgroup owns the directory fd and outlives this call.
+        let dir = unsafe { sys::borrow_fd(fd) };
+        let procs = rustix::fs::openat(dir, c"cgroup.procs", OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| Error::spawn("attach cgroup", Some("cgroup.procs".into()), e))?;
+        tasks.push(procs);
+    }
+    let cgroup_fd = cgroup_fd.filter(|_| !legacy);
     let seccomp = plan
         .seccomp
         .as_ref()
@@ -221,13 +243,18 @@ pub fn spawn_join(plan: &Plan, io: &Io, target: &Target) -> Result<Child> {
     let old_mask = sys::block_all_signals();
     // SAFETY: CLONE_VFORK: we resume only once the intermediate has exec'd or exited, i.e.
     // left our memory; `stack` and `ctx` live until then.
-    let mut res = unsafe { sys::clone3(&mut args, intermediate_main, arg) };
-    if res == Err(Errno::NOSYS) {
+    let res = if legacy {
         let mut unused: c_int = -1;
         // SAFETY: as above.
-        res = unsafe { sys::clone_legacy(flags, stack.top(), &mut unused, intermediate_main, arg) };
-    }
+        unsafe { sys::clone_legacy(flags, stack.top(), &mut unused, intermediate_main, arg) }
+    } else {
+        // SAFETY: as above.
+        unsafe { sys::clone3(&mut args, intermediate_main, arg) }
+    };
     sys::restore_signals(&old_mask);
+    if res == Err(Errno::NOSYS) && !legacy {
+        return Ok(None); // nothing started: retried with clone(2), the final process moving itself
+    }
     drop(stack);
     drop(report_w);
     drop(tasks);
@@ -258,7 +285,7 @@ pub fn spawn_join(plan: &Plan, io: &Io, target: &Target) -> Result<Child> {
             // The final process is our child (CLONE_PARENT): its pid cannot be reused before
             // we reap it, so pidfd_open is race-free here.
             match rustix::process::pidfd_open(Pid::from_raw(p).expect("positive"), PidfdFlags::empty()) {
-                Ok(pidfd) => Ok(Child { pid: p, pidfd }),
+                Ok(pidfd) => Ok(Some(Child { pid: p, pidfd, status: None })),
                 Err(e) => {
                     kill_and_reap(p);
                     Err(Error::spawn("pidfd_open", None, e))
@@ -319,7 +346,8 @@ fn intermediate(ctx: &MidCtx) -> ! {
     let ch = &ctx.chan;
     sys::child_reset_signal_dispositions();
     // Our copy of the caller's fd table: the helper gets nothing else.
-    sys::close_all_except(ctx.keep).unwrap_or_else(|e| ch.fail(Step::CloseFdsEarly, 0, e));
+    // SAFETY: our copy of the caller's table: nothing in this process owns the others.
+    unsafe { sys::close_all_except(ctx.keep) }.unwrap_or_else(|e| ch.fail(Step::CloseFdsEarly, 0, e));
     for &fd in ctx.inherit {
         sys::set_cloexec(fd, false).unwrap_or_else(|e| ch.fail(Step::CloseFds, 0, e));
     }

@@ -551,7 +551,8 @@ fn open_tree<'a>(
         how |= OpenTreeFlags::AT_RECURSIVE;
     }
     match tree {
-        Tree::Prepared(i) => prepared.get(*i).map(|&fd| sys::borrow_fd(fd)).ok_or(Errno::BADF),
+        // SAFETY: the prepared trees' fds stay open (the parent holds them) until the child execs.
+        Tree::Prepared(i) => prepared.get(*i).map(|&fd| unsafe { sys::borrow_fd(fd) }).ok_or(Errno::BADF),
         Tree::Path(p) if p.to_bytes().starts_with(b"/") => {
             let fd: &'a OwnedFd = Option::insert(owned, rustix::mount::open_tree(CWD, p.as_c_str(), how)?);
             Ok(fd.as_fd())

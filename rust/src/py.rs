@@ -198,6 +198,8 @@ struct Exit {
 
 struct Inner {
     cgroup: Option<Box<dyn Cgroup>>,
+    /// nsfast-init's status report (read once, when it is reaped).
+    report: Option<std::os::fd::OwnedFd>,
     exit: Option<Exit>,
     /// Set by kill(reason) or the CPU-time watcher before the kill.
     reason: Option<Termination>,
@@ -249,6 +251,10 @@ impl Core {
             return Ok(Some(e.clone()));
         }
         let Some((status, ru)) = crate::sys::wait4_nohang(self.pid)? else { return Ok(None) };
+        // The command's own status, if nsfast-init reported one before it exited.
+        use std::os::fd::AsFd;
+        let status = crate::spawn::command_status(status, inner.report.as_ref().map(|f| f.as_fd()));
+        inner.report = None;
         let wall_s = self.started.elapsed().as_secs_f64();
         let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         let (mut cpu_user_s, mut cpu_system_s) = (Some(tv(ru.ru_utime)), Some(tv(ru.ru_stime)));
@@ -432,7 +438,7 @@ impl Sandbox {
             kill_leftovers: !pid_namespace,
             kill_group: !pid_namespace && new_session,
             started,
-            inner: Mutex::new(Inner { cgroup: cg, exit: None, reason: None, detached: false }),
+            inner: Mutex::new(Inner { cgroup: cg, report: child.status, exit: None, reason: None, detached: false }),
         });
         if watch {
             let c = core.clone();
@@ -683,7 +689,9 @@ fn spawn_join(
         if h.getattr("closed")?.extract::<bool>()? {
             return Err(gone(rustix::io::Errno::SRCH));
         }
-        let dup = |fd: i32| rustix::io::fcntl_dupfd_cloexec(crate::sys::borrow_fd(fd), 3).map_err(gone);
+        // SAFETY: the container's held fds stay open while `closed` is false (checked above,
+        // with the GIL held, which stop() needs to close them).
+        let dup = |fd: i32| rustix::io::fcntl_dupfd_cloexec(unsafe { crate::sys::borrow_fd(fd) }, 3).map_err(gone);
         let mut ns = Vec::new();
         for (name, fd) in h.getattr("ns_fds")?.extract::<Vec<(String, i32)>>()? {
             let flag =
@@ -730,7 +738,8 @@ fn spawn_join(
                 // a process that reused the pid since.
                 if let Some(pin) = pin {
                     use rustix::event::{poll, PollFd, PollFlags, Timespec};
-                    let mut fds = [PollFd::from_borrowed_fd(crate::sys::borrow_fd(pin), PollFlags::IN)];
+                    // SAFETY: the caller keeps `pin` open across this call (enter's contract).
+                    let mut fds = [PollFd::from_borrowed_fd(unsafe { crate::sys::borrow_fd(pin) }, PollFlags::IN)];
                     let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
                     if poll(&mut fds, Some(&zero)).map_err(|e| Error::spawn("join namespaces", None, e))? != 0 {
                         let gone = format!("process {pid} exited");

@@ -165,7 +165,8 @@ struct SockFprog {
 
 /// Child-safe: seccomp(SECCOMP_SET_MODE_FILTER, 0, prog).
 fn set_mode_filter(prog: &SockFprog) -> Result<(), Errno> {
-    crate::sys::seccomp_set_mode_filter(prog as *const SockFprog as usize)
+    // SAFETY: `prog` is a live sock_fprog whose `filter` points to `len` instructions.
+    unsafe { crate::sys::seccomp_set_mode_filter(prog as *const SockFprog as *const std::ffi::c_void) }
 }
 
 /// What the filter answers for one system call; a call without a verdict fails with EPERM.

@@ -20,6 +20,7 @@
 use std::ffi::{c_int, c_void};
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use rustix::io::Errno;
@@ -43,6 +44,24 @@ const STACK_SIZE: usize = 256 * 1024;
 pub struct Child {
     pub pid: i32,
     pub pidfd: OwnedFd,
+    /// With nsfast-init as the first process: the read end of its status report, which says
+    /// how the command ended. Reap `pid`, then pass its status and this fd to
+    /// [`command_status`]; close it after.
+    pub status: Option<OwnedFd>,
+}
+
+/// The command's wait status, given the reaped first process's `init_status` and (with
+/// nsfast-init) the read end of its status report (`Child::status`).
+///
+/// nsfast-init reports the command's raw wait status right before it exits, as pid 1 of a
+/// pid namespace cannot die by a signal from inside. Without a well-formed report (init was
+/// killed — `kill()`, a timeout, the OOM killer — or never ran a command), the status is
+/// init's own. Never blocks.
+pub fn command_status(init_status: c_int, report: Option<std::os::fd::BorrowedFd<'_>>) -> c_int {
+    match report.and_then(sync::read_status_report) {
+        Some(rep) => rep.status,
+        None => init_status,
+    }
 }
 
 /// What the child needs besides the plan, all plain numbers.
@@ -60,9 +79,13 @@ struct ChildCtx<'a> {
     plan: &'a Plan,
     io: &'a Io<'a>,
     chan: ChildChannel,
-    init: Option<(RawFd, &'a CStrArray)>,
+    /// (nsfast-init's memfd, its argv, the write end of its status report).
+    init: Option<(RawFd, &'a CStrArray, RawFd)>,
     /// unshare(CLONE_NEWCGROUP) after sync point 1 instead of at clone.
     late_cgroup_ns: bool,
+    /// unshare(CLONE_NEWTIME) after sync point 1 (clone(2) cannot carry it); the command
+    /// enters the new time namespace at execve.
+    late_time_ns: bool,
     /// v1 `tasks` files the child writes "0" to (moves itself in).
     tasks: &'a [RawFd],
     /// The fds of the plan's prepared trees (`mount::PrepareTree`), by number.
@@ -90,9 +113,58 @@ fn late_cgroup_ns(clone_flags: u64, moved_after_clone: bool) -> bool {
     moved_after_clone && clone_flags & libc::CLONE_NEWCGROUP as u64 != 0
 }
 
+/// Set once clone3 failed with ENOSYS (an older kernel, or a seccomp filter such as nsfast's
+/// own): it stays so for the life of the process, so later spawns go straight to `clone`.
+static NO_CLONE3: AtomicBool = AtomicBool::new(false);
+
+/// Whether clone3 is known to be missing here (see [`note_no_clone3`]).
+pub(crate) fn clone3_missing() -> bool {
+    NO_CLONE3.load(Ordering::Relaxed)
+}
+
+pub(crate) fn note_no_clone3() {
+    NO_CLONE3.store(true, Ordering::Relaxed);
+}
+
+/// How the child is started: clone3, or clone(2) where clone3 is ENOSYS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Clone {
+    Clone3,
+    /// clone(2) takes 32 bits of flags, the low 8 of them the exit signal: CLONE_NEWTIME
+    /// (0x80) is unshared by the child instead (the command enters it at execve), and
+    /// CLONE_INTO_CGROUP (bit 33) is replaced by the parent writing the child's pid to the
+    /// cgroup's `cgroup.procs` while the child waits at sync point 1.
+    Legacy,
+}
+
 /// Start the sandbox described by `plan`. Returns once the command has been exec'd.
 pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
+    if !clone3_missing() {
+        match spawn_with(plan, io, Clone::Clone3)? {
+            Some(child) => return Ok(child),
+            None => note_no_clone3(),
+        }
+    }
+    Ok(spawn_with(plan, io, Clone::Legacy)?.expect("clone(2) is not retried"))
+}
+
+/// One attempt; `Ok(None)`: clone3 is ENOSYS (nothing was started).
+fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
+    let legacy = how == Clone::Legacy;
     let cgroup_fd = io.cgroup.and_then(|c| c.clone_fd());
+    // Without CLONE_INTO_CGROUP: the parent moves the child in through this file.
+    let procs = match cgroup_fd.filter(|_| legacy) {
+        Some(fd) => {
+            // SAFETY: io.cgroup owns the directory fd and outlives this call.
+            let dir = unsafe { sys::borrow_fd(fd) };
+            Some(
+                rustix::fs::openat(dir, c"cgroup.procs", OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
+                    .map_err(|e| Error::spawn("attach cgroup", Some("cgroup.procs".into()), e))?,
+            )
+        }
+        None => None,
+    };
+    let cgroup_fd = cgroup_fd.filter(|_| !legacy);
     let attach = io.cgroup.filter(|c| c.needs_attach());
     let tasks = self_attach_files(io)?;
     let tasks_fds: Vec<RawFd> = tasks.iter().map(|f| f.as_raw_fd()).collect();
@@ -106,13 +178,17 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         None
     };
     let parent_pidfd_raw = parent_pidfd.as_ref().map_or(-1, |f| f.as_raw_fd());
-    let (mut parent, chan, report_w, go_r) =
-        sync::channel(plan.maps.is_some() || attach.is_some()).map_err(|e| Error::spawn("pipe", None, e))?;
+    let (mut parent, chan, report_w, go_r) = sync::channel(plan.maps.is_some() || attach.is_some() || procs.is_some())
+        .map_err(|e| Error::spawn("pipe", None, e))?;
     let init_argv;
+    let mut status_pipe = None;
     let init = if plan.exec.init {
         let fd = init_binary().map_err(|e| Error::spawn("load nsfast-init", None, e))?;
-        init_argv = plan.exec.init_argv(chan.report);
-        Some((fd, &init_argv))
+        let (r, w) = sync::status_pipe().map_err(|e| Error::spawn("pipe", None, e))?;
+        init_argv = plan.exec.init_argv(chan.report, w.as_raw_fd());
+        let w_raw = w.as_raw_fd();
+        status_pipe = Some((r, w));
+        Some((fd, &init_argv, w_raw))
     } else {
         None
     };
@@ -126,7 +202,7 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         io.pass_fds,
         &tasks_fds,
         &prepared_fds,
-        &[init.map_or(-1, |(fd, _)| fd), parent_pidfd_raw],
+        &[init.map_or(-1, |(fd, _, _)| fd), init.map_or(-1, |(_, _, status)| status), parent_pidfd_raw],
     ]);
     let stack = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
     let ctx = ChildCtx {
@@ -134,7 +210,8 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         io,
         chan,
         init,
-        late_cgroup_ns: late_cgroup_ns(plan.clone_flags, attach.is_some() || !tasks_fds.is_empty()),
+        late_cgroup_ns: late_cgroup_ns(plan.clone_flags, attach.is_some() || !tasks_fds.is_empty() || procs.is_some()),
+        late_time_ns: legacy && plan.clone_flags & CLONE_NEWTIME != 0,
         tasks: &tasks_fds,
         prepared: &prepared_fds,
         keep_fds: &keep_fds,
@@ -151,6 +228,9 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     if cgroup_fd.is_some() {
         flags |= CLONE_INTO_CGROUP;
     }
+    if ctx.late_time_ns {
+        flags &= !CLONE_NEWTIME;
+    }
     let mut args = CloneArgs {
         flags,
         cgroup: cgroup_fd.map_or(0, |fd| fd as u64),
@@ -165,21 +245,29 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
     let old_mask = sys::block_all_signals();
     // SAFETY: `stack` and `ctx` outlive the child's use of them: we only return (dropping
     // them) after `wait_exec` saw the report pipe close, i.e. after the child exec'd or died.
-    let mut res = unsafe { sys::clone3(&mut args, child_main, arg) };
-    if res == Err(Errno::NOSYS) {
+    let res = if legacy {
+        debug_assert!(args.flags >> 32 == 0 && args.flags & 0xff == 0, "clone(2) flags");
         // SAFETY: as above.
-        res = unsafe { sys::clone_legacy(args.flags, stack.top(), &mut pidfd, child_main, arg) };
-    }
+        unsafe { sys::clone_legacy(args.flags, stack.top(), &mut pidfd, child_main, arg) }
+    } else {
+        // SAFETY: as above.
+        unsafe { sys::clone3(&mut args, child_main, arg) }
+    };
     sys::restore_signals(&old_mask);
+    if res == Err(Errno::NOSYS) && !legacy {
+        return Ok(None); // no child: everything above is dropped, and clone(2) tries again
+    }
     drop(report_w);
     drop(go_r);
     drop(prepared);
     drop(parent_pidfd);
+    // Only init holds the write end of its status report.
+    let status = status_pipe.map(|(r, _w)| r);
     let pid = res.map_err(|e| Error::spawn("clone3", Some(namespaces_hint(plan.clone_flags)), e))?;
     // SAFETY: CLONE_PIDFD stored a fresh fd that nothing else owns.
-    let child = Child { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } };
+    let child = Child { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) }, status };
 
-    finish(plan, child, &mut parent, plan.maps.as_ref(), attach, stack)
+    finish(plan, child, &mut parent, plan.maps.as_ref(), attach, procs, stack).map(Some)
 }
 
 /// Sync point 1 (id maps written, v1 cgroup attached, then `go`), then sync point 2 (the
@@ -190,6 +278,7 @@ fn finish(
     parent: &mut sync::ParentChannel,
     maps: Option<&IdMaps>,
     attach: Option<&dyn Cgroup>,
+    procs: Option<OwnedFd>,
     stack: Stack,
 ) -> Result<Child> {
     if parent.go.is_some() {
@@ -197,6 +286,12 @@ fn finish(
         if let (Ok(()), Some(cg)) = (&ready, attach) {
             ready =
                 cg.attach(child.pid).map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), cgroup_errno(&e)));
+        }
+        if let (Ok(()), Some(procs)) = (&ready, &procs) {
+            // The cgroup CLONE_INTO_CGROUP would have put it in (clone(2) has no such flag).
+            ready = rustix::io::write(procs, child.pid.to_string().as_bytes())
+                .map(drop)
+                .map_err(|e| Error::spawn("attach cgroup", Some("cgroup.procs".into()), e));
         }
         let ready = ready.and_then(|()| parent.mappings_written().map_err(|e| Error::spawn("signal child", None, e)));
         if let Err(e) = ready {
@@ -235,8 +330,7 @@ fn spawning_thread_pidfd() -> std::result::Result<OwnedFd, Errno> {
 /// Child-safe: (re-)arm the death signal; a change of ids clears it.
 fn arm_death_signal(ctx: &ChildCtx) {
     if ctx.plan.die_with_parent {
-        sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize, 0)
-            .unwrap_or_else(|e| ctx.chan.fail(Step::DeathSignal, 0, e));
+        sys::set_death_signal_kill().unwrap_or_else(|e| ctx.chan.fail(Step::DeathSignal, 0, e));
     }
 }
 
@@ -293,7 +387,15 @@ fn idmap_userns() -> std::result::Result<std::os::fd::BorrowedFd<'static>, Errno
         let fds = [r.as_raw_fd(), w.as_raw_fd()];
         // SAFETY: the child only reads `fds` (alive until we reaped it), closes its copy of the
         // write end, reads the pipe and exits; it runs on `stack`, which outlives it.
-        let res = unsafe { sys::clone3(&mut args, hold_userns_main, fds.as_ptr() as *mut c_void) };
+        let mut res = unsafe { sys::clone3(&mut args, hold_userns_main, fds.as_ptr() as *mut c_void) };
+        if res == Err(Errno::NOSYS) {
+            note_no_clone3();
+            let mut unused: c_int = -1;
+            // SAFETY: as above (the flags fit clone(2)'s 32 bits).
+            res = unsafe {
+                sys::clone_legacy(args.flags, stack.top(), &mut unused, hold_userns_main, fds.as_ptr() as *mut c_void)
+            };
+        }
         sys::restore_signals(&old_mask);
         let pid = res?;
         let done = write_maps(pid, &IdMaps::sandbox_range())
@@ -318,9 +420,11 @@ extern "C" fn hold_userns_main(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` points to the parent's [read, write] pipe fds, alive until we are reaped.
     let [r, w] = unsafe { *(arg as *const [RawFd; 2]) };
     // Child-safe: wait until the parent closes the pipe (it has opened our user namespace).
-    sys::close(w);
+    // SAFETY: our copy of the parent's write end: nothing in this child owns it.
+    unsafe { sys::close(w) };
     let mut b = [0u8; 1];
-    let _ = rustix::io::read(sys::borrow_fd(r), &mut b);
+    // SAFETY: our copy of the read end, open until we exit.
+    let _ = rustix::io::read(unsafe { sys::borrow_fd(r) }, &mut b);
     sys::exit_now(0)
 }
 
@@ -332,6 +436,7 @@ fn abort_child(child: &Child, parent: &sync::ParentChannel) {
 }
 
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+const CLONE_NEWTIME: u64 = libc::CLONE_NEWTIME as u64;
 
 fn cgroup_errno(e: &crate::cgroup::CgroupError) -> Errno {
     match e {
@@ -425,7 +530,8 @@ fn child(ctx: &ChildCtx) -> ! {
     sys::child_reset_signal_dispositions();
     // Our copy of the caller's fd table: nothing the sandbox does not need stays open
     // (no path is resolved, no mount made before this).
-    sys::close_all_except(ctx.keep_fds).unwrap_or_else(|e| fail(Step::CloseFdsEarly, e));
+    // SAFETY: the child's copy of the parent's table: nothing in the child owns the others.
+    unsafe { sys::close_all_except(ctx.keep_fds) }.unwrap_or_else(|e| fail(Step::CloseFdsEarly, e));
     arm_death_signal(ctx);
     if ch.go >= 0 {
         // Also proves the parent outlived the prctl above: a dead parent's `go` reads EOF.
@@ -440,12 +546,16 @@ fn child(ctx: &ChildCtx) -> ! {
         arm_death_signal(ctx);
     }
     for (i, &fd) in ctx.tasks.iter().enumerate() {
-        if let Err(e) = rustix::io::write(sys::borrow_fd(fd), b"0") {
+        // SAFETY: a kept fd (keep_fds), open until exec.
+        if let Err(e) = rustix::io::write(unsafe { sys::borrow_fd(fd) }, b"0") {
             ch.fail(Step::AttachCgroup, i as u32, e);
         }
     }
     if ctx.late_cgroup_ns {
         sys::unshare(libc::CLONE_NEWCGROUP as u64).unwrap_or_else(|e| fail(Step::CgroupNs, e));
+    }
+    if ctx.late_time_ns {
+        sys::unshare(CLONE_NEWTIME).unwrap_or_else(|e| fail(Step::TimeNs, e));
     }
     for (i, st) in plan.fs.steps.iter().enumerate() {
         if let Err(e) = mount::run(&st.op, ctx.prepared) {
@@ -467,7 +577,7 @@ fn child(ctx: &ChildCtx) -> ! {
     // The bounding set needs CAP_SETPCAP, which a switch to a non-root uid takes away.
     for cap in 0..=plan.cap_last {
         if plan.keep_caps & (1u64 << cap) == 0 {
-            sys::prctl(libc::PR_CAPBSET_DROP, cap as usize, 0).unwrap_or_else(|e| fail(Step::DropCaps, e));
+            sys::capbset_drop(cap).unwrap_or_else(|e| fail(Step::DropCaps, e));
         }
     }
     // Capabilities kept for a non-root uid survive the uid switch (KEEPCAPS) and the exec
@@ -475,7 +585,7 @@ fn child(ctx: &ChildCtx) -> ! {
     // `uid=1000, capabilities=(...)` would silently give the command none.
     let ambient = plan.keep_caps != 0 && plan.set_ids.is_some_and(|ids| ids.uid.is_some_and(|u| u != 0));
     if ambient {
-        sys::prctl(libc::PR_SET_KEEPCAPS, 1, 0).unwrap_or_else(|e| fail(Step::DropCaps, e));
+        sys::set_keep_caps().unwrap_or_else(|e| fail(Step::DropCaps, e));
     }
     if let Some(ids) = plan.set_ids {
         sys::clear_supplementary_groups().unwrap_or_else(|e| fail(Step::SetGroups, e));
@@ -490,27 +600,26 @@ fn child(ctx: &ChildCtx) -> ! {
     if ctx.parent_pidfd >= 0 {
         // Armed for good now: if the spawning thread died at any point before, exit.
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let mut fds = [PollFd::from_borrowed_fd(sys::borrow_fd(ctx.parent_pidfd), PollFlags::IN)];
+        // SAFETY: a kept fd (keep_fds), open until exec.
+        let mut fds = [PollFd::from_borrowed_fd(unsafe { sys::borrow_fd(ctx.parent_pidfd) }, PollFlags::IN)];
         if poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })).is_ok_and(|n| n > 0) {
             sys::exit_now(127);
         }
     }
-    sys::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as usize, 0)
-        .unwrap_or_else(|e| fail(Step::DropCaps, e));
+    sys::clear_ambient_capabilities().unwrap_or_else(|e| fail(Step::DropCaps, e));
     let have = sys::capget_permitted().unwrap_or_else(|e| fail(Step::DropCaps, e));
     sys::capset(have & plan.keep_caps).unwrap_or_else(|e| fail(Step::DropCaps, e));
     if ambient {
         for cap in 0..=plan.cap_last {
             if have & plan.keep_caps & (1u64 << cap) != 0 {
-                sys::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE as usize, cap as usize)
-                    .unwrap_or_else(|e| fail(Step::DropCaps, e));
+                sys::raise_ambient_capability(cap).unwrap_or_else(|e| fail(Step::DropCaps, e));
             }
         }
     }
     if plan.new_session {
         rustix::process::setsid().unwrap_or_else(|e| fail(Step::Setsid, e));
     }
-    sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
+    sys::set_no_new_privs().unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
     // A crash must not hand a core to the host's core_pattern (a pipe helper runs as host root).
     // (Unless the spec sets a core limit of its own: a hard 0 could not be raised again.)
     if !plan.rlimits.iter().any(|r| r.0 == libc::RLIMIT_CORE) {
@@ -539,27 +648,31 @@ fn child(ctx: &ChildCtx) -> ! {
         } else if fd == target {
             sys::set_cloexec(fd, false)
         } else {
-            sys::dup2(fd, target)
+            // SAFETY: `target` is 0, 1 or 2 of the child's own table (what the command gets).
+            unsafe { sys::dup2(fd, target) }
         };
         res.unwrap_or_else(|e| fail(Step::Stdio, e));
     }
     // Everything from 3 up closes at exec, except the fds passed on purpose.
-    sys::close_range(3, u32::MAX, sys::CLOSE_RANGE_CLOEXEC).unwrap_or_else(|e| fail(Step::CloseFds, e));
+    // SAFETY: CLOSE_RANGE_CLOEXEC closes nothing now; at exec the child is gone.
+    unsafe { sys::close_range(3, u32::MAX, sys::CLOSE_RANGE_CLOEXEC) }.unwrap_or_else(|e| fail(Step::CloseFds, e));
     for &fd in ctx.io.pass_fds {
         sys::set_cloexec(fd, false).unwrap_or_else(|e| fail(Step::CloseFds, e));
     }
     sys::child_unblock_all_signals();
 
     let envp = plan.exec.envp.as_ptr();
-    if ctx.init.is_some() {
-        // init inherits the report pipe and closes it once its child has exec'd.
+    if let Some((_, _, status)) = ctx.init {
+        // init inherits the report pipe and closes it once its child has exec'd, and the
+        // write end of its status report, which it keeps from the command (close-on-exec).
         sys::set_cloexec(ch.report, false).unwrap_or_else(|e| fail(Step::ExecInit, e));
+        sys::set_cloexec(status, false).unwrap_or_else(|e| fail(Step::ExecInit, e));
     }
     // Last: from here on only what the filter allows (execve, write, exit_group are).
     if let Some(filter) = &plan.seccomp {
         filter.install().unwrap_or_else(|e| fail(Step::Seccomp, e));
     }
-    if let Some((init_fd, init_argv)) = ctx.init {
+    if let Some((init_fd, init_argv, _)) = ctx.init {
         // SAFETY: prepared NULL-terminated arrays.
         let e = unsafe { sys::execve_fd(init_fd, init_argv.as_ptr(), envp) };
         fail(Step::ExecInit, e);
@@ -611,7 +724,9 @@ pub fn wait(
             None => None,
         };
         let ts = left.map(|d| Timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as i64 });
-        let mut fds = [PollFd::from_borrowed_fd(sys::borrow_fd(pidfd), PollFlags::IN)];
+        // SAFETY: poll only reads the readiness of `pidfd` (the caller's, open for this call):
+        // a wrong number gives a wrong answer (then wait4 tells), never closes or uses a file.
+        let mut fds = [PollFd::from_borrowed_fd(unsafe { sys::borrow_fd(pidfd) }, PollFlags::IN)];
         match poll(&mut fds, ts.as_ref()) {
             Ok(_) | Err(Errno::INTR) => {}
             Err(e) => return Err(e.into()),

@@ -66,6 +66,8 @@ pub struct Spec {
     /// (`Spec._cap_mask`, from the capability names).
     #[cfg_attr(feature = "python", pyo3(attribute("_cap_mask")))]
     pub keep_caps: u64,
+    /// nsfast-init as the first process (`Spec._init`: `init` resolved).
+    #[cfg_attr(feature = "python", pyo3(attribute("_init")))]
     pub init: bool,
     pub new_session: bool,
     pub die_with_parent: bool,
@@ -267,10 +269,12 @@ pub struct Exec {
 
 impl Exec {
     /// nsfast-init's command line: `nsfast-init REPORT_FD N CANDIDATE... -- ARGV...`.
-    pub fn init_argv(&self, report_fd: RawFd) -> CStrArray {
+    /// nsfast-init's command line; `status_fd` -1: no status report (see init/main.rs).
+    pub fn init_argv(&self, report_fd: RawFd, status_fd: RawFd) -> CStrArray {
         let mut v = vec![
             CString::from(c"nsfast-init"),
             CString::new(report_fd.to_string()).expect("digits"),
+            CString::new(status_fd.to_string()).expect("digits"),
             CString::new(self.candidates.len().to_string()).expect("digits"),
         ];
         v.extend(self.candidates.iter().cloned());

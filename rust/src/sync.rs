@@ -39,6 +39,7 @@ pub enum Step {
     Seccomp,
     Rlimit,
     CloseFdsEarly,
+    TimeNs,
 }
 
 impl Step {
@@ -71,6 +72,7 @@ impl Step {
             Seccomp,
             Rlimit,
             CloseFdsEarly,
+            TimeNs,
         ]
         .into_iter()
         .find(|s| *s as u32 == v)
@@ -105,6 +107,7 @@ impl Step {
             Step::Seccomp => "install seccomp filter",
             Step::Rlimit => "setrlimit",
             Step::CloseFdsEarly => "close inherited fds",
+            Step::TimeNs => "unshare time namespace",
         }
     }
 }
@@ -136,6 +139,80 @@ impl ChildError {
             errno: i32::from_ne_bytes(word(8)),
         }
     }
+}
+
+/// nsfast-init's report of its command's raw wait status (see [`StatusReport`]): 8 bytes,
+/// a tag then the status, native endian. The pipe's write end is held by nsfast-init only.
+pub const STATUS_LEN: usize = 8;
+/// "nsfs" in the first word of a status report (init/main.rs writes the same; a unit test
+/// checks).
+pub const STATUS_TAG: u32 = 0x6e73_6673;
+
+/// What nsfast-init tells the parent when its command ended. pid 1 of a pid namespace cannot
+/// die by a signal sent from inside it (the kernel's SIGNAL_UNKILLABLE), so its own exit code
+/// cannot say "killed by signal N"; this report carries the command's own wait status.
+///
+/// It is data from inside the sandbox, parsed strictly: anything but exactly one well-formed
+/// record holding a status `wait4` could have returned for an exited or killed process is
+/// ignored. The worst a forged report can do is change that sandbox's own returncode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusReport {
+    pub status: i32,
+}
+
+impl StatusReport {
+    pub fn encode(&self) -> [u8; STATUS_LEN] {
+        let mut b = [0u8; STATUS_LEN];
+        b[0..4].copy_from_slice(&STATUS_TAG.to_ne_bytes());
+        b[4..8].copy_from_slice(&self.status.to_ne_bytes());
+        b
+    }
+
+    /// The report in `b` (all that was read), if it is one.
+    pub fn decode(b: &[u8]) -> Option<StatusReport> {
+        let b: &[u8; STATUS_LEN] = b.try_into().ok()?;
+        let tag = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        let status = i32::from_ne_bytes([b[4], b[5], b[6], b[7]]);
+        (tag == STATUS_TAG && is_final_status(status)).then_some(StatusReport { status })
+    }
+}
+
+/// Whether `status` is one `wait4` returns for a process that ended: exited (code in bits
+/// 8..15, nothing else) or killed by signal 1..=64 (bits 0..6, the core flag 0x80).
+pub fn is_final_status(status: i32) -> bool {
+    let sig = status & 0x7f;
+    if sig == 0 {
+        status & !0xff00 == 0
+    } else {
+        (1..=64).contains(&sig) && status & !0xff == 0
+    }
+}
+
+/// The pipe of nsfast-init's [`StatusReport`]: (read end, non-blocking; write end). Both
+/// CLOEXEC and at 3 or above. The read end never blocks: a process that forked the parent
+/// (another thread's fork without exec) may hold a copy of the write end for ever.
+pub fn status_pipe() -> rustix::io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = pipe()?;
+    rustix::fs::fcntl_setfl(&r, rustix::fs::OFlags::NONBLOCK)?;
+    Ok((r, w))
+}
+
+/// Read the status report of `report` (the read end of [`status_pipe`]) without blocking,
+/// once nsfast-init has been reaped: the report, if one complete, well-formed record is all
+/// the pipe holds.
+pub fn read_status_report(report: std::os::fd::BorrowedFd<'_>) -> Option<StatusReport> {
+    // One byte more than a record: a longer write is not a report.
+    let mut buf = [0u8; STATUS_LEN + 1];
+    let mut got = 0;
+    while got < buf.len() {
+        match rustix::io::read(report, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(Errno::INTR) => continue,
+            Err(_) => break, // EAGAIN: nothing (more) was written
+        }
+    }
+    StatusReport::decode(&buf[..got])
 }
 
 /// The parent's ends.
@@ -189,10 +266,12 @@ pub fn channel(with_go: bool) -> rustix::io::Result<(ParentChannel, ChildChannel
 impl ChildChannel {
     /// Child-safe: block until the parent has written the id maps.
     pub fn wait_mappings_written(&self) -> Result<(), Errno> {
-        crate::sys::close(self.go_parent);
+        // SAFETY: the child's copy of the parent's end: nothing in the child owns it.
+        unsafe { crate::sys::close(self.go_parent) };
         let mut b = [0u8; 1];
         loop {
-            let fd = crate::sys::borrow_fd(self.go);
+            // SAFETY: the child's end, open until it execs or exits.
+            let fd = unsafe { crate::sys::borrow_fd(self.go) };
             match rustix::io::read(fd, &mut b) {
                 Ok(1) => return Ok(()),
                 Ok(_) => return Err(Errno::PIPE),
@@ -205,7 +284,8 @@ impl ChildChannel {
     /// Child-safe: report a failed step and exit.
     pub fn fail(&self, step: Step, index: u32, errno: Errno) -> ! {
         let rec = ChildError { step: step as u32, index, errno: errno.raw_os_error() }.encode();
-        let _ = rustix::io::write(crate::sys::borrow_fd(self.report), &rec);
+        // SAFETY: the child's end of the report pipe, open until it exits.
+        let _ = rustix::io::write(unsafe { crate::sys::borrow_fd(self.report) }, &rec);
         crate::sys::exit_now(127)
     }
 }
@@ -253,5 +333,49 @@ mod tests {
         // nsfast-init writes this step number itself.
         let init_src = include_str!("../init/main.rs");
         assert!(init_src.contains(&format!("const STEP_EXEC: u32 = {};", Step::Exec as u32)));
+        assert!(init_src.contains(&format!("const STATUS_TAG: u32 = {STATUS_TAG:#x};")));
+    }
+
+    #[test]
+    fn status_reports_are_parsed_strictly() {
+        for status in [0, 1 << 8, 255 << 8, 6, 9, 15, 6 | 0x80, 64] {
+            let rep = StatusReport { status };
+            assert_eq!(StatusReport::decode(&rep.encode()), Some(rep), "{status:#x}");
+        }
+        let good = StatusReport { status: 9 }.encode();
+        assert_eq!(StatusReport::decode(&good[..7]), None, "short");
+        assert_eq!(StatusReport::decode(&[good.as_slice(), &[0]].concat()), None, "long");
+        assert_eq!(StatusReport::decode(&[]), None, "empty");
+        let mut bad_tag = good;
+        bad_tag[0] ^= 1;
+        assert_eq!(StatusReport::decode(&bad_tag), None, "tag");
+        // Not statuses of an ended process: stopped (0x7f), continued (0xffff), signal 65+,
+        // bits above the exit code, negative values.
+        for status in [0x137f, 0xffff, 65, 0x7e, 1 << 16, -1, i32::MIN, 0x0109] {
+            let raw = [STATUS_TAG.to_ne_bytes(), status.to_ne_bytes()].concat();
+            assert_eq!(StatusReport::decode(&raw), None, "{status:#x}");
+        }
+    }
+
+    #[test]
+    fn status_reports_are_read_without_blocking() {
+        use std::os::fd::AsFd;
+        let (r, w) = status_pipe().unwrap();
+        // Nothing written, the write end still open elsewhere: no report, no hang.
+        assert_eq!(read_status_report(r.as_fd()), None);
+        rustix::io::write(&w, &StatusReport { status: 15 }.encode()).unwrap();
+        assert_eq!(read_status_report(r.as_fd()), Some(StatusReport { status: 15 }));
+        // Two records (a forger's second write): neither is taken.
+        let two = [StatusReport { status: 0 }.encode(), StatusReport { status: 0 }.encode()].concat();
+        rustix::io::write(&w, &two).unwrap();
+        assert_eq!(read_status_report(r.as_fd()), None);
+        // Garbage of any length never panics.
+        for n in 0..64usize {
+            let junk: Vec<u8> = (0..n).map(|i| (i * 37 + n) as u8).collect();
+            rustix::io::write(&w, &junk).unwrap();
+            for _ in 0..=n / (STATUS_LEN + 1) + 1 {
+                let _ = read_status_report(r.as_fd());
+            }
+        }
     }
 }

@@ -5,6 +5,11 @@
 //! Functions marked "child-safe" may be called between clone3 and execve: they make one raw
 //! system call, allocate nothing and take no lock. The child shares the parent's memory
 //! (`CLONE_VM`), so it must not touch anything else.
+//!
+//! A safe function here is sound for every input; where an input can break memory or I/O
+//! safety (an fd number that something else owns and will use, a raw address), the function
+//! is `unsafe` and says what its caller promises. Kernel structs come from linux-raw-sys
+//! (`crate::abi`'s, shared with the no-dependency nsfast-init, are checked against it).
 
 pub use crate::abi::CloneArgs;
 use crate::abi::{CapData, CapHeader};
@@ -189,39 +194,55 @@ pub fn restore_signals(old: &libc::sigset_t) {
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, ptr::null_mut()) };
 }
 
-/// `struct sigaction` as the kernel reads it (x86_64/aarch64 layout).
-#[repr(C)]
-struct KernelSigaction {
-    handler: usize,
-    flags: u64,
-    restorer: usize,
-    mask: u64,
-}
+use linux_raw_sys::general::{kernel_sigaction, kernel_sigset_t, mount_attr};
 
 /// Child-safe: set every catchable signal to its default disposition, so no handler of
 /// the parent (whose code and memory the child still shares) can run in the child.
 pub fn child_reset_signal_dispositions() {
-    let act = KernelSigaction { handler: 0 /* SIG_DFL */, flags: 0, restorer: 0, mask: 0 };
+    // SIG_DFL, no flags, empty mask.
+    let act = kernel_sigaction { sa_handler_kernel: None, sa_flags: 0, sa_restorer: None, sa_mask: empty_sigset() };
     for sig in 1..=64 {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
         // Raw: libc's wrapper would write a failure to errno, i.e. the parent thread's TLS.
-        let _ = raw6(libc::SYS_rt_sigaction, [sig as usize, &act as *const KernelSigaction as usize, 0, 8, 0, 0]);
+        // SAFETY: rt_sigaction reads one kernel_sigaction (live on our stack), writes nothing
+        // (oldact NULL); 8 is the size of the kernel's sigset_t here.
+        let _ = unsafe {
+            raw6(libc::SYS_rt_sigaction, [sig as usize, &act as *const kernel_sigaction as usize, 0, 8, 0, 0])
+        };
     }
+}
+
+fn empty_sigset() -> kernel_sigset_t {
+    kernel_sigset_t { sig: [0; 1] }
 }
 
 /// Child-safe: unblock every signal (the mask survives execve).
 pub fn child_unblock_all_signals() {
-    let empty: u64 = 0;
-    let _ = raw6(libc::SYS_rt_sigprocmask, [libc::SIG_SETMASK as usize, &empty as *const u64 as usize, 0, 8, 0, 0]);
+    let empty = empty_sigset();
+    // SAFETY: rt_sigprocmask reads one kernel sigset_t (8 bytes, live on our stack) and
+    // writes nothing (oldset NULL).
+    let _ = unsafe {
+        raw6(
+            libc::SYS_rt_sigprocmask,
+            [libc::SIG_SETMASK as usize, &empty as *const kernel_sigset_t as usize, 0, 8, 0, 0],
+        )
+    };
 }
 
 /// Child-safe raw syscall returning the errno instead of touching the (shared) errno slot.
-fn raw6(nr: libc::c_long, a: [usize; 6]) -> Result<usize, Errno> {
+///
+/// # Safety
+/// The arguments must be valid for system call `nr`: every pointer points to live memory of
+/// the layout the kernel reads or writes there, for the whole call; every fd it closes,
+/// replaces or hands on is one the caller may dispose of (nothing else owns and will use
+/// it); and `nr` does not change memory the program relies on (munmap, a CLONE_VM clone
+/// without a stack of its own, ...).
+unsafe fn raw6(nr: libc::c_long, a: [usize; 6]) -> Result<usize, Errno> {
     let ret: isize;
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a plain system call; the caller passes arguments valid for `nr`.
+    // SAFETY: a plain system call; the caller passes arguments valid for `nr` (see above).
     unsafe {
         std::arch::asm!(
             "syscall",
@@ -250,34 +271,35 @@ fn raw6(nr: libc::c_long, a: [usize; 6]) -> Result<usize, Errno> {
     }
 }
 
-pub const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+pub const CLOSE_RANGE_CLOEXEC: u32 = libc::CLOSE_RANGE_CLOEXEC;
 
 /// Child-safe: close(2), errors ignored.
-pub fn close(fd: RawFd) {
+///
+/// # Safety
+/// Nothing else owns `fd` and uses it afterwards (an `OwnedFd` of this fd table would close
+/// or use another file that gets the number).
+pub unsafe fn close(fd: RawFd) {
     if fd >= 0 {
-        let _ = raw6(libc::SYS_close, [fd as usize, 0, 0, 0, 0, 0]);
+        // SAFETY: the caller may dispose of `fd`; no pointer argument.
+        let _ = unsafe { raw6(libc::SYS_close, [fd as usize, 0, 0, 0, 0, 0]) };
     }
 }
 
 /// Child-safe: close_range(2).
-pub fn close_range(first: u32, last: u32, flags: u32) -> Result<(), Errno> {
-    raw6(libc::SYS_close_range, [first as usize, last as usize, flags as usize, 0, 0, 0]).map(drop)
+///
+/// # Safety
+/// As for [`close`], for every fd in `first..=last` (unless `flags` is
+/// [`CLOSE_RANGE_CLOEXEC`], which only marks them).
+pub unsafe fn close_range(first: u32, last: u32, flags: u32) -> Result<(), Errno> {
+    // SAFETY: as the caller promises; no pointer argument.
+    unsafe { raw6(libc::SYS_close_range, [first as usize, last as usize, flags as usize, 0, 0, 0]) }.map(drop)
 }
 
-pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
-pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
-pub const MOUNT_ATTR_NODEV: u64 = 0x4;
-pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
-
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
-pub const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+pub const MOUNT_ATTR_RDONLY: u64 = linux_raw_sys::general::MOUNT_ATTR_RDONLY as u64;
+pub const MOUNT_ATTR_NOSUID: u64 = linux_raw_sys::general::MOUNT_ATTR_NOSUID as u64;
+pub const MOUNT_ATTR_NODEV: u64 = linux_raw_sys::general::MOUNT_ATTR_NODEV as u64;
+pub const MOUNT_ATTR_NOEXEC: u64 = linux_raw_sys::general::MOUNT_ATTR_NOEXEC as u64;
+pub const MOUNT_ATTR_IDMAP: u64 = linux_raw_sys::general::MOUNT_ATTR_IDMAP as u64;
 
 /// Child-safe: mount_setattr(2) on `dirfd`+`path`, optionally on the whole subtree.
 pub fn mount_setattr(dirfd: RawFd, path: &CStr, set: u64, recursive: bool) -> Result<(), Errno> {
@@ -294,77 +316,131 @@ pub fn mount_setattr_userns(fd: RawFd, set: u64, recursive: bool, userns: Option
 }
 
 fn mount_setattr_raw(dirfd: RawFd, path: &CStr, set: u64, recursive: bool, userns_fd: u64) -> Result<(), Errno> {
-    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd };
+    let attr = mount_attr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd };
     let mut flags = libc::AT_EMPTY_PATH as usize;
     if recursive {
         flags |= libc::AT_RECURSIVE as usize;
     }
-    raw6(
-        libc::SYS_mount_setattr,
-        [
-            dirfd as usize,
-            path.as_ptr() as usize,
-            flags,
-            &attr as *const MountAttr as usize,
-            std::mem::size_of::<MountAttr>(),
-            0,
-        ],
-    )
+    // SAFETY: mount_setattr reads the NUL-terminated `path` and one mount_attr of the size
+    // given, both live for the call; it closes no fd.
+    unsafe {
+        raw6(
+            libc::SYS_mount_setattr,
+            [
+                dirfd as usize,
+                path.as_ptr() as usize,
+                flags,
+                &attr as *const mount_attr as usize,
+                std::mem::size_of::<mount_attr>(),
+                0,
+            ],
+        )
+    }
     .map(drop)
 }
 
 /// Child-safe: close every fd except those in `keep` (sorted ascending, no duplicates).
-pub fn close_all_except(keep: &[RawFd]) -> Result<(), Errno> {
+///
+/// # Safety
+/// As for [`close`], for every fd not in `keep` (the child's copy of the parent's table:
+/// nothing in the child owns those).
+pub unsafe fn close_all_except(keep: &[RawFd]) -> Result<(), Errno> {
     let mut next: u32 = 0;
     for &fd in keep {
         let fd = fd as u32;
         if fd > next {
-            close_range(next, fd - 1, 0)?;
+            // SAFETY: not in `keep`, as the caller promises for those.
+            unsafe { close_range(next, fd - 1, 0) }?;
         }
         next = fd + 1;
     }
-    close_range(next, u32::MAX, 0)
+    // SAFETY: as above.
+    unsafe { close_range(next, u32::MAX, 0) }
 }
 
 /// Child-safe: setrlimit(resource, {value, value}) (prlimit64 on ourselves).
 pub fn rlimit_set(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), Errno> {
     let lim: [u64; 2] = [value, value];
-    raw6(libc::SYS_prlimit64, [0, resource as usize, &lim as *const [u64; 2] as usize, 0, 0, 0]).map(drop)
+    // SAFETY: prlimit64 reads one struct rlimit64 (two u64, live on our stack), writes
+    // nothing (old NULL).
+    unsafe { raw6(libc::SYS_prlimit64, [0, resource as usize, &lim as *const [u64; 2] as usize, 0, 0, 0]) }.map(drop)
 }
 
 /// Child-safe: setrlimit(resource, {soft, hard}) (prlimit64 on ourselves).
 pub fn rlimit_set_pair(resource: u32, soft: u64, hard: u64) -> Result<(), Errno> {
     let lim: [u64; 2] = [soft, hard];
-    raw6(libc::SYS_prlimit64, [0, resource as usize, &lim as *const [u64; 2] as usize, 0, 0, 0]).map(drop)
+    // SAFETY: prlimit64 reads one struct rlimit64 (two u64, live on our stack), writes
+    // nothing (old NULL).
+    unsafe { raw6(libc::SYS_prlimit64, [0, resource as usize, &lim as *const [u64; 2] as usize, 0, 0, 0]) }.map(drop)
 }
 
-/// Child-safe: seccomp(SECCOMP_SET_MODE_FILTER, 0, prog); `prog` is the address of a
-/// `struct sock_fprog` that stays alive for the call (the kernel copies the program).
-pub fn seccomp_set_mode_filter(prog: usize) -> Result<(), Errno> {
-    raw6(libc::SYS_seccomp, [libc::SECCOMP_SET_MODE_FILTER as usize, 0, prog, 0, 0, 0]).map(drop)
+/// Child-safe: seccomp(SECCOMP_SET_MODE_FILTER, 0, prog) (the kernel copies the program).
+///
+/// # Safety
+/// `prog` points to a live `struct sock_fprog` whose `filter` points to `len` live
+/// `struct sock_filter`s.
+pub unsafe fn seccomp_set_mode_filter(prog: *const c_void) -> Result<(), Errno> {
+    // SAFETY: as the caller promises; the call only reads them.
+    unsafe { raw6(libc::SYS_seccomp, [libc::SECCOMP_SET_MODE_FILTER as usize, 0, prog as usize, 0, 0, 0]) }.map(drop)
 }
 
 /// Child-safe: setgroups(0, NULL).
 pub fn clear_supplementary_groups() -> Result<(), Errno> {
-    raw6(libc::SYS_setgroups, [0, 0, 0, 0, 0, 0]).map(drop)
+    // SAFETY: no pointer is read (size 0, NULL list).
+    unsafe { raw6(libc::SYS_setgroups, [0, 0, 0, 0, 0, 0]) }.map(drop)
 }
 
-/// Child-safe: a raw prctl with integer arguments.
-pub fn prctl(option: i32, a2: usize, a3: usize) -> Result<usize, Errno> {
-    raw6(libc::SYS_prctl, [option as usize, a2, a3, 0, 0, 0])
+/// Child-safe prctl(2) with integer arguments only, one safe function per option used.
+fn prctl_int(option: libc::c_int, a2: usize, a3: usize) -> Result<usize, Errno> {
+    // SAFETY: only called with options whose arguments are integers, not addresses.
+    unsafe { raw6(libc::SYS_prctl, [option as usize, a2, a3, 0, 0, 0]) }
+}
+
+/// Child-safe: PR_SET_PDEATHSIG to SIGKILL (a change of ids clears it: re-arm after).
+pub fn set_death_signal_kill() -> Result<(), Errno> {
+    prctl_int(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize, 0).map(drop)
+}
+
+/// Child-safe: PR_CAPBSET_DROP `cap` from the bounding set.
+pub fn capbset_drop(cap: u32) -> Result<(), Errno> {
+    prctl_int(libc::PR_CAPBSET_DROP, cap as usize, 0).map(drop)
+}
+
+/// Child-safe: clear the ambient capability set.
+pub fn clear_ambient_capabilities() -> Result<(), Errno> {
+    prctl_int(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as usize, 0).map(drop)
+}
+
+/// Child-safe: PR_SET_KEEPCAPS (the permitted set survives a switch to a non-root uid).
+pub fn set_keep_caps() -> Result<(), Errno> {
+    prctl_int(libc::PR_SET_KEEPCAPS, 1, 0).map(drop)
+}
+
+/// Child-safe: raise `cap` into the ambient set (it must be permitted and inheritable).
+pub fn raise_ambient_capability(cap: u32) -> Result<(), Errno> {
+    prctl_int(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE as usize, cap as usize).map(drop)
+}
+
+/// Child-safe: PR_SET_NO_NEW_PRIVS.
+pub fn set_no_new_privs() -> Result<(), Errno> {
+    prctl_int(libc::PR_SET_NO_NEW_PRIVS, 1, 0).map(drop)
 }
 
 /// Child-safe: bring `lo` of the current network namespace up.
 pub fn loopback_up() -> Result<(), Errno> {
-    let sock =
-        raw6(libc::SYS_socket, [libc::AF_INET as usize, (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as usize, 0, 0, 0, 0])?;
+    // SAFETY: integer arguments; the new fd is ours (closed below).
+    let sock = unsafe {
+        raw6(libc::SYS_socket, [libc::AF_INET as usize, (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as usize, 0, 0, 0, 0])
+    }?;
     // struct ifreq: 16 bytes of name, then a union whose first member here is ifr_flags.
     let mut ifr = [0u8; 40];
     ifr[..2].copy_from_slice(b"lo");
     let up = (libc::IFF_UP | libc::IFF_RUNNING) as u16;
     ifr[16..18].copy_from_slice(&up.to_ne_bytes());
-    let ret = raw6(libc::SYS_ioctl, [sock, libc::SIOCSIFFLAGS as usize, ifr.as_mut_ptr() as usize, 0, 0, 0]);
-    let _ = raw6(libc::SYS_close, [sock, 0, 0, 0, 0, 0]);
+    // SAFETY: SIOCSIFFLAGS reads a struct ifreq (40 bytes, live on our stack).
+    let ret = unsafe { raw6(libc::SYS_ioctl, [sock, libc::SIOCSIFFLAGS as usize, ifr.as_mut_ptr() as usize, 0, 0, 0]) };
+    // SAFETY: `sock` is the socket made above, used by nothing else.
+    let _ = unsafe { raw6(libc::SYS_close, [sock, 0, 0, 0, 0, 0]) };
     ret.map(drop)
 }
 
@@ -391,7 +467,8 @@ pub fn wait4_nohang(pid: i32) -> io::Result<Option<(c_int, libc::rusage)>> {
 
 /// Child-safe: exit immediately (no atexit handlers, no stdio flush).
 pub fn exit_now(code: i32) -> ! {
-    let _ = raw6(libc::SYS_exit_group, [code as usize, 0, 0, 0, 0, 0]);
+    // SAFETY: no pointer; the process ends (nothing of it relies on anything after).
+    let _ = unsafe { raw6(libc::SYS_exit_group, [code as usize, 0, 0, 0, 0, 0]) };
     // exit_group does not return; satisfy the type system without unwinding.
     loop {
         std::hint::spin_loop();
@@ -403,7 +480,8 @@ pub fn exit_now(code: i32) -> ! {
 /// # Safety
 /// `argv` and `envp` must be NULL-terminated arrays of valid C strings.
 pub unsafe fn execve(path: &CStr, argv: *const *const u8, envp: *const *const u8) -> Errno {
-    match raw6(libc::SYS_execve, [path.as_ptr() as usize, argv as usize, envp as usize, 0, 0, 0]) {
+    // SAFETY: `path` is a C string; the caller promises argv/envp.
+    match unsafe { raw6(libc::SYS_execve, [path.as_ptr() as usize, argv as usize, envp as usize, 0, 0, 0]) } {
         Ok(_) => Errno::INVAL,
         Err(e) => e,
     }
@@ -414,36 +492,49 @@ pub unsafe fn execve(path: &CStr, argv: *const *const u8, envp: *const *const u8
 /// # Safety
 /// As for [`execve`].
 pub unsafe fn execve_fd(fd: RawFd, argv: *const *const u8, envp: *const *const u8) -> Errno {
-    match raw6(
-        libc::SYS_execveat,
-        [fd as usize, c"".as_ptr() as usize, argv as usize, envp as usize, libc::AT_EMPTY_PATH as usize, 0],
-    ) {
+    // SAFETY: "" is a C string; the caller promises argv/envp.
+    match unsafe {
+        raw6(
+            libc::SYS_execveat,
+            [fd as usize, c"".as_ptr() as usize, argv as usize, envp as usize, libc::AT_EMPTY_PATH as usize, 0],
+        )
+    } {
         Ok(_) => Errno::INVAL,
         Err(e) => e,
     }
 }
 
-/// Borrow a raw fd for one call.
-pub fn borrow_fd(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
-    // SAFETY: callers pass fds that stay open for the duration of the call that uses them
-    // (the child's own table, which nothing else closes).
+/// Borrow a raw fd.
+///
+/// # Safety
+/// `fd` is open, and stays open (nothing closes it) for as long as the result is used.
+pub unsafe fn borrow_fd<'a>(fd: RawFd) -> std::os::fd::BorrowedFd<'a> {
+    // SAFETY: as the caller promises.
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
 /// Child-safe: dup2(2) (dup3 with no flags: the result is not close-on-exec).
-pub fn dup2(old: RawFd, new: RawFd) -> Result<(), Errno> {
-    raw6(libc::SYS_dup3, [old as usize, new as usize, 0, 0, 0, 0]).map(drop)
+///
+/// # Safety
+/// As for [`close`], for `new` (dup2 closes what was there).
+pub unsafe fn dup2(old: RawFd, new: RawFd) -> Result<(), Errno> {
+    // SAFETY: the caller may dispose of `new`; no pointer argument.
+    unsafe { raw6(libc::SYS_dup3, [old as usize, new as usize, 0, 0, 0, 0]) }.map(drop)
 }
 
-/// Child-safe: F_DUPFD_CLOEXEC at or above `min`.
+/// Child-safe: F_DUPFD_CLOEXEC at or above `min`; the new fd is the caller's.
 pub fn dup_above(fd: RawFd, min: RawFd) -> Result<RawFd, Errno> {
-    raw6(libc::SYS_fcntl, [fd as usize, libc::F_DUPFD_CLOEXEC as usize, min as usize, 0, 0, 0]).map(|r| r as RawFd)
+    // SAFETY: integer arguments; the call makes a new fd and closes none.
+    unsafe { raw6(libc::SYS_fcntl, [fd as usize, libc::F_DUPFD_CLOEXEC as usize, min as usize, 0, 0, 0]) }
+        .map(|r| r as RawFd)
 }
 
 /// Child-safe: set or clear FD_CLOEXEC.
 pub fn set_cloexec(fd: RawFd, on: bool) -> Result<(), Errno> {
     let flags = if on { libc::FD_CLOEXEC } else { 0 };
-    raw6(libc::SYS_fcntl, [fd as usize, libc::F_SETFD as usize, flags as usize, 0, 0, 0]).map(drop)
+    // SAFETY: integer arguments; the flag changes no fd's file (an fd that would close at an
+    // exec it was needed for is an error of the exec, not memory or I/O unsafety).
+    unsafe { raw6(libc::SYS_fcntl, [fd as usize, libc::F_SETFD as usize, flags as usize, 0, 0, 0]) }.map(drop)
 }
 
 /// Child-safe: set effective, permitted and inheritable capabilities to `keep` (a mask of
@@ -456,32 +547,81 @@ pub fn capset(keep: u64) -> Result<(), Errno> {
         CapData { effective: lo, permitted: lo, inheritable: lo },
         CapData { effective: hi, permitted: hi, inheritable: hi },
     ];
-    raw6(libc::SYS_capset, [&hdr as *const CapHeader as usize, data.as_ptr() as usize, 0, 0, 0, 0]).map(drop)
+    // SAFETY: capset reads a header and two data structs (live on our stack, crate::abi's
+    // layouts, checked against linux-raw-sys in a test).
+    unsafe { raw6(libc::SYS_capset, [&hdr as *const CapHeader as usize, data.as_ptr() as usize, 0, 0, 0, 0]) }.map(drop)
 }
 
 /// Child-safe: the capability masks (effective) of the calling process.
 pub fn capget_permitted() -> Result<u64, Errno> {
     let hdr = CapHeader { version: crate::abi::CAP_VERSION_3, pid: 0 };
     let mut data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
-    raw6(libc::SYS_capget, [&hdr as *const CapHeader as usize, data.as_mut_ptr() as usize, 0, 0, 0, 0])?;
+    // SAFETY: capget reads the header and writes two data structs (live on our stack).
+    unsafe { raw6(libc::SYS_capget, [&hdr as *const CapHeader as usize, data.as_mut_ptr() as usize, 0, 0, 0, 0]) }?;
     Ok(u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32))
 }
 
 /// Child-safe: setresuid/setresgid for the calling thread (the child is single-threaded).
 pub fn setresuid(id: u32) -> Result<(), Errno> {
-    raw6(libc::SYS_setresuid, [id as usize, id as usize, id as usize, 0, 0, 0]).map(drop)
+    // SAFETY: integer arguments (raw: glibc's wrapper would signal every thread of ours).
+    unsafe { raw6(libc::SYS_setresuid, [id as usize, id as usize, id as usize, 0, 0, 0]) }.map(drop)
 }
 
 pub fn setresgid(id: u32) -> Result<(), Errno> {
-    raw6(libc::SYS_setresgid, [id as usize, id as usize, id as usize, 0, 0, 0]).map(drop)
+    // SAFETY: as above.
+    unsafe { raw6(libc::SYS_setresgid, [id as usize, id as usize, id as usize, 0, 0, 0]) }.map(drop)
 }
 
 /// Child-safe: setns(2) (with a pidfd, several namespace types at once).
 pub fn setns(fd: RawFd, nstype: u64) -> Result<(), Errno> {
-    raw6(libc::SYS_setns, [fd as usize, nstype as usize, 0, 0, 0, 0]).map(drop)
+    // SAFETY: integer arguments; setns closes no fd and maps no memory.
+    unsafe { raw6(libc::SYS_setns, [fd as usize, nstype as usize, 0, 0, 0, 0]) }.map(drop)
 }
 
-/// Child-safe: unshare(2).
+/// Child-safe: unshare(2). Not CLONE_VM/CLONE_FILES-style flags that would change what the
+/// caller shares: those need [`raw6`]'s care, and nsfast passes only CLONE_NEW* flags.
 pub fn unshare(flags: u64) -> Result<(), Errno> {
-    raw6(libc::SYS_unshare, [flags as usize, 0, 0, 0, 0, 0]).map(drop)
+    const NS_ONLY: u64 = (libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUSER
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWCGROUP
+        | libc::CLONE_NEWTIME) as u64;
+    if flags & !NS_ONLY != 0 {
+        return Err(Errno::INVAL);
+    }
+    // SAFETY: namespace flags only (checked): no memory or fd table is unshared or changed.
+    unsafe { raw6(libc::SYS_unshare, [flags as usize, 0, 0, 0, 0, 0]) }.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of};
+    use linux_raw_sys::general as k;
+
+    #[test]
+    fn abi_structs_match_linux_raw_sys() {
+        // crate::abi is shared with nsfast-init, which has no dependencies.
+        assert_eq!(size_of::<CapHeader>(), size_of::<k::__user_cap_header_struct>());
+        assert_eq!(offset_of!(CapHeader, pid), offset_of!(k::__user_cap_header_struct, pid));
+        assert_eq!(size_of::<CapData>(), size_of::<k::__user_cap_data_struct>());
+        assert_eq!(offset_of!(CapData, permitted), offset_of!(k::__user_cap_data_struct, permitted));
+        assert_eq!(offset_of!(CapData, inheritable), offset_of!(k::__user_cap_data_struct, inheritable));
+        assert_eq!(crate::abi::CAP_VERSION_3, k::_LINUX_CAPABILITY_VERSION_3);
+        assert_eq!(size_of::<CloneArgs>(), size_of::<k::clone_args>());
+        assert_eq!(offset_of!(CloneArgs, cgroup), offset_of!(k::clone_args, cgroup));
+        assert_eq!(offset_of!(CloneArgs, stack), offset_of!(k::clone_args, stack));
+        assert_eq!(offset_of!(CloneArgs, pidfd), offset_of!(k::clone_args, pidfd));
+        assert_eq!(offset_of!(CloneArgs, exit_signal), offset_of!(k::clone_args, exit_signal));
+        assert_eq!(size_of::<kernel_sigset_t>(), 8);
+    }
+
+    #[test]
+    fn unshare_refuses_flags_that_are_not_namespaces() {
+        assert_eq!(unshare(libc::CLONE_FILES as u64), Err(Errno::INVAL));
+        assert_eq!(unshare(libc::CLONE_VM as u64 | libc::CLONE_NEWUTS as u64), Err(Errno::INVAL));
+    }
 }
