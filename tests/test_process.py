@@ -179,3 +179,12 @@ def test_capabilities_kept_for_a_non_root_uid_take_effect():
     # Without the capability the same bind is refused.
     r = nsfast.run(["python3", "-c", code], uid=1000, capture_output=True, text=True)
     assert r.returncode == 1 and "PermissionError" in r.stderr
+
+
+def test_container_execs_get_the_containers_rlimits():
+    with nsfast.Container(rlimits={"nofile": (77, 99), "fsize": None}) as c:
+        r = c.exec(["sh", "-c", "ulimit -Sn; ulimit -Hn; ulimit -f"], capture_output=True, text=True)
+        with open(f"/proc/{c.pid}/limits") as f:
+            main = f.read()
+    assert r.stdout.split() == ["77", "99", "unlimited"], r
+    assert "Max open files            77                   99" in main

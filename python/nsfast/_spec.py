@@ -281,13 +281,13 @@ _RLIM_INFINITY = 2**64 - 1
 
 
 def _rlimit_value(name: str, v: Any) -> int:
-    if v is None or v == resource.RLIM_INFINITY:
+    if v is None or v == resource.RLIM_INFINITY or v == _RLIM_INFINITY:  # (stored form: re-validated)
         return _RLIM_INFINITY
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(
             f"rlimits[{name!r}] must be an int, None (unlimited) or a (soft, hard) pair, not {type(v).__name__}"
         )
-    if not 0 <= v < _RLIM_INFINITY:
+    if not 0 <= v < 2**63:  # (as the exec helper takes them; RLIM_INFINITY is None)
         raise SpecError("rlimits", f"{name}: {v} is out of range")
     return v
 

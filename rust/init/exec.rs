@@ -134,6 +134,9 @@ struct Plan {
     seccomp: Option<i32>,
     /// RLIMIT_NPROC (the container's pids limit, counted in its user namespace).
     nproc: Option<u64>,
+    /// The spec's rlimits (resource, soft, hard), set after nsfast's own.
+    rlimits: [(usize, u64, u64); 16],
+    n_rlimits: usize,
     /// argv indexes of the plan (2..end) and of the command (argv_start..).
     end: usize,
     argv_start: usize,
@@ -179,6 +182,8 @@ fn parse(args: Args) -> Option<Plan> {
         session: false,
         seccomp: None,
         nproc: None,
+        rlimits: [(0, 0, 0); 16],
+        n_rlimits: 0,
         end: 0,
         argv_start: 0,
     };
@@ -220,6 +225,15 @@ fn parse(args: Args) -> Option<Plan> {
             b"session" => p.session = v == b"1",
             b"seccomp" => p.seccomp = Some(fd_of(v)?),
             b"nproc" => p.nproc = Some(rt::num(v)? as u64),
+            b"rlimit" => {
+                // RESOURCE:SOFT:HARD, -1 for unlimited (RLIM_INFINITY).
+                let mut parts = v.split(|&b| b == b':');
+                let res = usize::try_from(rt::num(parts.next()?)?).ok()?;
+                let soft = rt::num(parts.next()?)? as u64;
+                let hard = rt::num(parts.next()?)? as u64;
+                *p.rlimits.get_mut(p.n_rlimits)? = (res, soft, hard);
+                p.n_rlimits += 1;
+            }
             b"pass" => {
                 fd_of(v)?;
             }
@@ -543,14 +557,23 @@ fn final_process(p: &Plan) -> ! {
     }
     // SAFETY: integer arguments.
     unsafe { sys(nr::PRCTL, [PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0]) }.unwrap_or_else(|e| fail(STEP_NO_NEW_PRIVS, e));
-    let zero: [u64; 2] = [0, 0];
-    // SAFETY: a live rlimit64 (two u64) on our stack; old NULL.
-    unsafe { sys(nr::PRLIMIT64, [0, RLIMIT_CORE, zero.as_ptr() as usize, 0, 0, 0]) }
-        .unwrap_or_else(|e| fail(STEP_RLIMIT, e));
+    let rlimits = &p.rlimits[..p.n_rlimits];
+    if !rlimits.iter().any(|r| r.0 == RLIMIT_CORE) {
+        let zero: [u64; 2] = [0, 0];
+        // SAFETY: a live rlimit64 (two u64) on our stack; old NULL.
+        unsafe { sys(nr::PRLIMIT64, [0, RLIMIT_CORE, zero.as_ptr() as usize, 0, 0, 0]) }
+            .unwrap_or_else(|e| fail(STEP_RLIMIT, e));
+    }
     if let Some(n) = p.nproc {
         let lim: [u64; 2] = [n, n];
         // SAFETY: a live rlimit64 (two u64) on our stack; old NULL.
         unsafe { sys(nr::PRLIMIT64, [0, RLIMIT_NPROC, lim.as_ptr() as usize, 0, 0, 0]) }
+            .unwrap_or_else(|e| fail(STEP_RLIMIT, e));
+    }
+    for &(resource, soft, hard) in rlimits {
+        let lim: [u64; 2] = [soft, hard];
+        // SAFETY: a live rlimit64 (two u64) on our stack; old NULL.
+        unsafe { sys(nr::PRLIMIT64, [0, resource, lim.as_ptr() as usize, 0, 0, 0]) }
             .unwrap_or_else(|e| fail(STEP_RLIMIT, e));
     }
 

@@ -201,6 +201,10 @@ fn spawn_join_with(plan: &Plan, io: &Io, target: &Target, legacy: bool) -> Resul
     if let Some(n) = plan.nproc {
         arg(format!("nproc={n}"));
     }
+    for &(resource, soft, hard) in &plan.rlimits {
+        let v = |x: u64| if x == u64::MAX { -1 } else { x as i64 };
+        arg(format!("rlimit={resource}:{}:{}", v(soft), v(hard)));
+    }
     if let Some(fd) = &seccomp {
         arg(format!("seccomp={fd}"));
     }
