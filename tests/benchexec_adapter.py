@@ -203,6 +203,10 @@ class NsfastRunExecutor:
             env["HOME"] = os.path.join(temp_dir, "home")
             hidden = [] if not modes else hidden
             cwd = cwd or os.getcwd()
+            # BenchExec without namespaces runs the tool in the caller's cwd with full access;
+            # nsfast's /tmp is always a fresh tmpfs (a checkout under /tmp would be missing).
+            if cwd != "/" and not any(cwd == d or cwd.startswith(d + "/") for d in hidden):
+                mounts.append(nsfast.Bind(cwd, cwd, readonly=False))
         return {
             "env": env,
             "cwd": cwd,

@@ -5,9 +5,9 @@ a read-only root, a fresh /proc, a minimal /dev and an empty /tmp; the API is sh
 like `subprocess`:
 
     >>> import nsfast
-    >>> nsfast.run(["sh", "-c", "hostname; echo $$"], hostname="box",
+    >>> nsfast.run(["sh", "-c", "hostname; id -u"], hostname="box",
     ...            capture_output=True, text=True).stdout
-    'box\\n1\\n'
+    'box\\n0\\n'
 """
 
 from __future__ import annotations
