@@ -121,3 +121,32 @@ def test_without_clone3_run_and_exec_keep_their_cgroup_and_every_namespace():
     container = {n: v.split(":[")[1].rstrip("]") for n, v in out["container"].items()}
     assert ns == container
     assert all(ns[n] != outer[n] for n in NS)
+
+
+NESTED = r"""
+import json, nsfast
+busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+r = nsfast.run(["python3", "-c", busy], limits=nsfast.Limits(memory="256M", pids=64))
+print(json.dumps({"rc": r.returncode, "cpu": r.usage.cpu_user_s + r.usage.cpu_system_s}))
+"""
+
+
+def test_an_outer_nsfast_run_measures_and_bounds_the_sandboxes_nested_in_it():
+    """Before: inner sandboxes' cgroups were at <mount>/nsfast/..., outside the outer run's, so
+    the outer run reported 0.06 s CPU for an inner 0.22 s. Now the inner nsfast nests its
+    sandbox below the cgroup it runs in (the outer sandbox's), which counts it."""
+    r = nsfast.run(
+        [sys.executable, "-c", NESTED],
+        namespaces=(),
+        capabilities=CAPABILITIES[: _core.cap_last_cap() + 1],
+        seccomp=nsfast.Seccomp(allow=NEEDED),
+        limits=nsfast.Limits(memory="512M", pids=200),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    inner = json.loads(r.stdout.splitlines()[-1])
+    assert inner["rc"] == 0 and inner["cpu"] >= 0.3, inner
+    outer_cpu = r.usage.cpu_user_s + r.usage.cpu_system_s
+    assert outer_cpu >= inner["cpu"], (outer_cpu, inner)
