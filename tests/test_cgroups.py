@@ -474,10 +474,10 @@ def test_raw_memory_high_throttles_on_v2_and_is_refused_on_v1():
         assert nsfast.run(["true"], limits=limits, strict=False).returncode == 0
 
 
-def test_a_raw_value_the_kernel_refuses_names_file_and_value():
-    with pytest.raises(nsfast.SpawnError, match=r"pids\.max.*lots|lots.*pids\.max") as err:
+def test_a_raw_value_the_kernel_refuses_is_a_limit_error_naming_file_and_value():
+    with pytest.raises(nsfast.LimitError, match=r"pids\.max.*lots") as err:
         nsfast.run(["true"], limits=nsfast.Limits(cgroup={"pids.max": "lots"}))
-    assert err.value.step == "create cgroup"
+    assert err.value.limits == ["cgroup file pids.max"]
 
 
 @pytest.mark.parametrize(

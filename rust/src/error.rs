@@ -10,6 +10,9 @@ pub enum Error {
     /// A step of starting the sandbox failed, in the parent or in the child.
     #[error("{step}: {errno}{}", .filename.as_ref().map(|f| format!(": {f}")).unwrap_or_default())]
     Spawn { step: String, filename: Option<String>, errno: Errno },
+    /// A limit the kernel refused (its cgroup file would not take the value).
+    #[error("{limit}: {msg}")]
+    Limit { limit: String, msg: String },
 }
 
 impl Error {

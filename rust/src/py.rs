@@ -31,6 +31,9 @@ fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
     };
     let built = match &err {
         Error::Invalid { field, msg } => errors.getattr("SpecError").and_then(|cls| cls.call1((*field, msg.as_str()))),
+        Error::Limit { limit, msg } => {
+            errors.getattr("LimitError").and_then(|cls| cls.call1((vec![(limit.as_str(), msg.as_str())],)))
+        }
         Error::Spawn { step, filename, errno } => errors.getattr("SpawnError").and_then(|cls| {
             let code = errno.raw_os_error();
             let strerror = std::io::Error::from_raw_os_error(code).to_string();
@@ -596,7 +599,17 @@ fn spawn(
                     errno: rustix::io::Errno::NOTSUP,
                 };
                 let backend = backend_for(&root).map_err(cg_err)?;
-                Some(backend.create(&cgroup::unique_name(), &limits, kill_tree).map_err(|e| cg_err(e.to_string()))?)
+                Some(backend.create(&cgroup::unique_name(), &limits, kill_tree).map_err(|e| match e {
+                    // A value the kernel refused: the limit is what was wrong, not the setup.
+                    cgroup::CgroupError::Write { path, value, source }
+                        if source.raw_os_error() != Some(libc::ENOENT) =>
+                    {
+                        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                        let msg = format!("the kernel refused {value:?} for {} ({source})", path.display());
+                        Error::Limit { limit: format!("cgroup file {file}"), msg }
+                    }
+                    e => cg_err(e.to_string()),
+                })?)
             }
         };
         let io = crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg.as_deref() };

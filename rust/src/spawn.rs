@@ -401,7 +401,7 @@ fn idmap_userns() -> std::result::Result<std::os::fd::BorrowedFd<'static>, Errno
         let done = write_maps(pid, &IdMaps::sandbox_range())
             .map_err(|e| match e {
                 Error::Spawn { errno, .. } => errno,
-                Error::Invalid { .. } => Errno::INVAL,
+                Error::Invalid { .. } | Error::Limit { .. } => Errno::INVAL,
             })
             .and_then(|()| {
                 rustix::fs::open(format!("/proc/{pid}/ns/user"), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
