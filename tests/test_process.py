@@ -188,3 +188,27 @@ def test_container_execs_get_the_containers_rlimits():
             main = f.read()
     assert r.stdout.split() == ["77", "99", "unlimited"], r
     assert "Max open files            77                   99" in main
+
+
+def test_a_sandbox_object_dropped_unwaited_is_killed_and_reaped_even_with_a_cpu_watcher():
+    import gc
+
+    import psutil
+
+    from nsfast import _cgroup, _core
+
+    spec = nsfast.Spec(limits=nsfast.Limits(cpu_time=100))
+    req = _cgroup.request(spec.limits, kill_tree=False)
+    sb = _core.spawn(spec, [b"sleep", b"30"], stdio=(-1, -1, -1), pass_fds=[], cgroup=req)
+    pid = sb.pid
+    assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    del sb
+    gc.collect()
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).ppid() != os.getpid()
+        except psutil.NoSuchProcess:
+            return True
+
+    assert wait_until(gone, timeout=5), "the dropped sandbox still runs (or is an unreaped zombie)"

@@ -432,7 +432,7 @@ impl Sandbox {
         pid_namespace: bool,
         new_session: bool,
         cpu: CpuTimeLimits,
-    ) -> Sandbox {
+    ) -> PyResult<Sandbox> {
         let cgroup_version = cg.as_ref().map(|c| c.version());
         let watch = cg.is_some() && (cpu.cpu_time.is_some() || cpu.cpu_time_soft.is_some());
         let core = Arc::new(Core {
@@ -445,12 +445,26 @@ impl Sandbox {
         });
         if watch {
             let c = core.clone();
-            std::thread::Builder::new()
-                .name("nsfast-cpu-time".into())
-                .spawn(move || c.watch_cpu(cpu))
-                .expect("spawn the CPU-time watcher thread");
+            let started = std::thread::Builder::new().name("nsfast-cpu-time".into()).spawn(move || c.watch_cpu(cpu));
+            if let Err(e) = started {
+                // No watcher, no CPU-time limit: end the sandbox (Core's drop reaps it) rather
+                // than let it run unbounded.
+                let _ = core.kill(None);
+                return Err(PyOSError::new_err(format!("cannot start the CPU-time watcher thread: {e}")));
+            }
         }
-        Sandbox { core, cgroup_version }
+        Ok(Sandbox { core, cgroup_version })
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Gone unwaited and not detached: end the sandbox now, even while a CPU-time watcher
+        // still holds the Core (which reaps and cleans up when the last holder lets go).
+        let detached = self.core.lock().detached;
+        if !detached {
+            let _ = self.core.kill(None);
+        }
     }
 }
 
@@ -624,7 +638,7 @@ fn spawn(
         }
     });
     match result {
-        Ok((child, cg)) => Ok(Sandbox::new(child, cg, started, pid_namespace, new_session, cpu)),
+        Ok((child, cg)) => Sandbox::new(child, cg, started, pid_namespace, new_session, cpu),
         Err(e) => Err(to_pyerr(py, e)),
     }
 }
@@ -776,7 +790,7 @@ fn spawn_join(
     match result {
         // An exec's process is not its pid namespace's init: what it leaves behind keeps
         // running in the container (docker exec), unless killed.
-        Ok((child, cg)) => Ok(Sandbox::new(child, cg, started, pid_namespace, true, CpuTimeLimits::default())),
+        Ok((child, cg)) => Sandbox::new(child, cg, started, pid_namespace, true, CpuTimeLimits::default()),
         Err(e) => Err(to_pyerr(py, e)),
     }
 }
