@@ -375,7 +375,8 @@ class Spec:
         caller's. Inside, /sys/fs/cgroup is a fresh cgroup2 mount rooted at that cgroup (its
         cgroup namespace), read-write, nosuid,nodev,noexec, instead of the host's read-only
         view: cgroup users inside (an nsfast, which also needs seccomp=None for its own
-        namespaces and mounts, and masked_paths=()/readonly_paths=() for its fresh /proc)
+        namespaces and mounts, masked_paths=()/readonly_paths=() for its fresh /proc and
+        capabilities=("setfcap",) to map its sandbox's root)
         create cgroups below it, within the sandbox's limits, removed with the sandbox. Needs
         cgroup v2 for the sandbox's cgroup (a pure v2 host; a hybrid or v1 host is a
         LimitError, whatever `strict`), the 'cgroup' and 'mnt' namespaces and cgroup=True

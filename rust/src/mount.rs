@@ -406,6 +406,13 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
         if exists(b"sys/fs/cgroup") != Some(true) {
             return Err(Error::invalid("delegate_cgroup", "needs a directory /sys/fs/cgroup in the sandbox's root"));
         }
+        // On a tmpfs first: the kernel refuses the same superblock on the same mount point
+        // (EBUSY), which the host's cgroup2 at /sys/fs/cgroup would be (there is one cgroup2).
+        push(
+            tmpfs(b"sys/fs/cgroup", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "0755", Some(4096)),
+            "mount /sys/fs/cgroup".into(),
+            "/sys/fs/cgroup".into(),
+        );
         push(
             FsOp::Mount {
                 fstype: c("cgroup2"),
