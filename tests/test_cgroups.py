@@ -659,3 +659,200 @@ def test_rootless_in_a_delegated_v2_subtree_gets_limits():
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------------------
+# Spec(delegate_cgroup=True): a sandbox that owns its cgroup, and an nsfast nested in it
+
+
+@pytest.mark.parametrize(
+    "kwargs, why",
+    [
+        (dict(cgroup=False, limits=None), "needs cgroup=True"),
+        (dict(namespaces=("user", "mnt", "pid")), "missing: cgroup"),
+        (dict(namespaces=("user", "pid", "cgroup")), "missing: mnt"),
+    ],
+)
+def test_delegate_cgroup_without_its_namespaces_or_a_cgroup_is_a_spec_error(kwargs, why):
+    with pytest.raises(nsfast.SpecError, match="delegate_cgroup") as err:
+        nsfast.Spec(delegate_cgroup=True, **kwargs)
+    assert err.value.field == "delegate_cgroup" and why in str(err.value)
+
+
+@pytest.mark.skipif(expected_version() == 2, reason="a hybrid/v1 host refuses delegation; the VM is pure cgroup v2")
+@pytest.mark.parametrize("strict", [True, False])
+def test_delegate_cgroup_on_a_hybrid_host_is_a_limit_error_before_anything_runs(strict, tmp_path):
+    marker = tmp_path / "ran"
+    with pytest.raises(nsfast.LimitError, match="delegate_cgroup: needs cgroup v2") as err:
+        nsfast.run(
+            ["touch", str(marker)],
+            delegate_cgroup=True,
+            strict=strict,
+            mounts=[nsfast.Bind(str(tmp_path), str(tmp_path), readonly=False)],
+        )
+    assert err.value.limits == ["delegate_cgroup"]
+    assert "hybrid" in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_sandbox_without_delegation_cannot_write_its_cgroupfs():
+    script = "echo max > /sys/fs/cgroup/cgroup.subtree_control || echo refused"
+    r = nsfast.run(["sh", "-c", script], capture_output=True, text=True)
+    assert r.stdout.strip().endswith("refused"), r
+
+
+# Runs inside a delegated sandbox (as its root): an nsfast there, then the attacks.
+DELEGATED_INNER = r"""
+import json, os, subprocess, sys, time
+import nsfast
+
+def attempt(path, value):
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+        return "written"
+    except OSError as e:
+        return type(e).__name__
+
+def stat(name):
+    st = os.stat(os.path.join("/sys/fs/cgroup", name))
+    return [st.st_uid, st.st_gid]
+
+out = {"owners": {f: stat(f) for f in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads",
+                                         "memory.max", "pids.max")}}
+out["mount"] = [l for l in open("/proc/self/mountinfo") if l.split()[4] == "/sys/fs/cgroup"][-1]
+# The sandbox's own limits cannot be raised from inside.
+out["raise_memory"] = attempt("/sys/fs/cgroup/memory.max", "max")
+out["raise_pids"] = attempt("/sys/fs/cgroup/pids.max", "max")
+# An nsfast inside: its sandboxes go below the delegated cgroup, with limits that apply.
+bomb = nsfast.run(["sh", "-c", "b() { b | b & }; b 2>/dev/null; sleep 1; echo alive"],
+                  limits=nsfast.Limits(pids=16), capture_output=True, text=True, timeout=300)
+hog = "b = bytearray(200 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('survived')"
+oom = nsfast.run(["/usr/bin/python3", "-c", hog], limits=nsfast.Limits(memory="64M", memory_swap="64M", pids=16),
+                 capture_output=True, text=True, timeout=300)
+busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+cpu = nsfast.run(["/usr/bin/python3", "-c", busy], limits=nsfast.Limits(memory="64M", pids=16), timeout=300)
+with nsfast.spawn(["sleep", "30"], limits=nsfast.Limits(memory="64M", pids=16)) as p:
+    with open(f"/proc/{p.pid}/cgroup") as f:
+        inner_cgroup = f.read()
+    inner_dir = p._sandbox.cgroup_paths()[0]
+    with open(os.path.join(inner_dir, "memory.max")) as f:
+        inner_memory_max = f.read().strip()
+    p.kill()
+out.update(bomb=[bomb.returncode, bomb.stdout, bomb.usage.pids_peak], oom=[oom.returncode, oom.usage.termination,
+           oom.stdout], inner_cpu=cpu.usage.cpu_user_s + cpu.usage.cpu_system_s, inner_cgroup=inner_cgroup,
+           inner_dir=inner_dir, inner_memory_max=inner_memory_max, own=open("/proc/self/cgroup").read())
+# The host's cgroupfs, bound in by the test: a cgroup outside the delegated subtree takes no pid.
+host = "/mnt/host-cgroup"
+out["escape_root"] = attempt(f"{host}/cgroup.procs", str(os.getpid()))
+out["escape_victim"] = attempt(f"{host}/{sys.argv[1]}/cgroup.procs", str(os.getpid()))
+# A deep tree with a process left in it: removed with the sandbox.
+deep = "/sys/fs/cgroup/deep/a/b/c/d"
+os.makedirs(deep)
+left = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+with open(os.path.join(deep, "cgroup.procs"), "w") as f:
+    f.write(str(left.pid))
+out["deep_procs"] = open(os.path.join(deep, "cgroup.procs")).read().split()
+print(json.dumps(out))
+"""
+
+# The outer caller (root, or rootless through setpriv): one delegated sandbox running the above.
+DELEGATED_OUTER = r"""
+import json, os, sys
+import nsfast
+pkg = os.path.dirname(os.path.dirname(nsfast.__file__))
+p = nsfast.spawn(["/usr/bin/python3", "-c", sys.argv[1], sys.argv[2]], delegate_cgroup=True, seccomp=None,
+                 masked_paths=(), readonly_paths=(), capabilities=("setfcap",),
+                 mounts=[nsfast.Tmpfs("/mnt"), nsfast.Bind("/sys/fs/cgroup", "/mnt/host-cgroup", readonly=False)],
+                 env={"PYTHONPATH": pkg, "PATH": "/usr/bin:/bin"}, stdout=nsfast.PIPE, stderr=nsfast.PIPE, text=True)
+dirs = p._sandbox.cgroup_paths()
+owners = {f: list(os.stat(os.path.join(dirs[0], f))[4:6]) for f in ("", "cgroup.procs", "memory.max")}
+out, err = p.communicate(timeout=900)
+u = p.usage
+print(json.dumps({"rc": p.returncode, "err": err[-3000:], "inner": json.loads(out.splitlines()[-1]) if out else None,
+                  "cpu": u.cpu_user_s + u.cpu_system_s, "dirs": dirs, "owners_outside": owners,
+                  "left": [d for d in dirs if os.path.exists(d)]}))
+"""
+
+needs_v2 = pytest.mark.skipif(expected_version() != 2, reason="cgroup v2 delegation needs a pure v2 host (the VM)")
+
+
+def run_delegated(rootless: bool) -> dict:
+    victim = f"/sys/fs/cgroup/nsfast-victim-{os.getpid()}"
+    deleg = "/sys/fs/cgroup/nsfast-deleg-outer"
+    os.mkdir(victim)
+    try:
+        if not rootless:
+            r = subprocess.run(
+                [sys.executable, "-c", DELEGATED_OUTER, DELEGATED_INNER, os.path.basename(victim)],
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
+        else:
+            if not shutil.which("setpriv"):
+                pytest.skip("needs setpriv to run as an unprivileged user")
+            os.mkdir(deleg)
+            for f in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
+                os.chown(os.path.join(deleg, f), 65534, 65534)
+            pkg = os.path.dirname(os.path.dirname(nsfast.__file__))
+            cmd = f'echo $$ > {deleg}/cgroup.procs && exec setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 -c "$0" "$1" "$2"'
+            r = subprocess.run(
+                ["sh", "-c", cmd, DELEGATED_OUTER, DELEGATED_INNER, os.path.basename(victim)],
+                env={"PYTHONPATH": pkg, "PATH": os.environ["PATH"]},
+                capture_output=True,
+                text=True,
+                timeout=1200,
+                cwd="/",
+            )
+        assert r.returncode == 0, r.stderr[-4000:]
+        res = json.loads(r.stdout.splitlines()[-1])
+        assert res["inner"] is not None, res["err"]
+        with open(os.path.join(victim, "cgroup.procs")) as f:
+            assert f.read() == "", "a pid got into the victim cgroup"
+        return res
+    finally:
+        rmdir_tree(victim)
+        rmdir_tree(deleg)
+
+
+def check_delegated(res: dict, root_ids: list[int]) -> None:
+    inner = res["inner"]
+    # The outer sandbox's cgroup as seen from outside: delegated to the sandbox's root, its
+    # limit files still the caller's.
+    assert res["owners_outside"][""] == root_ids and res["owners_outside"]["cgroup.procs"] == root_ids, res
+    assert res["owners_outside"]["memory.max"] == [os.geteuid(), os.getegid()] or root_ids == [65534, 65534], res
+    # Inside: its own cgroup2 at /sys/fs/cgroup, rw, nosuid,nodev,noexec, rooted at its cgroup.
+    fields = inner["mount"].split()
+    assert fields[fields.index("-") + 1] == "cgroup2", inner["mount"]
+    assert set(fields[5].split(",")) >= {"rw", "nosuid", "nodev", "noexec"}, inner["mount"]
+    assert inner["owners"][""] == [0, 0] and inner["owners"]["cgroup.procs"] == [0, 0], inner
+    # The attacks fail: raising its own limits, putting a pid into a cgroup outside.
+    assert inner["raise_memory"] != "written" and inner["raise_pids"] != "written", inner
+    assert inner["escape_root"] != "written" and inner["escape_victim"] != "written", inner
+    # The nested nsfast: below the delegated cgroup (its namespace root), limits applied.
+    assert inner["own"] == "0::/nsfast-caller\n", inner
+    assert inner["inner_cgroup"].startswith("0::/nsfast/sb-"), inner
+    assert inner["inner_memory_max"] == str(64 << 20), inner
+    rc, out, peak = inner["bomb"]
+    assert rc == 0 and "alive" in out and peak is not None and peak <= 16, inner["bomb"]
+    rc, termination, out = inner["oom"]
+    assert rc == -9 and termination == "memory" and "survived" not in out, inner["oom"]
+    # The outer run's CPU includes the inner sandbox's 0.3 s (and its own Python).
+    assert inner["inner_cpu"] >= 0.3 and res["cpu"] >= inner["inner_cpu"], res
+    # The deep tree with a process left in it went with the sandbox.
+    assert inner["deep_procs"], inner
+    assert res["left"] == [], res
+    assert res["rc"] == 0, res["err"]
+
+
+@needs_v2
+def test_delegated_sandbox_runs_a_nested_nsfast_with_limits_and_holds_against_attacks_root():
+    res = run_delegated(rootless=False)
+    check_delegated(res, [nsfast.SANDBOX_ID_BASE, nsfast.SANDBOX_ID_BASE])
+
+
+@needs_v2
+def test_delegated_sandbox_runs_a_nested_nsfast_with_limits_and_holds_against_attacks_rootless():
+    res = run_delegated(rootless=True)
+    check_delegated(res, [65534, 65534])

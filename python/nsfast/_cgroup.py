@@ -339,12 +339,16 @@ def _below_own(rel: str) -> Optional[str]:
         return rel if os.geteuid() == 0 else None
     # After this process moved itself into <own>/nsfast-caller, "our cgroup" for every root
     # is still the one it was in.
-    own = _moved_from.get(os.getpid()) or _core.own_cgroup()
+    own = _moved_from[os.getpid()] if os.getpid() in _moved_from else _core.own_cgroup()
     if own is None:
         return None
     mine = os.path.join(base, own) if own else base
     target = os.path.join(mine, rel)
-    if not own:
+    # The root of our cgroup namespace ("/") is the host's root cgroup only where it has no
+    # cgroup.type (the root cgroup has none): else it is a cgroup delegated to us (an nsfast
+    # sandbox's with delegate_cgroup, a container's), whose processes are all its owner's.
+    delegated_ns_root = not own and os.path.exists(os.path.join(base, "cgroup.type"))
+    if not own and not delegated_ns_root:
         return target  # the root cgroup: processes and enabled controllers may coexist
     if os.geteuid() != 0 and not all(
         os.access(os.path.join(mine, f), os.W_OK) for f in ("", "cgroup.procs", "cgroup.subtree_control")
@@ -360,6 +364,13 @@ def _below_own(rel: str) -> Optional[str]:
         missing = [c for c in available if c not in enabled]
         if not missing:
             return target
+        if busy and delegated_ns_root:
+            # Everything in it is ours (the sandbox's init, its shells): all of it moves into
+            # the leaf, as docker-in-docker's entrypoint does (moby hack/dind), or no
+            # controller could be enabled below it.
+            _move_all(mine, os.path.join(mine, "nsfast-caller"))
+            _moved_from[os.getpid()] = own
+            busy = []
         if busy and busy != [str(os.getpid())]:
             _notes[target] = (
                 f"other processes share the caller's cgroup {mine} (cgroup v2 then refuses to enable "
@@ -378,6 +389,24 @@ def _below_own(rel: str) -> Optional[str]:
     except OSError as e:
         _notes[target] = f"preparing the caller's cgroup {mine} for sandboxes failed: {e}"
     return target
+
+
+def _move_all(src: str, leaf: str) -> None:
+    """Move every process of cgroup `src` into its child `leaf` (made if missing), until
+    none is left (a process forking meanwhile may land in `src`: moved on the next round)."""
+    os.makedirs(leaf, exist_ok=True)
+    for _ in range(100):
+        with open(os.path.join(src, "cgroup.procs")) as f:
+            pids = f.read().split()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                with open(os.path.join(leaf, "cgroup.procs"), "w") as f:
+                    f.write(pid)
+            except ProcessLookupError:  # exited meanwhile
+                pass
+    raise OSError(f"processes keep appearing in {src}")
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -403,13 +432,58 @@ class CgroupRequest:
     cpu_time_soft: Optional[float] = None
 
 
-def request(limits: Optional[Limits], kill_tree: bool, strict: bool = True) -> Optional[CgroupRequest]:
+def _nsdelegate() -> bool:
+    """Whether the cgroup2 mounted at /sys/fs/cgroup has nsdelegate (a cgroup namespace is
+    then a delegation boundary: its root's limit files cannot be written from inside)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                parts = right.split()
+                if left.split(" ")[4] == "/sys/fs/cgroup" and parts[:1] == ["cgroup2"] and len(parts) > 2:
+                    return "nsdelegate" in parts[2].split(",")
+    except OSError:
+        pass
+    return False
+
+
+def _check_delegation(info: Any, why: str) -> None:
+    """LimitError unless the sandbox's cgroup can be delegated (Spec.delegate_cgroup):
+    whatever `strict` says, delegation is never silently left out."""
+    if isinstance(info, str) or info is None:
+        raise LimitError([("delegate_cgroup", why)])
+    if info[0] != 2:
+        raise LimitError(
+            [
+                (
+                    "delegate_cgroup",
+                    "needs cgroup v2 for the sandbox's cgroup (a pure cgroup v2 host); this host is a hybrid or "
+                    "cgroup v1 one, whose v1 controller cgroups cannot be delegated safely",
+                )
+            ]
+        )
+    if not (os.geteuid() == 0 and _core.sandbox_id_range()) and not _nsdelegate():
+        raise LimitError(
+            [
+                (
+                    "delegate_cgroup",
+                    "the sandbox's root is this caller, which owns the sandbox's limit files: only a cgroup2 "
+                    "mounted with nsdelegate keeps the sandbox from raising them, and /sys/fs/cgroup has none",
+                )
+            ]
+        )
+
+
+def request(
+    limits: Optional[Limits], kill_tree: bool, strict: bool = True, delegate: bool = False
+) -> Optional[CgroupRequest]:
     """The cgroup argument of `_core.spawn`, or None when sandboxes cannot have a cgroup here.
 
     A limit the user asked for (any `Limits` but `DEFAULT_LIMITS`) that cannot take effect
     raises LimitError naming it and why, unless strict=False: then it is left out with a
     CgroupWarning, as the default limits always are (once per reason). `Limits.require` is
-    checked either way. A bad NSFAST_CGROUP_ROOT is a SpecError."""
+    checked either way. A bad NSFAST_CGROUP_ROOT is a SpecError. `delegate`
+    (Spec.delegate_cgroup) that cannot be done is a LimitError whatever `strict` says."""
     with _lock:
         root = _root()
         info: Any = None
@@ -427,6 +501,8 @@ def request(limits: Optional[Limits], kill_tree: bool, strict: bool = True) -> O
                     info = str(e)
                 _backends[root] = info
             why = f"cannot create cgroups under {root!r} ({info})" if isinstance(info, str) else ""
+    if delegate:
+        _check_delegation(info, why)
     asked = limits is not None and limits is not DEFAULT_LIMITS
     if isinstance(info, str) or info is None:
         problems = [(n, why) for n, need in (limits._asks() if limits else []) if need != "pids"]

@@ -95,8 +95,9 @@ def _argv(args: Args) -> Tuple[List[bytes], List[Any]]:
 
 def _pipe_owner(spec: Spec, join: Optional[_JoinTarget]) -> Optional[Tuple[int, int]]:
     """The host ids a root caller's sandbox user has (its user namespace maps inside ids
-    0.. to SANDBOX_ID_BASE..); None when the caller's own ids are the sandbox's."""
-    if os.geteuid() != 0:
+    0.. to SANDBOX_ID_BASE..); None when the caller's own ids are the sandbox's (rootless, or
+    root nested in a sandbox, whose user namespace has no such ids)."""
+    if os.geteuid() != 0 or not _core.sandbox_id_range():
         return None
     userns = "user" in (spec.namespaces if join is None else join.namespaces)
     if not userns:
@@ -225,7 +226,10 @@ class Process:
         cgroup = None
         if self.spec.cgroup and _join is None:
             cgroup = _cgroup.request(
-                self.spec.limits, kill_tree="pid" not in self.spec.namespaces, strict=self.spec.strict
+                self.spec.limits,
+                kill_tree="pid" not in self.spec.namespaces,
+                strict=self.spec.strict,
+                delegate=self.spec.delegate_cgroup,
             )
         handles = _Handles(stdin, stdout, stderr, _pipe_owner(self.spec, _join))
         try:

@@ -367,6 +367,21 @@ class Spec:
         a user namespace (SpecError).
     strict: a limit the user asked for that cannot take effect here raises LimitError before
         anything starts; strict=False applies what it can, with a CgroupWarning for the rest.
+    delegate_cgroup: systemd's Delegate=yes for the sandbox (default False): before the
+        sandbox runs anything, its cgroup directory and its cgroup.procs,
+        cgroup.subtree_control and cgroup.threads are chowned to the sandbox's root (host ids
+        SANDBOX_ID_BASE for a root caller, the caller for a rootless one), as the kernel's
+        cgroup v2 delegation model says; its limit files (memory.max, pids.max, ...) stay the
+        caller's. Inside, /sys/fs/cgroup is a fresh cgroup2 mount rooted at that cgroup (its
+        cgroup namespace), read-write, nosuid,nodev,noexec, instead of the host's read-only
+        view: cgroup users inside (an nsfast, which also needs seccomp=None for its own
+        namespaces and mounts, masked_paths=()/readonly_paths=() for its fresh /proc and
+        capabilities=("setfcap",) to map its sandbox's root)
+        create cgroups below it, within the sandbox's limits, removed with the sandbox. Needs
+        cgroup v2 for the sandbox's cgroup (a pure v2 host; a hybrid or v1 host is a
+        LimitError, whatever `strict`), the 'cgroup' and 'mnt' namespaces and cgroup=True
+        (SpecError), and, where the sandbox's root owns its limit files (a rootless caller),
+        the host's cgroup2 mounted with nsdelegate (which refuses those writes from inside).
     """
 
     # The annotations are the types stored (after validation and normalisation); what each
@@ -387,6 +402,7 @@ class Spec:
     limits: Optional[Limits] = field(default_factory=_default_limits)
     cgroup: bool = True
     strict: bool = True  # limits asked for that cannot take effect: LimitError (False: a warning)
+    delegate_cgroup: bool = False
     seccomp: Optional[Seccomp] = DEFAULT_SECCOMP
     masked_paths: Tuple[str, ...] = DEFAULT_MASKED_PATHS
     readonly_paths: Tuple[str, ...] = DEFAULT_READONLY_PATHS
@@ -474,8 +490,18 @@ class Spec:
         set_("_cap_mask", sum(1 << CAPABILITIES.index(c) for c in self.capabilities))
         if self.init is not None:
             _bool("init", self.init)
-        for name in ("new_session", "die_with_parent", "cgroup", "strict"):
+        for name in ("new_session", "die_with_parent", "cgroup", "strict", "delegate_cgroup"):
             _bool(name, getattr(self, name))
+        if self.delegate_cgroup:
+            if not self.cgroup:
+                raise SpecError("delegate_cgroup", "needs cgroup=True (there is no cgroup to delegate)")
+            missing = [n for n in ("cgroup", "mnt") if n not in self.namespaces]
+            if missing:
+                raise SpecError(
+                    "delegate_cgroup",
+                    f"needs the 'cgroup' and 'mnt' namespaces (missing: {', '.join(missing)}): the sandbox mounts "
+                    "its own cgroup2, rooted at its cgroup",
+                )
         from ._cgroup import DEFAULT_LIMITS, Limits
 
         if self.limits is not None and not isinstance(self.limits, Limits):
@@ -564,6 +590,7 @@ class SpecFields(TypedDict, total=False):
     shm_size: Union[int, str, None]
     rlimits: Mapping[str, Union[int, None, Tuple[Optional[int], Optional[int]]]]
     strict: bool
+    delegate_cgroup: bool
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Spec) if f.init)

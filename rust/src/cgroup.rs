@@ -138,6 +138,17 @@ pub trait Cgroup: Send {
     fn exec_child(&self, _name: &str) -> Result<Box<dyn Cgroup>> {
         Err(CgroupError::Unavailable("this cgroup cannot hold the cgroups of execs".into()))
     }
+    /// Delegate this cgroup to the sandbox's root, whose host ids are `uid`/`gid` (the
+    /// kernel's cgroup-v2 delegation model: the directory and its `cgroup.procs`,
+    /// `cgroup.subtree_control` and `cgroup.threads`; its limit files stay the caller's).
+    /// Only a cgroup v2 cgroup can be delegated.
+    fn delegate(&self, _uid: u32, _gid: u32) -> Result<()> {
+        Err(CgroupError::Unavailable(
+            "delegate_cgroup needs the sandbox's cgroup on cgroup v2 (a pure cgroup v2 host); this one is a cgroup v1 \
+             cgroup (a hybrid or legacy host: its v1 controllers cannot be delegated safely)"
+                .into(),
+        ))
+    }
     /// Kill every process in the cgroup.
     fn kill(&self) -> Result<()>;
     fn usage(&self) -> Usage;
@@ -635,6 +646,27 @@ impl Cgroup for V2Cgroup {
 
     fn needs_attach(&self) -> bool {
         self.attach_by_procs
+    }
+
+    fn delegate(&self, uid: u32, gid: u32) -> Result<()> {
+        use rustix::fs::AtFlags;
+        let fd = self.fd.as_ref().ok_or_else(|| CgroupError::Unavailable("the cgroup is not open".into()))?;
+        let (owner, group) =
+            (Some(rustix::fs::Uid::from_raw_unchecked(uid)), Some(rustix::fs::Gid::from_raw_unchecked(gid)));
+        // Through the directory fd: the same cgroup the child is born in, never a symlink.
+        for (file, flags) in [
+            ("", AtFlags::EMPTY_PATH),
+            ("cgroup.procs", AtFlags::SYMLINK_NOFOLLOW),
+            ("cgroup.subtree_control", AtFlags::SYMLINK_NOFOLLOW),
+            ("cgroup.threads", AtFlags::SYMLINK_NOFOLLOW),
+        ] {
+            rustix::fs::chownat(fd, file, owner, group, flags).map_err(|e| CgroupError::Io {
+                op: "chown",
+                path: self.dir.join(file),
+                source: e.into(),
+            })?;
+        }
+        Ok(())
     }
 
     fn attach(&self, pid: i32) -> Result<()> {

@@ -140,6 +140,9 @@ pub struct FsSpec<'a> {
     /// Mount a fresh procfs (false: bind the host's, for a user namespace without a pid
     /// namespace of its own, which may not mount a procfs of the host's pid namespace).
     pub fresh_proc: bool,
+    /// A fresh cgroup2 (the sandbox's own cgroup namespace) on /sys/fs/cgroup, read-write
+    /// (`delegate_cgroup`).
+    pub cgroup2: bool,
 }
 
 /// Size of each tmpfs that hides a host directory.
@@ -397,6 +400,30 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
         "mount /tmp".into(),
         "/tmp".into(),
     );
+
+    if fs.cgroup2 {
+        // Mounted after the child is in its cgroup namespace: its root is the sandbox's cgroup.
+        if exists(b"sys/fs/cgroup") != Some(true) {
+            return Err(Error::invalid("delegate_cgroup", "needs a directory /sys/fs/cgroup in the sandbox's root"));
+        }
+        // On a tmpfs first: the kernel refuses the same superblock on the same mount point
+        // (EBUSY), which the host's cgroup2 at /sys/fs/cgroup would be (there is one cgroup2).
+        push(
+            tmpfs(b"sys/fs/cgroup", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "0755", Some(4096)),
+            "mount /sys/fs/cgroup".into(),
+            "/sys/fs/cgroup".into(),
+        );
+        push(
+            FsOp::Mount {
+                fstype: c("cgroup2"),
+                dst: c("sys/fs/cgroup"),
+                flags: MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                data: c(""),
+            },
+            "mount /sys/fs/cgroup".into(),
+            "/sys/fs/cgroup".into(),
+        );
+    }
 
     // Directories that are fresh tmpfs: targets below them are created on the fly.
     let mut fresh: Vec<Vec<u8>> = vec![b"tmp".to_vec(), b"dev/shm".to_vec()];
@@ -698,6 +725,7 @@ mod tests {
             shm_size: None,
             prepare_trees: false,
             fresh_proc: true,
+            cgroup2: false,
         }
     }
 

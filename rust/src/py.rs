@@ -83,6 +83,14 @@ fn kill_cgroups(py: Python<'_>, paths: Vec<String>) -> PyResult<()> {
     detached(py, || cgroup::kill_and_remove(&dirs)).map_err(|e| PyOSError::new_err(e.to_string()))
 }
 
+/// Whether a root caller's sandboxes get the id range at SANDBOX_ID_BASE: its user
+/// namespace has those ids (not so for root nested in a sandbox, whose sandboxes then map
+/// their root to the caller, as a rootless caller's do).
+#[pyfunction]
+fn sandbox_id_range() -> bool {
+    crate::spec::Caller::current().range
+}
+
 /// The own cgroup v2 path of this process (for rootless delegation), if any.
 #[pyfunction]
 fn own_cgroup() -> Option<String> {
@@ -626,6 +634,19 @@ fn spawn(
                 })?)
             }
         };
+        // Before the child exists: it is born owning its cgroup (never its limit files).
+        if let Some((uid, gid)) = plan.delegate {
+            let res = match cg.as_ref() {
+                Some(c) => c.delegate(uid, gid),
+                None => Err(cgroup::CgroupError::Unavailable("delegate_cgroup needs cgroup=True".into())),
+            };
+            if let Err(e) = res {
+                if let Some(c) = cg.as_mut() {
+                    let _ = c.remove();
+                }
+                return Err(Error::Limit { limit: "delegate_cgroup".into(), msg: e.to_string() });
+            }
+        }
         let io = crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg.as_deref() };
         match crate::spawn::spawn(&plan, &io) {
             Ok(child) => Ok((child, cg)),
@@ -816,6 +837,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(seccomp_syscalls, m)?)?;
     m.add_function(wrap_pyfunction!(cgroup_backend, m)?)?;
     m.add_function(wrap_pyfunction!(own_cgroup, m)?)?;
+    m.add_function(wrap_pyfunction!(sandbox_id_range, m)?)?;
     m.add_function(wrap_pyfunction!(kill_cgroups, m)?)?;
     m.add_function(wrap_pyfunction!(spawn_join, m)?)?;
     m.add_class::<Sandbox>()?;

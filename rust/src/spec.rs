@@ -92,6 +92,9 @@ pub struct Spec {
     /// (resource, soft, hard) set before exec (`Spec._rlimit_items`, from `Spec.rlimits`).
     #[cfg_attr(feature = "python", pyo3(attribute("_rlimit_items")))]
     pub rlimits: Vec<(u32, u64, u64)>,
+    /// Delegate the sandbox's cgroup (v2) to its root and mount a fresh cgroup2 at
+    /// /sys/fs/cgroup inside, read-write (needs the cgroup and mnt namespaces).
+    pub delegate_cgroup: bool,
 }
 
 /// Changes to nsfast's default syscall allow list (an `nsfast.Seccomp`).
@@ -165,6 +168,7 @@ impl Spec {
             seccomp: Some(SeccompSpec::default()),
             nproc: None,
             rlimits: Vec::new(),
+            delegate_cgroup: false,
         }
     }
 }
@@ -176,12 +180,43 @@ pub const DEFAULT_NAMESPACES: [&str; 7] = ["user", "mnt", "pid", "uts", "ipc", "
 pub struct Caller {
     pub euid: u32,
     pub egid: u32,
+    /// Root whose user namespace maps the sandbox range SANDBOX_ID_BASE.. (the initial one):
+    /// its sandboxes get that range. A root caller nested in a sandbox has no such ids and
+    /// maps like a rootless caller (its sandbox's root is itself).
+    pub range: bool,
 }
 
 impl Caller {
     pub fn current() -> Caller {
-        Caller { euid: rustix::process::geteuid().as_raw(), egid: rustix::process::getegid().as_raw() }
+        let euid = rustix::process::geteuid().as_raw();
+        Caller { euid, egid: rustix::process::getegid().as_raw(), range: euid == 0 && sandbox_range_mapped() }
     }
+
+    /// A caller with ids `euid`/`egid` (root: with the sandbox range).
+    pub fn with_ids(euid: u32, egid: u32) -> Caller {
+        Caller { euid, egid, range: euid == 0 }
+    }
+}
+
+/// Whether `map` (this process's uid_map or gid_map text) has the ids
+/// SANDBOX_ID_BASE..+SANDBOX_ID_COUNT in its own namespace (the first column).
+pub fn maps_sandbox_range(map: &str) -> bool {
+    let (lo, hi) = (SANDBOX_ID_BASE as u64, SANDBOX_ID_BASE as u64 + SANDBOX_ID_COUNT as u64);
+    map.lines().any(|l| {
+        let n: Vec<u64> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        n.len() == 3 && n[0] <= lo && hi <= n[0] + n[2]
+    })
+}
+
+/// Whether this process's user namespace maps the sandbox range (read once: a process
+/// does not change its user namespace under nsfast).
+pub fn sandbox_range_mapped() -> bool {
+    static MAPPED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MAPPED.get_or_init(|| {
+        ["/proc/self/uid_map", "/proc/self/gid_map"]
+            .iter()
+            .all(|f| std::fs::read_to_string(f).is_ok_and(|t| maps_sandbox_range(&t)))
+    })
 }
 
 /// The lines the parent writes for a new user namespace.
@@ -201,7 +236,7 @@ impl IdMaps {
     /// range at SANDBOX_ID_BASE (its root is never host root); others map one inside id
     /// (`uid`, default 0) to themselves, the only id they own.
     pub fn for_caller(caller: Caller, uid: Option<u32>, gid: Option<u32>) -> IdMaps {
-        if caller.euid == 0 {
+        if caller.range {
             IdMaps::sandbox_range()
         } else {
             IdMaps::single(caller, uid, gid)
@@ -219,7 +254,9 @@ impl IdMaps {
         IdMaps {
             uid_map: format!("{} {} 1\n", uid.unwrap_or(0), caller.euid),
             gid_map: format!("{} {} 1\n", gid.unwrap_or(0), caller.egid),
-            deny_setgroups: caller.euid != 0,
+            // Unprivileged in the parent namespace (rootless, or root nested in a sandbox,
+            // without capabilities there): the kernel requires setgroups "deny" first.
+            deny_setgroups: !caller.range,
             range: false,
         }
     }
@@ -310,6 +347,8 @@ pub struct Plan {
     pub exec: Exec,
     /// argv[0] as given, for error messages.
     pub argv0: String,
+    /// `delegate_cgroup`: the host ids of the sandbox's root, to own its cgroup.
+    pub delegate: Option<(u32, u32)>,
 }
 
 fn cstring(field: &'static str, bytes: &[u8]) -> Result<CString> {
@@ -424,6 +463,18 @@ impl Plan {
         }
         let maps = user_ns.then(|| IdMaps::for_caller(caller, spec.uid, spec.gid));
         let range = maps.as_ref().is_some_and(|m| m.range);
+        let delegate = if spec.delegate_cgroup {
+            if clone_flags & libc::CLONE_NEWCGROUP as u64 == 0 || !mnt_ns {
+                return Err(Error::invalid(
+                    "delegate_cgroup",
+                    "needs the 'cgroup' and 'mnt' namespaces (the sandbox mounts its own cgroup2 rooted at its cgroup)",
+                ));
+            }
+            // Its root: inside id 0, the range's first id or the caller itself.
+            Some(if range { (SANDBOX_ID_BASE, SANDBOX_ID_BASE) } else { (caller.euid, caller.egid) })
+        } else {
+            None
+        };
         for (field, id) in [("uid", spec.uid), ("gid", spec.gid)] {
             if let Some(id) = id.filter(|&id| range && id >= SANDBOX_ID_COUNT) {
                 return Err(Error::invalid(
@@ -451,6 +502,7 @@ impl Plan {
                 // The sandbox's root cannot open the caller's private trees, nor idmap.
                 prepare_trees: range,
                 fresh_proc: !user_ns || clone_flags & libc::CLONE_NEWPID as u64 != 0,
+                cgroup2: spec.delegate_cgroup,
             };
             mount::plan(&fs, &probes)?
         } else {
@@ -492,6 +544,7 @@ impl Plan {
                 init: spec.init,
             },
             argv0: String::from_utf8_lossy(argv0).into_owned(),
+            delegate,
         })
     }
 }
@@ -502,14 +555,42 @@ mod tests {
 
     #[test]
     fn id_maps_map_the_caller_to_root_or_the_requested_ids() {
-        let m = IdMaps::single(Caller { euid: 1000, egid: 100 }, None, None);
+        let m = IdMaps::single(Caller::with_ids(1000, 100), None, None);
         assert_eq!(m.uid_map, "0 1000 1\n");
         assert_eq!(m.gid_map, "0 100 1\n");
         assert!(m.deny_setgroups);
-        let m = IdMaps::single(Caller { euid: 0, egid: 0 }, Some(65534), Some(7));
+        let m = IdMaps::single(Caller::with_ids(0, 0), Some(65534), Some(7));
         assert_eq!(m.uid_map, "65534 0 1\n");
         assert_eq!(m.gid_map, "7 0 1\n");
         assert!(!m.deny_setgroups);
+    }
+
+    #[test]
+    fn a_root_caller_without_the_sandbox_range_maps_itself() {
+        assert!(maps_sandbox_range("         0          0 4294967295\n"));
+        assert!(!maps_sandbox_range(&format!("0 {SANDBOX_ID_BASE} 65536\n"))); // in a root caller's sandbox
+        assert!(!maps_sandbox_range("0 1000 1\n"));
+        let nested = Caller { euid: 0, egid: 0, range: false };
+        let plan = Plan::build(&Spec::new(vec![b"true".to_vec()]), nested).unwrap();
+        let maps = plan.maps.unwrap();
+        assert_eq!(maps.uid_map, "0 0 1\n");
+        assert!(!maps.range && maps.deny_setgroups && !plan.become_root);
+    }
+
+    #[test]
+    fn delegation_needs_cgroup_and_mnt_namespaces_and_goes_to_the_sandbox_root() {
+        let mut spec = Spec::new(vec![b"true".to_vec()]);
+        spec.delegate_cgroup = true;
+        let plan = Plan::build(&spec, Caller::with_ids(0, 0)).unwrap();
+        assert_eq!(plan.delegate, Some((SANDBOX_ID_BASE, SANDBOX_ID_BASE)));
+        let plan = Plan::build(&spec, Caller::with_ids(1000, 100)).unwrap();
+        assert_eq!(plan.delegate, Some((1000, 100)));
+        assert!(plan.fs.steps.iter().any(|s| s.step == "mount /sys/fs/cgroup"));
+        for ns in [["user", "mnt"], ["user", "cgroup"]] {
+            spec.namespaces = crate::ns::flags(ns).unwrap();
+            let err = Plan::build(&spec, Caller::with_ids(0, 0)).err().unwrap();
+            assert!(matches!(err, Error::Invalid { field: "delegate_cgroup", .. }), "{err}");
+        }
     }
 
     #[test]
@@ -524,11 +605,11 @@ mod tests {
     #[test]
     fn every_caller_gets_a_user_namespace_and_root_never_maps_to_host_root() {
         let spec = Spec::new(vec![b"true".to_vec()]);
-        let plan = Plan::build(&spec, Caller { euid: 1000, egid: 1000 }).unwrap();
+        let plan = Plan::build(&spec, Caller::with_ids(1000, 1000)).unwrap();
         assert_ne!(plan.clone_flags & libc::CLONE_NEWUSER as u64, 0);
         assert_eq!(plan.maps.unwrap().uid_map, "0 1000 1\n");
         assert!(!plan.become_root);
-        let plan = Plan::build(&spec, Caller { euid: 0, egid: 0 }).unwrap();
+        let plan = Plan::build(&spec, Caller::with_ids(0, 0)).unwrap();
         assert_ne!(plan.clone_flags & libc::CLONE_NEWUSER as u64, 0);
         let maps = plan.maps.unwrap();
         assert_eq!(maps.uid_map, format!("0 {SANDBOX_ID_BASE} 65536\n"));
@@ -537,11 +618,11 @@ mod tests {
         let mut spec = spec;
         spec.namespaces &= !(libc::CLONE_NEWUSER as u64);
         spec.seccomp = None;
-        let plan = Plan::build(&spec, Caller { euid: 0, egid: 0 }).unwrap();
+        let plan = Plan::build(&spec, Caller::with_ids(0, 0)).unwrap();
         assert!(plan.maps.is_none() && !plan.become_root && plan.seccomp.is_none());
         spec.namespaces |= libc::CLONE_NEWUSER as u64;
         spec.uid = Some(70000);
-        let err = Plan::build(&spec, Caller { euid: 0, egid: 0 }).err().unwrap();
+        let err = Plan::build(&spec, Caller::with_ids(0, 0)).err().unwrap();
         assert!(matches!(err, Error::Invalid { field: "uid", .. }), "{err}");
     }
 
