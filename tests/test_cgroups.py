@@ -763,8 +763,10 @@ import nsfast
 pkg = os.path.dirname(os.path.dirname(nsfast.__file__))
 p = nsfast.spawn(["/usr/bin/python3", "-c", sys.argv[1], sys.argv[2]], delegate_cgroup=True, seccomp=None,
                  masked_paths=(), readonly_paths=(), capabilities=("setfcap",),
-                 mounts=[nsfast.Tmpfs("/mnt"), nsfast.Bind("/sys/fs/cgroup", "/mnt/host-cgroup", readonly=False)],
-                 env={"PYTHONPATH": pkg, "PATH": "/usr/bin:/bin"}, stdout=nsfast.PIPE, stderr=nsfast.PIPE, text=True)
+                 mounts=[nsfast.Tmpfs("/mnt"), nsfast.Bind("/sys/fs/cgroup", "/mnt/host-cgroup", readonly=False),
+                         nsfast.Bind(pkg, "/mnt/nsfast-pkg")],  # (a checkout under /tmp or /home is hidden)
+                 env={"PYTHONPATH": "/mnt/nsfast-pkg", "PATH": "/usr/bin:/bin"}, stdout=nsfast.PIPE,
+                 stderr=nsfast.PIPE, text=True)
 dirs = p._sandbox.cgroup_paths()
 owners = {f: list(os.stat(os.path.join(dirs[0], f))[4:6]) for f in ("", "cgroup.procs", "memory.max")}
 out, err = p.communicate(timeout=900)
