@@ -12,6 +12,7 @@ like `subprocess`:
 
 from __future__ import annotations
 
+from ._aio import AsyncProcess, arun, aspawn
 from ._cgroup import DEFAULT_LIMITS, CgroupWarning, Limits, configure
 from ._container import Container, enter
 from ._errors import ContainerError, LimitError, NsfastError, SpawnError, SpecError
@@ -41,6 +42,9 @@ from ._spec import (
 __all__ = [
     "run",
     "spawn",
+    "arun",
+    "aspawn",
+    "AsyncProcess",
     "Process",
     "Result",
     "Usage",

@@ -1,0 +1,251 @@
+"""asyncio: sandboxes driven by the event loop. A sandbox's pidfd and its pipes are loop
+readers (and stdin a writer): no thread per sandbox. Cancelling a task kills its sandbox and
+reaps it before the CancelledError propagates."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import os
+from subprocess import CalledProcessError
+from typing import IO, TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+
+from ._process import PIPE, Args, File, Process, Result, TimeoutExpired, Usage
+from ._spec import Spec, SpecFields
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["arun", "aspawn", "AsyncProcess"]
+
+
+async def _ready(fd: int, write: bool = False) -> None:
+    """Until `fd` is readable (or writable)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, wake)
+    try:
+        await fut
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
+async def _read_all(f: IO[Any]) -> bytes:
+    fd = f.fileno()
+    os.set_blocking(fd, False)
+    chunks: List[bytes] = []
+    try:
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                await _ready(fd)
+                continue
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+    finally:
+        f.close()
+
+
+async def _write_all(f: IO[Any], data: bytes) -> None:
+    fd = f.fileno()
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    try:
+        while view:
+            try:
+                view = view[os.write(fd, view[: 1 << 16]) :]
+            except BlockingIOError:
+                await _ready(fd, write=True)
+            except BrokenPipeError:
+                return  # the command stopped reading: as Popen.communicate
+    finally:
+        try:
+            f.close()
+        except BrokenPipeError:
+            pass
+
+
+def _decode(data: Optional[bytes], f: Any, text: bool) -> Any:
+    if data is None or not text:
+        return data
+    decoder = codecs.getincrementaldecoder(getattr(f, "encoding", "utf-8"))(getattr(f, "errors", "strict"))
+    s: str = decoder.decode(data, final=True)
+    return s.replace("\r\n", "\n").replace("\r", "\n")
+
+
+class AsyncProcess:
+    """A running sandbox driven by the event loop (`await nsfast.aspawn(...)`): `wait()` and
+    `communicate()` are coroutines; `pid`, `returncode`, `usage`, `send_signal`, `terminate`
+    and `kill` are as on `nsfast.Process` (which `.process` is)."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.process.returncode
+
+    @property
+    def usage(self) -> Optional[Usage]:
+        return self.process.usage
+
+    @property
+    def args(self) -> Any:
+        return self.process.args
+
+    def send_signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def terminate(self) -> None:
+        self.process.terminate()
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def __repr__(self) -> str:
+        return f"<nsfast.AsyncProcess pid={self.pid} returncode={self.returncode}>"
+
+    async def wait(self) -> int:
+        """Until the sandbox's first process exits (its pidfd is a loop reader); then reap it,
+        measure and clean up (as Process.wait). Cancelled, it kills and reaps the sandbox."""
+        p = self.process
+        try:
+            while p.returncode is None:
+                sb = p._sandbox
+                if sb is None:
+                    break
+                await _ready(sb.fileno())
+                p.poll()
+        except BaseException:
+            self._end()
+            raise
+        assert p.returncode is not None
+        return p.returncode
+
+    async def communicate(self, input: Any = None) -> Tuple[Any, Any]:
+        """Send `input`, read stdout/stderr to EOF, wait; like Popen.communicate. Cancelled
+        (or `asyncio.wait_for`'s timeout), it kills and reaps the sandbox."""
+        p = self.process
+        if input is not None and p.stdin is None:
+            raise ValueError("input given but stdin is not PIPE")
+        try:
+            jobs: List[Any] = []
+            if p.stdin is not None:
+                data = input if input is not None else b""
+                if p.text and isinstance(data, str):
+                    data = data.encode(getattr(p.stdin, "encoding", "utf-8"))
+                jobs.append(_write_all(p.stdin, bytes(data)))
+            streams = [("stdout", p.stdout), ("stderr", p.stderr)]
+            readers = [_read_all(f) for _, f in streams if f is not None]
+            results = await asyncio.gather(*jobs, *readers)
+            got = iter(results[len(jobs) :])
+            out = {name: next(got) if f is not None else None for name, f in streams}
+            await self.wait()
+        except BaseException:
+            self._end()
+            raise
+        return _decode(out["stdout"], p.stdout, p.text), _decode(out["stderr"], p.stderr, p.text)
+
+    def _end(self) -> None:
+        """Kill the sandbox and reap it (its cgroup goes too) without the loop: a killed
+        sandbox ends at once."""
+        p = self.process
+        if p.returncode is None:
+            p.kill()
+            p.wait()
+        for f in (p.stdin, p.stdout, p.stderr):  # a reader that never ran did not close its pipe
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+async def aspawn(
+    args: Args,
+    *,
+    spec: Optional[Spec] = None,
+    stdin: File = None,
+    stdout: File = None,
+    stderr: File = None,
+    text: bool = False,
+    pass_fds: Sequence[int] = (),
+    **spec_fields: Unpack[SpecFields],
+) -> AsyncProcess:
+    """Start `args` in a new sandbox (as `nsfast.spawn`) and return its AsyncProcess. The
+    start itself (~the start latency of `nsfast.run`) runs in the loop's thread."""
+    return AsyncProcess(
+        Process(args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds, **spec_fields)
+    )
+
+
+async def arun(
+    args: Args,
+    *,
+    spec: Optional[Spec] = None,
+    input: Any = None,
+    capture_output: bool = False,
+    stdin: File = None,
+    stdout: File = None,
+    stderr: File = None,
+    timeout: Optional[float] = None,
+    check: bool = False,
+    text: bool = False,
+    pass_fds: Sequence[int] = (),
+    **spec_fields: Unpack[SpecFields],
+) -> Result:
+    """`nsfast.run` for asyncio: the same arguments and Result, driven by the event loop.
+    `timeout` kills the whole sandbox and raises `nsfast.TimeoutExpired` (with `.usage`);
+    cancelling the task kills and reaps the sandbox."""
+    if input is not None:
+        if stdin is not None:
+            raise ValueError("stdin and input arguments may not both be used")
+        stdin = PIPE
+    if capture_output:
+        if stdout is not None or stderr is not None:
+            raise ValueError("stdout and stderr arguments may not be used with capture_output")
+        stdout = stderr = PIPE
+    if timeout is not None and (timeout != timeout or timeout < 0):
+        raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
+    proc = await aspawn(
+        args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds, **spec_fields
+    )
+    p = proc.process
+    task = asyncio.ensure_future(proc.communicate(input))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except BaseException:  # this task was cancelled
+        # The inner task kills and reaps the sandbox and unregisters its pipes first; then
+        # whatever it never got to (it may not have started) is ended here.
+        task.cancel()
+        try:
+            await task
+        except BaseException:
+            pass
+        proc._end()
+        raise
+    if not done:
+        # Kill the whole sandbox: its pipes reach EOF, so communicate() ends with the
+        # output so far and the reaped Exit (termination "timeout").
+        p.kill("timeout")
+        try:
+            out, err = await asyncio.wait_for(task, 10)
+        except asyncio.TimeoutError:  # a pipe still held open elsewhere: give up on the output
+            out = err = None
+        raise TimeoutExpired(p.args, timeout, out, err, usage=p.usage)
+    out, err = task.result()
+    assert p.returncode is not None
+    if check and p.returncode:
+        raise CalledProcessError(p.returncode, p.args, out, err)
+    return Result(p.args, p.returncode, out, err, p.usage)

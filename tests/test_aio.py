@@ -1,0 +1,110 @@
+"""asyncio: arun/aspawn driven by the event loop (pidfd and pipes as loop readers, no thread
+per sandbox); timeouts and cancellation kill and reap the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+
+import nsfast
+from conftest import sandbox_cgroups, suite, wait_until
+
+pytestmark = suite
+
+
+def test_arun_returns_a_result_like_run():
+    async def main() -> nsfast.Result:
+        return await nsfast.arun(
+            ["sh", "-c", "cat; echo err >&2; exit 3"], input="in\n", capture_output=True, text=True, hostname="box"
+        )
+
+    r = asyncio.run(main())
+    assert (r.returncode, r.stdout, r.stderr) == (3, "in\n", "err\n")
+    assert r.usage is not None and r.usage.termination == "exit"
+
+
+def test_arun_moves_large_output_both_ways():
+    data = bytes(range(256)) * 8192  # 2 MiB through stdin and back, more than any pipe buffer
+    r = asyncio.run(nsfast.arun(["cat"], input=data, capture_output=True))
+    assert r.stdout == data and r.stderr == b""
+
+
+def test_fifty_sandboxes_wait_together_on_one_thread():
+    """The issue's case: 50 sandboxes sleeping 0.2 s. All run at once (each starts before the
+    first ends), and no thread is added while they run."""
+    threads_seen: list[int] = []
+
+    async def sample() -> None:
+        for _ in range(5):
+            threads_seen.append(threading.active_count())
+            await asyncio.sleep(0.05)
+
+    async def one() -> tuple[float, float, int]:
+        start = time.monotonic()
+        r = await nsfast.arun(["sleep", "0.2"])
+        return start, time.monotonic(), r.returncode
+
+    async def main() -> list[tuple[float, float, int]]:
+        before = threading.active_count()
+        results = await asyncio.gather(sample(), *(one() for _ in range(50)))
+        assert set(threads_seen) == {before}, threads_seen
+        return results[1:]
+
+    runs = asyncio.run(main())
+    assert all(rc == 0 for _, _, rc in runs)
+    assert max(start for start, _, _ in runs) < min(end for _, end, _ in runs), "they did not overlap"
+
+
+def test_arun_timeout_kills_the_sandbox_and_says_so():
+    async def main() -> None:
+        await nsfast.arun(["sh", "-c", "echo partial; exec sleep 30"], capture_output=True, text=True, timeout=0.3)
+
+    with pytest.raises(nsfast.TimeoutExpired) as exc:
+        asyncio.run(main())
+    assert isinstance(exc.value, subprocess.TimeoutExpired) and exc.value.timeout == 0.3
+    assert exc.value.output == "partial\n"
+    assert exc.value.usage is not None and exc.value.usage.termination == "timeout"
+
+
+def test_cancelling_a_task_kills_and_reaps_its_sandbox():
+    marker = "31.4159"
+    before = sandbox_cgroups()
+
+    async def main() -> None:
+        task = asyncio.ensure_future(nsfast.arun(["sleep", marker], capture_output=True))
+        await asyncio.sleep(0)
+        for _ in range(200):
+            if any(p.info["cmdline"] == ["sleep", marker] for p in psutil.process_iter(["cmdline"])):
+                break
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert wait_until(
+        lambda: not any(p.info["cmdline"] == ["sleep", marker] for p in psutil.process_iter(["cmdline"])), timeout=5
+    )
+    assert sandbox_cgroups() == before
+
+
+def test_aspawn_wait_and_signals():
+    async def main() -> tuple[int, int]:
+        p = await nsfast.aspawn(["sleep", "30"])
+        p.terminate()  # nsfast-init forwards SIGTERM to the command
+        rc = await p.wait()
+        q = await nsfast.aspawn(["sh", "-c", "exit 7"])
+        return rc, await q.wait()
+
+    assert asyncio.run(main()) == (-15, 7)
+
+
+def test_arun_check_raises_calledprocesserror():
+    with pytest.raises(subprocess.CalledProcessError) as exc:
+        asyncio.run(nsfast.arun(["false"], check=True))
+    assert exc.value.returncode == 1
