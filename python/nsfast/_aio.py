@@ -1,12 +1,15 @@
 """asyncio: sandboxes driven by the event loop. A sandbox's pidfd and its pipes are loop
-readers (and stdin a writer): no thread per sandbox. Cancelling a task kills its sandbox and
+readers (and stdin a writer): no thread per sandbox (starts run on one spawner thread per CPU). Cancelling a task kills its sandbox and
 reaps it before the CancelledError propagates."""
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import concurrent.futures
+import functools
 import os
+import threading
 from subprocess import CalledProcessError
 from typing import IO, TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
@@ -184,10 +187,39 @@ async def aspawn(
     **spec_fields: Unpack[SpecFields],
 ) -> AsyncProcess:
     """Start `args` in a new sandbox (as `nsfast.spawn`) and return its AsyncProcess. The
-    start itself (~the start latency of `nsfast.run`) runs in the loop's thread."""
-    return AsyncProcess(
-        Process(args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds, **spec_fields)
+    start itself (clone3 and the setup, GIL-free) runs on a small pool of spawner threads, one
+    per CPU, so starts overlap; waiting and I/O stay in the loop. Cancelled while starting,
+    the sandbox is ended as soon as it exists."""
+    start = functools.partial(
+        Process, args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds, **spec_fields
     )
+    cf = _spawner().submit(start)
+    try:
+        return AsyncProcess(await asyncio.shield(asyncio.wrap_future(cf)))
+    except asyncio.CancelledError:
+        # Runs in the spawner thread once the start is done (at once if it is): not on the
+        # loop, which may be gone by then.
+        cf.add_done_callback(_end_started)
+        raise
+
+
+def _end_started(cf: concurrent.futures.Future[Process]) -> None:
+    if not cf.cancelled() and cf.exception() is None:
+        AsyncProcess(cf.result())._end()
+
+
+_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+
+
+def _spawner() -> concurrent.futures.ThreadPoolExecutor:
+    """The spawner threads. They live as long as the interpreter: a sandbox's
+    die_with_parent follows the thread that started it."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="nsfast-spawn")
+        return _pool
 
 
 async def arun(
