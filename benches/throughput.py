@@ -1,0 +1,187 @@
+"""Throughput of sandboxes: tasks per second and per-task latency (p50/p99) for `nsfast.run`
+from 1, 2 and 4 threads, `nsfast.arun` at concurrency 1, 4 and 16, the kernel's share
+(`nsfast.run` without a network namespace, without a cgroup), and peers in the same run:
+`subprocess.run` (no sandbox) and sandlock (Landlock + seccomp, no namespaces, no cgroups:
+`Sandbox().run` and its copy-on-write `fork`).
+
+Each row runs `--tasks` tasks of `/bin/true` (sandlock's fork: clones whose work is nothing)
+after a warm-up; rows are interleaved in `--rounds` rounds so that machine drift hits all
+alike, and the table shows the median over rounds. Run: `.venv/bin/python benches/throughput.py
+[--json PATH]` after `make build`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+TRUE = ["/bin/true"]
+
+
+class Skip(Exception):
+    """The row cannot run here (the message says why)."""
+
+
+def threaded(call: Callable[[], Any], threads: int, tasks: int) -> List[float]:
+    """Per-task latencies (s) of `tasks` calls spread over `threads` threads; also returns the
+    wall time as the last element."""
+
+    def timed(_: int) -> float:
+        t = time.perf_counter()
+        call()
+        return time.perf_counter() - t
+
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(timed, range(min(tasks, 10))))  # warm-up (threads, caches)
+        start = time.perf_counter()
+        lat = list(ex.map(timed, range(tasks)))
+        return lat + [time.perf_counter() - start]
+
+
+def concurrent_async(concurrency: int, tasks: int, **kw: Any) -> List[float]:
+    import nsfast
+
+    async def main() -> List[float]:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one() -> float:
+            async with sem:
+                t = time.perf_counter()
+                await nsfast.arun(TRUE, **kw)
+                return time.perf_counter() - t
+
+        await asyncio.gather(*(one() for _ in range(min(tasks, 10))))
+        start = time.perf_counter()
+        lat = await asyncio.gather(*(one() for _ in range(tasks)))
+        return list(lat) + [time.perf_counter() - start]
+
+    return asyncio.run(main())
+
+
+def sandlock_fork(tasks: int) -> List[float]:
+    """sandlock's COW fork: `tasks` clones of a warmed interpreter; latency per clone is the
+    batch's wall time over the clones (it reports no per-clone times)."""
+    try:
+        import sandlock
+    except ImportError as e:
+        raise Skip(f"sandlock is not installed ({e}): pip install sandlock") from None
+    try:
+        sb = sandlock.Sandbox(fs_readable=["/"], init_fn=lambda: None, work_fn=lambda i: None)
+        sb.fork(2)
+        start = time.perf_counter()
+        sb.fork(tasks)
+        wall = time.perf_counter() - start
+    except Exception as e:  # sandlock's own errors: Landlock or seccomp unavailable, ...
+        raise Skip(f"sandlock fork failed: {type(e).__name__}: {e}") from None
+    return [wall / tasks] * tasks + [wall]
+
+
+def sandlock_run(threads: int, tasks: int) -> List[float]:
+    try:
+        import sandlock
+    except ImportError as e:
+        raise Skip(f"sandlock is not installed ({e}): pip install sandlock") from None
+    sb = sandlock.Sandbox(fs_readable=["/"])
+    try:
+        r = sb.run(TRUE)
+        ok = getattr(r, "exit_code", getattr(r, "returncode", 0))
+    except Exception as e:
+        raise Skip(f"sandlock run failed: {type(e).__name__}: {e}") from None
+    if ok not in (0, None):
+        raise Skip(f"sandlock run exited {ok}")
+    # One Sandbox per task: a Sandbox runs one command at a time.
+    return threaded(lambda: sandlock.Sandbox(fs_readable=["/"]).run(TRUE), threads, tasks)
+
+
+def rows() -> List[Dict[str, Any]]:
+    import nsfast
+
+    no_net = nsfast.Spec(namespaces=tuple(n for n in nsfast.DEFAULT_NAMESPACES if n != "net"))
+    no_cg = nsfast.Spec(cgroup=False)
+    out: List[Dict[str, Any]] = []
+    for t in (1, 2, 4):
+        out.append({"name": f"subprocess.run, {t} thread(s)", "run": lambda n, t=t: threaded(
+            lambda: subprocess.run(TRUE), t, n)})  # fmt: skip
+    for t in (1, 2, 4):
+        out.append({"name": f"nsfast.run, {t} thread(s)", "run": lambda n, t=t: threaded(
+            lambda: nsfast.run(TRUE), t, n)})  # fmt: skip
+    out.append({"name": "nsfast.run, no net namespace, 2 threads", "run": lambda n: threaded(
+        lambda: nsfast.run(TRUE, spec=no_net), 2, n)})  # fmt: skip
+    out.append({"name": "nsfast.run, cgroup=False, 2 threads", "run": lambda n: threaded(
+        lambda: nsfast.run(TRUE, spec=no_cg), 2, n)})  # fmt: skip
+    for c in (1, 4, 16):
+        out.append({"name": f"nsfast.arun, concurrency {c}", "run": lambda n, c=c: concurrent_async(c, n)})
+    for t in (1, 2):
+        out.append({"name": f"sandlock Sandbox.run, {t} thread(s)", "run": lambda n, t=t: sandlock_run(t, n)})
+    out.append({"name": "sandlock Sandbox.fork (COW clones)", "run": sandlock_fork})
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", type=int, default=200, help="tasks per row per round (default 200)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    console = Console(width=150)
+    table_rows = rows()
+    results: Dict[str, Dict[str, Any]] = {r["name"]: {"rates": [], "lat": [], "skip": None} for r in table_rows}
+    for rnd in range(args.rounds):
+        for r in table_rows:
+            res = results[r["name"]]
+            if res["skip"]:
+                continue
+            try:
+                samples = r["run"](args.tasks)
+            except Skip as e:
+                res["skip"] = str(e)
+                continue
+            wall = samples.pop()
+            res["rates"].append(len(samples) / wall)
+            res["lat"].extend(samples)
+        console.print(f"round {rnd + 1}/{args.rounds} done", style="dim")
+
+    table = Table(title=f"Sandboxes per second, /bin/true, {args.tasks} tasks x {args.rounds} rounds per row")
+    for col in ("row", "tasks/s (median of rounds)", "p50 ms", "p99 ms", "note"):
+        table.add_column(col, justify="left" if col in ("row", "note") else "right")
+    report = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "tasks": args.tasks,
+        "rounds": args.rounds,
+        "rows": [],
+    }
+    for name, res in results.items():
+        if res["skip"]:
+            table.add_row(name, "-", "-", "-", f"skipped: {res['skip']}")
+            report["rows"].append({"name": name, "skipped": res["skip"]})
+            continue
+        lat = sorted(res["lat"])
+        p50 = lat[len(lat) // 2] * 1e3
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3
+        rate = statistics.median(res["rates"])
+        table.add_row(name, f"{rate:,.0f}", f"{p50:.2f}", f"{p99:.2f}", "")
+        report["rows"].append({"name": name, "tasks_per_s": rate, "rates": res["rates"], "p50_ms": p50, "p99_ms": p99})
+    console.print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
