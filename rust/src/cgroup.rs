@@ -239,15 +239,21 @@ pub fn sweep_stale(root: &Path) {
             continue;
         };
         if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            // Empty exec cgroups below it first (rmdir refuses populated ones too).
-            for sub in fs::read_dir(e.path()).into_iter().flatten().flatten() {
-                if sub.file_type().is_ok_and(|t| t.is_dir()) {
-                    let _ = fs::remove_dir(sub.path());
-                }
-            }
-            let _ = fs::remove_dir(e.path());
+            // Empty cgroups below it first, deepest first: exec cgroups, and whatever a nested
+            // nsfast made in a delegated sandbox (rmdir refuses populated ones).
+            rmdir_empty_tree(&e.path());
         }
     }
+}
+
+/// rmdir `dir` and every directory below it, deepest first; what is not empty stays.
+fn rmdir_empty_tree(dir: &Path) {
+    for sub in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if sub.file_type().is_ok_and(|t| t.is_dir()) {
+            rmdir_empty_tree(&sub.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
 }
 
 /// This process's cgroup path in each hierarchy, from `/proc/self/cgroup` text: v1
@@ -1165,6 +1171,25 @@ impl Cgroup for Existing {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn stale_sandbox_trees_are_swept_deepest_first_and_busy_ones_stay() {
+        let root = std::env::temp_dir().join(format!("nsfast-sweep-{}", std::process::id()));
+        let gone = root.join("sb-999999999-0");
+        fs::create_dir_all(gone.join("nsfast/sb-1-0/nsfast-caller")).unwrap();
+        fs::create_dir_all(gone.join("exec-3")).unwrap();
+        let busy = root.join("sb-999999998-0");
+        fs::create_dir_all(busy.join("deep/er")).unwrap();
+        fs::write(busy.join("deep/er/file"), b"x").unwrap(); // stands for a populated cgroup
+        let mine = root.join(format!("sb-{}-0", std::process::id()));
+        fs::create_dir_all(mine.join("a")).unwrap();
+        sweep_stale(&root);
+        assert!(!gone.exists(), "a dead sandbox's empty tree is removed");
+        assert!(busy.join("deep/er").exists(), "what is not empty stays");
+        assert!(mine.join("a").exists(), "a living process's sandbox is not touched");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
     use super::*;
 
     const HYBRID: &str = "\
