@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 import nsfast
-from conftest import CGROUP_ENV, PY_ERRNO, PYTHON_SRC, running_with_cmdline, suite
+from conftest import CGROUP_ENV, PY_ERRNO, PYTHON_SRC, running_with_cmdline, suite, wait_until
 from nsfast import cli
 
 pytestmark = suite
@@ -594,3 +594,41 @@ def test_unshare_and_share_combine():
     # --share wins over --unshare of the same type, whatever the order.
     inside = _ns_of("--share-net", "--unshare-net")
     assert inside["net"] == host["net"]
+
+
+def test_exec_timeout_and_json():
+    name = f"cli-exec-{os.getpid()}"
+    r = nsfast_cli("run", "-d", "--name", name, "--", "sleep", "300")
+    assert r.returncode == 0, r.stderr
+    try:
+        t = time.monotonic()
+        r = nsfast_cli("exec", "--timeout", "0.3", "--json", name, "--", "sleep", "30")
+        assert r.returncode == 124 and time.monotonic() - t < 10, r.stderr
+        report = json.loads(r.stderr.strip().splitlines()[-1])
+        assert report["timed_out"] is True and report["exit_status"] == 124
+        r = nsfast_cli("exec", "--json", name, "--", "sh", "-c", "exit 3")
+        report = json.loads(r.stderr.strip().splitlines()[-1])
+        assert (r.returncode, report["returncode"], report["usage"]["termination"]) == (3, 3, "exit")
+    finally:
+        nsfast_cli("stop", "-t", "0", name)
+
+
+def test_ctrl_c_in_run_still_writes_the_json_report(tmp_path):
+    out = tmp_path / "report.json"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "nsfast", "run", "--json-file", str(out), "--", "sleep", "31.27"],
+        env={"PYTHONPATH": PYTHON_SRC, "PATH": "/usr/bin:/bin", **CGROUP_ENV},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # The sandboxed sleep itself (the CLI's own cmdline has the words too).
+        sleeping = lambda: any(q.info["cmdline"] == ["sleep", "31.27"] for q in psutil.process_iter(["cmdline"]))  # noqa: E731
+        assert wait_until(sleeping, timeout=10)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=10) == 130
+    finally:
+        p.kill()
+        p.wait()
+    report = json.loads(out.read_text())
+    assert report["exit_status"] == 130 and "interrupted" in report["error"]
+    assert not sleeping()

@@ -38,6 +38,7 @@ __all__ = ["main", "build_parser", "spec_from_args", "limits_from_args"]
 
 #: Exit statuses of nsfast's own outcomes (timeout(1) and docker run's numbers).
 EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 128 + 2  # SIGINT, as a shell reports Ctrl-C
 EXIT_NSFAST = 125
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
@@ -188,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("target", metavar="NAME|PID")
     ex.add_argument("--chdir", metavar="DIR", help="working directory (default: the container's)")
     ex.add_argument("--setenv", nargs=2, metavar=("VAR", "VALUE"), action="append", default=[])
+    ex.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        help=f"kill everything the exec started after SECONDS of wall time and exit {EXIT_TIMEOUT} (0: none)",
+    )
+    exo = ex.add_mutually_exclusive_group()
+    exo.add_argument("--json", action="store_true", help="after the exec, print the result and usage as JSON on stderr")
+    exo.add_argument("--json-file", metavar="PATH", help="write the result and usage as JSON to PATH")
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
     sub.add_parser("ps", help="list detached containers", allow_abbrev=False)
     st = sub.add_parser("stop", help="stop a detached container (SIGTERM, then kill) and clean up", allow_abbrev=False)
@@ -372,6 +382,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"nsfast: timed out after {timeout:g} s: the sandbox was killed", file=sys.stderr)
             _report(report, cmd, EXIT_TIMEOUT, usage=getattr(e, "usage", None), timed_out=True)
             return EXIT_TIMEOUT
+        except KeyboardInterrupt:
+            # The sandbox is killed, reaped and cleaned up by now; the report says so.
+            _report(report, cmd, EXIT_INTERRUPTED, error="interrupted (Ctrl-C): the sandbox was killed")
+            return EXIT_INTERRUPTED
         except Exception as e:
             known = _error(e)
             if known is None:
@@ -492,8 +506,17 @@ def _exec_pinned(args: argparse.Namespace, cmd: List[str], pid: int, st: Any, pi
     env = dict(st.env) if st is not None else default_env()
     env.update(dict(args.setenv))
     cwd = args.chdir if args.chdir else (st.cwd if st is not None else None)
+    report = _open_report(args)
     try:
-        result = enter(pid, cmd, env=env, cwd=cwd, cgroup=st is not None, pidfd=pidfd)
+        timeout = _timeout(args)
+        result = enter(pid, cmd, env=env, cwd=cwd, cgroup=st is not None, pidfd=pidfd, timeout=timeout)
+        status = _exit_code(result.returncode)
+        _report(report, cmd, status, result.returncode, result.usage)
+        return status
+    except subprocess.TimeoutExpired as e:
+        print(f"nsfast: timed out after {timeout:g} s: what the exec started was killed", file=sys.stderr)
+        _report(report, cmd, EXIT_TIMEOUT, usage=getattr(e, "usage", None), timed_out=True)
+        return EXIT_TIMEOUT
     except ProcessLookupError:
         print(f"nsfast: no process {pid}", file=sys.stderr)
         return 125
@@ -505,7 +528,9 @@ def _exec_pinned(args: argparse.Namespace, cmd: List[str], pid: int, st: Any, pi
             f"nsfast: cannot enter process {pid}: {why}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr
         )
         return 125
-    return _exit_code(result.returncode)
+    finally:
+        if report is not None and report is not sys.stderr:
+            report.close()
 
 
 def _age(seconds: float) -> str:
