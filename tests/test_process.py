@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 import nsfast
-from conftest import suite, wait_until
+from conftest import sandbox_cgroups, suite, wait_until
 
 pytestmark = suite
 
@@ -212,3 +212,17 @@ def test_a_sandbox_object_dropped_unwaited_is_killed_and_reaped_even_with_a_cpu_
             return True
 
     assert wait_until(gone, timeout=5), "the dropped sandbox still runs (or is an unreaped zombie)"
+
+
+def test_a_sandbox_reaped_behind_nsfasts_back_is_still_waited_for_and_cleaned_up():
+    """A foreign reaper (SIGCHLD ignored, a waitpid(-1) elsewhere) takes the exit status: as
+    Popen, wait() then returns instead of raising ChildProcessError; nsfast-init's report still
+    has the command's status, and the cgroup is removed all the same."""
+    before = sandbox_cgroups()
+    p = nsfast.spawn(["sh", "-c", "exit 3"])
+    os.waitpid(p.pid, 0)
+    assert p.wait(timeout=10) == 3 and p.usage is not None
+    q = nsfast.spawn(["sh", "-c", "exit 3"], init=False)
+    os.waitpid(q.pid, 0)
+    assert q.wait(timeout=10) == 0  # lost with the reaped status, as Popen takes it
+    assert sandbox_cgroups() == before

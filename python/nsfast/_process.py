@@ -421,8 +421,11 @@ class Process:
         sb = getattr(self, "_sandbox", None)
         if sb is None or self.returncode is not None or getattr(self, "_detached", False):
             return
-        if self.poll() is not None:
-            return  # it had exited: reaped (and its cgroup removed) without a fuss
+        try:
+            if self.poll() is not None:
+                return  # it had exited: reaped (and its cgroup removed) without a fuss
+        except OSError:
+            return  # nothing left to end (and __del__ must not raise)
         # Unlike Popen, kill rather than leak a running sandbox (and its cgroup); say so.
         warnings.warn(
             f"nsfast sandbox {self.pid} is still running; killing it", ResourceWarning, stacklevel=2, source=self

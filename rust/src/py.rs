@@ -261,9 +261,17 @@ impl Core {
         if let Some(e) = &inner.exit {
             return Ok(Some(e.clone()));
         }
-        let Some((status, ru)) = crate::sys::wait4_nohang(self.pid)? else { return Ok(None) };
-        // The command's own status, if nsfast-init reported one before it exited.
         use std::os::fd::AsFd;
+        let (status, ru) = match crate::sys::waitid_pidfd_nohang(self.pidfd.as_fd()) {
+            Ok(Some(done)) => done,
+            Ok(None) => return Ok(None),
+            // Reaped by someone else (SIGCHLD ignored, a foreign waitpid(-1)): it is dead, its
+            // status lost, as Popen takes it (0); nsfast-init's report, if any, still tells.
+            // SAFETY: rusage is plain data; all-zero is a valid value.
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => (0, unsafe { std::mem::zeroed() }),
+            Err(e) => return Err(e),
+        };
+        // The command's own status, if nsfast-init reported one before it exited.
         let status = crate::spawn::command_status(status, inner.report.as_ref().map(|f| f.as_fd()));
         inner.report = None;
         let wall_s = self.started.elapsed().as_secs_f64();
@@ -410,7 +418,7 @@ impl Drop for Core {
             let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
             let deadline = std::time::Instant::now() + Duration::from_secs(2);
             while std::time::Instant::now() < deadline {
-                match crate::sys::wait4_nohang(self.pid) {
+                match crate::sys::waitid_pidfd_nohang(std::os::fd::AsFd::as_fd(&self.pidfd)) {
                     Ok(None) => std::thread::sleep(Duration::from_millis(1)),
                     _ => break,
                 }

@@ -465,6 +465,46 @@ pub fn wait4_nohang(pid: i32) -> io::Result<Option<(c_int, libc::rusage)>> {
     }
 }
 
+/// waitid(P_PIDFD) with resource usage, non-blocking: reaps exactly the process `pidfd`
+/// refers to (never one that reused its pid). `Ok(None)` while it still runs. Returns the
+/// status in wait(2)'s encoding.
+pub fn waitid_pidfd_nohang(pidfd: std::os::fd::BorrowedFd<'_>) -> io::Result<Option<(c_int, libc::rusage)>> {
+    use std::os::fd::AsRawFd;
+    const P_PIDFD: usize = 3;
+    // SAFETY: siginfo_t and rusage are plain data written by the kernel.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        let flags = (libc::WEXITED | libc::WNOHANG | libc::__WALL) as usize;
+        let args = [
+            P_PIDFD,
+            pidfd.as_raw_fd() as usize,
+            &mut info as *mut libc::siginfo_t as usize,
+            flags,
+            &mut usage as *mut libc::rusage as usize,
+            0,
+        ];
+        // SAFETY: waitid writes one siginfo_t and one rusage, both live on our stack.
+        match unsafe { raw6(libc::SYS_waitid, args) } {
+            Ok(_) => break,
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // SAFETY: the kernel filled a SIGCHLD siginfo (or left it zeroed: nothing exited yet).
+    let (pid, code, value) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    let status = match code {
+        libc::CLD_EXITED => (value & 0xff) << 8,
+        libc::CLD_DUMPED => (value & 0x7f) | 0x80,
+        _ => value & 0x7f, // CLD_KILLED
+    };
+    Ok(Some((status, usage)))
+}
+
 /// Child-safe: exit immediately (no atexit handlers, no stdio flush).
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: no pointer; the process ends (nothing of it relies on anything after).
