@@ -5,7 +5,6 @@ reaps it before the CancelledError propagates."""
 from __future__ import annotations
 
 import asyncio
-import codecs
 import concurrent.futures
 import functools
 import os
@@ -13,7 +12,7 @@ import threading
 from subprocess import CalledProcessError
 from typing import IO, TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
-from ._process import PIPE, Args, File, Process, Result, TimeoutExpired, Usage
+from ._process import Args, File, Process, Result, TimeoutExpired, Usage, decode_output, run_stdio
 from ._spec import Spec, SpecFields
 
 if TYPE_CHECKING:
@@ -75,14 +74,6 @@ async def _write_all(f: IO[Any], data: bytes) -> None:
             pass
 
 
-def _decode(data: Optional[bytes], f: Any, text: bool) -> Any:
-    if data is None or not text:
-        return data
-    decoder = codecs.getincrementaldecoder(getattr(f, "encoding", "utf-8"))(getattr(f, "errors", "strict"))
-    s: str = decoder.decode(data, final=True)
-    return s.replace("\r\n", "\n").replace("\r", "\n")
-
-
 class AsyncProcess:
     """A running sandbox driven by the event loop (`await nsfast.aspawn(...)`): `wait()` and
     `communicate()` are coroutines; `pid`, `returncode`, `usage`, `send_signal`, `terminate`
@@ -142,23 +133,24 @@ class AsyncProcess:
         p = self.process
         if input is not None and p.stdin is None:
             raise ValueError("input given but stdin is not PIPE")
-        try:
-            jobs: List[Any] = []
-            if p.stdin is not None:
+
+        async def write(f: Optional[IO[Any]]) -> None:
+            if f is not None:
                 data = input if input is not None else b""
                 if p.text and isinstance(data, str):
-                    data = data.encode(getattr(p.stdin, "encoding", "utf-8"))
-                jobs.append(_write_all(p.stdin, bytes(data)))
-            streams = [("stdout", p.stdout), ("stderr", p.stderr)]
-            readers = [_read_all(f) for _, f in streams if f is not None]
-            results = await asyncio.gather(*jobs, *readers)
-            got = iter(results[len(jobs) :])
-            out = {name: next(got) if f is not None else None for name, f in streams}
+                    data = data.encode(getattr(f, "encoding", "utf-8"))
+                await _write_all(f, bytes(data))
+
+        async def read(f: Optional[IO[Any]]) -> Any:
+            return None if f is None else decode_output(await _read_all(f), f, p.text)
+
+        try:
+            _, out, err = await asyncio.gather(write(p.stdin), read(p.stdout), read(p.stderr))
             await self.wait()
         except BaseException:
             self._end()
             raise
-        return _decode(out["stdout"], p.stdout, p.text), _decode(out["stderr"], p.stderr, p.text)
+        return out, err
 
     def _end(self) -> None:
         """Kill the sandbox and reap it (its cgroup goes too) without the loop: a killed
@@ -240,16 +232,7 @@ async def arun(
     """`nsfast.run` for asyncio: the same arguments and Result, driven by the event loop.
     `timeout` kills the whole sandbox and raises `nsfast.TimeoutExpired` (with `.usage`);
     cancelling the task kills and reaps the sandbox."""
-    if input is not None:
-        if stdin is not None:
-            raise ValueError("stdin and input arguments may not both be used")
-        stdin = PIPE
-    if capture_output:
-        if stdout is not None or stderr is not None:
-            raise ValueError("stdout and stderr arguments may not be used with capture_output")
-        stdout = stderr = PIPE
-    if timeout is not None and (timeout != timeout or timeout < 0):
-        raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
+    stdin, stdout, stderr = run_stdio(input, capture_output, stdin, stdout, stderr, timeout)
     proc = await aspawn(
         args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds, **spec_fields
     )

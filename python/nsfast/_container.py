@@ -8,7 +8,7 @@ import sys
 import time
 import uuid
 import weakref
-from subprocess import CalledProcessError, TimeoutExpired
+from subprocess import TimeoutExpired
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ._errors import ContainerError, SpawnError
@@ -130,7 +130,7 @@ class Container:
         result_r, result_w = os.pipe2(os.O_CLOEXEC)
         try:
             env = dict(self.spec._env_items)
-            env["NSFAST_INIT_GATE"] = f"{gate_r},{result_w}" + (",fork" if self.spec._uses_init() else "")
+            env["NSFAST_INIT_GATE"] = f"{gate_r},{result_w}" + (",fork" if self.spec._init else "")
             self._proc = Process(
                 self.command,
                 spec=self.spec.replace(init=True, env=env),
@@ -320,8 +320,7 @@ class Container:
         return a Result — like `docker exec`. `timeout` (or an exception while waiting)
         kills everything the exec started; after a normal exit, what it left running keeps
         running in the container."""
-        target = self._target(cwd)
-        r = run(
+        return run(
             args,
             spec=self._exec_spec(env),
             input=input,
@@ -330,13 +329,11 @@ class Container:
             stdout=stdout,
             stderr=stderr,
             timeout=timeout,
+            check=check,
             text=text,
             pass_fds=pass_fds,
-            _join=target,
+            _join=self._target(cwd),
         )
-        if check and r.returncode:
-            raise CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
-        return r
 
     def spawn(
         self,

@@ -449,6 +449,36 @@ class _JoinTarget:
     pin: Optional[int] = None  # a pidfd of `pid` opened before the caller checked who it is
 
 
+def decode_output(data: bytes, f: Any, text: bool, final: bool = True) -> Any:
+    """What communicate() returns for `data` read from the pipe file `f`: the bytes, or with
+    `text` the str in `f`'s encoding with universal newlines (as Popen). Output so far
+    (final=False, at a timeout) may end inside a multi-byte character: that tail is left out
+    instead of failing; a resumed communicate() decodes it."""
+    if not text:
+        return data
+    decoder = codecs.getincrementaldecoder(getattr(f, "encoding", "utf-8"))(getattr(f, "errors", "strict"))
+    decoded: str = decoder.decode(data, final=final)
+    return decoded.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def run_stdio(
+    input: Any, capture_output: bool, stdin: File, stdout: File, stderr: File, timeout: Optional[float]
+) -> Tuple[File, File, File]:
+    """run()'s checks of its stdio arguments and timeout (as subprocess.run), and the stdio
+    they make: PIPE for `input` and for `capture_output`."""
+    if input is not None:
+        if stdin is not None:
+            raise ValueError("stdin and input arguments may not both be used")
+        stdin = PIPE
+    if capture_output:
+        if stdout is not None or stderr is not None:
+            raise ValueError("stdout and stderr arguments may not be used with capture_output")
+        stdout = stderr = PIPE
+    if timeout is not None and (timeout != timeout or timeout < 0):
+        raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
+    return stdin, stdout, stderr
+
+
 class _Communication:
     """State of one communicate(): survives a TimeoutExpired (as in subprocess)."""
 
@@ -479,15 +509,7 @@ class _Communication:
     def _decode(self, name: str, final: bool = True) -> Any:
         if name not in self.chunks:
             return None
-        data = b"".join(self.chunks[name])
-        if not self.proc.text:
-            return data
-        f = getattr(self.proc, name)
-        decoder = codecs.getincrementaldecoder(getattr(f, "encoding", "utf-8"))(getattr(f, "errors", "strict"))
-        # Output so far (final=False, at a timeout) may end inside a multi-byte character:
-        # leave that tail out instead of failing; a resumed communicate() decodes it.
-        text: str = decoder.decode(data, final=final)
-        return text.replace("\r\n", "\n").replace("\r", "\n")
+        return decode_output(b"".join(self.chunks[name]), getattr(self.proc, name), self.proc.text, final)
 
     def run(self, deadline: Optional[float], timeout: Optional[float]) -> Tuple[Any, Any]:
         proc = self.proc
@@ -563,16 +585,7 @@ def run(
     `subprocess.TimeoutExpired`), whose `.usage`
     is the run's `Usage` (with `timed_out=True`); `check=True` raises
     `subprocess.CalledProcessError` on a non-zero exit."""
-    if input is not None:
-        if stdin is not None:
-            raise ValueError("stdin and input arguments may not both be used")
-        stdin = PIPE
-    if capture_output:
-        if stdout is not None or stderr is not None:
-            raise ValueError("stdout and stderr arguments may not be used with capture_output")
-        stdout = stderr = PIPE
-    if timeout is not None and (timeout != timeout or timeout < 0):
-        raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
+    stdin, stdout, stderr = run_stdio(input, capture_output, stdin, stdout, stderr, timeout)
     with Process(
         args,
         spec=spec,

@@ -543,14 +543,10 @@ class Spec:
             tuple((getattr(resource, "RLIMIT_" + n.upper()), soft, hard) for n, (soft, hard) in sorted(rl.items())),
         )
 
-    def _uses_init(self) -> bool:
-        """Whether nsfast-init is the first process (`init`, resolved)."""
-        return self.init if self.init is not None else "pid" in self.namespaces
-
     @property
     def _init(self) -> bool:
-        """`init` resolved, as the Rust Spec reads it."""
-        return self._uses_init()
+        """Whether nsfast-init is the first process: `init` resolved (the Rust Spec reads it)."""
+        return self.init if self.init is not None else "pid" in self.namespaces
 
     @property
     def _nproc(self) -> Optional[int]:

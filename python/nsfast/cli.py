@@ -151,6 +151,19 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-limits", action="store_true", help="no default limits: only the limit flags given apply")
 
 
+def _add_wait_flags(p: argparse.ArgumentParser, what: str, killed: str) -> None:
+    """--timeout and --json/--json-file, of the subcommands nsfast waits for."""
+    p.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        help=f"kill {killed} after SECONDS of wall time and exit {EXIT_TIMEOUT}, as timeout(1) (0: none)",
+    )
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help=f"after {what}, print the result and usage as JSON on stderr")
+    out.add_argument("--json-file", metavar="PATH", help="write the result and usage as JSON to PATH")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -170,15 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limit_flags(run)
     run.add_argument("-d", "--detach", action="store_true", help="start a detached container and print its name")
     run.add_argument("--name", help="name of the detached container (default: generated)")
-    run.add_argument(
-        "--timeout",
-        metavar="SECONDS",
-        type=float,
-        help=f"kill the whole sandbox after SECONDS of wall time and exit {EXIT_TIMEOUT}, as timeout(1) (0: none)",
-    )
-    out = run.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_true", help="after the run, print the result and usage as JSON on stderr")
-    out.add_argument("--json-file", metavar="PATH", help="write the result and usage as JSON to PATH")
+    _add_wait_flags(run, "the run", "the whole sandbox")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
     ex = sub.add_parser(
         "exec",
@@ -189,15 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("target", metavar="NAME|PID")
     ex.add_argument("--chdir", metavar="DIR", help="working directory (default: the container's)")
     ex.add_argument("--setenv", nargs=2, metavar=("VAR", "VALUE"), action="append", default=[])
-    ex.add_argument(
-        "--timeout",
-        metavar="SECONDS",
-        type=float,
-        help=f"kill everything the exec started after SECONDS of wall time and exit {EXIT_TIMEOUT} (0: none)",
-    )
-    exo = ex.add_mutually_exclusive_group()
-    exo.add_argument("--json", action="store_true", help="after the exec, print the result and usage as JSON on stderr")
-    exo.add_argument("--json-file", metavar="PATH", help="write the result and usage as JSON to PATH")
+    _add_wait_flags(ex, "the exec", "everything the exec started")
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
     sub.add_parser("ps", help="list detached containers", allow_abbrev=False)
     st = sub.add_parser("stop", help="stop a detached container (SIGTERM, then kill) and clean up", allow_abbrev=False)

@@ -557,24 +557,21 @@ fn final_process(p: &Plan) -> ! {
     }
     // SAFETY: integer arguments.
     unsafe { sys(nr::PRCTL, [PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0]) }.unwrap_or_else(|e| fail(STEP_NO_NEW_PRIVS, e));
-    let rlimits = &p.rlimits[..p.n_rlimits];
-    if !rlimits.iter().any(|r| r.0 == RLIMIT_CORE) {
-        let zero: [u64; 2] = [0, 0];
-        // SAFETY: a live rlimit64 (two u64) on our stack; old NULL.
-        unsafe { sys(nr::PRLIMIT64, [0, RLIMIT_CORE, zero.as_ptr() as usize, 0, 0, 0]) }
-            .unwrap_or_else(|e| fail(STEP_RLIMIT, e));
-    }
-    if let Some(n) = p.nproc {
-        let lim: [u64; 2] = [n, n];
-        // SAFETY: a live rlimit64 (two u64) on our stack; old NULL.
-        unsafe { sys(nr::PRLIMIT64, [0, RLIMIT_NPROC, lim.as_ptr() as usize, 0, 0, 0]) }
-            .unwrap_or_else(|e| fail(STEP_RLIMIT, e));
-    }
-    for &(resource, soft, hard) in rlimits {
+    let setrlimit = |resource: usize, soft: u64, hard: u64| {
         let lim: [u64; 2] = [soft, hard];
         // SAFETY: a live rlimit64 (two u64) on our stack; old NULL.
         unsafe { sys(nr::PRLIMIT64, [0, resource, lim.as_ptr() as usize, 0, 0, 0]) }
             .unwrap_or_else(|e| fail(STEP_RLIMIT, e));
+    };
+    let rlimits = &p.rlimits[..p.n_rlimits];
+    if !rlimits.iter().any(|r| r.0 == RLIMIT_CORE) {
+        setrlimit(RLIMIT_CORE, 0, 0);
+    }
+    if let Some(n) = p.nproc {
+        setrlimit(RLIMIT_NPROC, n, n);
+    }
+    for &(resource, soft, hard) in rlimits {
+        setrlimit(resource, soft, hard);
     }
 
     // stdio: first lift sources sitting on 0..2 out of the way, then install.

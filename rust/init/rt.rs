@@ -274,6 +274,11 @@ pub unsafe fn sys(n: usize, a: [usize; 6]) -> Result<usize, i32> {
             options(nostack)
         );
     }
+    result(ret)
+}
+
+/// A raw system call's return value: -4095..-1 is an errno.
+fn result(ret: isize) -> Result<usize, i32> {
     if (-4095..0).contains(&ret) {
         Err(-ret as i32)
     } else {
@@ -440,11 +445,7 @@ pub unsafe fn clone3(args: &CloneArgs, entry: extern "C" fn(usize) -> !, arg: us
             in("x21") entry,
         );
     }
-    if (-4095..0).contains(&ret) {
-        Err(-ret as i32)
-    } else {
-        Ok(ret as usize)
-    }
+    result(ret)
 }
 
 /// vfork on a stack of its own: clone(2) (clone3 may be ENOSYS under seccomp) with
@@ -504,11 +505,7 @@ pub unsafe fn vfork_on(stack_top: *mut u8, entry: extern "C" fn(usize) -> !, arg
             in("x21") entry,
         );
     }
-    if (-4095..0).contains(&ret) {
-        Err(-ret as i32)
-    } else {
-        Ok(ret as usize)
-    }
+    result(ret)
 }
 
 /// clone(CLONE_PARENT) with no new stack: a fork whose child is our parent's (its exit

@@ -555,9 +555,7 @@ pub fn kill_and_remove(dirs: &[PathBuf]) -> Result<()> {
             }
             let freezer = d.join("freezer.state");
             let frozen = freezer.exists() && write_file(&freezer, "FROZEN").is_ok();
-            for pid in pids_in(&d.join("cgroup.procs")) {
-                sigkill(pid);
-            }
+            kill_pids_below(d);
             if frozen {
                 let _ = write_file(&freezer, "THAWED");
             }
@@ -1174,7 +1172,8 @@ mod tests {
 
     #[test]
     fn stale_sandbox_trees_are_swept_deepest_first_and_busy_ones_stay() {
-        let root = std::env::temp_dir().join(format!("nsfast-sweep-{}", std::process::id()));
+        // (Not the directory of the test above: tests run in parallel in one process.)
+        let root = std::env::temp_dir().join(format!("nsfast-sweep-tree-{}", std::process::id()));
         let gone = root.join("sb-999999999-0");
         fs::create_dir_all(gone.join("nsfast/sb-1-0/nsfast-caller")).unwrap();
         fs::create_dir_all(gone.join("exec-3")).unwrap();

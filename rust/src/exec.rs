@@ -247,14 +247,7 @@ fn spawn_join_with(plan: &Plan, io: &Io, target: &Target, legacy: bool) -> Resul
     let old_mask = sys::block_all_signals();
     // SAFETY: CLONE_VFORK: we resume only once the intermediate has exec'd or exited, i.e.
     // left our memory; `stack` and `ctx` live until then.
-    let res = if legacy {
-        let mut unused: c_int = -1;
-        // SAFETY: as above.
-        unsafe { sys::clone_legacy(flags, stack.top(), &mut unused, intermediate_main, arg) }
-    } else {
-        // SAFETY: as above.
-        unsafe { sys::clone3(&mut args, intermediate_main, arg) }
-    };
+    let res = unsafe { sys::clone_any(&mut args, legacy, intermediate_main, arg) };
     sys::restore_signals(&old_mask);
     if res == Err(Errno::NOSYS) && !legacy {
         return Ok(None); // nothing started: retried with clone(2), the final process moving itself

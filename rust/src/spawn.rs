@@ -245,14 +245,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
     let old_mask = sys::block_all_signals();
     // SAFETY: `stack` and `ctx` outlive the child's use of them: we only return (dropping
     // them) after `wait_exec` saw the report pipe close, i.e. after the child exec'd or died.
-    let res = if legacy {
-        debug_assert!(args.flags >> 32 == 0 && args.flags & 0xff == 0, "clone(2) flags");
-        // SAFETY: as above.
-        unsafe { sys::clone_legacy(args.flags, stack.top(), &mut pidfd, child_main, arg) }
-    } else {
-        // SAFETY: as above.
-        unsafe { sys::clone3(&mut args, child_main, arg) }
-    };
+    let res = unsafe { sys::clone_any(&mut args, legacy, child_main, arg) };
     sys::restore_signals(&old_mask);
     if res == Err(Errno::NOSYS) && !legacy {
         return Ok(None); // no child: everything above is dropped, and clone(2) tries again
@@ -385,16 +378,14 @@ fn idmap_userns() -> std::result::Result<std::os::fd::BorrowedFd<'static>, Errno
         };
         let old_mask = sys::block_all_signals();
         let fds = [r.as_raw_fd(), w.as_raw_fd()];
+        let arg = fds.as_ptr() as *mut c_void;
         // SAFETY: the child only reads `fds` (alive until we reaped it), closes its copy of the
         // write end, reads the pipe and exits; it runs on `stack`, which outlives it.
-        let mut res = unsafe { sys::clone3(&mut args, hold_userns_main, fds.as_ptr() as *mut c_void) };
+        let mut res = unsafe { sys::clone_any(&mut args, false, hold_userns_main, arg) };
         if res == Err(Errno::NOSYS) {
             note_no_clone3();
-            let mut unused: c_int = -1;
             // SAFETY: as above (the flags fit clone(2)'s 32 bits).
-            res = unsafe {
-                sys::clone_legacy(args.flags, stack.top(), &mut unused, hold_userns_main, fds.as_ptr() as *mut c_void)
-            };
+            res = unsafe { sys::clone_any(&mut args, true, hold_userns_main, arg) };
         }
         sys::restore_signals(&old_mask);
         let pid = res?;

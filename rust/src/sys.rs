@@ -97,12 +97,34 @@ pub unsafe fn clone3(args: &mut CloneArgs, entry: ChildFn, arg: *mut c_void) -> 
     }
 }
 
+/// clone3 with `args`, or with `legacy` (clone3 is ENOSYS) clone(2) from the same
+/// arguments: their flags (which must fit its 32 bits, without an exit signal in the low 8),
+/// SIGCHLD, the top of their stack, and their pidfd pointer (CLONE_PIDFD). The one place
+/// that chooses between the two.
+///
+/// # Safety
+/// As for [`clone3`]; `args.stack`/`stack_size` describe the child's stack and `args.pidfd`,
+/// when set, points to a live `c_int`.
+pub unsafe fn clone_any(args: &mut CloneArgs, legacy: bool, entry: ChildFn, arg: *mut c_void) -> Result<i32, Errno> {
+    if !legacy {
+        // SAFETY: as the caller promises.
+        return unsafe { clone3(args, entry, arg) };
+    }
+    debug_assert!(args.flags >> 32 == 0 && args.flags & 0xff == 0, "clone(2) flags");
+    let stack_top = (args.stack + args.stack_size) as *mut c_void;
+    let mut unused: c_int = -1;
+    // SAFETY: the caller promises a live c_int behind a non-zero `args.pidfd`.
+    let pidfd = if args.pidfd != 0 { unsafe { &mut *(args.pidfd as *mut c_int) } } else { &mut unused };
+    // SAFETY: as the caller promises.
+    unsafe { clone_legacy(args.flags, stack_top, pidfd, entry, arg) }
+}
+
 /// clone(2) through libc, for kernels without clone3 (ENOSYS). `CLONE_PIDFD` stores the
 /// pidfd through the parent_tid pointer there.
 ///
 /// # Safety
 /// As for [`clone3`].
-pub unsafe fn clone_legacy(
+unsafe fn clone_legacy(
     flags: u64,
     stack_top: *mut c_void,
     pidfd: &mut c_int,
@@ -360,10 +382,7 @@ pub unsafe fn close_all_except(keep: &[RawFd]) -> Result<(), Errno> {
 
 /// Child-safe: setrlimit(resource, {value, value}) (prlimit64 on ourselves).
 pub fn rlimit_set(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), Errno> {
-    let lim: [u64; 2] = [value, value];
-    // SAFETY: prlimit64 reads one struct rlimit64 (two u64, live on our stack), writes
-    // nothing (old NULL).
-    unsafe { raw6(libc::SYS_prlimit64, [0, resource as usize, &lim as *const [u64; 2] as usize, 0, 0, 0]) }.map(drop)
+    rlimit_set_pair(resource, value, value)
 }
 
 /// Child-safe: setrlimit(resource, {soft, hard}) (prlimit64 on ourselves).
