@@ -10,7 +10,7 @@ import functools
 import os
 import threading
 from subprocess import CalledProcessError
-from typing import IO, TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+from typing import IO, TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
 
 from ._process import Args, File, Process, Result, TimeoutExpired, Usage, decode_output, run_stdio
 from ._spec import Spec, SpecFields
@@ -185,6 +185,10 @@ async def aspawn(
     start = functools.partial(
         Process, args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds, **spec_fields
     )
+    return await _aspawn_with(start)
+
+
+async def _aspawn_with(start: Callable[[], Process]) -> AsyncProcess:
     cf = _spawner().submit(start)
     try:
         return AsyncProcess(await asyncio.shield(asyncio.wrap_future(cf)))
@@ -233,9 +237,17 @@ async def arun(
     `timeout` kills the whole sandbox and raises `nsfast.TimeoutExpired` (with `.usage`);
     cancelling the task kills and reaps the sandbox."""
     stdin, stdout, stderr = run_stdio(input, capture_output, stdin, stdout, stderr, timeout)
-    proc = await aspawn(
-        args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds, **spec_fields
+    start = functools.partial(
+        Process, args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds, **spec_fields
     )
+    return await _arun_with(start, input, timeout, check)
+
+
+async def _arun_with(start: Callable[[], Process], input: Any, timeout: Optional[float], check: bool) -> Result:
+    """arun's body for any start of a Process (a zygote task's too)."""
+    if timeout is not None and (timeout != timeout or timeout < 0):
+        raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
+    proc = await _aspawn_with(start)
     p = proc.process
     task = asyncio.ensure_future(proc.communicate(input))
     try:

@@ -13,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError
-from typing import IO, TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from . import _cgroup, _core
 from ._errors import SpawnError
@@ -205,8 +205,11 @@ class Process:
         text: bool = False,
         pass_fds: Sequence[int] = (),
         _join: Optional[_JoinTarget] = None,
+        _start: Optional[Callable[[Tuple[int, int, int]], Any]] = None,
         **spec_fields: Unpack[SpecFields],
     ) -> None:
+        # _start(stdio) -> a Sandbox: what starts it instead of _core.spawn (a zygote task,
+        # which makes its own cgroup).
         self.spec = with_fields(spec, spec_fields)
         if _join is not None and not args:
             raise ValueError("args must not be empty")
@@ -224,7 +227,7 @@ class Process:
             if fd < 0:
                 raise ValueError(f"pass_fds: invalid file descriptor {fd}")
         cgroup = None
-        if self.spec.cgroup and _join is None:
+        if self.spec.cgroup and _join is None and _start is None:
             cgroup = _cgroup.request(
                 self.spec.limits,
                 kill_tree="pid" not in self.spec.namespaces,
@@ -234,7 +237,9 @@ class Process:
         handles = _Handles(stdin, stdout, stderr, _pipe_owner(self.spec, _join))
         try:
             stdio = (handles.child[0], handles.child[1], handles.child[2])
-            if _join is None:
+            if _start is not None:
+                self._sandbox = _start(stdio)
+            elif _join is None:
                 self._sandbox = _core.spawn(self.spec, argv, stdio=stdio, pass_fds=fds, cgroup=cgroup)
             else:
                 self._sandbox = _core.spawn_join(
@@ -253,7 +258,7 @@ class Process:
             for pfd in handles.parent:
                 if pfd is not None:
                     os.close(pfd)
-            if isinstance(e, SpawnError) and _join is None:
+            if isinstance(e, SpawnError) and _join is None and _start is None:
                 _explain_hidden(e, argv, self.spec)
             raise
         finally:
@@ -577,6 +582,7 @@ def run(
     text: bool = False,
     pass_fds: Sequence[int] = (),
     _join: Optional[_JoinTarget] = None,
+    _start: Optional[Callable[[Tuple[int, int, int]], Any]] = None,
     **spec_fields: Unpack[SpecFields],
 ) -> Result:
     """Run `args` in a new sandbox, wait for it, return a `Result` (like subprocess.run).
@@ -595,6 +601,7 @@ def run(
         text=text,
         pass_fds=pass_fds,
         _join=_join,
+        _start=_start,
         **spec_fields,
     ) as proc:
         try:

@@ -26,6 +26,11 @@
 //! child. A Container uses that to hold its namespaces and root before its command runs (and
 //! could make others, or exit).
 //!
+//! `nsfast-init --adopt PID STATUS_FD`: a zygote task's pid 1 (see zygote.rs in the library).
+//! PID is already its child (forked before this exec, with every signal blocked, which the
+//! exec keeps); it supervises that child as above: forwards signals, reaps orphans and
+//! reports PID's status on STATUS_FD.
+//!
 //! `nsfast-init --exec ...` is the other mode: `Container.exec`'s helper (see exec.rs).
 #![no_std]
 #![no_main]
@@ -63,6 +68,16 @@ fn main(args: Args) -> ! {
     if unsafe { sys(nr::PRCTL, [PR_SET_DUMPABLE, 0, 0, 0, 0, 0]) }.is_err() {
         rt::exit(127);
     }
+    if args.get(1) == Some(b"--adopt") {
+        let pid = args.get(2).and_then(rt::num).and_then(|n| i32::try_from(n).ok()).filter(|&p| p > 0);
+        let status = args.get(3).and_then(rt::num).and_then(|n| i32::try_from(n).ok());
+        let (Some(pid), Some(status)) = (pid, status) else {
+            rt::say(b"nsfast-init: usage: nsfast-init --adopt PID STATUS_FD\n");
+            rt::exit(127)
+        };
+        prepare(status);
+        supervise(pid, status);
+    }
     let num = |i: usize| args.get(i).and_then(rt::num).and_then(|n| usize::try_from(n).ok());
     let status = args.get(2).and_then(rt::num).and_then(|n| i32::try_from(n).ok());
     let (Some(report), Some(status), Some(n)) = (num(1), status, num(3)) else {
@@ -97,18 +112,9 @@ fn main(args: Args) -> ! {
         report = result;
     }
 
-    rt::set_sigmask(ALL_SIGNALS);
-    // SAFETY: integer arguments.
-    let _ = unsafe { sys(nr::PRCTL, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, 0]) };
     // SAFETY: integer arguments (F_SETFD, F_DUPFD_CLOEXEC).
     let _ = unsafe { sys(nr::FCNTL, [report as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]) };
-    // SAFETY: integer arguments (F_SETFD, F_DUPFD_CLOEXEC).
-    if status >= 0 && unsafe { sys(nr::FCNTL, [status as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]) }.is_err() {
-        rt::exit(127);
-    }
-    // The name shows in ps instead of "memfd:nsfast-init".
-    // SAFETY: integer arguments.
-    let _ = unsafe { sys(nr::PRCTL, [PR_SET_NAME, c"nsfast-init".as_ptr() as usize, 0, 0, 0, 0]) };
+    prepare(status);
     if argv_start >= args.argc {
         // Our copy of the report pipe: nothing to exec, so setup is complete.
         rt::close(report);
@@ -130,9 +136,30 @@ fn main(args: Args) -> ! {
     };
     // Our copy of the report pipe; the parent reads EOF once the command exec'd.
     rt::close(report);
+    supervise(pid, status)
+}
 
-    let report_status = status;
+/// Block every signal (we take them with sigtimedwait), become a subreaper, keep the status
+/// report from the command (close-on-exec), and take our name.
+fn prepare(status: i32) {
+    rt::set_sigmask(ALL_SIGNALS);
+    // SAFETY: integer arguments.
+    let _ = unsafe { sys(nr::PRCTL, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, 0]) };
+    // SAFETY: integer arguments (F_SETFD, F_DUPFD_CLOEXEC).
+    if status >= 0 && unsafe { sys(nr::FCNTL, [status as usize, rt::F_SETFD, FD_CLOEXEC, 0, 0, 0]) }.is_err() {
+        rt::exit(127);
+    }
+    // The name shows in ps instead of "memfd:nsfast-init".
+    // SAFETY: integer arguments.
+    let _ = unsafe { sys(nr::PRCTL, [PR_SET_NAME, c"nsfast-init".as_ptr() as usize, 0, 0, 0, 0]) };
+}
+
+/// Forward every signal to `pid`, reap every child, and exit with `pid`'s status once it
+/// ends (reported on `report_status` first, unless -1).
+fn supervise(pid: i32, report_status: i32) -> ! {
     let mut info = [0u8; 128];
+    // A child that ended before we ran (its SIGCHLD pending or not): reap first.
+    reap_all(pid, report_status);
     loop {
         let Ok(sig) = wait_signal(&mut info) else { continue };
         if sig != SIGCHLD {
@@ -141,18 +168,23 @@ fn main(args: Args) -> ! {
             let _ = unsafe { sys(nr::KILL, [pid as usize, sig as usize, 0, 0, 0, 0]) };
             continue;
         }
-        while let Some((r, status)) = reap_one() {
-            if r == pid {
-                if report_status >= 0 {
-                    let mut rec = [0u8; 8];
-                    rec[0..4].copy_from_slice(&STATUS_TAG.to_ne_bytes());
-                    rec[4..8].copy_from_slice(&status.to_ne_bytes());
-                    let _ = rt::write(report_status, &rec);
-                }
-                let code = if status & 0x7f == 0 { (status >> 8) & 0xff } else { 128 + (status & 0x7f) };
-                // Exiting: the kernel ends the rest of the pid namespace.
-                rt::exit(code);
+        reap_all(pid, report_status);
+    }
+}
+
+/// Reap every exited child; exit if `pid` was one of them.
+fn reap_all(pid: i32, report_status: i32) {
+    while let Some((r, status)) = reap_one() {
+        if r == pid {
+            if report_status >= 0 {
+                let mut rec = [0u8; 8];
+                rec[0..4].copy_from_slice(&STATUS_TAG.to_ne_bytes());
+                rec[4..8].copy_from_slice(&status.to_ne_bytes());
+                let _ = rt::write(report_status, &rec);
             }
+            let code = if status & 0x7f == 0 { (status >> 8) & 0xff } else { 128 + (status & 0x7f) };
+            // Exiting: the kernel ends the rest of the pid namespace.
+            rt::exit(code);
         }
     }
 }

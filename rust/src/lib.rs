@@ -15,6 +15,7 @@ pub mod spawn;
 pub mod spec;
 pub mod sync;
 pub mod sys;
+pub mod zygote;
 
 #[cfg(feature = "python")]
 mod py;

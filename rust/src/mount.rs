@@ -351,42 +351,8 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
         }
     };
     let sealed = MOUNT_ATTR_RDONLY | NOSUID_NODEV | MOUNT_ATTR_NOEXEC;
-    for p in fs.masked {
-        let (rel, shown) = sandbox_path("masked_paths", p)?;
-        match kind(&rel) {
-            None => {}
-            Some(true) => push(
-                tmpfs(
-                    &rel,
-                    MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-                    "0555",
-                    Some(4096),
-                ),
-                format!("mask {shown}"),
-                shown,
-            ),
-            // /dev/null, as runc: reads are empty (so it keeps nodev off, like the other nodes).
-            Some(false) => push(
-                FsOp::Bind {
-                    tree: Tree::Path(c("dev/null")),
-                    dst: c(rel.clone()),
-                    recursive: false,
-                    attrs: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
-                },
-                format!("mask {shown}"),
-                shown,
-            ),
-        }
-    }
-    for p in fs.readonly_paths {
-        let (rel, shown) = sandbox_path("readonly_paths", p)?;
-        if kind(&rel).is_some() {
-            push(
-                FsOp::Bind { tree: Tree::Path(c(rel.clone())), dst: c(rel), recursive: true, attrs: sealed },
-                format!("remount {shown} read-only"),
-                shown,
-            );
-        }
+    for st in mask_steps(fs.masked, fs.readonly_paths, &kind)? {
+        push(st.op, st.step, st.path);
     }
     push(mkdir(b"dev/shm", 0o755), "mkdir /dev/shm".into(), "/dev/shm".into());
     push(
@@ -533,6 +499,82 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
 }
 
 /// Child-safe: an O_PATH fd of `path` (relative to the cwd, the new root) resolved with the
+
+/// runc's masks on a fresh /proc (and any other masked path): what they name must not be
+/// readable, whatever the sandbox's ids. `kind`: is the (relative) path a directory, a
+/// file, or missing (skipped).
+fn mask_steps(masked: &[Vec<u8>], readonly_paths: &[Vec<u8>], kind: &dyn Fn(&[u8]) -> Option<bool>) -> Result<Vec<FsStep>> {
+    let sealed = MOUNT_ATTR_RDONLY | NOSUID_NODEV | MOUNT_ATTR_NOEXEC;
+    let mut steps = Vec::new();
+    for p in masked {
+        let (rel, shown) = sandbox_path("masked_paths", p)?;
+        let op = match kind(&rel) {
+            None => continue,
+            Some(true) => tmpfs(
+                &rel,
+                MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                "0555",
+                Some(4096),
+            ),
+            // /dev/null, as runc: reads are empty (so it keeps nodev off, like the other nodes).
+            Some(false) => FsOp::Bind {
+                tree: Tree::Path(c("dev/null")),
+                dst: c(rel.clone()),
+                recursive: false,
+                attrs: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+            },
+        };
+        steps.push(FsStep { op, step: format!("mask {shown}"), path: shown });
+    }
+    for p in readonly_paths {
+        let (rel, shown) = sandbox_path("readonly_paths", p)?;
+        if kind(&rel).is_some() {
+            steps.push(FsStep {
+                op: FsOp::Bind { tree: Tree::Path(c(rel.clone())), dst: c(rel), recursive: true, attrs: sealed },
+                step: format!("remount {shown} read-only"),
+                path: shown,
+            });
+        }
+    }
+    Ok(steps)
+}
+
+/// What a zygote task mounts in its own mount namespace, a copy of the zygote's (whose root
+/// is already the sandbox's, private, with /dev in place), with the task's cwd at that root:
+/// a fresh /proc of its pid namespace with the masks, an empty /dev/shm and /tmp.
+pub fn task_steps(
+    masked: &[Vec<u8>],
+    readonly_paths: &[Vec<u8>],
+    tmp_size: Option<u64>,
+    shm_size: Option<u64>,
+    probe: &dyn Fn(&[u8]) -> Option<bool>,
+) -> Result<Vec<FsStep>> {
+    let mut steps = vec![FsStep {
+        op: FsOp::Mount {
+            fstype: c("proc"),
+            dst: c("proc"),
+            flags: MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            data: c(""),
+        },
+        step: "mount /proc".into(),
+        path: "/proc".into(),
+    }];
+    steps.extend(mask_steps(masked, readonly_paths, &|rel: &[u8]| probe(&[b"/", rel].concat()))?);
+    if probe(b"/dev/shm") == Some(true) {
+        steps.push(FsStep {
+            op: tmpfs(b"dev/shm", MountFlags::NOSUID | MountFlags::NODEV, "1777", shm_size),
+            step: "mount /dev/shm".into(),
+            path: "/dev/shm".into(),
+        });
+    }
+    steps.push(FsStep {
+        op: tmpfs(b"tmp", MountFlags::NOSUID | MountFlags::NODEV, "1777", tmp_size),
+        step: "mount /tmp".into(),
+        path: "/tmp".into(),
+    });
+    Ok(steps)
+}
+
 /// new root as "/" (symlinks cannot lead out of it, magic links are refused).
 fn at_root(path: &CStr) -> std::result::Result<OwnedFd, Errno> {
     rustix::fs::openat2(

@@ -581,6 +581,24 @@ struct CgroupRequest {
     cpu_time_soft: Option<f64>,
 }
 
+/// The sandbox's cgroup as `cgroup` (None: no cgroup) asks; a value the kernel refuses is a
+/// LimitError naming the file.
+fn create_cgroup(cgroup: Option<(CgroupRequest, Limits)>) -> Result<Option<Box<dyn Cgroup>>, Error> {
+    let Some((CgroupRequest { root, kill_tree, .. }, limits)) = cgroup else { return Ok(None) };
+    let cg_err =
+        |msg: String| Error::Spawn { step: "create cgroup".into(), filename: Some(msg), errno: rustix::io::Errno::NOTSUP };
+    let backend = backend_for(&root).map_err(cg_err)?;
+    backend.create(&cgroup::unique_name(), &limits, kill_tree).map(Some).map_err(|e| match e {
+        // A value the kernel refused: the limit is what was wrong, not the setup.
+        cgroup::CgroupError::Write { path, value, source } if source.raw_os_error() != Some(libc::ENOENT) => {
+            let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            let msg = format!("the kernel refused {value:?} for {} ({source})", path.display());
+            Error::Limit { limit: format!("cgroup file {file}"), msg }
+        }
+        e => cg_err(e.to_string()),
+    })
+}
+
 /// Start a sandbox as the frozen nsfast.Spec `spec` says, running `args`; returns its Sandbox.
 #[pyfunction]
 #[pyo3(signature = (spec, args, *, stdio, pass_fds, cgroup=None))]
@@ -620,28 +638,7 @@ fn spawn(
     let started = std::time::Instant::now();
     let result = detached(py, move || -> Result<_, Error> {
         let plan = Plan::build(&core_spec, Caller::current())?;
-        let mut cg = match cgroup {
-            None => None,
-            Some((CgroupRequest { root, kill_tree, .. }, limits)) => {
-                let cg_err = |msg: String| Error::Spawn {
-                    step: "create cgroup".into(),
-                    filename: Some(msg),
-                    errno: rustix::io::Errno::NOTSUP,
-                };
-                let backend = backend_for(&root).map_err(cg_err)?;
-                Some(backend.create(&cgroup::unique_name(), &limits, kill_tree).map_err(|e| match e {
-                    // A value the kernel refused: the limit is what was wrong, not the setup.
-                    cgroup::CgroupError::Write { path, value, source }
-                        if source.raw_os_error() != Some(libc::ENOENT) =>
-                    {
-                        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-                        let msg = format!("the kernel refused {value:?} for {} ({source})", path.display());
-                        Error::Limit { limit: format!("cgroup file {file}"), msg }
-                    }
-                    e => cg_err(e.to_string()),
-                })?)
-            }
-        };
+        let mut cg = create_cgroup(cgroup)?;
         // Before the child exists: it is born owning its cgroup (never its limit files).
         if let Some((uid, gid)) = plan.delegate {
             let res = match cg.as_ref() {
@@ -824,6 +821,203 @@ fn spawn_join(
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Zygotes (zygote.rs): the server inside the zygote, the link to it in the caller
+
+fn fork_before() {
+    // SAFETY: called with the GIL held, right before fork(3), as os.fork does.
+    unsafe { pyo3::ffi::PyOS_BeforeFork() }
+}
+fn fork_parent() {
+    // SAFETY: the zygote after fork(3), GIL held, as os.fork does.
+    unsafe { pyo3::ffi::PyOS_AfterFork_Parent() }
+}
+fn fork_child() {
+    // SAFETY: the task right after fork(3), GIL held (our one thread), as os.fork does.
+    unsafe { pyo3::ffi::PyOS_AfterFork_Child() }
+}
+
+/// Inside a zygote: serve task requests on `ctrl_fd` with the GIL held (the zygote is one
+/// thread, and nothing of it may run while it forks). Returns False once the caller closed
+/// the socket; True in a task, with its result pipe on fd 3 and its payload memfd on fd 4,
+/// ready to run the task's code (capabilities dropped, seccomp installed).
+#[pyfunction]
+fn zygote_serve(py: Python<'_>, ctrl_fd: i32, spec: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let _ = py;
+    let mut task: Spec = spec.extract()?;
+    // The zygote's own mounts, root and user namespace are the task's already.
+    task.args = vec![b"python".to_vec()];
+    task.namespaces &= !(libc::CLONE_NEWUSER as u64);
+    task.rootfs = None;
+    task.mounts = Vec::new();
+    task.init = false;
+    task.delegate_cgroup = false;
+    let plan = Plan::build(&task, Caller::current()).map_err(|e| to_pyerr(py, e))?;
+    let server =
+        crate::zygote::Server::new(plan, &task.masked_paths, &task.readonly_paths, task.tmp_size, task.shm_size)
+            .map_err(|e| to_pyerr(py, e))?;
+    let hooks = crate::zygote::ForkHooks { before: fork_before, parent: fork_parent, child: fork_child };
+    // SAFETY: the caller keeps `ctrl_fd` open for the zygote's life.
+    let ctrl = unsafe { crate::sys::borrow_fd(ctrl_fd) };
+    match server.serve(ctrl, &hooks) {
+        Ok(Some(())) => {
+            // The task: the server's fds are closed already (only 0..5 are the task's).
+            std::mem::forget(server);
+            Ok(true)
+        }
+        Ok(None) => Ok(false),
+        Err(e) => Err(PyOSError::new_err(format!("zygote: {e}"))),
+    }
+}
+
+/// The caller's end of a zygote's control socket: one request at a time.
+#[pyclass(module = "nsfast._core", name = "ZygoteLink", frozen)]
+struct ZygoteLink {
+    sock: Mutex<Option<std::os::fd::OwnedFd>>,
+}
+
+#[pymethods]
+impl ZygoteLink {
+    /// Take ownership of the socket `fd`.
+    #[new]
+    fn new(fd: i32) -> PyResult<ZygoteLink> {
+        use std::os::fd::FromRawFd;
+        if fd < 0 {
+            return Err(PyValueError::new_err("fd must be an open socket"));
+        }
+        // SAFETY: the caller hands the fd over (Python detaches it first).
+        Ok(ZygoteLink { sock: Mutex::new(Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })) })
+    }
+
+    /// Close the socket (the zygote then exits).
+    fn close(&self) {
+        self.sock.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Start one task: its `payload` (given to it in a sealed memfd), `stdio` and `result`
+    /// (its fd 3) are the caller's fds, passed to the task; in a new cgroup as `cgroup` asks.
+    #[pyo3(signature = (payload, *, stdio, result, cgroup=None, new_session=true))]
+    fn task(
+        &self,
+        py: Python<'_>,
+        payload: PyBackedBytes,
+        stdio: (i32, i32, i32),
+        result: i32,
+        cgroup: Option<&Bound<'_, PyAny>>,
+        new_session: bool,
+    ) -> PyResult<Sandbox> {
+        let cgroup: Option<(CgroupRequest, Limits)> = match cgroup {
+            Some(c) if !c.is_none() => Some((c.extract()?, c.extract()?)),
+            _ => None,
+        };
+        let cpu = cgroup.as_ref().map_or(CpuTimeLimits::default(), |(r, _)| CpuTimeLimits {
+            cpu_time: r.cpu_time,
+            cpu_time_soft: r.cpu_time_soft,
+        });
+        let started = std::time::Instant::now();
+        let res = detached(py, || -> Result<_, Error> {
+            let mut cg = create_cgroup(cgroup)?;
+            match self.start(&payload, stdio, result, cg.as_deref()) {
+                Ok(child) => Ok((child, cg)),
+                Err(e) => {
+                    if let Some(c) = cg.as_mut() {
+                        let _ = c.remove();
+                    }
+                    Err(e)
+                }
+            }
+        });
+        match res {
+            Ok((child, cg)) => Sandbox::new(child, cg, started, true, new_session, cpu),
+            Err(e) => Err(to_pyerr(py, e)),
+        }
+    }
+}
+
+impl ZygoteLink {
+    fn start(
+        &self,
+        payload: &[u8],
+        stdio: (i32, i32, i32),
+        result: i32,
+        cg: Option<&dyn Cgroup>,
+    ) -> Result<crate::Child, Error> {
+        use rustix::fs::{MemfdFlags, SealFlags};
+        use std::os::fd::{AsFd, AsRawFd};
+        let err = |step: &str, e: rustix::io::Errno| Error::spawn(&format!("zygote task: {step}"), None, e);
+        let io_err = |step: &str, e: std::io::Error| {
+            let errno = rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO));
+            Error::spawn(&format!("zygote task: {step}"), Some(e.to_string()), errno)
+        };
+        // The files the task's pid 1 writes "0" to, opened here (the kernel checks the
+        // opener's rights): v1 controllers' tasks files, the v2 cgroup.procs.
+        let mut attach = match cg {
+            Some(c) => c.self_attach_files().map_err(|e| io_err("attach cgroup", std::io::Error::other(e.to_string())))?,
+            None => Vec::new(),
+        };
+        if let Some(dir) = cg.and_then(|c| c.clone_fd()) {
+            // SAFETY: the cgroup owns its directory fd for longer than this call.
+            let dir = unsafe { crate::sys::borrow_fd(dir) };
+            let flags = rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC;
+            attach.push(
+                rustix::fs::openat(dir, c"cgroup.procs", flags, rustix::fs::Mode::empty())
+                    .map_err(|e| err("attach cgroup", e))?,
+            );
+        }
+        let memfd = rustix::fs::memfd_create(c"nsfast-task", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+            .map_err(|e| err("memfd_create", e))?;
+        let mut off = 0;
+        while off < payload.len() {
+            off += rustix::io::write(&memfd, &payload[off..]).map_err(|e| err("write payload", e))?;
+        }
+        rustix::fs::fcntl_add_seals(&memfd, SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL)
+            .map_err(|e| err("seal payload", e))?;
+        let (parent, _chan, report_w, _) = crate::sync::channel(false).map_err(|e| err("pipe", e))?;
+        let (status_r, status_w) = crate::sync::status_pipe().map_err(|e| err("pipe", e))?;
+        // SAFETY: the caller keeps these open across the call.
+        let b = |fd: i32| unsafe { crate::sys::borrow_fd(fd) };
+        if [stdio.0, stdio.1, stdio.2, result].iter().any(|&fd| fd < 0) {
+            return Err(Error::invalid("stdio", "a zygote task needs all of stdin, stdout, stderr and result"));
+        }
+        let fds = crate::zygote::TaskFds {
+            stdio: [b(stdio.0), b(stdio.1), b(stdio.2)],
+            result: b(result),
+            payload: memfd.as_fd(),
+            report: report_w.as_fd(),
+            status: status_w.as_fd(),
+            attach: attach.iter().map(|f| f.as_fd()).collect(),
+        };
+        let pidfd = {
+            let guard = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+            let sock = guard.as_ref().ok_or_else(|| err("send request", rustix::io::Errno::BADF))?;
+            crate::zygote::request(sock.as_fd(), &fds).map_err(|e| io_err("start", e))?
+        };
+        drop(fds);
+        drop((report_w, status_w, memfd, attach));
+        // Its pid here (its pid 1, which the pidfd is of): -1 if it ended already (a task
+        // can be over before this line; the pidfd, not the pid, is what is used).
+        let pid = pidfd_pid(pidfd.as_raw_fd()).unwrap_or(-1);
+        match parent.wait_exec() {
+            Ok(None) => Ok(crate::Child { pid, pidfd, status: Some(status_r) }),
+            Ok(Some(rec)) => {
+                let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+                let step = crate::sync::Step::from_raw(rec.step).map_or("setup", |s| s.name());
+                Err(err(step, rustix::io::Errno::from_raw_os_error(rec.errno)))
+            }
+            Err(e) => {
+                let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+                Err(err("read report", e))
+            }
+        }
+    }
+}
+
+/// The pid (in our pid namespace) a pidfd is of: its fdinfo's "Pid:" line (-1: exited).
+fn pidfd_pid(fd: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|v| v.trim().parse().ok())
+}
+
 #[pyfunction]
 fn cap_last_cap() -> u32 {
     crate::spec::cap_last_cap()
@@ -848,6 +1042,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sandbox_id_range, m)?)?;
     m.add_function(wrap_pyfunction!(kill_cgroups, m)?)?;
     m.add_function(wrap_pyfunction!(spawn_join, m)?)?;
+    m.add_function(wrap_pyfunction!(zygote_serve, m)?)?;
+    m.add_class::<ZygoteLink>()?;
     m.add_class::<Sandbox>()?;
     m.add_class::<Exit>()?;
     m.add("NAMESPACES", crate::ns::NAMESPACES.iter().map(|(n, _)| *n).collect::<Vec<_>>())?;

@@ -1,0 +1,597 @@
+"""Zygotes: Python sandboxes at fork speed.
+
+A `Zygote` is one long-lived interpreter in a hardened nsfast sandbox that has imported
+`preload`. Each task is a copy-on-write fork of it into fresh pid, mount (own /proc, empty
+/tmp and /dev/shm), ipc, uts and net namespaces and a cgroup of its own, with every
+capability dropped, no_new_privs and the seccomp filter installed before its code runs:
+the containment of `nsfast.run`, at the cost of a fork. How it works: src/zygote.rs.
+
+The zygote never sees a task's code or data: they reach the task in a memfd, and its output
+goes to the caller's pipes. Results of `call` come back as JSON, never unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import dataclasses
+import json
+import os
+import pickle
+import selectors
+import socket
+import sys
+import threading
+import time
+from typing import IO, TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from . import _cgroup, _core
+from ._cgroup import Limits
+from ._errors import NsfastError, SpecError
+from ._process import DEVNULL, PIPE, Process, Result, run
+from ._spec import Bind, Spec, SpecFields, with_fields
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["Zygote", "ZygoteError", "TaskError", "DEFAULT_PRELOAD"]
+
+#: Imported by every zygote (call() and tracebacks need them).
+DEFAULT_PRELOAD: Tuple[str, ...] = ("json", "traceback", "importlib")
+#: What a zygote keeps in its user namespace to make its tasks' namespaces and mounts.
+_ZYGOTE_CAPS = ("CAP_SYS_ADMIN", "CAP_SETPCAP", "CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID")
+#: Where the caller's Python directories that the sandbox would hide under /tmp are bound
+#: (tasks mount a fresh /tmp; /run is a tmpfs of the zygote's own).
+_REMAP = "/run/nsfast-zygote"
+_START_TIMEOUT = 60.0
+_UNSET: Any = object()
+
+
+class ZygoteError(NsfastError):
+    """The zygote could not start (`.stderr` has its output), or died and could not be
+    restarted."""
+
+    def __init__(self, message: str, stderr: bytes = b"") -> None:
+        super().__init__(message)
+        self.stderr = stderr
+
+
+class TaskError(NsfastError):
+    """A `Zygote.call` task raised (`.type`, `.message` and `.traceback` are its exception's,
+    as text) or ended without a result (`.returncode`, `.stderr`)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        type: Optional[str] = None,
+        traceback: str = "",
+        returncode: Optional[int] = None,
+        stderr: bytes = b"",
+    ) -> None:
+        super().__init__(message)
+        self.type = type
+        self.message = message
+        self.traceback = traceback
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+def _under(path: str, dirs: Iterable[str]) -> Optional[str]:
+    for d in dirs:
+        if path == d or path.startswith(d.rstrip("/") + "/"):
+            return d
+    return None
+
+
+def _python_mounts(spec: Spec) -> Tuple[str, List[str], List[Bind]]:
+    """The interpreter to run, the sys.path it gets and the binds that make both visible in
+    a sandbox on the host root (hidden directories, /tmp)."""
+    exe = os.path.realpath(sys.executable)
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    if spec.rootfs is not None:
+        return "python3", [], []
+    hidden = tuple(spec.hidden)
+    binds: List[Bind] = []
+    bound: List[str] = []
+    # The interpreter finds its standard library from its own path: bind at the same path.
+    for d in (sys.base_prefix, sys.prefix, os.path.dirname(exe)):
+        d = os.path.realpath(d)
+        if _under(d, ("/tmp",)):
+            raise SpecError("Zygote", f"the interpreter's directory {d} is under /tmp, which tasks replace")
+        if _under(d, hidden) and not _under(d, bound):
+            bound.append(d)
+    out_paths = []
+    for p in paths:
+        rp = os.path.realpath(p)
+        if _under(rp, ("/tmp",)):
+            dst = f"{_REMAP}/{len(binds) + len(bound)}"
+            binds.append(Bind(rp, dst))
+            out_paths.append(dst)
+            continue
+        if _under(rp, hidden) and not _under(rp, bound):
+            bound.append(rp)
+        out_paths.append(rp)
+    bound = [d for d in bound if not _under(d, [b for b in bound if b != d])]
+    return exe, out_paths, [Bind(d, d) for d in bound] + binds
+
+
+class Zygote:
+    """A warmed-up Python interpreter in a sandbox; each task a copy-on-write fork of it.
+
+    `preload`: modules imported once by the zygote (their memory is shared by every task).
+    `spec` / keyword spec fields: the tasks' sandbox (namespaces, mounts, env, limits,
+    seccomp, ...), the secure defaults of `nsfast.Spec`; it needs the "pid" and "mnt"
+    namespaces. `limits` (default: the spec's) is each task's cgroup; the zygote itself runs
+    under the spec's limits too.
+
+    Tasks: `run_python(code)` (a `Result`, as `python -c code` would give), `call("mod:fn",
+    *args)` (its JSON result), `map_python(codes)`, `await arun_python(code)`. Tasks run in
+    parallel (each call blocks only its own thread). If the zygote dies, the next task
+    restarts it; `close()` (or leaving a `with` block) ends it and every task still running.
+
+    Residual risk, compared with `nsfast.run`: every task is a copy of the same process, so
+    tasks share its memory layout (ASLR offsets, heap addresses) and whatever the zygote
+    holds in memory (what `preload` loaded: never task data, which the zygote never reads),
+    and they share its user namespace (the same ids, no capability) and its root (read-only).
+    """
+
+    def __init__(
+        self,
+        preload: Sequence[str] = (),
+        *,
+        spec: Optional[Spec] = None,
+        **spec_fields: Unpack[SpecFields],
+    ) -> None:
+        if isinstance(preload, str):
+            raise TypeError("preload must be a sequence of module names, not a str")
+        self.preload = tuple(DEFAULT_PRELOAD) + tuple(m for m in preload if m not in DEFAULT_PRELOAD)
+        for m in self.preload:
+            if not isinstance(m, str) or not all(part.isidentifier() for part in m.split(".")):
+                raise SpecError("preload", f"is not a module name: {m!r}")
+        task = with_fields(spec, spec_fields)
+        for ns in ("pid", "mnt"):
+            if ns not in task.namespaces:
+                raise SpecError("namespaces", f"a zygote's tasks need the {ns!r} namespace")
+        self.spec = task
+        exe, path, binds = _python_mounts(task)
+        caps = tuple(dict.fromkeys(tuple(task.capabilities) + _ZYGOTE_CAPS))
+        self._zspec = dataclasses.replace(
+            task,
+            capabilities=caps,
+            seccomp=None,
+            masked_paths=(),
+            readonly_paths=(),
+            mounts=tuple(task.mounts) + tuple(binds),
+            uid=None,
+            gid=None,
+            rlimits={},
+            init=None,
+            delegate_cgroup=False,
+        )
+        self._argv = [exe, "-I", "-S", "-c", _BOOT]
+        self._cfg = {
+            "path": path,
+            "preload": list(self.preload),
+            "spec": base64.b64encode(pickle.dumps(task)).decode(),
+        }
+        self._lock = threading.Lock()
+        self._proc: Optional[Process] = None
+        self._link: Any = None
+        self._closed = False
+        self.restarts = 0
+        self._start()
+
+    # -- the zygote process ----------------------------------------------------------------
+
+    def _start(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            cfg = dict(self._cfg, fd=child.fileno())
+            proc = Process(
+                self._argv + [json.dumps(cfg)],
+                spec=self._zspec,
+                stdin=None,
+                stdout=PIPE,
+                stderr=PIPE,
+                pass_fds=[child.fileno()],
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        try:
+            _wait_ready(proc)
+        except BaseException:
+            parent.close()
+            raise
+        self._proc = proc
+        self._link = _core.ZygoteLink(parent.detach())
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _restart(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise ZygoteError("the zygote is closed")
+            if self._alive():
+                return
+            self._stop()
+            self.restarts += 1
+            self._start()
+
+    def _stop(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        """End the zygote and every task it started that is still running."""
+        with self._lock:
+            self._closed = True
+            self._stop()
+
+    def __enter__(self) -> Zygote:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not getattr(self, "_closed", True):
+                self.close()
+        except Exception:
+            pass
+
+    @property
+    def pid(self) -> int:
+        """The host pid of the zygote's sandbox (its nsfast-init)."""
+        return self._proc.pid if self._proc is not None else -1
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def _starter(self, payload: Dict[str, Any], limits: Any, result_fd: int) -> Any:
+        if limits is _UNSET:
+            limits = self.spec.limits
+        cgroup = None
+        if self.spec.cgroup:
+            cgroup = _cgroup.request(limits, kill_tree=False, strict=self.spec.strict)
+        data = json.dumps(payload).encode()
+
+        def start(stdio: Tuple[int, int, int]) -> Any:
+            for attempt in (0, 1):
+                link = self._link
+                if self._closed:
+                    raise ZygoteError("the zygote is closed")
+                try:
+                    if link is None:
+                        raise BrokenPipeError("no zygote")
+                    return link.task(
+                        data, stdio=stdio, result=result_fd, cgroup=cgroup, new_session=self.spec.new_session
+                    )
+                except OSError as e:
+                    if attempt or self._alive() and not isinstance(e, (BrokenPipeError, ConnectionError)):
+                        raise
+                    self._restart()
+            raise AssertionError("unreachable")
+
+        return start
+
+    def _payload(self, mode: str, env: Optional[Mapping[str, str]], **fields: Any) -> Dict[str, Any]:
+        if env is None:
+            env = self.spec.env if self.spec.env is not None else {}
+        elif not isinstance(env, Mapping):
+            raise TypeError(f"env must be a mapping, not {type(env).__name__}")
+        return dict(fields, mode=mode, env={str(k): str(v) for k, v in env.items()})
+
+    def run_python(
+        self,
+        code: str,
+        *,
+        input: Any = None,
+        timeout: Optional[float] = None,
+        limits: Optional[Limits] = _UNSET,
+        env: Optional[Mapping[str, str]] = None,
+        argv: Sequence[str] = (),
+        text: bool = False,
+        check: bool = False,
+    ) -> Result:
+        """Run `code` as `__main__` of a fresh module in a new task; a `Result` as `python
+        -c code` would give (stdout/stderr captured; returncode 1 with the traceback on
+        stderr for an uncaught exception, `sys.exit(n)` -> n, death by signal N -> -N) with
+        its `usage`. `timeout` raises `nsfast.TimeoutExpired`; `limits` replaces the spec's
+        for this task; `env` is its whole environment; `argv` is sys.argv[1:]."""
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, not {type(code).__name__}")
+        payload = self._payload("code", env, code=code, argv=["-c", *map(str, argv)])
+        null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            start = self._starter(payload, limits, null)
+            return run(
+                ["python", "-c", code],
+                spec=self.spec,
+                input=input,
+                stdin=None if input is not None else DEVNULL,
+                capture_output=True,
+                timeout=timeout,
+                check=check,
+                text=text,
+                _start=start,
+            )
+        finally:
+            os.close(null)
+
+    def call(
+        self,
+        target: str,
+        /,
+        *args: Any,
+        timeout: Optional[float] = None,
+        limits: Optional[Limits] = _UNSET,
+        env: Optional[Mapping[str, str]] = None,
+        max_result_bytes: int = 64 << 20,
+        **kwargs: Any,
+    ) -> Any:
+        """Call the importable function `target` ("package.module:function") with `args`
+        and `kwargs` (JSON-serialisable) in a new task; its JSON-serialisable return value.
+        An exception in the task raises `TaskError` (its type, message and traceback as
+        text). The result is data from the task: parsed as JSON, never unpickled."""
+        if not isinstance(target, str) or ":" not in target:
+            raise ValueError(f"target must be 'module:function', got {target!r}")
+        payload = self._payload("call", env, target=target, args=list(args), kwargs=kwargs)
+        json.dumps(payload)  # not serialisable: TypeError here, not in the task
+        fd = os.memfd_create("nsfast-result", os.MFD_CLOEXEC)
+        try:
+            r = run(
+                ["python", "-c", f"<call {target}>"],
+                spec=self.spec,
+                stdin=DEVNULL,
+                capture_output=True,
+                timeout=timeout,
+                _start=self._starter(payload, limits, fd),
+            )
+            size = os.fstat(fd).st_size
+            if size > max_result_bytes:
+                raise TaskError(f"the result of {target} is {size} bytes, over max_result_bytes={max_result_bytes}")
+            data = os.pread(fd, size, 0) if size else b""
+        finally:
+            os.close(fd)
+        try:
+            envelope = json.loads(data) if data else None
+        except ValueError:
+            envelope = None
+        if not isinstance(envelope, dict) or not ({"ok"} == set(envelope) or {"error"} == set(envelope)):
+            raise TaskError(
+                f"{target} ended with returncode {r.returncode} and no result",
+                returncode=r.returncode,
+                stderr=r.stderr,
+            )
+        if "error" in envelope:
+            e = envelope["error"] if isinstance(envelope["error"], dict) else {}
+            raise TaskError(
+                str(e.get("message", "")),
+                type=str(e.get("type", "")),
+                traceback=str(e.get("traceback", "")),
+                returncode=r.returncode,
+                stderr=r.stderr,
+            )
+        return envelope["ok"]
+
+    def map_python(
+        self, codes: Iterable[str], *, concurrency: Optional[int] = None, **run_kwargs: Any
+    ) -> List[Result]:
+        """`run_python` of each code, `concurrency` at a time (default: the CPU count);
+        the Results in order."""
+        codes = list(codes)
+        n = concurrency or os.cpu_count() or 2
+        if n < 1:
+            raise ValueError(f"concurrency must be >= 1, got {n}")
+        with concurrent.futures.ThreadPoolExecutor(min(n, max(1, len(codes)))) as pool:
+            return list(pool.map(lambda c: self.run_python(c, **run_kwargs), codes))
+
+    async def arun_python(
+        self,
+        code: str,
+        *,
+        input: Any = None,
+        timeout: Optional[float] = None,
+        limits: Optional[Limits] = _UNSET,
+        env: Optional[Mapping[str, str]] = None,
+        argv: Sequence[str] = (),
+        text: bool = False,
+        check: bool = False,
+    ) -> Result:
+        """`run_python` for asyncio: the task's pidfd and pipes are loop readers; cancelling
+        kills the task and reaps it."""
+        from ._aio import _arun_with
+
+        payload = self._payload("code", env, code=code, argv=["-c", *map(str, argv)])
+        null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            start = self._starter(payload, limits, null)
+            return await _arun_with(
+                lambda: Process(
+                    ["python", "-c", code],
+                    spec=self.spec,
+                    stdin=PIPE if input is not None else DEVNULL,
+                    stdout=PIPE,
+                    stderr=PIPE,
+                    text=text,
+                    _start=start,
+                ),
+                input,
+                timeout,
+                check,
+            )
+        finally:
+            os.close(null)
+
+
+def _wait_ready(proc: Process) -> None:
+    """Until the zygote wrote its ready byte (then its stdout and stderr go to /dev/null);
+    ZygoteError with its stderr if it ended or did not get there in time."""
+    assert proc.stdout is not None and proc.stderr is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ, "out")
+    sel.register(proc.stderr, selectors.EVENT_READ, "err")
+    err = b""
+    deadline = time.monotonic() + _START_TIMEOUT
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.kill()
+                proc.wait()
+                raise ZygoteError(f"the zygote did not start within {_START_TIMEOUT:.0f} s", err)
+            for key, _ in sel.select(left):
+                data = os.read(key.fd, 65536)
+                if key.data == "err":
+                    err += data
+                    if not data:
+                        sel.unregister(key.fd)
+                    continue
+                if data.startswith(b"R"):
+                    return
+                proc.kill()
+                proc.wait()
+                text = err.decode(errors="replace").strip()
+                raise ZygoteError(f"the zygote failed to start (returncode {proc.returncode}): {text}", err)
+    finally:
+        sel.close()
+        proc.stdout.close()
+        proc.stderr.close()
+        proc.stdout = proc.stderr = None
+
+
+# ---------------------------------------------------------------------------------------
+# Inside the zygote
+
+_BOOT = (
+    "import sys,json;c=json.loads(sys.argv[1]);sys.path[:]=c['path'];"
+    "import nsfast._zygote as z;z._serve(c)"
+)
+
+
+def _serve(cfg: Dict[str, Any]) -> None:  # pragma: no cover - runs in the zygote
+    import importlib
+
+    for m in cfg["preload"]:
+        importlib.import_module(m)
+    spec = pickle.loads(base64.b64decode(cfg["spec"]))  # from the caller, not from a task
+    fd = int(cfg["fd"])
+    sys.stdout.flush()
+    os.write(1, b"R")
+    null = os.open(os.devnull, os.O_RDWR)
+    for i in (0, 1, 2):
+        os.dup2(null, i)
+    os.close(null)
+    if _core.zygote_serve(fd, spec):
+        _task()
+    os._exit(0)
+
+
+def _task() -> None:  # pragma: no cover - runs in a task
+    """In a task: run its payload (fd 4), results to fd 3; never returns."""
+    import builtins
+    import traceback
+    import types
+
+    code = 1
+    try:
+        size = os.fstat(4).st_size
+        req = json.loads(os.pread(4, size, 0))
+        os.close(4)
+        os.environ.clear()
+        os.environ.update(req["env"])
+        if req["mode"] == "code":
+            sys.argv = list(req["argv"])
+            main = types.ModuleType("__main__")
+            main.__dict__["__builtins__"] = builtins
+            sys.modules["__main__"] = main
+            try:
+                exec(compile(req["code"], "<string>", "exec"), main.__dict__)
+                code = 0
+            except SystemExit as e:
+                code = _exit_code(e)
+            except BaseException:
+                sys.excepthook(*sys.exc_info())
+                code = 1
+        else:
+            code = _call(req, traceback)
+        code = _finalize(code)
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+        except BaseException:
+            pass
+        try:
+            sys.stderr.flush()
+        except BaseException:
+            pass
+        os._exit(code)
+
+
+def _exit_code(e: SystemExit) -> int:  # pragma: no cover - runs in a task
+    c = e.code
+    if c is None:
+        return 0
+    if isinstance(c, int):
+        return c & 0xFF
+    try:
+        print(c, file=sys.stderr)
+    except BaseException:
+        pass
+    return 1
+
+
+def _finalize(code: int) -> int:  # pragma: no cover - runs in a task
+    """What the interpreter does at exit: join non-daemon threads, run atexit."""
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+    except BaseException:
+        pass
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    return code
+
+
+def _call(req: Dict[str, Any], traceback: Any) -> int:  # pragma: no cover - runs in a task
+    import importlib
+
+    mod, _, name = req["target"].partition(":")
+    try:
+        obj: Any = importlib.import_module(mod)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        value = obj(*req["args"], **req["kwargs"])
+        out = json.dumps({"ok": value}).encode()
+        code = 0
+    except SystemExit as e:
+        c = _exit_code(e)
+        out = json.dumps({"error": {"type": "SystemExit", "message": str(e.code), "traceback": ""}}).encode()
+        code = c or 1
+    except BaseException as e:
+        tb = traceback.format_exc()
+        out = json.dumps({"error": {"type": type(e).__name__, "message": str(e), "traceback": tb}}).encode()
+        code = 1
+    view = memoryview(out)
+    while view:
+        view = view[os.write(3, view) :]
+    return code

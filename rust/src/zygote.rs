@@ -1,0 +1,429 @@
+//! Zygotes: sandboxes forked, copy-on-write, from a warmed-up process.
+//!
+//! The zygote is a long-lived process inside an nsfast sandbox (its own user, pid, mount,
+//! ipc, uts and net namespaces, nsfast-init its pid 1), holding only the capabilities it
+//! needs to make namespaces, in that user namespace. It reads requests from a unix
+//! SOCK_SEQPACKET socket, one per task: a header and the task's fds (SCM_RIGHTS), never the
+//! task's code or data: those are in a memfd only the task reads, so nothing of one task
+//! stays in the zygote's memory for a later one to find.
+//!
+//! Per task the zygote makes a new pid namespace and forks (fork(3), so the process's
+//! atfork handlers run as for `os.fork`, with the interpreter's own before/after hooks
+//! around it): the child C is pid 1 there. C moves itself into the task's cgroup through
+//! files the caller opened (the kernel checks the opener's rights), unshares mount, ipc,
+//! uts, net and cgroup namespaces, mounts a fresh /proc (with the masks), /dev/shm and /tmp,
+//! and forks the task T (pid 2), then execs nsfast-init `--adopt T`: pid 1 reaps, forwards
+//! signals and reports T's status on the caller's status pipe. T drops every capability,
+//! sets no_new_privs, the rlimits and its stdio, installs the seccomp filter and only then
+//! closes its end of the report pipe (the caller's "started"): the task's code never runs
+//! with more.
+//!
+//! The caller learns of the task by a pidfd of C the zygote sends back; C's end is what a
+//! `Sandbox` waits for (the zygote reaps C; the status comes from nsfast-init's report).
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use rustix::io::Errno;
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
+};
+
+use crate::mount::{self, FsStep};
+use crate::spec::Plan;
+use crate::sync::{ChildChannel, Step};
+use crate::sys;
+
+/// Request and reply header tag.
+const MAGIC: u32 = 0x6e737a71; // "nszq"
+/// stdin, stdout, stderr, result, payload, report, status.
+const FIXED_FDS: usize = 7;
+/// Files C writes "0" to (v1 controllers' tasks, the v2 cgroup.procs).
+pub const MAX_ATTACH: usize = 16;
+/// Where the task finds its result pipe and payload memfd.
+pub const RESULT_FD: RawFd = 3;
+pub const PAYLOAD_FD: RawFd = 4;
+/// The task's end of the report pipe until it is ready (then closed).
+const REPORT_FD: RawFd = 5;
+
+/// The fds of one task request, in wire order.
+pub struct TaskFds<'a> {
+    pub stdio: [BorrowedFd<'a>; 3],
+    pub result: BorrowedFd<'a>,
+    pub payload: BorrowedFd<'a>,
+    pub report: BorrowedFd<'a>,
+    pub status: BorrowedFd<'a>,
+    pub attach: Vec<BorrowedFd<'a>>,
+}
+
+fn header(n: u32) -> [u8; 8] {
+    let mut h = [0u8; 8];
+    h[..4].copy_from_slice(&MAGIC.to_ne_bytes());
+    h[4..].copy_from_slice(&n.to_ne_bytes());
+    h
+}
+
+/// Caller side: send one task request on `sock` and read the reply: C's pidfd, or the
+/// errno the zygote failed with. The caller serialises requests on one socket.
+pub fn request(sock: BorrowedFd<'_>, fds: &TaskFds<'_>) -> std::io::Result<OwnedFd> {
+    if fds.attach.len() > MAX_ATTACH {
+        return Err(Errno::TOOBIG.into());
+    }
+    let mut all: Vec<BorrowedFd<'_>> = fds.stdio.to_vec();
+    all.extend([fds.result, fds.payload, fds.report, fds.status]);
+    all.extend(fds.attach.iter().copied());
+    let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(FIXED_FDS + MAX_ATTACH))];
+    let mut anc = SendAncillaryBuffer::new(&mut space);
+    anc.push(SendAncillaryMessage::ScmRights(&all));
+    let h = header(fds.attach.len() as u32);
+    rustix::net::sendmsg(sock, &[std::io::IoSlice::new(&h)], &mut anc, SendFlags::NOSIGNAL)?;
+
+    let mut reply = [0u8; 8];
+    let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        sock,
+        &mut [std::io::IoSliceMut::new(&mut reply)],
+        &mut anc,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut pidfd = None;
+    for msg in anc.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = msg {
+            for fd in fds {
+                pidfd.get_or_insert(fd);
+            }
+        }
+    }
+    if got.bytes == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the zygote is gone"));
+    }
+    if got.bytes != 8 || reply[..4] != MAGIC.to_ne_bytes() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed zygote reply"));
+    }
+    let errno = i32::from_ne_bytes(reply[4..].try_into().expect("4 bytes"));
+    match pidfd {
+        Some(fd) if errno == 0 => Ok(fd),
+        _ => Err(std::io::Error::from_raw_os_error(if errno == 0 { libc::EPROTO } else { errno })),
+    }
+}
+
+/// The interpreter's fork hooks (PyOS_BeforeFork and friends), kept out of this module.
+pub struct ForkHooks {
+    pub before: fn(),
+    pub parent: fn(),
+    pub child: fn(),
+}
+
+/// Zygote side: what every task gets, prepared once.
+pub struct Server {
+    /// The task's plan (namespaces, seccomp, capabilities, ids, rlimits, hostname).
+    plan: Plan,
+    steps: Vec<FsStep>,
+    /// What C unshares (everything but the pid namespace, made before the fork).
+    unshare: u64,
+    /// The zygote's own pid namespace, to go back to after each fork.
+    pidns: OwnedFd,
+    /// nsfast-init's sealed memfd.
+    init: RawFd,
+}
+
+fn probe(p: &[u8]) -> Option<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::metadata(std::ffi::OsStr::from_bytes(p)).ok().map(|m| m.is_dir())
+}
+
+impl Server {
+    /// `plan`: built from the task's Spec (its namespaces without "user"); masks and sizes as
+    /// the task's filesystem needs them.
+    pub fn new(
+        plan: Plan,
+        masked: &[Vec<u8>],
+        readonly_paths: &[Vec<u8>],
+        tmp_size: Option<u64>,
+        shm_size: Option<u64>,
+    ) -> crate::Result<Server> {
+        let mnt = plan.clone_flags & libc::CLONE_NEWNS as u64 != 0;
+        let steps = if mnt { mount::task_steps(masked, readonly_paths, tmp_size, shm_size, &probe)? } else { vec![] };
+        let keep = (libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET | libc::CLONE_NEWCGROUP)
+            as u64;
+        let unshare = plan.clone_flags & keep;
+        let spawn_err = |what: &str, e: Errno| crate::Error::spawn(what, None, e);
+        let pidns = rustix::fs::open(c"/proc/self/ns/pid", rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
+            .map_err(|e| spawn_err("open /proc/self/ns/pid", e))?;
+        let init = crate::spawn::init_binary().map_err(|e| spawn_err("load nsfast-init", e))?;
+        // Mounts made by a task never propagate back (the zygote's tree is private).
+        if mnt {
+            rustix::mount::mount_change(
+                c"/",
+                rustix::mount::MountPropagationFlags::PRIVATE | rustix::mount::MountPropagationFlags::REC,
+            )
+            .map_err(|e| spawn_err("make / private", e))?;
+        }
+        Ok(Server { plan, steps, unshare, pidns, init })
+    }
+
+    /// Serve requests on `ctrl` until it reads EOF (`Ok(None)`: the caller closed it). In a
+    /// task, returns `Some(())` with the task's fds in place (see RESULT_FD, PAYLOAD_FD).
+    pub fn serve(&self, ctrl: BorrowedFd<'_>, hooks: &ForkHooks) -> std::io::Result<Option<()>> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        loop {
+            reap_children();
+            let mut pfd = [PollFd::new(&ctrl, PollFlags::IN)];
+            match poll(&mut pfd, Some(&Timespec { tv_sec: 1, tv_nsec: 0 })) {
+                Ok(0) | Err(Errno::INTR) => continue,
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let mut h = [0u8; 8];
+            let mut space =
+                vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(FIXED_FDS + MAX_ATTACH))];
+            let mut anc = RecvAncillaryBuffer::new(&mut space);
+            let got = match rustix::net::recvmsg(
+                ctrl,
+                &mut [std::io::IoSliceMut::new(&mut h)],
+                &mut anc,
+                RecvFlags::CMSG_CLOEXEC,
+            ) {
+                Ok(g) => g,
+                Err(Errno::INTR | Errno::AGAIN) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let mut fds: Vec<OwnedFd> = Vec::new();
+            for msg in anc.drain() {
+                if let RecvAncillaryMessage::ScmRights(r) = msg {
+                    fds.extend(r);
+                }
+            }
+            if got.bytes == 0 && fds.is_empty() {
+                return Ok(None);
+            }
+            let nattach = u32::from_ne_bytes(h[4..].try_into().expect("4 bytes")) as usize;
+            let ok = got.bytes == 8
+                && h[..4] == MAGIC.to_ne_bytes()
+                && nattach <= MAX_ATTACH
+                && fds.len() == FIXED_FDS + nattach
+                && !got.flags.contains(rustix::net::ReturnFlags::CTRUNC);
+            let reply = |errno: i32, pidfd: Option<BorrowedFd<'_>>| {
+                let mut r = [0u8; 8];
+                r[..4].copy_from_slice(&MAGIC.to_ne_bytes());
+                r[4..].copy_from_slice(&errno.to_ne_bytes());
+                let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                let mut anc = SendAncillaryBuffer::new(&mut space);
+                let one;
+                if let Some(fd) = pidfd {
+                    one = [fd];
+                    anc.push(SendAncillaryMessage::ScmRights(&one));
+                }
+                rustix::net::sendmsg(ctrl, &[std::io::IoSlice::new(&r)], &mut anc, SendFlags::NOSIGNAL)
+            };
+            if !ok {
+                reply(libc::EPROTO, None)?;
+                continue;
+            }
+            match self.fork_task(&fds, ctrl, hooks) {
+                Ok(Forked::Task) => {
+                    // In the task: those numbers were closed or replaced (0..5) already.
+                    std::mem::forget(fds);
+                    return Ok(Some(()));
+                }
+                Ok(Forked::Parent(pidfd)) => drop(reply(0, Some(pidfd.as_fd()))?),
+                Err(e) => drop(reply(e.raw_os_error(), None)?),
+            }
+            drop(fds);
+        }
+    }
+
+    fn fork_task(&self, fds: &[OwnedFd], ctrl: BorrowedFd<'_>, hooks: &ForkHooks) -> Result<Forked, Errno> {
+        let pid_ns = self.plan.clone_flags & libc::CLONE_NEWPID as u64 != 0;
+        if pid_ns {
+            sys::unshare(libc::CLONE_NEWPID as u64)?;
+        }
+        (hooks.before)();
+        // SAFETY: fork(3) in the zygote's one thread (the interpreter's hooks run around it,
+        // as in os.fork); the child only runs `task_child`, then returns to the interpreter.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let _ = ctrl;
+            self.task_child(fds, hooks); // returns only in the task
+            return Ok(Forked::Task);
+        }
+        let fork_errno = Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        (hooks.parent)();
+        if pid_ns {
+            // Back to our own: the next fork must not land in this task's namespace.
+            sys::setns(self.pidns.as_raw_fd(), libc::CLONE_NEWPID as u64).expect("setns back to the zygote's pid namespace");
+        }
+        if pid < 0 {
+            return Err(fork_errno);
+        }
+        // Not reaped before this (we reap only in `serve`'s loop): the pid is still C's.
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(pid).expect("positive"),
+            rustix::process::PidfdFlags::empty(),
+        );
+        if pidfd.is_err() {
+            // SAFETY: integer arguments; C is our child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        pidfd.map(Forked::Parent)
+    }
+
+    /// In C (pid 1 of the task's pid namespace): set up, fork the task, become its init.
+    /// Returns only in the task, ready to run its code.
+    fn task_child(&self, fds: &[OwnedFd], hooks: &ForkHooks) {
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let (stdio, result, payload, report, status, attach) =
+            (&raw[0..3], raw[3], raw[4], raw[5], raw[6], &raw[FIXED_FDS..]);
+        let ch = ChildChannel { report, go: -1, go_parent: -1 };
+        let fail = |step: Step, e: Errno| -> ! { ch.fail(step, 0, e) };
+        // Every signal stays blocked in C (nsfast-init takes them with sigtimedwait, and a
+        // SIGCHLD of the task before its exec stays pending).
+        sys::block_all_signals();
+        let mut keep: Vec<RawFd> = raw.clone();
+        keep.push(self.init);
+        keep.sort_unstable();
+        keep.dedup();
+        // SAFETY: our copy of the zygote's table: nothing in C owns the others (the control
+        // socket, the pid namespace fd, the interpreter's files).
+        unsafe { sys::close_all_except(&keep) }.unwrap_or_else(|e| fail(Step::CloseFdsEarly, e));
+        for (i, &fd) in attach.iter().enumerate() {
+            // SAFETY: a kept fd, open until we exit or exec.
+            if let Err(e) = rustix::io::write(unsafe { sys::borrow_fd(fd) }, b"0") {
+                ch.fail(Step::AttachCgroup, i as u32, e);
+            }
+        }
+        if self.unshare != 0 {
+            sys::unshare(self.unshare).unwrap_or_else(|e| fail(Step::CgroupNs, e));
+        }
+        rustix::process::chdir(c"/").unwrap_or_else(|e| fail(Step::Chdir, e));
+        for (i, st) in self.steps.iter().enumerate() {
+            if let Err(e) = mount::run(&st.op, &[]) {
+                ch.fail(Step::Fs, i as u32, e);
+            }
+        }
+        let plan = &self.plan;
+        if let Some(name) = &plan.hostname {
+            rustix::system::sethostname(name).unwrap_or_else(|e| fail(Step::Hostname, e));
+        }
+        if plan.loopback {
+            sys::loopback_up().unwrap_or_else(|e| fail(Step::Loopback, e));
+        }
+        // SAFETY: fork(3) in C, one thread.
+        let task = unsafe { libc::fork() };
+        if task < 0 {
+            fail(Step::CloneJoined, Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)));
+        }
+        if task == 0 {
+            (hooks.child)();
+            self.task_setup(stdio, result, payload, report, &ch);
+            return;
+        }
+        // C keeps no capability into its exec (nsfast-init needs none to supervise).
+        for cap in 0..=plan.cap_last {
+            sys::capbset_drop(cap).unwrap_or_else(|e| fail(Step::DropCaps, e));
+        }
+        sys::capset(0).unwrap_or_else(|e| fail(Step::DropCaps, e));
+        // C: nsfast-init --adopt TASK STATUS (the report pipe closes at exec: CLOEXEC).
+        let pid = std::ffi::CString::new(task.to_string()).expect("digits");
+        let st = std::ffi::CString::new(status.to_string()).expect("digits");
+        let argv: [*const u8; 5] = [
+            c"nsfast-init".as_ptr().cast(),
+            c"--adopt".as_ptr().cast(),
+            pid.as_ptr().cast(),
+            st.as_ptr().cast(),
+            std::ptr::null(),
+        ];
+        let envp: [*const u8; 1] = [std::ptr::null()];
+        let _ = sys::set_cloexec(status, false);
+        // SAFETY: NULL-terminated arrays of C strings, alive across the call.
+        let e = unsafe { sys::execve_fd(self.init, argv.as_ptr(), envp.as_ptr()) };
+        // SAFETY: integer arguments; the task is our child.
+        unsafe { libc::kill(task, libc::SIGKILL) };
+        fail(Step::ExecInit, e)
+    }
+
+    /// In the task: ids, capabilities, rlimits, stdio, seccomp; then report "ready".
+    fn task_setup(&self, stdio: &[RawFd], result: RawFd, payload: RawFd, report: RawFd, ch: &ChildChannel) {
+        let plan = &self.plan;
+        let fail = |step: Step, e: Errno| -> ! { ch.fail(step, 0, e) };
+        for cap in 0..=plan.cap_last {
+            if plan.keep_caps & (1u64 << cap) == 0 {
+                sys::capbset_drop(cap).unwrap_or_else(|e| fail(Step::DropCaps, e));
+            }
+        }
+        let ambient = plan.keep_caps != 0 && plan.set_ids.is_some_and(|ids| ids.uid.is_some_and(|u| u != 0));
+        if ambient {
+            sys::set_keep_caps().unwrap_or_else(|e| fail(Step::DropCaps, e));
+        }
+        if let Some(ids) = plan.set_ids {
+            sys::clear_supplementary_groups().unwrap_or_else(|e| fail(Step::SetGroups, e));
+            if let Some(gid) = ids.gid {
+                sys::setresgid(gid).unwrap_or_else(|e| fail(Step::SetGid, e));
+            }
+            if let Some(uid) = ids.uid {
+                sys::setresuid(uid).unwrap_or_else(|e| fail(Step::SetUid, e));
+            }
+        }
+        sys::clear_ambient_capabilities().unwrap_or_else(|e| fail(Step::DropCaps, e));
+        let have = sys::capget_permitted().unwrap_or_else(|e| fail(Step::DropCaps, e));
+        sys::capset(have & plan.keep_caps).unwrap_or_else(|e| fail(Step::DropCaps, e));
+        if ambient {
+            for cap in 0..=plan.cap_last {
+                if have & plan.keep_caps & (1u64 << cap) != 0 {
+                    sys::raise_ambient_capability(cap).unwrap_or_else(|e| fail(Step::DropCaps, e));
+                }
+            }
+        }
+        if plan.new_session {
+            rustix::process::setsid().unwrap_or_else(|e| fail(Step::Setsid, e));
+        }
+        sys::set_no_new_privs().unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
+        if !plan.rlimits.iter().any(|r| r.0 == libc::RLIMIT_CORE) {
+            sys::rlimit_set(libc::RLIMIT_CORE, 0).unwrap_or_else(|e| fail(Step::Rlimit, e));
+        }
+        for (i, &(resource, soft, hard)) in plan.rlimits.iter().enumerate() {
+            sys::rlimit_set_pair(resource, soft, hard).unwrap_or_else(|e| ch.fail(Step::Rlimit, i as u32 + 1, e));
+        }
+        // 0..2 stdio, 3 result, 4 payload, 5 report: lift every source above 5 first.
+        let mut src = [stdio[0], stdio[1], stdio[2], result, payload, report];
+        for fd in src.iter_mut() {
+            *fd = sys::dup_above(*fd, 16).unwrap_or_else(|e| fail(Step::Stdio, e));
+        }
+        for (target, &fd) in src.iter().enumerate() {
+            // SAFETY: 0..5 of the task's own table, which it owns from here.
+            unsafe { sys::dup2(fd, target as RawFd) }.unwrap_or_else(|e| fail(Step::Stdio, e));
+        }
+        let ch = ChildChannel { report: REPORT_FD, go: -1, go_parent: -1 };
+        // SAFETY: the task's copy of C's table; from 6 up nothing is the task's.
+        unsafe { sys::close_range(REPORT_FD as u32 + 1, u32::MAX, 0) }
+            .unwrap_or_else(|e| ch.fail(Step::CloseFds, 0, e));
+        for fd in [RESULT_FD, PAYLOAD_FD, REPORT_FD] {
+            sys::set_cloexec(fd, true).unwrap_or_else(|e| ch.fail(Step::CloseFds, 0, e));
+        }
+        mount::chdir_in_root(plan.cwd.as_c_str()).unwrap_or_else(|e| ch.fail(Step::Chdir, 0, e));
+        sys::child_unblock_all_signals();
+        if let Some(filter) = &plan.seccomp {
+            filter.install().unwrap_or_else(|e| ch.fail(Step::Seccomp, 0, e));
+        }
+        // Ready: the caller reads EOF once C has exec'd nsfast-init too.
+        // SAFETY: ours, not used after.
+        drop(unsafe { OwnedFd::from_raw_fd(REPORT_FD) });
+    }
+}
+
+enum Forked {
+    Parent(OwnedFd),
+    Task,
+}
+
+/// Reap every exited child of the zygote (its tasks' pid 1s) without blocking.
+fn reap_children() {
+    loop {
+        let mut status = 0;
+        // SAFETY: a live status int.
+        let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if r <= 0 {
+            return;
+        }
+    }
+}
