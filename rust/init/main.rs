@@ -26,10 +26,10 @@
 //! child. A Container uses that to hold its namespaces and root before its command runs (and
 //! could make others, or exit).
 //!
-//! `nsfast-init --adopt PID STATUS_FD`: a zygote task's pid 1 (see zygote.rs in the library).
-//! PID is already its child (forked before this exec, with every signal blocked, which the
-//! exec keeps); it supervises that child as above: forwards signals, reaps orphans and
-//! reports PID's status on STATUS_FD.
+//! `nsfast-init --watch FD`: a zygote task's pid 1 (see zygote.rs in the library). The task
+//! is its sibling, pid 2, the zygote's child (the zygote reaps it and reports its status):
+//! once FD reads a byte (the task exists) it waits for pid 2 to end, reaping the orphans
+//! that come to it meanwhile, then exits, which ends the rest of the pid namespace.
 //!
 //! `nsfast-init --exec ...` is the other mode: `Container.exec`'s helper (see exec.rs).
 #![no_std]
@@ -68,15 +68,14 @@ fn main(args: Args) -> ! {
     if unsafe { sys(nr::PRCTL, [PR_SET_DUMPABLE, 0, 0, 0, 0, 0]) }.is_err() {
         rt::exit(127);
     }
-    if args.get(1) == Some(b"--adopt") {
-        let pid = args.get(2).and_then(rt::num).and_then(|n| i32::try_from(n).ok()).filter(|&p| p > 0);
-        let status = args.get(3).and_then(rt::num).and_then(|n| i32::try_from(n).ok());
-        let (Some(pid), Some(status)) = (pid, status) else {
-            rt::say(b"nsfast-init: usage: nsfast-init --adopt PID STATUS_FD\n");
-            rt::exit(127)
-        };
-        prepare(status);
-        supervise(pid, status);
+    if args.get(1) == Some(b"--watch") {
+        match args.get(2).and_then(rt::num).and_then(|n| i32::try_from(n).ok()) {
+            Some(fd) => watch(fd),
+            None => {
+                rt::say(b"nsfast-init: usage: nsfast-init --watch FD\n");
+                rt::exit(127)
+            }
+        }
     }
     let num = |i: usize| args.get(i).and_then(rt::num).and_then(|n| usize::try_from(n).ok());
     let status = args.get(2).and_then(rt::num).and_then(|n| i32::try_from(n).ok());
@@ -137,6 +136,52 @@ fn main(args: Args) -> ! {
     // Our copy of the report pipe; the parent reads EOF once the command exec'd.
     rt::close(report);
     supervise(pid, status)
+}
+
+/// A zygote task's pid 1: wait for the byte on `fd`, then until pid 2 ends; reap orphans.
+fn watch(fd: i32) -> ! {
+    const POLLIN: u16 = 1;
+    const SIGCHLD_MASK: u64 = 1 << (SIGCHLD - 1);
+    const SFD_CLOEXEC: usize = 0o2000000;
+    prepare(-1);
+    let mut b = [0u8; 1];
+    // SAFETY: into a live buffer of ours, of the length given.
+    if unsafe { sys(nr::READ, [fd as usize, b.as_mut_ptr() as usize, 1, 0, 0, 0]) } != Ok(1) {
+        rt::exit(127); // the zygote did not fork the task
+    }
+    rt::close(fd);
+    // SAFETY: integer arguments.
+    let Ok(task) = (unsafe { sys(nr::PIDFD_OPEN, [2, 0, 0, 0, 0, 0]) }) else {
+        rt::exit(0) // ended already
+    };
+    // SAFETY: a live 8-byte sigset on our stack.
+    let Ok(sfd) = (unsafe { sys(nr::SIGNALFD4, [usize::MAX, &SIGCHLD_MASK as *const u64 as usize, 8, SFD_CLOEXEC, 0, 0]) })
+    else {
+        rt::exit(127)
+    };
+    // struct pollfd {int fd; short events; short revents;} x2
+    let mut fds = [0u8; 16];
+    fds[0..4].copy_from_slice(&(task as i32).to_ne_bytes());
+    fds[4..6].copy_from_slice(&POLLIN.to_ne_bytes());
+    fds[8..12].copy_from_slice(&(sfd as i32).to_ne_bytes());
+    fds[12..14].copy_from_slice(&POLLIN.to_ne_bytes());
+    let mut info = [0u8; 128];
+    loop {
+        // SAFETY: two live pollfds; no timeout, no mask.
+        let _ = unsafe { sys(nr::PPOLL, [fds.as_mut_ptr() as usize, 2, 0, 0, 8, 0]) };
+        if u16::from_ne_bytes([fds[6], fds[7]]) != 0 {
+            rt::exit(0); // the task ended: so does its pid namespace
+        }
+        if u16::from_ne_bytes([fds[14], fds[15]]) != 0 {
+            // SAFETY: into a live 128-byte buffer (one signalfd_siginfo).
+            let _ = unsafe { sys(nr::READ, [sfd, info.as_mut_ptr() as usize, 128, 0, 0, 0]) };
+            while reap_one().is_some() {}
+        }
+        fds[6] = 0;
+        fds[7] = 0;
+        fds[14] = 0;
+        fds[15] = 0;
+    }
 }
 
 /// Block every signal (we take them with sigtimedwait), become a subreaper, keep the status

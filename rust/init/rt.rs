@@ -203,6 +203,8 @@ pub mod nr {
     pub const CLONE3: usize = 435;
     pub const CLOSE_RANGE: usize = 436;
     pub const OPENAT2: usize = 437;
+    pub const PIDFD_OPEN: usize = 434;
+    pub const SIGNALFD4: usize = 289;
     pub const O_DIRECTORY: u64 = 0o200000;
 }
 
@@ -239,6 +241,8 @@ pub mod nr {
     pub const CLONE3: usize = 435;
     pub const CLOSE_RANGE: usize = 436;
     pub const OPENAT2: usize = 437;
+    pub const PIDFD_OPEN: usize = 434;
+    pub const SIGNALFD4: usize = 74;
     pub const O_DIRECTORY: u64 = 0o40000;
 }
 

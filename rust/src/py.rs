@@ -225,6 +225,9 @@ struct Core {
     kill_leftovers: bool,
     /// No pid namespace and a session of its own: kill() also kills its process group.
     kill_group: bool,
+    /// The status report comes from another process (a zygote), which writes it only once
+    /// it has reaped the command: wait for it (bounded) rather than read what is there.
+    await_report: bool,
     started: std::time::Instant,
     inner: Mutex<Inner>,
 }
@@ -272,7 +275,16 @@ impl Core {
             Err(e) => return Err(e),
         };
         // The command's own status, if nsfast-init reported one before it exited.
-        let status = crate::spawn::command_status(status, inner.report.as_ref().map(|f| f.as_fd()));
+        let status = match (&inner.report, self.await_report) {
+            (Some(r), true) => {
+                use rustix::event::{poll, PollFd, PollFlags, Timespec};
+                let mut fds = [PollFd::new(r, PollFlags::IN)];
+                let _ = poll(&mut fds, Some(&Timespec { tv_sec: 5, tv_nsec: 0 }));
+                // No report (the zygote died first): the command was killed with it.
+                crate::sync::read_status_report(r.as_fd()).map_or(libc::SIGKILL, |rep| rep.status)
+            }
+            (r, _) => crate::spawn::command_status(status, r.as_ref().map(|f| f.as_fd())),
+        };
         inner.report = None;
         let wall_s = self.started.elapsed().as_secs_f64();
         let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
@@ -448,6 +460,7 @@ impl Sandbox {
         pid_namespace: bool,
         new_session: bool,
         cpu: CpuTimeLimits,
+        await_report: bool,
     ) -> PyResult<Sandbox> {
         let cgroup_version = cg.as_ref().map(|c| c.version());
         let watch = cg.is_some() && (cpu.cpu_time.is_some() || cpu.cpu_time_soft.is_some());
@@ -456,6 +469,7 @@ impl Sandbox {
             pidfd: child.pidfd,
             kill_leftovers: !pid_namespace,
             kill_group: !pid_namespace && new_session,
+            await_report,
             started,
             inner: Mutex::new(Inner { cgroup: cg, report: child.status, exit: None, reason: None, detached: false }),
         });
@@ -664,7 +678,7 @@ fn spawn(
         }
     });
     match result {
-        Ok((child, cg)) => Sandbox::new(child, cg, started, pid_namespace, new_session, cpu),
+        Ok((child, cg)) => Sandbox::new(child, cg, started, pid_namespace, new_session, cpu, false),
         Err(e) => Err(to_pyerr(py, e)),
     }
 }
@@ -816,7 +830,7 @@ fn spawn_join(
     match result {
         // An exec's process is not its pid namespace's init: what it leaves behind keeps
         // running in the container (docker exec), unless killed.
-        Ok((child, cg)) => Sandbox::new(child, cg, started, pid_namespace, true, CpuTimeLimits::default()),
+        Ok((child, cg)) => Sandbox::new(child, cg, started, pid_namespace, true, CpuTimeLimits::default(), false),
         Err(e) => Err(to_pyerr(py, e)),
     }
 }
@@ -928,7 +942,7 @@ impl ZygoteLink {
             }
         });
         match res {
-            Ok((child, cg)) => Sandbox::new(child, cg, started, true, new_session, cpu),
+            Ok((child, cg)) => Sandbox::new(child, cg, started, true, new_session, cpu, true),
             Err(e) => Err(to_pyerr(py, e)),
         }
     }
@@ -994,7 +1008,7 @@ impl ZygoteLink {
         };
         drop(fds);
         drop((report_w, status_w, memfd, attach));
-        // Its pid here (its pid 1, which the pidfd is of): -1 if it ended already (a task
+        // Its pid here (the task's, which the pidfd is of): -1 if it ended already (a task
         // can be over before this line; the pidfd, not the pid, is what is used).
         let pid = pidfd_pid(pidfd.as_raw_fd()).unwrap_or(-1);
         match parent.wait_exec() {

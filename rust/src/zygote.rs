@@ -7,19 +7,20 @@
 //! task's code or data: those are in a memfd only the task reads, so nothing of one task
 //! stays in the zygote's memory for a later one to find.
 //!
-//! Per task the zygote makes a new pid namespace and forks (fork(3), so the process's
-//! atfork handlers run as for `os.fork`, with the interpreter's own before/after hooks
-//! around it): the child C is pid 1 there. C moves itself into the task's cgroup through
+//! Per task the zygote makes a new pid namespace whose pid 1 is nsfast-init (`--watch`,
+//! started by vfork and exec: no copy of the zygote's memory), then forks the task T with
+//! fork(3), so the process's atfork handlers run as for `os.fork`, with the interpreter's own
+//! hooks around it: T is pid 2 there, and the zygote's child, which reaps it and writes its
+//! wait status to the caller's status pipe. T moves itself into the task's cgroup through
 //! files the caller opened (the kernel checks the opener's rights), unshares mount, ipc,
 //! uts, net and cgroup namespaces, mounts a fresh /proc (with the masks), /dev/shm and /tmp,
-//! and forks the task T (pid 2), then execs nsfast-init `--adopt T`: pid 1 reaps, forwards
-//! signals and reports T's status on the caller's status pipe. T drops every capability,
-//! sets no_new_privs, the rlimits and its stdio, installs the seccomp filter and only then
-//! closes its end of the report pipe (the caller's "started"): the task's code never runs
-//! with more.
+//! drops every capability, sets no_new_privs, the rlimits and its stdio, installs the
+//! seccomp filter and only then closes its end of the report pipe (the caller's "started"):
+//! the task's code never runs with more. nsfast-init (no capabilities, not dumpable) reaps
+//! the orphans that come to it and exits once T has ended, which ends the namespace.
 //!
-//! The caller learns of the task by a pidfd of C the zygote sends back; C's end is what a
-//! `Sandbox` waits for (the zygote reaps C; the status comes from nsfast-init's report).
+//! The caller gets a pidfd of T; the `Sandbox` it makes waits for it and takes T's status
+//! from the status pipe.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
@@ -125,6 +126,10 @@ pub struct Server {
     pidns: OwnedFd,
     /// nsfast-init's sealed memfd.
     init: RawFd,
+    /// Running tasks: pid -> the caller's status pipe.
+    running: std::cell::RefCell<std::collections::HashMap<i32, OwnedFd>>,
+    /// SIGCHLD (blocked in the zygote), readable when a task ended.
+    sigchld: OwnedFd,
 }
 
 fn probe(p: &[u8]) -> Option<bool> {
@@ -159,7 +164,8 @@ impl Server {
             )
             .map_err(|e| spawn_err("make / private", e))?;
         }
-        Ok(Server { plan, steps, unshare, pidns, init })
+        let sigchld = sigchld_fd().map_err(|e| spawn_err("signalfd", e))?;
+        Ok(Server { plan, steps, unshare, pidns, init, running: Default::default(), sigchld })
     }
 
     /// Serve requests on `ctrl` until it reads EOF (`Ok(None)`: the caller closed it). In a
@@ -167,12 +173,21 @@ impl Server {
     pub fn serve(&self, ctrl: BorrowedFd<'_>, hooks: &ForkHooks) -> std::io::Result<Option<()>> {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
         loop {
-            reap_children();
-            let mut pfd = [PollFd::new(&ctrl, PollFlags::IN)];
+            let mut pfd = [PollFd::new(&ctrl, PollFlags::IN), PollFd::new(&self.sigchld, PollFlags::IN)];
             match poll(&mut pfd, Some(&Timespec { tv_sec: 1, tv_nsec: 0 })) {
-                Ok(0) | Err(Errno::INTR) => continue,
                 Ok(_) => {}
+                Err(Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),
+            }
+            let (req, ended) = (!pfd[0].revents().is_empty(), !pfd[1].revents().is_empty());
+            if ended {
+                let mut buf = [0u8; 128 * 16];
+                let _ = rustix::io::read(&self.sigchld, &mut buf);
+            }
+            // Every wakeup: a SIGCHLD can be merged with another, or come while we fork.
+            self.reap();
+            if !req {
+                continue;
             }
             let mut h = [0u8; 8];
             let mut space =
@@ -234,60 +249,111 @@ impl Server {
     }
 
     fn fork_task(&self, fds: &[OwnedFd], ctrl: BorrowedFd<'_>, hooks: &ForkHooks) -> Result<Forked, Errno> {
+        let _ = ctrl;
+        let status = fds[6].try_clone().map_err(|e| Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))?;
         let pid_ns = self.plan.clone_flags & libc::CLONE_NEWPID as u64 != 0;
+        let mut watch = None;
         if pid_ns {
             sys::unshare(libc::CLONE_NEWPID as u64)?;
+            // Its pid 1 first (no fork of our memory: vfork, exec), so the task is pid 2.
+            let res = self.start_init();
+            if res.is_err() {
+                let _ = sys::setns(self.pidns.as_raw_fd(), libc::CLONE_NEWPID as u64);
+            }
+            watch = Some(res?);
         }
         (hooks.before)();
         // SAFETY: fork(3) in the zygote's one thread (the interpreter's hooks run around it,
-        // as in os.fork); the child only runs `task_child`, then returns to the interpreter.
+        // as in os.fork); the child runs `task_child`, then returns to the interpreter.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            let _ = ctrl;
-            self.task_child(fds, hooks); // returns only in the task
+            (hooks.child)();
+            drop(watch);
+            self.task_child(fds);
             return Ok(Forked::Task);
         }
         let fork_errno = Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
         (hooks.parent)();
         if pid_ns {
-            // Back to our own: the next fork must not land in this task's namespace.
-            sys::setns(self.pidns.as_raw_fd(), libc::CLONE_NEWPID as u64).expect("setns back to the zygote's pid namespace");
+            // Back to our own: the next task must not land in this one's namespace.
+            sys::setns(self.pidns.as_raw_fd(), libc::CLONE_NEWPID as u64)
+                .expect("setns back to the zygote's pid namespace");
         }
         if pid < 0 {
-            return Err(fork_errno);
+            return Err(fork_errno); // (its nsfast-init reads EOF and exits)
         }
-        // Not reaped before this (we reap only in `serve`'s loop): the pid is still C's.
+        if let Some(w) = watch {
+            let _ = rustix::io::write(&w, b"1");
+        }
+        // Not reaped before this (only `reap` does, in this thread): the pid is still T's.
         let pidfd = rustix::process::pidfd_open(
             rustix::process::Pid::from_raw(pid).expect("positive"),
             rustix::process::PidfdFlags::empty(),
         );
         if pidfd.is_err() {
-            // SAFETY: integer arguments; C is our child, not yet reaped.
+            // SAFETY: integer arguments; T is our child, not yet reaped.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        self.running.borrow_mut().insert(pid, status);
         pidfd.map(Forked::Parent)
     }
 
-    /// In C (pid 1 of the task's pid namespace): set up, fork the task, become its init.
-    /// Returns only in the task, ready to run its code.
-    fn task_child(&self, fds: &[OwnedFd], hooks: &ForkHooks) {
+    /// vfork and exec nsfast-init --watch as the new pid namespace's pid 1, with no
+    /// capability; returns the write end of its pipe (one byte: the task exists).
+    fn start_init(&self) -> Result<OwnedFd, Errno> {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let fd = std::ffi::CString::new(r.as_raw_fd().to_string()).expect("digits");
+        let argv: [*const u8; 4] =
+            [c"nsfast-init".as_ptr().cast(), c"--watch".as_ptr().cast(), fd.as_ptr().cast(), std::ptr::null()];
+        let envp: [*const u8; 1] = [std::ptr::null()];
+        let ctx = InitCtx { init: self.init, watch: r.as_raw_fd(), argv: argv.as_ptr(), envp: envp.as_ptr() };
+        let stack = sys::Stack::new(64 << 10).map_err(|e| Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::ENOMEM)))?;
+        let mut args = sys::CloneArgs {
+            flags: (libc::CLONE_VM | libc::CLONE_VFORK) as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: stack.bottom(),
+            stack_size: stack.size(),
+            ..sys::CloneArgs::default()
+        };
+        let old = sys::block_all_signals();
+        // SAFETY: `stack` and `ctx` (and what it points to) outlive the child's use of them:
+        // CLONE_VFORK returns only once it exec'd or exited.
+        let res = unsafe { sys::clone3(&mut args, init_main, &ctx as *const InitCtx as *mut std::ffi::c_void) };
+        sys::restore_signals(&old);
+        res.map(|_| w)
+    }
+
+    /// Reap every ended child (tasks, their nsfast-inits) and report the tasks' statuses.
+    fn reap(&self) {
+        loop {
+            let mut status = 0;
+            // SAFETY: a live status int.
+            let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if r <= 0 {
+                return;
+            }
+            if let Some(fd) = self.running.borrow_mut().remove(&r) {
+                let _ = rustix::io::write(&fd, &crate::sync::StatusReport { status }.encode());
+            }
+        }
+    }
+
+    /// In the task (pid 2 of its pid namespace): its cgroup, namespaces, mounts; then
+    /// `task_setup`. Returns only ready to run the task's code.
+    fn task_child(&self, fds: &[OwnedFd]) {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let (stdio, result, payload, report, status, attach) =
-            (&raw[0..3], raw[3], raw[4], raw[5], raw[6], &raw[FIXED_FDS..]);
+        let (stdio, result, payload, report, attach) = (&raw[0..3], raw[3], raw[4], raw[5], &raw[FIXED_FDS..]);
         let ch = ChildChannel { report, go: -1, go_parent: -1 };
         let fail = |step: Step, e: Errno| -> ! { ch.fail(step, 0, e) };
-        // Every signal stays blocked in C (nsfast-init takes them with sigtimedwait, and a
-        // SIGCHLD of the task before its exec stays pending).
-        sys::block_all_signals();
-        let mut keep: Vec<RawFd> = raw.clone();
-        keep.push(self.init);
+        // Its fds only: not the control socket, the zygote's signalfd, status pipes of
+        // other tasks or its own (only the zygote writes that), the interpreter's files.
+        let mut keep: Vec<RawFd> = raw.iter().copied().filter(|&fd| fd != raw[6]).collect();
         keep.sort_unstable();
         keep.dedup();
-        // SAFETY: our copy of the zygote's table: nothing in C owns the others (the control
-        // socket, the pid namespace fd, the interpreter's files).
+        // SAFETY: our copy of the zygote's table: nothing in the task owns the others.
         unsafe { sys::close_all_except(&keep) }.unwrap_or_else(|e| fail(Step::CloseFdsEarly, e));
         for (i, &fd) in attach.iter().enumerate() {
-            // SAFETY: a kept fd, open until we exit or exec.
+            // SAFETY: a kept fd, open until we exit or it is closed below.
             if let Err(e) = rustix::io::write(unsafe { sys::borrow_fd(fd) }, b"0") {
                 ch.fail(Step::AttachCgroup, i as u32, e);
             }
@@ -308,38 +374,7 @@ impl Server {
         if plan.loopback {
             sys::loopback_up().unwrap_or_else(|e| fail(Step::Loopback, e));
         }
-        // SAFETY: fork(3) in C, one thread.
-        let task = unsafe { libc::fork() };
-        if task < 0 {
-            fail(Step::CloneJoined, Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)));
-        }
-        if task == 0 {
-            (hooks.child)();
-            self.task_setup(stdio, result, payload, report, &ch);
-            return;
-        }
-        // C keeps no capability into its exec (nsfast-init needs none to supervise).
-        for cap in 0..=plan.cap_last {
-            sys::capbset_drop(cap).unwrap_or_else(|e| fail(Step::DropCaps, e));
-        }
-        sys::capset(0).unwrap_or_else(|e| fail(Step::DropCaps, e));
-        // C: nsfast-init --adopt TASK STATUS (the report pipe closes at exec: CLOEXEC).
-        let pid = std::ffi::CString::new(task.to_string()).expect("digits");
-        let st = std::ffi::CString::new(status.to_string()).expect("digits");
-        let argv: [*const u8; 5] = [
-            c"nsfast-init".as_ptr().cast(),
-            c"--adopt".as_ptr().cast(),
-            pid.as_ptr().cast(),
-            st.as_ptr().cast(),
-            std::ptr::null(),
-        ];
-        let envp: [*const u8; 1] = [std::ptr::null()];
-        let _ = sys::set_cloexec(status, false);
-        // SAFETY: NULL-terminated arrays of C strings, alive across the call.
-        let e = unsafe { sys::execve_fd(self.init, argv.as_ptr(), envp.as_ptr()) };
-        // SAFETY: integer arguments; the task is our child.
-        unsafe { libc::kill(task, libc::SIGKILL) };
-        fail(Step::ExecInit, e)
+        self.task_setup(stdio, result, payload, report, &ch);
     }
 
     /// In the task: ids, capabilities, rlimits, stdio, seccomp; then report "ready".
@@ -416,14 +451,49 @@ enum Forked {
     Task,
 }
 
-/// Reap every exited child of the zygote (its tasks' pid 1s) without blocking.
-fn reap_children() {
-    loop {
-        let mut status = 0;
-        // SAFETY: a live status int.
-        let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if r <= 0 {
-            return;
+struct InitCtx {
+    init: RawFd,
+    watch: RawFd,
+    argv: *const *const u8,
+    envp: *const *const u8,
+}
+
+extern "C" fn init_main(arg: *mut std::ffi::c_void) -> std::ffi::c_int {
+    // SAFETY: the zygote's InitCtx, alive and unchanged until we exec or exit (CLONE_VFORK).
+    let ctx = unsafe { &*(arg as *const InitCtx) };
+    // (Every signal is blocked until the exec, which resets the handlers: none of the
+    // zygote's can run here.)
+    // No capability survives the exec (as root, it would get the bounding set).
+    const SECBIT_NOROOT: usize = 1 << 0;
+    const SECBIT_NOROOT_LOCKED: usize = 1 << 1;
+    // SAFETY: integer arguments.
+    if unsafe { libc::syscall(libc::SYS_prctl, libc::PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED, 0, 0, 0) } != 0 {
+        sys::exit_now(127);
+    }
+    let _ = sys::capset(0);
+    let mut keep = [ctx.watch, ctx.init];
+    keep.sort_unstable();
+    // SAFETY: our (CLONE_VM, not CLONE_FILES) copy of the zygote's fd table.
+    if unsafe { sys::close_all_except(&keep) }.is_err() || sys::set_cloexec(ctx.watch, false).is_err() {
+        sys::exit_now(127);
+    }
+    // SAFETY: NULL-terminated arrays of C strings in the zygote's frame (alive: CLONE_VFORK).
+    let _ = unsafe { sys::execve_fd(ctx.init, ctx.argv, ctx.envp) };
+    sys::exit_now(127)
+}
+
+/// A signalfd for SIGCHLD, which it blocks in the calling (the zygote's one) thread.
+fn sigchld_fd() -> Result<OwnedFd, Errno> {
+    // SAFETY: sigset_t is plain data; the calls only read and write these.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)));
         }
+        Ok(OwnedFd::from_raw_fd(fd))
     }
 }
