@@ -38,6 +38,7 @@ from ._spec import (
     SpecFields,
     Tmpfs,
 )
+from ._zygote import DEFAULT_PRELOAD, TaskError, Zygote, ZygoteError
 
 __all__ = [
     "run",
@@ -83,6 +84,10 @@ __all__ = [
     "SpawnError",
     "ContainerError",
     "LimitError",
+    "Zygote",
+    "ZygoteError",
+    "TaskError",
+    "DEFAULT_PRELOAD",
 ]
 
 try:

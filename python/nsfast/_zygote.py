@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from typing import IO, TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from . import _cgroup, _core
 from ._cgroup import Limits
@@ -385,9 +385,7 @@ class Zygote:
             )
         return envelope["ok"]
 
-    def map_python(
-        self, codes: Iterable[str], *, concurrency: Optional[int] = None, **run_kwargs: Any
-    ) -> List[Result]:
+    def map_python(self, codes: Iterable[str], *, concurrency: Optional[int] = None, **run_kwargs: Any) -> List[Result]:
         """`run_python` of each code, `concurrency` at a time (default: the CPU count);
         the Results in order."""
         codes = list(codes)
@@ -474,10 +472,7 @@ def _wait_ready(proc: Process) -> None:
 # ---------------------------------------------------------------------------------------
 # Inside the zygote
 
-_BOOT = (
-    "import sys,json;c=json.loads(sys.argv[1]);sys.path[:]=c['path'];"
-    "import nsfast._zygote as z;z._serve(c)"
-)
+_BOOT = "import sys,json;c=json.loads(sys.argv[1]);sys.path[:]=c['path'];import nsfast._zygote as z;z._serve(c)"
 
 
 def _serve(cfg: Dict[str, Any]) -> None:  # pragma: no cover - runs in the zygote

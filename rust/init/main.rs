@@ -155,7 +155,8 @@ fn watch(fd: i32) -> ! {
         rt::exit(0) // ended already
     };
     // SAFETY: a live 8-byte sigset on our stack.
-    let Ok(sfd) = (unsafe { sys(nr::SIGNALFD4, [usize::MAX, &SIGCHLD_MASK as *const u64 as usize, 8, SFD_CLOEXEC, 0, 0]) })
+    let Ok(sfd) =
+        (unsafe { sys(nr::SIGNALFD4, [usize::MAX, &SIGCHLD_MASK as *const u64 as usize, 8, SFD_CLOEXEC, 0, 0]) })
     else {
         rt::exit(127)
     };

@@ -498,12 +498,14 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
     Ok(FsPlan { steps, prepare })
 }
 
-/// Child-safe: an O_PATH fd of `path` (relative to the cwd, the new root) resolved with the
-
 /// runc's masks on a fresh /proc (and any other masked path): what they name must not be
 /// readable, whatever the sandbox's ids. `kind`: is the (relative) path a directory, a
 /// file, or missing (skipped).
-fn mask_steps(masked: &[Vec<u8>], readonly_paths: &[Vec<u8>], kind: &dyn Fn(&[u8]) -> Option<bool>) -> Result<Vec<FsStep>> {
+fn mask_steps(
+    masked: &[Vec<u8>],
+    readonly_paths: &[Vec<u8>],
+    kind: &dyn Fn(&[u8]) -> Option<bool>,
+) -> Result<Vec<FsStep>> {
     let sealed = MOUNT_ATTR_RDONLY | NOSUID_NODEV | MOUNT_ATTR_NOEXEC;
     let mut steps = Vec::new();
     for p in masked {
@@ -575,6 +577,7 @@ pub fn task_steps(
     Ok(steps)
 }
 
+/// Child-safe: an O_PATH fd of `path` (relative to the cwd, the new root) resolved with the
 /// new root as "/" (symlinks cannot lead out of it, magic links are refused).
 fn at_root(path: &CStr) -> std::result::Result<OwnedFd, Errno> {
     rustix::fs::openat2(

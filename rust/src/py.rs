@@ -599,8 +599,11 @@ struct CgroupRequest {
 /// LimitError naming the file.
 fn create_cgroup(cgroup: Option<(CgroupRequest, Limits)>) -> Result<Option<Box<dyn Cgroup>>, Error> {
     let Some((CgroupRequest { root, kill_tree, .. }, limits)) = cgroup else { return Ok(None) };
-    let cg_err =
-        |msg: String| Error::Spawn { step: "create cgroup".into(), filename: Some(msg), errno: rustix::io::Errno::NOTSUP };
+    let cg_err = |msg: String| Error::Spawn {
+        step: "create cgroup".into(),
+        filename: Some(msg),
+        errno: rustix::io::Errno::NOTSUP,
+    };
     let backend = backend_for(&root).map_err(cg_err)?;
     backend.create(&cgroup::unique_name(), &limits, kill_tree).map(Some).map_err(|e| match e {
         // A value the kernel refused: the limit is what was wrong, not the setup.
@@ -958,15 +961,17 @@ impl ZygoteLink {
     ) -> Result<crate::Child, Error> {
         use rustix::fs::{MemfdFlags, SealFlags};
         use std::os::fd::{AsFd, AsRawFd};
-        let err = |step: &str, e: rustix::io::Errno| Error::spawn(&format!("zygote task: {step}"), None, e);
+        let err = |step: &str, e: rustix::io::Errno| Error::spawn(format!("zygote task: {step}"), None, e);
         let io_err = |step: &str, e: std::io::Error| {
             let errno = rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO));
-            Error::spawn(&format!("zygote task: {step}"), Some(e.to_string()), errno)
+            Error::spawn(format!("zygote task: {step}"), Some(e.to_string()), errno)
         };
         // The files the task's pid 1 writes "0" to, opened here (the kernel checks the
         // opener's rights): v1 controllers' tasks files, the v2 cgroup.procs.
         let mut attach = match cg {
-            Some(c) => c.self_attach_files().map_err(|e| io_err("attach cgroup", std::io::Error::other(e.to_string())))?,
+            Some(c) => {
+                c.self_attach_files().map_err(|e| io_err("attach cgroup", std::io::Error::other(e.to_string())))?
+            }
             None => Vec::new(),
         };
         if let Some(dir) = cg.and_then(|c| c.clone_fd()) {

@@ -81,12 +81,8 @@ pub fn request(sock: BorrowedFd<'_>, fds: &TaskFds<'_>) -> std::io::Result<Owned
     let mut reply = [0u8; 8];
     let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut anc = RecvAncillaryBuffer::new(&mut space);
-    let got = rustix::net::recvmsg(
-        sock,
-        &mut [std::io::IoSliceMut::new(&mut reply)],
-        &mut anc,
-        RecvFlags::CMSG_CLOEXEC,
-    )?;
+    let got =
+        rustix::net::recvmsg(sock, &mut [std::io::IoSliceMut::new(&mut reply)], &mut anc, RecvFlags::CMSG_CLOEXEC)?;
     let mut pidfd = None;
     for msg in anc.drain() {
         if let RecvAncillaryMessage::ScmRights(fds) = msg {
@@ -149,12 +145,17 @@ impl Server {
     ) -> crate::Result<Server> {
         let mnt = plan.clone_flags & libc::CLONE_NEWNS as u64 != 0;
         let steps = if mnt { mount::task_steps(masked, readonly_paths, tmp_size, shm_size, &probe)? } else { vec![] };
-        let keep = (libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET | libc::CLONE_NEWCGROUP)
-            as u64;
+        let keep =
+            (libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET | libc::CLONE_NEWCGROUP)
+                as u64;
         let unshare = plan.clone_flags & keep;
         let spawn_err = |what: &str, e: Errno| crate::Error::spawn(what, None, e);
-        let pidns = rustix::fs::open(c"/proc/self/ns/pid", rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
-            .map_err(|e| spawn_err("open /proc/self/ns/pid", e))?;
+        let pidns = rustix::fs::open(
+            c"/proc/self/ns/pid",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| spawn_err("open /proc/self/ns/pid", e))?;
         let init = crate::spawn::init_binary().map_err(|e| spawn_err("load nsfast-init", e))?;
         // Mounts made by a task never propagate back (the zygote's tree is private).
         if mnt {
@@ -307,7 +308,8 @@ impl Server {
             [c"nsfast-init".as_ptr().cast(), c"--watch".as_ptr().cast(), fd.as_ptr().cast(), std::ptr::null()];
         let envp: [*const u8; 1] = [std::ptr::null()];
         let ctx = InitCtx { init: self.init, watch: r.as_raw_fd(), argv: argv.as_ptr(), envp: envp.as_ptr() };
-        let stack = sys::Stack::new(64 << 10).map_err(|e| Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::ENOMEM)))?;
+        let stack = sys::Stack::new(64 << 10)
+            .map_err(|e| Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::ENOMEM)))?;
         let mut args = sys::CloneArgs {
             flags: (libc::CLONE_VM | libc::CLONE_VFORK) as u64,
             exit_signal: libc::SIGCHLD as u64,
@@ -467,7 +469,9 @@ extern "C" fn init_main(arg: *mut std::ffi::c_void) -> std::ffi::c_int {
     const SECBIT_NOROOT: usize = 1 << 0;
     const SECBIT_NOROOT_LOCKED: usize = 1 << 1;
     // SAFETY: integer arguments.
-    if unsafe { libc::syscall(libc::SYS_prctl, libc::PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED, 0, 0, 0) } != 0 {
+    if unsafe { libc::syscall(libc::SYS_prctl, libc::PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED, 0, 0, 0) }
+        != 0
+    {
         sys::exit_now(127);
     }
     let _ = sys::capset(0);
