@@ -1,10 +1,14 @@
 """Throughput of sandboxes: tasks per second and per-task latency (p50/p99) for `nsfast.run`
-from 1, 2 and 4 threads, `nsfast.arun` at concurrency 1, 4 and 16, the kernel's share
+from 1, 2 and 4 threads, `nsfast.arun` at concurrency 1, 4, 16 and 64, `nsfast.Zygote`'s
+Python tasks (`run_python("pass")` and a small real snippet, from 1, 2 and 4 threads, and
+`arun_python` at 16), Python started afresh (`nsfast.run` and `subprocess.run` of
+`python3 -c`), bwrap, the kernel's share
 (`nsfast.run` without a network namespace, without a cgroup), and peers in the same run:
 `subprocess.run` (no sandbox) and sandlock (Landlock + seccomp, no namespaces, no cgroups:
 `Sandbox().run` and its copy-on-write `fork`).
 
-Each row runs `--tasks` tasks of `/bin/true` (sandlock's fork: clones whose work is nothing)
+Each row runs `--tasks` tasks of `/bin/true` or Python's `pass` (sandlock's fork: clones
+whose work is nothing)
 after a warm-up; rows are interleaved in `--rounds` rounds so that machine drift hits all
 alike, and the table shows the median over rounds. Run: `.venv/bin/python benches/throughput.py
 [--json PATH]` after `make build`.
@@ -20,6 +24,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional
@@ -28,6 +33,42 @@ from rich.console import Console
 from rich.table import Table
 
 TRUE = ["/bin/true"]
+PY_PASS = ["/usr/bin/python3", "-c", "pass"]
+#: "A small real snippet": parse, compute, print.
+SNIPPET = "import json,sys; d=json.loads('[1,2,3]'); print(sum(x*x for x in d)); sys.stdout.flush()"
+_ZYGOTE: Any = None
+_ZYGOTE_LOCK = threading.Lock()
+
+
+def zygote() -> Any:
+    """One zygote for every zygote row (started in the warm-up, outside the timed part)."""
+    global _ZYGOTE
+    with _ZYGOTE_LOCK:
+        if _ZYGOTE is None:
+            import nsfast
+
+            _ZYGOTE = nsfast.Zygote()
+        return _ZYGOTE
+
+
+def zygote_async(concurrency: int, tasks: int) -> List[float]:
+    z = zygote()
+
+    async def main() -> List[float]:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one() -> float:
+            async with sem:
+                t = time.perf_counter()
+                await z.arun_python("pass")
+                return time.perf_counter() - t
+
+        await asyncio.gather(*(one() for _ in range(min(tasks, 10))))
+        start = time.perf_counter()
+        lat = list(await asyncio.gather(*(one() for _ in range(tasks))))
+        return lat + [time.perf_counter() - start]
+
+    return asyncio.run(main())
 
 
 class Skip(Exception):
@@ -105,6 +146,27 @@ def sandlock_run(threads: int, tasks: int) -> List[float]:
     return threaded(lambda: sandlock.Sandbox(fs_readable=["/"]).run(TRUE), threads, tasks)
 
 
+def bwrap_rows(argv: List[str], tasks: int) -> List[float]:
+    import shutil
+
+    if shutil.which("bwrap") is None:
+        raise Skip("bwrap is not installed (apt-get install bubblewrap)")
+    if subprocess.run(argv).returncode != 0:
+        raise Skip("bwrap failed here")
+    return threaded(lambda: subprocess.run(argv), 2, tasks)
+
+
+#: The issue's targets: (what, numerator row, denominator row or None, at least).
+TARGETS = [
+    ("zygote >= 2,500 tasks/s", "Zygote.run_python('pass'), 2 threads", None, 2500.0),
+    ("zygote >= 1.25x sandlock fork", "Zygote.run_python('pass'), 2 threads", "sandlock Sandbox.fork (COW clones)", 1.25),
+    ("zygote >= 8x subprocess python3", "Zygote.run_python('pass'), 2 threads",
+     "subprocess.run(python3 -c pass), 2 threads", 8.0),
+    ("run 2 threads >= 1.7x 1 thread", "nsfast.run, 2 thread(s)", "nsfast.run, 1 thread(s)", 1.7),
+    ("arun 64 >= run 2 threads", "nsfast.arun, concurrency 64", "nsfast.run, 2 thread(s)", 1.0),
+]  # fmt: skip
+
+
 def rows() -> List[Dict[str, Any]]:
     import nsfast
 
@@ -121,8 +183,20 @@ def rows() -> List[Dict[str, Any]]:
         lambda: nsfast.run(TRUE, spec=no_net), 2, n)})  # fmt: skip
     out.append({"name": "nsfast.run, cgroup=False, 2 threads", "run": lambda n: threaded(
         lambda: nsfast.run(TRUE, spec=no_cg), 2, n)})  # fmt: skip
-    for c in (1, 4, 16):
+    for c in (1, 4, 16, 64):
         out.append({"name": f"nsfast.arun, concurrency {c}", "run": lambda n, c=c: concurrent_async(c, n)})
+    for t in (1, 2, 4):
+        out.append({"name": f"Zygote.run_python('pass'), {t} thread(s)", "run": lambda n, t=t: threaded(
+            lambda: zygote().run_python("pass"), t, n)})  # fmt: skip
+    out.append({"name": "Zygote.run_python(snippet), 2 threads", "run": lambda n: threaded(
+        lambda: zygote().run_python(SNIPPET), 2, n)})  # fmt: skip
+    out.append({"name": "Zygote.arun_python('pass'), concurrency 16", "run": lambda n: zygote_async(16, n)})
+    out.append({"name": "nsfast.run(python3 -c pass), 2 threads", "run": lambda n: threaded(
+        lambda: nsfast.run(PY_PASS), 2, n)})  # fmt: skip
+    out.append({"name": "subprocess.run(python3 -c pass), 2 threads", "run": lambda n: threaded(
+        lambda: subprocess.run(PY_PASS), 2, n)})  # fmt: skip
+    bwrap = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-all", "--"] + TRUE
+    out.append({"name": "bwrap --unshare-all /bin/true, 2 threads", "run": lambda n: bwrap_rows(bwrap, n)})
     for t in (1, 2):
         out.append({"name": f"sandlock Sandbox.run, {t} thread(s)", "run": lambda n, t=t: sandlock_run(t, n)})
     out.append({"name": "sandlock Sandbox.fork (COW clones)", "run": sandlock_fork})
@@ -177,6 +251,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         table.add_row(name, f"{rate:,.0f}", f"{p50:.2f}", f"{p99:.2f}", "")
         report["rows"].append({"name": name, "tasks_per_s": rate, "rates": res["rates"], "p50_ms": p50, "p99_ms": p99})
     console.print(table)
+    rate_of = {r["name"]: r.get("tasks_per_s") for r in report["rows"]}
+    targets = Table(title="Targets (issue 9), this run")
+    for col in ("target", "value", "verdict"):
+        targets.add_column(col)
+    report["targets"] = []
+    for what, num, den, least in TARGETS:
+        a, b = rate_of.get(num), (rate_of.get(den) if den else 1.0)
+        if not a or not b:
+            targets.add_row(what, "-", "n/a (a row was skipped)")
+            continue
+        value = a / b
+        verdict = "PASS" if value >= least else "FAIL"
+        targets.add_row(what, f"{value:,.2f}" + ("" if den is None else "x"), verdict)
+        report["targets"].append({"target": what, "value": value, "verdict": verdict})
+    console.print(targets)
+    if _ZYGOTE is not None:
+        _ZYGOTE.close()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -188,13 +188,23 @@ class Zygote:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             cfg = dict(self._cfg, fd=child.fileno())
-            proc = Process(
-                self._argv + [json.dumps(cfg)],
-                spec=self._zspec,
-                stdin=None,
-                stdout=PIPE,
-                stderr=PIPE,
-                pass_fds=[child.fileno()],
+            # Started by one of nsfast's long-lived spawner threads: the zygote's
+            # die_with_parent follows that thread, not whichever thread (a worker pool's)
+            # made or restarted the Zygote.
+            from ._aio import _spawner
+
+            proc = (
+                _spawner()
+                .submit(
+                    Process,
+                    self._argv + [json.dumps(cfg)],
+                    spec=self._zspec,
+                    stdin=DEVNULL,
+                    stdout=PIPE,
+                    stderr=PIPE,
+                    pass_fds=[child.fileno()],
+                )
+                .result()
             )
         except BaseException:
             parent.close()
