@@ -158,9 +158,9 @@ def bwrap_rows(argv: List[str], tasks: int) -> List[float]:
 
 #: The issue's targets: (what, numerator row, denominator row or None, at least).
 TARGETS = [
-    ("zygote >= 2,500 tasks/s", "Zygote.run_python('pass'), 2 threads", None, 2500.0),
-    ("zygote >= 1.25x sandlock fork", "Zygote.run_python('pass'), 2 threads", "sandlock Sandbox.fork (COW clones)", 1.25),
-    ("zygote >= 8x subprocess python3", "Zygote.run_python('pass'), 2 threads",
+    ("zygote >= 2,500 tasks/s", "Zygote.run_python('pass'), 2 thread(s)", None, 2500.0),
+    ("zygote >= 1.25x sandlock fork", "Zygote.run_python('pass'), 2 thread(s)", "sandlock Sandbox.fork (COW clones)", 1.25),
+    ("zygote >= 8x subprocess python3", "Zygote.run_python('pass'), 2 thread(s)",
      "subprocess.run(python3 -c pass), 2 threads", 8.0),
     ("run 2 threads >= 1.7x 1 thread", "nsfast.run, 2 thread(s)", "nsfast.run, 1 thread(s)", 1.7),
     ("arun 64 >= run 2 threads", "nsfast.arun, concurrency 64", "nsfast.run, 2 thread(s)", 1.0),

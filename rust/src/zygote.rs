@@ -166,6 +166,10 @@ impl Server {
             .map_err(|e| spawn_err("make / private", e))?;
         }
         let sigchld = sigchld_fd().map_err(|e| spawn_err("signalfd", e))?;
+        // Not dumpable: nothing of a task's (were it to see us) may ptrace us or open our
+        // /proc files; each task is made dumpable again, as any process is.
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+            .map_err(|e| spawn_err("prctl(PR_SET_DUMPABLE)", e))?;
         Ok(Server { plan, steps, unshare, pidns, init, running: Default::default(), sigchld })
     }
 
@@ -415,6 +419,8 @@ impl Server {
             rustix::process::setsid().unwrap_or_else(|e| fail(Step::Setsid, e));
         }
         sys::set_no_new_privs().unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::Dumpable)
+            .unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
         if !plan.rlimits.iter().any(|r| r.0 == libc::RLIMIT_CORE) {
             sys::rlimit_set(libc::RLIMIT_CORE, 0).unwrap_or_else(|e| fail(Step::Rlimit, e));
         }
