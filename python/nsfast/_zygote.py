@@ -12,12 +12,10 @@ goes to the caller's pipes. Results of `call` come back as JSON, never unpickled
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import dataclasses
 import json
 import os
-import pickle
 import selectors
 import socket
 import sys
@@ -84,36 +82,57 @@ def _under(path: str, dirs: Iterable[str]) -> Optional[str]:
     return None
 
 
-def _python_mounts(spec: Spec) -> Tuple[str, List[str], List[Bind]]:
-    """The interpreter to run, the sys.path it gets and the binds that make both visible in
-    a sandbox on the host root (hidden directories, /tmp)."""
-    exe = os.path.realpath(sys.executable)
-    paths = [p for p in sys.path if p and os.path.isdir(p)]
-    if spec.rootfs is not None:
-        return "python3", [], []
-    hidden = tuple(spec.hidden)
-    binds: List[Bind] = []
-    bound: List[str] = []
-    # The interpreter finds its standard library from its own path: bind at the same path.
-    for d in (sys.base_prefix, sys.prefix, os.path.dirname(exe)):
-        d = os.path.realpath(d)
-        if _under(d, ("/tmp",)):
-            raise SpecError("Zygote", f"the interpreter's directory {d} is under /tmp, which tasks replace")
-        if _under(d, hidden) and not _under(d, bound):
-            bound.append(d)
-    out_paths = []
-    for p in paths:
-        rp = os.path.realpath(p)
+class _Visible:
+    """Host paths the zygote needs (the interpreter, sys.path, nsfast's own files) and where
+    it finds them in a sandbox on the host root: under a hidden directory, bound read-only
+    at the same path; under /tmp (which every task replaces), bound below /run instead."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.hidden = tuple(spec.hidden)
+        self.same: List[str] = []
+        self.moved: Dict[str, str] = {}
+
+    def __call__(self, path: str) -> str:
+        rp = os.path.realpath(path)
         if _under(rp, ("/tmp",)):
-            dst = f"{_REMAP}/{len(binds) + len(bound)}"
-            binds.append(Bind(rp, dst))
-            out_paths.append(dst)
-            continue
-        if _under(rp, hidden) and not _under(rp, bound):
-            bound.append(rp)
-        out_paths.append(rp)
-    bound = [d for d in bound if not _under(d, [b for b in bound if b != d])]
-    return exe, out_paths, [Bind(d, d) for d in bound] + binds
+            if rp not in self.moved:
+                self.moved[rp] = f"{_REMAP}/{len(self.moved)}"
+            return self.moved[rp]
+        if _under(rp, self.hidden) and not _under(rp, self.same):
+            self.same[:] = [d for d in self.same if not _under(d, (rp,))] + [rp]
+        return rp
+
+    def binds(self) -> List[Bind]:
+        return [Bind(d, d) for d in self.same] + [Bind(src, dst) for src, dst in self.moved.items()]
+
+
+def _spec_fields(t: Spec) -> Dict[str, Any]:
+    """What _core reads of the task's Spec, as JSON for the zygote (which does not import
+    nsfast): its mounts and root are the zygote's own already."""
+    return {
+        "_env_items": [list(kv) for kv in t._env_items],
+        "cwd": t.cwd,
+        "namespaces": list(t.namespaces),
+        "hostname": t.hostname,
+        "rootfs": None,
+        "readonly_root": t.readonly_root,
+        "mounts": [],
+        "uid": t.uid,
+        "gid": t.gid,
+        "_cap_mask": t._cap_mask,
+        "_init": False,
+        "new_session": t.new_session,
+        "die_with_parent": t.die_with_parent,
+        "masked_paths": list(t.masked_paths),
+        "readonly_paths": list(t.readonly_paths),
+        "hidden": list(t.hidden),
+        "tmp_size": t.tmp_size,
+        "shm_size": t.shm_size,
+        "seccomp": None if t.seccomp is None else {"allow": list(t.seccomp.allow), "deny": list(t.seccomp.deny)},
+        "_nproc": t._nproc,
+        "_rlimit_items": [list(r) for r in t._rlimit_items],
+        "delegate_cgroup": False,
+    }
 
 
 class Zygote:
@@ -154,7 +173,28 @@ class Zygote:
             if ns not in task.namespaces:
                 raise SpecError("namespaces", f"a zygote's tasks need the {ns!r} namespace")
         self.spec = task
-        exe, path, binds = _python_mounts(task)
+        exe = os.path.realpath(sys.executable)
+        here = os.path.dirname(os.path.abspath(__file__))
+        binds: List[Bind] = []
+        if task.rootfs is None:
+            vis = _Visible(task)
+            # The interpreter finds its standard library from its own path: same path.
+            for d in (sys.base_prefix, sys.prefix, os.path.dirname(exe)):
+                if _under(os.path.realpath(d), ("/tmp",)):
+                    raise SpecError("Zygote", f"the interpreter's directory {d} is under /tmp, which tasks replace")
+                vis(d)
+            path = [vis(p) for p in sys.path if p and os.path.isdir(p)]
+            core, main = vis(_core.__file__), vis(os.path.join(here, "_zygote_main.py"))
+            if vis.moved:
+                # Files, not directories: bind the package directory instead.
+                core = os.path.join(vis(here), os.path.basename(_core.__file__))
+                main = os.path.join(vis(here), "_zygote_main.py")
+                vis.moved = {k: v for k, v in vis.moved.items() if os.path.isdir(k)}
+            binds = vis.binds()
+        else:
+            # A rootfs of the user's: its own python3 and nsfast, at the same paths.
+            exe, path = "python3", [p for p in sys.path if p]
+            core, main = _core.__file__, os.path.join(here, "_zygote_main.py")
         caps = tuple(dict.fromkeys(tuple(task.capabilities) + _ZYGOTE_CAPS))
         self._zspec = dataclasses.replace(
             task,
@@ -173,7 +213,9 @@ class Zygote:
         self._cfg = {
             "path": path,
             "preload": list(self.preload),
-            "spec": base64.b64encode(pickle.dumps(task)).decode(),
+            "spec": _spec_fields(task),
+            "core": core,
+            "main": main,
         }
         self._lock = threading.Lock()
         self._proc: Optional[Process] = None
@@ -480,129 +522,13 @@ def _wait_ready(proc: Process) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Inside the zygote
+# Inside the zygote: _zygote_main.py, loaded by path (not as part of the nsfast package, so
+# the zygote imports only the standard library modules it needs and nsfast._core: the less
+# memory it has, the cheaper each fork and each task's exit).
 
-_BOOT = "import sys,json;c=json.loads(sys.argv[1]);sys.path[:]=c['path'];import nsfast._zygote as z;z._serve(c)"
-
-
-def _serve(cfg: Dict[str, Any]) -> None:  # pragma: no cover - runs in the zygote
-    import importlib
-
-    for m in cfg["preload"]:
-        importlib.import_module(m)
-    spec = pickle.loads(base64.b64decode(cfg["spec"]))  # from the caller, not from a task
-    fd = int(cfg["fd"])
-    import gc
-
-    # What the zygote holds is never collected by a task (no copy-on-write of every page
-    # the collector would touch), as Instagram's prefork servers do.
-    gc.collect()
-    gc.freeze()
-    sys.stdout.flush()
-    os.write(1, b"R")
-    null = os.open(os.devnull, os.O_RDWR)
-    for i in (0, 1, 2):
-        os.dup2(null, i)
-    os.close(null)
-    if _core.zygote_serve(fd, spec):
-        _task()
-    os._exit(0)
-
-
-def _task() -> None:  # pragma: no cover - runs in a task
-    """In a task: run its payload (fd 4), results to fd 3; never returns."""
-    import builtins
-    import traceback
-    import types
-
-    code = 1
-    try:
-        size = os.fstat(4).st_size
-        req = json.loads(os.pread(4, size, 0))
-        os.close(4)
-        os.environ.clear()
-        os.environ.update(req["env"])
-        if req["mode"] == "code":
-            sys.argv = list(req["argv"])
-            main = types.ModuleType("__main__")
-            main.__dict__["__builtins__"] = builtins
-            sys.modules["__main__"] = main
-            try:
-                exec(compile(req["code"], "<string>", "exec"), main.__dict__)
-                code = 0
-            except SystemExit as e:
-                code = _exit_code(e)
-            except BaseException:
-                sys.excepthook(*sys.exc_info())
-                code = 1
-        else:
-            code = _call(req, traceback)
-        code = _finalize(code)
-    except BaseException:
-        try:
-            traceback.print_exc()
-        except BaseException:
-            pass
-    finally:
-        try:
-            sys.stdout.flush()
-        except BaseException:
-            pass
-        try:
-            sys.stderr.flush()
-        except BaseException:
-            pass
-        os._exit(code)
-
-
-def _exit_code(e: SystemExit) -> int:  # pragma: no cover - runs in a task
-    c = e.code
-    if c is None:
-        return 0
-    if isinstance(c, int):
-        return c & 0xFF
-    try:
-        print(c, file=sys.stderr)
-    except BaseException:
-        pass
-    return 1
-
-
-def _finalize(code: int) -> int:  # pragma: no cover - runs in a task
-    """What the interpreter does at exit: join non-daemon threads, run atexit."""
-    try:
-        threading._shutdown()  # type: ignore[attr-defined]
-    except BaseException:
-        pass
-    import atexit
-
-    try:
-        atexit._run_exitfuncs()
-    except BaseException:
-        pass
-    return code
-
-
-def _call(req: Dict[str, Any], traceback: Any) -> int:  # pragma: no cover - runs in a task
-    import importlib
-
-    mod, _, name = req["target"].partition(":")
-    try:
-        obj: Any = importlib.import_module(mod)
-        for part in name.split("."):
-            obj = getattr(obj, part)
-        value = obj(*req["args"], **req["kwargs"])
-        out = json.dumps({"ok": value}).encode()
-        code = 0
-    except SystemExit as e:
-        c = _exit_code(e)
-        out = json.dumps({"error": {"type": "SystemExit", "message": str(e.code), "traceback": ""}}).encode()
-        code = c or 1
-    except BaseException as e:
-        tb = traceback.format_exc()
-        out = json.dumps({"error": {"type": type(e).__name__, "message": str(e), "traceback": tb}}).encode()
-        code = 1
-    view = memoryview(out)
-    while view:
-        view = view[os.write(3, view) :]
-    return code
+_BOOT = (
+    "import sys,json,importlib.util as u;c=json.loads(sys.argv[1]);sys.path[:]=c['path']\n"
+    "def load(n,p):\n"
+    " s=u.spec_from_file_location(n,p);m=u.module_from_spec(s);sys.modules[n]=m;s.loader.exec_module(m);return m\n"
+    "core=load('nsfast._core',c['core']);load('_nsfast_zygote',c['main']).serve(c,core)"
+)

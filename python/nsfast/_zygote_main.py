@@ -1,0 +1,137 @@
+"""The zygote's side of `nsfast.Zygote` (see _zygote.py): loaded by path inside the
+zygote's sandbox, with only the standard library and nsfast._core; never imported by the
+caller. Everything here runs in the zygote or in a task."""
+
+import gc
+import importlib
+import json
+import os
+import sys
+import threading
+import types
+from typing import Any, Dict
+
+
+def serve(cfg: Dict[str, Any], core: Any) -> None:
+    """Import `preload`, say "ready" on stdout, then fork tasks until the caller closes the
+    socket."""
+    for m in cfg["preload"]:
+        importlib.import_module(m)
+    spec = _spec(cfg["spec"])
+    fd = int(cfg["fd"])
+    sys.stdout.flush()
+    os.write(1, b"R")
+    null = os.open(os.devnull, os.O_RDWR)
+    for i in (0, 1, 2):
+        os.dup2(null, i)
+    os.close(null)
+    # What the zygote holds is never collected by a task (no copy-on-write of every page the
+    # collector would touch), as prefork servers do.
+    gc.collect()
+    gc.freeze()
+    if core.zygote_serve(fd, spec):
+        _task()
+    os._exit(0)
+
+
+def _spec(fields: Dict[str, Any]) -> Any:
+    """The task's Spec as _core reads it (attribute by attribute), from the caller's JSON."""
+    ns = types.SimpleNamespace(**fields)
+    ns._rlimit_items = [tuple(r) for r in fields["_rlimit_items"]]
+    ns._env_items = [tuple(kv) for kv in fields["_env_items"]]
+    if fields["seccomp"] is not None:
+        ns.seccomp = types.SimpleNamespace(**fields["seccomp"])
+    return ns
+
+
+def _task() -> None:
+    """In a task: run its payload (fd 4), results to fd 3; never returns."""
+    import builtins
+    import traceback
+
+    code = 1
+    try:
+        size = os.fstat(4).st_size
+        req = json.loads(os.pread(4, size, 0))
+        os.close(4)
+        os.environ.clear()
+        os.environ.update(req["env"])
+        if req["mode"] == "code":
+            sys.argv = list(req["argv"])
+            main = types.ModuleType("__main__")
+            main.__dict__["__builtins__"] = builtins
+            sys.modules["__main__"] = main
+            try:
+                exec(compile(req["code"], "<string>", "exec"), main.__dict__)
+                code = 0
+            except SystemExit as e:
+                code = _exit_code(e)
+            except BaseException:
+                sys.excepthook(*sys.exc_info())
+                code = 1
+        else:
+            code = _call(req, traceback)
+        code = _finalize(code)
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+    finally:
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except BaseException:
+                pass
+        os._exit(code)
+
+
+def _exit_code(e: SystemExit) -> int:
+    c = e.code
+    if c is None:
+        return 0
+    if isinstance(c, int):
+        return c & 0xFF
+    try:
+        print(c, file=sys.stderr)
+    except BaseException:
+        pass
+    return 1
+
+
+def _finalize(code: int) -> int:
+    """What the interpreter does at exit: join non-daemon threads, run atexit."""
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+    except BaseException:
+        pass
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    return code
+
+
+def _call(req: Dict[str, Any], traceback: Any) -> int:
+    mod, _, name = req["target"].partition(":")
+    try:
+        obj: Any = importlib.import_module(mod)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        value = obj(*req["args"], **req["kwargs"])
+        out = json.dumps({"ok": value}).encode()
+        code = 0
+    except SystemExit as e:
+        c = _exit_code(e)
+        out = json.dumps({"error": {"type": "SystemExit", "message": str(e.code), "traceback": ""}}).encode()
+        code = c or 1
+    except BaseException as e:
+        tb = traceback.format_exc()
+        out = json.dumps({"error": {"type": type(e).__name__, "message": str(e), "traceback": tb}}).encode()
+        code = 1
+    view = memoryview(out)
+    while view:
+        view = view[os.write(3, view) :]
+    return code
