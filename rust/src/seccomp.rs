@@ -70,6 +70,8 @@ pub struct Policy<'a> {
     pub deny: &'a [String],
     /// Bit n set = capability n is kept by the sandbox; see [`CAP_SYSCALLS`].
     pub keep_caps: u64,
+    /// socket(2) only for AF_UNIX: no IP, packet or netlink socket at all.
+    pub unix_only: bool,
 }
 
 /// Prepared BPF programs, in the order they must be installed (nsfast's own filter is one
@@ -203,7 +205,7 @@ fn verdicts(policy: &Policy) -> Result<BTreeMap<i64, Verdict>> {
     for name in DEFAULT_COMMON.iter().chain(DEFAULT_ARCH) {
         verdicts.insert(number(name)?, Verdict::Allow);
     }
-    for (name, alternatives) in conditional_rules(policy.keep_caps) {
+    for (name, alternatives) in conditional_rules(policy.keep_caps, policy.unix_only) {
         verdicts.insert(number(name)?, Verdict::AllowIf(alternatives));
     }
     for (cap, names) in CAP_SYSCALLS {
@@ -336,7 +338,7 @@ const CLONE_NS_FLAGS: u32 = (libc::CLONE_NEWNS
 
 /// The allow-list entries of the calls allowed for some arguments only: each is allowed
 /// when any of its compares holds.
-fn conditional_rules(keep_caps: u64) -> Vec<(&'static str, Vec<Masked>)> {
+fn conditional_rules(keep_caps: u64, unix_only: bool) -> Vec<(&'static str, Vec<Masked>)> {
     let none_of = |arg, mask| vec![Masked { arg, mask, value: 0 }];
     let sys_admin = keep_caps & CapabilitySet::SYS_ADMIN.bits() != 0;
     let newuser = libc::CLONE_NEWUSER as u32;
@@ -348,7 +350,11 @@ fn conditional_rules(keep_caps: u64) -> Vec<(&'static str, Vec<Masked>)> {
         ("clone", none_of(0, clone_mask)),
         ("unshare", none_of(0, unshare_mask)),
         ("ioctl", low32_neither(1, libc::TIOCSTI as u32, libc::TIOCLINUX as u32)),
-        ("socket", low32_neither(0, libc::AF_ALG as u32, libc::AF_VSOCK as u32)),
+        if unix_only {
+            ("socket", vec![Masked { arg: 0, mask: u32::MAX, value: libc::AF_UNIX as u32 }])
+        } else {
+            ("socket", low32_neither(0, libc::AF_ALG as u32, libc::AF_VSOCK as u32))
+        },
         ("personality", personalities.iter().map(|&value| Masked { arg: 0, mask: u32::MAX, value }).collect()),
     ];
     let setid = libc::S_ISUID | libc::S_ISGID;
@@ -627,7 +633,7 @@ mod tests {
 
     fn build(allow: &[&str], deny: &[&str], keep_caps: u64) -> Filter {
         let (allow, deny) = (names(allow), names(deny));
-        Filter::build(&Policy { allow: &allow, deny: &deny, keep_caps }).expect("filter builds")
+        Filter::build(&Policy { allow: &allow, deny: &deny, keep_caps, unix_only: false }).expect("filter builds")
     }
 
     /// What a forked child reported: its wait status and the i64 values it wrote.
@@ -955,7 +961,7 @@ mod tests {
     #[test]
     fn unknown_names_are_invalid() {
         for (allow, deny) in [(names(&["foo"]), vec![]), (vec![], names(&["getpid", "foo"]))] {
-            match Filter::build(&Policy { allow: &allow, deny: &deny, keep_caps: 0 }) {
+            match Filter::build(&Policy { allow: &allow, deny: &deny, keep_caps: 0, unix_only: false }) {
                 Err(Error::Invalid { field: "seccomp", msg }) => assert_eq!(
                     msg,
                     format!("unknown system call \"foo\" (not in nsfast's table for {})", std::env::consts::ARCH)
@@ -1217,7 +1223,7 @@ mod tests {
             (&["ioctl", "clone3", "keyctl"], &["getppid", "openat2"], 0),
         ] {
             let (allow, deny) = (names(allow), names(deny));
-            let policy = Policy { allow: &allow, deny: &deny, keep_caps: caps };
+            let policy = Policy { allow: &allow, deny: &deny, keep_caps: caps, unix_only: false };
             let verdicts = verdicts(&policy).unwrap();
             let program = &Filter::build(&policy).unwrap().programs[0];
             let argsets = interesting_args(&verdicts);

@@ -103,6 +103,10 @@ pub struct Spec {
 pub struct SeccompSpec {
     pub allow: Vec<String>,
     pub deny: Vec<String>,
+    /// socket(2) only for AF_UNIX (a zygote's tasks with network="none"); not a field of
+    /// nsfast.Seccomp.
+    #[cfg_attr(feature = "python", pyo3(default))]
+    pub unix_only: bool,
 }
 
 /// runc's masked paths (readable information about the host, or its keys).
@@ -424,7 +428,12 @@ fn seccomp_filter(s: &SeccompSpec, keep_caps: u64) -> Result<Arc<Filter>> {
     if let Some(f) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(f.clone());
     }
-    let f = Arc::new(Filter::build(&seccomp::Policy { allow: &s.allow, deny: &s.deny, keep_caps })?);
+    let f = Arc::new(Filter::build(&seccomp::Policy {
+        allow: &s.allow,
+        deny: &s.deny,
+        keep_caps,
+        unix_only: s.unix_only,
+    })?);
     cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, f.clone());
     Ok(f)
 }

@@ -126,6 +126,10 @@ pub struct Server {
     running: std::cell::RefCell<std::collections::HashMap<i32, OwnedFd>>,
     /// SIGCHLD (blocked in the zygote), readable when a task ended.
     sigchld: OwnedFd,
+    /// Tasks share the zygote's network namespace: each is a Landlock domain of its own
+    /// whose abstract unix sockets and signals do not reach out of it (their IP sockets are
+    /// the seccomp filter's: AF_UNIX only).
+    scoped: bool,
 }
 
 fn probe(p: &[u8]) -> Option<bool> {
@@ -142,6 +146,7 @@ impl Server {
         readonly_paths: &[Vec<u8>],
         tmp_size: Option<u64>,
         shm_size: Option<u64>,
+        scoped: bool,
     ) -> crate::Result<Server> {
         let mnt = plan.clone_flags & libc::CLONE_NEWNS as u64 != 0;
         let steps = if mnt { mount::task_steps(masked, readonly_paths, tmp_size, shm_size, &probe)? } else { vec![] };
@@ -165,12 +170,21 @@ impl Server {
             )
             .map_err(|e| spawn_err("make / private", e))?;
         }
+        if scoped {
+            let abi = landlock_abi();
+            if abi < 6 {
+                return Err(crate::Error::invalid(
+                    "network",
+                    format!("'none' needs Landlock ABI 6 (scoped abstract unix sockets), this kernel has {abi}"),
+                ));
+            }
+        }
         let sigchld = sigchld_fd().map_err(|e| spawn_err("signalfd", e))?;
         // Not dumpable: nothing of a task's (were it to see us) may ptrace us or open our
         // /proc files; each task is made dumpable again, as any process is.
         rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
             .map_err(|e| spawn_err("prctl(PR_SET_DUMPABLE)", e))?;
-        Ok(Server { plan, steps, unshare, pidns, init, running: Default::default(), sigchld })
+        Ok(Server { plan, steps, unshare, pidns, init, running: Default::default(), sigchld, scoped })
     }
 
     /// Serve requests on `ctrl` until it reads EOF (`Ok(None)`: the caller closed it). In a
@@ -421,6 +435,9 @@ impl Server {
         sys::set_no_new_privs().unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
         rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::Dumpable)
             .unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
+        if self.scoped {
+            landlock_scope().unwrap_or_else(|e| fail(Step::Seccomp, e));
+        }
         if !plan.rlimits.iter().any(|r| r.0 == libc::RLIMIT_CORE) {
             sys::rlimit_set(libc::RLIMIT_CORE, 0).unwrap_or_else(|e| fail(Step::Rlimit, e));
         }
@@ -506,4 +523,46 @@ fn sigchld_fd() -> Result<OwnedFd, Errno> {
         }
         Ok(OwnedFd::from_raw_fd(fd))
     }
+}
+
+/// The kernel's Landlock ABI version (0: none).
+fn landlock_abi() -> i64 {
+    use linux_raw_sys::landlock::LANDLOCK_CREATE_RULESET_VERSION;
+    // SAFETY: NULL attr, size 0: the version query reads nothing.
+    let v =
+        unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, 0usize, 0usize, LANDLOCK_CREATE_RULESET_VERSION) };
+    v.max(0)
+}
+
+/// Child-safe: put the caller in a Landlock domain of its own that scopes abstract unix
+/// sockets and signals (no access right is handled: files and ports are untouched).
+fn landlock_scope() -> Result<(), Errno> {
+    use linux_raw_sys::landlock::{landlock_ruleset_attr, LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET, LANDLOCK_SCOPE_SIGNAL};
+    let attr = landlock_ruleset_attr {
+        handled_access_fs: 0,
+        handled_access_net: 0,
+        scoped: (LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL) as u64,
+    };
+    let errno = || Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
+    // SAFETY: a live ruleset attr of the size given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            &attr as *const landlock_ruleset_attr,
+            std::mem::size_of::<landlock_ruleset_attr>(),
+            0usize,
+        )
+    };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: the ruleset fd just made; integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, fd, 0usize) };
+    let e = errno();
+    // SAFETY: ours.
+    unsafe { sys::close(fd as RawFd) };
+    if r != 0 {
+        return Err(e);
+    }
+    Ok(())
 }
