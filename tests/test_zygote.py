@@ -9,7 +9,7 @@ crash or close a zygote start their own.
 from __future__ import annotations
 
 import asyncio
-import errno
+import gc
 import json
 import os
 import pickle
@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -374,14 +373,13 @@ class TestConstruction:
 # -- 2. isolation of each task ----------------------------------------------------------------
 
 NS_CODE = textwrap.dedent(
-    """
+    f"""
     import json, os, time
     start = time.time()
-    ns = {n: os.readlink("/proc/self/ns/" + n) for n in %r}
+    ns = {{n: os.readlink("/proc/self/ns/" + n) for n in {NAMESPACES!r}}}
     time.sleep(1.0)
-    print(json.dumps({"ns": ns, "start": start, "end": time.time()}))
+    print(json.dumps({{"ns": ns, "start": start, "end": time.time()}}))
     """
-    % (NAMESPACES,)
 )
 
 
@@ -393,7 +391,6 @@ class TestIsolation:
             """
             import json, os
             pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
-            me = open("/proc/self/cmdline", "rb").read()
             others = {p: open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")
                       for p in pids if p != os.getpid()}
             print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "pids": pids, "others": others}))
@@ -500,7 +497,11 @@ class TestIsolation:
 
     @pytest.mark.parametrize(
         "directory",
-        ["/tmp", "/dev/shm", *(pytest.param(d, marks=SHARED_TMPFS_BUG) for d in ("/run", "/var/tmp", "/home", "/root"))],
+        [
+            "/tmp",
+            "/dev/shm",
+            *(pytest.param(d, marks=SHARED_TMPFS_BUG) for d in ("/run", "/var/tmp", "/home", "/root")),
+        ],
     )
     def test_nothing_a_task_writes_is_there_for_the_next(self, own: Zygote, directory: str) -> None:
         """Wherever a task can write, the next task does not find it (the hidden directories
@@ -532,9 +533,11 @@ class TestIsolation:
         )
         probe = textwrap.dedent(
             """
-            import builtins, json, os, sys
+            import sys
+            preloaded = "json" in sys.modules  # before this task imports it
+            import builtins, json, os
             print(json.dumps({
-                "json_preloaded": "json" in sys.modules,
+                "json_preloaded": preloaded,
                 "G": "G" in globals(),
                 "json.X": hasattr(json, "X"),
                 "LEAK": hasattr(builtins, "LEAK"),
@@ -765,21 +768,19 @@ class TestConcurrentTasks:
     def test_a_task_cannot_reach_servers_on_the_host(self, z: Zygote) -> None:
         """A TCP server on the host (loopback and every other address of the host) and an
         abstract unix socket of the host are out of reach."""
-        srv = socket.socket()
-        srv.bind(("0.0.0.0", 0))
-        srv.listen()
-        srv.setblocking(False)
         name = f"\0nsfast-zt-host-{uuid.uuid4().hex}"
-        usrv = socket.socket(socket.AF_UNIX)
-        usrv.bind(name)
-        usrv.listen()
-        usrv.setblocking(False)
-        port = srv.getsockname()[1]
-        addrs = ["127.0.0.1"] + sorted(
-            {a.address for ifs in psutil.net_if_addrs().values() for a in ifs if a.family == socket.AF_INET}
-            - {"127.0.0.1"}
-        )
-        try:
+        with socket.socket() as srv, socket.socket(socket.AF_UNIX) as usrv:
+            srv.bind(("0.0.0.0", 0))
+            srv.listen()
+            srv.setblocking(False)
+            usrv.bind(name)
+            usrv.listen()
+            usrv.setblocking(False)
+            port = srv.getsockname()[1]
+            addrs = ["127.0.0.1"] + sorted(
+                {a.address for ifs in psutil.net_if_addrs().values() for a in ifs if a.family == socket.AF_INET}
+                - {"127.0.0.1"}
+            )
             # The host can reach its own server (the check below means something).
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
             assert wait_until(lambda: _accept_one(srv), 2)
@@ -794,9 +795,6 @@ class TestConcurrentTasks:
             assert "connected" not in got.values(), got
             assert got["127.0.0.1"] == "ECONNREFUSED" and got["unix"] == "ECONNREFUSED"
             assert not _accept_one(srv) and not _accept_one(usrv)
-        finally:
-            srv.close()
-            usrv.close()
 
 
 def _accept_one(s: socket.socket) -> bool:
@@ -919,7 +917,7 @@ class TestCrashes:
     )
     def test_a_task_right_after_the_zygote_died_restarts_it(self, own: Zygote) -> None:
         """No waiting between the zygote's death and the next task: it still restarts."""
-        failures = []
+        failures: List[Any] = []
         for i in range(30):
             os.kill(own.pid, signal.SIGKILL)
             try:
@@ -1059,10 +1057,7 @@ class TestAsyncio:
     def test_several_tasks_run_concurrently(self, z: Zygote) -> None:
         async def main() -> List[nsfast.Result]:
             return await asyncio.gather(
-                *(
-                    z.arun_python(f"import time; time.sleep(0.5); print({i})", text=True, timeout=30)
-                    for i in range(4)
-                )
+                *(z.arun_python(f"import time; time.sleep(0.5); print({i})", text=True, timeout=30) for i in range(4))
             )
 
         t0 = time.monotonic()
@@ -1195,37 +1190,37 @@ class TestClose:
         zz.close()
 
     def test_a_task_killed_by_close_is_not_reported_as_a_success(self) -> None:
-        box: Dict[str, Any] = {}
+        """The run_python of a task that close() killed ends as killed (-9) or with an
+        error, never as a clean returncode 0."""
         zz = Zygote()
-        idle = descendants(zz.pid)
+        mark = marker()
+        box: Dict[str, Any] = {}
 
         def work() -> None:
             try:
-                box["result"] = zz.run_python("import time; print('started', flush=True); time.sleep(100)", timeout=60)
+                box["result"] = zz.run_python(background_sleeper(mark) + "time.sleep(100)", timeout=60)
             except Exception as e:  # noqa: BLE001 - checked below
                 box["error"] = e
 
         th = threading.Thread(target=work)
         th.start()
         try:
-            # The task runs once its cgroup exists and it has a process of its own.
-            assert wait_until(lambda: len(descendants(zz.pid)) > len(idle), 10)
-            time.sleep(0.3)
+            assert wait_until(lambda: bool(running_with_cmdline(f"100 {mark}")), 10)
         finally:
             zz.close()
             th.join(30)
+        assert not th.is_alive()
         if "error" in box:
             assert isinstance(box["error"], nsfast.NsfastError), box["error"]
         else:
             assert box["result"].returncode == -signal.SIGKILL, box["result"]
 
     def test_a_forgotten_zygote_ends_when_collected(self) -> None:
+        """A Zygote dropped without close() ends its process tree when collected."""
         zz = Zygote()
         pid = zz.pid
         tree = descendants(pid)
         del zz
-        import gc
-
         gc.collect()
         assert not psutil.pid_exists(pid)
         assert wait_until(lambda: all(gone(p) for p in tree), 5)

@@ -146,7 +146,10 @@ class Zygote:
     task, made and torn down by the kernel under global locks): tasks then share the zygote's
     empty one but can create no socket other than AF_UNIX (seccomp), and each is a Landlock
     domain of its own, so no task reaches another's abstract unix sockets or signals it
-    (needs Landlock ABI 6, Linux 6.12). `limits` (default: the spec's) is each task's cgroup; the zygote itself runs
+    (needs Landlock ABI 6, Linux 6.12). `path`: directories put on the zygote's `sys.path`
+    and bound read-only where the sandbox hides them (e.g. a project under /home); the
+    zygote's sys.path is the caller's, less the entries the sandbox would hide that are not
+    part of the Python installation or venv. `limits` (default: the spec's) is each task's cgroup; the zygote itself runs
     under the spec's limits too.
 
     Tasks: `run_python(code)` (a `Result`, as `python -c code` would give), `call("mod:fn",
@@ -166,8 +169,15 @@ class Zygote:
         *,
         spec: Optional[Spec] = None,
         network: str = "private",
+        path: Sequence[str] = (),
         **spec_fields: Unpack[SpecFields],
     ) -> None:
+        if isinstance(path, str):
+            raise TypeError("path must be a sequence of directories, not a str")
+        extra_path = [os.path.abspath(os.fspath(p)) for p in path]
+        for p in extra_path:
+            if not os.path.isdir(p):
+                raise SpecError("path", f"is not a directory: {p!r}")
         if network not in ("private", "none"):
             raise SpecError("network", f"must be 'private' or 'none', not {network!r}")
         if isinstance(preload, str):
@@ -195,11 +205,23 @@ class Zygote:
         if task.rootfs is None:
             vis = _Visible(task)
             # The interpreter finds its standard library from its own path: same path.
-            for d in (sys.base_prefix, sys.prefix, os.path.dirname(exe)):
+            for d in (sys.base_prefix, os.path.dirname(exe)):
                 if _under(os.path.realpath(d), ("/tmp",)):
                     raise SpecError("Zygote", f"the interpreter's directory {d} is under /tmp, which tasks replace")
                 vis(d)
-            path = [vis(p) for p in sys.path if p and os.path.isdir(p)]
+            # sys.path as the sandbox sees it: entries a task could see anyway, the Python
+            # installation and venv, nsfast's own directory and `path`; not the others
+            # (a script's directory in a hidden /home, say): binding them would show them.
+            install = [os.path.realpath(d) for d in (sys.prefix, sys.base_prefix, sys.exec_prefix)]
+            own = os.path.dirname(here)
+            path = []
+            for p in sys.path:
+                rp = os.path.realpath(p) if p else ""
+                if not rp or not os.path.isdir(rp):
+                    continue
+                if _under(rp, install) or rp == own or not _under(rp, tuple(task.hidden) + ("/tmp",)):
+                    path.append(vis(rp))
+            path += [vis(p) for p in extra_path]
             core, main = vis(_core.__file__), vis(os.path.join(here, "_zygote_main.py"))
             if vis.moved:
                 # Files, not directories: bind the package directory instead.
@@ -209,7 +231,7 @@ class Zygote:
             binds = vis.binds()
         else:
             # A rootfs of the user's: its own python3 and nsfast, at the same paths.
-            exe, path = "python3", [p for p in sys.path if p]
+            exe, path = "python3", [p for p in sys.path if p] + extra_path
             core, main = _core.__file__, os.path.join(here, "_zygote_main.py")
         caps = tuple(dict.fromkeys(tuple(task.capabilities) + _ZYGOTE_CAPS))
         self._zspec = dataclasses.replace(
