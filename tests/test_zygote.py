@@ -43,8 +43,7 @@ SHARED_TMPFS_BUG = pytest.mark.xfail(
     strict=True,
 )
 
-# A module the tasks of the shared zygote can import (`call` targets). It lives in a pytest
-# temp dir, i.e. below /tmp, which tasks replace: the zygote must bind it elsewhere itself.
+# A module the tasks of the shared zygote can import (`call` targets), in a pytest temp dir.
 TASKS_MODULE = "nsfast_zt_tasks"
 TASKS_SOURCE = '''
 import os
@@ -192,10 +191,9 @@ _IDLE: Dict[int, List[int]] = {}  # zygote pid -> its process tree before any ta
 
 @pytest.fixture(scope="module")
 def z(tasks_dir: Path) -> Iterator[Zygote]:
-    """The shared zygote; the tasks module is on its path."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(tasks_dir))
-        zygote = Zygote()
+    """The shared zygote; the tasks module is on its path (path=: a directory below /tmp,
+    which every task replaces, so the zygote binds it elsewhere)."""
+    zygote = Zygote(path=[str(tasks_dir)])
     _IDLE[zygote.pid] = descendants(zygote.pid)
     try:
         yield zygote
