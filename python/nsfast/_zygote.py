@@ -27,7 +27,7 @@ from . import _cgroup, _core
 from ._cgroup import Limits
 from ._errors import NsfastError, SpecError
 from ._process import DEVNULL, PIPE, Process, Result, run
-from ._spec import Bind, Spec, SpecFields, with_fields
+from ._spec import Bind, Spec, SpecFields, Tmpfs, default_env, with_fields
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -104,6 +104,34 @@ class _Visible:
 
     def binds(self) -> List[Bind]:
         return [Bind(d, d) for d in self.same] + [Bind(src, dst) for src, dst in self.moved.items()]
+
+
+#: The size of the tmpfs that hides a host directory (mount.rs' HIDDEN_SIZE).
+_HIDDEN_SIZE = 16 << 20
+
+
+def _scratch(t: Spec, binds: Sequence[Bind]) -> Tuple[List[Tuple[str, Optional[int], str]], List[str]]:
+    """The zygote's writable tmpfs mounts (the hidden directories, the spec's Tmpfs), which
+    every task would otherwise share: (those each task gets a fresh tmpfs on, those made
+    read-only in the zygote because a mount of its own lies below them)."""
+    cands: List[Tuple[str, Optional[int], str]] = []
+    if t.rootfs is None:
+        for h in t.hidden:
+            if h not in ("/tmp", "/dev/shm") and not _under(h, ("/tmp", "/dev/shm")) and os.path.isdir(h):
+                cands.append((h, _HIDDEN_SIZE, "1777" if h == "/var/tmp" else "0755"))
+    for m in t.mounts:
+        if isinstance(m, Tmpfs):
+            cands.append((m.dst, m.size, "0755"))
+    below = [m.dst for m in list(t.mounts) + list(binds)]
+    scratch, sealed = [], []
+    for path, size, mode in cands:
+        if path in below and not any(isinstance(m, Tmpfs) and m.dst == path for m in t.mounts):
+            continue  # the user's own mount replaces it
+        if any(d != path and _under(d, (path,)) for d in below):
+            sealed.append(path)
+        else:
+            scratch.append((path, size, mode))
+    return scratch, sealed
 
 
 def _spec_fields(t: Spec) -> Dict[str, Any]:
@@ -229,10 +257,12 @@ class Zygote:
                 main = os.path.join(vis(here), "_zygote_main.py")
                 vis.moved = {k: v for k, v in vis.moved.items() if os.path.isdir(k)}
             binds = vis.binds()
+            scratch, sealed = _scratch(task, binds)
         else:
             # A rootfs of the user's: its own python3 and nsfast, at the same paths.
             exe, path = "python3", [p for p in sys.path if p] + extra_path
             core, main = _core.__file__, os.path.join(here, "_zygote_main.py")
+            scratch, sealed = _scratch(task, [])
         caps = tuple(dict.fromkeys(tuple(task.capabilities) + _ZYGOTE_CAPS))
         self._zspec = dataclasses.replace(
             task,
@@ -261,6 +291,8 @@ class Zygote:
             "core": core,
             "main": main,
             "scoped": network == "none",
+            "scratch": scratch,
+            "sealed": sealed,
         }
         self._lock = threading.Lock()
         self._proc: Optional[Process] = None
@@ -309,11 +341,13 @@ class Zygote:
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def _restart(self) -> None:
+    def _restart(self, failed: Any) -> None:
+        """Start a new zygote in place of the one behind the link `failed` (unless another
+        thread has replaced it already)."""
         with self._lock:
             if self._closed:
                 raise ZygoteError("the zygote is closed")
-            if self._alive():
+            if self._link is not failed and self._link is not None:
                 return
             self._stop()
             self.restarts += 1
@@ -364,27 +398,29 @@ class Zygote:
         data = json.dumps(payload).encode()
 
         def start(stdio: Tuple[int, int, int]) -> Any:
-            for attempt in (0, 1):
-                link = self._link
+            for attempt in range(3):
                 if self._closed:
                     raise ZygoteError("the zygote is closed")
+                link = self._link
                 try:
                     if link is None:
                         raise BrokenPipeError("no zygote")
                     return link.task(
                         data, stdio=stdio, result=result_fd, cgroup=cgroup, new_session=self.spec.new_session
                     )
-                except OSError as e:
-                    if attempt or self._alive() and not isinstance(e, (BrokenPipeError, ConnectionError)):
-                        raise
-                    self._restart()
+                except BrokenPipeError:
+                    # The zygote died: restart it (unless another thread did already) and
+                    # try again; a task's own setup failure is a SpawnError and propagates.
+                    if attempt == 2:
+                        raise ZygoteError("the zygote died and could not be restarted") from None
+                    self._restart(link)
             raise AssertionError("unreachable")
 
         return start
 
     def _payload(self, mode: str, env: Optional[Mapping[str, str]], **fields: Any) -> Dict[str, Any]:
         if env is None:
-            env = self.spec.env if self.spec.env is not None else {}
+            env = self.spec.env if self.spec.env is not None else default_env()
         elif not isinstance(env, Mapping):
             raise TypeError(f"env must be a mapping, not {type(env).__name__}")
         return dict(fields, mode=mode, env={str(k): str(v) for k, v in env.items()})

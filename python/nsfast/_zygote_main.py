@@ -29,7 +29,9 @@ def serve(cfg: Dict[str, Any], core: Any) -> None:
     # collector would touch), as prefork servers do.
     gc.collect()
     gc.freeze()
-    if core.zygote_serve(fd, spec, scoped=bool(cfg.get("scoped"))):
+    scratch = [(os.fsencode(p), size, mode) for p, size, mode in cfg["scratch"]]
+    sealed = [os.fsencode(p) for p in cfg["sealed"]]
+    if core.zygote_serve(fd, spec, scoped=bool(cfg["scoped"]), scratch=scratch, sealed=sealed):
         _task()
     os._exit(0)
 
@@ -66,9 +68,19 @@ def _task() -> None:
                 code = 0
             except SystemExit as e:
                 code = _exit_code(e)
-            except BaseException:
-                sys.excepthook(*sys.exc_info())
+            except BaseException as e:
+                # As `python -c` shows it: from the code's own frames on.
+                tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
+                sys.excepthook(type(e), e.with_traceback(tb), tb)
                 code = 1
+                if isinstance(e, KeyboardInterrupt):
+                    # As the interpreter does: end by the signal (returncode -2).
+                    code = _finalize(code)
+                    _flush()
+                    import signal
+
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    os.kill(os.getpid(), signal.SIGINT)
         else:
             code = _call(req, traceback)
         code = _finalize(code)
@@ -78,12 +90,16 @@ def _task() -> None:
         except BaseException:
             pass
     finally:
-        for f in (sys.stdout, sys.stderr):
-            try:
-                f.flush()
-            except BaseException:
-                pass
+        _flush()
         os._exit(code)
+
+
+def _flush() -> None:
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except BaseException:
+            pass
 
 
 def _exit_code(e: SystemExit) -> int:

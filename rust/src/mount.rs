@@ -549,6 +549,7 @@ pub fn task_steps(
     readonly_paths: &[Vec<u8>],
     tmp_size: Option<u64>,
     shm_size: Option<u64>,
+    scratch: &[Scratch],
     probe: &dyn Fn(&[u8]) -> Option<bool>,
 ) -> Result<Vec<FsStep>> {
     let mut steps = vec![FsStep {
@@ -574,7 +575,27 @@ pub fn task_steps(
         step: "mount /tmp".into(),
         path: "/tmp".into(),
     });
+    for sc in scratch {
+        let (rel, shown) = sandbox_path("mounts", &sc.path)?;
+        if probe(&sc.path) != Some(true) {
+            continue;
+        }
+        steps.push(FsStep {
+            op: tmpfs(&rel, MountFlags::NOSUID | MountFlags::NODEV, &sc.mode, sc.size),
+            step: format!("mount tmpfs {shown}"),
+            path: shown,
+        });
+    }
     Ok(steps)
+}
+
+/// A directory each zygote task gets an empty tmpfs of its own on (a hidden directory, a
+/// spec's Tmpfs), as its sandbox would have had.
+#[derive(Debug, Clone)]
+pub struct Scratch {
+    pub path: Vec<u8>,
+    pub size: Option<u64>,
+    pub mode: String,
 }
 
 /// Child-safe: an O_PATH fd of `path` (relative to the cwd, the new root) resolved with the

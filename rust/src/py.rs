@@ -859,8 +859,15 @@ fn fork_child() {
 /// the socket; True in a task, with its result pipe on fd 3 and its payload memfd on fd 4,
 /// ready to run the task's code (capabilities dropped, seccomp installed).
 #[pyfunction]
-#[pyo3(signature = (ctrl_fd, spec, *, scoped=false))]
-fn zygote_serve(py: Python<'_>, ctrl_fd: i32, spec: &Bound<'_, PyAny>, scoped: bool) -> PyResult<bool> {
+#[pyo3(signature = (ctrl_fd, spec, *, scoped=false, scratch=vec![], sealed=vec![]))]
+fn zygote_serve(
+    py: Python<'_>,
+    ctrl_fd: i32,
+    spec: &Bound<'_, PyAny>,
+    scoped: bool,
+    scratch: Vec<(PyBackedBytes, Option<u64>, String)>,
+    sealed: Vec<PyBackedBytes>,
+) -> PyResult<bool> {
     let _ = py;
     let mut task: Spec = spec.extract()?;
     // The zygote's own mounts, root and user namespace are the task's already.
@@ -878,6 +885,11 @@ fn zygote_serve(py: Python<'_>, ctrl_fd: i32, spec: &Bound<'_, PyAny>, scoped: b
         task.tmp_size,
         task.shm_size,
         scoped,
+        &scratch
+            .into_iter()
+            .map(|(p, size, mode)| crate::mount::Scratch { path: bytes(p), size, mode })
+            .collect::<Vec<_>>(),
+        &sealed.into_iter().map(bytes).collect::<Vec<_>>(),
     )
     .map_err(|e| to_pyerr(py, e))?;
     let hooks = crate::zygote::ForkHooks { before: fork_before, parent: fork_parent, child: fork_child };
@@ -893,6 +905,9 @@ fn zygote_serve(py: Python<'_>, ctrl_fd: i32, spec: &Bound<'_, PyAny>, scoped: b
         Err(e) => Err(PyOSError::new_err(format!("zygote: {e}"))),
     }
 }
+
+/// The SpawnError step of a request the zygote never answered.
+const ZYGOTE_LINK: &str = "zygote link";
 
 /// The caller's end of a zygote's control socket: one request at a time.
 #[pyclass(module = "nsfast._core", name = "ZygoteLink", frozen)]
@@ -953,6 +968,14 @@ impl ZygoteLink {
         });
         match res {
             Ok((child, cg)) => Sandbox::new(child, cg, started, true, new_session, cpu, true),
+            // The zygote is gone (or its socket broke): BrokenPipeError, so the caller
+            // restarts it, unlike a task's own setup failure (SpawnError).
+            Err(Error::Spawn { step, filename, .. }) if step == ZYGOTE_LINK => {
+                Err(pyo3::exceptions::PyBrokenPipeError::new_err(format!(
+                    "the zygote is gone: {}",
+                    filename.unwrap_or_default()
+                )))
+            }
             Err(e) => Err(to_pyerr(py, e)),
         }
     }
@@ -1015,8 +1038,14 @@ impl ZygoteLink {
         };
         let pidfd = {
             let guard = self.sock.lock().unwrap_or_else(|p| p.into_inner());
-            let sock = guard.as_ref().ok_or_else(|| err("send request", rustix::io::Errno::BADF))?;
-            crate::zygote::request(sock.as_fd(), &fds).map_err(|e| io_err("start", e))?
+            // Closed: replaced by a restart (another thread's) since the caller took this link.
+            let sock = guard
+                .as_ref()
+                .ok_or_else(|| Error::spawn(ZYGOTE_LINK, Some("closed".into()), rustix::io::Errno::BADF))?;
+            crate::zygote::request(sock.as_fd(), &fds).map_err(|e| {
+                let errno = rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EPIPE));
+                Error::spawn(ZYGOTE_LINK, Some(e.to_string()), errno)
+            })?
         };
         drop(fds);
         drop((report_w, status_w, memfd, attach));

@@ -147,9 +147,12 @@ impl Server {
         tmp_size: Option<u64>,
         shm_size: Option<u64>,
         scoped: bool,
+        scratch: &[mount::Scratch],
+        sealed: &[Vec<u8>],
     ) -> crate::Result<Server> {
         let mnt = plan.clone_flags & libc::CLONE_NEWNS as u64 != 0;
-        let steps = if mnt { mount::task_steps(masked, readonly_paths, tmp_size, shm_size, &probe)? } else { vec![] };
+        let steps =
+            if mnt { mount::task_steps(masked, readonly_paths, tmp_size, shm_size, scratch, &probe)? } else { vec![] };
         let keep =
             (libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET | libc::CLONE_NEWCGROUP)
                 as u64;
@@ -169,6 +172,20 @@ impl Server {
                 rustix::mount::MountPropagationFlags::PRIVATE | rustix::mount::MountPropagationFlags::REC,
             )
             .map_err(|e| spawn_err("make / private", e))?;
+        }
+        // The zygote's writable mounts that hold its own binds (a hidden /root with the
+        // interpreter in it): read-only, since every task shares them.
+        for dir in sealed {
+            let path =
+                std::ffi::CString::new(dir.clone()).map_err(|_| crate::Error::invalid("mounts", "NUL in a path"))?;
+            let fd = rustix::fs::open(
+                path.as_c_str(),
+                rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| crate::Error::spawn("seal", Some(String::from_utf8_lossy(dir).into_owned()), e))?;
+            sys::mount_setattr(fd.as_raw_fd(), c"", sys::MOUNT_ATTR_RDONLY, false)
+                .map_err(|e| crate::Error::spawn("seal", Some(String::from_utf8_lossy(dir).into_owned()), e))?;
         }
         if scoped {
             let abi = landlock_abi();
