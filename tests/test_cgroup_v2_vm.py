@@ -23,7 +23,7 @@ RUN_VM = os.path.join(REPO, "tests", "vm", "run-vm.sh")
 )
 def test_cgroup_module_passes_on_pure_cgroup_v2():
     env = dict(os.environ, NSFAST_IN_VM="1", NSFAST_EXPECT_CGROUP="2")
-    # The cgroup module, plus exec into a container's v2 cgroup (CLONE_INTO_CGROUP under
+    # The cgroup module, zygote tasks' cgroups, plus exec into a container's v2 cgroup (CLONE_INTO_CGROUP under
     # the container's cgroup namespace, which nsdelegate makes strict).
     cmd = [
         RUN_VM,
@@ -41,6 +41,10 @@ def test_cgroup_module_passes_on_pure_cgroup_v2():
         "tests/test_cgroups.py",
         "tests/test_container.py::test_exec_joins_the_container_cgroup",
         "tests/test_container.py::test_exec_joins_every_namespace_of_the_container",
+        # Zygote tasks move themselves into their cgroup (v2 cgroup.procs, opened by the
+        # caller): limits, usage and cleanup on pure v2.
+        "tests/test_zygote.py::TestLimits",
+        "tests/test_zygote.py::TestIsolation::test_each_task_has_a_cgroup_of_its_own",
     ]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1700)
     out = r.stdout + r.stderr
