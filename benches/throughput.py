@@ -36,19 +36,49 @@ TRUE = ["/bin/true"]
 PY_PASS = ["/usr/bin/python3", "-c", "pass"]
 #: "A small real snippet": parse, compute, print.
 SNIPPET = "import json,sys; d=json.loads('[1,2,3]'); print(sum(x*x for x in d)); sys.stdout.flush()"
-_ZYGOTE: Any = None
+_ZYGOTES: Dict[str, Any] = {}
 _ZYGOTE_LOCK = threading.Lock()
+#: The zygote rows' variants: the default, and the kernel's share taken out step by step.
+_ZYGOTE_KINDS: Dict[str, Dict[str, Any]] = {
+    "": {},
+    "network='none'": {"network": "none"},
+    "network='none', cgroup=False": {"network": "none", "cgroup": False},
+}
 
 
-def zygote() -> Any:
-    """One zygote for every zygote row (started in the warm-up, outside the timed part)."""
-    global _ZYGOTE
+def zygote(kind: str = "") -> Any:
+    """One zygote per variant for every row (started in the warm-up, outside the timed part)."""
     with _ZYGOTE_LOCK:
-        if _ZYGOTE is None:
+        if kind not in _ZYGOTES:
             import nsfast
 
-            _ZYGOTE = nsfast.Zygote()
-        return _ZYGOTE
+            _ZYGOTES[kind] = nsfast.Zygote(**_ZYGOTE_KINDS[kind])
+        return _ZYGOTES[kind]
+
+
+def fork_floor(threads: int, tasks: int) -> List[float]:
+    """The floor under any fork-based task: os.fork() of a bare `python3 -I -S` with the
+    zygote's imports (json, traceback), the child exiting at once, reaped by its parent; no
+    namespace, no cgroup, no pipe. Run in that interpreter, `threads` forking processes."""
+    code = (
+        "import os,sys,time,json,traceback\n"
+        "n=int(sys.argv[1]);lat=[]\n"
+        "for _ in range(n):\n"
+        " t=time.perf_counter();p=os.fork()\n"
+        " if p==0: os._exit(0)\n"
+        " os.waitpid(p,0);lat.append(time.perf_counter()-t)\n"
+        "print(json.dumps(lat))"
+    )
+    per = max(1, tasks // threads)
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen([PY_PASS[0], "-I", "-S", "-c", code, str(per)], stdout=subprocess.PIPE) for _ in range(threads)
+    ]
+    lat: List[float] = []
+    for p in procs:
+        out, _ = p.communicate()
+        lat += json.loads(out)
+    return lat + [time.perf_counter() - start]
 
 
 def zygote_async(concurrency: int, tasks: int) -> List[float]:
@@ -188,6 +218,12 @@ def rows() -> List[Dict[str, Any]]:
     for t in (1, 2, 4):
         out.append({"name": f"Zygote.run_python('pass'), {t} thread(s)", "run": lambda n, t=t: threaded(
             lambda: zygote().run_python("pass"), t, n)})  # fmt: skip
+    for kind in list(_ZYGOTE_KINDS)[1:]:
+        out.append({"name": f"Zygote({kind}).run_python('pass'), 2 threads", "run": lambda n, k=kind: threaded(
+            lambda: zygote(k).run_python("pass"), 2, n)})  # fmt: skip
+    out.append(
+        {"name": "fork floor: os.fork+_exit of a bare interpreter, 2 processes", "run": lambda n: fork_floor(2, n)}
+    )
     out.append({"name": "Zygote.run_python(snippet), 2 threads", "run": lambda n: threaded(
         lambda: zygote().run_python(SNIPPET), 2, n)})  # fmt: skip
     out.append({"name": "Zygote.arun_python('pass'), concurrency 16", "run": lambda n: zygote_async(16, n)})
@@ -266,8 +302,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         targets.add_row(what, f"{value:,.2f}" + ("" if den is None else "x"), verdict)
         report["targets"].append({"target": what, "value": value, "verdict": verdict})
     console.print(targets)
-    if _ZYGOTE is not None:
-        _ZYGOTE.close()
+    for z in _ZYGOTES.values():
+        z.close()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

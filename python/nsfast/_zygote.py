@@ -225,6 +225,12 @@ class Zygote:
                 )
             if "net" not in task.namespaces:
                 raise SpecError("network", "'none' shares the zygote's own network namespace: keep 'net' in namespaces")
+            abi = _core.landlock_abi()
+            if abi < 6:
+                raise SpecError(
+                    "network",
+                    f"'none' needs Landlock ABI 6 (Linux 6.12: abstract unix sockets scoped per task); this kernel has {abi}",
+                )
         self.network = network
         self.spec = task
         exe = os.path.realpath(sys.executable)

@@ -1073,6 +1073,12 @@ fn pidfd_pid(fd: i32) -> Option<i32> {
     text.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|v| v.trim().parse().ok())
 }
 
+/// The kernel's Landlock ABI version (0: no Landlock).
+#[pyfunction]
+fn landlock_abi() -> i64 {
+    crate::zygote::landlock_abi()
+}
+
 #[pyfunction]
 fn cap_last_cap() -> u32 {
     crate::spec::cap_last_cap()
@@ -1098,6 +1104,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kill_cgroups, m)?)?;
     m.add_function(wrap_pyfunction!(spawn_join, m)?)?;
     m.add_function(wrap_pyfunction!(zygote_serve, m)?)?;
+    m.add_function(wrap_pyfunction!(landlock_abi, m)?)?;
     m.add_class::<ZygoteLink>()?;
     m.add_class::<Sandbox>()?;
     m.add_class::<Exit>()?;

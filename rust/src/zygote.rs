@@ -543,7 +543,7 @@ fn sigchld_fd() -> Result<OwnedFd, Errno> {
 }
 
 /// The kernel's Landlock ABI version (0: none).
-fn landlock_abi() -> i64 {
+pub fn landlock_abi() -> i64 {
     use linux_raw_sys::landlock::LANDLOCK_CREATE_RULESET_VERSION;
     // SAFETY: NULL attr, size 0: the version query reads nothing.
     let v =
