@@ -26,6 +26,9 @@ __all__ = [
     "seccomp_syscalls",
     "spawn",
     "spawn_join",
+    "landlock_abi",
+    "zygote_serve",
+    "ZygoteLink",
 ]
 
 NAMESPACES: list[str]
@@ -116,15 +119,15 @@ def zygote_serve(
     spec: Any,
     *,
     scoped: bool = False,
-    scratch: Sequence[Tuple[bytes, Optional[int], str]] = (),
-    sealed: Sequence[bytes] = (),
+    scratch: Sequence[Tuple[bytes, Optional[int], str]] = ...,
+    sealed: Sequence[bytes] = ...,
 ) -> bool: ...
 
 @final
 class ZygoteLink:
     """The caller's end of a zygote's control socket."""
 
-    def __init__(self, fd: int) -> None: ...
+    def __new__(cls, fd: int) -> ZygoteLink: ...
     def close(self) -> None: ...
     def task(
         self,
