@@ -216,3 +216,32 @@ def test_rootless_timeout_kills_the_whole_sandbox():
     """)
     assert isinstance(r, float) and r < 5
     assert wait_until(lambda: not running_with_cmdline(f"sleep {tag}"), timeout=1.0)
+
+
+def test_rootless_zygote_tasks_are_isolated_and_unprivileged():
+    """A rootless caller's zygote: each task is pid 2 of its own pid namespace, root of the
+    zygote's user namespace without a capability, with a /tmp of its own; call() works; both
+    network modes start."""
+    [first, second, called, none] = as_nobody("""
+        z = nsfast.Zygote()
+        code = (
+            "import os, json; before = os.listdir('/tmp'); open('/tmp/x', 'w').close()\\n"
+            "st = open('/proc/self/status').read()\\n"
+            "print(json.dumps([os.getpid(), os.getuid(), st.split('CapEff:')[1].split()[0],"
+            " os.readlink('/proc/self/ns/pid'), before]))"
+        )
+        for _ in range(2):
+            r = z.run_python(code, text=True)
+            out(json.loads(r.stdout) if r.returncode == 0 else r.stderr)
+        out(z.call("os:getcwd"))
+        z.close()
+        z = nsfast.Zygote(network="none")
+        out(z.run_python("import socket\\ntry:\\n socket.socket()\\nexcept OSError as e:\\n print(e.errno)").stdout.decode())
+        z.close()
+    """)
+    assert first[:3] == [2, 0, "0000000000000000"] and first[4] == [], first
+    # The first task's /tmp/x is not in the second's /tmp.
+    assert second[:3] == [2, 0, "0000000000000000"] and second[4] == [], second
+    assert first[3] != second[3], "two tasks shared a pid namespace"
+    assert called == "/"
+    assert none.strip() == "1"  # EPERM: no IP socket with network="none"
