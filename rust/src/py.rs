@@ -878,20 +878,18 @@ fn zygote_serve(
     task.init = false;
     task.delegate_cgroup = false;
     let plan = Plan::build(&task, Caller::current()).map_err(|e| to_pyerr(py, e))?;
-    let server = crate::zygote::Server::new(
-        plan,
-        &task.masked_paths,
-        &task.readonly_paths,
-        task.tmp_size,
-        task.shm_size,
-        scoped,
-        &scratch
-            .into_iter()
-            .map(|(p, size, mode)| crate::mount::Scratch { path: bytes(p), size, mode })
-            .collect::<Vec<_>>(),
-        &sealed.into_iter().map(bytes).collect::<Vec<_>>(),
-    )
-    .map_err(|e| to_pyerr(py, e))?;
+    let scratch: Vec<crate::mount::Scratch> =
+        scratch.into_iter().map(|(p, size, mode)| crate::mount::Scratch { path: bytes(p), size, mode }).collect();
+    let sealed: Vec<Vec<u8>> = sealed.into_iter().map(bytes).collect();
+    let fs = crate::zygote::TaskFs {
+        masked: &task.masked_paths,
+        readonly_paths: &task.readonly_paths,
+        tmp_size: task.tmp_size,
+        shm_size: task.shm_size,
+        scratch: &scratch,
+        sealed: &sealed,
+    };
+    let server = crate::zygote::Server::new(plan, &fs, scoped).map_err(|e| to_pyerr(py, e))?;
     let hooks = crate::zygote::ForkHooks { before: fork_before, parent: fork_parent, child: fork_child };
     // SAFETY: the caller keeps `ctrl_fd` open for the zygote's life.
     let ctrl = unsafe { crate::sys::borrow_fd(ctrl_fd) };

@@ -111,6 +111,18 @@ pub struct ForkHooks {
     pub child: fn(),
 }
 
+/// What a task's filesystem gets on top of the zygote's (see [`mount::task_steps`]); and
+/// what the zygote makes read-only in its own (`sealed`: its tmpfs mounts that hold binds).
+#[derive(Clone, Copy)]
+pub struct TaskFs<'a> {
+    pub masked: &'a [Vec<u8>],
+    pub readonly_paths: &'a [Vec<u8>],
+    pub tmp_size: Option<u64>,
+    pub shm_size: Option<u64>,
+    pub scratch: &'a [mount::Scratch],
+    pub sealed: &'a [Vec<u8>],
+}
+
 /// Zygote side: what every task gets, prepared once.
 pub struct Server {
     /// The task's plan (namespaces, seccomp, capabilities, ids, rlimits, hostname).
@@ -140,16 +152,8 @@ fn probe(p: &[u8]) -> Option<bool> {
 impl Server {
     /// `plan`: built from the task's Spec (its namespaces without "user"); masks and sizes as
     /// the task's filesystem needs them.
-    pub fn new(
-        plan: Plan,
-        masked: &[Vec<u8>],
-        readonly_paths: &[Vec<u8>],
-        tmp_size: Option<u64>,
-        shm_size: Option<u64>,
-        scoped: bool,
-        scratch: &[mount::Scratch],
-        sealed: &[Vec<u8>],
-    ) -> crate::Result<Server> {
+    pub fn new(plan: Plan, fs: &TaskFs<'_>, scoped: bool) -> crate::Result<Server> {
+        let TaskFs { masked, readonly_paths, tmp_size, shm_size, scratch, sealed } = *fs;
         let mnt = plan.clone_flags & libc::CLONE_NEWNS as u64 != 0;
         let steps =
             if mnt { mount::task_steps(masked, readonly_paths, tmp_size, shm_size, scratch, &probe)? } else { vec![] };
