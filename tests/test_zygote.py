@@ -1092,8 +1092,8 @@ class TestCrashes:
             os.kill(own.pid, signal.SIGKILL)
             try:
                 r = own.run_python("print('ok')", timeout=30)
-                if r.returncode == -signal.SIGKILL and r.stdout == b"":
-                    killed += 1
+                if r.returncode == -signal.SIGKILL:
+                    killed += 1  # (its output may be there: killed on its way out)
                 elif r.stdout != b"ok\n" or r.returncode != 0:
                     failures.append((i, r))
             except Exception as e:  # noqa: BLE001 - collected, reported below
