@@ -1426,3 +1426,17 @@ class TestClose:
         assert not psutil.pid_exists(pid)
         with pytest.raises(ZygoteError):
             zz.run_python("pass")
+
+
+def test_a_zygote_on_a_rootfs_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """A rootfs cannot hold this interpreter and nsfast's module at their paths: SpecError
+    naming rootfs, before anything starts (not a zygote failing to import)."""
+    with pytest.raises(nsfast.SpecError, match="rootfs"):
+        Zygote(rootfs=str(tmp_path))
+
+
+def test_bad_network_modes_are_refused() -> None:
+    with pytest.raises(nsfast.SpecError, match="network"):
+        Zygote(network="host")
+    with pytest.raises(nsfast.SpecError, match="seccomp"):
+        Zygote(network="none", seccomp=None)

@@ -218,6 +218,9 @@ class Zygote:
         for ns in ("pid", "mnt"):
             if ns not in task.namespaces:
                 raise SpecError("namespaces", f"a zygote's tasks need the {ns!r} namespace")
+        if task.rootfs is not None:
+            # The zygote is this interpreter, with nsfast's module, at their host paths.
+            raise SpecError("rootfs", "a Zygote runs on the host root (its interpreter is the caller's); use mounts=")
         if network == "none":
             if task.seccomp is None:
                 raise SpecError(
@@ -235,40 +238,33 @@ class Zygote:
         self.spec = task
         exe = os.path.realpath(sys.executable)
         here = os.path.dirname(os.path.abspath(__file__))
-        binds: List[Bind] = []
-        if task.rootfs is None:
-            vis = _Visible(task)
-            # The interpreter finds its standard library from its own path: same path.
-            for d in (sys.base_prefix, os.path.dirname(exe)):
-                if _under(os.path.realpath(d), ("/tmp",)):
-                    raise SpecError("Zygote", f"the interpreter's directory {d} is under /tmp, which tasks replace")
-                vis(d)
-            # sys.path as the sandbox sees it: entries a task could see anyway, the Python
-            # installation and venv, nsfast's own directory and `path`; not the others
-            # (a script's directory in a hidden /home, say): binding them would show them.
-            install = [os.path.realpath(d) for d in (sys.prefix, sys.base_prefix, sys.exec_prefix)]
-            own = os.path.dirname(here)
-            path = []
-            for p in sys.path:
-                rp = os.path.realpath(p) if p else ""
-                if not rp or not os.path.isdir(rp):
-                    continue
-                if _under(rp, install) or rp == own or not _under(rp, tuple(task.hidden) + ("/tmp",)):
-                    path.append(vis(rp))
-            path += [vis(p) for p in extra_path]
-            core, main = vis(_core.__file__), vis(os.path.join(here, "_zygote_main.py"))
-            if vis.moved:
-                # Files, not directories: bind the package directory instead.
-                core = os.path.join(vis(here), os.path.basename(_core.__file__))
-                main = os.path.join(vis(here), "_zygote_main.py")
-                vis.moved = {k: v for k, v in vis.moved.items() if os.path.isdir(k)}
-            binds = vis.binds()
-            scratch, sealed = _scratch(task, binds)
-        else:
-            # A rootfs of the user's: its own python3 and nsfast, at the same paths.
-            exe, path = "python3", [p for p in sys.path if p] + extra_path
-            core, main = _core.__file__, os.path.join(here, "_zygote_main.py")
-            scratch, sealed = _scratch(task, [])
+        vis = _Visible(task)
+        # The interpreter finds its standard library from its own path: same path.
+        for d in (sys.base_prefix, os.path.dirname(exe)):
+            if _under(os.path.realpath(d), ("/tmp",)):
+                raise SpecError("Zygote", f"the interpreter's directory {d} is under /tmp, which tasks replace")
+            vis(d)
+        # sys.path as the sandbox sees it: entries a task could see anyway, the Python
+        # installation and venv, nsfast's own directory and `path`; not the others
+        # (a script's directory in a hidden /home, say): binding them would show them.
+        install = [os.path.realpath(d) for d in (sys.prefix, sys.base_prefix, sys.exec_prefix)]
+        own = os.path.dirname(here)
+        path = []
+        for p in sys.path:
+            rp = os.path.realpath(p) if p else ""
+            if not rp or not os.path.isdir(rp):
+                continue
+            if _under(rp, install) or rp == own or not _under(rp, tuple(task.hidden) + ("/tmp",)):
+                path.append(vis(rp))
+        path += [vis(p) for p in extra_path]
+        core, main = vis(_core.__file__), vis(os.path.join(here, "_zygote_main.py"))
+        if vis.moved:
+            # Files, not directories: bind the package directory instead.
+            core = os.path.join(vis(here), os.path.basename(_core.__file__))
+            main = os.path.join(vis(here), "_zygote_main.py")
+            vis.moved = {k: v for k, v in vis.moved.items() if os.path.isdir(k)}
+        binds = vis.binds()
+        scratch, sealed = _scratch(task, binds)
         caps = tuple(dict.fromkeys(tuple(task.capabilities) + _ZYGOTE_CAPS))
         self._zspec = dataclasses.replace(
             task,
