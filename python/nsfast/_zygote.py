@@ -297,11 +297,17 @@ class Zygote:
             "sealed": sealed,
         }
         self._lock = threading.Lock()
+        # A task's fd 3 when it has no result to give (run_python): /dev/null.
+        self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self._proc: Optional[Process] = None
         self._link: Any = None
         self._closed = False
         self.restarts = 0
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
 
     # -- the zygote process ----------------------------------------------------------------
 
@@ -368,8 +374,11 @@ class Zygote:
     def close(self) -> None:
         """End the zygote and every task it started that is still running."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             self._stop()
+            os.close(self._null)
 
     def __enter__(self) -> Zygote:
         return self
@@ -444,25 +453,23 @@ class Zygote:
         stderr for an uncaught exception, `sys.exit(n)` -> n, death by signal N -> -N) with
         its `usage`. `timeout` raises `nsfast.TimeoutExpired`; `limits` replaces the spec's
         for this task; `env` is its whole environment; `argv` is sys.argv[1:]."""
+        return run(
+            ["python", "-c", code],
+            spec=self.spec,
+            input=input,
+            stdin=None if input is not None else DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=check,
+            text=text,
+            _start=self._code_starter(code, env, argv, limits),
+        )
+
+    def _code_starter(self, code: str, env: Optional[Mapping[str, str]], argv: Sequence[str], limits: Any) -> Any:
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         payload = self._payload("code", env, code=code, argv=["-c", *map(str, argv)])
-        null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            start = self._starter(payload, limits, null)
-            return run(
-                ["python", "-c", code],
-                spec=self.spec,
-                input=input,
-                stdin=None if input is not None else DEVNULL,
-                capture_output=True,
-                timeout=timeout,
-                check=check,
-                text=text,
-                _start=start,
-            )
-        finally:
-            os.close(null)
+        return self._starter(payload, limits, self._null)
 
     def call(
         self,
@@ -546,26 +553,21 @@ class Zygote:
         kills the task and reaps it."""
         from ._aio import _arun_with
 
-        payload = self._payload("code", env, code=code, argv=["-c", *map(str, argv)])
-        null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            start = self._starter(payload, limits, null)
-            return await _arun_with(
-                lambda: Process(
-                    ["python", "-c", code],
-                    spec=self.spec,
-                    stdin=PIPE if input is not None else DEVNULL,
-                    stdout=PIPE,
-                    stderr=PIPE,
-                    text=text,
-                    _start=start,
-                ),
-                input,
-                timeout,
-                check,
-            )
-        finally:
-            os.close(null)
+        start = self._code_starter(code, env, argv, limits)
+        return await _arun_with(
+            lambda: Process(
+                ["python", "-c", code],
+                spec=self.spec,
+                stdin=PIPE if input is not None else DEVNULL,
+                stdout=PIPE,
+                stderr=PIPE,
+                text=text,
+                _start=start,
+            ),
+            input,
+            timeout,
+            check,
+        )
 
 
 def _wait_ready(proc: Process) -> None:

@@ -616,6 +616,36 @@ fn create_cgroup(cgroup: Option<(CgroupRequest, Limits)>) -> Result<Option<Box<d
     })
 }
 
+/// The `cgroup=` argument (an nsfast._cgroup.CgroupRequest or None): the request and limits,
+/// and the CPU-time limits its watcher enforces.
+fn cgroup_arg(cgroup: Option<&Bound<'_, PyAny>>) -> PyResult<(Option<(CgroupRequest, Limits)>, CpuTimeLimits)> {
+    let cgroup: Option<(CgroupRequest, Limits)> = match cgroup {
+        Some(c) if !c.is_none() => Some((c.extract()?, c.extract()?)),
+        _ => None,
+    };
+    let cpu = cgroup.as_ref().map_or(CpuTimeLimits::default(), |(r, _)| CpuTimeLimits {
+        cpu_time: r.cpu_time,
+        cpu_time_soft: r.cpu_time_soft,
+    });
+    Ok((cgroup, cpu))
+}
+
+/// `start` a sandbox in `cg`; the cgroup goes with it, or is removed if the start failed.
+fn started_in<T>(
+    mut cg: Option<Box<dyn Cgroup>>,
+    start: impl FnOnce(Option<&dyn Cgroup>) -> Result<T, Error>,
+) -> Result<(T, Option<Box<dyn Cgroup>>), Error> {
+    match start(cg.as_deref()) {
+        Ok(child) => Ok((child, cg)),
+        Err(e) => {
+            if let Some(c) = cg.as_mut() {
+                let _ = c.remove();
+            }
+            Err(e)
+        }
+    }
+}
+
 /// Start a sandbox as the frozen nsfast.Spec `spec` says, running `args`; returns its Sandbox.
 #[pyfunction]
 #[pyo3(signature = (spec, args, *, stdio, pass_fds, cgroup=None))]
@@ -629,14 +659,7 @@ fn spawn(
 ) -> PyResult<Sandbox> {
     let mut core_spec: Spec = spec.extract()?;
     core_spec.args = args.into_iter().map(bytes).collect();
-    let cgroup: Option<(CgroupRequest, Limits)> = match cgroup {
-        Some(c) if !c.is_none() => Some((c.extract()?, c.extract()?)),
-        _ => None,
-    };
-    let cpu = cgroup.as_ref().map_or(CpuTimeLimits::default(), |(r, _)| CpuTimeLimits {
-        cpu_time: r.cpu_time,
-        cpu_time_soft: r.cpu_time_soft,
-    });
+    let (cgroup, cpu) = cgroup_arg(cgroup)?;
     // CPU-time limits the cgroup cannot enforce (no cgroup, no readable CPU usage; the
     // Python layer refused them unless strict=False): each process's RLIMIT_CPU instead.
     let limits = spec.getattr("limits")?;
@@ -669,16 +692,7 @@ fn spawn(
                 return Err(Error::Limit { limit: "delegate_cgroup".into(), msg: e.to_string() });
             }
         }
-        let io = crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg.as_deref() };
-        match crate::spawn::spawn(&plan, &io) {
-            Ok(child) => Ok((child, cg)),
-            Err(e) => {
-                if let Some(c) = cg.as_mut() {
-                    let _ = c.remove();
-                }
-                Err(e)
-            }
-        }
+        started_in(cg, |cg| crate::spawn::spawn(&plan, &crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg }))
     });
     match result {
         Ok((child, cg)) => Sandbox::new(child, cg, started, pid_namespace, new_session, cpu, false),
@@ -781,7 +795,7 @@ fn spawn_join(
         plan.nproc = nproc;
         let cg_err =
             |e: cgroup::CgroupError| Error::spawn("join cgroup", Some(e.to_string()), rustix::io::Errno::NOTSUP);
-        let (target, mut cg): (Target, Option<Box<dyn Cgroup>>) = match held_fds {
+        let (target, cg): (Target, Option<Box<dyn Cgroup>>) = match held_fds {
             Some((ns, root)) => {
                 let cg = match container_core.filter(|_| join_cgroup) {
                     Some(c) => {
@@ -819,16 +833,9 @@ fn spawn_join(
                 (t, cg)
             }
         };
-        let io = crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg.as_deref() };
-        match crate::exec::spawn_join(&plan, &io, &target) {
-            Ok(child) => Ok((child, cg)),
-            Err(e) => {
-                if let Some(c) = cg.as_mut() {
-                    let _ = c.remove();
-                }
-                Err(e)
-            }
-        }
+        started_in(cg, |cg| {
+            crate::exec::spawn_join(&plan, &crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg }, &target)
+        })
     });
     match result {
         // An exec's process is not its pid namespace's init: what it leaves behind keeps
@@ -943,26 +950,10 @@ impl ZygoteLink {
         cgroup: Option<&Bound<'_, PyAny>>,
         new_session: bool,
     ) -> PyResult<Sandbox> {
-        let cgroup: Option<(CgroupRequest, Limits)> = match cgroup {
-            Some(c) if !c.is_none() => Some((c.extract()?, c.extract()?)),
-            _ => None,
-        };
-        let cpu = cgroup.as_ref().map_or(CpuTimeLimits::default(), |(r, _)| CpuTimeLimits {
-            cpu_time: r.cpu_time,
-            cpu_time_soft: r.cpu_time_soft,
-        });
+        let (cgroup, cpu) = cgroup_arg(cgroup)?;
         let started = std::time::Instant::now();
         let res = detached(py, || -> Result<_, Error> {
-            let mut cg = create_cgroup(cgroup)?;
-            match self.start(&payload, stdio, result, cg.as_deref()) {
-                Ok(child) => Ok((child, cg)),
-                Err(e) => {
-                    if let Some(c) = cg.as_mut() {
-                        let _ = c.remove();
-                    }
-                    Err(e)
-                }
-            }
+            started_in(create_cgroup(cgroup)?, |cg| self.start(&payload, stdio, result, cg))
         });
         match res {
             Ok((child, cg)) => Sandbox::new(child, cg, started, true, new_session, cpu, true),

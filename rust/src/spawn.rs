@@ -565,29 +565,7 @@ fn child(ctx: &ChildCtx) -> ! {
         // Inside the new root: its symlinks stay in it, magic links are refused.
         mount::chdir_in_root(plan.cwd.as_c_str()).unwrap_or_else(|e| fail(Step::Chdir, e));
     }
-    // The bounding set needs CAP_SETPCAP, which a switch to a non-root uid takes away.
-    for cap in 0..=plan.cap_last {
-        if plan.keep_caps & (1u64 << cap) == 0 {
-            sys::capbset_drop(cap).unwrap_or_else(|e| fail(Step::DropCaps, e));
-        }
-    }
-    // Capabilities kept for a non-root uid survive the uid switch (KEEPCAPS) and the exec
-    // (the ambient set), as crun does with the OCI spec's ambient set: without that,
-    // `uid=1000, capabilities=(...)` would silently give the command none.
-    let ambient = plan.keep_caps != 0 && plan.set_ids.is_some_and(|ids| ids.uid.is_some_and(|u| u != 0));
-    if ambient {
-        sys::set_keep_caps().unwrap_or_else(|e| fail(Step::DropCaps, e));
-    }
-    if let Some(ids) = plan.set_ids {
-        sys::clear_supplementary_groups().unwrap_or_else(|e| fail(Step::SetGroups, e));
-        if let Some(gid) = ids.gid {
-            sys::setresgid(gid).unwrap_or_else(|e| fail(Step::SetGid, e));
-        }
-        if let Some(uid) = ids.uid {
-            sys::setresuid(uid).unwrap_or_else(|e| fail(Step::SetUid, e));
-        }
-        arm_death_signal(ctx);
-    }
+    let ambient = drop_bounding_and_set_ids(plan, ch, &|| arm_death_signal(ctx));
     if ctx.parent_pidfd >= 0 {
         // Armed for good now: if the spawning thread died at any point before, exit.
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
@@ -597,16 +575,7 @@ fn child(ctx: &ChildCtx) -> ! {
             sys::exit_now(127);
         }
     }
-    sys::clear_ambient_capabilities().unwrap_or_else(|e| fail(Step::DropCaps, e));
-    let have = sys::capget_permitted().unwrap_or_else(|e| fail(Step::DropCaps, e));
-    sys::capset(have & plan.keep_caps).unwrap_or_else(|e| fail(Step::DropCaps, e));
-    if ambient {
-        for cap in 0..=plan.cap_last {
-            if have & plan.keep_caps & (1u64 << cap) != 0 {
-                sys::raise_ambient_capability(cap).unwrap_or_else(|e| fail(Step::DropCaps, e));
-            }
-        }
-    }
+    set_capabilities(plan, ambient, ch);
     if plan.new_session {
         rustix::process::setsid().unwrap_or_else(|e| fail(Step::Setsid, e));
     }
@@ -689,6 +658,53 @@ fn child(ctx: &ChildCtx) -> ! {
         err = Errno::ACCESS;
     }
     fail(Step::Exec, err)
+}
+
+/// Child-safe: drop the bounding set to what `plan` keeps, then set its ids (`rearm` runs
+/// after a change of ids, which clears the death signal). Returns whether the kept
+/// capabilities go to the ambient set (a non-root uid keeping some).
+pub(crate) fn drop_bounding_and_set_ids(plan: &Plan, ch: &sync::ChildChannel, rearm: &dyn Fn()) -> bool {
+    let fail = |step: Step, e: Errno| -> ! { ch.fail(step, 0, e) };
+    // The bounding set needs CAP_SETPCAP, which a switch to a non-root uid takes away.
+    for cap in 0..=plan.cap_last {
+        if plan.keep_caps & (1u64 << cap) == 0 {
+            sys::capbset_drop(cap).unwrap_or_else(|e| fail(Step::DropCaps, e));
+        }
+    }
+    // Capabilities kept for a non-root uid survive the uid switch (KEEPCAPS) and the exec
+    // (the ambient set), as crun does with the OCI spec's ambient set: without that,
+    // `uid=1000, capabilities=(...)` would silently give the command none.
+    let ambient = plan.keep_caps != 0 && plan.set_ids.is_some_and(|ids| ids.uid.is_some_and(|u| u != 0));
+    if ambient {
+        sys::set_keep_caps().unwrap_or_else(|e| fail(Step::DropCaps, e));
+    }
+    if let Some(ids) = plan.set_ids {
+        sys::clear_supplementary_groups().unwrap_or_else(|e| fail(Step::SetGroups, e));
+        if let Some(gid) = ids.gid {
+            sys::setresgid(gid).unwrap_or_else(|e| fail(Step::SetGid, e));
+        }
+        if let Some(uid) = ids.uid {
+            sys::setresuid(uid).unwrap_or_else(|e| fail(Step::SetUid, e));
+        }
+        rearm();
+    }
+    ambient
+}
+
+/// Child-safe: permitted, effective and inheritable capabilities to what `plan` keeps (of
+/// what is left), no ambient ones unless `ambient` (then the kept ones).
+pub(crate) fn set_capabilities(plan: &Plan, ambient: bool, ch: &sync::ChildChannel) {
+    let fail = |step: Step, e: Errno| -> ! { ch.fail(step, 0, e) };
+    sys::clear_ambient_capabilities().unwrap_or_else(|e| fail(Step::DropCaps, e));
+    let have = sys::capget_permitted().unwrap_or_else(|e| fail(Step::DropCaps, e));
+    sys::capset(have & plan.keep_caps).unwrap_or_else(|e| fail(Step::DropCaps, e));
+    if ambient {
+        for cap in 0..=plan.cap_last {
+            if have & plan.keep_caps & (1u64 << cap) != 0 {
+                sys::raise_ambient_capability(cap).unwrap_or_else(|e| fail(Step::DropCaps, e));
+            }
+        }
+    }
 }
 
 /// Wait up to `timeout` (forever if None) for the child to exit; reap it with its resource

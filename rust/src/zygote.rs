@@ -422,34 +422,8 @@ impl Server {
     fn task_setup(&self, stdio: &[RawFd], result: RawFd, payload: RawFd, report: RawFd, ch: &ChildChannel) {
         let plan = &self.plan;
         let fail = |step: Step, e: Errno| -> ! { ch.fail(step, 0, e) };
-        for cap in 0..=plan.cap_last {
-            if plan.keep_caps & (1u64 << cap) == 0 {
-                sys::capbset_drop(cap).unwrap_or_else(|e| fail(Step::DropCaps, e));
-            }
-        }
-        let ambient = plan.keep_caps != 0 && plan.set_ids.is_some_and(|ids| ids.uid.is_some_and(|u| u != 0));
-        if ambient {
-            sys::set_keep_caps().unwrap_or_else(|e| fail(Step::DropCaps, e));
-        }
-        if let Some(ids) = plan.set_ids {
-            sys::clear_supplementary_groups().unwrap_or_else(|e| fail(Step::SetGroups, e));
-            if let Some(gid) = ids.gid {
-                sys::setresgid(gid).unwrap_or_else(|e| fail(Step::SetGid, e));
-            }
-            if let Some(uid) = ids.uid {
-                sys::setresuid(uid).unwrap_or_else(|e| fail(Step::SetUid, e));
-            }
-        }
-        sys::clear_ambient_capabilities().unwrap_or_else(|e| fail(Step::DropCaps, e));
-        let have = sys::capget_permitted().unwrap_or_else(|e| fail(Step::DropCaps, e));
-        sys::capset(have & plan.keep_caps).unwrap_or_else(|e| fail(Step::DropCaps, e));
-        if ambient {
-            for cap in 0..=plan.cap_last {
-                if have & plan.keep_caps & (1u64 << cap) != 0 {
-                    sys::raise_ambient_capability(cap).unwrap_or_else(|e| fail(Step::DropCaps, e));
-                }
-            }
-        }
+        let ambient = crate::spawn::drop_bounding_and_set_ids(plan, ch, &|| {});
+        crate::spawn::set_capabilities(plan, ambient, ch);
         if plan.new_session {
             rustix::process::setsid().unwrap_or_else(|e| fail(Step::Setsid, e));
         }
