@@ -189,7 +189,7 @@ _IDLE: Dict[int, List[int]] = {}  # zygote pid -> its process tree before any ta
 def z(tasks_dir: Path) -> Iterator[Zygote]:
     """The shared zygote; the tasks module is on its path (path=: a directory below /tmp,
     which every task replaces, so the zygote binds it elsewhere)."""
-    zygote = Zygote(path=[str(tasks_dir)])
+    zygote = Zygote(preload=("json",), path=[str(tasks_dir)])
     _IDLE[zygote.pid] = descendants(zygote.pid)
     try:
         yield zygote
@@ -335,7 +335,7 @@ class TestRunPython:
 class TestConstruction:
     def test_preload_is_imported_before_any_task(self) -> None:
         with Zygote(preload=("decimal", "xml.dom.minidom")) as zz:
-            assert {"decimal", "xml.dom.minidom", "json"} <= set(zz.preload)
+            assert {"decimal", "xml.dom.minidom"} <= set(zz.preload)
             got = run_json(
                 zz, "import sys, json; print(json.dumps([m in sys.modules for m in ('decimal', 'xml.dom.minidom')]))"
             )
@@ -1440,3 +1440,15 @@ def test_bad_network_modes_are_refused() -> None:
         Zygote(network="host")
     with pytest.raises(nsfast.SpecError, match="seccomp"):
         Zygote(network="none", seccomp=None)
+
+
+def test_the_zygote_holds_no_module_a_task_did_not_ask_for(own: Zygote) -> None:
+    """A task starts from a lean interpreter: nothing of nsfast's package, no json, typing,
+    threading or re unless preloaded (each module is memory every task copies as it touches
+    it, and threading's at-fork hook would run in each); the task can import them itself."""
+    got = run_json(
+        own,
+        "import sys\nmods = sorted(sys.modules)\nimport json\nprint(json.dumps(mods))",
+    )
+    for name in ("nsfast", "json", "typing", "threading", "re", "traceback", "asyncio"):
+        assert name not in got, f"{name} is loaded in every task"

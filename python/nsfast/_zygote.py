@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import marshal
 import os
 import selectors
 import socket
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Zygote", "ZygoteError", "TaskError", "DEFAULT_PRELOAD"]
 
-#: Imported by every zygote (call() and tracebacks need them).
-DEFAULT_PRELOAD: Tuple[str, ...] = ("json", "traceback", "importlib")
+#: Imported by every zygote: nothing beyond the interpreter's built-in modules (each module
+#: the zygote holds is memory its tasks copy as they touch it: preload what tasks use).
+DEFAULT_PRELOAD: Tuple[str, ...] = ()
 #: What a zygote keeps in its user namespace to make its tasks' namespaces and mounts.
 _ZYGOTE_CAPS = ("CAP_SYS_ADMIN", "CAP_SETPCAP", "CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID")
 #: Where the caller's Python directories that the sandbox would hide under /tmp are bound
@@ -324,7 +326,7 @@ class Zygote:
                 _spawner()
                 .submit(
                     Process,
-                    self._argv + [json.dumps(cfg)],
+                    self._argv + [marshal.dumps(cfg).hex()],
                     spec=self._zspec,
                     stdin=DEVNULL,
                     stdout=PIPE,
@@ -406,7 +408,8 @@ class Zygote:
         cgroup = None
         if self.spec.cgroup:
             cgroup = _cgroup.request(limits, kill_tree=False, strict=self.spec.strict)
-        data = json.dumps(payload).encode()
+        # marshal: what the zygote can read without importing anything (from us, not a task).
+        data = marshal.dumps(payload)
 
         def start(stdio: Tuple[int, int, int]) -> Any:
             for attempt in range(3):
@@ -488,8 +491,10 @@ class Zygote:
         text). The result is data from the task: parsed as JSON, never unpickled."""
         if not isinstance(target, str) or ":" not in target:
             raise ValueError(f"target must be 'module:function', got {target!r}")
-        payload = self._payload("call", env, target=target, args=list(args), kwargs=kwargs)
-        json.dumps(payload)  # not serialisable: TypeError here, not in the task
+        # JSON in, JSON out: not serialisable is a TypeError here, not in the task, and the
+        # task gets what json would give it (lists for tuples).
+        args_kwargs = json.loads(json.dumps([list(args), kwargs]))
+        payload = self._payload("call", env, target=target, args=args_kwargs[0], kwargs=args_kwargs[1])
         fd = os.memfd_create("nsfast-result", os.MFD_CLOEXEC)
         try:
             r = run(
@@ -612,8 +617,10 @@ def _wait_ready(proc: Process) -> None:
 # memory it has, the cheaper each fork and each task's exit).
 
 _BOOT = (
-    "import sys,json,importlib.util as u;c=json.loads(sys.argv[1]);sys.path[:]=c['path']\n"
-    "def load(n,p):\n"
-    " s=u.spec_from_file_location(n,p);m=u.module_from_spec(s);sys.modules[n]=m;s.loader.exec_module(m);return m\n"
-    "core=load('nsfast._core',c['core']);load('_nsfast_zygote',c['main']).serve(c,core)"
+    "import sys,marshal,_frozen_importlib as b,_frozen_importlib_external as x\n"
+    "c=marshal.loads(bytes.fromhex(sys.argv[1]));sys.path[:]=c['path']\n"
+    "def load(n,p,L):\n"
+    " s=b.spec_from_loader(n,L(n,p));m=b.module_from_spec(s);sys.modules[n]=m;s.loader.exec_module(m);return m\n"
+    "core=load('nsfast._core',c['core'],x.ExtensionFileLoader)\n"
+    "load('_nsfast_zygote',c['main'],x.SourceFileLoader).serve(c,core)"
 )

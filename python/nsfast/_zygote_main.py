@@ -2,21 +2,28 @@
 zygote's sandbox, with only the standard library and nsfast._core; never imported by the
 caller. Everything here runs in the zygote or in a task."""
 
+from __future__ import annotations
+
 import gc
-import importlib
-import json
+import marshal
 import os
 import sys
-import threading
 import types
-from typing import Any, Dict
+
+# Only built-in modules: every module the zygote imports is memory each task may copy, and
+# threading's at-fork hook would run in every task (a task that uses json, traceback or
+# threading imports it, as `python -c` would). The payload and the config are marshal data
+# from the caller (who is trusted), never from a task.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict
 
 
 def serve(cfg: Dict[str, Any], core: Any) -> None:
     """Import `preload`, say "ready" on stdout, then fork tasks until the caller closes the
     socket."""
     for m in cfg["preload"]:
-        importlib.import_module(m)
+        __import__(m)
     spec = _spec(cfg["spec"])
     fd = int(cfg["fd"])
     sys.stdout.flush()
@@ -49,12 +56,11 @@ def _spec(fields: Dict[str, Any]) -> Any:
 def _task() -> None:
     """In a task: run its payload (fd 4), results to fd 3; never returns."""
     import builtins
-    import traceback
 
     code = 1
     try:
         size = os.fstat(4).st_size
-        req = json.loads(os.pread(4, size, 0))
+        req = marshal.loads(os.pread(4, size, 0))
         os.close(4)
         os.environ.clear()
         os.environ.update(req["env"])
@@ -82,10 +88,12 @@ def _task() -> None:
                     signal.signal(signal.SIGINT, signal.SIG_DFL)
                     os.kill(os.getpid(), signal.SIGINT)
         else:
-            code = _call(req, traceback)
+            code = _call(req)
         code = _finalize(code)
     except BaseException:
         try:
+            import traceback
+
             traceback.print_exc()
         except BaseException:
             pass
@@ -117,10 +125,12 @@ def _exit_code(e: SystemExit) -> int:
 
 def _finalize(code: int) -> int:
     """What the interpreter does at exit: join non-daemon threads, run atexit."""
-    try:
-        threading._shutdown()  # type: ignore[attr-defined]
-    except BaseException:
-        pass
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        try:
+            threading._shutdown()
+        except BaseException:
+            pass
     import atexit
 
     try:
@@ -130,7 +140,10 @@ def _finalize(code: int) -> int:
     return code
 
 
-def _call(req: Dict[str, Any], traceback: Any) -> int:
+def _call(req: Dict[str, Any]) -> int:
+    import importlib
+    import json
+
     mod, _, name = req["target"].partition(":")
     try:
         obj: Any = importlib.import_module(mod)
@@ -144,6 +157,8 @@ def _call(req: Dict[str, Any], traceback: Any) -> int:
         out = json.dumps({"error": {"type": "SystemExit", "message": str(e.code), "traceback": ""}}).encode()
         code = c or 1
     except BaseException as e:
+        import traceback
+
         tb = traceback.format_exc()
         out = json.dumps({"error": {"type": type(e).__name__, "message": str(e), "traceback": tb}}).encode()
         code = 1
