@@ -9,6 +9,7 @@ crash or close a zygote start their own.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import json
 import os
@@ -1452,3 +1453,36 @@ def test_the_zygote_holds_no_module_a_task_did_not_ask_for(own: Zygote) -> None:
     )
     for name in ("nsfast", "json", "typing", "threading", "re", "traceback", "asyncio"):
         assert name not in got, f"{name} is loaded in every task"
+
+
+def test_a_task_cannot_reach_through_its_pid_1(own: Zygote) -> None:
+    """pid 1 of a task is nsfast-init, in the zygote's mount and network namespaces: not
+    dumpable and without capabilities, so its /proc/1/root, ns, mem, environ, cwd and fd
+    links are closed to the task, ptrace is refused, and a SIGKILL from inside is dropped."""
+    code = textwrap.dedent(
+        """
+        import ctypes, json, os, signal
+        out = {}
+        for p in ("/proc/1/root/etc/hostname", "/proc/1/ns/mnt", "/proc/1/ns/net", "/proc/1/mem",
+                  "/proc/1/environ", "/proc/1/cwd/.", "/proc/1/fd/0"):
+            try:
+                open(p, "rb").close()
+                out[p] = "opened"
+            except OSError as e:
+                out[p] = e.errno
+        st = open("/proc/1/status").read()
+        out["caps"] = [l.split()[1] for l in st.splitlines() if l.startswith(("CapEff", "CapPrm", "CapBnd"))]
+        libc = ctypes.CDLL(None, use_errno=True)
+        out["ptrace"] = [libc.ptrace(16, 1, 0, 0), ctypes.get_errno()]  # PTRACE_ATTACH
+        os.kill(1, signal.SIGKILL)
+        out["alive"] = os.path.exists("/proc/1/status")
+        print(json.dumps(out))
+        """
+    )
+    got = run_json(own, code)
+    for p in ("/proc/1/root/etc/hostname", "/proc/1/ns/mnt", "/proc/1/ns/net", "/proc/1/mem", "/proc/1/environ",
+              "/proc/1/cwd/.", "/proc/1/fd/0"):  # fmt: skip
+        assert got[p] == errno.EACCES, (p, got[p])
+    assert got["caps"][:2] == ["0000000000000000"] * 2, got["caps"]
+    assert got["ptrace"] == [-1, errno.EPERM]
+    assert got["alive"] is True
