@@ -1486,3 +1486,16 @@ def test_a_task_cannot_reach_through_its_pid_1(own: Zygote) -> None:
     assert got["caps"][:2] == ["0000000000000000"] * 2, got["caps"]
     assert got["ptrace"] == [-1, errno.EPERM]
     assert got["alive"] is True
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"init": False}, "init"),
+        ({"namespaces": nsfast.DEFAULT_NAMESPACES + ("time",)}, "namespaces"),
+    ],
+)
+def test_what_tasks_cannot_have_is_refused_not_dropped(fields: Dict[str, Any], field: str) -> None:
+    with pytest.raises(nsfast.SpecError) as e:
+        Zygote(**fields)
+    assert e.value.field == field

@@ -220,6 +220,15 @@ class Zygote:
         for ns in ("pid", "mnt"):
             if ns not in task.namespaces:
                 raise SpecError("namespaces", f"a zygote's tasks need the {ns!r} namespace")
+        # What a zygote's tasks cannot have, refused rather than dropped.
+        if task.init is False:
+            raise SpecError(
+                "init", "zygote tasks always run under nsfast-init as their pid 1 (init=False cannot apply)"
+            )
+        if task.delegate_cgroup:
+            raise SpecError("delegate_cgroup", "is not available to zygote tasks")
+        if "time" in task.namespaces:
+            raise SpecError("namespaces", "a zygote's tasks cannot have a time namespace of their own")
         if task.rootfs is not None:
             # The zygote is this interpreter, with nsfast's module, at their host paths.
             raise SpecError("rootfs", "a Zygote runs on the host root (its interpreter is the caller's); use mounts=")
