@@ -275,7 +275,7 @@ impl Server {
                 reply(libc::EPROTO, None)?;
                 continue;
             }
-            match self.fork_task(&fds, ctrl, hooks) {
+            match self.fork_task(&fds, hooks) {
                 Ok(Forked::Task) => {
                     // In the task: those numbers were closed or replaced (0..5) already.
                     std::mem::forget(fds);
@@ -288,8 +288,8 @@ impl Server {
         }
     }
 
-    fn fork_task(&self, fds: &[OwnedFd], ctrl: BorrowedFd<'_>, hooks: &ForkHooks) -> Result<Forked, Errno> {
-        let _ = ctrl;
+    /// One task: its pid namespace and pid 1, then the fork; `Forked::Task` in the task.
+    fn fork_task(&self, fds: &[OwnedFd], hooks: &ForkHooks) -> Result<Forked, Errno> {
         let status = fds[6].try_clone().map_err(|e| Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))?;
         let pid_ns = self.plan.clone_flags & libc::CLONE_NEWPID as u64 != 0;
         let mut watch = None;
