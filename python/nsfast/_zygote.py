@@ -4,7 +4,7 @@ A `Zygote` is one long-lived interpreter in a hardened nsfast sandbox that has i
 `preload`. Each task is a copy-on-write fork of it into fresh pid, mount (own /proc, empty
 /tmp and /dev/shm), ipc, uts and net namespaces and a cgroup of its own, with every
 capability dropped, no_new_privs and the seccomp filter installed before its code runs:
-the containment of `nsfast.run`, at the cost of a fork. How it works: src/zygote.rs.
+the containment of `nsfast.run`, at the cost of a fork. How it works: rust/src/zygote.rs.
 
 The zygote never sees a task's code or data: they reach the task in a memfd, and its output
 goes to the caller's pipes. Results of `call` come back as JSON, never unpickled.
@@ -108,19 +108,14 @@ class _Visible:
         return [Bind(d, d) for d in self.same] + [Bind(src, dst) for src, dst in self.moved.items()]
 
 
-#: The size of the tmpfs that hides a host directory (mount.rs' HIDDEN_SIZE).
-_HIDDEN_SIZE = 16 << 20
-
-
 def _scratch(t: Spec, binds: Sequence[Bind]) -> Tuple[List[Tuple[str, Optional[int], str]], List[str]]:
     """The zygote's writable tmpfs mounts (the hidden directories, the spec's Tmpfs), which
     every task would otherwise share: (those each task gets a fresh tmpfs on, those made
     read-only in the zygote because a mount of its own lies below them)."""
     cands: List[Tuple[str, Optional[int], str]] = []
-    if t.rootfs is None:
-        for h in t.hidden:
-            if h not in ("/tmp", "/dev/shm") and not _under(h, ("/tmp", "/dev/shm")) and os.path.isdir(h):
-                cands.append((h, _HIDDEN_SIZE, "1777" if h == "/var/tmp" else "0755"))
+    for h in t.hidden:  # (a zygote is always on the host root)
+        if not _under(h, ("/tmp", "/dev/shm")) and os.path.isdir(h):
+            cands.append((h, _core.HIDDEN_SIZE, "1777" if h == "/var/tmp" else "0755"))
     for m in t.mounts:
         if isinstance(m, Tmpfs):
             cands.append((m.dst, m.size, "0755"))

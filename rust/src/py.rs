@@ -1107,5 +1107,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SANDBOX_ID_BASE", crate::spec::SANDBOX_ID_BASE)?;
     m.add("SANDBOX_ID_COUNT", crate::spec::SANDBOX_ID_COUNT)?;
     m.add("INIT_BINARY_SIZE", crate::spawn::INIT_BINARY.len())?;
+    m.add("HIDDEN_SIZE", crate::mount::HIDDEN_SIZE)?;
     Ok(())
 }
