@@ -237,17 +237,15 @@ async def arun(
     `timeout` kills the whole sandbox and raises `nsfast.TimeoutExpired` (with `.usage`);
     cancelling the task kills and reaps the sandbox."""
     stdin, stdout, stderr = run_stdio(input, capture_output, stdin, stdout, stderr, timeout)
-    start = functools.partial(
-        Process, args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds, **spec_fields
+    proc = await aspawn(
+        args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds, **spec_fields
     )
-    return await _arun_with(start, input, timeout, check)
+    return await _finish_run(proc, input, timeout, check)
 
 
-async def _arun_with(start: Callable[[], Process], input: Any, timeout: Optional[float], check: bool) -> Result:
-    """arun's body for any start of a Process (a zygote task's too)."""
-    if timeout is not None and (timeout != timeout or timeout < 0):
-        raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
-    proc = await _aspawn_with(start)
+async def _finish_run(proc: AsyncProcess, input: Any, timeout: Optional[float], check: bool) -> Result:
+    """arun's body once the sandbox started (a zygote task's too): communicate, the timeout,
+    cancellation, the Result."""
     p = proc.process
     task = asyncio.ensure_future(proc.communicate(input))
     try:

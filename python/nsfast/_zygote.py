@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, 
 from . import _cgroup, _core
 from ._cgroup import Limits
 from ._errors import NsfastError, SpecError
-from ._process import DEVNULL, PIPE, Process, Result, run
+from ._process import DEVNULL, PIPE, Process, Result, run, run_stdio
 from ._spec import Bind, Spec, SpecFields, Tmpfs, default_env, with_fields
 
 if TYPE_CHECKING:
@@ -352,9 +352,6 @@ class Zygote:
         self._proc = proc
         self._link = _core.ZygoteLink(parent.detach())
 
-    def _alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def _restart(self, failed: Any) -> None:
         """Start a new zygote in place of the one behind the link `failed` (unless another
         thread has replaced it already)."""
@@ -540,7 +537,7 @@ class Zygote:
         """`run_python` of each code, `concurrency` at a time (default: the CPU count);
         the Results in order."""
         codes = list(codes)
-        n = concurrency or os.cpu_count() or 2
+        n = (os.cpu_count() or 2) if concurrency is None else concurrency
         if n < 1:
             raise ValueError(f"concurrency must be >= 1, got {n}")
         with concurrent.futures.ThreadPoolExecutor(min(n, max(1, len(codes)))) as pool:
@@ -560,23 +557,22 @@ class Zygote:
     ) -> Result:
         """`run_python` for asyncio: the task's pidfd and pipes are loop readers; cancelling
         kills the task and reaps it."""
-        from ._aio import _arun_with
+        from ._aio import _aspawn_with, _finish_run
 
+        stdin, stdout, stderr = run_stdio(input, True, None, None, None, timeout)
         start = self._code_starter(code, env, argv, limits)
-        return await _arun_with(
+        proc = await _aspawn_with(
             lambda: Process(
                 ["python", "-c", code],
                 spec=self.spec,
-                stdin=PIPE if input is not None else DEVNULL,
-                stdout=PIPE,
-                stderr=PIPE,
+                stdin=DEVNULL if stdin is None else stdin,
+                stdout=stdout,
+                stderr=stderr,
                 text=text,
                 _start=start,
-            ),
-            input,
-            timeout,
-            check,
+            )
         )
+        return await _finish_run(proc, input, timeout, check)
 
 
 def _wait_ready(proc: Process) -> None:

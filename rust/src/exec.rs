@@ -361,15 +361,7 @@ fn seccomp_fd(filter: &Arc<Filter>) -> std::result::Result<RawFd, Errno> {
     if let Some((_, fd)) = fds.iter().find(|(f, _)| Arc::ptr_eq(f, filter)) {
         return Ok(fd.as_raw_fd());
     }
-    use rustix::fs::{MemfdFlags, SealFlags};
-    let fd = rustix::fs::memfd_create(c"nsfast-seccomp", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
-    let bytes = filter.to_bytes();
-    let mut rest: &[u8] = &bytes;
-    while !rest.is_empty() {
-        let n = rustix::io::write(&fd, rest)?;
-        rest = &rest[n..];
-    }
-    rustix::fs::fcntl_add_seals(&fd, SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE)?;
+    let fd = crate::sys::sealed_memfd(c"nsfast-seccomp", &filter.to_bytes(), false)?;
     let raw = fd.as_fd().as_raw_fd();
     fds.push((filter.clone(), fd));
     Ok(raw)

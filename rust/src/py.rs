@@ -911,9 +911,6 @@ fn zygote_serve(
     }
 }
 
-/// The SpawnError step of a request the zygote never answered.
-const ZYGOTE_LINK: &str = "zygote link";
-
 /// The caller's end of a zygote's control socket: one request at a time.
 #[pyclass(module = "nsfast._core", name = "ZygoteLink", frozen)]
 struct ZygoteLink {
@@ -953,13 +950,15 @@ impl ZygoteLink {
         let (cgroup, cpu) = cgroup_arg(cgroup)?;
         let started = std::time::Instant::now();
         let res = detached(py, || -> Result<_, Error> {
-            started_in(create_cgroup(cgroup)?, |cg| self.start(&payload, stdio, result, cg))
+            started_in(create_cgroup(cgroup)?, |cg| {
+                crate::zygote::start_task(&self.sock, &payload, [stdio.0, stdio.1, stdio.2], result, cg)
+            })
         });
         match res {
             Ok((child, cg)) => Sandbox::new(child, cg, started, true, new_session, cpu, true),
             // The zygote is gone (or its socket broke): BrokenPipeError, so the caller
             // restarts it, unlike a task's own setup failure (SpawnError).
-            Err(Error::Spawn { step, filename, .. }) if step == ZYGOTE_LINK => {
+            Err(Error::Spawn { step, filename, .. }) if step == crate::zygote::LINK_STEP => {
                 Err(pyo3::exceptions::PyBrokenPipeError::new_err(format!(
                     "the zygote is gone: {}",
                     filename.unwrap_or_default()
@@ -968,98 +967,6 @@ impl ZygoteLink {
             Err(e) => Err(to_pyerr(py, e)),
         }
     }
-}
-
-impl ZygoteLink {
-    fn start(
-        &self,
-        payload: &[u8],
-        stdio: (i32, i32, i32),
-        result: i32,
-        cg: Option<&dyn Cgroup>,
-    ) -> Result<crate::Child, Error> {
-        use rustix::fs::{MemfdFlags, SealFlags};
-        use std::os::fd::{AsFd, AsRawFd};
-        let err = |step: &str, e: rustix::io::Errno| Error::spawn(format!("zygote task: {step}"), None, e);
-        let io_err = |step: &str, e: std::io::Error| {
-            let errno = rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO));
-            Error::spawn(format!("zygote task: {step}"), Some(e.to_string()), errno)
-        };
-        // The files the task's pid 1 writes "0" to, opened here (the kernel checks the
-        // opener's rights): v1 controllers' tasks files, the v2 cgroup.procs.
-        let mut attach = match cg {
-            Some(c) => {
-                c.self_attach_files().map_err(|e| io_err("attach cgroup", std::io::Error::other(e.to_string())))?
-            }
-            None => Vec::new(),
-        };
-        if let Some(dir) = cg.and_then(|c| c.clone_fd()) {
-            // SAFETY: the cgroup owns its directory fd for longer than this call.
-            let dir = unsafe { crate::sys::borrow_fd(dir) };
-            let flags = rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC;
-            attach.push(
-                rustix::fs::openat(dir, c"cgroup.procs", flags, rustix::fs::Mode::empty())
-                    .map_err(|e| err("attach cgroup", e))?,
-            );
-        }
-        let memfd = rustix::fs::memfd_create(c"nsfast-task", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
-            .map_err(|e| err("memfd_create", e))?;
-        let mut off = 0;
-        while off < payload.len() {
-            off += rustix::io::write(&memfd, &payload[off..]).map_err(|e| err("write payload", e))?;
-        }
-        rustix::fs::fcntl_add_seals(&memfd, SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL)
-            .map_err(|e| err("seal payload", e))?;
-        let (parent, _chan, report_w, _) = crate::sync::channel(false).map_err(|e| err("pipe", e))?;
-        let (status_r, status_w) = crate::sync::status_pipe().map_err(|e| err("pipe", e))?;
-        // SAFETY: the caller keeps these open across the call.
-        let b = |fd: i32| unsafe { crate::sys::borrow_fd(fd) };
-        if [stdio.0, stdio.1, stdio.2, result].iter().any(|&fd| fd < 0) {
-            return Err(Error::invalid("stdio", "a zygote task needs all of stdin, stdout, stderr and result"));
-        }
-        let fds = crate::zygote::TaskFds {
-            stdio: [b(stdio.0), b(stdio.1), b(stdio.2)],
-            result: b(result),
-            payload: memfd.as_fd(),
-            report: report_w.as_fd(),
-            status: status_w.as_fd(),
-            attach: attach.iter().map(|f| f.as_fd()).collect(),
-        };
-        let pidfd = {
-            let guard = self.sock.lock().unwrap_or_else(|p| p.into_inner());
-            // Closed: replaced by a restart (another thread's) since the caller took this link.
-            let sock = guard
-                .as_ref()
-                .ok_or_else(|| Error::spawn(ZYGOTE_LINK, Some("closed".into()), rustix::io::Errno::BADF))?;
-            crate::zygote::request(sock.as_fd(), &fds).map_err(|e| {
-                let errno = rustix::io::Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EPIPE));
-                Error::spawn(ZYGOTE_LINK, Some(e.to_string()), errno)
-            })?
-        };
-        drop(fds);
-        drop((report_w, status_w, memfd, attach));
-        // Its pid here (the task's, which the pidfd is of): -1 if it ended already (a task
-        // can be over before this line; the pidfd, not the pid, is what is used).
-        let pid = pidfd_pid(pidfd.as_raw_fd()).unwrap_or(-1);
-        match parent.wait_exec() {
-            Ok(None) => Ok(crate::Child { pid, pidfd, status: Some(status_r) }),
-            Ok(Some(rec)) => {
-                let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
-                let step = crate::sync::Step::from_raw(rec.step).map_or("setup", |s| s.name());
-                Err(err(step, rustix::io::Errno::from_raw_os_error(rec.errno)))
-            }
-            Err(e) => {
-                let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
-                Err(err("read report", e))
-            }
-        }
-    }
-}
-
-/// The pid (in our pid namespace) a pidfd is of: its fdinfo's "Pid:" line (-1: exited).
-fn pidfd_pid(fd: i32) -> Option<i32> {
-    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// The kernel's Landlock ABI version (0: no Landlock).

@@ -98,8 +98,8 @@ struct ChildCtx<'a> {
 }
 
 /// Open the files a v1 child moves itself in with (see `Cgroup::self_attach_files`).
-fn self_attach_files(io: &Io) -> Result<Vec<OwnedFd>> {
-    match io.cgroup {
+pub(crate) fn self_attach_files(cgroup: Option<&dyn Cgroup>) -> Result<Vec<OwnedFd>> {
+    match cgroup {
         Some(cg) => {
             cg.self_attach_files().map_err(|e| Error::spawn("attach cgroup", Some(e.to_string()), cgroup_errno(&e)))
         }
@@ -166,7 +166,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
     };
     let cgroup_fd = cgroup_fd.filter(|_| !legacy);
     let attach = io.cgroup.filter(|c| c.needs_attach());
-    let tasks = self_attach_files(io)?;
+    let tasks = self_attach_files(io.cgroup)?;
     let tasks_fds: Vec<RawFd> = tasks.iter().map(|f| f.as_raw_fd()).collect();
     let prepared = prepare_trees(plan)?;
     let prepared_fds: Vec<RawFd> = prepared.iter().map(|f| f.as_raw_fd()).collect();
@@ -483,24 +483,10 @@ pub(crate) fn child_error(plan: &Plan, rec: sync::ChildError) -> Error {
 /// The nsfast-init binary in a sealed memfd, made once per process.
 pub(crate) fn init_binary() -> std::result::Result<RawFd, Errno> {
     static FD: OnceLock<std::result::Result<OwnedFd, Errno>> = OnceLock::new();
-    FD.get_or_init(|| {
-        use rustix::fs::{MemfdFlags, SealFlags};
-        let fd = rustix::fs::memfd_create(
-            c"nsfast-init",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::EXEC,
-        )
-        .or_else(|_| rustix::fs::memfd_create(c"nsfast-init", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING))?;
-        let mut rest: &[u8] = INIT_BINARY;
-        while !rest.is_empty() {
-            let n = rustix::io::write(&fd, rest)?;
-            rest = &rest[n..];
-        }
-        rustix::fs::fcntl_add_seals(&fd, SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE)?;
-        Ok(fd)
-    })
-    .as_ref()
-    .map(|fd| fd.as_raw_fd())
-    .map_err(|e| *e)
+    FD.get_or_init(|| sys::sealed_memfd(c"nsfast-init", INIT_BINARY, true))
+        .as_ref()
+        .map(|fd| fd.as_raw_fd())
+        .map_err(|e| *e)
 }
 
 /// The static init built from `init/main.rs` by build.rs.

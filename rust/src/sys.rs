@@ -563,6 +563,26 @@ pub unsafe fn execve_fd(fd: RawFd, argv: *const *const u8, envp: *const *const u
     }
 }
 
+/// A memfd holding `data`, sealed against any change (CLOEXEC; `exec`: also MFD_EXEC where
+/// the kernel has it, for execveat).
+pub fn sealed_memfd(name: &CStr, data: &[u8], exec: bool) -> Result<std::os::fd::OwnedFd, Errno> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+    let fd = match exec {
+        true => {
+            rustix::fs::memfd_create(name, flags | MemfdFlags::EXEC).or_else(|_| rustix::fs::memfd_create(name, flags))
+        }
+        false => rustix::fs::memfd_create(name, flags),
+    }?;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let n = rustix::io::write(&fd, rest)?;
+        rest = &rest[n..];
+    }
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE)?;
+    Ok(fd)
+}
+
 /// Borrow a raw fd.
 ///
 /// # Safety

@@ -104,6 +104,86 @@ pub fn request(sock: BorrowedFd<'_>, fds: &TaskFds<'_>) -> std::io::Result<Owned
     }
 }
 
+/// The SpawnError step of a request the zygote never answered (it is gone, or the link was
+/// closed by a restart).
+pub const LINK_STEP: &str = "zygote link";
+
+/// Caller side: start one task through the zygote behind `sock` (None: closed), with its
+/// `payload` in a sealed memfd, the caller's `stdio` and `result` fds, in `cg`. Returns once
+/// the task is ready to run its code (or its setup failed).
+pub fn start_task(
+    sock: &std::sync::Mutex<Option<OwnedFd>>,
+    payload: &[u8],
+    stdio: [RawFd; 3],
+    result: RawFd,
+    cg: Option<&dyn crate::cgroup::Cgroup>,
+) -> crate::Result<crate::Child> {
+    use crate::Error;
+    let err = |step: &str, e: Errno| Error::spawn(format!("zygote task: {step}"), None, e);
+    if stdio.iter().chain([&result]).any(|&fd| fd < 0) {
+        return Err(Error::invalid("stdio", "a zygote task needs all of stdin, stdout, stderr and result"));
+    }
+    // The files the task writes "0" to, opened here (the kernel checks the opener's rights):
+    // v1 controllers' tasks files, the v2 cgroup.procs.
+    let mut attach = crate::spawn::self_attach_files(cg)?;
+    if let Some(dir) = cg.and_then(|c| c.clone_fd()) {
+        // SAFETY: the cgroup owns its directory fd for longer than this call.
+        let dir = unsafe { sys::borrow_fd(dir) };
+        let flags = rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC;
+        attach.push(
+            rustix::fs::openat(dir, c"cgroup.procs", flags, rustix::fs::Mode::empty())
+                .map_err(|e| err("attach cgroup", e))?,
+        );
+    }
+    let memfd = sys::sealed_memfd(c"nsfast-task", payload, false).map_err(|e| err("payload memfd", e))?;
+    let (parent, _chan, report_w, _) = crate::sync::channel(false).map_err(|e| err("pipe", e))?;
+    let (status_r, status_w) = crate::sync::status_pipe().map_err(|e| err("pipe", e))?;
+    // SAFETY: the caller keeps these open across the call.
+    let b = |fd: RawFd| unsafe { sys::borrow_fd(fd) };
+    let fds = TaskFds {
+        stdio: stdio.map(b),
+        result: b(result),
+        payload: memfd.as_fd(),
+        report: report_w.as_fd(),
+        status: status_w.as_fd(),
+        attach: attach.iter().map(|f| f.as_fd()).collect(),
+    };
+    let pidfd = {
+        let guard = sock.lock().unwrap_or_else(|p| p.into_inner());
+        let sock = guard.as_ref().ok_or_else(|| Error::spawn(LINK_STEP, Some("closed".into()), Errno::BADF))?;
+        request(sock.as_fd(), &fds).map_err(|e| {
+            let errno = Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EPIPE));
+            Error::spawn(LINK_STEP, Some(e.to_string()), errno)
+        })?
+    };
+    drop(fds);
+    drop((report_w, status_w, memfd, attach));
+    // Its pid here (the task's, which the pidfd is of): -1 if it ended already (a task can
+    // be over before this line; the pidfd, not the pid, is what is used).
+    let pid = pidfd_pid(pidfd.as_raw_fd()).unwrap_or(-1);
+    let kill = || {
+        let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+    };
+    match parent.wait_exec() {
+        Ok(None) => Ok(crate::Child { pid, pidfd, status: Some(status_r) }),
+        Ok(Some(rec)) => {
+            kill();
+            let step = Step::from_raw(rec.step).map_or("setup", |s| s.name());
+            Err(err(step, Errno::from_raw_os_error(rec.errno)))
+        }
+        Err(e) => {
+            kill();
+            Err(err("read report", e))
+        }
+    }
+}
+
+/// The pid (in our pid namespace) a pidfd is of: its fdinfo's "Pid:" line (-1: exited).
+fn pidfd_pid(fd: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|v| v.trim().parse().ok())
+}
+
 /// The interpreter's fork hooks (PyOS_BeforeFork and friends), kept out of this module.
 pub struct ForkHooks {
     pub before: fn(),
