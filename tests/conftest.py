@@ -187,7 +187,7 @@ _APPLETS = ("sh", "ls", "cat", "echo", "touch", "id", "hostname", "mkdir", "env"
 @pytest.fixture
 def busybox_rootfs(tmp_path: Path) -> Path:
     """A tiny root file system: a static busybox plus applet symlinks in /bin, a marker
-    file /ROOTFS-MARKER, an /etc/hostname. No /proc, /dev or /tmp: nsfast creates them."""
+    file /ROOTFS-MARKER, an /etc/hostname. No /proc, /dev or /tmp: nsfast's overlay provides them."""
     if not os.path.exists(BUSYBOX):
         pytest.skip(f"a static busybox is needed at {BUSYBOX} (Debian: busybox-static)")
     root = tmp_path / "rootfs"

@@ -248,6 +248,13 @@ def test_rootfs_is_read_only_by_default(busybox_rootfs):
 
 
 def test_rootfs_is_writable_with_readonly_root_false(busybox_rootfs):
+    # Writes land in the user's directory, so nsfast makes no mount points there: without
+    # them it is a SpecError naming them, and nothing was created.
+    with pytest.raises(nsfast.SpecError, match=r"rootfs: has no /proc, /dev, /tmp .*overlay=True"):
+        nsfast.run(["true"], rootfs=busybox_rootfs, readonly_root=False)
+    assert sorted(os.listdir(busybox_rootfs)) == ["ROOTFS-MARKER", "bin", "etc"]
+    for d in ("proc", "dev", "tmp"):
+        (busybox_rootfs / d).mkdir()
     r = nsfast.run(
         ["sh", "-c", "echo hi > /new && mkdir /d"],
         rootfs=busybox_rootfs,

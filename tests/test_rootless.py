@@ -245,3 +245,35 @@ def test_rootless_zygote_tasks_are_isolated_and_unprivileged():
     assert first[3] != second[3], "two tasks shared a pid namespace"
     assert called == "/"
     assert none.strip() == "1"  # EPERM: no IP socket with network="none"
+
+
+def test_rootless_overlay_rootfs_is_writable_and_the_lower_unchanged(nobody_dir):
+    root = os.path.join(nobody_dir, "rootfs")
+    os.makedirs(os.path.join(root, "bin"))
+    shutil.copy2("/bin/busybox", os.path.join(root, "bin", "busybox"))
+    os.symlink("busybox", os.path.join(root, "bin", "sh"))
+    with open(os.path.join(root, "marker"), "w") as f:
+        f.write("lower\n")
+    for dirpath, dirnames, filenames in os.walk(nobody_dir):
+        for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+            os.lchown(name, NOBODY, NOBODY)
+    [ro, ov, host] = as_nobody(f"""
+        root = {root!r}
+        ro = nsfast.run(["/bin/sh", "-c", "ls -d /proc/1 /tmp; echo x > /marker"], rootfs=root,
+                        capture_output=True, text=True)
+        out([ro.returncode, sorted(ro.stdout.split()), "Read-only file system" in ro.stderr])
+        ov = nsfast.run(["/bin/sh", "-c", "echo upper >> /marker; /bin/busybox cat /marker; /bin/busybox rm /bin/sh"],
+                        rootfs=root, overlay=True, capture_output=True, text=True)
+        out([ov.returncode, ov.stdout, ov.stderr])
+        try:
+            nsfast.run(["true"], overlay=True)
+            out("ran")
+        except nsfast.SpecError as e:
+            out(str(e))
+    """)
+    assert ro == [1, ["/proc/1", "/tmp"], True]
+    assert ov == [0, "lower\nupper\n", ""]
+    assert sorted(os.listdir(root)) == ["bin", "marker"] and os.path.islink(os.path.join(root, "bin", "sh"))
+    with open(os.path.join(root, "marker")) as f:
+        assert f.read() == "lower\n"
+    assert host.startswith("overlay: on the host root needs a root caller") and "rootfs=" in host

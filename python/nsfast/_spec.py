@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_HIDDEN",
     "DEFAULT_SECCOMP",
     "DEFAULT_TMP_SIZE",
+    "DEFAULT_OVERLAY_SIZE",
     "DEFAULT_SHM_SIZE",
     "SANDBOX_ID_BASE",
     "SANDBOX_ID_COUNT",
@@ -52,6 +53,8 @@ DEFAULT_READONLY_PATHS: Tuple[str, ...] = tuple(_core.DEFAULT_READONLY_PATHS)
 DEFAULT_HIDDEN: Tuple[str, ...] = tuple(_core.DEFAULT_HIDDEN)
 DEFAULT_TMP_SIZE: int = _core.DEFAULT_TMP_SIZE
 DEFAULT_SHM_SIZE: int = _core.DEFAULT_SHM_SIZE
+#: Size of the tmpfs that holds an overlay root's changes (Spec.overlay_size).
+DEFAULT_OVERLAY_SIZE: int = 256 << 20
 #: A root caller's sandbox runs as host ids SANDBOX_ID_BASE .. +SANDBOX_ID_COUNT-1 (inside: 0..).
 SANDBOX_ID_BASE: int = _core.SANDBOX_ID_BASE
 SANDBOX_ID_COUNT: int = _core.SANDBOX_ID_COUNT
@@ -330,9 +333,27 @@ class Spec:
     """Everything about a sandbox except the command.
 
     namespaces: names as in /proc/self/ns; "user" is added when not running as root.
-    rootfs: None = the host root (read-only), else a directory used as "/".
-    readonly_root: None (default) = read-only wherever there is a mount namespace; True
-        without "mnt" is an error (the root would be the host's, writable).
+    rootfs: None = the host root (read-only), else a directory used as "/". nsfast never
+        writes into it: mount points it lacks (/proc, /dev, /tmp) come from a small overlay
+        of nsfast's own, so a read-only or shared rootfs works as it is.
+    readonly_root: None (default) = read-only wherever there is a mount namespace (writable
+        with overlay=True); True without "mnt" is an error (the root would be the host's,
+        writable).
+    overlay: a writable copy-on-write root: a kernel overlayfs whose lower layer is the root
+        (host root or rootfs, never modified) and whose upper layer is a tmpfs of
+        `overlay_size` bytes (default 256 MiB; None: half of RAM), written by the sandbox,
+        so charged to its memory limit, and gone when it ends. On the host root, every
+        submount a user can see (a separate /usr, /home, ...) gets an overlay of its own, as
+        in BenchExec; file systems an overlay cannot sit on (proc, sysfs, cgroup, ...) are
+        bound read-only. Works for root and rootless callers (an overlay in the sandbox's
+        user namespace).
+    overlay_upper: a host directory that holds the changes instead, kept after the run:
+        `<dir>/upper` (what was written, with overlayfs whiteouts for deletions) and
+        `<dir>/work` (overlayfs's scratch); the same directory continues a previous run's
+        state. It must not be inside the lower tree's file system (overlayfs refuses
+        overlapping layers): on the host root, pick a directory on another file system
+        (e.g. a tmpfs). Only the root file system is writable then: submounts are bound
+        read-only (writes there fail with EROFS).
     mounts: extra `Bind`/`Tmpfs` mounts, applied in order.
     namespaces: "user" is always created for rootless callers; a root caller that leaves it
         out opts out of the user namespace (the sandbox's root is then host root: trusted
@@ -409,6 +430,9 @@ class Spec:
     hidden: Tuple[str, ...] = DEFAULT_HIDDEN
     tmp_size: Optional[int] = DEFAULT_TMP_SIZE
     shm_size: Optional[int] = DEFAULT_SHM_SIZE
+    overlay: bool = False
+    overlay_size: Optional[int] = DEFAULT_OVERLAY_SIZE
+    overlay_upper: Optional[str] = None
     rlimits: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # name -> (soft, hard)
     _env_items: Tuple[Tuple[str, str], ...] = field(default=(), init=False, repr=False, compare=False)
     _cap_mask: int = field(default=0, init=False, repr=False, compare=False)
@@ -432,6 +456,24 @@ class Spec:
                 raise SpecError("rootfs", f"is not an existing directory: {root!r}")
             set_("rootfs", root)
         mnt = "mnt" in self.namespaces
+        _bool("overlay", self.overlay)
+        if self.overlay:
+            if not mnt:
+                raise SpecError("overlay", "needs the 'mnt' namespace")
+            if self.readonly_root:
+                raise SpecError("readonly_root", "True contradicts overlay=True (the overlay is a writable root)")
+            set_("readonly_root", False)
+        set_("overlay_size", parse_size("overlay_size", self.overlay_size))
+        if self.overlay_size != DEFAULT_OVERLAY_SIZE and (not self.overlay or self.overlay_upper is not None):
+            why = "needs overlay=True" if not self.overlay else "sizes the tmpfs, which overlay_upper replaces"
+            raise SpecError("overlay_size", why)
+        if self.overlay_upper is not None:
+            if not self.overlay:
+                raise SpecError("overlay_upper", "needs overlay=True")
+            upper = os.path.abspath(_path("overlay_upper", self.overlay_upper, absolute=False))
+            if not os.path.isdir(upper):
+                raise SpecError("overlay_upper", f"is not an existing directory: {upper!r}")
+            set_("overlay_upper", upper)
         if self.readonly_root is None:
             set_("readonly_root", mnt)  # read-only wherever a mount namespace can make it so
         _bool("readonly_root", self.readonly_root)
@@ -584,6 +626,9 @@ class SpecFields(TypedDict, total=False):
     hidden: Iterable[str]
     tmp_size: Union[int, str, None]
     shm_size: Union[int, str, None]
+    overlay: bool
+    overlay_size: Union[int, str, None]
+    overlay_upper: Optional[StrPath]
     rlimits: Mapping[str, Union[int, None, Tuple[Optional[int], Optional[int]]]]
     strict: bool
     delegate_cgroup: bool

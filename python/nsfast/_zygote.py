@@ -227,6 +227,11 @@ class Zygote:
         if task.rootfs is not None:
             # The zygote is this interpreter, with nsfast's module, at their host paths.
             raise SpecError("rootfs", "a Zygote runs on the host root (its interpreter is the caller's); use mounts=")
+        if task.overlay:
+            # One overlay for the zygote would be one writable root shared by every task.
+            raise SpecError(
+                "overlay", "zygote tasks share the zygote's root (read-only); use mounts= for writable trees"
+            )
         if network == "none":
             if task.seccomp is None:
                 raise SpecError(

@@ -24,7 +24,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
 use rustix::io::Errno;
-use rustix::mount::{MountFlags, MountPropagationFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags};
+use rustix::mount::{
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MountPropagationFlags, MoveMountFlags, OpenTreeFlags,
+    UnmountFlags,
+};
 
 use crate::error::{Error, Result};
 use crate::spec::Mount;
@@ -45,12 +48,11 @@ pub enum Tree {
 pub enum FsOp {
     /// Make every mount private (recursive), so nothing propagates to the host.
     MakePrivate,
-    /// Clone the tree (unless prepared), create `ensure_dirs` in it if missing, set `attrs`
-    /// (recursive), attach it on top of `/` and chdir into it.
+    /// Clone the tree (unless prepared), set `attrs` (recursive), attach it on top of `/`
+    /// and chdir into it.
     EnterRoot {
         tree: Tree,
         attrs: u64,
-        ensure_dirs: Vec<CString>,
     },
     /// mount(2) of a fresh filesystem on `dst` (resolved inside the new root).
     Mount {
@@ -90,20 +92,69 @@ pub enum FsOp {
     },
     /// pivot_root(".", "."), detach the old root, chdir("/").
     PivotRoot,
+    /// Make (or open) the overlays' upper filesystem, kept in the child's [`FsState`].
+    OverlayUpper(Upper),
+    /// An overlay of `lower` (the overlay does not look into its submounts: each is a layer of its own)
+    /// with `upper`/`work` directories of the upper filesystem (created if missing, with
+    /// `mkdirs` in `upper` first), mounted with `attrs`: on top of `/` and entered when
+    /// `dst` is empty, else on `dst` (inside the new root).
+    Overlay {
+        lower: Tree,
+        dst: CString,
+        upper: CString,
+        work: CString,
+        mkdirs: Vec<CString>,
+        userxattr: bool,
+        attrs: u64,
+    },
 }
 
-/// A tree the parent prepares before clone: open_tree(OPEN_TREE_CLONE) of `src`, `mkdirs`
-/// created in it, `attrs` set recursively, idmapped through the sandbox's id mapping when
-/// `idmap`.
+/// Where overlays keep their changes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Upper {
+    /// A fresh tmpfs of the child's (its pages charged to the sandbox's memory cgroup).
+    Tmpfs { size: Option<CString> },
+    /// A directory of the caller's (`overlay_upper`), kept after the run.
+    Dir(Tree),
+}
+
+/// What the child's steps hand on to later ones (on its stack: nothing allocated).
+#[derive(Default)]
+pub struct FsState {
+    upper: Option<OwnedFd>,
+}
+
+/// A tree the parent prepares before clone: open_tree(OPEN_TREE_CLONE) of `src`, `attrs`
+/// set (recursively when `recursive`), idmapped through the sandbox's id mapping when
+/// `idmap`. Nothing is created in it: the tree is the user's.
 #[derive(Debug, PartialEq, Eq)]
 pub struct PrepareTree {
     pub src: CString,
     pub recursive: bool,
     pub attrs: u64,
     pub idmap: bool,
-    pub mkdirs: Vec<CString>,
     /// The step name for errors ("bind SRC -> DST", "bind root").
     pub step: String,
+    /// The tree is an overlay's lower layer: the parent makes the overlay (over the plan's
+    /// `upper`) and the child attaches that.
+    pub overlay: Option<OverlayLayer>,
+}
+
+/// An overlay the parent makes (a root caller's: its layers are idmapped, which only the
+/// caller may do, and the kernel lets only the owner of a tree's mount namespace use it as a
+/// layer, so the child could not).
+#[derive(Debug, PartialEq, Eq)]
+pub struct OverlayLayer {
+    /// Directories of the upper filesystem, made if missing (`upper` owned by `owner`).
+    pub upper: CString,
+    pub work: CString,
+    /// Mount points made in `upper` (a rootfs's missing /proc, /dev, /tmp).
+    pub mkdirs: Vec<CString>,
+    /// The merged root's owner (host ids): a rootfs's (idmapped) is the sandbox's root; the
+    /// host root's stays host root's (none of its files is the sandbox's).
+    pub owner: Option<(u32, u32)>,
+    /// Of the overlay's mount.
+    pub attrs: u64,
 }
 
 /// A step with what the error message calls it: `step` (e.g. "mount /proc") and `path`.
@@ -119,6 +170,8 @@ pub struct FsStep {
 pub struct FsPlan {
     pub steps: Vec<FsStep>,
     pub prepare: Vec<PrepareTree>,
+    /// The upper filesystem of the overlays in `prepare` (made by the parent first).
+    pub upper: Option<Upper>,
 }
 
 /// What the filesystem should be.
@@ -137,13 +190,37 @@ pub struct FsSpec<'a> {
     pub shm_size: Option<u64>,
     /// The parent prepares the rootfs and bind trees (root caller), idmapping binds.
     pub prepare_trees: bool,
+    /// The sandbox's root as host ids (what a root caller's overlays are owned by).
+    pub root_ids: (u32, u32),
     /// Mount a fresh procfs (false: bind the host's, for a user namespace without a pid
     /// namespace of its own, which may not mount a procfs of the host's pid namespace).
     pub fresh_proc: bool,
     /// A fresh cgroup2 (the sandbox's own cgroup namespace) on /sys/fs/cgroup, read-write
     /// (`delegate_cgroup`).
     pub cgroup2: bool,
+    /// A writable copy-on-write root (`Spec(overlay=True)`).
+    pub overlay: Option<OverlaySpec<'a>>,
+    /// In a user namespace: overlayfs keeps its metadata in user.* xattrs.
+    pub userxattr: bool,
 }
+
+/// `Spec(overlay=True, overlay_size=, overlay_upper=)`.
+pub struct OverlaySpec<'a> {
+    /// Size of the tmpfs that holds the changes.
+    pub size: Option<u64>,
+    /// A host directory that holds them instead (`upper/` and `work/` in it), kept.
+    pub upper: Option<&'a [u8]>,
+}
+
+/// File systems an overlay can use as a lower layer; other submounts (proc, sysfs, cgroup,
+/// devpts, ...) are bound read-only, with what is mounted below them.
+const OVERLAYABLE: [&str; 20] = [
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs", "ramfs", "overlay", "squashfs", "erofs", "zfs", "vfat",
+    "exfat", "ntfs3", "nfs", "nfs4", "9p", "virtiofs", "iso9660",
+];
+
+/// Size of the tmpfs that holds only the mount points a rootfs lacks.
+const MOUNTPOINTS_SIZE: u64 = 64 << 10;
 
 /// Size of each tmpfs that hides a host directory.
 pub const HIDDEN_SIZE: u64 = 16 << 20;
@@ -221,6 +298,9 @@ fn sandbox_path(field: &'static str, path: &[u8]) -> Result<(Vec<u8>, String)> {
 /// `(root, path inside it)` -> None if it does not exist, else whether it is a directory.
 pub type InRootProbe<'a> = &'a dyn Fn(&[u8], &[u8]) -> Option<bool>;
 
+/// A host directory -> the mounts below it: (path relative to it, file system type).
+pub type SubmountsProbe<'a> = &'a dyn Fn(&[u8]) -> Vec<(Vec<u8>, String)>;
+
 /// What the planner may ask about the filesystem.
 pub struct Probes<'a> {
     /// A host path: None if it does not exist, else whether it is a directory.
@@ -230,6 +310,9 @@ pub struct Probes<'a> {
     pub in_root: InRootProbe<'a>,
     /// A path inside `rootfs`: is it itself a symlink?
     pub is_link: &'a dyn Fn(&[u8], &[u8]) -> bool,
+    /// The mounts strictly below a host directory: (path relative to it, file system type),
+    /// parents before children.
+    pub submounts: SubmountsProbe<'a>,
 }
 
 /// Build the filesystem plan.
@@ -237,7 +320,6 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
     let probe = probes.host;
     let mut steps: Vec<FsStep> = Vec::new();
     let mut prepare: Vec<PrepareTree> = Vec::new();
-    let mut push = |op: FsOp, step: String, path: String| steps.push(FsStep { op, step, path });
 
     let root: Vec<u8> = match fs.rootfs {
         None => b"/".to_vec(),
@@ -274,28 +356,48 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
         }
     }
 
-    push(FsOp::MakePrivate, "make / private".into(), "/".into());
+    steps.push(FsStep { op: FsOp::MakePrivate, step: "make / private".into(), path: "/".into() });
     let root_attrs = NOSUID_NODEV | if fs.readonly { MOUNT_ATTR_RDONLY } else { 0 };
-    let ensure_dirs: Vec<CString> = if in_root {
-        ["proc", "dev", "tmp"].iter().filter(|d| exists(d.as_bytes()).is_none()).map(|d| c(*d)).collect()
+    // Mount points a rootfs lacks come from an overlay of nsfast's own, never from the
+    // user's directory (which may be read-only, or shared with other sandboxes).
+    let missing: Vec<&str> = if in_root {
+        ["proc", "dev", "tmp"].into_iter().filter(|d| exists(d.as_bytes()).is_none()).collect()
     } else {
         vec![]
     };
-    let enter = if in_root && fs.prepare_trees {
-        // Idmapped like the binds: an image's ids 0..65535 on disk are the sandbox's ids.
-        prepare.push(PrepareTree {
-            src: c(root.clone()),
-            recursive: true,
-            attrs: root_attrs,
-            idmap: true,
-            mkdirs: ensure_dirs,
-            step: "bind root".into(),
-        });
-        FsOp::EnterRoot { tree: Tree::Prepared(prepare.len() - 1), attrs: 0, ensure_dirs: vec![] }
+    if !missing.is_empty() && fs.overlay.is_none() && !fs.readonly {
+        return Err(Error::invalid(
+            "rootfs",
+            format!(
+                "has no {} (mount points nsfast needs) and readonly_root=False writes into it: nsfast does not \
+                 create them in your directory; create them, or use overlay=True (or the read-only default)",
+                missing.iter().map(|d| format!("/{d}")).collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    let mut upper = None;
+    if fs.overlay.is_some() || !missing.is_empty() {
+        let (mut layers, up) = overlay_steps(fs, probes, &root, &missing, &mut prepare)?;
+        steps.append(&mut layers);
+        upper = up;
     } else {
-        FsOp::EnterRoot { tree: Tree::Path(c(root.clone())), attrs: root_attrs, ensure_dirs }
-    };
-    push(enter, "bind root".into(), show(&root));
+        let enter = if in_root && fs.prepare_trees {
+            // Idmapped like the binds: an image's ids 0..65535 on disk are the sandbox's ids.
+            prepare.push(PrepareTree {
+                src: c(root.clone()),
+                recursive: true,
+                attrs: root_attrs,
+                idmap: true,
+                step: "bind root".into(),
+                overlay: None,
+            });
+            FsOp::EnterRoot { tree: Tree::Prepared(prepare.len() - 1), attrs: 0 }
+        } else {
+            FsOp::EnterRoot { tree: Tree::Path(c(root.clone())), attrs: root_attrs }
+        };
+        steps.push(FsStep { op: enter, step: "bind root".into(), path: show(&root) });
+    }
+    let mut push = |op: FsOp, step: String, path: String| steps.push(FsStep { op, step, path });
     if fs.fresh_proc {
         push(
             FsOp::Mount {
@@ -475,8 +577,8 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
                         recursive: true,
                         attrs,
                         idmap: true,
-                        mkdirs: vec![],
                         step: step.clone(),
+                        overlay: None,
                     });
                     (Tree::Prepared(prepare.len() - 1), 0)
                 } else {
@@ -495,7 +597,138 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
         }
     }
     push(FsOp::PivotRoot, "pivot_root".into(), show(&root));
-    Ok(FsPlan { steps, prepare })
+    Ok(FsPlan { steps, prepare, upper })
+}
+
+/// The overlay root (BenchExec's approach to the host root): `/` (the root tree) and each
+/// submount a user can see below it, as an overlay of its own where the file system can be
+/// one and the root is writable, else bound read-only (with what is mounted below it), all
+/// over one upper filesystem. `missing`: mount points the root lacks, made in the upper
+/// layer (then the root stays read-only: only they are nsfast's). A root caller's overlays
+/// are made by the parent (see [`OverlayLayer`]): the steps and `upper` it returns are for
+/// [`FsPlan`]; a rootless caller's by the child (an [`FsOp::OverlayUpper`] step first).
+fn overlay_steps(
+    fs: &FsSpec,
+    probes: &Probes,
+    root: &[u8],
+    missing: &[&str],
+    prepare: &mut Vec<PrepareTree>,
+) -> Result<(Vec<FsStep>, Option<Upper>)> {
+    let in_root = fs.rootfs.is_some();
+    let writable = fs.overlay.is_some();
+    let kept = fs.overlay.as_ref().and_then(|o| o.upper);
+    let by_parent = fs.prepare_trees;
+    if !in_root && !by_parent {
+        return Err(Error::invalid(
+            "overlay",
+            "on the host root needs a root caller: in a rootless caller's user namespace the kernel refuses an \
+             overlay whose lower tree has submounts (the host root's /proc, /sys, ...); use rootfs= with overlay=True",
+        ));
+    }
+    let upper = match kept {
+        Some(dir) => {
+            if !dir.starts_with(b"/") || dir.contains(&0) {
+                return Err(Error::invalid("overlay_upper", format!("must be an absolute path: {}", show(dir))));
+            }
+            if (probes.host)(dir) != Some(true) {
+                return Err(Error::invalid("overlay_upper", format!("is not an existing directory: {}", show(dir))));
+            }
+            Upper::Dir(Tree::Path(c(dir)))
+        }
+        None => {
+            let size = if writable { fs.overlay.as_ref().and_then(|o| o.size) } else { Some(MOUNTPOINTS_SIZE) };
+            Upper::Tmpfs { size: size.map(|s| c(s.to_string())) }
+        }
+    };
+    let mut steps = Vec::new();
+    let plan_upper = if by_parent {
+        Some(upper)
+    } else {
+        let shown = kept.map(show).unwrap_or_else(|| "tmpfs".into());
+        steps.push(FsStep { op: FsOp::OverlayUpper(upper), step: "overlay upper".into(), path: shown });
+        None
+    };
+    let dirs =
+        |n: usize| if kept.is_some() { (c("upper"), c("work")) } else { (c(format!("u{n}")), c(format!("w{n}"))) };
+    let attrs = NOSUID_NODEV | if writable { 0 } else { MOUNT_ATTR_RDONLY };
+    // One overlay: `lower` at `dst` ("" for the root).
+    let overlay = |n: usize, src: &[u8], dst: &[u8], mkdirs: Vec<CString>, prepare: &mut Vec<PrepareTree>| {
+        let shown = if dst.is_empty() { "/".to_string() } else { format!("/{}", show(dst)) };
+        let step = format!("overlay {shown}");
+        let (upper, work) = dirs(n);
+        let op = if by_parent {
+            // A rootfs is idmapped as in a Bind; the host root is not: its files are nobody's
+            // inside (root's secrets stay unreadable, writes go where any user may write).
+            let idmap = in_root;
+            let owner = in_root.then_some(fs.root_ids);
+            let layer = OverlayLayer { upper, work, mkdirs, owner, attrs };
+            let lower_attrs = MOUNT_ATTR_RDONLY | NOSUID_NODEV;
+            prepare.push(PrepareTree {
+                src: c(src),
+                recursive: false,
+                attrs: lower_attrs,
+                idmap,
+                step: step.clone(),
+                overlay: Some(layer),
+            });
+            let tree = Tree::Prepared(prepare.len() - 1);
+            if dst.is_empty() {
+                FsOp::EnterRoot { tree, attrs: 0 }
+            } else {
+                FsOp::Bind { tree, dst: c(dst), recursive: false, attrs: 0 }
+            }
+        } else {
+            let lower = Tree::Path(c(src));
+            FsOp::Overlay { lower, dst: c(dst), upper, work, mkdirs, userxattr: fs.userxattr, attrs }
+        };
+        FsStep { op, step, path: show(src) }
+    };
+    steps.push(overlay(0, root, b"", missing.iter().map(|d| c(*d)).collect(), prepare));
+
+    let under = |p: &[u8], base: &[u8]| p == base || (p.starts_with(base) && p.get(base.len()) == Some(&b'/'));
+    // Replaced anyway (and what a fresh /proc or /dev holds is not the host's).
+    let mut covered: Vec<Vec<u8>> = vec![b"proc".to_vec(), b"dev".to_vec(), b"tmp".to_vec()];
+    if !in_root {
+        for h in fs.hidden {
+            covered.push(sandbox_path("hidden", h)?.0);
+        }
+    }
+    let mut n = 0;
+    for (rel, fstype) in (probes.submounts)(root) {
+        if rel.is_empty() || rel.contains(&0) || covered.iter().any(|b| under(&rel, b)) {
+            continue;
+        }
+        let mut src = root.to_vec();
+        if !src.ends_with(b"/") {
+            src.push(b'/');
+        }
+        src.extend_from_slice(&rel);
+        if writable && kept.is_none() && OVERLAYABLE.contains(&fstype.as_str()) {
+            n += 1;
+            steps.push(overlay(n, &src, &rel, vec![], prepare));
+        } else {
+            let shown = format!("/{}", show(&rel));
+            let sealed = MOUNT_ATTR_RDONLY | NOSUID_NODEV;
+            let (tree, a) = if by_parent && in_root {
+                let step = format!("bind {shown}");
+                prepare.push(PrepareTree {
+                    src: c(src.clone()),
+                    recursive: true,
+                    attrs: sealed,
+                    idmap: true,
+                    step,
+                    overlay: None,
+                });
+                (Tree::Prepared(prepare.len() - 1), 0)
+            } else {
+                (Tree::Path(c(src.clone())), sealed)
+            };
+            let op = FsOp::Bind { tree, dst: c(rel.clone()), recursive: true, attrs: a };
+            steps.push(FsStep { op, step: format!("bind {shown}"), path: show(&src) });
+            covered.push(rel);
+        }
+    }
+    Ok((steps, plan_upper))
 }
 
 /// runc's masks on a fresh /proc (and any other masked path): what they name must not be
@@ -659,21 +892,16 @@ fn open_tree<'a>(
     }
 }
 
-/// Child-safe: run one step. `prepared`: the fds of the parent's [`PrepareTree`]s.
-pub fn run(op: &FsOp, prepared: &[RawFd]) -> std::result::Result<(), Errno> {
+/// Child-safe: run one step. `prepared`: the fds of the parent's [`PrepareTree`]s; `state`:
+/// what earlier steps left for later ones.
+pub fn run(op: &FsOp, prepared: &[RawFd], state: &mut FsState) -> std::result::Result<(), Errno> {
     match op {
         FsOp::MakePrivate => {
             rustix::mount::mount_change(c"/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
         }
-        FsOp::EnterRoot { tree, attrs, ensure_dirs } => {
+        FsOp::EnterRoot { tree, attrs } => {
             let mut owned = None;
             let tree = open_tree(tree, true, prepared, &mut owned)?;
-            for dir in ensure_dirs {
-                match rustix::fs::mkdirat(tree, dir.as_c_str(), Mode::from_raw_mode(0o755)) {
-                    Ok(()) | Err(Errno::EXIST) => {}
-                    Err(e) => return Err(e),
-                }
-            }
             if *attrs != 0 {
                 sys::mount_setattr(tree.as_raw_fd(), c"", *attrs, true)?;
             }
@@ -721,6 +949,96 @@ pub fn run(op: &FsOp, prepared: &[RawFd]) -> std::result::Result<(), Errno> {
             rustix::mount::unmount(c".", UnmountFlags::DETACH)?;
             rustix::process::chdir(c"/")
         }
+        FsOp::OverlayUpper(upper) => {
+            state.upper = Some(make_upper(upper, prepared)?);
+            Ok(())
+        }
+        FsOp::Overlay { lower, dst, upper, work, mkdirs, userxattr, attrs } => {
+            let up = state.upper.as_ref().ok_or(Errno::BADF)?;
+            let (upper, work) = (upper_dir(up, upper)?, upper_dir(up, work)?);
+            for d in mkdirs {
+                upper_dir(&upper, d)?;
+            }
+            // Recursive: in a user namespace the kernel locks a copied tree's submounts to
+            // their parent, and refuses a clone without them (EINVAL). The overlay does not
+            // look into them anyway (each is a layer of its own, or bound, on top).
+            let mut owned = None;
+            let lower = open_tree(lower, true, prepared, &mut owned)?;
+            let m = overlay_mount(lower, upper.as_fd(), work.as_fd(), *userxattr, *attrs)?;
+            if dst.is_empty() {
+                rustix::mount::move_mount(&m, c"", CWD, c"/", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
+                rustix::process::fchdir(&m)
+            } else {
+                let target = at_root(dst)?;
+                let both = MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH;
+                rustix::mount::move_mount(&m, c"", &target, c"", both)
+            }
+        }
+    }
+}
+
+/// Child-safe: directory `name` of `dir`, made if missing, never through a symlink.
+fn upper_dir(dir: impl AsFd, name: &CStr) -> std::result::Result<OwnedFd, Errno> {
+    match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(e),
+    }
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    rustix::fs::openat(&dir, name, flags, Mode::empty())
+}
+
+/// Child-safe: a detached overlayfs mount of these layers (as fds) with mount `attrs`.
+fn overlay_mount(
+    lower: BorrowedFd<'_>,
+    upper: BorrowedFd<'_>,
+    work: BorrowedFd<'_>,
+    userxattr: bool,
+    attrs: u64,
+) -> std::result::Result<OwnedFd, Errno> {
+    let ovl = rustix::mount::fsopen(c"overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    for (key, fd) in [(c"lowerdir+", lower), (c"upperdir", upper), (c"workdir", work)] {
+        match rustix::mount::fsconfig_set_fd(&ovl, key, fd) {
+            // Before Linux 6.13 layers are paths only: the fd's, through /proc.
+            Err(Errno::INVAL) => {
+                let mut buf = [0u8; 32];
+                rustix::mount::fsconfig_set_string(&ovl, key, fd_path(&mut buf, fd.as_raw_fd()))?
+            }
+            other => other?,
+        }
+    }
+    if userxattr {
+        rustix::mount::fsconfig_set_flag(&ovl, c"userxattr")?;
+    }
+    rustix::mount::fsconfig_create(&ovl)?;
+    rustix::mount::fsmount(&ovl, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::from_bits_retain(attrs as u32))
+}
+
+/// The upper filesystem of overlays: a fresh tmpfs, or a clone of a directory's tree.
+fn make_upper(upper: &Upper, prepared: &[RawFd]) -> std::result::Result<OwnedFd, Errno> {
+    match upper {
+        Upper::Tmpfs { size } => {
+            let fs = rustix::mount::fsopen(c"tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+            rustix::mount::fsconfig_set_string(&fs, c"mode", c"0755")?;
+            if let Some(size) = size {
+                rustix::mount::fsconfig_set_string(&fs, c"size", size.as_c_str())?;
+            }
+            rustix::mount::fsconfig_create(&fs)?;
+            let attrs = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
+            rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
+        }
+        Upper::Dir(tree) => {
+            let mut owned = None;
+            let dup = {
+                let t = open_tree(tree, false, prepared, &mut owned)?;
+                // (A prepared tree's fd stays the parent's.)
+                if matches!(tree, Tree::Prepared(_)) {
+                    Some(rustix::io::fcntl_dupfd_cloexec(t, 0)?)
+                } else {
+                    None
+                }
+            };
+            dup.or(owned).ok_or(Errno::BADF)
+        }
     }
 }
 
@@ -736,21 +1054,34 @@ pub fn chdir_in_root(path: &CStr) -> std::result::Result<(), Errno> {
 
 /// Parent side: open and configure a [`PrepareTree`]. `idmap_userns`: the user namespace
 /// whose id mapping an idmapped tree uses.
-pub fn prepare(p: &PrepareTree, idmap_userns: Option<BorrowedFd>) -> std::result::Result<OwnedFd, Errno> {
+pub fn prepare(
+    p: &PrepareTree,
+    idmap_userns: Option<BorrowedFd>,
+    upper: Option<BorrowedFd>,
+) -> std::result::Result<OwnedFd, Errno> {
     let mut how = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
     if p.recursive {
         how |= OpenTreeFlags::AT_RECURSIVE;
     }
     let tree = rustix::mount::open_tree(CWD, p.src.as_c_str(), how)?;
-    for dir in &p.mkdirs {
-        match rustix::fs::mkdirat(&tree, dir.as_c_str(), Mode::from_raw_mode(0o755)) {
-            Ok(()) | Err(Errno::EXIST) => {}
-            Err(e) => return Err(e),
-        }
-    }
     let userns = if p.idmap { idmap_userns.map(|fd| fd.as_raw_fd()) } else { None };
     sys::mount_setattr_userns(tree.as_raw_fd(), p.attrs, p.recursive, userns)?;
-    Ok(tree)
+    let Some(o) = &p.overlay else { return Ok(tree) };
+    let up = upper.ok_or(Errno::BADF)?;
+    let (upper, work) = (upper_dir(up, &o.upper)?, upper_dir(up, &o.work)?);
+    if let Some((uid, gid)) = o.owner {
+        let ids = (rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid));
+        rustix::fs::chownat(up, o.upper.as_c_str(), Some(ids.0), Some(ids.1), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+    }
+    for d in &o.mkdirs {
+        upper_dir(&upper, d)?;
+    }
+    overlay_mount(tree.as_fd(), upper.as_fd(), work.as_fd(), false, o.attrs)
+}
+
+/// Parent side: the upper filesystem of the plan's prepared overlays.
+pub fn prepare_upper(upper: &Upper) -> std::result::Result<OwnedFd, Errno> {
+    make_upper(upper, &[])
 }
 
 /// Paths in a plan as the tests see them.
@@ -766,7 +1097,9 @@ mod tests {
     fn host(path: &[u8]) -> Option<bool> {
         match path {
             b"/" | b"/srv" | b"/home/u/data" | b"/rootfs" | b"/rootfs/proc" | b"/rootfs/work" | b"/opt" | b"/run"
-            | b"/home" | b"/proc/sys" | b"/proc/acpi" => Some(true),
+            | b"/home" | b"/proc/sys" | b"/proc/acpi" | b"/full" | b"/full/proc" | b"/full/dev" | b"/full/tmp" => {
+                Some(true)
+            }
             b"/etc/hosts" | b"/rootfs/etc/hosts" | b"/proc/kcore" => Some(false),
             _ => None,
         }
@@ -790,13 +1123,38 @@ mod tests {
             tmp_size: Some(1 << 20),
             shm_size: None,
             prepare_trees: false,
+            root_ids: (7, 7),
             fresh_proc: true,
             cgroup2: false,
+            overlay: None,
+            userxattr: true,
         }
     }
 
+    fn submounts(root: &[u8]) -> Vec<(Vec<u8>, String)> {
+        let all = [
+            ("proc", "proc"),
+            ("sys", "sysfs"),
+            ("dev", "devtmpfs"),
+            ("dev/shm", "tmpfs"),
+            ("srv", "ext4"),
+            ("sys/fs/cgroup", "cgroup2"),
+            ("srv/data", "xfs"),
+            ("home", "ext4"),
+            ("tmp", "tmpfs"),
+        ];
+        if root != b"/" {
+            return vec![];
+        }
+        all.iter().map(|(p, t)| (p.as_bytes().to_vec(), t.to_string())).collect()
+    }
+
+    fn probes() -> Probes<'static> {
+        Probes { host: &host, in_root: &in_root, is_link: &|_, _| false, submounts: &submounts }
+    }
+
     fn steps(rootfs: Option<&[u8]>, mounts: &[Mount]) -> Result<Vec<FsStep>> {
-        plan(&spec(rootfs, mounts), &Probes { host: &host, in_root: &in_root, is_link: &|_, _| false }).map(|p| p.steps)
+        plan(&spec(rootfs, mounts), &probes()).map(|p| p.steps)
     }
 
     #[test]
@@ -804,7 +1162,7 @@ mod tests {
         let s = steps(None, &[]).unwrap();
         assert_eq!(s[0].op, FsOp::MakePrivate);
         let attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
-        assert_eq!(s[1].op, FsOp::EnterRoot { tree: Tree::Path(c("/")), attrs, ensure_dirs: vec![] });
+        assert_eq!(s[1].op, FsOp::EnterRoot { tree: Tree::Path(c("/")), attrs });
         assert_eq!(s[2].step, "mount /proc");
         assert_eq!(s.last().unwrap().op, FsOp::PivotRoot);
         let binds: Vec<&str> = s
@@ -837,7 +1195,7 @@ mod tests {
         fs.masked = &masked;
         fs.readonly_paths = &ro;
         fs.hidden = &hidden;
-        let s = plan(&fs, &Probes { host: &host, in_root: &in_root, is_link: &|_, _| false }).unwrap().steps;
+        let s = plan(&fs, &probes()).unwrap().steps;
         let names: Vec<&str> = s.iter().map(|st| st.step.as_str()).collect();
         for want in ["mask /proc/kcore", "mask /proc/acpi", "remount /proc/sys read-only", "hide /run", "hide /home"] {
             assert!(names.contains(&want), "{want} missing in {names:?}");
@@ -851,18 +1209,88 @@ mod tests {
         // In a rootfs nothing of the host is hidden (there is none of it).
         let mut fs = spec(Some(b"/rootfs"), &[]);
         fs.hidden = &hidden;
-        let s = plan(&fs, &Probes { host: &host, in_root: &in_root, is_link: &|_, _| false }).unwrap().steps;
+        let s = plan(&fs, &probes()).unwrap().steps;
         assert!(!s.iter().any(|st| st.step.starts_with("hide")));
     }
 
     #[test]
-    fn rootfs_gets_missing_mountpoints_created() {
+    fn rootfs_mountpoints_come_from_an_overlay_not_the_users_directory() {
+        // /rootfs has proc but no dev or tmp: they are made in a small tmpfs upper layer and
+        // the merged root stays read-only; nothing is created in /rootfs.
         let s = steps(Some(b"/rootfs"), &[]).unwrap();
+        assert_eq!(s[1].op, FsOp::OverlayUpper(Upper::Tmpfs { size: Some(c(MOUNTPOINTS_SIZE.to_string())) }));
         let attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
         assert_eq!(
-            s[1].op,
-            FsOp::EnterRoot { tree: Tree::Path(c("/rootfs")), attrs, ensure_dirs: vec![c("dev"), c("tmp")] }
+            s[2].op,
+            FsOp::Overlay {
+                lower: Tree::Path(c("/rootfs")),
+                dst: c(""),
+                upper: c("u0"),
+                work: c("w0"),
+                mkdirs: vec![c("dev"), c("tmp")],
+                userxattr: true,
+                attrs,
+            }
         );
+        // A rootfs that has them is bound as it is.
+        let s = steps(Some(b"/full"), &[]).unwrap();
+        assert!(matches!(&s[1].op, FsOp::EnterRoot { tree: Tree::Path(p), .. } if cstr(p) == "/full"), "{:?}", s[1]);
+        // Writable without an overlay: refused rather than written into.
+        let mut fs = spec(Some(b"/rootfs"), &[]);
+        fs.readonly = false;
+        let e = plan(&fs, &probes()).unwrap_err().to_string();
+        assert!(e.contains("has no /dev, /tmp") && e.contains("overlay=True"), "{e}");
+    }
+
+    #[test]
+    fn overlay_covers_every_submount_of_the_host_root() {
+        let mut fs = spec(None, &[]);
+        fs.overlay = Some(OverlaySpec { size: Some(1 << 20), upper: None });
+        fs.readonly = false;
+        fs.prepare_trees = true;
+        let hidden = [b"/home".to_vec()];
+        fs.hidden = &hidden;
+        let p = plan(&fs, &probes()).unwrap();
+        assert_eq!(p.upper, Some(Upper::Tmpfs { size: Some(c("1048576")) }));
+        let prep: Vec<(&str, bool, bool)> =
+            p.prepare.iter().map(|t| (cstr(&t.src), t.overlay.is_some(), t.recursive)).collect();
+        // /srv (ext4) and /srv/data (xfs) get overlays of their own; /sys (sysfs) is bound
+        // read-only with its cgroup below it; /proc, /dev, /tmp and the hidden /home are not
+        // the host's anyway.
+        assert_eq!(prep, [("/", true, false), ("/srv", true, false), ("/srv/data", true, false)]);
+        let binds: Vec<(&str, u64)> = p
+            .steps
+            .iter()
+            .filter_map(|st| match &st.op {
+                FsOp::Bind { tree: Tree::Path(src), attrs, recursive: true, .. } => Some((cstr(src), *attrs)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(binds, [("/sys", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)]);
+        assert_eq!(p.steps[1].op, FsOp::EnterRoot { tree: Tree::Prepared(0), attrs: 0 });
+        let layers: Vec<&OverlayLayer> = p.prepare.iter().filter_map(|t| t.overlay.as_ref()).collect();
+        assert_eq!(layers.iter().map(|l| cstr(&l.upper)).collect::<Vec<_>>(), ["u0", "u1", "u2"]);
+        // The host root's files stay nobody's inside: not idmapped, root dir not chowned.
+        assert!(p.prepare.iter().all(|t| !t.idmap) && layers.iter().all(|l| l.owner.is_none()));
+        assert!(layers.iter().all(|l| l.attrs == MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV));
+        // Rootless: refused on the host root (the kernel's locked submounts), with the reason.
+        fs.prepare_trees = false;
+        let e = plan(&fs, &probes()).unwrap_err().to_string();
+        assert!(e.starts_with("overlay:") && e.contains("rootless"), "{e}");
+    }
+
+    #[test]
+    fn overlay_upper_dir_keeps_the_changes_of_the_root_only() {
+        let mut fs = spec(Some(b"/full"), &[]);
+        fs.overlay = Some(OverlaySpec { size: None, upper: Some(b"/opt") });
+        fs.readonly = false;
+        let s = plan(&fs, &probes()).unwrap().steps;
+        assert_eq!(s[1].op, FsOp::OverlayUpper(Upper::Dir(Tree::Path(c("/opt")))));
+        assert!(matches!(&s[2].op, FsOp::Overlay { upper, work, attrs, .. }
+            if cstr(upper) == "upper" && cstr(work) == "work" && attrs & MOUNT_ATTR_RDONLY == 0));
+        fs.overlay = Some(OverlaySpec { size: None, upper: Some(b"/nonexistent") });
+        let e = plan(&fs, &probes()).unwrap_err().to_string();
+        assert!(e.contains("overlay_upper: is not an existing directory"), "{e}");
     }
 
     #[test]
@@ -870,12 +1298,15 @@ mod tests {
         let m = [Mount::Bind { src: b"/home/u/data".to_vec(), dst: b"/work".to_vec(), readonly: false }];
         let mut fs = spec(Some(b"/rootfs"), &m);
         fs.prepare_trees = true;
-        let p = plan(&fs, &Probes { host: &host, in_root: &in_root, is_link: &|_, _| false }).unwrap();
+        let p = plan(&fs, &probes()).unwrap();
         assert_eq!(p.prepare.len(), 2);
-        assert_eq!(p.prepare[0].mkdirs, vec![c("dev"), c("tmp")]);
         assert!(p.prepare[0].idmap && p.prepare[1].idmap);
         assert_eq!(p.prepare[1].attrs, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV);
-        assert_eq!(p.steps[1].op, FsOp::EnterRoot { tree: Tree::Prepared(0), attrs: 0, ensure_dirs: vec![] });
+        // Its missing mount points: in the parent's overlay (upper "u0"), the root read-only.
+        let o = p.prepare[0].overlay.as_ref().unwrap();
+        assert_eq!((cstr(&o.upper), o.mkdirs.clone()), ("u0", vec![c("dev"), c("tmp")]));
+        assert_eq!(o.owner, Some((7, 7)));
+        assert_eq!(p.steps[1].op, FsOp::EnterRoot { tree: Tree::Prepared(0), attrs: 0 });
         assert!(p
             .steps
             .iter()
@@ -942,9 +1373,12 @@ mod tests {
     #[test]
     fn rootfs_symlinks_at_mountpoints_are_refused() {
         let links = |_: &[u8], rel: &[u8]| rel == b"dev";
-        let err = plan(&spec(Some(b"/rootfs"), &[]), &Probes { host: &host, in_root: &in_root, is_link: &links })
-            .err()
-            .unwrap();
+        let err = plan(
+            &spec(Some(b"/rootfs"), &[]),
+            &Probes { host: &host, in_root: &in_root, is_link: &links, submounts: &submounts },
+        )
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("symlink at /dev"), "{err}");
     }
 

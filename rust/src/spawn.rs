@@ -345,6 +345,11 @@ fn prepare_trees(plan: &Plan) -> Result<Vec<OwnedFd>> {
     } else {
         None
     };
+    let upper = match &plan.fs.upper {
+        Some(u) => Some(mount::prepare_upper(u).map_err(|e| Error::spawn("overlay upper", None, e))?),
+        None => None,
+    };
+    let upper = upper.as_ref().map(|u| u.as_fd());
     plan.fs
         .prepare
         .iter()
@@ -352,8 +357,10 @@ fn prepare_trees(plan: &Plan) -> Result<Vec<OwnedFd>> {
             // Where the filesystem cannot idmap (tmpfs before Linux 6.3, NFS, FUSE, 9p), the
             // tree is attached as it is: its files keep their host owners (nobody inside,
             // unless in the sandbox's range). Less access, never more.
-            let res = match mount::prepare(p, userns) {
-                Err(Errno::INVAL | Errno::OPNOTSUPP) if p.idmap => mount::prepare(p, None),
+            let res = match mount::prepare(p, userns, upper) {
+                Err(Errno::INVAL | Errno::OPNOTSUPP) if p.idmap && p.overlay.is_none() => {
+                    mount::prepare(p, None, upper)
+                }
                 other => other,
             };
             res.map_err(|e| Error::spawn(p.step.clone(), Some(p.src.to_string_lossy().into_owned()), e))
@@ -534,8 +541,9 @@ fn child(ctx: &ChildCtx) -> ! {
     if ctx.late_time_ns {
         sys::unshare(CLONE_NEWTIME).unwrap_or_else(|e| fail(Step::TimeNs, e));
     }
+    let mut fs_state = mount::FsState::default();
     for (i, st) in plan.fs.steps.iter().enumerate() {
-        if let Err(e) = mount::run(&st.op, ctx.prepared) {
+        if let Err(e) = mount::run(&st.op, ctx.prepared, &mut fs_state) {
             ch.fail(Step::Fs, i as u32, e);
         }
     }

@@ -95,6 +95,15 @@ pub struct Spec {
     /// Delegate the sandbox's cgroup (v2) to its root and mount a fresh cgroup2 at
     /// /sys/fs/cgroup inside, read-write (needs the cgroup and mnt namespaces).
     pub delegate_cgroup: bool,
+    /// A writable copy-on-write root: overlayfs over the root tree and its submounts.
+    #[cfg_attr(feature = "python", pyo3(default))]
+    pub overlay: bool,
+    /// The overlay's tmpfs size in bytes (None: the kernel's default, half of RAM).
+    #[cfg_attr(feature = "python", pyo3(default))]
+    pub overlay_size: Option<u64>,
+    /// A host directory that holds the overlay's changes instead (kept).
+    #[cfg_attr(feature = "python", pyo3(default, from_py_with = crate::py::opt_fs_bytes))]
+    pub overlay_upper: Option<Vec<u8>>,
 }
 
 /// Changes to nsfast's default syscall allow list (an `nsfast.Seccomp`).
@@ -173,6 +182,9 @@ impl Spec {
             nproc: None,
             rlimits: Vec::new(),
             delegate_cgroup: false,
+            overlay: false,
+            overlay_size: None,
+            overlay_upper: None,
         }
     }
 }
@@ -403,6 +415,55 @@ fn in_root_probe(root: &[u8], rel: &[u8]) -> Option<bool> {
         .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory)
 }
 
+/// The mounts strictly below `root` in this process's mount table (/proc/self/mountinfo):
+/// (path relative to `root`, file system type), parents first; of mounts stacked on one
+/// path, the top one's type.
+fn submounts_probe(root: &[u8]) -> Vec<(Vec<u8>, String)> {
+    let Ok(table) = std::fs::read("/proc/self/mountinfo") else { return Vec::new() };
+    let base = mount::normalize_target(root).unwrap_or_default();
+    let mut found: Vec<(Vec<u8>, String)> = Vec::new();
+    for line in table.split(|&b| b == b'\n') {
+        // id parent major:minor root mount-point options [optional...] - fstype source super
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == b"-") else { continue };
+        let (Some(point), Some(fstype)) = (fields.get(4), fields.get(dash + 1)) else { continue };
+        let Some(point) = mount::normalize_target(&unescape_mountinfo(point)) else { continue };
+        let rel = if base.is_empty() {
+            point
+        } else if point.starts_with(&base) && point.get(base.len()) == Some(&b'/') {
+            point[base.len() + 1..].to_vec()
+        } else {
+            continue;
+        };
+        if rel.is_empty() {
+            continue;
+        }
+        let fstype = String::from_utf8_lossy(fstype).into_owned();
+        match found.iter_mut().find(|(p, _)| *p == rel) {
+            Some(e) => e.1 = fstype,
+            None => found.push((rel, fstype)),
+        }
+    }
+    found.sort_by_key(|(p, _)| p.iter().filter(|&&b| b == b'/').count());
+    found
+}
+
+/// mountinfo's octal escapes (`\040` for a space, ...) undone.
+fn unescape_mountinfo(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'\\' && i + 4 <= s.len() && s[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            out.push((s[i + 1] - b'0') * 64 + (s[i + 2] - b'0') * 8 + (s[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
 fn is_link_probe(root: &[u8], rel: &[u8]) -> bool {
     std::fs::symlink_metadata(std::path::Path::new(os(root)).join(os(rel))).is_ok_and(|m| m.file_type().is_symlink())
 }
@@ -498,7 +559,12 @@ impl Plan {
             .then_some(SetIds { uid: spec.uid, gid: spec.gid });
 
         let fs = if mnt_ns {
-            let probes = mount::Probes { host: &host_probe, in_root: &in_root_probe, is_link: &is_link_probe };
+            let probes = mount::Probes {
+                host: &host_probe,
+                in_root: &in_root_probe,
+                is_link: &is_link_probe,
+                submounts: &submounts_probe,
+            };
             let fs = mount::FsSpec {
                 rootfs: spec.rootfs.as_deref(),
                 readonly: spec.readonly_root,
@@ -510,8 +576,13 @@ impl Plan {
                 shm_size: spec.shm_size,
                 // The sandbox's root cannot open the caller's private trees, nor idmap.
                 prepare_trees: range,
+                root_ids: if range { (SANDBOX_ID_BASE, SANDBOX_ID_BASE) } else { (caller.euid, caller.egid) },
                 fresh_proc: !user_ns || clone_flags & libc::CLONE_NEWPID as u64 != 0,
                 cgroup2: spec.delegate_cgroup,
+                overlay: spec
+                    .overlay
+                    .then_some(mount::OverlaySpec { size: spec.overlay_size, upper: spec.overlay_upper.as_deref() }),
+                userxattr: user_ns,
             };
             mount::plan(&fs, &probes)?
         } else {

@@ -483,8 +483,9 @@ impl Server {
             sys::unshare(self.unshare).unwrap_or_else(|e| fail(Step::CgroupNs, e));
         }
         rustix::process::chdir(c"/").unwrap_or_else(|e| fail(Step::Chdir, e));
+        let mut fs_state = mount::FsState::default();
         for (i, st) in self.steps.iter().enumerate() {
-            if let Err(e) = mount::run(&st.op, &[]) {
+            if let Err(e) = mount::run(&st.op, &[], &mut fs_state) {
                 ch.fail(Step::Fs, i as u32, e);
             }
         }

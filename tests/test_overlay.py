@@ -1,0 +1,215 @@
+"""Copy-on-write roots (Spec.overlay) and rootfs directories nsfast never writes into. Every
+test checks the lower tree afterwards: unchanged, whatever the sandbox did."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import nsfast
+from conftest import suite
+
+pytestmark = suite
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every entry below `root`: (mode, uid, content or link target) by relative path."""
+    out: dict[str, tuple[int, int, bytes]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if os.path.islink(p):
+                data = os.readlink(p).encode()
+            elif os.path.isfile(p):
+                data = Path(p).read_bytes()
+            else:
+                data = b""
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, data)
+    return out
+
+
+def sh(script: str, **kw):
+    return nsfast.run(["/bin/sh", "-c", script], capture_output=True, text=True, **kw)
+
+
+def test_overlay_rootfs_is_writable_and_the_lower_is_never_modified(busybox_rootfs):
+    before = tree(busybox_rootfs)
+    r = sh(
+        "id -u; echo changed > /ROOTFS-MARKER; rm /etc/hostname; mkdir -p /new/deep; echo x > /new/deep/f;"
+        " ln -s /ROOTFS-MARKER /link; mv /bin/cat /bin/cat2; cat /ROOTFS-MARKER; ls /etc | wc -l",
+        rootfs=busybox_rootfs,
+        overlay=True,
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, "0\nchanged\n0\n", "")
+    assert tree(busybox_rootfs) == before
+    # Nothing of one run is seen by the next.
+    r = sh("cat /ROOTFS-MARKER /etc/hostname; ls /new", rootfs=busybox_rootfs, overlay=True)
+    assert r.stdout == "tiny\nrootfs-box\n" and "No such file" in r.stderr
+
+
+def test_rootfs_mount_points_are_never_created_in_the_users_directory(busybox_rootfs):
+    before = tree(busybox_rootfs)
+    r = sh("ls -d /proc/1 /dev/null /tmp && touch /tmp/ok && touch /x", rootfs=busybox_rootfs)
+    assert sorted(r.stdout.split()) == ["/dev/null", "/proc/1", "/tmp"] and "Read-only file system" in r.stderr
+    assert tree(busybox_rootfs) == before
+
+
+def test_a_read_only_rootfs_works(busybox_rootfs):
+    """An immutable directory (as on a read-only medium): mkdir in it fails, so nsfast must
+    not need to (the old `bind root: [Errno 30]`)."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr (e2fsprogs) is needed to make the rootfs immutable")
+    subprocess.run(["chattr", "+i", str(busybox_rootfs)], check=True)
+    try:
+        with pytest.raises(OSError):
+            (busybox_rootfs / "probe").mkdir()
+        assert sh("echo ro-ok", rootfs=busybox_rootfs).stdout == "ro-ok\n"
+        r = sh("echo w > /w && cat /w", rootfs=busybox_rootfs, overlay=True)
+        assert (r.returncode, r.stdout) == (0, "w\n"), r.stderr
+    finally:
+        subprocess.run(["chattr", "-i", str(busybox_rootfs)], check=True)
+    assert sorted(os.listdir(busybox_rootfs)) == ["ROOTFS-MARKER", "bin", "etc"]
+
+
+def test_overlay_size_caps_the_changes(busybox_rootfs):
+    r = sh("dd if=/dev/zero of=/big bs=64k count=64 2>&1; echo rc=$?", rootfs=busybox_rootfs, overlay=True,
+           overlay_size="1M")  # fmt: skip
+    assert "No space left on device" in r.stdout and "rc=1" in r.stdout, r.stdout
+
+
+def test_overlay_changes_are_charged_to_the_memory_limit(busybox_rootfs):
+    """The upper tmpfs is written by the sandbox: its pages count against its memory cgroup,
+    however large overlay_size is."""
+    r = sh(
+        "dd if=/dev/zero of=/big bs=1M count=128 2>/dev/null; echo rc=$?",
+        rootfs=busybox_rootfs,
+        overlay=True,
+        overlay_size=None,
+        limits=nsfast.Limits(memory="32M", pids=64),
+    )
+    assert r.stdout != "rc=0\n", (r.returncode, r.stdout, r.stderr)
+    assert r.usage is not None and r.usage.oom_killed, r.usage
+    assert r.usage.memory_peak_bytes is not None and r.usage.memory_peak_bytes <= 32 << 20
+
+
+def test_overlay_upper_keeps_the_changes(busybox_rootfs, tmp_path):
+    up = tmp_path / "upper-dir"
+    up.mkdir()
+    before = tree(busybox_rootfs)
+    r = sh("echo kept > /etc/k; rm /etc/hostname", rootfs=busybox_rootfs, overlay=True, overlay_upper=up)
+    assert r.returncode == 0, r.stderr
+    assert (up / "upper" / "etc" / "k").read_text() == "kept\n"
+    # overlayfs's whiteout for the deletion: a 0/0 character device in the upper layer.
+    wh = os.lstat(up / "upper" / "etc" / "hostname")
+    assert (os.major(wh.st_rdev), os.minor(wh.st_rdev)) == (0, 0)
+    assert tree(busybox_rootfs) == before
+    # The next run continues from there.
+    r = sh("cat /etc/k; ls /etc", rootfs=busybox_rootfs, overlay=True, overlay_upper=up)
+    assert r.stdout == "kept\nk\n", r.stderr
+
+
+@pytest.fixture
+def host_dir():
+    """A directory the test makes on the host root outside the hidden ones (/tmp is the
+    sandbox's own), removed after."""
+    base = "/srv" if os.path.isdir("/srv") else "/opt"
+    d = Path(tempfile.mkdtemp(prefix="nsfast-overlay-", dir=base))
+    yield d
+    shutil.rmtree(d)
+
+
+def test_overlay_on_the_host_root_covers_submounts_and_grants_no_host_ownership(host_dir):
+    """In a mount namespace of the test's own (the host's table is untouched): a tmpfs
+    submount with a world-writable directory, and the root file system's own such
+    directory. The sandbox writes to both; neither changes. The host's root-owned files stay
+    nobody's inside: /etc is not writable, /etc/shadow not readable."""
+    tmp_path = host_dir
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "host-file").write_text("host\n")
+    (shared / "host-file").chmod(0o666)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    os.chmod(tmp_path, 0o755)
+    script = textwrap.dedent(f"""
+        import json, os, subprocess, sys
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", {str(sub)!r}], check=True)
+        open({str(sub)!r} + "/on-submount", "w").write("sub\\n")
+        os.chmod({str(sub)!r} + "/on-submount", 0o666)
+        import nsfast
+        r = nsfast.run(["sh", "-c",
+            "echo w >> {shared}/host-file; echo new > {shared}/new; rm {shared}/host-file;"
+            "echo s >> {sub}/on-submount; echo n > {sub}/new; cat {sub}/on-submount;"
+            "grep -c ' {sub} .* - overlay ' /proc/self/mountinfo;"
+            "touch /etc/nsfast-overlay-probe 2>&1; head -c1 /etc/shadow 2>&1"],
+            overlay=True, capture_output=True, text=True)
+        print(json.dumps([r.returncode, r.stdout, r.stderr, sorted(os.listdir({str(sub)!r})),
+                          open({str(sub)!r} + "/on-submount").read()]))
+    """)
+    p = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", script],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    import json
+
+    rc, out, err, sub_after, sub_file = json.loads(p.stdout)
+    lines = out.splitlines()
+    assert lines[:2] == ["sub", "s"] and lines[2] == "1", (out, err)
+    assert "Permission denied" in lines[3] and "Permission denied" in lines[4], out
+    assert (sub_after, sub_file) == (["on-submount"], "sub\n")
+    assert sorted(os.listdir(shared)) == ["host-file"] and (shared / "host-file").read_text() == "host\n"
+    assert not os.path.exists("/etc/nsfast-overlay-probe")
+    assert not os.listdir(sub)  # the test's mount namespace is gone: its tmpfs with it
+
+
+def test_hostile_symlinks_in_the_rootfs_cannot_write_to_the_host(busybox_rootfs, tmp_path):
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    os.symlink(str(sentinel), busybox_rootfs / "escape")  # absolute: resolved inside the root
+    os.symlink("../../../../../../../../" + str(sentinel), busybox_rootfs / "etc" / "up")
+    r = sh("mkdir -p /escape/a /etc/up/b; echo x > /escape/f; echo y > /etc/up/g; ls /escape /etc/up",
+           rootfs=busybox_rootfs, overlay=True)  # fmt: skip
+    assert "No such file or directory" in r.stderr  # the host path does not exist inside
+    assert os.listdir(sentinel) == []
+    # Device nodes and setuid files cannot be made (nodev, seccomp), so none lands in a kept upper.
+    up = tmp_path / "up"
+    up.mkdir()
+    r = sh("mknod /n c 1 3; echo rc=$?; touch /s; chmod u+s /s; echo rc=$?", rootfs=busybox_rootfs, overlay=True,
+           overlay_upper=up)  # fmt: skip
+    assert r.stdout == "rc=1\nrc=1\n", (r.stdout, r.stderr)
+    assert not (up / "upper" / "n").exists() and not os.lstat(up / "upper" / "s").st_mode & 0o6000
+
+
+@pytest.mark.parametrize(
+    "fields, field, message",
+    [
+        ({"overlay": True, "namespaces": ("user", "pid")}, "overlay", "needs the 'mnt' namespace"),
+        ({"overlay": True, "readonly_root": True}, "readonly_root", "contradicts overlay=True"),
+        ({"overlay_size": "1M"}, "overlay_size", "needs overlay=True"),
+        ({"overlay_upper": "/"}, "overlay_upper", "needs overlay=True"),
+        ({"overlay": True, "overlay_upper": "/nonexistent-nsfast"}, "overlay_upper", "is not an existing directory"),
+        ({"overlay": True, "overlay_upper": "/", "overlay_size": "1M"}, "overlay_size", "overlay_upper replaces"),
+    ],
+)
+def test_overlay_fields_are_checked(fields, field, message):
+    with pytest.raises(nsfast.SpecError, match=message) as e:
+        nsfast.Spec(**fields)
+    assert e.value.field == field
+
+
+def test_overlay_type_errors():
+    with pytest.raises(TypeError, match="overlay must be a bool"):
+        nsfast.Spec(overlay=1)  # type: ignore[arg-type]
+
+
+def test_zygote_refuses_an_overlay():
+    with pytest.raises(nsfast.SpecError, match="overlay: zygote tasks share the zygote's root"):
+        nsfast.Zygote(overlay=True)
