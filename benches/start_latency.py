@@ -22,6 +22,7 @@ with stdio inherited:
         no limits           limits=None (the per-sandbox cgroup stays, for usage)
         all 4 off           all four of the above
         cgroup=False        no per-sandbox cgroup at all (so no limits either)
+        overlay=True        a writable copy-on-write root over the host root (Spec.overlay)
     spawn_loop [FLAGS]      target/release/examples/spawn_loop N [--no-userns|--no-seccomp|
                             --no-masks|--no-limits|--no-cgroup]: the same plans built and
                             spawned from Rust, no Python (default: Spec::new + nsfast's default
@@ -944,6 +945,7 @@ def costs(rows: List[Row], resamples: int) -> List[Cost]:
         *((STEP_NAMES[s], "no" + s) for s in STEPS),
         ("all four", "off"),
         ("the cgroup with its limits (cgroup=False)", "nocg"),
+        ("overlay=True on the host root (negative: what it adds; target <= 0.3 ms)", "overlay"),
     ]:
         c = Cost(what, off)
         c.nsfast_ms, c.nsfast_ci = _delta(by.get("nsfast"), by.get(f"nsfast-{off}"), resamples)
@@ -1156,6 +1158,7 @@ def candidates(spawn_loop: Path) -> List[Tool]:
         NsfastRun("nsfast-off", "nsfast.run: all 4 off", off=STEPS),
         NsfastRun("nsfast-nocg", "nsfast.run: cgroup=False", cgroup=False),
         NsfastRun("nsfast-noinit", "nsfast.run: init=False", init=False),
+        NsfastRun("nsfast-overlay", "nsfast.run: overlay=True", overlay=True),
         SpawnLoop(spawn_loop, raw=True),
         *(SpawnLoop(spawn_loop, f"rust-no{s}", f"spawn_loop {STEP_FLAGS[s]}", off=[s], raw=True) for s in STEPS),
         SpawnLoop(spawn_loop, "rust-off", "spawn_loop, all 4 off", off=STEPS, raw=True),
@@ -1182,7 +1185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--skip",
         default="",
         help="comma list of tools (glob patterns) to leave out: nsfast, "
-        "nsfast-no{userns,seccomp,masks,limits}, nsfast-off, nsfast-nocg, rust, rust-no..., rust-off, "
+        "nsfast-no{userns,seccomp,masks,limits}, nsfast-off, nsfast-nocg, nsfast-overlay, rust, rust-no..., rust-off, "
         "rust-nocg, unshare, bwrap, crun, subprocess; e.g. 'rust-*,crun'",
     )
     p.add_argument("--spawn-loop", type=Path, default=SPAWN_LOOP, help="the spawn_loop binary (built if missing)")

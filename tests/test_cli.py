@@ -632,3 +632,21 @@ def test_ctrl_c_in_run_still_writes_the_json_report(tmp_path):
     report = json.loads(out.read_text())
     assert report["exit_status"] == 130 and "interrupted" in report["error"]
     assert not sleeping()
+
+
+def test_overlay_flags(busybox_rootfs, tmp_path):
+    before = sorted(os.listdir(busybox_rootfs))
+    r = nsfast_cli("run", "--rootfs", str(busybox_rootfs), "--overlay", "--", "/bin/sh", "-c", "echo hi > /x; cat /x")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "hi\n", "")
+    assert sorted(os.listdir(busybox_rootfs)) == before
+    up = tmp_path / "up"
+    up.mkdir()
+    args = ("run", "--rootfs", str(busybox_rootfs), "--overlay", "--overlay-upper", str(up), "--")
+    r = nsfast_cli(*args, "/bin/sh", "-c", "echo kept > /k")
+    assert r.returncode == 0, r.stderr
+    assert (up / "upper" / "k").read_text() == "kept\n"
+    r = nsfast_cli("run", "--rootfs", str(busybox_rootfs), "--overlay", "--overlay-size", "64k", "--",
+                   "/bin/sh", "-c", "dd if=/dev/zero of=/big bs=64k count=4")  # fmt: skip
+    assert r.returncode != 0 and "No space left" in r.stderr
+    r = nsfast_cli("run", "--overlay-size", "1M", "--", "true")
+    assert (r.returncode, r.stderr) == (125, "nsfast: overlay_size: needs overlay=True\n")

@@ -1,7 +1,7 @@
 """The `nsfast` command line. It only builds a `Spec` (flag names from bwrap, unshare and
 docker run) and calls the library.
 
-    nsfast run [-d --name NAME] [--hostname H] [--rootfs DIR] [--bind SRC DEST]
+    nsfast run [-d --name NAME] [--hostname H] [--rootfs DIR] [--overlay] [--bind SRC DEST]
                [--ro-bind SRC DEST] [--tmpfs DEST] [--unshare-all | --unshare-NS...]
                [--share-NS...] [--memory SIZE] [--pids N] [--cpus N] [--cpu-time S]
                [--no-limits] [--timeout S] [--json | --json-file PATH] -- CMD...
@@ -90,6 +90,13 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hostname", help="hostname inside (needs the uts namespace)")
     p.add_argument("--rootfs", metavar="DIR", help="use DIR as / (default: the host root, read-only)")
     p.add_argument("--writable-root", action="store_true", help="do not make the root read-only")
+    p.add_argument(
+        "--overlay",
+        action="store_true",
+        help="a writable copy-on-write root (overlayfs; changes in a tmpfs, gone at exit; the root is never modified)",
+    )
+    p.add_argument("--overlay-size", metavar="SIZE", help="size of the overlay's tmpfs (default 256M)")
+    p.add_argument("--overlay-upper", metavar="DIR", help="keep the overlay's changes in DIR/upper (DIR/work: scratch)")
     p.add_argument(
         "--bind",
         nargs=2,
@@ -270,7 +277,11 @@ def spec_from_args(args: argparse.Namespace) -> Spec:
     return Spec(
         namespaces=tuple(namespaces),
         rootfs=args.rootfs,
-        readonly_root=not args.writable_root,
+        # --overlay: writable through the overlay (readonly_root decided by Spec).
+        readonly_root=None if args.overlay and not args.writable_root else not args.writable_root,
+        overlay=args.overlay,
+        overlay_upper=args.overlay_upper,
+        **({"overlay_size": args.overlay_size} if args.overlay_size is not None else {}),
         mounts=tuple(mounts),
         hostname=args.hostname,
         env=env,
