@@ -277,3 +277,19 @@ def test_rootless_overlay_rootfs_is_writable_and_the_lower_unchanged(nobody_dir)
     with open(os.path.join(root, "marker")) as f:
         assert f.read() == "lower\n"
     assert host.startswith("overlay: on the host root needs a root caller") and "rootfs=" in host
+
+
+def test_rootless_outputs_are_read_back(nobody_dir):
+    root = os.path.join(nobody_dir, "rootfs")
+    os.makedirs(os.path.join(root, "bin"))
+    shutil.copy2("/bin/busybox", os.path.join(root, "bin", "busybox"))
+    os.symlink("busybox", os.path.join(root, "bin", "sh"))
+    for dirpath, dirnames, filenames in os.walk(nobody_dir):
+        for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+            os.lchown(name, NOBODY, NOBODY)
+    [files] = as_nobody(f"""
+        r = nsfast.run(["/bin/sh", "-c", "echo t > /tmp/t; echo o > /o; /bin/busybox ln -s /etc/passwd /tmp/l"],
+                       rootfs={root!r}, overlay=True, outputs=["/tmp/*", "/o", "/bin/*"])
+        out({{k: v.decode() for k, v in r.files.items()}})
+    """)
+    assert files == {"/tmp/t": "t\n", "/o": "o\n"}

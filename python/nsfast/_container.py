@@ -3,6 +3,7 @@ setns(), its root, working directory and cgroup."""
 
 from __future__ import annotations
 
+import errno as _errno
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ from ._errors import ContainerError, SpawnError
 from ._ns import namespaces as _namespaces
 from ._process import Args, File, Process, Result, _explain_hidden, _JoinTarget, run
 from ._spec import Spec, SpecFields, with_fields
+from ._trees import DEFAULT_OUTPUTS_MAX_BYTES, Trees, writable_trees
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -120,7 +122,9 @@ class Container:
             raise ContainerError(f"container {self.name} was already started")
         if self.command is None:
             # nsfast-init is pid 1 and makes no namespaces: what it has now is the start.
-            self._proc = Process([], spec=self.spec, stdin=stdin, stdout=stdout, stderr=stderr)
+            self._proc = Process(
+                [], spec=self.spec, stdin=stdin, stdout=stdout, stderr=stderr, _trees=writable_trees(self.spec)
+            )
             self._hold(None)
             return self
         # The command may make namespaces of its own (or exit) as soon as it runs: it starts
@@ -138,6 +142,7 @@ class Container:
                 stdout=stdout,
                 stderr=stderr,
                 pass_fds=(gate_r, result_w),
+                _trees=writable_trees(self.spec),
             )
         except BaseException:
             os.close(gate_w)
@@ -223,6 +228,33 @@ class Container:
         held = getattr(self, "_held", None)
         if held is not None:
             held.close()
+
+    def read_file(self, path: str, *, max_bytes: int = DEFAULT_OUTPUTS_MAX_BYTES) -> bytes:
+        """The bytes of regular file `path` (a path inside the container) in one of its
+        writable trees (/tmp, /dev/shm, hidden directories, Tmpfs and writable Bind mounts,
+        an overlay root's changes), read safely while it runs or after it stopped (until
+        this object is dropped): resolved by the kernel inside that tree, so no symlink or
+        `..` the container planted leads to another file. FileNotFoundError if there is no
+        regular file there; more than `max_bytes` is OSError(EFBIG); a path in no writable
+        tree is a SpecError."""
+        data = self._writable().read(path, max_bytes)
+        if data is None:
+            raise FileNotFoundError(_errno.ENOENT, "no regular file in the container's writable trees", path)
+        return data
+
+    def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        """Write `data` to `path` in one of the container's writable trees (created with
+        `mode`, else truncated), resolved inside that tree as read_file is; a symlink as the
+        last component is refused (OSError ELOOP). The file is the caller's (for a root
+        caller: the container root's, host id SANDBOX_ID_BASE), root's inside."""
+        self._writable().write(path, data, mode)
+
+    def _writable(self) -> Trees:
+        if self._proc is None:
+            raise ContainerError(f"container {self.name} was never started")
+        if self._proc._trees is None:
+            raise ContainerError(f"container {self.name} has no writable trees (no mount namespace)")
+        return self._proc._trees
 
     def stop(self, timeout: float = 10) -> Optional[int]:
         """SIGTERM the main process, wait up to `timeout` s, then kill the whole container.

@@ -28,6 +28,9 @@ __all__ = [
     "spawn",
     "spawn_join",
     "landlock_abi",
+    "tree_list",
+    "tree_read",
+    "tree_write",
     "zygote_serve",
     "ZygoteLink",
 ]
@@ -86,6 +89,7 @@ class Sandbox:
     def kill(self, reason: Optional[str] = None) -> None: ...
     def detach(self) -> list[str]: ...
     def cgroup_paths(self) -> list[str]: ...
+    def take_trees(self) -> list[int]: ...
 
 def spawn(
     spec: Any,  # a frozen nsfast.Spec, read attribute by attribute
@@ -94,7 +98,13 @@ def spawn(
     stdio: Tuple[int, int, int],
     pass_fds: Sequence[int],
     cgroup: Any = None,  # an nsfast._cgroup.CgroupRequest, read attribute by attribute
+    trees: Sequence[bytes] = ...,
 ) -> Sandbox: ...
+def tree_read(fd: int, path: bytes, max: int) -> Optional[bytes]: ...
+def tree_list(fd: int, path: bytes) -> list[Tuple[bytes, str]]: ...
+def tree_write(
+    fd: int, path: bytes, data: bytes, mode: int = 0o644, owner: Optional[Tuple[int, int]] = None
+) -> None: ...
 def spawn_join(
     spec: Any,
     args: Sequence[bytes],

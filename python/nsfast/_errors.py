@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno as _errno
 from typing import Optional
 
-__all__ = ["NsfastError", "SpecError", "SpawnError", "ContainerError", "LimitError"]
+__all__ = ["NsfastError", "SpecError", "SpawnError", "ContainerError", "LimitError", "OutputError"]
 
 # Usual causes of the usual errnos, added to SpawnError messages.
 _HINTS = {
@@ -88,3 +88,18 @@ class LimitError(NsfastError):
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (type(self), (list(zip(self.limits, self.reasons)),))
+
+
+class OutputError(NsfastError):
+    """`run(outputs=...)` found more than `outputs_max_bytes` of matching files: `.path` is the
+    file that went over `.limit`; `.result` is the run's Result (its `.files` hold what was
+    read before)."""
+
+    def __init__(self, path: str, limit: int, result: object = None) -> None:
+        super().__init__(f"outputs: {path} takes the files read back over outputs_max_bytes={limit}")
+        self.path = path
+        self.limit = limit
+        self.result = result
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.path, self.limit, self.result))

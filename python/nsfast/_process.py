@@ -13,10 +13,11 @@ import time
 import warnings
 from dataclasses import dataclass
 from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError
-from typing import IO, TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _cgroup, _core
-from ._errors import SpawnError
+from . import _trees as _trees_mod
+from ._errors import SpawnError, SpecError
 from ._spec import SANDBOX_ID_BASE, Spec, SpecFields, StrPath, with_fields
 
 if TYPE_CHECKING:
@@ -63,13 +64,21 @@ class TimeoutExpired(subprocess.TimeoutExpired):
 
 
 class Result(subprocess.CompletedProcess):  # type: ignore[type-arg]
-    """`subprocess.CompletedProcess` plus `.usage` (an `nsfast.Usage`)."""
+    """`subprocess.CompletedProcess` plus `.usage` (an `nsfast.Usage`) and `.files` (what
+    `run(outputs=...)` read back: sandbox path -> bytes)."""
 
     def __init__(
-        self, args: Any, returncode: int, stdout: Any = None, stderr: Any = None, usage: Optional[Usage] = None
+        self,
+        args: Any,
+        returncode: int,
+        stdout: Any = None,
+        stderr: Any = None,
+        usage: Optional[Usage] = None,
+        files: Optional[Dict[str, bytes]] = None,
     ) -> None:
         super().__init__(args, returncode, stdout, stderr)
         self.usage = usage
+        self.files: Dict[str, bytes] = {} if files is None else files
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", usage={self.usage!r})"
@@ -206,11 +215,14 @@ class Process:
         pass_fds: Sequence[int] = (),
         _join: Optional[_JoinTarget] = None,
         _start: Optional[Callable[[Tuple[int, int, int]], Any]] = None,
+        _trees: Sequence[str] = (),
         **spec_fields: Unpack[SpecFields],
     ) -> None:
         # _start(stdio) -> a Sandbox: what starts it instead of _core.spawn (a zygote task,
-        # which makes its own cgroup).
+        # which makes its own cgroup). _trees: sandbox paths of writable trees to hold open
+        # (self._trees), for reading files back (_trees.py).
         self.spec = with_fields(spec, spec_fields)
+        self._trees: Optional[_trees_mod.Trees] = None
         if _join is not None and not args:
             raise ValueError("args must not be empty")
         argv, self.args = _argv(args) if args or not self.spec.init else ([], [])
@@ -240,7 +252,11 @@ class Process:
             if _start is not None:
                 self._sandbox = _start(stdio)
             elif _join is None:
-                self._sandbox = _core.spawn(self.spec, argv, stdio=stdio, pass_fds=fds, cgroup=cgroup)
+                trees = _trees_mod.core_paths(self.spec, _trees)
+                self._sandbox = _core.spawn(self.spec, argv, stdio=stdio, pass_fds=fds, cgroup=cgroup, trees=trees)
+                if _trees:
+                    root = _pipe_owner(self.spec.replace(uid=0, gid=0), None)
+                    self._trees = _trees_mod.Trees(_trees, self._sandbox.take_trees(), root)
             else:
                 self._sandbox = _core.spawn_join(
                     self.spec,
@@ -581,6 +597,8 @@ def run(
     check: bool = False,
     text: bool = False,
     pass_fds: Sequence[int] = (),
+    outputs: Optional[Sequence[str]] = None,
+    outputs_max_bytes: int = _trees_mod.DEFAULT_OUTPUTS_MAX_BYTES,
     _join: Optional[_JoinTarget] = None,
     _start: Optional[Callable[[Tuple[int, int, int]], Any]] = None,
     **spec_fields: Unpack[SpecFields],
@@ -590,7 +608,23 @@ def run(
     `timeout` kills the whole sandbox and raises `nsfast.TimeoutExpired` (a
     `subprocess.TimeoutExpired`), whose `.usage`
     is the run's `Usage` (with `timed_out=True`); `check=True` raises
-    `subprocess.CalledProcessError` on a non-zero exit."""
+    `subprocess.CalledProcessError` on a non-zero exit.
+
+    `outputs`: paths inside the sandbox ("/tmp/out/*.json", "/work/result.txt"; glob per
+    path component) of files to read back after it ended, into `Result.files` (sandbox path
+    -> bytes). They must lie in a writable tree of the sandbox (its /tmp, /dev/shm, hidden
+    directories, Tmpfs and writable Bind mounts, an overlay root), else SpecError; each is
+    read safely (see _trees.py), and more than `outputs_max_bytes` in all is an OutputError
+    naming the file (its `.result` is the run's Result)."""
+    spec = with_fields(spec, spec_fields)
+    patterns: List[str] = []
+    trees: List[str] = []
+    if outputs is not None:
+        if _join is not None or _start is not None:
+            raise TypeError("outputs are only for a sandbox of its own (not exec or a zygote task)")
+        if isinstance(outputs_max_bytes, bool) or not isinstance(outputs_max_bytes, int) or outputs_max_bytes < 0:
+            raise SpecError("outputs_max_bytes", f"must be a non-negative int, not {outputs_max_bytes!r}")
+        patterns, trees = _trees_mod.check_outputs(spec, outputs)
     stdin, stdout, stderr = run_stdio(input, capture_output, stdin, stdout, stderr, timeout)
     with Process(
         args,
@@ -602,7 +636,7 @@ def run(
         pass_fds=pass_fds,
         _join=_join,
         _start=_start,
-        **spec_fields,
+        _trees=trees,
     ) as proc:
         try:
             if proc.stdin is None and proc.stdout is None and proc.stderr is None:
@@ -620,8 +654,17 @@ def run(
         except BaseException:
             proc.kill()
             raise
+        finally:
+            held = proc._trees
+            if held is not None and proc.returncode is None:
+                held.close()
     assert proc.returncode is not None
     result = Result(proc.args, proc.returncode, out, err, proc.usage)
+    if proc._trees is not None:
+        try:
+            result.files = proc._trees.collect(patterns, outputs_max_bytes, result)
+        finally:
+            proc._trees.close()
     if check and proc.returncode:
         raise CalledProcessError(proc.returncode, proc.args, out, err)
     return result

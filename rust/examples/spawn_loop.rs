@@ -122,7 +122,7 @@ fn main() {
         let plan = nsfast::Plan::build(&spec, caller).expect("plan");
         clone_flags = plan.clone_flags;
         let mut cg = backend.as_ref().map(|b| b.create(&cgroup::unique_name(), &limits, kill_tree).expect("cgroup"));
-        let io = nsfast::Io { stdio: [-1; 3], pass_fds: &[], cgroup: cg.as_deref() };
+        let io = nsfast::Io { stdio: [-1; 3], pass_fds: &[], cgroup: cg.as_deref(), trees: &[] };
         let child = nsfast::spawn(&plan, &io).expect("spawn");
         let (status, _) = nsfast::wait(child.pid, child.pidfd.as_raw_fd(), None).expect("wait").expect("no timeout");
         let status = nsfast::spawn::command_status(status, child.status.as_ref().map(|f| f.as_fd()));

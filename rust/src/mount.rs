@@ -172,6 +172,8 @@ pub struct FsPlan {
     pub prepare: Vec<PrepareTree>,
     /// The upper filesystem of the overlays in `prepare` (made by the parent first).
     pub upper: Option<Upper>,
+    /// With an overlay root: its upper directory in the upper filesystem.
+    pub root_upper: Option<CString>,
 }
 
 /// What the filesystem should be.
@@ -375,11 +377,12 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
             ),
         ));
     }
-    let mut upper = None;
+    let (mut upper, mut root_upper) = (None, None);
     if fs.overlay.is_some() || !missing.is_empty() {
         let (mut layers, up) = overlay_steps(fs, probes, &root, &missing, &mut prepare)?;
         steps.append(&mut layers);
         upper = up;
+        root_upper = Some(c(if fs.overlay.as_ref().is_some_and(|o| o.upper.is_some()) { "upper" } else { "u0" }));
     } else {
         let enter = if in_root && fs.prepare_trees {
             // Idmapped like the binds: an image's ids 0..65535 on disk are the sandbox's ids.
@@ -597,7 +600,7 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
         }
     }
     push(FsOp::PivotRoot, "pivot_root".into(), show(&root));
-    Ok(FsPlan { steps, prepare, upper })
+    Ok(FsPlan { steps, prepare, upper, root_upper })
 }
 
 /// The overlay root (BenchExec's approach to the host root): `/` (the root tree) and each
@@ -1042,6 +1045,18 @@ fn make_upper(upper: &Upper, prepared: &[RawFd]) -> std::result::Result<OwnedFd,
     }
 }
 
+/// Child-safe: an O_PATH fd of the tree mounted at `path` (resolved in the new root).
+pub fn tree_root(path: &CStr) -> std::result::Result<OwnedFd, Errno> {
+    at_root(path)
+}
+
+/// Child-safe: the overlay root's upper directory, where this child made the overlay.
+pub fn upper_root(state: &FsState, name: Option<&CStr>) -> Option<std::result::Result<OwnedFd, Errno>> {
+    let (up, name) = (state.upper.as_ref()?, name?);
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    Some(rustix::fs::openat(up, name, flags, Mode::empty()))
+}
+
 /// Child-safe: chdir to `path` resolved inside the root (after pivot_root: the sandbox's):
 /// a symlink cannot lead out of it, and a magic link (`/proc/self/fd/N`, `/proc/PID/cwd`)
 /// is refused with ELOOP.
@@ -1082,6 +1097,84 @@ pub fn prepare(
 /// Parent side: the upper filesystem of the plan's prepared overlays.
 pub fn prepare_upper(upper: &Upper) -> std::result::Result<OwnedFd, Errno> {
     make_upper(upper, &[])
+}
+
+/// How a path in a sandbox's writable tree is resolved by the parent: inside the tree (its
+/// root is "/", `..` stops there, absolute symlinks are relative to it), no magic link, no
+/// other mount: whatever the sandbox planted, or swaps while we read, leads nowhere else.
+const TREE_RESOLVE: ResolveFlags =
+    ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGICLINKS).union(ResolveFlags::NO_XDEV);
+
+/// Parent side: the contents of regular file `path` in the tree `root` (None: missing or
+/// not a regular file); more than `max` bytes is EFBIG.
+pub fn tree_read(root: BorrowedFd<'_>, path: &[u8], max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let flags = OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat2(root, path, flags, Mode::empty(), TREE_RESOLVE) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != rustix::fs::FileType::RegularFile {
+        return Ok(None);
+    }
+    let mut data = Vec::new();
+    std::fs::File::from(fd).take(max.saturating_add(1)).read_to_end(&mut data)?;
+    if data.len() as u64 > max {
+        return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
+    }
+    Ok(Some(data))
+}
+
+/// Parent side: the entries of directory `path` in the tree `root` (empty if it is missing
+/// or not a directory): (name, b'd' directory, b'f' regular file, b'l' symlink, b'o' other).
+pub fn tree_list(root: BorrowedFd<'_>, path: &[u8]) -> std::io::Result<Vec<(Vec<u8>, u8)>> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat2(root, path, flags, Mode::empty(), TREE_RESOLVE) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&fd)? {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        use rustix::fs::FileType;
+        let kind = match rustix::fs::statat(&fd, entry.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => match FileType::from_raw_mode(st.st_mode) {
+                FileType::Directory => b'd',
+                FileType::RegularFile => b'f',
+                FileType::Symlink => b'l',
+                _ => b'o',
+            },
+            Err(_) => continue, // gone meanwhile
+        };
+        out.push((name.to_vec(), kind));
+    }
+    Ok(out)
+}
+
+/// Parent side: write `data` to `path` in the tree `root` (created with `mode`, or
+/// truncated; a symlink as its last component is refused, ELOOP), as `owner` (host ids: the
+/// sandbox's root for a root caller, whose trees' file systems map no other ids).
+pub fn tree_write(
+    root: BorrowedFd<'_>,
+    path: &[u8],
+    data: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let _ids = owner.map(|(uid, gid)| sys::FsIds::set(uid, gid));
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat2(root, path, flags, Mode::from_raw_mode(mode), TREE_RESOLVE)?;
+    if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    std::fs::File::from(fd).write_all(data)
 }
 
 /// Paths in a plan as the tests see them.

@@ -4,12 +4,13 @@
 //! the GIL released (`detached`). Errors are mapped in one place (`to_pyerr`) onto the
 //! exception classes of `nsfast._errors`.
 
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -450,6 +451,8 @@ impl Drop for Core {
 struct Sandbox {
     core: Arc<Core>,
     cgroup_version: Option<u8>,
+    /// The roots of the writable trees asked for at spawn (`spawn(trees=)`), until taken.
+    trees: Mutex<Vec<OwnedFd>>,
 }
 
 impl Sandbox {
@@ -463,6 +466,7 @@ impl Sandbox {
         await_report: bool,
     ) -> PyResult<Sandbox> {
         let cgroup_version = cg.as_ref().map(|c| c.version());
+        let trees = Mutex::new(child.trees);
         let watch = cg.is_some() && (cpu.cpu_time.is_some() || cpu.cpu_time_soft.is_some());
         let core = Arc::new(Core {
             pid: child.pid,
@@ -483,7 +487,7 @@ impl Sandbox {
                 return Err(PyOSError::new_err(format!("cannot start the CPU-time watcher thread: {e}")));
             }
         }
-        Ok(Sandbox { core, cgroup_version })
+        Ok(Sandbox { core, cgroup_version, trees })
     }
 }
 
@@ -510,6 +514,14 @@ impl Sandbox {
     fn fileno(&self) -> i32 {
         use std::os::fd::AsRawFd;
         self.core.pidfd.as_raw_fd()
+    }
+
+    /// The O_PATH fds of the writable trees asked for at spawn, in that order; the caller
+    /// owns them from here (a second call returns []).
+    fn take_trees(&self) -> Vec<i32> {
+        use std::os::fd::IntoRawFd;
+        let mut trees = self.trees.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *trees).into_iter().map(|fd| fd.into_raw_fd()).collect()
     }
 
     /// 1 or 2 for the version of the sandbox's cgroup; None without one.
@@ -648,7 +660,7 @@ fn started_in<T>(
 
 /// Start a sandbox as the frozen nsfast.Spec `spec` says, running `args`; returns its Sandbox.
 #[pyfunction]
-#[pyo3(signature = (spec, args, *, stdio, pass_fds, cgroup=None))]
+#[pyo3(signature = (spec, args, *, stdio, pass_fds, cgroup=None, trees=vec![]))]
 fn spawn(
     py: Python<'_>,
     spec: &Bound<'_, PyAny>,
@@ -656,7 +668,12 @@ fn spawn(
     stdio: (i32, i32, i32),
     pass_fds: Vec<i32>,
     cgroup: Option<&Bound<'_, PyAny>>,
+    trees: Vec<PyBackedBytes>,
 ) -> PyResult<Sandbox> {
+    let trees = trees
+        .iter()
+        .map(|t| std::ffi::CString::new(t.to_vec()).map_err(|_| PyValueError::new_err("trees: NUL in a path")))
+        .collect::<PyResult<Vec<_>>>()?;
     let mut core_spec: Spec = spec.extract()?;
     core_spec.args = args.into_iter().map(bytes).collect();
     let (cgroup, cpu) = cgroup_arg(cgroup)?;
@@ -692,7 +709,9 @@ fn spawn(
                 return Err(Error::Limit { limit: "delegate_cgroup".into(), msg: e.to_string() });
             }
         }
-        started_in(cg, |cg| crate::spawn::spawn(&plan, &crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg }))
+        started_in(cg, |cg| {
+            crate::spawn::spawn(&plan, &crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg, trees: &trees })
+        })
     });
     match result {
         Ok((child, cg)) => Sandbox::new(child, cg, started, pid_namespace, new_session, cpu, false),
@@ -834,7 +853,11 @@ fn spawn_join(
             }
         };
         started_in(cg, |cg| {
-            crate::exec::spawn_join(&plan, &crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg }, &target)
+            crate::exec::spawn_join(
+                &plan,
+                &crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg, trees: &[] },
+                &target,
+            )
         })
     });
     match result {
@@ -969,6 +992,40 @@ impl ZygoteLink {
     }
 }
 
+/// An OSError(errno, strerror) (so Python picks the subclass and `.errno` is set).
+fn os_error(e: std::io::Error) -> PyErr {
+    let code = e.raw_os_error().unwrap_or(libc::EIO);
+    PyOSError::new_err((code, std::io::Error::from_raw_os_error(code).to_string()))
+}
+
+/// Regular file `path` of the tree whose root is `fd`, resolved inside it (mount::tree_read):
+/// its bytes, None if missing or not a regular file; more than `max` bytes is OSError(EFBIG).
+#[pyfunction]
+fn tree_read<'py>(py: Python<'py>, fd: i32, path: &[u8], max: u64) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    // SAFETY: the caller's fd, open for this call.
+    let root = unsafe { crate::sys::borrow_fd(fd) };
+    let data = detached(py, || crate::mount::tree_read(root, path, max)).map_err(os_error)?;
+    Ok(data.map(|d| PyBytes::new(py, &d)))
+}
+
+/// Directory `path` of the tree whose root is `fd`: [(name, kind)], kind "d", "f", "l" or "o".
+#[pyfunction]
+fn tree_list(py: Python<'_>, fd: i32, path: &[u8]) -> PyResult<Vec<(Vec<u8>, String)>> {
+    // SAFETY: the caller's fd, open for this call.
+    let root = unsafe { crate::sys::borrow_fd(fd) };
+    let entries = detached(py, || crate::mount::tree_list(root, path)).map_err(os_error)?;
+    Ok(entries.into_iter().map(|(n, k)| (n, (k as char).to_string())).collect())
+}
+
+/// Write `data` to `path` of the tree whose root is `fd` (created with `mode`, or truncated).
+#[pyfunction]
+#[pyo3(signature = (fd, path, data, mode=0o644, owner=None))]
+fn tree_write(py: Python<'_>, fd: i32, path: &[u8], data: &[u8], mode: u32, owner: Option<(u32, u32)>) -> PyResult<()> {
+    // SAFETY: the caller's fd, open for this call.
+    let root = unsafe { crate::sys::borrow_fd(fd) };
+    detached(py, || crate::mount::tree_write(root, path, data, mode, owner)).map_err(os_error)
+}
+
 /// The kernel's Landlock ABI version (0: no Landlock).
 #[pyfunction]
 fn landlock_abi() -> i64 {
@@ -1001,6 +1058,9 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(spawn_join, m)?)?;
     m.add_function(wrap_pyfunction!(zygote_serve, m)?)?;
     m.add_function(wrap_pyfunction!(landlock_abi, m)?)?;
+    m.add_function(wrap_pyfunction!(tree_read, m)?)?;
+    m.add_function(wrap_pyfunction!(tree_list, m)?)?;
+    m.add_function(wrap_pyfunction!(tree_write, m)?)?;
     m.add_class::<ZygoteLink>()?;
     m.add_class::<Sandbox>()?;
     m.add_class::<Exit>()?;

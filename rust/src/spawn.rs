@@ -17,9 +17,9 @@
 //!           -> no_new_privs -> stdio -> close fds -> unblock signals -> exec
 //!   2 parent reads the report pipe: EOF = exec'd; a record = the step that failed.
 
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_int, c_void, CString};
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
@@ -48,6 +48,9 @@ pub struct Child {
     /// how the command ended. Reap `pid`, then pass its status and this fd to
     /// [`command_status`]; close it after.
     pub status: Option<OwnedFd>,
+    /// O_PATH fds of the roots of `Io::trees`, in that order: what the sandbox wrote stays
+    /// readable through them after it ended (see `mount::tree_read`).
+    pub trees: Vec<OwnedFd>,
 }
 
 /// The command's wait status, given the reaped first process's `init_status` and (with
@@ -73,7 +76,13 @@ pub struct Io<'a> {
     /// The sandbox's cgroup: born into it (CLONE_INTO_CGROUP), and/or moved into its v1
     /// cgroups by the child itself before exec.
     pub cgroup: Option<&'a dyn Cgroup>,
+    /// Writable trees whose roots the child hands back (paths in the new root, e.g. "tmp";
+    /// "" for the upper layer of an overlay root); at most [`MAX_TREES`].
+    pub trees: &'a [CString],
 }
+
+/// The most trees one spawn hands back.
+pub const MAX_TREES: usize = 32;
 
 struct ChildCtx<'a> {
     plan: &'a Plan,
@@ -95,6 +104,8 @@ struct ChildCtx<'a> {
     /// A pidfd of the spawning thread (die_with_parent): proves it alive once the death
     /// signal is armed for good (credential changes disarm it).
     parent_pidfd: RawFd,
+    /// Our end of the socket the trees' fds go back through (-1: none asked).
+    trees_sock: RawFd,
 }
 
 /// Open the files a v1 child moves itself in with (see `Cgroup::self_attach_files`).
@@ -168,7 +179,20 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
     let attach = io.cgroup.filter(|c| c.needs_attach());
     let tasks = self_attach_files(io.cgroup)?;
     let tasks_fds: Vec<RawFd> = tasks.iter().map(|f| f.as_raw_fd()).collect();
-    let prepared = prepare_trees(plan)?;
+    if io.trees.len() > MAX_TREES {
+        return Err(Error::invalid("outputs", format!("at most {MAX_TREES} writable trees")));
+    }
+    let (prepared, upper) = prepare_trees(plan)?;
+    let trees_pair = if io.trees.is_empty() {
+        None
+    } else {
+        use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+        Some(
+            socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
+                .map_err(|e| Error::spawn("socketpair", None, e))?,
+        )
+    };
+    let trees_sock = trees_pair.as_ref().map_or(-1, |(_, w)| w.as_raw_fd());
     let prepared_fds: Vec<RawFd> = prepared.iter().map(|f| f.as_raw_fd()).collect();
     // Only a change of ids disarms the death signal after `go` proved the parent alive.
     let ids_change = plan.become_root || plan.set_ids.is_some();
@@ -202,7 +226,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
         io.pass_fds,
         &tasks_fds,
         &prepared_fds,
-        &[init.map_or(-1, |(fd, _, _)| fd), init.map_or(-1, |(_, _, status)| status), parent_pidfd_raw],
+        &[init.map_or(-1, |(fd, _, _)| fd), init.map_or(-1, |(_, _, status)| status), parent_pidfd_raw, trees_sock],
     ]);
     let stack = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
     let ctx = ChildCtx {
@@ -216,6 +240,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
         prepared: &prepared_fds,
         keep_fds: &keep_fds,
         parent_pidfd: parent_pidfd_raw,
+        trees_sock,
     };
 
     let mut pidfd: c_int = -1;
@@ -254,13 +279,69 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
     drop(go_r);
     drop(prepared);
     drop(parent_pidfd);
+    let trees_r = trees_pair.map(|(r, _w)| r);
     // Only init holds the write end of its status report.
     let status = status_pipe.map(|(r, _w)| r);
     let pid = res.map_err(|e| Error::spawn("clone3", Some(namespaces_hint(plan.clone_flags)), e))?;
     // SAFETY: CLONE_PIDFD stored a fresh fd that nothing else owns.
-    let child = Child { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) }, status };
+    let child = Child { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) }, status, trees: Vec::new() };
 
-    finish(plan, child, &mut parent, plan.maps.as_ref(), attach, procs, stack).map(Some)
+    let mut child = finish(plan, child, &mut parent, plan.maps.as_ref(), attach, procs, stack)?;
+    if let Some(r) = trees_r {
+        match receive_trees(&r, io.trees, upper.as_ref().zip(plan.fs.root_upper.as_deref())) {
+            Ok(trees) => child.trees = trees,
+            Err(e) => {
+                let _ = rustix::process::pidfd_send_signal(&child.pidfd, rustix::process::Signal::KILL);
+                let _ = rustix::process::waitpid(pid_of(&child), WaitOptions::empty());
+                return Err(Error::spawn("receive the writable trees", None, e));
+            }
+        }
+    }
+    Ok(Some(child))
+}
+
+/// The trees' fds the child sent before it exec'd (queued in `sock`), in `trees`' order; ""
+/// (an overlay root's upper layer) from the parent's own upper when the parent made it.
+fn receive_trees(
+    sock: &OwnedFd,
+    trees: &[CString],
+    parent_upper: Option<(&OwnedFd, &std::ffi::CStr)>,
+) -> std::result::Result<Vec<OwnedFd>, Errno> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_TREES))];
+    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    let got = rustix::net::recvmsg(
+        sock,
+        &mut [std::io::IoSliceMut::new(&mut byte)],
+        &mut anc,
+        RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+    )?;
+    let mut sent: Vec<OwnedFd> = Vec::new();
+    for msg in anc.drain() {
+        if let RecvAncillaryMessage::ScmRights(r) = msg {
+            sent.extend(r);
+        }
+    }
+    if got.bytes != 1 || got.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        return Err(Errno::PROTO);
+    }
+    let mut sent = sent.into_iter();
+    let mut out = Vec::with_capacity(trees.len());
+    for t in trees {
+        let fd = match (t.is_empty(), parent_upper) {
+            (true, Some((up, name))) => {
+                let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                rustix::fs::openat(up, name, flags, Mode::empty())?
+            }
+            _ => sent.next().ok_or(Errno::PROTO)?,
+        };
+        out.push(fd);
+    }
+    if sent.next().is_some() {
+        return Err(Errno::PROTO);
+    }
+    Ok(out)
 }
 
 /// Sync point 1 (id maps written, v1 cgroup attached, then `go`), then sync point 2 (the
@@ -320,6 +401,44 @@ fn spawning_thread_pidfd() -> std::result::Result<OwnedFd, Errno> {
         .or_else(|_| pidfd_open(rustix::process::getpid(), PidfdFlags::empty()))
 }
 
+/// Child-safe: O_PATH fds of the roots of `io.trees` (resolved in the new root; "" is the
+/// overlay root's upper layer where the child made it) sent to the parent in one message.
+fn send_trees(ctx: &ChildCtx, fs: &mount::FsState) -> std::result::Result<(), Errno> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut opened: [Option<OwnedFd>; MAX_TREES] = [const { None }; MAX_TREES];
+    let mut n = 0;
+    for t in ctx.io.trees {
+        let fd = if t.is_empty() {
+            match mount::upper_root(fs, ctx.plan.fs.root_upper.as_deref()) {
+                Some(fd) => fd?,
+                None => continue, // the parent's (it made the overlay)
+            }
+        } else {
+            mount::tree_root(t)?
+        };
+        opened[n] = Some(fd);
+        n += 1;
+    }
+    let mut raw: [BorrowedFd<'_>; MAX_TREES] = [ctx_fd(ctx); MAX_TREES];
+    for (slot, fd) in raw.iter_mut().zip(opened.iter().flatten()) {
+        *slot = fd.as_fd();
+    }
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_TREES))];
+    let mut anc = SendAncillaryBuffer::new(&mut space);
+    if n > 0 && !anc.push(SendAncillaryMessage::ScmRights(&raw[..n])) {
+        return Err(Errno::NOBUFS);
+    }
+    // SAFETY: a kept fd (keep_fds), open until exec.
+    let sock = unsafe { sys::borrow_fd(ctx.trees_sock) };
+    rustix::net::sendmsg(sock, &[std::io::IoSlice::new(b"T")], &mut anc, SendFlags::NOSIGNAL).map(drop)
+}
+
+/// A placeholder for unused slots of `send_trees`' array (never sent).
+fn ctx_fd<'a>(ctx: &ChildCtx) -> BorrowedFd<'a> {
+    // SAFETY: a kept fd (keep_fds), open until exec; only a placeholder, never used.
+    unsafe { sys::borrow_fd(ctx.trees_sock) }
+}
+
 /// Child-safe: (re-)arm the death signal; a change of ids clears it.
 fn arm_death_signal(ctx: &ChildCtx) {
     if ctx.plan.die_with_parent {
@@ -335,22 +454,24 @@ fn keep_list(lists: &[&[RawFd]]) -> Vec<RawFd> {
     v
 }
 
-/// Open the trees the plan's parent side prepares (a root caller's rootfs and binds).
-fn prepare_trees(plan: &Plan) -> Result<Vec<OwnedFd>> {
+/// Open the trees the plan's parent side prepares (a root caller's rootfs and binds), and
+/// the upper filesystem of the overlays it makes.
+fn prepare_trees(plan: &Plan) -> Result<(Vec<OwnedFd>, Option<OwnedFd>)> {
     if plan.fs.prepare.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     let userns = if plan.fs.prepare.iter().any(|p| p.idmap) {
         Some(idmap_userns().map_err(|e| Error::spawn("create the id-mapping user namespace", None, e))?)
     } else {
         None
     };
-    let upper = match &plan.fs.upper {
+    let upper_fd = match &plan.fs.upper {
         Some(u) => Some(mount::prepare_upper(u).map_err(|e| Error::spawn("overlay upper", None, e))?),
         None => None,
     };
-    let upper = upper.as_ref().map(|u| u.as_fd());
-    plan.fs
+    let upper = upper_fd.as_ref().map(|u| u.as_fd());
+    let trees = plan
+        .fs
         .prepare
         .iter()
         .map(|p| {
@@ -365,7 +486,8 @@ fn prepare_trees(plan: &Plan) -> Result<Vec<OwnedFd>> {
             };
             res.map_err(|e| Error::spawn(p.step.clone(), Some(p.src.to_string_lossy().into_owned()), e))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok((trees, upper_fd))
 }
 
 /// A user namespace with the root caller's sandbox mapping (0 -> SANDBOX_ID_BASE, 65536
@@ -546,6 +668,9 @@ fn child(ctx: &ChildCtx) -> ! {
         if let Err(e) = mount::run(&st.op, ctx.prepared, &mut fs_state) {
             ch.fail(Step::Fs, i as u32, e);
         }
+    }
+    if ctx.trees_sock >= 0 {
+        send_trees(ctx, &fs_state).unwrap_or_else(|e| fail(Step::Trees, e));
     }
     if let Some(name) = &plan.hostname {
         rustix::system::sethostname(name).unwrap_or_else(|e| fail(Step::Hostname, e));

@@ -40,6 +40,7 @@ pub enum Step {
     Rlimit,
     CloseFdsEarly,
     TimeNs,
+    Trees,
 }
 
 impl Step {
@@ -73,6 +74,7 @@ impl Step {
             Rlimit,
             CloseFdsEarly,
             TimeNs,
+            Trees,
         ]
         .into_iter()
         .find(|s| *s as u32 == v)
@@ -108,6 +110,7 @@ impl Step {
             Step::Rlimit => "setrlimit",
             Step::CloseFdsEarly => "close inherited fds",
             Step::TimeNs => "unshare time namespace",
+            Step::Trees => "send the writable trees",
         }
     }
 }

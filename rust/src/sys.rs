@@ -640,6 +640,35 @@ pub fn capget_permitted() -> Result<u64, Errno> {
     Ok(u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32))
 }
 
+/// The calling thread's filesystem ids set to (`uid`, `gid`) until the guard drops (then
+/// back to the previous ones): the kernel creates a file only with an fsuid the
+/// filesystem's user namespace maps (EOVERFLOW otherwise). Per thread: setfsuid(2) is not
+/// a process-wide change (no other thread of ours is affected).
+pub struct FsIds {
+    uid: u32,
+    gid: u32,
+}
+
+impl FsIds {
+    pub fn set(uid: u32, gid: u32) -> FsIds {
+        // SAFETY: integer arguments; setfs[ug]id returns the previous id, never fails hard.
+        let gid0 = unsafe { libc::syscall(libc::SYS_setfsgid, gid as usize) } as u32;
+        // SAFETY: as above.
+        let uid0 = unsafe { libc::syscall(libc::SYS_setfsuid, uid as usize) } as u32;
+        FsIds { uid: uid0, gid: gid0 }
+    }
+}
+
+impl Drop for FsIds {
+    fn drop(&mut self) {
+        // SAFETY: integer arguments.
+        unsafe {
+            libc::syscall(libc::SYS_setfsuid, self.uid as usize);
+            libc::syscall(libc::SYS_setfsgid, self.gid as usize);
+        }
+    }
+}
+
 /// Child-safe: setresuid/setresgid for the calling thread (the child is single-threaded).
 pub fn setresuid(id: u32) -> Result<(), Errno> {
     // SAFETY: integer arguments (raw: glibc's wrapper would signal every thread of ours).

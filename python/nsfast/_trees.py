@@ -1,0 +1,169 @@
+"""Files back out of a sandbox: `run(outputs=...)`, `Container.read_file`/`write_file`.
+
+The child hands the parent an O_PATH fd of the root of each of its writable trees (its
+`/tmp`, `/dev/shm`, the hidden directories' tmpfs, the user's `Tmpfs` and writable `Bind`s,
+an overlay root's upper layer) before it execs anything. Through those fds the parent reads
+what the sandbox wrote, after it ended (the trees live as long as the fds) or while it runs.
+Every path is resolved by the kernel inside its tree (`openat2` with `RESOLVE_IN_ROOT`,
+`RESOLVE_NO_MAGICLINKS`, `RESOLVE_NO_XDEV`): a symlink, `..` or magic link a hostile program
+planted, or swaps in while nsfast reads, cannot lead the read (or write) to any other file
+of the host. Only regular files are read; files the sandbox did not write (the host root
+or a rootfs below an overlay) are not its outputs and are not read."""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import _core
+from ._errors import OutputError, SpecError
+from ._spec import Bind, Spec, Tmpfs
+
+#: Default cap on the bytes `run(outputs=...)` reads back, all files together.
+DEFAULT_OUTPUTS_MAX_BYTES = 64 << 20
+
+
+def _norm(field: str, path: str) -> str:
+    if not isinstance(path, str):
+        raise TypeError(f"{field} must hold str paths, not {type(path).__name__}")
+    if not path.startswith("/") or "\0" in path:
+        raise SpecError(field, f"must be absolute paths inside the sandbox: {path!r}")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise SpecError(field, f"must not contain '..': {path!r}")
+    return "/" + "/".join(parts)
+
+
+def writable_trees(spec: Spec) -> List[str]:
+    """The sandbox paths of `spec`'s writable trees, as the child opens them."""
+    if "mnt" not in spec.namespaces:
+        return []
+    trees = ["/tmp", "/dev/shm"]
+    if spec.rootfs is None:
+        trees += [h for h in spec.hidden if os.path.isdir(h)]
+    for m in spec.mounts:
+        if isinstance(m, Tmpfs) or (isinstance(m, Bind) and not m.readonly):
+            trees.append(_norm("mounts", m.dst))
+    if spec.overlay or not spec.readonly_root:
+        trees.append("/")
+    return list(dict.fromkeys(trees))
+
+
+def core_paths(spec: Spec, trees: Sequence[str]) -> List[bytes]:
+    """What the child opens for each tree: its path in the new root; an overlay root is its
+    upper layer (b"")."""
+    return [(b"" if spec.overlay else b".") if t == "/" else os.fsencode(t[1:]) for t in trees]
+
+
+def _locate(trees: Sequence[str], path: str) -> Optional[Tuple[int, str]]:
+    """(index of the tree holding `path`, the path inside it): the deepest tree wins, as
+    the deepest mount does."""
+    best: Optional[Tuple[int, str]] = None
+    for i, t in enumerate(trees):
+        base = t.rstrip("/")
+        if path == t or path.startswith(base + "/"):
+            rel = path[len(base) :].lstrip("/")
+            if best is None or len(t) > len(trees[best[0]]):
+                best = (i, rel)
+    return best
+
+
+def check_outputs(spec: Spec, outputs: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(the normalised patterns, the trees they need), or a SpecError naming a pattern that
+    is in no writable tree."""
+    if isinstance(outputs, str):
+        outputs = (outputs,)
+    trees = writable_trees(spec)
+    pats = []
+    for p in outputs:
+        n = _norm("outputs", p)
+        if _locate(trees, n) is None:
+            where = ", ".join(trees) if trees else "none: the sandbox has no mount namespace"
+            raise SpecError(
+                "outputs",
+                f"{p!r} is not in a writable tree of the sandbox (those: {where}); elsewhere the files are the "
+                "host's or read-only, not what the run wrote",
+            )
+        pats.append(n)
+    return pats, trees
+
+
+class Trees:
+    """The open roots of a sandbox's writable trees (fds owned here, closed by close())."""
+
+    def __init__(self, paths: Sequence[str], fds: Sequence[int], owner: Optional[Tuple[int, int]] = None) -> None:
+        self.paths = list(paths)
+        self.fds: List[int] = list(fds)
+        self.owner = owner  # host ids files written here get (the sandbox's root)
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _at(self, field: str, path: str) -> Tuple[int, str]:
+        if not self.fds:
+            raise ValueError("the sandbox's writable trees are closed")
+        n = _norm(field, path)
+        hit = _locate(self.paths, n)
+        if hit is None:
+            raise SpecError(
+                field, f"{path!r} is not in a writable tree of the sandbox (those: {', '.join(self.paths)})"
+            )
+        return self.fds[hit[0]], hit[1]
+
+    def read(self, path: str, max_bytes: int) -> Optional[bytes]:
+        fd, rel = self._at("path", path)
+        return _core.tree_read(fd, os.fsencode(rel or "."), max_bytes)
+
+    def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        fd, rel = self._at("path", path)
+        _core.tree_write(fd, os.fsencode(rel or "."), bytes(data), mode, self.owner)
+
+    def collect(self, patterns: Sequence[str], max_bytes: int, result: object) -> Dict[str, bytes]:
+        """Every regular file matching `patterns` (glob per path component, as glob.glob:
+        `*`, `?`, `[...]`; names starting with "." only for patterns that do), by sandbox
+        path; more than `max_bytes` in all is an OutputError naming the file."""
+        files: Dict[str, bytes] = {}
+        left = max_bytes
+        for pat in patterns:
+            fd, rel = self._at("outputs", pat)
+            base = (pat[: len(pat) - len(rel)] if rel else pat).rstrip("/")
+            for name in self._match(fd, [c for c in rel.split("/") if c]):
+                path = base + "/" + name if name else base
+                if path in files:
+                    continue
+                try:
+                    data = _core.tree_read(fd, os.fsencode(name or "."), left)
+                except OSError as e:
+                    if e.errno == errno.EFBIG:
+                        raise OutputError(path, max_bytes, result) from None
+                    raise
+                if data is not None:
+                    files[path] = data
+                    left -= len(data)
+        return files
+
+    def _match(self, fd: int, comps: List[str], prefix: str = "") -> List[str]:
+        if not comps:
+            return [prefix]
+        first, rest = comps[0], comps[1:]
+        if not any(ch in first for ch in "*?["):
+            return self._match(fd, rest, f"{prefix}/{first}" if prefix else first)
+        out = []
+        entries = _core.tree_list(fd, os.fsencode(prefix or "."))
+        for raw, kind in sorted(entries):
+            name = os.fsdecode(raw)
+            if name.startswith(".") and not first.startswith("."):
+                continue
+            if not fnmatch.fnmatchcase(name, first):
+                continue
+            if rest and kind not in ("d", "l"):
+                continue
+            out += self._match(fd, rest, f"{prefix}/{name}" if prefix else name)
+        return out
