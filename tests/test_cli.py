@@ -649,4 +649,4 @@ def test_overlay_flags(busybox_rootfs, tmp_path):
                    "/bin/sh", "-c", "dd if=/dev/zero of=/big bs=64k count=4")  # fmt: skip
     assert r.returncode != 0 and "No space left" in r.stderr
     r = nsfast_cli("run", "--overlay-size", "1M", "--", "true")
-    assert (r.returncode, r.stderr) == (125, "nsfast: overlay_size: needs overlay=True\n")
+    assert (r.returncode, r.stderr) == (125, "nsfast: overlay_size: needs overlay=True or an Overlay mount\n")

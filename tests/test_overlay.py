@@ -213,3 +213,100 @@ def test_overlay_type_errors():
 def test_zygote_refuses_an_overlay():
     with pytest.raises(nsfast.SpecError, match="overlay: zygote tasks share the zygote's root"):
         nsfast.Zygote(overlay=True)
+
+
+@pytest.fixture
+def cow_src(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "opq").mkdir()
+    for rel, data in (("keep", "keep\n"), ("del", "del\n"), ("mod", "mod\n"), ("sub/s", "s\n"), ("opq/o1", "o1\n")):
+        (src / rel).write_text(data)
+    return src
+
+
+COW_SCRIPT = (
+    "cd /work && echo new > new && echo more >> mod && rm del && rm -rf opq && mkdir opq && echo o2 > opq/o2 &&"
+    " mkdir -p nd/x && echo y > nd/x/y && ln -s ../keep link && chmod 700 sub && mkfifo fifo"
+)
+COW_CHANGES = {
+    "/work/del": "deleted",
+    "/work/fifo": "added",
+    "/work/link": "added",
+    "/work/mod": "modified",
+    "/work/nd": "added",
+    "/work/nd/x": "added",
+    "/work/nd/x/y": "added",
+    "/work/new": "added",
+    "/work/opq/o1": "deleted",
+    "/work/opq/o2": "added",
+    "/work/sub": "modified",
+}
+
+
+def test_overlay_mount_lists_changes_and_leaves_src_alone(cow_src):
+    before = tree(cow_src)
+    r = sh(COW_SCRIPT + "; exit 3", mounts=[nsfast.Overlay(cow_src, "/work", commit=True)])
+    assert r.returncode == 3, r.stderr
+    assert r.changes == COW_CHANGES
+    assert tree(cow_src) == before  # failed: nothing committed
+    r = sh(COW_SCRIPT, mounts=[nsfast.Overlay(cow_src, "/work")])
+    assert (r.returncode, r.changes) == (0, COW_CHANGES)
+    assert tree(cow_src) == before  # commit=False
+
+
+def test_overlay_mount_commits_on_success(cow_src):
+    r = sh(COW_SCRIPT, mounts=[nsfast.Overlay(cow_src, "/work", commit=True)])
+    assert (r.returncode, r.changes) == (0, COW_CHANGES), r.stderr
+    after = tree(cow_src)
+    files = {p: d for p, (_, _, d) in after.items() if os.path.isfile(cow_src / p) and not os.path.islink(cow_src / p)}
+    assert files == {"keep": b"keep\n", "mod": b"mod\nmore\n", "new": b"new\n", "opq/o2": b"o2\n", "nd/x/y": b"y\n",
+                     "sub/s": b"s\n"}  # fmt: skip
+    assert os.readlink(cow_src / "link") == "../keep"
+    assert not (cow_src / "fifo").exists()  # special files are listed, not applied
+    assert os.stat(cow_src / "sub").st_mode & 0o7777 == 0o700
+    assert not any(name.endswith(".nsfast-commit") for name in after)
+
+
+def test_overlay_commit_never_writes_outside_src(cow_src, host_dir):
+    """The user's src holds a symlink to a directory outside it; the sandbox swaps it for a
+    directory with files, plants its own symlinks, tries setuid: the commit writes only
+    inside src, never through a symlink, and no setuid bit lands."""
+    sentinel = host_dir / "sentinel"
+    sentinel.mkdir()
+    os.symlink(str(sentinel), cow_src / "out")
+    os.symlink(str(sentinel), cow_src / "out2")
+    script = (
+        "cd /work && rm out && mkdir out && echo x > out/x && ln -s /srv out3 && echo s > suid &&"
+        " (chmod 4755 suid 2>/dev/null; true) && echo y > out2/y 2>/dev/null; true"
+    )
+    r = sh(script, mounts=[nsfast.Overlay(cow_src, "/work", commit=True)])
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(sentinel) == []
+    assert (cow_src / "out").is_dir() and not (cow_src / "out").is_symlink()
+    assert (cow_src / "out" / "x").read_text() == "x\n"
+    assert os.readlink(cow_src / "out3") == "/srv" and os.readlink(cow_src / "out2") == str(sentinel)
+    assert not os.stat(cow_src / "suid").st_mode & 0o6000
+
+
+def test_overlay_mount_outputs_are_its_changes(cow_src):
+    r = sh("echo w > /work/w; cat /work/keep", mounts=[nsfast.Overlay(cow_src, "/work")],
+           outputs=["/work/*"])  # fmt: skip
+    assert r.stdout == "keep\n" and r.files == {"/work/w": b"w\n"}
+
+
+def test_overlay_mount_fields_are_checked(tmp_path):
+    with pytest.raises(nsfast.SpecError, match="Overlay.src: is not an existing directory"):
+        nsfast.Overlay(tmp_path / "missing", "/work")
+    with pytest.raises(TypeError, match="Overlay.commit must be a bool"):
+        nsfast.Overlay(tmp_path, "/work", commit="yes")  # type: ignore[arg-type]
+    # A commit happens when a run ends: only nsfast.run can, so nothing else takes one.
+    for start in (lambda m: nsfast.spawn(["true"], mounts=m), lambda m: nsfast.Container(mounts=m).start()):
+        with pytest.raises(nsfast.SpecError, match=r"mounts: Overlay\(commit=True\) needs nsfast.run"):
+            start([nsfast.Overlay(tmp_path, "/work", commit=True)])
+    with pytest.raises(nsfast.SpecError, match="Overlay mounts would be one view shared by every task"):
+        nsfast.Zygote(mounts=[nsfast.Overlay(tmp_path, "/work")])
+    # Without a commit, a copy-on-write view for any sandbox.
+    with nsfast.Container(mounts=[nsfast.Overlay(tmp_path, "/work")]) as c:
+        assert c.exec(["sh", "-c", "echo x > /work/x && cat /work/x"], capture_output=True).stdout == b"x\n"
+    assert not (tmp_path / "x").exists()

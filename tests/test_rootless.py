@@ -293,3 +293,14 @@ def test_rootless_outputs_are_read_back(nobody_dir):
         out({{k: v.decode() for k, v in r.files.items()}})
     """)
     assert files == {"/tmp/t": "t\n", "/o": "o\n"}
+
+
+def test_rootless_overlay_mount_commits_on_success(nobody_dir):
+    [changes] = as_nobody(f"""
+        ov = nsfast.Overlay({nobody_dir!r}, "/mnt", commit=True)
+        r = nsfast.run(["sh", "-c", "echo new > /mnt/new; rm /mnt/hello"], mounts=[ov])
+        out([r.returncode, r.changes])
+    """)
+    assert changes == [0, {"/mnt/hello": "deleted", "/mnt/new": "added"}]
+    assert os.listdir(nobody_dir) == ["new"]
+    assert os.stat(os.path.join(nobody_dir, "new")).st_uid == NOBODY

@@ -223,6 +223,8 @@ class Container:
         """Close the held fds once the main process is gone."""
         if self._held is not None and self._proc is not None and self._proc.returncode is not None:
             self._held.close()
+            if self._proc._trees is not None:
+                self._proc._trees.close()
 
     def __del__(self) -> None:
         held = getattr(self, "_held", None)
@@ -232,8 +234,8 @@ class Container:
     def read_file(self, path: str, *, max_bytes: int = DEFAULT_OUTPUTS_MAX_BYTES) -> bytes:
         """The bytes of regular file `path` (a path inside the container) in one of its
         writable trees (/tmp, /dev/shm, hidden directories, Tmpfs and writable Bind mounts,
-        an overlay root's changes), read safely while it runs or after it stopped (until
-        this object is dropped): resolved by the kernel inside that tree, so no symlink or
+        an overlay root's changes), read safely while it runs (stop() releases them):
+        resolved by the kernel inside that tree, so no symlink or
         `..` the container planted leads to another file. FileNotFoundError if there is no
         regular file there; more than `max_bytes` is OSError(EFBIG); a path in no writable
         tree is a SpecError."""
@@ -254,6 +256,8 @@ class Container:
             raise ContainerError(f"container {self.name} was never started")
         if self._proc._trees is None:
             raise ContainerError(f"container {self.name} has no writable trees (no mount namespace)")
+        if not self._proc._trees.fds:
+            raise ContainerError(f"container {self.name} was stopped: its files went with it")
         return self._proc._trees
 
     def stop(self, timeout: float = 10) -> Optional[int]:

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Optional, Seque
 from . import _cgroup, _core
 from . import _trees as _trees_mod
 from ._errors import SpawnError, SpecError
-from ._spec import SANDBOX_ID_BASE, Spec, SpecFields, StrPath, with_fields
+from ._spec import SANDBOX_ID_BASE, Overlay, Spec, SpecFields, StrPath, with_fields
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -79,6 +79,9 @@ class Result(subprocess.CompletedProcess):  # type: ignore[type-arg]
         super().__init__(args, returncode, stdout, stderr)
         self.usage = usage
         self.files: Dict[str, bytes] = {} if files is None else files
+        #: What the sandbox changed below its `nsfast.Overlay` mounts: path -> "added",
+        #: "modified" or "deleted".
+        self.changes: Dict[str, str] = {}
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", usage={self.usage!r})"
@@ -216,6 +219,7 @@ class Process:
         _join: Optional[_JoinTarget] = None,
         _start: Optional[Callable[[Tuple[int, int, int]], Any]] = None,
         _trees: Sequence[str] = (),
+        _commits: bool = False,
         **spec_fields: Unpack[SpecFields],
     ) -> None:
         # _start(stdio) -> a Sandbox: what starts it instead of _core.spawn (a zygote task,
@@ -223,6 +227,8 @@ class Process:
         # (self._trees), for reading files back (_trees.py).
         self.spec = with_fields(spec, spec_fields)
         self._trees: Optional[_trees_mod.Trees] = None
+        if not _commits and any(isinstance(m, Overlay) and m.commit for m in self.spec.mounts):
+            raise SpecError("mounts", "Overlay(commit=True) needs nsfast.run (it commits when the run exits 0)")
         if _join is not None and not args:
             raise ValueError("args must not be empty")
         argv, self.args = _argv(args) if args or not self.spec.init else ([], [])
@@ -625,6 +631,10 @@ def run(
         if isinstance(outputs_max_bytes, bool) or not isinstance(outputs_max_bytes, int) or outputs_max_bytes < 0:
             raise SpecError("outputs_max_bytes", f"must be a non-negative int, not {outputs_max_bytes!r}")
         patterns, trees = _trees_mod.check_outputs(spec, outputs)
+    # (An exec joins its container's mounts; a zygote task has the zygote's.)
+    own = _join is None and _start is None
+    cow = [m for m in spec.mounts if isinstance(m, Overlay)] if own else []
+    trees += [m.dst for m in cow if m.dst not in trees]
     stdin, stdout, stderr = run_stdio(input, capture_output, stdin, stdout, stderr, timeout)
     with Process(
         args,
@@ -637,6 +647,7 @@ def run(
         _join=_join,
         _start=_start,
         _trees=trees,
+        _commits=True,
     ) as proc:
         try:
             if proc.stdin is None and proc.stdout is None and proc.stderr is None:
@@ -662,6 +673,11 @@ def run(
     result = Result(proc.args, proc.returncode, out, err, proc.usage)
     if proc._trees is not None:
         try:
+            for m in cow:
+                found = _trees_mod.changes(proc._trees, m)
+                result.changes.update((p, c[0]) for p, c in found.items())
+                if m.commit and proc.returncode == 0:
+                    _trees_mod.commit(proc._trees, m, found)
             result.files = proc._trees.collect(patterns, outputs_max_bytes, result)
         finally:
             proc._trees.close()

@@ -205,7 +205,34 @@ class Tmpfs:
         object.__setattr__(self, "size", parse_size("Tmpfs.size", self.size))
 
 
-Mount = Union[Bind, Tmpfs]
+@dataclass(frozen=True)
+class Overlay:
+    """A copy-on-write view of the host directory `src` on `dst`: the sandbox reads and
+    writes it as its own, `src` never changes while it runs (its changes are in the
+    sandbox's overlay tmpfs, `Spec.overlay_size`). `Result.changes` says what changed
+    (sandbox path -> "added", "modified" or "deleted"). `commit=True` applies the changes to
+    `src` when the run exits 0 (sandlock's commit-on-success): files, directories and
+    symlinks, with their permission bits (never setuid/setgid), deletions included; other
+    file types (FIFOs, sockets) are listed but not applied. Only from `nsfast.run`."""
+
+    src: str  # stored: absolute; given: a str or os.PathLike
+    dst: str
+    commit: bool = False
+
+    if TYPE_CHECKING:
+
+        def __init__(self, src: StrPath, dst: StrPath, commit: bool = False) -> None: ...
+
+    def __post_init__(self) -> None:
+        src = os.path.abspath(_path("Overlay.src", self.src, absolute=False))
+        if not os.path.isdir(src):
+            raise SpecError("Overlay.src", f"is not an existing directory: {src!r}")
+        object.__setattr__(self, "src", src)
+        object.__setattr__(self, "dst", _target("Overlay.dst", self.dst))
+        _bool("Overlay.commit", self.commit)
+
+
+Mount = Union[Bind, Tmpfs, Overlay]
 
 _SYSCALLS: Optional[Tuple[frozenset[str], Tuple[str, ...]]] = None
 
@@ -464,9 +491,6 @@ class Spec:
                 raise SpecError("readonly_root", "True contradicts overlay=True (the overlay is a writable root)")
             set_("readonly_root", False)
         set_("overlay_size", parse_size("overlay_size", self.overlay_size))
-        if self.overlay_size != DEFAULT_OVERLAY_SIZE and (not self.overlay or self.overlay_upper is not None):
-            why = "needs overlay=True" if not self.overlay else "sizes the tmpfs, which overlay_upper replaces"
-            raise SpecError("overlay_size", why)
         if self.overlay_upper is not None:
             if not self.overlay:
                 raise SpecError("overlay_upper", "needs overlay=True")
@@ -481,15 +505,21 @@ class Spec:
             raise SpecError("readonly_root", "needs the 'mnt' namespace (without it the sandbox's / is the host's)")
 
         mounts = self.mounts
-        if isinstance(mounts, (Bind, Tmpfs)):
+        if isinstance(mounts, (Bind, Tmpfs, Overlay)):
             mounts = (mounts,)
         if not isinstance(mounts, Iterable):
-            raise TypeError(f"mounts must be a sequence of Bind/Tmpfs, not {type(mounts).__name__}")
+            raise TypeError(f"mounts must be a sequence of Bind/Tmpfs/Overlay, not {type(mounts).__name__}")
         mounts = tuple(mounts)
         for m in mounts:
-            if not isinstance(m, (Bind, Tmpfs)):
-                raise TypeError(f"mounts must hold Bind or Tmpfs values, not {type(m).__name__}")
+            if not isinstance(m, (Bind, Tmpfs, Overlay)):
+                raise TypeError(f"mounts must hold Bind, Tmpfs or Overlay values, not {type(m).__name__}")
         set_("mounts", mounts)
+        cow_mounts = any(isinstance(m, Overlay) for m in mounts)
+        if self.overlay_size != DEFAULT_OVERLAY_SIZE:
+            if not (self.overlay or cow_mounts):
+                raise SpecError("overlay_size", "needs overlay=True or an Overlay mount")
+            if self.overlay_upper is not None and not cow_mounts:
+                raise SpecError("overlay_size", "sizes the tmpfs, which overlay_upper replaces")
         if (mounts or self.rootfs is not None) and "mnt" not in self.namespaces:
             raise SpecError("namespaces", "must include 'mnt' when rootfs or mounts are given")
 

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import _core
 from ._errors import OutputError, SpecError
-from ._spec import Bind, Spec, Tmpfs
+from ._spec import Bind, Overlay, Spec, Tmpfs
 
 #: Default cap on the bytes `run(outputs=...)` reads back, all files together.
 DEFAULT_OUTPUTS_MAX_BYTES = 64 << 20
@@ -44,7 +44,7 @@ def writable_trees(spec: Spec) -> List[str]:
     if spec.rootfs is None:
         trees += [h for h in spec.hidden if os.path.isdir(h)]
     for m in spec.mounts:
-        if isinstance(m, Tmpfs) or (isinstance(m, Bind) and not m.readonly):
+        if isinstance(m, (Tmpfs, Overlay)) or (isinstance(m, Bind) and not m.readonly):
             trees.append(_norm("mounts", m.dst))
     if spec.overlay or not spec.readonly_root:
         trees.append("/")
@@ -52,9 +52,18 @@ def writable_trees(spec: Spec) -> List[str]:
 
 
 def core_paths(spec: Spec, trees: Sequence[str]) -> List[bytes]:
-    """What the child opens for each tree: its path in the new root; an overlay root is its
-    upper layer (b"")."""
-    return [(b"" if spec.overlay else b".") if t == "/" else os.fsencode(t[1:]) for t in trees]
+    """What the child opens for each tree: its path in the new root; for an overlay (the
+    root's, or an Overlay mount's), its upper directory: b"//" + its mount point."""
+    cow = {m.dst for m in spec.mounts if isinstance(m, Overlay)}
+    if spec.overlay:
+        cow.add("/")
+    out = []
+    for t in trees:
+        if t in cow:
+            out.append(b"/" + os.fsencode(t) if t != "/" else b"//")
+        else:
+            out.append(b"." if t == "/" else os.fsencode(t[1:]))
+    return out
 
 
 def _locate(trees: Sequence[str], path: str) -> Optional[Tuple[int, str]]:
@@ -157,13 +166,159 @@ class Trees:
             return self._match(fd, rest, f"{prefix}/{first}" if prefix else first)
         out = []
         entries = _core.tree_list(fd, os.fsencode(prefix or "."))
-        for raw, kind in sorted(entries):
+        for raw, kind, _mode in sorted(entries):
             name = os.fsdecode(raw)
             if name.startswith(".") and not first.startswith("."):
                 continue
             if not fnmatch.fnmatchcase(name, first):
                 continue
-            if rest and kind not in ("d", "l"):
+            if kind not in ("d", "D", "f", "l") or (rest and kind == "f"):
                 continue
             out += self._match(fd, rest, f"{prefix}/{name}" if prefix else name)
         return out
+
+
+def _walk_nofollow(base: int, parts: Sequence[str]) -> int:
+    """An fd of directory `parts` below `base`, each component opened without following a
+    symlink (so nothing a commit applied earlier can redirect a later one)."""
+    fd = os.dup(base)
+    try:
+        for p in parts:
+            nxt = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _lower(base: int, rel: str) -> Optional[Tuple[str, int]]:
+    """("d", "f", "l" or "o", permission bits) of `rel` in the lower directory (`base`),
+    None if missing."""
+    import stat
+
+    parts = rel.split("/")
+    try:
+        d = _walk_nofollow(base, parts[:-1])
+    except OSError:
+        return None
+    try:
+        st = os.lstat(parts[-1], dir_fd=d)
+    except OSError:
+        return None
+    finally:
+        os.close(d)
+    m = st.st_mode
+    kind = "d" if stat.S_ISDIR(m) else "f" if stat.S_ISREG(m) else "l" if stat.S_ISLNK(m) else "o"
+    return kind, stat.S_IMODE(m)
+
+
+def changes(trees: Trees, ov: Overlay) -> Dict[str, Tuple[str, str, int]]:
+    """What the sandbox changed below the Overlay `ov`: sandbox path -> (change, kind in the
+    upper layer, mode); change is "added", "modified" or "deleted"."""
+    fd = trees.fds[trees.paths.index(ov.dst)]
+    base = os.open(ov.src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    out: Dict[str, Tuple[str, str, int]] = {}
+    try:
+
+        def walk(rel: str) -> None:
+            entries = _core.tree_list(fd, os.fsencode(rel or "."))
+            for raw, kind, mode in sorted(entries):
+                name = os.fsdecode(raw)
+                r = f"{rel}/{name}" if rel else name
+                path = ov.dst.rstrip("/") + "/" + r
+                low = _lower(base, r)
+                lower = None if low is None else low[0]
+                if kind == "w":
+                    if lower is not None:
+                        out[path] = ("deleted", kind, mode)
+                    continue
+                if kind in ("d", "D"):
+                    if lower != "d" or (low is not None and low[1] != mode):
+                        out[path] = ("added" if lower is None else "modified", kind, mode)
+                    if lower == "d" and kind == "D":
+                        # Opaque: the lower directory's entries it does not hold are gone.
+                        ld = _walk_nofollow(base, r.split("/"))
+                        try:
+                            inside = {os.fsdecode(e[0]) for e in _core.tree_list(fd, os.fsencode(r))}
+                            for gone in sorted(set(os.listdir(ld)) - inside):
+                                out[f"{path}/{gone}"] = ("deleted", "w", 0)
+                        finally:
+                            os.close(ld)
+                    walk(r)
+                    continue
+                out[path] = ("added" if lower is None else "modified", kind, mode)
+
+        walk("")
+    finally:
+        os.close(base)
+    return out
+
+
+def commit(trees: Trees, ov: Overlay, found: Dict[str, Tuple[str, str, int]]) -> None:
+    """Apply `found` (from changes()) to `ov.src`: deletions, directories, files (written to
+    a temporary name, then renamed over), symlinks; permission bits without setuid/setgid;
+    FIFOs and other special files are not applied. Every directory of `src` is opened
+    without following a symlink, so a symlink the sandbox made (committed earlier in the
+    same pass) cannot lead a write out of `src`."""
+    import shutil
+
+    base = os.open(ov.src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    prefix = ov.dst.rstrip("/") + "/"
+    try:
+        for path in sorted(found):
+            change, kind, mode = found[path]
+            rel = path[len(prefix) :]
+            parts = rel.split("/")
+            d = _walk_nofollow(base, parts[:-1])
+            name = parts[-1]
+            try:
+                low = _lower(d, name)
+                old = None if low is None else low[0]
+                if change == "deleted" or (old is not None and (old == "d") != (kind in ("d", "D"))):
+                    if old == "d":
+                        shutil.rmtree(name, dir_fd=d)
+                    elif old is not None:
+                        os.unlink(name, dir_fd=d)
+                    if change == "deleted":
+                        continue
+                perm = mode & 0o1777
+                if kind in ("d", "D"):
+                    if old != "d":
+                        os.mkdir(name, perm, dir_fd=d)
+                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+                    try:
+                        os.fchmod(fd, perm)
+                    finally:
+                        os.close(fd)
+                elif kind == "f":
+                    data = trees.read(path, 1 << 62)
+                    if data is None:
+                        continue  # gone (the sandbox ended; cannot happen) or not a file
+                    tmp = f".{name}.nsfast-commit"
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perm,
+                                 dir_fd=d)  # fmt: skip
+                    try:
+                        _write_all(fd, data)
+                        os.fchmod(fd, perm & 0o777)
+                    finally:
+                        os.close(fd)
+                    os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+                elif kind == "l":
+                    target = _core.tree_readlink(trees.fds[trees.paths.index(ov.dst)], os.fsencode(rel))
+                    if target is None:
+                        continue
+                    if old is not None:
+                        os.unlink(name, dir_fd=d)
+                    os.symlink(target, name, dir_fd=d)
+            finally:
+                os.close(d)
+    finally:
+        os.close(base)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

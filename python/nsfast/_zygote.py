@@ -28,7 +28,7 @@ from . import _cgroup, _core
 from ._cgroup import Limits
 from ._errors import NsfastError, SpecError
 from ._process import DEVNULL, PIPE, Process, Result, run, run_stdio
-from ._spec import Bind, Spec, SpecFields, Tmpfs, default_env, with_fields
+from ._spec import Bind, Overlay, Spec, SpecFields, Tmpfs, default_env, with_fields
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -227,6 +227,8 @@ class Zygote:
         if task.rootfs is not None:
             # The zygote is this interpreter, with nsfast's module, at their host paths.
             raise SpecError("rootfs", "a Zygote runs on the host root (its interpreter is the caller's); use mounts=")
+        if any(isinstance(m, Overlay) for m in task.mounts):
+            raise SpecError("mounts", "Overlay mounts would be one view shared by every task of the zygote")
         if task.overlay:
             # One overlay for the zygote would be one writable root shared by every task.
             raise SpecError(

@@ -172,8 +172,9 @@ pub struct FsPlan {
     pub prepare: Vec<PrepareTree>,
     /// The upper filesystem of the overlays in `prepare` (made by the parent first).
     pub upper: Option<Upper>,
-    /// With an overlay root: its upper directory in the upper filesystem.
-    pub root_upper: Option<CString>,
+    /// Each overlay's upper directory in the upper filesystem, by its mount point ("" for
+    /// an overlay root): where its changes are read back (`Io::trees` "//DST").
+    pub uppers: Vec<(CString, CString)>,
 }
 
 /// What the filesystem should be.
@@ -202,6 +203,8 @@ pub struct FsSpec<'a> {
     pub cgroup2: bool,
     /// A writable copy-on-write root (`Spec(overlay=True)`).
     pub overlay: Option<OverlaySpec<'a>>,
+    /// The overlay tmpfs's size for `Mount::Overlay`s without an overlay root.
+    pub overlay_size: Option<u64>,
     /// In a user namespace: overlayfs keeps its metadata in user.* xattrs.
     pub userxattr: bool,
 }
@@ -377,12 +380,15 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
             ),
         ));
     }
-    let (mut upper, mut root_upper) = (None, None);
+    let (mut upper, mut uppers) = (None, Vec::new());
+    // Whether the upper filesystem exists (made by the child: a step; by the parent: `upper`).
+    let mut have_upper = false;
     if fs.overlay.is_some() || !missing.is_empty() {
         let (mut layers, up) = overlay_steps(fs, probes, &root, &missing, &mut prepare)?;
         steps.append(&mut layers);
         upper = up;
-        root_upper = Some(c(if fs.overlay.as_ref().is_some_and(|o| o.upper.is_some()) { "upper" } else { "u0" }));
+        have_upper = true;
+        uppers.push((c(""), c(if fs.overlay.as_ref().is_some_and(|o| o.upper.is_some()) { "upper" } else { "u0" })));
     } else {
         let enter = if in_root && fs.prepare_trees {
             // Idmapped like the binds: an image's ids 0..65535 on disk are the sandbox's ids.
@@ -531,6 +537,18 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
                 }
             }
             Mount::Tmpfs { dst, .. } => (dst, true),
+            Mount::Overlay { src, dst, .. } => {
+                if !src.starts_with(b"/") || src.contains(&0) {
+                    return Err(Error::invalid(
+                        "mounts",
+                        format!("overlay source must be an absolute path: {}", show(src)),
+                    ));
+                }
+                if probe(src) != Some(true) {
+                    return Err(Error::invalid("mounts", format!("overlay source is not a directory: {}", show(src))));
+                }
+                (dst, true)
+            }
         };
         let dst = normalize_target(dst_raw).ok_or_else(|| {
             Error::invalid("mounts", format!("mount target must be an absolute path without '..': {}", show(dst_raw)))
@@ -597,10 +615,62 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
                 );
                 fresh.push(dst.clone());
             }
+            Mount::Overlay { src, .. } => {
+                let step = format!("overlay {} -> {shown}", show(src));
+                let n = uppers.len();
+                let (upper_dir, work) = (c(format!("m{n}")), c(format!("mw{n}")));
+                if !have_upper {
+                    let tmpfs = Upper::Tmpfs { size: fs.overlay_size.map(|s| c(s.to_string())) };
+                    if fs.prepare_trees {
+                        upper = Some(tmpfs);
+                    } else {
+                        push(FsOp::OverlayUpper(tmpfs), "overlay upper".into(), "tmpfs".into());
+                    }
+                    have_upper = true;
+                }
+                let attrs = NOSUID_NODEV;
+                let op = if fs.prepare_trees {
+                    // As a Bind: idmapped, so the caller's files are the same ids inside.
+                    let layer = OverlayLayer {
+                        upper: upper_dir.clone(),
+                        work,
+                        mkdirs: vec![],
+                        owner: Some(fs.root_ids),
+                        attrs,
+                    };
+                    prepare.push(PrepareTree {
+                        src: c(src.clone()),
+                        recursive: false,
+                        attrs: MOUNT_ATTR_RDONLY | NOSUID_NODEV,
+                        idmap: true,
+                        step: step.clone(),
+                        overlay: Some(layer),
+                    });
+                    FsOp::Bind {
+                        tree: Tree::Prepared(prepare.len() - 1),
+                        dst: c(dst.clone()),
+                        recursive: false,
+                        attrs: 0,
+                    }
+                } else {
+                    let lower = Tree::Path(c(src.clone()));
+                    FsOp::Overlay {
+                        lower,
+                        dst: c(dst.clone()),
+                        upper: upper_dir.clone(),
+                        work,
+                        mkdirs: vec![],
+                        userxattr: fs.userxattr,
+                        attrs,
+                    }
+                };
+                uppers.push((c(dst.clone()), upper_dir));
+                push(op, step, show(src));
+            }
         }
     }
     push(FsOp::PivotRoot, "pivot_root".into(), show(&root));
-    Ok(FsPlan { steps, prepare, upper, root_upper })
+    Ok(FsPlan { steps, prepare, upper, uppers })
 }
 
 /// The overlay root (BenchExec's approach to the host root): `/` (the root tree) and each
@@ -1012,6 +1082,10 @@ fn overlay_mount(
     if userxattr {
         rustix::mount::fsconfig_set_flag(&ovl, c"userxattr")?;
     }
+    // Changes as plain files, whiteouts and opaque directories only (what Result.changes and
+    // a commit read back): no redirects, no metadata-only copy-ups.
+    rustix::mount::fsconfig_set_string(&ovl, c"redirect_dir", c"nofollow")?;
+    rustix::mount::fsconfig_set_string(&ovl, c"metacopy", c"off")?;
     rustix::mount::fsconfig_create(&ovl)?;
     rustix::mount::fsmount(&ovl, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::from_bits_retain(attrs as u32))
 }
@@ -1050,9 +1124,9 @@ pub fn tree_root(path: &CStr) -> std::result::Result<OwnedFd, Errno> {
     at_root(path)
 }
 
-/// Child-safe: the overlay root's upper directory, where this child made the overlay.
-pub fn upper_root(state: &FsState, name: Option<&CStr>) -> Option<std::result::Result<OwnedFd, Errno>> {
-    let (up, name) = (state.upper.as_ref()?, name?);
+/// Child-safe: an overlay's upper directory `name`, where this child made the overlay.
+pub fn upper_root(state: &FsState, name: &CStr) -> Option<std::result::Result<OwnedFd, Errno>> {
+    let up = state.upper.as_ref()?;
     let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     Some(rustix::fs::openat(up, name, flags, Mode::empty()))
 }
@@ -1127,8 +1201,10 @@ pub fn tree_read(root: BorrowedFd<'_>, path: &[u8], max: u64) -> std::io::Result
 }
 
 /// Parent side: the entries of directory `path` in the tree `root` (empty if it is missing
-/// or not a directory): (name, b'd' directory, b'f' regular file, b'l' symlink, b'o' other).
-pub fn tree_list(root: BorrowedFd<'_>, path: &[u8]) -> std::io::Result<Vec<(Vec<u8>, u8)>> {
+/// or not a directory): (name, kind, permission bits). Kinds: b'd' directory, b'D' an
+/// overlayfs opaque directory (it hides the lower one's entries), b'f' regular file, b'l'
+/// symlink, b'w' an overlayfs whiteout (a 0/0 character device: deleted), b'o' other.
+pub fn tree_list(root: BorrowedFd<'_>, path: &[u8]) -> std::io::Result<Vec<(Vec<u8>, u8, u32)>> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     let fd = match rustix::fs::openat2(root, path, flags, Mode::empty(), TREE_RESOLVE) {
         Ok(fd) => fd,
@@ -1143,18 +1219,46 @@ pub fn tree_list(root: BorrowedFd<'_>, path: &[u8]) -> std::io::Result<Vec<(Vec<
             continue;
         }
         use rustix::fs::FileType;
-        let kind = match rustix::fs::statat(&fd, entry.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => match FileType::from_raw_mode(st.st_mode) {
-                FileType::Directory => b'd',
-                FileType::RegularFile => b'f',
-                FileType::Symlink => b'l',
-                _ => b'o',
-            },
-            Err(_) => continue, // gone meanwhile
+        let Ok(st) = rustix::fs::statat(&fd, entry.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW) else {
+            continue; // gone meanwhile
         };
-        out.push((name.to_vec(), kind));
+        let kind = match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory if opaque(&fd, entry.file_name()) => b'D',
+            FileType::Directory => b'd',
+            FileType::RegularFile => b'f',
+            FileType::Symlink => b'l',
+            FileType::CharacterDevice if st.st_rdev == 0 => b'w',
+            _ => b'o',
+        };
+        out.push((name.to_vec(), kind, st.st_mode & 0o7777));
     }
     Ok(out)
+}
+
+/// Whether directory `name` of `dir` is marked opaque by overlayfs (trusted.* for an
+/// overlay of the initial user namespace, user.* with userxattr).
+fn opaque(dir: &OwnedFd, name: &CStr) -> bool {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let Ok(d) = rustix::fs::openat(dir, name, flags, Mode::empty()) else { return false };
+    let mut v = [0u8; 2];
+    [c"trusted.overlay.opaque", c"user.overlay.opaque"]
+        .iter()
+        .any(|key| matches!(rustix::fs::fgetxattr(&d, *key, &mut v), Ok(1) if v[0] == b'y'))
+}
+
+/// Parent side: the target of symlink `path` in the tree `root` (None: not a symlink).
+pub fn tree_readlink(root: BorrowedFd<'_>, path: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat2(root, path, flags, Mode::empty(), TREE_RESOLVE) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    match rustix::fs::readlinkat(&fd, c"", Vec::new()) {
+        Ok(t) => Ok(Some(t.into_bytes())),
+        Err(Errno::NOENT | Errno::INVAL) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Parent side: write `data` to `path` in the tree `root` (created with `mode`, or
@@ -1220,6 +1324,7 @@ mod tests {
             fresh_proc: true,
             cgroup2: false,
             overlay: None,
+            overlay_size: None,
             userxattr: true,
         }
     }

@@ -1008,13 +1008,23 @@ fn tree_read<'py>(py: Python<'py>, fd: i32, path: &[u8], max: u64) -> PyResult<O
     Ok(data.map(|d| PyBytes::new(py, &d)))
 }
 
-/// Directory `path` of the tree whose root is `fd`: [(name, kind)], kind "d", "f", "l" or "o".
+/// Directory `path` of the tree whose root is `fd`: [(name, kind, mode)], kind "d", "D"
+/// (opaque), "f", "l", "w" (whiteout) or "o" (mount::tree_list).
 #[pyfunction]
-fn tree_list(py: Python<'_>, fd: i32, path: &[u8]) -> PyResult<Vec<(Vec<u8>, String)>> {
+fn tree_list(py: Python<'_>, fd: i32, path: &[u8]) -> PyResult<Vec<(Vec<u8>, String, u32)>> {
     // SAFETY: the caller's fd, open for this call.
     let root = unsafe { crate::sys::borrow_fd(fd) };
     let entries = detached(py, || crate::mount::tree_list(root, path)).map_err(os_error)?;
-    Ok(entries.into_iter().map(|(n, k)| (n, (k as char).to_string())).collect())
+    Ok(entries.into_iter().map(|(n, k, m)| (n, (k as char).to_string(), m)).collect())
+}
+
+/// The target of symlink `path` of the tree whose root is `fd`; None if it is not one.
+#[pyfunction]
+fn tree_readlink<'py>(py: Python<'py>, fd: i32, path: &[u8]) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    // SAFETY: the caller's fd, open for this call.
+    let root = unsafe { crate::sys::borrow_fd(fd) };
+    let t = detached(py, || crate::mount::tree_readlink(root, path)).map_err(os_error)?;
+    Ok(t.map(|t| PyBytes::new(py, &t)))
 }
 
 /// Write `data` to `path` of the tree whose root is `fd` (created with `mode`, or truncated).
@@ -1061,6 +1071,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tree_read, m)?)?;
     m.add_function(wrap_pyfunction!(tree_list, m)?)?;
     m.add_function(wrap_pyfunction!(tree_write, m)?)?;
+    m.add_function(wrap_pyfunction!(tree_readlink, m)?)?;
     m.add_class::<ZygoteLink>()?;
     m.add_class::<Sandbox>()?;
     m.add_class::<Exit>()?;

@@ -77,7 +77,8 @@ pub struct Io<'a> {
     /// cgroups by the child itself before exec.
     pub cgroup: Option<&'a dyn Cgroup>,
     /// Writable trees whose roots the child hands back (paths in the new root, e.g. "tmp";
-    /// "" for the upper layer of an overlay root); at most [`MAX_TREES`].
+    /// "//DST" for the upper directory of the overlay on DST, "//" for an overlay root); at
+    /// most [`MAX_TREES`].
     pub trees: &'a [CString],
 }
 
@@ -288,7 +289,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
 
     let mut child = finish(plan, child, &mut parent, plan.maps.as_ref(), attach, procs, stack)?;
     if let Some(r) = trees_r {
-        match receive_trees(&r, io.trees, upper.as_ref().zip(plan.fs.root_upper.as_deref())) {
+        match receive_trees(&r, plan, io.trees, upper.as_ref()) {
             Ok(trees) => child.trees = trees,
             Err(e) => {
                 let _ = rustix::process::pidfd_send_signal(&child.pidfd, rustix::process::Signal::KILL);
@@ -300,12 +301,13 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
     Ok(Some(child))
 }
 
-/// The trees' fds the child sent before it exec'd (queued in `sock`), in `trees`' order; ""
-/// (an overlay root's upper layer) from the parent's own upper when the parent made it.
+/// The trees' fds the child sent before it exec'd (queued in `sock`), in `trees`' order; an
+/// overlay's upper directory ("//DST") from the parent's own upper when the parent made it.
 fn receive_trees(
     sock: &OwnedFd,
+    plan: &Plan,
     trees: &[CString],
-    parent_upper: Option<(&OwnedFd, &std::ffi::CStr)>,
+    parent_upper: Option<&OwnedFd>,
 ) -> std::result::Result<Vec<OwnedFd>, Errno> {
     use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_TREES))];
@@ -329,8 +331,8 @@ fn receive_trees(
     let mut sent = sent.into_iter();
     let mut out = Vec::with_capacity(trees.len());
     for t in trees {
-        let fd = match (t.is_empty(), parent_upper) {
-            (true, Some((up, name))) => {
+        let fd = match (overlay_upper_name(plan, t), parent_upper) {
+            (Some(name), Some(up)) => {
                 let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
                 rustix::fs::openat(up, name, flags, Mode::empty())?
             }
@@ -401,20 +403,19 @@ fn spawning_thread_pidfd() -> std::result::Result<OwnedFd, Errno> {
         .or_else(|_| pidfd_open(rustix::process::getpid(), PidfdFlags::empty()))
 }
 
-/// Child-safe: O_PATH fds of the roots of `io.trees` (resolved in the new root; "" is the
-/// overlay root's upper layer where the child made it) sent to the parent in one message.
+/// Child-safe: O_PATH fds of the roots of `io.trees` (resolved in the new root; "//DST" is
+/// an overlay's upper directory where the child made it) sent to the parent in one message.
 fn send_trees(ctx: &ChildCtx, fs: &mount::FsState) -> std::result::Result<(), Errno> {
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     let mut opened: [Option<OwnedFd>; MAX_TREES] = [const { None }; MAX_TREES];
     let mut n = 0;
     for t in ctx.io.trees {
-        let fd = if t.is_empty() {
-            match mount::upper_root(fs, ctx.plan.fs.root_upper.as_deref()) {
+        let fd = match overlay_upper_name(ctx.plan, t) {
+            Some(name) => match mount::upper_root(fs, name) {
                 Some(fd) => fd?,
                 None => continue, // the parent's (it made the overlay)
-            }
-        } else {
-            mount::tree_root(t)?
+            },
+            None => mount::tree_root(t)?,
         };
         opened[n] = Some(fd);
         n += 1;
@@ -431,6 +432,13 @@ fn send_trees(ctx: &ChildCtx, fs: &mount::FsState) -> std::result::Result<(), Er
     // SAFETY: a kept fd (keep_fds), open until exec.
     let sock = unsafe { sys::borrow_fd(ctx.trees_sock) };
     rustix::net::sendmsg(sock, &[std::io::IoSlice::new(b"T")], &mut anc, SendFlags::NOSIGNAL).map(drop)
+}
+
+/// Child-safe: for a tree "//DST" (the changes of the overlay on DST, "//" for the root),
+/// that overlay's upper directory name.
+fn overlay_upper_name<'a>(plan: &'a Plan, tree: &std::ffi::CStr) -> Option<&'a std::ffi::CStr> {
+    let dst = tree.to_bytes().strip_prefix(b"//")?;
+    plan.fs.uppers.iter().find(|(d, _)| d.to_bytes() == dst).map(|(_, name)| name.as_c_str())
 }
 
 /// A placeholder for unused slots of `send_trees`' array (never sent).

@@ -30,6 +30,15 @@ pub enum Mount {
         dst: Vec<u8>,
         size: Option<u64>,
     },
+    /// A copy-on-write view of the host directory `src` on `dst` (an `nsfast.Overlay`): its
+    /// changes in the sandbox's overlay tmpfs; `commit` is the Python layer's business.
+    Overlay {
+        #[cfg_attr(feature = "python", pyo3(from_py_with = crate::py::fs_bytes))]
+        src: Vec<u8>,
+        #[cfg_attr(feature = "python", pyo3(from_py_with = crate::py::fs_bytes))]
+        dst: Vec<u8>,
+        commit: bool,
+    },
 }
 
 /// Everything a sandbox needs, as plain Rust data (the Python layer validates first; this
@@ -582,6 +591,7 @@ impl Plan {
                 overlay: spec
                     .overlay
                     .then_some(mount::OverlaySpec { size: spec.overlay_size, upper: spec.overlay_upper.as_deref() }),
+                overlay_size: spec.overlay_size,
                 userxattr: user_ns,
             };
             mount::plan(&fs, &probes)?
