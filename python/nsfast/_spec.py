@@ -372,8 +372,11 @@ class Spec:
         so charged to its memory limit, and gone when it ends. On the host root, every
         submount a user can see (a separate /usr, /home, ...) gets an overlay of its own, as
         in BenchExec; file systems an overlay cannot sit on (proc, sysfs, cgroup, ...) are
-        bound read-only. Works for root and rootless callers (an overlay in the sandbox's
-        user namespace).
+        bound read-only. Works for root and rootless callers. A root caller's overlays are
+        made by nsfast itself; a rootless caller's in the sandbox's user namespace, where the
+        kernel refuses an overlay of a tree with (locked) submounts: on the host root that is
+        one overlay per host directory over a tmpfs root (new top-level entries land there;
+        each overlay's top directory is the sandbox's own; no overlay_upper).
     overlay_upper: a host directory that holds the changes instead, kept after the run:
         `<dir>/upper` (what was written, with overlayfs whiteouts for deletions) and
         `<dir>/work` (overlayfs's scratch); the same directory continues a previous run's

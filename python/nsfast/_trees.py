@@ -46,7 +46,10 @@ def writable_trees(spec: Spec) -> List[str]:
     for m in spec.mounts:
         if isinstance(m, (Tmpfs, Overlay)) or (isinstance(m, Bind) and not m.readonly):
             trees.append(_norm("mounts", m.dst))
-    if spec.overlay or not spec.readonly_root:
+    # A rootless caller's overlay of the host root is one overlay per directory (mount.rs
+    # split_steps): no one tree holds its changes.
+    split = spec.overlay and spec.rootfs is None and not (os.geteuid() == 0 and _core.sandbox_id_range())
+    if (spec.overlay and not split) or (not spec.overlay and not spec.readonly_root):
         trees.append("/")
     return list(dict.fromkeys(trees))
 

@@ -92,6 +92,11 @@ pub enum FsOp {
     },
     /// pivot_root(".", "."), detach the old root, chdir("/").
     PivotRoot,
+    /// A fresh tmpfs (nosuid, nodev) attached on top of `/` and entered: the skeleton root of
+    /// a rootless caller's overlay of the host root (see `split_steps`).
+    EnterTmpfsRoot {
+        size: Option<CString>,
+    },
     /// Make (or open) the overlays' upper filesystem, kept in the child's [`FsState`].
     OverlayUpper(Upper),
     /// An overlay of `lower` (the overlay does not look into its submounts: each is a layer of its own)
@@ -306,6 +311,20 @@ pub type InRootProbe<'a> = &'a dyn Fn(&[u8], &[u8]) -> Option<bool>;
 /// A host directory -> the mounts below it: (path relative to it, file system type).
 pub type SubmountsProbe<'a> = &'a dyn Fn(&[u8]) -> Vec<(Vec<u8>, String)>;
 
+/// An entry of a host directory, as [`Probes::list_dir`] sees it (not following symlinks).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostEntry {
+    pub name: Vec<u8>,
+    /// b'd', b'f', b'l' or b'o'.
+    pub kind: u8,
+    pub mode: u32,
+    /// A symlink's target.
+    pub target: Vec<u8>,
+}
+
+/// A host directory -> its entries.
+pub type ListDirProbe<'a> = &'a dyn Fn(&[u8]) -> Vec<HostEntry>;
+
 /// What the planner may ask about the filesystem.
 pub struct Probes<'a> {
     /// A host path: None if it does not exist, else whether it is a directory.
@@ -318,6 +337,8 @@ pub struct Probes<'a> {
     /// The mounts strictly below a host directory: (path relative to it, file system type),
     /// parents before children.
     pub submounts: SubmountsProbe<'a>,
+    /// The entries of a host directory.
+    pub list_dir: ListDirProbe<'a>,
 }
 
 /// Build the filesystem plan.
@@ -388,7 +409,11 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
         steps.append(&mut layers);
         upper = up;
         have_upper = true;
-        uppers.push((c(""), c(if fs.overlay.as_ref().is_some_and(|o| o.upper.is_some()) { "upper" } else { "u0" })));
+        // (A rootless caller's overlay of the host root has no one upper directory.)
+        if in_root || fs.prepare_trees {
+            let kept = fs.overlay.as_ref().is_some_and(|o| o.upper.is_some());
+            uppers.push((c(""), c(if kept { "upper" } else { "u0" })));
+        }
     } else {
         let enter = if in_root && fs.prepare_trees {
             // Idmapped like the binds: an image's ids 0..65535 on disk are the sandbox's ids.
@@ -691,11 +716,12 @@ fn overlay_steps(
     let writable = fs.overlay.is_some();
     let kept = fs.overlay.as_ref().and_then(|o| o.upper);
     let by_parent = fs.prepare_trees;
-    if !in_root && !by_parent {
+    let split = !in_root && !by_parent;
+    if split && kept.is_some() {
         return Err(Error::invalid(
-            "overlay",
-            "on the host root needs a root caller: in a rootless caller's user namespace the kernel refuses an \
-             overlay whose lower tree has submounts (the host root's /proc, /sys, ...); use rootfs= with overlay=True",
+            "overlay_upper",
+            "on the host root needs a root caller (a rootless caller's overlay of the host root is one overlay per \
+             directory, not one upper directory)",
         ));
     }
     let upper = match kept {
@@ -724,6 +750,18 @@ fn overlay_steps(
     let dirs =
         |n: usize| if kept.is_some() { (c("upper"), c("work")) } else { (c(format!("u{n}")), c(format!("w{n}"))) };
     let attrs = NOSUID_NODEV | if writable { 0 } else { MOUNT_ATTR_RDONLY };
+    if split {
+        let size = fs.overlay.as_ref().and_then(|o| o.size).map(|s| c(s.to_string()));
+        steps.push(FsStep { op: FsOp::EnterTmpfsRoot { size }, step: "mount the root tmpfs".into(), path: "/".into() });
+        let mut covered: Vec<Vec<u8>> = vec![b"proc".to_vec(), b"dev".to_vec(), b"tmp".to_vec()];
+        for h in fs.hidden {
+            covered.push(sandbox_path("hidden", h)?.0);
+        }
+        let subs = (probes.submounts)(b"/");
+        let mut n = 0;
+        split_steps(probes, b"", &subs, &covered, &mut steps, &mut n, &dirs, fs.userxattr, attrs);
+        return Ok((steps, None));
+    }
     // One overlay: `lower` at `dst` ("" for the root).
     let overlay = |n: usize, src: &[u8], dst: &[u8], mkdirs: Vec<CString>, prepare: &mut Vec<PrepareTree>| {
         let shown = if dst.is_empty() { "/".to_string() } else { format!("/{}", show(dst)) };
@@ -802,6 +840,67 @@ fn overlay_steps(
         }
     }
     Ok((steps, plan_upper))
+}
+
+/// A rootless caller's overlay of the host root, directory by directory: in its user
+/// namespace the kernel refuses an overlay (or a clone) of a tree whose submounts it locked
+/// (clone_private_mount: /proc, /sys, ... below `/`), so the root is a tmpfs skeleton (new
+/// top-level entries land there) holding, for each entry of `rel` on the host: a symlink as
+/// it is, a directory with no mount below it as an overlay of its own, one with mounts below
+/// it split the same way, a mount an overlay cannot sit on bound read-only, a file bound
+/// read-only. `covered` directories only get their mount point (nsfast mounts on them).
+#[allow(clippy::too_many_arguments)]
+fn split_steps(
+    probes: &Probes,
+    rel: &[u8],
+    subs: &[(Vec<u8>, String)],
+    covered: &[Vec<u8>],
+    steps: &mut Vec<FsStep>,
+    n: &mut usize,
+    dirs: &dyn Fn(usize) -> (CString, CString),
+    userxattr: bool,
+    attrs: u64,
+) {
+    let under = |p: &[u8], base: &[u8]| p.starts_with(base) && p.get(base.len()) == Some(&b'/');
+    let host = |r: &[u8]| [b"/", r].concat();
+    let sealed = MOUNT_ATTR_RDONLY | NOSUID_NODEV;
+    for e in (probes.list_dir)(&host(rel)) {
+        let r = if rel.is_empty() { e.name.clone() } else { [rel, b"/", &e.name].concat() };
+        let shown = format!("/{}", show(&r));
+        let (parent, name) = split(&r);
+        let mut push = |op: FsOp, step: String| steps.push(FsStep { op, step, path: shown.clone() });
+        match e.kind {
+            b'l' => push(FsOp::Symlink { target: c(e.target.clone()), parent, name }, format!("symlink {shown}")),
+            b'f' => {
+                push(FsOp::Touch { parent, name }, format!("create {shown}"));
+                let tree = Tree::Path(c(host(&r)));
+                push(FsOp::Bind { tree, dst: c(r.clone()), recursive: false, attrs: sealed }, format!("bind {shown}"));
+            }
+            b'd' => {
+                push(FsOp::Mkdir { parent, name, mode: e.mode & 0o7777 }, format!("mkdir {shown}"));
+                if covered.iter().any(|b| *b == r || under(&r, b)) {
+                    continue;
+                }
+                let at = subs.iter().find(|(p, _)| *p == r);
+                if at.is_some_and(|(_, t)| !OVERLAYABLE.contains(&t.as_str())) {
+                    let tree = Tree::Path(c(host(&r)));
+                    push(
+                        FsOp::Bind { tree, dst: c(r.clone()), recursive: true, attrs: sealed },
+                        format!("bind {shown}"),
+                    );
+                } else if subs.iter().any(|(p, _)| under(p, &r)) {
+                    split_steps(probes, &r, subs, covered, steps, n, dirs, userxattr, attrs);
+                } else {
+                    let (upper, work) = dirs(*n);
+                    *n += 1;
+                    let lower = Tree::Path(c(host(&r)));
+                    let op = FsOp::Overlay { lower, dst: c(r.clone()), upper, work, mkdirs: vec![], userxattr, attrs };
+                    push(op, format!("overlay {shown}"));
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// runc's masks on a fresh /proc (and any other masked path): what they name must not be
@@ -1026,6 +1125,11 @@ pub fn run(op: &FsOp, prepared: &[RawFd], state: &mut FsState) -> std::result::R
             state.upper = Some(make_upper(upper, prepared)?);
             Ok(())
         }
+        FsOp::EnterTmpfsRoot { size } => {
+            let m = fresh_tmpfs(size.as_deref())?;
+            rustix::mount::move_mount(&m, c"", CWD, c"/", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
+            rustix::process::fchdir(&m)
+        }
         FsOp::Overlay { lower, dst, upper, work, mkdirs, userxattr, attrs } => {
             let up = state.upper.as_ref().ok_or(Errno::BADF)?;
             let (upper, work) = (upper_dir(up, upper)?, upper_dir(up, work)?);
@@ -1090,19 +1194,22 @@ fn overlay_mount(
     rustix::mount::fsmount(&ovl, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::from_bits_retain(attrs as u32))
 }
 
+/// Child-safe: a detached fresh tmpfs (nosuid, nodev) of `size` bytes.
+fn fresh_tmpfs(size: Option<&CStr>) -> std::result::Result<OwnedFd, Errno> {
+    let fs = rustix::mount::fsopen(c"tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    rustix::mount::fsconfig_set_string(&fs, c"mode", c"0755")?;
+    if let Some(size) = size {
+        rustix::mount::fsconfig_set_string(&fs, c"size", size)?;
+    }
+    rustix::mount::fsconfig_create(&fs)?;
+    let attrs = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
+    rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
+}
+
 /// The upper filesystem of overlays: a fresh tmpfs, or a clone of a directory's tree.
 fn make_upper(upper: &Upper, prepared: &[RawFd]) -> std::result::Result<OwnedFd, Errno> {
     match upper {
-        Upper::Tmpfs { size } => {
-            let fs = rustix::mount::fsopen(c"tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
-            rustix::mount::fsconfig_set_string(&fs, c"mode", c"0755")?;
-            if let Some(size) = size {
-                rustix::mount::fsconfig_set_string(&fs, c"size", size.as_c_str())?;
-            }
-            rustix::mount::fsconfig_create(&fs)?;
-            let attrs = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
-            rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
-        }
+        Upper::Tmpfs { size } => fresh_tmpfs(size.as_deref()),
         Upper::Dir(tree) => {
             let mut owned = None;
             let dup = {
@@ -1347,8 +1454,22 @@ mod tests {
         all.iter().map(|(p, t)| (p.as_bytes().to_vec(), t.to_string())).collect()
     }
 
+    fn list_dir(dir: &[u8]) -> Vec<HostEntry> {
+        let e = |name: &str, kind: u8, target: &str| HostEntry {
+            name: name.as_bytes().to_vec(),
+            kind,
+            mode: 0o755,
+            target: target.as_bytes().to_vec(),
+        };
+        match dir {
+            b"/" => vec![e("bin", b'l', "usr/bin"), e("etc", b'd', ""), e("home", b'd', ""), e("srv", b'd', "")],
+            b"/srv" => vec![e("data", b'd', "")],
+            _ => vec![],
+        }
+    }
+
     fn probes() -> Probes<'static> {
-        Probes { host: &host, in_root: &in_root, is_link: &|_, _| false, submounts: &submounts }
+        Probes { host: &host, in_root: &in_root, is_link: &|_, _| false, submounts: &submounts, list_dir: &list_dir }
     }
 
     fn steps(rootfs: Option<&[u8]>, mounts: &[Mount]) -> Result<Vec<FsStep>> {
@@ -1471,10 +1592,26 @@ mod tests {
         // The host root's files stay nobody's inside: not idmapped, root dir not chowned.
         assert!(p.prepare.iter().all(|t| !t.idmap) && layers.iter().all(|l| l.owner.is_none()));
         assert!(layers.iter().all(|l| l.attrs == MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV));
-        // Rootless: refused on the host root (the kernel's locked submounts), with the reason.
+        // Rootless: a tmpfs root with one overlay per host directory (the kernel refuses an
+        // overlay of a tree with locked submounts), covered ones only made as mount points.
         fs.prepare_trees = false;
-        let e = plan(&fs, &probes()).unwrap_err().to_string();
-        assert!(e.starts_with("overlay:") && e.contains("rootless"), "{e}");
+        let p = plan(&fs, &probes()).unwrap();
+        assert!(p.prepare.is_empty() && p.upper.is_none() && p.uppers.is_empty());
+        assert!(matches!(p.steps[1].op, FsOp::OverlayUpper(_)));
+        assert!(matches!(p.steps[2].op, FsOp::EnterTmpfsRoot { .. }));
+        let ops: Vec<String> = p.steps[3..].iter().take(7).map(|s| s.step.clone()).collect();
+        assert_eq!(
+            ops,
+            [
+                "symlink /bin",
+                "mkdir /etc",
+                "overlay /etc",
+                "mkdir /home",
+                "mkdir /srv",
+                "mkdir /srv/data",
+                "overlay /srv/data"
+            ]
+        );
     }
 
     #[test]
@@ -1573,7 +1710,7 @@ mod tests {
         let links = |_: &[u8], rel: &[u8]| rel == b"dev";
         let err = plan(
             &spec(Some(b"/rootfs"), &[]),
-            &Probes { host: &host, in_root: &in_root, is_link: &links, submounts: &submounts },
+            &Probes { host: &host, in_root: &in_root, is_link: &links, submounts: &submounts, list_dir: &list_dir },
         )
         .err()
         .unwrap();

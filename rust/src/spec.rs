@@ -457,6 +457,39 @@ fn submounts_probe(root: &[u8]) -> Vec<(Vec<u8>, String)> {
     found
 }
 
+/// The entries of host directory `dir` (symlinks not followed), sorted by name.
+fn list_dir_probe(dir: &[u8]) -> Vec<mount::HostEntry> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(rd) = std::fs::read_dir(os(dir)) else { return Vec::new() };
+    let mut out: Vec<mount::HostEntry> = rd
+        .flatten()
+        .filter_map(|e| {
+            let md = std::fs::symlink_metadata(e.path()).ok()?;
+            let ft = md.file_type();
+            let kind = if ft.is_dir() {
+                b'd'
+            } else if ft.is_file() {
+                b'f'
+            } else if ft.is_symlink() {
+                b'l'
+            } else {
+                b'o'
+            };
+            let target =
+                if kind == b'l' { std::fs::read_link(e.path()).ok()?.as_os_str().as_bytes().to_vec() } else { vec![] };
+            Some(mount::HostEntry {
+                name: e.file_name().as_bytes().to_vec(),
+                kind,
+                mode: md.permissions().mode(),
+                target,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
 /// mountinfo's octal escapes (`\040` for a space, ...) undone.
 fn unescape_mountinfo(s: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
@@ -573,6 +606,7 @@ impl Plan {
                 in_root: &in_root_probe,
                 is_link: &is_link_probe,
                 submounts: &submounts_probe,
+                list_dir: &list_dir_probe,
             };
             let fs = mount::FsSpec {
                 rootfs: spec.rootfs.as_deref(),
