@@ -1,0 +1,739 @@
+"""nsfast.Image: OCI layouts, OCI archives and docker save tarballs, built offline here (umoci
+and a static busybox, plus layers made with tarfile), unpacked into a per-session cache.
+
+Malicious layers are checked against a sentinel directory outside the cache: whatever the
+layer tries, the sentinel stays as it was and no temporary directory is left in the cache."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import pytest
+
+from conftest import BUSYBOX, suite
+from nsfast._image import Image, ImageConfig, ImageError, cache_dir, set_cache_dir
+
+pytestmark = suite
+
+REF_NAME = "org.opencontainers.image.ref.name"
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+APPLETS = ("sh", "ls", "cat", "echo", "env", "id", "pwd")
+
+Member = Tuple[tarfile.TarInfo, bytes]
+
+
+# --- building images ----------------------------------------------------------------------
+
+
+def umoci(*args: object) -> None:
+    subprocess.run(["umoci", *map(str, args)], check=True, capture_output=True)
+
+
+def blob_path(layout: Path, digest: str) -> Path:
+    return layout / "blobs" / "sha256" / digest.split(":", 1)[1]
+
+
+def put_blob(layout: Path, data: bytes) -> Tuple[str, int]:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    blob_path(layout, digest).write_bytes(data)
+    return digest, len(data)
+
+
+def read_index(layout: Path) -> Dict[str, Any]:
+    return json.loads((layout / "index.json").read_text())
+
+
+def descriptor(layout: Path, tag: str) -> Dict[str, Any]:
+    return next(d for d in read_index(layout)["manifests"] if d.get("annotations", {}).get(REF_NAME) == tag)
+
+
+def manifest_of(layout: Path, tag: str) -> Dict[str, Any]:
+    return json.loads(blob_path(layout, descriptor(layout, tag)["digest"]).read_bytes())
+
+
+def config_of(layout: Path, tag: str) -> Dict[str, Any]:
+    return json.loads(blob_path(layout, manifest_of(layout, tag)["config"]["digest"]).read_bytes())
+
+
+def retag(
+    layout: Path,
+    tag: str,
+    new_tag: str,
+    *,
+    manifest: Optional[Callable[[Dict[str, Any]], None]] = None,
+    config: Optional[Callable[[Dict[str, Any]], None]] = None,
+) -> str:
+    """Tag `new_tag` as image `tag` with its config and manifest changed by the callbacks,
+    written as a valid layout (blobs by digest, index.json); the new manifest's digest."""
+    m = manifest_of(layout, tag)
+    if config is not None:
+        c = config_of(layout, tag)
+        config(c)
+        m["config"]["digest"], m["config"]["size"] = put_blob(layout, json.dumps(c).encode())
+    if manifest is not None:
+        manifest(m)
+    digest, size = put_blob(layout, json.dumps(m).encode())
+    index = read_index(layout)
+    index["manifests"] = [d for d in index["manifests"] if d.get("annotations", {}).get(REF_NAME) != new_tag]
+    index["manifests"].append(
+        {"mediaType": MANIFEST_TYPE, "digest": digest, "size": size, "annotations": {REF_NAME: new_tag}}
+    )
+    (layout / "index.json").write_text(json.dumps(index))
+    return digest
+
+
+def layer_tar(members: Sequence[Member]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for info, data in members:
+            t.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+def add_layer(layout: Path, tag: str, new_tag: str, members: Sequence[Member]) -> str:
+    """Tag `new_tag` as `tag` plus one gzip layer of `members`; the layer's digest."""
+    raw = layer_tar(members)
+    diff_id = "sha256:" + hashlib.sha256(raw).hexdigest()
+    digest, size = put_blob(layout, gzip.compress(raw, mtime=0))
+
+    def config(c: Dict[str, Any]) -> None:
+        c["rootfs"]["diff_ids"].append(diff_id)
+        c.setdefault("history", []).append({"created_by": "nsfast test layer"})
+
+    retag(
+        layout,
+        tag,
+        new_tag,
+        config=config,
+        manifest=lambda m: m["layers"].append({"mediaType": GZIP_LAYER, "digest": digest, "size": size}),
+    )
+    return digest
+
+
+def reg(name: str, data: bytes = b"", mode: int = 0o644, uid: int = 0, gid: int = 0) -> Member:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.uid, info.gid = len(data), mode, uid, gid
+    return info, data
+
+
+def dir_(name: str, mode: int = 0o755) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, mode
+    return info, b""
+
+
+def link(name: str, target: str, kind: bytes = tarfile.SYMTYPE, mode: int = 0o777, uid: int = 0) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.uid = kind, target, mode, uid
+    return info, b""
+
+
+def node(name: str, kind: bytes) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type, info.devmajor, info.devminor = kind, 1, 3
+    return info, b""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's image cache (never the user's)."""
+    path = tmp_path_factory.mktemp("image-cache") / "cache"
+    set_cache_dir(path)
+    yield path
+    set_cache_dir(None)
+
+
+@pytest.fixture(scope="session")
+def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An OCI layout made by umoci: `base` (busybox, files, a config), `v2` (base, a umoci
+    layer that deletes and adds files, and a layer with an opaque directory)."""
+    if not shutil.which("umoci") or not os.path.exists(BUSYBOX):
+        pytest.skip("umoci and a static busybox are needed")
+    top = tmp_path_factory.mktemp("oci")
+    lay, bundle = top / "layout", top / "bundle"
+    umoci("init", "--layout", lay)
+    umoci("new", "--image", f"{lay}:base")
+    umoci("unpack", "--image", f"{lay}:base", bundle)
+    root = bundle / "rootfs"
+    for d in ("bin", "etc", "data/old", "work", "usr/bin"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in APPLETS:
+        os.symlink("busybox", root / "bin" / applet)
+    os.symlink("/etc/alternatives/awk", root / "usr/bin/awk")  # absolute, as in real images
+    (root / "etc/marker").write_text("from the image\n")
+    (root / "etc/removed").write_text("deleted in v2\n")
+    (root / "data/old/f").write_text("lower\n")
+    (root / "data/keep").write_text("lower\n")
+    umoci("repack", "--image", f"{lay}:base", bundle)
+    umoci(
+        "config",
+        "--image",
+        f"{lay}:base",
+        "--config.env=FOO=bar",
+        "--config.workingdir=/work",
+        "--config.entrypoint=/bin/sh",
+        "--config.cmd=-c",
+        "--config.cmd=echo hi",
+        "--config.user=1000:1000",
+    )
+    shutil.rmtree(bundle)
+    umoci("unpack", "--image", f"{lay}:base", bundle)
+    (root / "etc/removed").unlink()  # umoci writes a whiteout, etc/.wh.removed
+    (root / "etc/added").write_text("added in v2\n")
+    umoci("repack", "--image", f"{lay}:v2", bundle)
+    # umoci writes no opaque markers: a layer of our own replaces data/'s contents.
+    add_layer(
+        lay, "v2", "v2", [dir_("data"), reg("data/.wh..wh..opq"), reg("data/new", b"upper\n", uid=1000, gid=1000)]
+    )
+    return lay
+
+
+@pytest.fixture
+def layout_copy(layout: Path, tmp_path: Path) -> Path:
+    """A copy of the layout for tests that add or break images."""
+    return Path(shutil.copytree(layout, tmp_path / "layout"))
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Path:
+    """A host directory outside the cache that malicious layers aim at."""
+    d = tmp_path / "sentinel"
+    d.mkdir(mode=0o755)
+    (d / "host-file").write_text("host\n")
+    return d
+
+
+def snapshot(d: Path) -> List[Tuple[str, int, int, bytes]]:
+    """Names, modes, link counts and contents of everything under `d`, and `d`'s mode."""
+    out = [(".", os.lstat(d).st_mode, 0, b"")]
+    for p in sorted(d.rglob("*")):
+        st = os.lstat(p)
+        out.append((str(p.relative_to(d)), st.st_mode, st.st_nlink, p.read_bytes() if p.is_file() else b""))
+    return out
+
+
+def tree(root: str) -> Dict[str, Tuple[Any, ...]]:
+    """What a root contains, but mtimes: type, mode, owner, content or link target."""
+    out: Dict[str, Tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                what: Any = os.readlink(p)
+            elif stat.S_ISREG(st.st_mode):
+                what = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+            else:
+                what = None
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, st.st_gid, what)
+    return out
+
+
+def chain_id(diff_ids: Sequence[str]) -> str:
+    chain = diff_ids[0]
+    for d in diff_ids[1:]:
+        chain = "sha256:" + hashlib.sha256(f"{chain} {d}".encode()).hexdigest()
+    return chain
+
+
+def roots(cache: Path) -> List[str]:
+    """The roots in the cache (none before its first use)."""
+    return sorted(os.listdir(cache / "rootfs")) if (cache / "rootfs").exists() else []
+
+
+def assert_clean(cache: Path, rootfs_before: List[str]) -> None:
+    """No temporary directory left, no root added."""
+    assert os.listdir(cache / "tmp") == []
+    assert roots(cache) == rootfs_before
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def test_oci_layout(layout: Path, image_cache: Path) -> None:
+    img = Image(layout, "base")
+    config = config_of(layout, "base")
+    assert img.path == str(layout) and img.ref == "base"
+    assert img.digest == descriptor(layout, "base")["digest"]
+    assert img.diff_ids == tuple(config["rootfs"]["diff_ids"])
+    assert img.config == ImageConfig(
+        env=("FOO=bar",), entrypoint=("/bin/sh",), cmd=("-c", "echo hi"), working_dir="/work", user="1000:1000"
+    )
+    assert img.rootfs == str(image_cache / "rootfs" / chain_id(img.diff_ids).split(":")[1])
+    assert repr(img) == f"Image({str(layout)!r}, ref='base', digest={img.digest!r})"
+    root = Path(img.rootfs)
+    assert (root / "etc/marker").read_text() == "from the image\n"
+    assert (root / "bin/busybox").stat().st_mode & 0o111
+    assert os.readlink(root / "bin/sh") == "busybox"
+    assert os.readlink(root / "usr/bin/awk") == "/etc/alternatives/awk"
+    assert {n: stat.S_IMODE(os.lstat(root / n).st_mode) for n in ("", "proc", "dev", "tmp")} == {
+        "": 0o755,
+        "proc": 0o755,
+        "dev": 0o755,
+        "tmp": 0o1777,
+    }
+    assert stat.S_IMODE(os.stat(image_cache).st_mode) == 0o700
+
+
+def test_second_load_reuses_the_root(layout: Path) -> None:
+    first = Image(layout, "base")
+    probe = Path(first.rootfs) / "reuse-probe"  # an unpack would not make it
+    probe.touch()
+    try:
+        before = os.stat(first.rootfs)
+        again = Image(layout, "base")
+        assert again.rootfs == first.rootfs and probe.exists()
+        assert (os.stat(again.rootfs).st_ino, os.stat(again.rootfs).st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    finally:
+        probe.unlink()
+
+
+def test_whiteouts_and_opaque_directories(layout: Path) -> None:
+    root = Path(Image(layout, "v2").rootfs)
+    assert not (root / "etc/removed").exists()
+    assert (root / "etc/added").read_text() == "added in v2\n"
+    assert (root / "etc/marker").exists()
+    assert sorted(os.listdir(root / "data")) == ["new"]  # the lower data/old, data/keep are gone
+    st = os.stat(root / "data/new")
+    assert (root / "data/new").read_text() == "upper\n" and (st.st_uid, st.st_gid) == (1000, 1000)
+    assert (Path(Image(layout, "base").rootfs) / "etc/removed").exists()  # its own chain
+
+
+def write_docker_save(layout: Path, out: Path) -> Dict[str, bytes]:
+    """A docker save tarball of `base` and `v2`: configs named <digest>.json, older layers
+    as uncompressed <n>/layer.tar, the last of v2 as a gzip blobs/sha256/<hex> (docker 25+)."""
+    entries, configs = [], {}
+    with tarfile.open(out, "w") as t:
+
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+        for tag in ("base", "v2"):
+            m = manifest_of(layout, tag)
+            config = blob_path(layout, m["config"]["digest"]).read_bytes()
+            config_name = m["config"]["digest"].split(":")[1] + ".json"
+            configs[tag] = config
+            add(config_name, config)
+            names = []
+            for i, layer in enumerate(m["layers"]):
+                data = blob_path(layout, layer["digest"]).read_bytes()
+                if tag == "v2" and i == len(m["layers"]) - 1:
+                    names.append("blobs/sha256/" + layer["digest"].split(":")[1])
+                else:
+                    names.append(f"{tag}{i}/layer.tar")
+                    data = gzip.decompress(data)
+                add(names[-1], data)
+            entries.append({"Config": config_name, "RepoTags": [f"nsfast-test:{tag}"], "Layers": names})
+        add("manifest.json", json.dumps(entries).encode())
+    return configs
+
+
+def test_docker_save_tarball(layout: Path, tmp_path: Path) -> None:
+    tar = tmp_path / "saved.tar"
+    configs = write_docker_save(layout, tar)
+    cache = tmp_path / "cache"  # its own: the same chain must be unpacked from the tarball
+    img = Image(tar, "nsfast-test:v2", cache=cache)
+    oci = Image(layout, "v2")
+    assert img.rootfs.startswith(str(cache)) and tree(img.rootfs) == tree(oci.rootfs)
+    assert img.digest == "sha256:" + hashlib.sha256(configs["v2"]).hexdigest()
+    assert (img.config, img.diff_ids) == (oci.config, oci.diff_ids)
+    with pytest.raises(ImageError, match="pass ref= one of: nsfast-test:base, nsfast-test:v2"):
+        Image(tar, cache=cache)
+    with pytest.raises(ImageError, match="no image 'nsfast-test:v3'"):
+        Image(tar, "nsfast-test:v3", cache=cache)
+
+
+def test_docker_save_layer_verified_against_diff_id(layout: Path, tmp_path: Path) -> None:
+    tar = tmp_path / "saved.tar"
+    write_docker_save(layout, tar)
+    with tarfile.open(tar) as t:
+        members = {m.name: t.extractfile(m).read() for m in t if m.isreg()}  # type: ignore[union-attr]
+    members["base0/layer.tar"] = layer_tar([reg("etc/marker", b"swapped\n")])
+    with tarfile.open(tar, "w") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    cache = tmp_path / "cache"
+    with pytest.raises(
+        ImageError, match=r"layer base0/layer.tar: uncompressed content is sha256:\w+, the config's diff_id"
+    ):
+        Image(tar, "nsfast-test:base", cache=cache)
+    assert_clean(cache, [])
+
+
+def test_oci_archive(layout: Path, tmp_path: Path) -> None:
+    tar = tmp_path / "oci.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(layout, arcname=".")
+    img = Image(tar, "v2")
+    assert img.digest == descriptor(layout, "v2")["digest"] and img.rootfs == Image(layout, "v2").rootfs
+
+
+def test_ref_selection(layout: Path) -> None:
+    with pytest.raises(ImageError, match=f"^{layout}: holds 2 images, pass ref= one of: base, v2$"):
+        Image(layout)
+    with pytest.raises(ImageError, match="no image 'v3'; available: base, v2"):
+        Image(layout, "v3")
+    digest = descriptor(layout, "v2")["digest"]
+    assert Image(layout, digest).digest == digest
+    with pytest.raises(ImageError, match="no image 'sha256:0000"):
+        Image(layout, "sha256:" + "0" * 64)
+    with pytest.raises(ImageError, match="ref: not a sha256 digest"):
+        Image(layout, "sha256:../../../etc/passwd")
+
+
+def test_multi_platform_index(layout_copy: Path) -> None:
+    base, v2 = descriptor(layout_copy, "base"), descriptor(layout_copy, "v2")
+    strip = lambda d: {k: d[k] for k in ("mediaType", "digest", "size")}
+    nested = {
+        "schemaVersion": 2,
+        "mediaType": INDEX_TYPE,
+        "manifests": [
+            {**strip(base), "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+            {**strip(v2), "platform": {"os": "linux", "architecture": "amd64"}},
+            {**strip(base), "platform": {"os": "unknown", "architecture": "unknown"}},  # buildx attestations
+        ],
+    }
+    digest, size = put_blob(layout_copy, json.dumps(nested).encode())
+    entry = {"mediaType": INDEX_TYPE, "digest": digest, "size": size, "annotations": {REF_NAME: "multi"}}
+    (layout_copy / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    assert Image(layout_copy, platform="linux/arm64").digest == base["digest"]  # the only entry: no ref needed
+    assert Image(layout_copy, "multi", platform="linux/arm64/v8").digest == base["digest"]
+    assert Image(layout_copy, "multi", platform="linux/amd64").digest == v2["digest"]
+    host = {"x86_64": v2, "aarch64": base}.get(platform.machine())
+    if host is not None:
+        assert Image(layout_copy, "multi").digest == host["digest"]
+    with pytest.raises(
+        ImageError,
+        match=f"index {digest}: no image for linux/s390x; it has: linux/arm64/v8, linux/amd64, unknown/unknown",
+    ):
+        Image(layout_copy, platform="linux/s390x")
+    with pytest.raises(ImageError, match="no image for linux/arm64/v7"):
+        Image(layout_copy, platform="linux/arm64/v7")
+    with pytest.raises(ImageError, match="platform must be 'os/architecture"):
+        Image(layout_copy, platform="arm64")
+
+
+def test_not_an_image(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="not an OCI image layout directory nor a readable tar archive"):
+        Image(tmp_path / "missing")
+    (tmp_path / "file").write_text("not a tar")
+    with pytest.raises(ImageError, match="not an OCI image layout directory nor a readable tar archive"):
+        Image(tmp_path / "file")
+    with pytest.raises(ImageError, match=f"{tmp_path}: oci-layout is missing"):
+        Image(tmp_path)
+
+
+# --- verification -------------------------------------------------------------------------
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_layer_blob(layout_copy: Path, tmp_path: Path) -> None:
+    layer = manifest_of(layout_copy, "base")["layers"][0]["digest"]
+    flip_byte(blob_path(layout_copy, layer), blob_path(layout_copy, layer).stat().st_size // 2)
+    cache = tmp_path / "cache"  # its own: the session cache may hold this chain already
+    with pytest.raises(ImageError, match=f"^{layout_copy}: layer {layer}: content does not match its digest"):
+        Image(layout_copy, "base", cache=cache)
+    assert_clean(cache, [])
+
+
+def test_damaged_manifest_blob(layout_copy: Path) -> None:
+    manifest = descriptor(layout_copy, "v2")["digest"]
+    flip_byte(blob_path(layout_copy, manifest), 10)
+    with pytest.raises(ImageError, match=f"manifest {manifest}: content does not match its digest"):
+        Image(layout_copy, "v2")
+
+
+def test_wrong_sizes_and_diff_ids(layout_copy: Path, image_cache: Path) -> None:
+    before = roots(image_cache)
+
+    def bigger(m: Dict[str, Any]) -> None:
+        m["config"]["size"] += 1
+
+    retag(layout_copy, "base", "big-config", manifest=bigger)
+    with pytest.raises(ImageError, match=r"config sha256:\w+: \d+ bytes, its descriptor says \d+"):
+        Image(layout_copy, "big-config")
+
+    def smaller(m: Dict[str, Any]) -> None:
+        m["layers"][0]["size"] -= 1
+
+    retag(layout_copy, "base", "small-layer", manifest=smaller)
+    layer = manifest_of(layout_copy, "base")["layers"][0]["digest"]
+    with pytest.raises(ImageError, match=f"layer {layer}: larger than the"):
+        Image(layout_copy, "small-layer", cache=layout_copy.parent / "cache")
+
+    def wrong_diff_id(c: Dict[str, Any]) -> None:
+        c["rootfs"]["diff_ids"][0] = "sha256:" + "1" * 64
+
+    retag(layout_copy, "base", "bad-diff", config=wrong_diff_id)
+    with pytest.raises(
+        ImageError, match=f"layer {layer}: uncompressed content is sha256:\\w+, the config's diff_id says sha256:1111"
+    ):
+        Image(layout_copy, "bad-diff")
+    assert_clean(image_cache, before)
+
+
+@pytest.mark.parametrize(
+    "digest",
+    ["sha256:../../../../etc/passwd", "sha256:" + "A" * 64, "sha512:" + "0" * 128, "sha256:" + "0" * 63, None, 7],
+)
+def test_bad_digest_strings(layout_copy: Path, digest: Any) -> None:
+    def layer(m: Dict[str, Any]) -> None:
+        m["layers"][0]["digest"] = digest
+
+    retag(layout_copy, "base", "bad", manifest=layer)
+    with pytest.raises(
+        ImageError, match=r"layer: digest: not a sha256 digest \('sha256:' and 64 lowercase hex digits\)"
+    ):
+        Image(layout_copy, "bad")
+    index = read_index(layout_copy)
+    index["manifests"][0]["digest"] = digest
+    (layout_copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ImageError, match="index.json manifest: digest: not a sha256 digest"):
+        Image(layout_copy, "base")
+
+
+def test_layer_media_types(layout_copy: Path) -> None:
+    def media(kind: str) -> Callable[[Dict[str, Any]], None]:
+        return lambda m: m["layers"][0].update(mediaType=kind)
+
+    retag(layout_copy, "base", "zstd", manifest=media("application/vnd.oci.image.layer.v1.tar+zstd"))
+    with pytest.raises(ImageError, match=r"layer sha256:\w+: zstd layers are not supported"):
+        Image(layout_copy, "zstd")
+    retag(layout_copy, "base", "odd", manifest=media("application/x-odd"))
+    with pytest.raises(ImageError, match="unsupported media type application/x-odd"):
+        Image(layout_copy, "odd")
+    # Docker's media type says gzip; uncompressed data is told by its magic bytes.
+    add_layer(layout_copy, "base", "plain", [reg("etc/plain", b"plain\n")])
+    m = manifest_of(layout_copy, "plain")
+    raw = gzip.decompress(blob_path(layout_copy, m["layers"][-1]["digest"]).read_bytes())
+    digest, size = put_blob(layout_copy, raw)
+    m["layers"][-1] = {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": digest, "size": size}
+    retag(layout_copy, "plain", "plain", manifest=lambda x: x.update(layers=m["layers"]))
+    assert (Path(Image(layout_copy, "plain").rootfs) / "etc/plain").read_text() == "plain\n"
+
+
+# --- malicious layers ---------------------------------------------------------------------
+
+UP = "../" * 64  # from the root being unpacked, far enough up to reach /
+
+
+def s(sentinel: Path) -> str:
+    return str(sentinel).lstrip("/")
+
+
+# Each: (layers on top of base, as a function of the sentinel; text the error must contain)
+EVIL: Dict[str, Tuple[Callable[[Path], List[List[Member]]], str]] = {
+    "dotdot": (lambda d: [[reg(UP + s(d) + "/pwned", b"x")]], "'..' in a member path"),
+    "dotdot-inside": (lambda d: [[reg("etc/../../pwned", b"x")]], "'..' in a member path"),
+    "absolute-path": (lambda d: [[reg(f"{d}/pwned", b"x")]], "absolute member path"),
+    "through-root-symlink": (lambda d: [[link("a", "/")], [reg(f"a/{s(d)}/pwned", b"x")]], "resolves outside the root"),
+    "through-host-symlink": (lambda d: [[link("s", str(d))], [reg("s/pwned", b"x")]], "resolves outside the root"),
+    "through-symlink-same-layer": (lambda d: [[link("s", str(d)), reg("s/pwned", b"x")]], "resolves outside the root"),
+    "through-relative-symlink": (
+        lambda d: [[link("r", UP + s(d))], [reg("r/pwned", b"x")]],
+        "resolves outside the root",
+    ),
+    "mkdir-through-symlink": (lambda d: [[link("s", str(d))], [dir_("s/newdir")]], "resolves outside the root"),
+    "hardlink-up": (lambda d: [[link("h", UP + s(d) + "/host-file", tarfile.LNKTYPE)]], "outside the destination"),
+    "hardlink-absolute": (lambda d: [[link("h", f"{d}/host-file", tarfile.LNKTYPE)]], "link to an absolute path"),
+    "hardlink-through-symlink": (
+        lambda d: [[link("s", str(d)), link("h", "s/host-file", tarfile.LNKTYPE)]],
+        "outside the destination",
+    ),
+    "hardlink-to-nothing": (lambda d: [[link("h", "no/such/file", tarfile.LNKTYPE)]], "not a file of the tree"),
+    "char-device": (lambda d: [[node("dev/evil", tarfile.CHRTYPE)]], "device nodes and fifos are not allowed"),
+    "block-device": (lambda d: [[node("evil", tarfile.BLKTYPE)]], "device nodes and fifos are not allowed"),
+    "fifo": (lambda d: [[node("evil", tarfile.FIFOTYPE)]], "device nodes and fifos are not allowed"),
+    "whiteout-through-symlink": (
+        lambda d: [[link("s", str(d))], [reg("s/.wh.host-file")]],
+        "resolves outside the root",
+    ),
+    "whiteout-up": (lambda d: [[reg(UP + s(d) + "/.wh.host-file")]], "'..' in a member path"),
+    "whiteout-of-dotdot": (lambda d: [[reg("etc/.wh...")]], "a whiteout of '..'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVIL))
+def test_malicious_layer_refused(case: str, layout_copy: Path, sentinel: Path, image_cache: Path) -> None:
+    build, needle = EVIL[case]
+    before, host = roots(image_cache), snapshot(sentinel)
+    tag = "base"
+    for i, members in enumerate(build(sentinel)):
+        digest = add_layer(layout_copy, tag, f"evil{i}", members)
+        tag = f"evil{i}"
+    with pytest.raises(ImageError) as e:
+        Image(layout_copy, tag)
+    msg = str(e.value)
+    # The image, the layer and the member are named.
+    assert msg.startswith(f"{layout_copy}: layer {digest}: ") and needle in msg, msg
+    assert repr(members[-1][0].name) in msg, msg
+    assert snapshot(sentinel) == host
+    assert_clean(image_cache, before)
+
+
+def test_replacing_never_follows_symlinks(layout_copy: Path, sentinel: Path) -> None:
+    """A later entry replaces an earlier one of another type, never writing through it."""
+    host = snapshot(sentinel)
+    lower = [
+        link("s", str(sentinel)),  # a symlink to a host directory: allowed, not followed
+        link("f", f"{sentinel}/host-file"),
+        link("a", "/"),
+        link("o", str(sentinel)),
+        dir_("d"),
+        reg("d/child"),
+        dir_("d2"),
+        reg("d2/child"),
+        reg("x", b"file"),
+    ]
+    upper = [
+        dir_("s", 0o700),
+        reg("s/inside", b"in"),
+        reg("f", b"new"),
+        reg("o/.wh..wh..opq"),  # the opaque marker of a directory that replaces a symlink
+        dir_("o"),
+        reg("o/z"),
+        reg("d", b"now a file"),
+        link("d2", "/etc"),
+        dir_("x"),
+        reg("x/y"),
+    ]
+    add_layer(layout_copy, "base", "lower", lower)
+    add_layer(layout_copy, "lower", "upper", upper)
+    low = Path(Image(layout_copy, "lower").rootfs)
+    assert os.readlink(low / "s") == str(sentinel) and os.readlink(low / "a") == "/"
+    root = Path(Image(layout_copy, "upper").rootfs)
+    assert snapshot(sentinel) == host
+    assert not (root / "s").is_symlink() and stat.S_IMODE(os.lstat(root / "s").st_mode) == 0o700
+    assert os.listdir(root / "s") == ["inside"] and os.listdir(root / "o") == ["z"]
+    assert not (root / "f").is_symlink() and (root / "f").read_bytes() == b"new"
+    assert os.readlink(root / "a") == "/" and os.readlink(root / "d2") == "/etc"
+    assert (root / "d").read_bytes() == b"now a file"
+    assert os.listdir(root / "x") == ["y"]
+
+
+def test_modes_and_owners(layout_copy: Path) -> None:
+    add_layer(
+        layout_copy,
+        "base",
+        "modes",
+        [
+            reg("bin/suid", b"#!/bin/sh\n", mode=0o4755),
+            reg("bin/sgid", mode=0o2711),
+            link("bin/suid-link", "bin/suid", tarfile.LNKTYPE, mode=0o4755),
+            dir_("sticky", 0o1777),
+            dir_("setgid-dir", 0o2775),
+            reg("group-writable", mode=0o664),
+            reg("private", mode=0o600),
+            reg("owned", uid=1000, gid=2000),
+            link("owned-link", "owned", uid=1000),
+        ],
+    )
+    root = Path(Image(layout_copy, "modes").rootfs)
+    mode = lambda n: stat.S_IMODE(os.lstat(root / n).st_mode)
+    assert {n: mode(n) for n in ("bin/suid", "bin/sgid", "sticky", "setgid-dir", "group-writable", "private")} == {
+        "bin/suid": 0o755,
+        "bin/sgid": 0o711,
+        "sticky": 0o1777,
+        "setgid-dir": 0o775,
+        "group-writable": 0o664,
+        "private": 0o600,
+    }
+    assert os.stat(root / "bin/suid-link").st_ino == os.stat(root / "bin/suid").st_ino
+    st = os.stat(root / "owned")
+    assert (st.st_uid, st.st_gid) == (1000, 2000) and os.lstat(root / "owned-link").st_uid == 1000
+
+
+# --- the cache ----------------------------------------------------------------------------
+
+
+def test_concurrent_loads_share_one_root(layout: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    barrier, roots, errors = threading.Barrier(3), [], []
+
+    def load() -> None:
+        barrier.wait()
+        try:
+            roots.append(Image(layout, "v2", cache=cache).rootfs)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(roots)) == 1
+    assert_clean(cache, [os.path.basename(roots[0])])
+
+
+def test_crash_leftovers_are_never_used(layout: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    Image(layout, "base", cache=cache)
+    shutil.rmtree(cache / "rootfs")
+    (cache / "rootfs").mkdir()
+    left = cache / "tmp" / "unpack-crashed" / "root"
+    left.mkdir(parents=True)
+    (left / "half-written").touch()
+    root = Image(layout, "base", cache=cache).rootfs
+    assert not os.path.exists(os.path.join(root, "half-written")) and (left / "half-written").exists()
+
+
+def test_cache_dir(monkeypatch: pytest.MonkeyPatch, image_cache: Path, tmp_path: Path) -> None:
+    assert cache_dir() == str(image_cache)
+    try:
+        set_cache_dir(None)
+        monkeypatch.setenv("HOME", "/home/someone")
+        monkeypatch.delenv("NSFAST_IMAGE_CACHE", raising=False)
+        monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+        assert cache_dir() == "/home/someone/.cache/nsfast/images"
+        monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+        assert cache_dir() == "/xdg/nsfast/images"
+        monkeypatch.setenv("NSFAST_IMAGE_CACHE", "/env/cache")
+        assert cache_dir() == "/env/cache"
+        set_cache_dir(tmp_path / "explicit")
+        assert cache_dir() == str(tmp_path / "explicit")
+    finally:
+        set_cache_dir(image_cache)
+
+
+def test_cache_others_can_write_is_refused(layout: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ImageError, match=f"image cache {shared}: must be owned by uid 0 and writable by it alone"):
+        Image(layout, "base", cache=shared)
+    assert os.listdir(shared) == []
+
+
+def test_sandbox_runs_an_image(layout: Path) -> None:
+    pytest.importorskip("nsfast._core")
+    import nsfast
+
+    r = nsfast.run(
+        ["/bin/sh", "-c", "echo hi; cat /etc/marker"], rootfs=Image(layout, "v2").rootfs, capture_output=True
+    )
+    assert (r.returncode, r.stdout) == (0, b"hi\nfrom the image\n"), r.stderr
