@@ -6,6 +6,7 @@ layer tries, the sentinel stays as it was and no temporary directory is left in 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -16,6 +17,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -665,6 +667,47 @@ def test_modes_and_owners(layout_copy: Path) -> None:
     assert os.stat(root / "bin/suid-link").st_ino == os.stat(root / "bin/suid").st_ino
     st = os.stat(root / "owned")
     assert (st.st_uid, st.st_gid) == (1000, 2000) and os.lstat(root / "owned-link").st_uid == 1000
+
+
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def effective_nobody() -> Iterator[None]:
+    """This process as effective uid/gid nobody (tarfile and _image look at geteuid())."""
+    os.setegid(NOBODY)
+    os.seteuid(NOBODY)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A directory nobody owns (pytest's tmp_path is under a 0700 root directory)."""
+    d = Path(tempfile.mkdtemp(prefix="nsfast-image-test-"))
+    os.chown(d, NOBODY, NOBODY)
+    yield d
+    shutil.rmtree(d)
+
+
+def test_unprivileged_unpack(layout_copy: Path, nobody_dir: Path) -> None:
+    """Not root: no chown (files are the caller's), and directories stay writable to the
+    caller, so a later layer can change a read-only directory."""
+    add_layer(layout_copy, "base", "ro1", [dir_("ro", 0o555), reg("ro/f", mode=0o444)])
+    add_layer(layout_copy, "ro1", "ro2", [reg("ro/.wh.f"), reg("ro/g", b"g", uid=1000)])
+    layout = Path(shutil.copytree(layout_copy, nobody_dir / "layout"))
+    for p in [layout, *layout.rglob("*")]:
+        os.chown(p, NOBODY, NOBODY)
+    cache = nobody_dir / "cache"
+    with effective_nobody():
+        root = Path(Image(layout, "ro2", cache=cache).rootfs)
+    assert os.listdir(root / "ro") == ["g"]
+    assert stat.S_IMODE(os.stat(root / "ro").st_mode) == 0o755
+    assert {os.lstat(p).st_uid for p in (root, root / "ro/g", root / "bin/busybox", root / "bin/sh")} == {NOBODY}
+    assert os.listdir(cache / "tmp") == []
 
 
 # --- the cache ----------------------------------------------------------------------------

@@ -492,8 +492,11 @@ def _parse_config(what: str, config: Dict[str, Any]) -> Tuple[ImageConfig, Tuple
 
 def _open_cache(path: str) -> str:
     """The cache directory (made 0700), resolved; refused if others could write to it."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as e:
+        raise ImageError(f"image cache {path}: {e}") from None
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise ImageError(f"image cache {path}: must be owned by uid {os.geteuid()} and writable by it alone")
     path = os.path.realpath(path)
