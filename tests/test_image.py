@@ -780,3 +780,94 @@ def test_sandbox_runs_an_image(layout: Path) -> None:
         ["/bin/sh", "-c", "echo hi; cat /etc/marker"], rootfs=Image(layout, "v2").rootfs, capture_output=True
     )
     assert (r.returncode, r.stdout) == (0, b"hi\nfrom the image\n"), r.stderr
+
+
+# --- rootfs=Image: the config as defaults ----------------------------------------------------
+
+
+def test_image_config_applies_as_defaults(layout: Path) -> None:
+    import nsfast
+    from nsfast._spec import DEFAULT_PATH
+
+    img = Image(layout, "v2")
+    # No command: Entrypoint + Cmd ("/bin/sh -c 'echo hi'"), as docker run does.
+    r = nsfast.run([], rootfs=img, capture_output=True, text=True)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "hi\n", "")
+    r = nsfast.run(["/bin/sh", "-c", "id -u; id -g; pwd; echo $FOO; echo $PATH"], rootfs=img, capture_output=True,
+                   text=True)  # fmt: skip
+    assert r.stdout.splitlines() == ["1000", "1000", "/work", "bar", DEFAULT_PATH], r.stderr
+    # What the caller gives wins.
+    r = nsfast.run(["/bin/sh", "-c", "id -u; pwd; echo ${FOO-unset}"], rootfs=img, uid=0, gid=0, cwd="/etc",
+                   env={"PATH": "/bin"}, capture_output=True, text=True)  # fmt: skip
+    assert r.stdout.splitlines() == ["0", "/etc", "unset"], r.stderr
+    spec = nsfast.Spec(rootfs=img)
+    assert spec.image is img and spec.rootfs == img.rootfs
+    assert spec.replace(hostname="box").image is img and spec.replace(hostname="box").uid == 1000
+
+
+def test_an_image_is_never_written(layout: Path) -> None:
+    import nsfast
+
+    img = Image(layout, "v2")
+    before = tree(img.rootfs)
+    with pytest.raises(nsfast.SpecError, match="readonly_root: False would let the sandbox write into the image cache"):
+        nsfast.Spec(rootfs=img, readonly_root=False)
+    r = nsfast.run(["/bin/sh", "-c", "echo w > /etc/marker && rm /etc/added && cat /etc/marker; touch /x 2>&1"],
+                   rootfs=img, overlay=True, uid=0, gid=0, capture_output=True, text=True)  # fmt: skip
+    assert (r.returncode, r.stdout) == (0, "w\n"), r.stderr
+    r = nsfast.run(["/bin/sh", "-c", "touch /etc/x"], rootfs=img, capture_output=True, text=True)
+    assert "Read-only file system" in r.stderr
+    assert tree(img.rootfs) == before
+
+
+def test_image_user_names_are_read_inside_the_image(layout_copy: Path, sentinel: Path) -> None:
+    """User "app" comes from the image's /etc/passwd; one that is a symlink to a host file
+    (which names "evil") is resolved inside the image, so the host's file is never read."""
+    import nsfast
+
+    host_passwd = sentinel / "passwd"
+    host_passwd.write_text("evil:x:4242:4242::/:/bin/sh\n")
+    add_layer(layout_copy, "base", "named", [reg("etc/passwd", b"app:x:1234:99::/work:/bin/sh\n"),
+                                             reg("etc/group", b"staff:x:77:\n")])  # fmt: skip
+    retag(layout_copy, "named", "named", config=lambda c: c["config"].update(User="app"))
+    retag(layout_copy, "named", "grouped", config=lambda c: c["config"].update(User="app:staff"))
+    add_layer(layout_copy, "base", "evil", [link("etc/passwd", str(host_passwd))])
+    retag(layout_copy, "evil", "evil", config=lambda c: c["config"].update(User="evil"))
+    assert nsfast.Spec(rootfs=Image(layout_copy, "named"))._cap_mask == 0
+    spec = nsfast.Spec(rootfs=Image(layout_copy, "named"))
+    assert (spec.uid, spec.gid) == (1234, 99)
+    spec = nsfast.Spec(rootfs=Image(layout_copy, "grouped"))
+    assert (spec.uid, spec.gid) == (1234, 77)
+    with pytest.raises(nsfast.SpecError, match="User 'evil': no user 'evil' in the image's /etc/passwd"):
+        nsfast.Spec(rootfs=Image(layout_copy, "evil"))
+
+
+def test_cli_image_flag(layout: Path, image_cache: Path) -> None:
+    import sys
+
+    env = {**os.environ, "NSFAST_IMAGE_CACHE": str(image_cache)}
+    run = [sys.executable, "-m", "nsfast", "run"]
+    r = subprocess.run([*run, "--image", f"{layout}:v2"], capture_output=True, text=True, env=env, cwd="/")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "hi\n", "")
+    # (Its User, uid 1000, may not write to /: as in docker; root inside may.)
+    r = subprocess.run([*run, "--image", f"{layout}:v2", "--overlay", "--uid", "0", "--gid", "0", "--", "/bin/sh", "-c",
+                        "echo o > /o; cat /o"],
+                       capture_output=True, text=True, env=env, cwd="/")  # fmt: skip
+    assert (r.returncode, r.stdout) == (0, "o\n"), r.stderr
+    r = subprocess.run([*run, "--image", f"{layout}:nope"], capture_output=True, text=True, env=env, cwd="/")
+    assert r.returncode == 125 and "nope" in r.stderr
+    r = subprocess.run([*run, "--image", f"{layout}:v2", "--rootfs", "/", "--", "true"], capture_output=True,
+                       text=True, env=env, cwd="/")  # fmt: skip
+    assert (r.returncode, r.stderr) == (125, "nsfast: --image and --rootfs: one root only (the image is its own)\n")
+
+
+def test_configure_image_cache(tmp_path: Path, image_cache: Path) -> None:
+    import nsfast
+
+    try:
+        nsfast.configure(image_cache=str(tmp_path / "other"))
+        assert cache_dir() == str(tmp_path / "other")
+        nsfast.configure(cgroup_root="nsfast")  # the other setting leaves this one alone
+        assert cache_dir() == str(tmp_path / "other")
+    finally:
+        set_cache_dir(image_cache)

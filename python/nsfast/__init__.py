@@ -15,7 +15,8 @@ from __future__ import annotations
 from ._aio import AsyncProcess, arun, aspawn
 from ._cgroup import DEFAULT_LIMITS, CgroupWarning, Limits, configure
 from ._container import Container, enter
-from ._errors import ContainerError, LimitError, NsfastError, OutputError, SpawnError, SpecError
+from ._errors import ContainerError, ImageError, LimitError, NsfastError, OutputError, SpawnError, SpecError
+from ._image import Image, ImageConfig
 from ._ns import compare_namespaces, namespaces
 from ._process import DEVNULL, PIPE, STDOUT, Process, Result, TimeoutExpired, Usage, run, spawn
 from ._spec import (
@@ -84,6 +85,9 @@ __all__ = [
     "DEFAULT_NAMESPACES",
     "CAPABILITIES",
     "NsfastError",
+    "Image",
+    "ImageConfig",
+    "ImageError",
     "OutputError",
     "SpecError",
     "SpawnError",

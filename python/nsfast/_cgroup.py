@@ -241,9 +241,18 @@ _warned: set[str] = set()
 DEFAULT_ROOT = "nsfast"
 
 
-def configure(*, cgroup_root: Optional[str] = None) -> None:
-    """Set where sandboxes' cgroups are created (the environment variable NSFAST_CGROUP_ROOT
-    does the same; configure() wins; None goes back to that, or the default).
+_UNSET: Any = object()
+
+
+def configure(*, cgroup_root: Optional[str] = _UNSET, image_cache: Optional[str] = _UNSET) -> None:
+    """Set where sandboxes' cgroups are created and where `nsfast.Image` unpacks images; each
+    only when given, None goes back to the default.
+
+    image_cache: the image cache directory (also NSFAST_IMAGE_CACHE; default
+    $XDG_CACHE_HOME/nsfast/images or ~/.cache/nsfast/images), made 0700.
+
+    cgroup_root (the environment variable NSFAST_CGROUP_ROOT does the same; configure()
+    wins; None goes back to that, or the default):
 
     - A relative path ("nsfast", the default): below the caller's own cgroup, so that whatever
       measures or limits the caller (BenchExec, a systemd slice, an outer nsfast sandbox) also
@@ -269,6 +278,14 @@ def configure(*, cgroup_root: Optional[str] = None) -> None:
     components, an absolute path outside the cgroup file systems or one that exists and is
     not a directory."""
     global _configured_root
+    if image_cache is not _UNSET:
+        from ._image import set_cache_dir
+
+        if image_cache is not None and not isinstance(image_cache, (str, os.PathLike)):
+            raise TypeError(f"image_cache must be a path or None, not {type(image_cache).__name__}")
+        set_cache_dir(image_cache)
+    if cgroup_root is _UNSET:
+        return
     if cgroup_root is not None:
         _check_root("cgroup_root", cgroup_root)
     with _lock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno as _errno
 from typing import Optional
 
-__all__ = ["NsfastError", "SpecError", "SpawnError", "ContainerError", "LimitError", "OutputError"]
+__all__ = ["NsfastError", "SpecError", "SpawnError", "ContainerError", "LimitError", "OutputError", "ImageError"]
 
 # Usual causes of the usual errnos, added to SpawnError messages.
 _HINTS = {
@@ -103,3 +103,9 @@ class OutputError(NsfastError):
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (type(self), (self.path, self.limit, self.result))
+
+
+class ImageError(NsfastError):
+    """An image that cannot be used: unreadable or malformed, a blob that fails
+    verification, or a layer member that is refused. The message names the image, the
+    blob or layer digest and the member."""

@@ -58,7 +58,7 @@ import zlib
 from dataclasses import dataclass
 from typing import IO, Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
-from ._errors import NsfastError
+from ._errors import ImageError
 
 __all__ = ["Image", "ImageConfig", "ImageError", "cache_dir", "set_cache_dir"]
 
@@ -100,12 +100,6 @@ _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm6
 _MOUNT_POINTS = (("proc", 0o755), ("dev", 0o755), ("tmp", 0o1777))
 
 _cache_override: Optional[str] = None
-
-
-class ImageError(NsfastError):
-    """An image that cannot be used: unreadable or malformed, a blob that fails
-    verification, or a layer member that is refused. The message names the image, the
-    blob or layer digest and the member."""
 
 
 @dataclass(frozen=True)

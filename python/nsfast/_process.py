@@ -231,6 +231,11 @@ class Process:
             raise SpecError("mounts", "Overlay(commit=True) needs nsfast.run (it commits when the run exits 0)")
         if _join is not None and not args:
             raise ValueError("args must not be empty")
+        if not args and _join is None and self.spec.image is not None:
+            # As docker run: the image's Entrypoint and Cmd when no command is given.
+            args = [*self.spec.image.config.entrypoint, *self.spec.image.config.cmd]
+            if not args:
+                raise ValueError("args must not be empty (the image's config has no Entrypoint or Cmd)")
         argv, self.args = _argv(args) if args or not self.spec.init else ([], [])
         self.returncode: Optional[int] = None
         self.usage: Optional[Usage] = None

@@ -9,10 +9,11 @@ import os
 import re
 import resource
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Tuple, TypedDict, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, TypedDict, Union
 
 from . import _core
 from ._errors import SpecError
+from ._image import Image
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -355,6 +356,38 @@ def default_env() -> dict[str, str]:
     return env
 
 
+def _image_user(img: Image, user: str) -> Tuple[int, int]:
+    """An image config's User ("name", "uid", "uid:gid", "name:group") as (uid, gid): names
+    from the image's /etc/passwd and /etc/group, read inside its root (a symlink there
+    cannot make nsfast read a host file)."""
+    name, _, group = user.partition(":")
+
+    def table(path: bytes) -> List[List[str]]:
+        fd = os.open(img.rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            data = _core.tree_read(fd, path, 4 << 20) or b""
+        finally:
+            os.close(fd)
+        return [line.split(":") for line in data.decode(errors="replace").splitlines() if line.count(":") >= 3]
+
+    def lookup(value: str, path: bytes, what: str) -> Tuple[int, List[str]]:
+        if value.isdigit():
+            return int(value), []
+        for row in table(path):
+            if row[0] == value and row[2].isdigit():
+                return int(row[2]), row
+        raise SpecError("image", f"its config's User {user!r}: no {what} {value!r} in the image's /{path.decode()}")
+
+    uid, row = lookup(name, b"etc/passwd", "user")
+    if group:
+        gid = lookup(group, b"etc/group", "group")[0]
+    elif row and row[3].isdigit():
+        gid = int(row[3])
+    else:
+        gid = next((int(r[3]) for r in table(b"etc/passwd") if r[2] == str(uid) and r[3].isdigit()), uid)
+    return uid, gid
+
+
 @dataclass(frozen=True)
 class Spec:
     """Everything about a sandbox except the command.
@@ -460,6 +493,7 @@ class Spec:
     hidden: Tuple[str, ...] = DEFAULT_HIDDEN
     tmp_size: Optional[int] = DEFAULT_TMP_SIZE
     shm_size: Optional[int] = DEFAULT_SHM_SIZE
+    image: Optional[Image] = None
     overlay: bool = False
     overlay_size: Optional[int] = DEFAULT_OVERLAY_SIZE
     overlay_upper: Optional[str] = None
@@ -480,6 +514,19 @@ class Spec:
                 raise SpecError("namespaces", f"has an unknown namespace {n!r} (known: {', '.join(NAMESPACES)})")
         set_("namespaces", tuple(n for n in NAMESPACES if n in names))
 
+        img = self.image
+        if isinstance(self.rootfs, Image):
+            if img is not None and img is not self.rootfs:
+                raise SpecError("image", "and rootfs= name two different images")
+            img = self.rootfs
+            set_("rootfs", None)
+        if img is not None:
+            if not isinstance(img, Image):
+                raise TypeError(f"image must be an nsfast.Image, not {type(img).__name__}")
+            if self.rootfs is not None and os.path.abspath(os.fspath(self.rootfs)) != img.rootfs:
+                raise SpecError("image", f"runs on its own root; rootfs={self.rootfs!r} names another")
+            set_("image", img)
+            set_("rootfs", img.rootfs)
         if self.rootfs is not None:
             root = os.path.abspath(_path("rootfs", self.rootfs, absolute=False))
             if not os.path.isdir(root):
@@ -506,6 +553,12 @@ class Spec:
         _bool("readonly_root", self.readonly_root)
         if self.readonly_root and not mnt:
             raise SpecError("readonly_root", "needs the 'mnt' namespace (without it the sandbox's / is the host's)")
+        if img is not None and not self.readonly_root and not self.overlay:
+            raise SpecError(
+                "readonly_root",
+                "False would let the sandbox write into the image cache, which every sandbox of the image shares: "
+                "use overlay=True for a writable root",
+            )
 
         mounts = self.mounts
         if isinstance(mounts, (Bind, Tmpfs, Overlay)):
@@ -535,6 +588,8 @@ class Spec:
             if "uts" not in self.namespaces:
                 raise SpecError("hostname", "needs the 'uts' namespace")
 
+        if img is not None:
+            self._image_defaults(img, set_)
         env = default_env() if self.env is None else self.env
         if not isinstance(env, Mapping):
             raise TypeError(f"env must be a mapping of str to str, not {type(env).__name__}")
@@ -618,6 +673,22 @@ class Spec:
             tuple((getattr(resource, "RLIMIT_" + n.upper()), soft, hard) for n, (soft, hard) in sorted(rl.items())),
         )
 
+    def _image_defaults(self, img: Image, set_: Callable[[str, Any], None]) -> None:
+        """The image config's Env, WorkingDir and User, where the fields are not given."""
+        cfg = img.config
+        if self.env is None:
+            env = {"PATH": DEFAULT_PATH, "HOME": "/"}
+            for kv in cfg.env:
+                k, sep, v = kv.partition("=")
+                if sep and k:
+                    env[k] = v
+            set_("env", env)
+        if self.cwd == "/" and cfg.working_dir:
+            set_("cwd", cfg.working_dir if cfg.working_dir.startswith("/") else "/" + cfg.working_dir)
+        if cfg.user and self.uid is None and self.gid is None:
+            set_("uid", _image_user(img, cfg.user)[0])
+            set_("gid", _image_user(img, cfg.user)[1])
+
     @property
     def _init(self) -> bool:
         """Whether nsfast-init is the first process: `init` resolved (the Rust Spec reads it)."""
@@ -639,7 +710,7 @@ class SpecFields(TypedDict, total=False):
     to Spec's fields."""
 
     namespaces: Iterable[str]
-    rootfs: Optional[StrPath]
+    rootfs: Union[StrPath, Image, None]
     readonly_root: Optional[bool]
     mounts: Union[Mount, Iterable[Mount]]
     hostname: Optional[str]
@@ -659,6 +730,7 @@ class SpecFields(TypedDict, total=False):
     hidden: Iterable[str]
     tmp_size: Union[int, str, None]
     shm_size: Union[int, str, None]
+    image: Optional[Image]
     overlay: bool
     overlay_size: Union[int, str, None]
     overlay_upper: Optional[StrPath]

@@ -1,7 +1,7 @@
 """The `nsfast` command line. It only builds a `Spec` (flag names from bwrap, unshare and
 docker run) and calls the library.
 
-    nsfast run [-d --name NAME] [--hostname H] [--rootfs DIR] [--overlay] [--bind SRC DEST]
+    nsfast run [-d --name NAME] [--hostname H] [--rootfs DIR | --image PATH[:TAG]] [--overlay] [--bind SRC DEST]
                [--ro-bind SRC DEST] [--tmpfs DEST] [--unshare-all | --unshare-NS...]
                [--share-NS...] [--memory SIZE] [--pids N] [--cpus N] [--cpu-time S]
                [--no-limits] [--timeout S] [--json | --json-file PATH] -- CMD...
@@ -89,6 +89,12 @@ class _MountAction(argparse.Action):
 def _add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hostname", help="hostname inside (needs the uts namespace)")
     p.add_argument("--rootfs", metavar="DIR", help="use DIR as / (default: the host root, read-only)")
+    p.add_argument(
+        "--image",
+        metavar="PATH[:TAG]",
+        help="run in an OCI image (a layout directory or a docker save tarball; TAG or @sha256:... picks one): its "
+        "Env, WorkingDir, User and, without a command, Entrypoint/Cmd apply",
+    )
     p.add_argument("--writable-root", action="store_true", help="do not make the root read-only")
     p.add_argument(
         "--overlay",
@@ -253,6 +259,8 @@ def limits_from_args(args: argparse.Namespace) -> Optional[Limits]:
 
 def spec_from_args(args: argparse.Namespace) -> Spec:
     """The Spec the flags describe."""
+    if getattr(args, "image", None) and args.rootfs:
+        raise _UserError("--image and --rootfs: one root only (the image is its own)")
     # The defaults (user included, for every caller) plus what --unshare-* adds; --share-*
     # takes one away. An explicit flag never silently drops the rest of the isolation.
     wanted = set(DEFAULT_NAMESPACES) | set(args.unshare or ())
@@ -276,7 +284,7 @@ def spec_from_args(args: argparse.Namespace) -> Spec:
         env.update(dict(args.setenv))
     return Spec(
         namespaces=tuple(namespaces),
-        rootfs=args.rootfs,
+        rootfs=_image(args.image) if args.image else args.rootfs,
         # --overlay: writable through the overlay (readonly_root decided by Spec).
         readonly_root=None if args.overlay and not args.writable_root else not args.writable_root,
         overlay=args.overlay,
@@ -297,11 +305,25 @@ def spec_from_args(args: argparse.Namespace) -> Spec:
     )
 
 
+def _image(arg: str) -> Any:
+    """--image PATH[:TAG] or PATH@sha256:...: the loaded nsfast.Image."""
+    from ._image import Image
+
+    path, ref = arg, None
+    if not os.path.exists(arg):
+        if "@sha256:" in arg:
+            path, _, digest = arg.rpartition("@")
+            ref = digest
+        elif ":" in arg:
+            path, _, ref = arg.rpartition(":")
+    return Image(path, ref)
+
+
 def _cmd(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
-    if not cmd:
+    if not cmd and not getattr(args, "image", None):  # an image's Entrypoint/Cmd instead
         args.subparser.error(f"missing command: nsfast {args.command} [options] -- CMD [ARGS...]")
     return cmd
 
