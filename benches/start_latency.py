@@ -23,6 +23,8 @@ with stdio inherited:
         all 4 off           all four of the above
         cgroup=False        no per-sandbox cgroup at all (so no limits either)
         overlay=True        a writable copy-on-write root over the host root (Spec.overlay)
+        busybox image       rootfs=nsfast.Image(...) of a busybox OCI image umoci makes in the
+                            run (uid=0 inside), read-only, and with overlay=True
     spawn_loop [FLAGS]      target/release/examples/spawn_loop N [--no-userns|--no-seccomp|
                             --no-masks|--no-limits|--no-cgroup]: the same plans built and
                             spawned from Rust, no Python (default: Spec::new + nsfast's default
@@ -378,6 +380,58 @@ class NsfastRun(Tool):
 
         run, spec = nsfast.run, self.spec
         return timed_calls(lambda: run(TRUE, spec=spec).returncode, n)
+
+
+_IMAGE: Dict[str, Any] = {}
+
+
+def bench_image() -> Tuple[Any, float]:
+    """A busybox OCI image (every applet linked in /bin) made offline with umoci, once per
+    run, and loaded into a fresh cache of its own: (the nsfast.Image, its cold unpack time
+    in seconds). The temporary files go at exit."""
+    if "image" in _IMAGE:
+        return _IMAGE["image"]
+    import atexit
+
+    import nsfast
+
+    if shutil.which("umoci") is None or not os.path.exists("/bin/busybox"):
+        raise Skip("the image rows need umoci and a static /bin/busybox (Debian: umoci, busybox-static)")
+    top = Path(tempfile.mkdtemp(prefix="nsfast-bench-image-"))
+    atexit.register(shutil.rmtree, top, True)
+    lay, bundle = top / "layout", top / "bundle"
+
+    def umoci(*args: object) -> None:
+        subprocess.run(["umoci", *map(str, args)], check=True, capture_output=True)
+
+    umoci("init", "--layout", lay)
+    umoci("new", "--image", f"{lay}:bench")
+    umoci("unpack", "--image", f"{lay}:bench", bundle)
+    bin_dir = bundle / "rootfs" / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2("/bin/busybox", bin_dir / "busybox")
+    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            os.symlink("busybox", bin_dir / applet)
+    umoci("repack", "--image", f"{lay}:bench", bundle)
+    t0 = time.perf_counter()
+    image = nsfast.Image(lay, "bench", cache=top / "cache")
+    _IMAGE["image"] = (image, time.perf_counter() - t0)
+    return _IMAGE["image"]
+
+
+class ImageRun(NsfastRun):
+    """nsfast.run(["/bin/true"]) in the busybox image (`bench_image`), as root inside."""
+
+    def start(self, host_ns: Dict[str, str]) -> None:
+        image, unpack_s = bench_image()
+        self.extra = {**self.extra, "rootfs": image, "uid": 0, "gid": 0}
+        super().start(host_ns)
+        # An image is not the host root: there is no host directory to hide.
+        self.expected = [x for x in self.expected or [] if x != "hidden"]
+        unpacked = f"the busybox image was unpacked in {unpack_s * 1e3:.0f} ms (cold cache, once)"
+        self.note = "; ".join(n for n in (self.note, unpacked) if n)
 
 
 class SubprocessTool(Tool):
@@ -951,6 +1005,9 @@ def costs(rows: List[Row], resamples: int) -> List[Cost]:
         c.nsfast_ms, c.nsfast_ci = _delta(by.get("nsfast"), by.get(f"nsfast-{off}"), resamples)
         c.rust_ms, c.rust_ci = _delta(by.get("rust"), by.get(f"rust-{off}"), resamples)
         out.append(c)
+    c = Cost("overlay=True on the busybox image (negative: what it adds)", "")
+    c.nsfast_ms, c.nsfast_ci = _delta(by.get("nsfast-image"), by.get("nsfast-image-overlay"), resamples)
+    out.append(c)
     steps = out[: len(STEPS)]
     summed = Cost("sum of the four, one at a time", "")
     if all(c.nsfast_ms is not None for c in steps):
@@ -1159,6 +1216,8 @@ def candidates(spawn_loop: Path) -> List[Tool]:
         NsfastRun("nsfast-nocg", "nsfast.run: cgroup=False", cgroup=False),
         NsfastRun("nsfast-noinit", "nsfast.run: init=False", init=False),
         NsfastRun("nsfast-overlay", "nsfast.run: overlay=True", overlay=True),
+        ImageRun("nsfast-image", "nsfast.run: busybox image"),
+        ImageRun("nsfast-image-overlay", "nsfast.run: busybox image, overlay=True", overlay=True),
         SpawnLoop(spawn_loop, raw=True),
         *(SpawnLoop(spawn_loop, f"rust-no{s}", f"spawn_loop {STEP_FLAGS[s]}", off=[s], raw=True) for s in STEPS),
         SpawnLoop(spawn_loop, "rust-off", "spawn_loop, all 4 off", off=STEPS, raw=True),
@@ -1185,7 +1244,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--skip",
         default="",
         help="comma list of tools (glob patterns) to leave out: nsfast, "
-        "nsfast-no{userns,seccomp,masks,limits}, nsfast-off, nsfast-nocg, nsfast-overlay, rust, rust-no..., rust-off, "
+        "nsfast-no{userns,seccomp,masks,limits}, nsfast-off, nsfast-nocg, nsfast-overlay, nsfast-image, nsfast-image-overlay, rust, rust-no..., rust-off, "
         "rust-nocg, unshare, bwrap, crun, subprocess; e.g. 'rust-*,crun'",
     )
     p.add_argument("--spawn-loop", type=Path, default=SPAWN_LOOP, help="the spawn_loop binary (built if missing)")
