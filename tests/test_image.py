@@ -27,7 +27,13 @@ import pytest
 from conftest import BUSYBOX, suite
 from nsfast._image import Image, ImageConfig, ImageError, cache_dir, set_cache_dir
 
-pytestmark = suite
+pytestmark = [
+    *suite,
+    pytest.mark.skipif(
+        not hasattr(tarfile, "data_filter"),
+        reason="nsfast.Image needs tarfile extraction filters (Python 3.9.17+, 3.10.12+, 3.11.4+)",
+    ),
+]
 
 REF_NAME = "org.opencontainers.image.ref.name"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
