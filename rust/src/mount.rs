@@ -99,7 +99,7 @@ pub enum FsOp {
     },
     /// Make (or open) the overlays' upper filesystem, kept in the child's [`FsState`].
     OverlayUpper(Upper),
-    /// An overlay of `lower` (the overlay does not look into its submounts: each is a layer of its own)
+    /// An overlay of host directory `lower` (the overlay does not look into its submounts: each is a layer of its own)
     /// with `upper`/`work` directories of the upper filesystem (created if missing, with
     /// `mkdirs` in `upper` first), mounted with `attrs`: on top of `/` and entered when
     /// `dst` is empty, else on `dst` (inside the new root).
@@ -1136,12 +1136,16 @@ pub fn run(op: &FsOp, prepared: &[RawFd], state: &mut FsState) -> std::result::R
             for d in mkdirs {
                 upper_dir(&upper, d)?;
             }
-            // Recursive: in a user namespace the kernel locks a copied tree's submounts to
-            // their parent, and refuses a clone without them (EINVAL). The overlay does not
-            // look into them anyway (each is a layer of its own, or bound, on top).
-            let mut owned = None;
-            let lower = open_tree(lower, true, prepared, &mut owned)?;
-            let m = overlay_mount(lower, upper.as_fd(), work.as_fd(), *userxattr, *attrs)?;
+            // The directory itself, not a clone of its tree: the overlay clones what it needs
+            // (a detached clone would cost an RCU grace period to dissolve when it goes).
+            let lower = match lower {
+                Tree::Path(p) if p.to_bytes().starts_with(b"/") => {
+                    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+                    rustix::fs::openat(CWD, p.as_c_str(), flags, Mode::empty())?
+                }
+                _ => return Err(Errno::INVAL), // (the plan gives host paths only)
+            };
+            let m = overlay_mount(lower.as_fd(), upper.as_fd(), work.as_fd(), *userxattr, *attrs)?;
             if dst.is_empty() {
                 rustix::mount::move_mount(&m, c"", CWD, c"/", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
                 rustix::process::fchdir(&m)
@@ -1272,7 +1276,36 @@ pub fn prepare(
     for d in &o.mkdirs {
         upper_dir(&upper, d)?;
     }
-    overlay_mount(tree.as_fd(), upper.as_fd(), work.as_fd(), false, o.attrs)
+    let m = overlay_mount(tree.as_fd(), upper.as_fd(), work.as_fd(), false, o.attrs);
+    drop_later(tree); // the overlay holds a private clone of it
+    m
+}
+
+/// Close `fd`, the last reference to a detached mount tree, on a thread of its own: the
+/// kernel dissolves the tree after an RCU grace period (~0.1 ms each here), which the spawn
+/// path should not wait for. In a process forked from the one that started the thread (which
+/// has no such thread), inline.
+pub fn drop_later(fd: OwnedFd) {
+    use std::sync::mpsc::{channel, Sender};
+    use std::sync::{Mutex, OnceLock};
+    static CLOSER: OnceLock<Option<(u32, Mutex<Sender<OwnedFd>>)>> = OnceLock::new();
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = channel::<OwnedFd>();
+        let started = std::thread::Builder::new().name("nsfast-umount".into()).spawn(move || {
+            for fd in rx {
+                drop(fd);
+            }
+        });
+        started.ok().map(|_| (std::process::id(), Mutex::new(tx)))
+    });
+    match closer {
+        Some((pid, tx)) if *pid == std::process::id() => {
+            if let Err(e) = tx.lock().unwrap_or_else(|p| p.into_inner()).send(fd) {
+                drop(e.0);
+            }
+        }
+        _ => drop(fd),
+    }
 }
 
 /// Parent side: the upper filesystem of the plan's prepared overlays.
