@@ -869,11 +869,15 @@ def test_cli_image_flag(layout: Path, image_cache: Path) -> None:
 
 def test_configure_image_cache(tmp_path: Path, image_cache: Path) -> None:
     import nsfast
+    from nsfast import _cgroup
 
+    cgroup_root = _cgroup._configured_root  # the session's (conftest's), put back after
     try:
         nsfast.configure(image_cache=str(tmp_path / "other"))
         assert cache_dir() == str(tmp_path / "other")
-        nsfast.configure(cgroup_root="nsfast")  # the other setting leaves this one alone
+        assert _cgroup._configured_root == cgroup_root  # one setting leaves the other alone
+        nsfast.configure(cgroup_root=cgroup_root)
         assert cache_dir() == str(tmp_path / "other")
     finally:
         set_cache_dir(image_cache)
+        nsfast.configure(cgroup_root=cgroup_root)

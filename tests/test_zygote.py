@@ -478,7 +478,7 @@ class TestIsolation:
 
         box: Dict[str, Any] = {}
         th = threading.Thread(
-            target=lambda: box.update(r=z.map_python(["import time; time.sleep(4)"] * 2, concurrency=2, timeout=30))
+            target=lambda: box.update(r=z.map_python(["import time; time.sleep(1.5)"] * 2, concurrency=2, timeout=30))
         )
         th.start()
         try:
