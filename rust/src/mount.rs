@@ -1276,36 +1276,7 @@ pub fn prepare(
     for d in &o.mkdirs {
         upper_dir(&upper, d)?;
     }
-    let m = overlay_mount(tree.as_fd(), upper.as_fd(), work.as_fd(), false, o.attrs);
-    drop_later(tree); // the overlay holds a private clone of it
-    m
-}
-
-/// Close `fd`, the last reference to a detached mount tree, on a thread of its own: the
-/// kernel dissolves the tree after an RCU grace period (~0.1 ms each here), which the spawn
-/// path should not wait for. In a process forked from the one that started the thread (which
-/// has no such thread), inline.
-pub fn drop_later(fd: OwnedFd) {
-    use std::sync::mpsc::{channel, Sender};
-    use std::sync::{Mutex, OnceLock};
-    static CLOSER: OnceLock<Option<(u32, Mutex<Sender<OwnedFd>>)>> = OnceLock::new();
-    let closer = CLOSER.get_or_init(|| {
-        let (tx, rx) = channel::<OwnedFd>();
-        let started = std::thread::Builder::new().name("nsfast-umount".into()).spawn(move || {
-            for fd in rx {
-                drop(fd);
-            }
-        });
-        started.ok().map(|_| (std::process::id(), Mutex::new(tx)))
-    });
-    match closer {
-        Some((pid, tx)) if *pid == std::process::id() => {
-            if let Err(e) = tx.lock().unwrap_or_else(|p| p.into_inner()).send(fd) {
-                drop(e.0);
-            }
-        }
-        _ => drop(fd),
-    }
+    overlay_mount(tree.as_fd(), upper.as_fd(), work.as_fd(), false, o.attrs)
 }
 
 /// Parent side: the upper filesystem of the plan's prepared overlays.

@@ -184,8 +184,6 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
         return Err(Error::invalid("outputs", format!("at most {MAX_TREES} writable trees")));
     }
     let (prepared, upper) = prepare_trees(plan)?;
-    // Never attached anywhere (the overlays hold private clones): its end is a dissolution.
-    let upper = DropLater(upper);
     let trees_pair = if io.trees.is_empty() {
         None
     } else {
@@ -291,7 +289,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
 
     let mut child = finish(plan, child, &mut parent, plan.maps.as_ref(), attach, procs, stack)?;
     if let Some(r) = trees_r {
-        match receive_trees(&r, plan, io.trees, upper.0.as_ref()) {
+        match receive_trees(&r, plan, io.trees, upper.as_ref()) {
             Ok(trees) => child.trees = trees,
             Err(e) => {
                 let _ = rustix::process::pidfd_send_signal(&child.pidfd, rustix::process::Signal::KILL);
@@ -301,17 +299,6 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
         }
     }
     Ok(Some(child))
-}
-
-/// An fd closed by `mount::drop_later` when it goes.
-struct DropLater(Option<OwnedFd>);
-
-impl Drop for DropLater {
-    fn drop(&mut self) {
-        if let Some(fd) = self.0.take() {
-            mount::drop_later(fd);
-        }
-    }
 }
 
 /// The trees' fds the child sent before it exec'd (queued in `sock`), in `trees`' order; an
