@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-stamp
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all sysdeps build run test test-rust test-python lint bench clean
+.PHONY: all sysdeps build run test test-rust test-python lint bench wheel clean
 
 all: build
 
@@ -57,5 +57,17 @@ bench: build
 	$(PY) -m pip install -q "sandlock==0.9.0" || echo "sandlock could not be installed: its rows will be skipped"
 	$(PY) benches/throughput.py
 
+# A wheel pip installs on any x86_64 Linux with glibc >= 2.17 (manylinux2014), linked by zig
+# (PyPI's ziglang: nothing outside the package registries), and an sdist, into $(DIST).
+# nsfast-init is built without libc and libseccomp is linked statically (.cargo/config.toml),
+# so the module needs nothing newer than the glibc symbols auditwheel lists.
+DIST ?= dist
+wheel: $(STAMP)
+	$(PY) -m pip install -q ziglang "auditwheel>=6"
+	rm -rf $(DIST)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin build -q --release --zig --compatibility manylinux2014 -o $(DIST)
+	$(VENV)/bin/maturin sdist -o $(DIST)
+	$(VENV)/bin/auditwheel show $(DIST)/*.whl
+
 clean:
-	rm -rf $(VENV) target .pytest_cache
+	rm -rf $(VENV) target .pytest_cache dist
