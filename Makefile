@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-stamp
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all sysdeps build run test test-rust test-python lint bench wheel clean
+.PHONY: all sysdeps build run test test-rust test-python lint bench wheel wheel-aarch64 clean
 
 all: build
 
@@ -68,6 +68,16 @@ wheel: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin build -q --release --zig --compatibility manylinux2014 -o $(DIST)
 	$(VENV)/bin/maturin sdist -o $(DIST)
 	$(VENV)/bin/auditwheel show $(DIST)/*.whl
+
+# The same for aarch64, cross-built (not part of make test: nothing here runs aarch64). Needs
+# `rustup target add aarch64-unknown-linux-gnu` and Debian's libseccomp-dev:arm64
+# (dpkg --add-architecture arm64), whose libseccomp.a is linked in.
+wheel-aarch64: $(STAMP)
+	$(PY) -m pip install -q ziglang "auditwheel>=6"
+	mkdir -p $(DIST)
+	PATH="$(abspath $(VENV))/bin:$$PATH" LIBSECCOMP_LIB_PATH=/usr/lib/aarch64-linux-gnu $(VENV)/bin/maturin build -q \
+		--release --zig --target aarch64-unknown-linux-gnu --compatibility manylinux2014 -o $(DIST)
+	$(VENV)/bin/auditwheel show $(DIST)/*aarch64.whl
 
 clean:
 	rm -rf $(VENV) target .pytest_cache dist

@@ -28,7 +28,10 @@ fn main() {
             "-C",
             "link-arg=-no-pie",
         ])
-        .args(["--target", &target, "-o"])
+        .args(["--target", &target])
+        // Cross builds (maturin --zig): the linker cargo uses for the target, for init too.
+        .args(env::var("RUSTC_LINKER").map(|l| vec!["-C".to_string(), format!("linker={l}")]).unwrap_or_default())
+        .arg("-o")
         .arg(&out)
         .arg("init/main.rs")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
