@@ -881,3 +881,14 @@ def test_configure_image_cache(tmp_path: Path, image_cache: Path) -> None:
     finally:
         set_cache_dir(image_cache)
         nsfast.configure(cgroup_root=cgroup_root)
+
+
+def test_a_decompression_bomb_is_stopped_at_max_size(layout_copy: Path, image_cache: Path) -> None:
+    """A layer of 64 MiB of zeros is a 64 KiB gzip blob: the unpack stops at max_size, and
+    nothing of it stays in the cache."""
+    add_layer(layout_copy, "base", "bomb", [reg("zeros", bytes(64 << 20))])
+    before = roots(image_cache)
+    with pytest.raises(ImageError, match="take more than max_size uncompressed"):
+        Image(layout_copy, "bomb", max_size=16 << 20)
+    assert_clean(image_cache, before)
+    assert Image(layout_copy, "bomb", max_size=128 << 20).rootfs

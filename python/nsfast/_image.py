@@ -67,6 +67,10 @@ StrPath = Union[str, "os.PathLike[str]"]
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _MAX_JSON = 16 << 20  # index.json, manifests and configs are small; refuse a huge one
 _CHUNK = 1 << 20
+#: The most bytes an image's layers may take uncompressed, all together (`Image(max_size=)`):
+#: a small gzip blob can inflate a thousandfold, and an untrusted image must not fill the
+#: cache's disk.
+DEFAULT_MAX_SIZE = 16 << 30
 _REF_NAME = "org.opencontainers.image.ref.name"
 
 _INDEX_TYPES = {
@@ -148,6 +152,8 @@ class Image:
     as "busybox:latest" in a docker save tarball) or a manifest digest "sha256:..."; needed
     when there are several images. `platform` ("linux/arm64", "linux/arm/v7"): the one to
     take from a multi-platform index (default: the host's). `cache`: instead of cache_dir().
+    `max_size`: the most bytes its layers may take uncompressed, together (an ImageError
+    beyond, with nothing left in the cache).
     """
 
     path: str
@@ -164,6 +170,7 @@ class Image:
         *,
         platform: Optional[str] = None,
         cache: Optional[StrPath] = None,
+        max_size: int = DEFAULT_MAX_SIZE,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.ref = ref
@@ -183,7 +190,7 @@ class Image:
                 )
             if not layers:
                 raise ImageError(f"{self.path}: {self.digest} has no layers")
-            self.rootfs = _unpack(store, layers, self.diff_ids, cache_root)
+            self.rootfs = _unpack(store, layers, self.diff_ids, cache_root, max_size)
         finally:
             store.close()
 
@@ -507,7 +514,7 @@ def _chain_id(diff_ids: Tuple[str, ...]) -> str:
     return chain
 
 
-def _unpack(store: _Store, layers: List[_Layer], diff_ids: Tuple[str, ...], cache: str) -> str:
+def _unpack(store: _Store, layers: List[_Layer], diff_ids: Tuple[str, ...], cache: str, max_size: int) -> str:
     """The cached root of this layer chain, unpacked first if it is not there yet."""
     final = os.path.join(cache, "rootfs", _chain_id(diff_ids)[len("sha256:") :])
     if os.path.isdir(final):
@@ -517,8 +524,9 @@ def _unpack(store: _Store, layers: List[_Layer], diff_ids: Tuple[str, ...], cach
         root = os.path.join(work, "root")
         os.mkdir(root)
         tar = os.path.join(work, "layer.tar")
+        budget = [max_size]
         for layer, diff_id in zip(layers, diff_ids):
-            _decompress(store, layer, diff_id, tar)
+            _decompress(store, layer, diff_id, tar, budget)
             _apply(f"{store.path}: layer {layer.label}", tar, root)
             os.unlink(tar)
         _add_mount_points(root)
@@ -535,8 +543,9 @@ def _unpack(store: _Store, layers: List[_Layer], diff_ids: Tuple[str, ...], cach
     return final
 
 
-def _decompress(store: _Store, layer: _Layer, diff_id: str, out: str) -> None:
-    """Write the layer, uncompressed, to `out`, verifying its blob digest and its diff_id."""
+def _decompress(store: _Store, layer: _Layer, diff_id: str, out: str, budget: List[int]) -> None:
+    """Write the layer, uncompressed, to `out`, verifying its blob digest and its diff_id;
+    `budget[0]`: the bytes the image's layers may still take (ImageError beyond)."""
     what = f"{store.path}: layer {layer.label}"
     unpacked = hashlib.sha256()
     with store.open(layer.name, f"layer {layer.label}") as f, open(out, "wb") as dst:
@@ -549,6 +558,9 @@ def _decompress(store: _Store, layer: _Layer, diff_id: str, out: str) -> None:
         )
         try:
             while chunk := src.read(_CHUNK):
+                budget[0] -= len(chunk)
+                if budget[0] < 0:
+                    raise ImageError(f"{what}: the image's layers take more than max_size uncompressed")
                 unpacked.update(chunk)
                 dst.write(chunk)
         except (OSError, EOFError, zlib.error) as e:
