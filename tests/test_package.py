@@ -40,3 +40,23 @@ def test_licenses_are_shipped():
     assert sorted(meta.get_all("License-File") or []) == ["LICENSE-APACHE", "LICENSE-MIT"]
     assert (ROOT / "LICENSE-MIT").read_text().startswith("MIT License")
     assert "Apache License" in (ROOT / "LICENSE-APACHE").read_text()[:200]
+
+
+def test_every_public_name_has_a_docstring():
+    """What `nsfast.__all__` exports, and the public methods and properties of its classes."""
+    import inspect
+
+    missing = []
+    for name in nsfast.__all__:
+        obj = getattr(nsfast, name)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue  # constants, and Mount (a typing alias)
+        if not (obj.__doc__ or "").strip():
+            missing.append(name)
+        if inspect.isclass(obj):
+            for attr, value in vars(obj).items():
+                if attr.startswith("_") or not (inspect.isfunction(value) or isinstance(value, property)):
+                    continue
+                if not (value.__doc__ or "").strip():
+                    missing.append(f"{name}.{attr}")
+    assert missing == []

@@ -84,27 +84,34 @@ class AsyncProcess:
 
     @property
     def pid(self) -> int:
+        """The host pid of the sandbox's first process."""
         return self.process.pid
 
     @property
     def returncode(self) -> Optional[int]:
+        """None until it ended, then as subprocess's (negative: killed by that signal)."""
         return self.process.returncode
 
     @property
     def usage(self) -> Optional[Usage]:
+        """What the run cost (an nsfast.Usage), once it ended."""
         return self.process.usage
 
     @property
     def args(self) -> Any:
+        """The command, as given."""
         return self.process.args
 
     def send_signal(self, sig: int) -> None:
+        """Send `sig` to the sandbox's command (as Process.send_signal)."""
         self.process.send_signal(sig)
 
     def terminate(self) -> None:
+        """SIGTERM to the sandbox's command."""
         self.process.terminate()
 
     def kill(self) -> None:
+        """Kill the whole sandbox (as Process.kill)."""
         self.process.kill()
 
     def __repr__(self) -> str:

@@ -195,18 +195,22 @@ class Container:
 
     @property
     def pid(self) -> Optional[int]:
+        """The host pid of the container's main process (None before start)."""
         return None if self._proc is None else self._proc.pid
 
     @property
     def pidfd(self) -> Optional[int]:
+        """A pidfd of the main process, valid while this object lives (None before start)."""
         return None if self._proc is None else self._proc.pidfd
 
     @property
     def running(self) -> bool:
+        """Whether the main process was started and has not ended."""
         return self._proc is not None and self._proc.poll() is None
 
     @property
     def returncode(self) -> Optional[int]:
+        """The main process's returncode once it ended, else None."""
         return None if self._proc is None else self._proc.poll()
 
     def namespaces(self) -> Dict[str, int]:

@@ -399,6 +399,7 @@ class Process:
             sb.send_signal(sig)
 
     def terminate(self) -> None:
+        """SIGTERM to the sandbox's command (send_signal)."""
         self.send_signal(signal.SIGTERM)
 
     def kill(self, _reason: Optional[str] = None) -> None:
