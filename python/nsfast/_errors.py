@@ -27,6 +27,10 @@ class SpecError(NsfastError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.field, self.message))
 
 
 class SpawnError(NsfastError, OSError):
