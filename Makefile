@@ -20,7 +20,7 @@ $(PY): | sysdeps
 # Python tools for building, testing and benchmarking, into the venv.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.5,<2" "pytest>=7" "pytest-timeout>=2" "psutil>=5.9" "rich>=13" mypy ruff benchexec==3.35
+	$(PY) -m pip install -q "maturin>=1.5,<2" "pytest>=7" "pytest-timeout>=2" "psutil>=5.9" "rich>=13" mypy ruff benchexec==3.35 "ray>=2.9"
 	touch $@
 
 # Release build of the native module, installed into the venv (editable python/ tree).

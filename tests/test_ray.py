@@ -1,0 +1,96 @@
+"""nsfast.ray on a real multi-node Ray cluster on this machine (ray.cluster_utils.Cluster: a
+head and two worker nodes, one CPU each): results from several nodes, limits enforced on the
+workers, a worker node killed in the middle of a map."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+import pytest
+
+import nsfast
+from conftest import needs_root
+
+ray = pytest.importorskip("ray", reason="nsfast.ray needs Ray (pip install nsfast[ray])")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+import nsfast.ray as nray  # noqa: E402
+
+# Not the suite's no_child_left: the cluster's raylets and workers are this process's children.
+pytestmark = [needs_root, pytest.mark.timeout(300)]
+
+# This module's functions go to the workers by value (tests/ is not on their sys.path).
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    # Dead nodes noticed in ~2 s rather than Ray's default ~30 s.
+    fast = {"health_check_period_ms": 500, "health_check_failure_threshold": 4, "health_check_timeout_ms": 500}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": fast})
+    workers = [c.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=c.address, log_to_driver=False)
+    c.wait_for_nodes()
+    try:
+        yield c, workers
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def node_of() -> str:
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def test_run_and_map_use_the_nodes(cluster: Any) -> None:
+    r = ray.get(nray.run(["sh", "-c", "echo $((6 * 7)); cat /proc/1/comm"], capture_output=True, text=True))
+    assert isinstance(r, nsfast.Result) and (r.returncode, r.stdout) == (0, "42\nnsfast-init\n")
+    results = nray.map([["sh", "-c", f"sleep 0.3; echo {i}"] for i in range(9)], capture_output=True, text=True)
+    assert [x.stdout for x in results] == [f"{i}\n" for i in range(9)]
+    nodes = ray.get([ray.remote(node_of).remote() for _ in range(6)])
+    assert len(set(nodes)) >= 2
+
+
+def test_limits_are_enforced_on_the_workers(cluster: Any) -> None:
+    ref = nray.run(
+        ["python3", "-c", "bytearray(300 << 20)"], limits=nsfast.Limits(memory="64M", pids=32), capture_output=True
+    )
+    r = ray.get(ref)
+    assert r.returncode == -9 and r.usage is not None and r.usage.oom_killed, r
+    with pytest.raises(nsfast.SpecError, match="memory"):
+        ray.get(nray.run(["true"], limits=nsfast.Limits(memory="lots")))  # type: ignore[arg-type]
+
+
+def test_python_pool_streams_in_order_over_several_nodes(cluster: Any) -> None:
+    with nray.PythonPool(num_actors=3, preload=("json",)) as pool:
+        assert len(set(pool.nodes())) >= 2
+        codes = [f"import json; print(json.dumps({i}))" for i in range(12)]
+        out = [r.stdout for r in pool.map_python(codes, text=True)]
+        assert out == [f"{i}\n" for i in range(12)]
+
+
+def test_a_dead_worker_node_loses_no_task(cluster: Any) -> None:
+    c, workers = cluster
+    victim = workers[0]
+    box: dict = {}
+
+    def mapping() -> None:
+        box["r"] = nray.map([["sh", "-c", f"sleep 1; echo {i}"] for i in range(8)], capture_output=True, text=True)
+
+    th = threading.Thread(target=mapping)
+    th.start()
+    time.sleep(1.5)  # tasks are running on every node now
+    c.remove_node(victim, allow_graceful=False)
+    th.join(240)
+    assert not th.is_alive()
+    assert [r.stdout for r in box["r"]] == [f"{i}\n" for i in range(8)]
+    workers[0] = c.add_node(num_cpus=1)  # for what follows
+    c.wait_for_nodes()
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="num_actors must be at least 1"):
+        nray.PythonPool(num_actors=0)
