@@ -91,6 +91,31 @@ def test_a_dead_worker_node_loses_no_task(cluster: Any) -> None:
     c.wait_for_nodes()
 
 
+def test_a_dead_worker_node_loses_no_pool_task(cluster: Any) -> None:
+    """The node of one of the pool's actors dies mid-map: the actor restarts on a node with
+    room, its tasks are retried, every result comes back in order."""
+    c, workers = cluster
+    with nray.PythonPool(num_actors=2) as pool:
+        where = pool.nodes()
+        victims = [w for w in workers if w.node_id in where]
+        assert victims, (where, [w.node_id for w in workers])
+        box: dict = {}
+
+        def mapping() -> None:
+            codes = [f"import time; time.sleep(0.5); print({i})" for i in range(8)]
+            box["r"] = [r.stdout for r in pool.map_python(codes, text=True)]
+
+        th = threading.Thread(target=mapping)
+        th.start()
+        time.sleep(1.0)
+        c.remove_node(victims[0], allow_graceful=False)
+        th.join(240)
+        assert not th.is_alive()
+        assert box["r"] == [f"{i}\n" for i in range(8)]
+    workers[workers.index(victims[0])] = c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="num_actors must be at least 1"):
         nray.PythonPool(num_actors=0)

@@ -20,6 +20,7 @@ Code and results are data to nsfast: the sandbox's output is bytes in the Result
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import ray
@@ -92,6 +93,9 @@ class _ZygoteActor:
 
 _actor = ray.remote(_ZygoteActor)
 
+#: How many actors one PythonPool task is tried on before its error is raised.
+_ATTEMPTS = 8
+
 
 class PythonPool:
     """`num_actors` Ray actors, each with an `nsfast.Zygote(preload, **zygote_kwargs)`, spread
@@ -116,18 +120,35 @@ class PythonPool:
 
     def map_python(self, codes: Iterable[str], *, concurrency: Optional[int] = None, **kwargs: Any) -> Iterator[Result]:
         """The Result of `Zygote.run_python(code, **kwargs)` for each code, streamed in order;
-        at most `concurrency` in flight (default: two per actor), spread over the actors."""
+        at most `concurrency` in flight (default: two per actor), spread over the actors. A
+        task whose actor died (its node, say) goes to the next actor, up to `_ATTEMPTS` times
+        in all (Ray's own retries can run out while the actor is still restarting elsewhere);
+        then its error is raised, never dropped."""
         limit = concurrency or 2 * len(self.actors)
         if limit < 1:
             raise ValueError(f"concurrency must be at least 1, not {limit}")
-        it = iter(enumerate(codes))
-        flight: List[Any] = []
-        for i, code in it:
-            flight.append(self.actors[i % len(self.actors)].run_python.remote(code, kwargs))
+        flight: List[List[Any]] = []  # [code, actor number, ref, attempts]
+
+        def submit(code: str, n: int, attempts: int) -> List[Any]:
+            actor = self.actors[n % len(self.actors)]
+            return [code, n, actor.run_python.remote(code, kwargs), attempts]
+
+        def result(task: List[Any]) -> Result:
+            while True:
+                try:
+                    return ray.get(task[2])  # type: ignore[no-any-return]
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    if task[3] >= _ATTEMPTS:
+                        raise
+                    time.sleep(0.2 * task[3])  # room for Ray to restart the actor
+                    task[:] = submit(task[0], task[1] + 1, task[3] + 1)
+
+        for i, code in enumerate(codes):
+            flight.append(submit(code, i, 1))
             if len(flight) >= limit:
-                yield ray.get(flight.pop(0))
-        for ref in flight:
-            yield ray.get(ref)
+                yield result(flight.pop(0))
+        for task in flight:
+            yield result(task)
 
     def close(self) -> None:
         """End every actor's zygote and the actors."""
