@@ -674,10 +674,11 @@ class Spec:
         )
 
     def _image_defaults(self, img: Image, set_: Callable[[str, Any], None]) -> None:
-        """The image config's Env, WorkingDir and User, where the fields are not given."""
+        """The image config's Env (over default_env()), WorkingDir and User, where the fields
+        are not given."""
         cfg = img.config
         if self.env is None:
-            env = {"PATH": DEFAULT_PATH, "HOME": "/"}
+            env = default_env()
             for kv in cfg.env:
                 k, sep, v = kv.partition("=")
                 if sep and k:
@@ -686,8 +687,9 @@ class Spec:
         if self.cwd == "/" and cfg.working_dir:
             set_("cwd", cfg.working_dir if cfg.working_dir.startswith("/") else "/" + cfg.working_dir)
         if cfg.user and self.uid is None and self.gid is None:
-            set_("uid", _image_user(img, cfg.user)[0])
-            set_("gid", _image_user(img, cfg.user)[1])
+            uid, gid = _image_user(img, cfg.user)
+            set_("uid", uid)
+            set_("gid", gid)
 
     @property
     def _init(self) -> bool:

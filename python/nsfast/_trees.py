@@ -225,8 +225,7 @@ def changes(trees: Trees, ov: Overlay) -> Dict[str, Tuple[str, str, int]]:
     out: Dict[str, Tuple[str, str, int]] = {}
     try:
 
-        def walk(rel: str) -> None:
-            entries = _core.tree_list(fd, os.fsencode(rel or "."))
+        def walk(rel: str, entries: List[Tuple[bytes, str, int]]) -> None:
             for raw, kind, mode in sorted(entries):
                 name = os.fsdecode(raw)
                 r = f"{rel}/{name}" if rel else name
@@ -240,20 +239,20 @@ def changes(trees: Trees, ov: Overlay) -> Dict[str, Tuple[str, str, int]]:
                 if kind in ("d", "D"):
                     if lower != "d" or (low is not None and low[1] != mode):
                         out[path] = ("added" if lower is None else "modified", kind, mode)
+                    sub = _core.tree_list(fd, os.fsencode(r))
                     if lower == "d" and kind == "D":
                         # Opaque: the lower directory's entries it does not hold are gone.
                         ld = _walk_nofollow(base, r.split("/"))
                         try:
-                            inside = {os.fsdecode(e[0]) for e in _core.tree_list(fd, os.fsencode(r))}
-                            for gone in sorted(set(os.listdir(ld)) - inside):
+                            for gone in sorted(set(os.listdir(ld)) - {os.fsdecode(e[0]) for e in sub}):
                                 out[f"{path}/{gone}"] = ("deleted", "w", 0)
                         finally:
                             os.close(ld)
-                    walk(r)
+                    walk(r, sub)
                     continue
                 out[path] = ("added" if lower is None else "modified", kind, mode)
 
-        walk("")
+        walk("", _core.tree_list(fd, b"."))
     finally:
         os.close(base)
     return out

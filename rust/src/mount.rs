@@ -104,7 +104,7 @@ pub enum FsOp {
     /// `mkdirs` in `upper` first), mounted with `attrs`: on top of `/` and entered when
     /// `dst` is empty, else on `dst` (inside the new root).
     Overlay {
-        lower: Tree,
+        lower: CString,
         dst: CString,
         upper: CString,
         work: CString,
@@ -119,8 +119,8 @@ pub enum FsOp {
 pub enum Upper {
     /// A fresh tmpfs of the child's (its pages charged to the sandbox's memory cgroup).
     Tmpfs { size: Option<CString> },
-    /// A directory of the caller's (`overlay_upper`), kept after the run.
-    Dir(Tree),
+    /// A directory of the caller's (`overlay_upper`, a host path), kept after the run.
+    Dir(CString),
 }
 
 /// What the child's steps hand on to later ones (on its stack: nothing allocated).
@@ -678,7 +678,7 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
                         attrs: 0,
                     }
                 } else {
-                    let lower = Tree::Path(c(src.clone()));
+                    let lower = c(src.clone());
                     FsOp::Overlay {
                         lower,
                         dst: c(dst.clone()),
@@ -732,7 +732,7 @@ fn overlay_steps(
             if (probes.host)(dir) != Some(true) {
                 return Err(Error::invalid("overlay_upper", format!("is not an existing directory: {}", show(dir))));
             }
-            Upper::Dir(Tree::Path(c(dir)))
+            Upper::Dir(c(dir))
         }
         None => {
             let size = if writable { fs.overlay.as_ref().and_then(|o| o.size) } else { Some(MOUNTPOINTS_SIZE) };
@@ -789,8 +789,7 @@ fn overlay_steps(
                 FsOp::Bind { tree, dst: c(dst), recursive: false, attrs: 0 }
             }
         } else {
-            let lower = Tree::Path(c(src));
-            FsOp::Overlay { lower, dst: c(dst), upper, work, mkdirs, userxattr: fs.userxattr, attrs }
+            FsOp::Overlay { lower: c(src), dst: c(dst), upper, work, mkdirs, userxattr: fs.userxattr, attrs }
         };
         FsStep { op, step, path: show(src) }
     };
@@ -893,7 +892,7 @@ fn split_steps(
                 } else {
                     let (upper, work) = dirs(*n);
                     *n += 1;
-                    let lower = Tree::Path(c(host(&r)));
+                    let lower = c(host(&r));
                     let op = FsOp::Overlay { lower, dst: c(r.clone()), upper, work, mkdirs: vec![], userxattr, attrs };
                     push(op, format!("overlay {shown}"));
                 }
@@ -1122,7 +1121,7 @@ pub fn run(op: &FsOp, prepared: &[RawFd], state: &mut FsState) -> std::result::R
             rustix::process::chdir(c"/")
         }
         FsOp::OverlayUpper(upper) => {
-            state.upper = Some(make_upper(upper, prepared)?);
+            state.upper = Some(make_upper(upper)?);
             Ok(())
         }
         FsOp::EnterTmpfsRoot { size } => {
@@ -1136,15 +1135,9 @@ pub fn run(op: &FsOp, prepared: &[RawFd], state: &mut FsState) -> std::result::R
             for d in mkdirs {
                 upper_dir(&upper, d)?;
             }
-            // The directory itself, not a clone of its tree: the overlay clones what it needs
-            // (a detached clone would cost an RCU grace period to dissolve when it goes).
-            let lower = match lower {
-                Tree::Path(p) if p.to_bytes().starts_with(b"/") => {
-                    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-                    rustix::fs::openat(CWD, p.as_c_str(), flags, Mode::empty())?
-                }
-                _ => return Err(Errno::INVAL), // (the plan gives host paths only)
-            };
+            // The directory itself, not a clone of its tree: the overlay clones what it needs.
+            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+            let lower = rustix::fs::openat(CWD, lower.as_c_str(), flags, Mode::empty())?;
             let m = overlay_mount(lower.as_fd(), upper.as_fd(), work.as_fd(), *userxattr, *attrs)?;
             if dst.is_empty() {
                 rustix::mount::move_mount(&m, c"", CWD, c"/", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
@@ -1210,23 +1203,15 @@ fn fresh_tmpfs(size: Option<&CStr>) -> std::result::Result<OwnedFd, Errno> {
     rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
 }
 
-/// The upper filesystem of overlays: a fresh tmpfs, or a clone of a directory's tree.
-fn make_upper(upper: &Upper, prepared: &[RawFd]) -> std::result::Result<OwnedFd, Errno> {
+/// The upper filesystem of overlays: a fresh tmpfs, or a clone of a host directory's tree.
+fn make_upper(upper: &Upper) -> std::result::Result<OwnedFd, Errno> {
     match upper {
         Upper::Tmpfs { size } => fresh_tmpfs(size.as_deref()),
-        Upper::Dir(tree) => {
-            let mut owned = None;
-            let dup = {
-                let t = open_tree(tree, false, prepared, &mut owned)?;
-                // (A prepared tree's fd stays the parent's.)
-                if matches!(tree, Tree::Prepared(_)) {
-                    Some(rustix::io::fcntl_dupfd_cloexec(t, 0)?)
-                } else {
-                    None
-                }
-            };
-            dup.or(owned).ok_or(Errno::BADF)
-        }
+        Upper::Dir(dir) => rustix::mount::open_tree(
+            CWD,
+            dir.as_c_str(),
+            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        ),
     }
 }
 
@@ -1281,7 +1266,7 @@ pub fn prepare(
 
 /// Parent side: the upper filesystem of the plan's prepared overlays.
 pub fn prepare_upper(upper: &Upper) -> std::result::Result<OwnedFd, Errno> {
-    make_upper(upper, &[])
+    make_upper(upper)
 }
 
 /// How a path in a sandbox's writable tree is resolved by the parent: inside the tree (its
@@ -1546,7 +1531,7 @@ mod tests {
         assert_eq!(
             s[2].op,
             FsOp::Overlay {
-                lower: Tree::Path(c("/rootfs")),
+                lower: c("/rootfs"),
                 dst: c(""),
                 upper: c("u0"),
                 work: c("w0"),
@@ -1624,7 +1609,7 @@ mod tests {
         fs.overlay = Some(OverlaySpec { size: None, upper: Some(b"/opt") });
         fs.readonly = false;
         let s = plan(&fs, &probes()).unwrap().steps;
-        assert_eq!(s[1].op, FsOp::OverlayUpper(Upper::Dir(Tree::Path(c("/opt")))));
+        assert_eq!(s[1].op, FsOp::OverlayUpper(Upper::Dir(c("/opt"))));
         assert!(matches!(&s[2].op, FsOp::Overlay { upper, work, attrs, .. }
             if cstr(upper) == "upper" && cstr(work) == "work" && attrs & MOUNT_ATTR_RDONLY == 0));
         fs.overlay = Some(OverlaySpec { size: None, upper: Some(b"/nonexistent") });
