@@ -243,10 +243,11 @@ def subreaper() -> Iterator[Subreaper]:
         r._set(0)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def machine_cgroups_untouched() -> Iterator[None]:
     """This machine's own cgroups (process_api and below, in every hierarchy) are not ours:
-    a test run must never create a cgroup there (see CGROUP_ENV)."""
+    no test module may create a cgroup there (see CGROUP_ENV). Checked per module, so the
+    failure names the module that did it."""
     pattern = "/sys/fs/cgroup/*/process_api/**/nsfast*"
     before = set(glob.glob(pattern, recursive=True))
     yield

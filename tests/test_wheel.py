@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import suite
+from conftest import CGROUP_ENV, suite
 
 # Two release builds from scratch on a fresh machine: minutes, not the suite's 120 s.
 pytestmark = [*suite, pytest.mark.timeout(1800)]
@@ -48,7 +48,9 @@ def venv(where: Path) -> Path:
 
 
 def smoke(python: Path, cwd: Path, path: str) -> dict:
-    env = {"PATH": path, "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
+    # A user's bare environment, but the session's cgroup root (CGROUP_ENV): without it nsfast,
+    # run as root, makes its cgroups below this process's own, which here is the machine's.
+    env = {"PATH": path, "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8", **CGROUP_ENV}
     r = subprocess.run([str(python), "-c", SMOKE], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
