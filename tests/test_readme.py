@@ -1,5 +1,6 @@
-"""Every code block of the README runs as written: the doctest block, the Container
-walkthrough (on the busybox rootfs make-busybox-rootfs.sh makes) and each console block,
+"""Every code block of the README runs as written: each Python block (doctests compared, the
+Container walkthrough run on the busybox root make-busybox-rootfs.sh makes, the image examples
+on the image make-busybox-image.sh makes) and each console block,
 command by command in one bash, its output compared with the README's (numbers, which are
 the run's own, compared as N). The two set-up commands (make run, make test) are what CI
 runs itself."""
@@ -7,9 +8,16 @@ runs itself."""
 from __future__ import annotations
 
 import doctest
+import os
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 import nsfast
 from conftest import suite
@@ -33,21 +41,50 @@ class _Numbers(doctest.OutputChecker):
         return super().check_output(want, got, optionflags)
 
 
-def test_readme_doctest_block():
-    [block] = [b for b in python_blocks() if b.lstrip().startswith(">>>")]
-    test = doctest.DocTestParser().get_doctest(block, {"nsfast": nsfast}, "README.md", "README.md", 0)
-    runner = doctest.DocTestRunner(checker=_Numbers(), optionflags=doctest.ELLIPSIS)
-    runner.run(test)
-    assert runner.failures == 0 and runner.tries == len(test.examples) >= 5
+@pytest.fixture
+def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """The README's paths, made for the test as the README makes them: the busybox root of
+    make-busybox-rootfs.sh and the OCI image of make-busybox-image.sh (its cache, and the
+    examples' temporary directories, the test's)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    if not shutil.which("umoci"):
+        pytest.skip("umoci is needed for the README's image (.ci/apt-deps installs it)")
+    root, image = tmp_path / "busybox-root", tmp_path / "busybox-oci"
+    for script, where in (("make-busybox-rootfs.sh", root), ("make-busybox-image.sh", image)):
+        subprocess.run([str(ROOT / "tests" / script), str(where)], check=True, capture_output=True)
+    nsfast.configure(image_cache=tmp_path / "image-cache")
+    try:
+        yield {"/tmp/busybox-root": str(root), "/tmp/busybox-oci": str(image)}
+    finally:
+        nsfast.configure(image_cache=None)
 
 
-def test_readme_container_block(tmp_path):
-    [block] = [b for b in python_blocks() if "nsfast.Container(" in b]
-    root = tmp_path / "busybox-root"
-    subprocess.run([str(ROOT / "tests" / "make-busybox-rootfs.sh"), str(root)], check=True, capture_output=True)
-    code = block.replace("/tmp/busybox-root", str(root))
-    scope = {"nsfast": nsfast}
-    exec(compile(code, "README.md", "exec"), scope)
+def replaced(text: str, places: dict[str, str]) -> str:
+    for readme, here in places.items():
+        text = text.replace(readme, here)
+    return text
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks())))
+def test_readme_python_block(index: int, places: dict[str, str]) -> None:
+    """Each ```python block: a doctest (its output compared) or a script (its asserts)."""
+    block = replaced(python_blocks()[index], places)
+    if block.lstrip().startswith(">>>"):
+        test = doctest.DocTestParser().get_doctest(block, {"nsfast": nsfast}, "README.md", "README.md", 0)
+        runner = doctest.DocTestRunner(checker=_Numbers(), optionflags=doctest.ELLIPSIS)
+        runner.run(test)
+        assert runner.failures == 0 and runner.tries == len(test.examples) >= 3
+    else:
+        exec(compile(block, "README.md", "exec"), {"nsfast": nsfast})
+
+
+def test_readme_has_a_block_per_step() -> None:
+    """The user's path has an example at each step (and each is run above)."""
+    text = (ROOT / "README.md").read_text()
+    for section in ("First sandbox", "Limits and usage", "Containers and exec", "Zygotes and asyncio",
+                    "Images and copy-on-write", "Ray", "CLI"):  # fmt: skip
+        body = re.search(rf"^## {re.escape(section)}.*?\n(.*?)(?=^## )", text, re.M | re.S)
+        assert body and re.search(r"^```(python|console)$", body.group(1), re.M), section
 
 
 def console_blocks() -> list[list[tuple[str, list[str]]]]:
@@ -69,30 +106,44 @@ def normalized(lines: list[str]) -> list[str]:
     return [" ".join(re.sub(r"[0-9]+(\.[0-9]+)?", "N", line).split()) for line in lines if line.strip()]
 
 
-def test_readme_console_blocks(tmp_path):
+def test_readme_console_blocks(tmp_path: Path, places: dict[str, str]) -> None:
     """Each console block runs in one bash, as a reader would type it (the nsfast command is
-    the venv's; the busybox root and the state directory are the test's own)."""
-    import os
-    import sys
-
+    the venv's; the busybox root, the image, its cache and the state directory are the test's)."""
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "NSFAST_STATE_DIR": str(tmp_path / "state"),
+        "NSFAST_IMAGE_CACHE": str(tmp_path / "image-cache"),
     }
     blocks = console_blocks()
     assert len(blocks) >= 2
     for pairs in blocks:
         script = ["exec 2>&1"]  # what the terminal shows: both, in order
         for i, (cmd, _) in enumerate(pairs):
-            script += [f"echo @@{i}@@", cmd.replace("/tmp/busybox-root", str(tmp_path / "busybox-root"))]
+            script += [f"echo @@{i}@@", replaced(cmd, places)]
         try:
             r = subprocess.run(["bash", "-c", "\n".join(script)], capture_output=True, text=True, cwd=ROOT, env=env,
                                timeout=120)  # fmt: skip
         finally:
             subprocess.run(["nsfast", "stop", "-t", "0", "demo"], capture_output=True, env=env, timeout=60)
-        out = r.stdout.replace(str(tmp_path / "busybox-root"), "/tmp/busybox-root")
+        out = r.stdout
+        for readme, here in places.items():
+            out = out.replace(here, readme)
         got = re.split(r"^@@[0-9]+@@\n", out, flags=re.M)[1:]
         assert len(got) == len(pairs), (out, r.stderr)
         for (cmd, want), text in zip(pairs, got):
             assert normalized(text.splitlines()) == normalized(want), (cmd, text, r.stderr)
+
+
+def test_readme_setup_commands() -> None:
+    """The README opens with exactly the two set-up commands; each is a make target whose
+    recipe does the set-up and then the demo or the tests (CI runs `make test` itself; this
+    checks the README still names what the Makefile does, by a dry run)."""
+    block = re.search(r"^```sh\n(.*?)^```", (ROOT / "README.md").read_text(), re.M | re.S)
+    assert block
+    commands = [line.split("#")[0].strip() for line in block.group(1).splitlines()]
+    assert commands == ["make run", "make test"]
+    for command, does in (("make run", "-m nsfast demo"), ("make test", "-m pytest")):
+        r = subprocess.run([*command.split(), "-n", "-C", str(ROOT)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "apt-deps" in r.stdout and "maturin develop" in r.stdout and does in r.stdout, r.stdout
