@@ -4,6 +4,7 @@ workers, a worker node killed in the middle of a map."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -50,8 +51,47 @@ def test_run_and_map_use_the_nodes(cluster: Any) -> None:
     assert isinstance(r, nsfast.Result) and (r.returncode, r.stdout) == (0, "42\nnsfast-init\n")
     results = nray.map([["sh", "-c", f"sleep 0.3; echo {i}"] for i in range(9)], capture_output=True, text=True)
     assert [x.stdout for x in results] == [f"{i}\n" for i in range(9)]
-    nodes = ray.get([ray.remote(node_of).remote() for _ in range(6)])
-    assert len(set(nodes)) >= 2
+
+
+def raylet_pids(c: Any, workers: list) -> dict:
+    from ray._private import ray_constants
+
+    return {
+        n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid: n.node_id for n in [c.head_node, *workers]
+    }
+
+
+def node_of_sandbox(pid: int, raylets: dict) -> str | None:
+    """The node whose raylet `pid` descends from (Ray's workers are its raylet's children)."""
+    while pid > 1:
+        if pid in raylets:
+            return str(raylets[pid])
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    return None
+
+
+def test_the_sandboxes_of_a_map_run_on_several_nodes(cluster: Any) -> None:
+    """Seen from the host while a map runs: the map's sandboxes (their nsfast-init) are below
+    the raylets of more than one node."""
+    c, workers = cluster
+    raylets = raylet_pids(c, workers)
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(nray.map([["sleep", "1"]] * 6, capture_output=True)))
+    t.start()
+    seen: set = set()
+    while t.is_alive():
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == "nsfast-init":
+                        seen.add(node_of_sandbox(int(entry), raylets))
+            except (OSError, ValueError):
+                pass  # not a process, or it ended meanwhile
+        time.sleep(0.05)
+    t.join()
+    assert [r.returncode for r in done[0]] == [0] * 6
+    assert len(seen - {None}) >= 2, seen  # None: a sandbox not of this cluster
 
 
 def test_limits_are_enforced_on_the_workers(cluster: Any) -> None:
