@@ -147,3 +147,32 @@ def test_readme_setup_commands() -> None:
         r = subprocess.run([*command.split(), "-n", "-C", str(ROOT)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         assert "apt-deps" in r.stdout and "maturin develop" in r.stdout and does in r.stdout, r.stdout
+
+
+def test_readme_cli_synopsis_is_the_parser() -> None:
+    """The CLI synopsis names exactly the options each subcommand's parser has (`NS` standing
+    for every namespace type; one name of an option with several), so neither drifts."""
+    from nsfast import cli
+
+    text = (ROOT / "README.md").read_text()
+    synopsis = re.search(r"^## CLI\n\n```\n(.*?)^```", text, re.M | re.S)
+    assert synopsis
+    parser = cli.build_parser()
+    [subs] = [a.choices for a in parser._actions if isinstance(a.choices, dict)]
+    plain = re.sub(r"\(also: .*?\)", "", " ".join(synopsis.group(1).split()))
+    lines = re.split(r"\s+(?=nsfast )", plain.strip())
+    assert {line.split()[1] for line in lines} == {*subs, "--version"}, lines
+    for line in lines:
+        name = line.split()[1]
+        named = set(
+            re.findall(r"(?<![\w-])--?[a-zA-Z][a-zA-Z-]*", " ".join(line.split()[2:]) if name in subs else name)
+        )
+        named = {f for f in named if not f.endswith("-NS")} | {
+            f[:-2] + ns for f in named if f.endswith("-NS") for ns in nsfast.NAMESPACES
+        }
+        actions = [a for a in (subs[name] if name in subs else parser)._actions if "--help" not in a.option_strings]
+        options = {f for a in actions for f in a.option_strings}
+        if name not in subs:
+            actions = [a for a in actions if name in a.option_strings]
+        assert named <= options, (name, named - options)
+        assert [a.option_strings for a in actions if a.option_strings and not named & set(a.option_strings)] == [], name
