@@ -49,7 +49,8 @@ class NsfastRunExecutor:
     """RunExecutor's `execute_run`/`stop` with nsfast. `container=False` mimics BenchExec's
     `use_namespaces=False` (host paths, HOME/TMPDIR below the run's temp dir), `container=True`
     its container (`/tmp` writable and private, `/home` hidden, result files). `dir_modes`:
-    BenchExec's, as far as nsfast has them (read-only `/`, hidden, full access). `init=False`:
+    BenchExec's four (read-only, hidden, full access, overlay: `Spec(overlay=True)` for `/`,
+    `nsfast.Overlay` below it). `init=False`:
     the tool is the sandbox's pid 1 (nsfast's default) instead of nsfast's init's child."""
 
     def __init__(
@@ -176,18 +177,22 @@ class NsfastRunExecutor:
         env.update(environments.get("newEnv", {}))
         env.update({k: os.environ.get(k, "") + v for k, v in environments.get("additionalEnv", {}).items()})
         modes = self.dir_modes
-        hidden = [d for d, m in modes.items() if m == containerexecutor.DIR_HIDDEN]
-        mounts: List[Any] = [
-            nsfast.Bind(d, d, readonly=False)
-            for d, m in modes.items()
-            if m == containerexecutor.DIR_FULL_ACCESS and d != "/"
-        ]
-        if any(
-            m not in (containerexecutor.DIR_HIDDEN, containerexecutor.DIR_FULL_ACCESS)
-            for d, m in modes.items()
-            if d != "/"
-        ):
+        dx = containerexecutor
+        hidden = [d for d, m in modes.items() if m == dx.DIR_HIDDEN]
+        known = (dx.DIR_HIDDEN, dx.DIR_FULL_ACCESS, dx.DIR_READ_ONLY, dx.DIR_OVERLAY)
+        if any(m not in known for m in modes.values()):
             raise NotImplementedError(f"nsfast has no equivalent of these dir_modes: {modes}")
+        # Below "/", parents first (as BenchExec mounts them): full access a writable Bind,
+        # read-only a read-only one, overlay an nsfast.Overlay (the kernel's overlayfs; BenchExec
+        # falls back to fuse-overlayfs where it cannot have one), hidden a tmpfs.
+        mounts: List[Any] = []
+        for d, m in sorted(modes.items()):
+            if d == "/" or m == dx.DIR_HIDDEN:
+                continue
+            if m == dx.DIR_OVERLAY:
+                mounts.append(nsfast.Overlay(d, d))
+            else:
+                mounts.append(nsfast.Bind(d, d, readonly=m == dx.DIR_READ_ONLY))
         if self.container:
             # The sandbox's /tmp is the run's tmp/ (so that result files can be retrieved), and
             # HOME an empty directory in the hidden /home, as BenchExec's container.
@@ -212,7 +217,9 @@ class NsfastRunExecutor:
             "cwd": cwd,
             "mounts": tuple(mounts),
             "hidden": tuple(hidden),
-            "readonly_root": modes.get("/", containerexecutor.DIR_READ_ONLY) == containerexecutor.DIR_READ_ONLY,
+            # "/" overlay (BenchExec's default) is a copy-on-write root; full access the host's.
+            "readonly_root": modes.get("/", dx.DIR_READ_ONLY) == dx.DIR_READ_ONLY,
+            "overlay": modes.get("/") == dx.DIR_OVERLAY,
             "init": self.init,  # True: the tool is not pid 1, as under BenchExec
         }
 
