@@ -14,17 +14,20 @@ import json
 import os
 import platform
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
-from conftest import BUSYBOX, suite
+from conftest import BUSYBOX, PYTHON_SRC, suite
 from nsfast._image import Image, ImageConfig, ImageError, cache_dir, set_cache_dir
 
 pytestmark = [
@@ -749,6 +752,33 @@ def test_crash_leftovers_are_never_used(layout: Path, tmp_path: Path) -> None:
     (left / "half-written").touch()
     root = Image(layout, "base", cache=cache).rootfs
     assert not os.path.exists(os.path.join(root, "half-written")) and (left / "half-written").exists()
+
+
+def test_a_killed_loads_leftovers_are_swept_a_live_ones_kept(layout_copy: Path, tmp_path: Path) -> None:
+    """A load stopped mid-unpack keeps its directory (its flock is held); once it is SIGKILLed,
+    the next load that unpacks removes what it left."""
+    add_layer(layout_copy, "base", "big", [reg("zeros", bytes(256 << 20))])
+    cache = tmp_path / "cache"
+    code = f"from nsfast import Image; Image({str(layout_copy)!r}, 'big', cache={str(cache)!r})"
+    p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": PYTHON_SRC})
+    try:
+        deadline = time.monotonic() + 60
+        while not list(cache.glob("tmp/unpack-*/.lock")):
+            assert p.poll() is None and time.monotonic() < deadline, "the load ended before it was seen unpacking"
+            time.sleep(0.001)
+        p.send_signal(signal.SIGSTOP)
+        [work] = cache.glob("tmp/unpack-*")
+        Image(layout_copy, "base", cache=cache)  # unpacks, so sweeps
+        assert work.exists(), "a live unpack's directory was removed"
+        p.kill()
+        p.wait()
+        Image(layout_copy, "v2", cache=cache)
+        assert not work.exists() and list((cache / "tmp").iterdir()) == []
+        root = Image(layout_copy, "big", cache=cache).rootfs  # the lock stays out of the root
+        assert os.path.getsize(os.path.join(root, "zeros")) == 256 << 20 and not os.path.exists(f"{root}/.lock")
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_cache_dir(monkeypatch: pytest.MonkeyPatch, image_cache: Path, tmp_path: Path) -> None:

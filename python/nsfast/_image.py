@@ -31,8 +31,9 @@ by digest:
   OCI ChainID of the diff_ids. A root is unpacked into a temporary directory under
   `tmp/` and renamed into place, so a root in `rootfs/` is always complete; when two
   processes unpack the same chain at once, the later rename fails and its copy is
-  discarded. Temporary directories are removed on every error; only a crash leaves one
-  behind, and it is never used.
+  discarded. Temporary directories are removed on every error; one a crash left behind
+  (its unpacker holds an flock on its `.lock` while it works) is removed by the next load
+  that finds it unlocked.
 
 Not supported: zstd layers (the standard library of Python 3.11 cannot decompress zstd),
 extended attributes (file capabilities are dropped), and images that are not Linux ones.
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import fcntl
 import gzip
 import hashlib
 import io
@@ -514,12 +516,44 @@ def _chain_id(diff_ids: Tuple[str, ...]) -> str:
     return chain
 
 
+def _sweep(tmp: str) -> None:
+    """Remove the unpack directories of loads that died (SIGKILL, a power cut) in `tmp`: each
+    live unpacker holds an flock on its directory's `.lock`, so one that can be locked here
+    has no owner left. A directory with no `.lock` yet is being set up and is left alone."""
+    for name in os.listdir(tmp):
+        work = os.path.join(tmp, name)
+        try:
+            fd = os.open(os.path.join(work, ".lock"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # its unpacker is alive
+        try:
+            shutil.rmtree(work, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _lock_work(work: str) -> int:
+    """Hold `work`'s `.lock` for the rest of the unpack (see `_sweep`): locked before it gets
+    its name, so no sweeper can find it unlocked while its owner lives."""
+    fd = os.open(os.path.join(work, ".lock-new"), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(os.path.join(work, ".lock-new"), os.path.join(work, ".lock"))
+    return fd
+
+
 def _unpack(store: _Store, layers: List[_Layer], diff_ids: Tuple[str, ...], cache: str, max_size: int) -> str:
     """The cached root of this layer chain, unpacked first if it is not there yet."""
     final = os.path.join(cache, "rootfs", _chain_id(diff_ids)[len("sha256:") :])
     if os.path.isdir(final):
         return final
+    _sweep(os.path.join(cache, "tmp"))
     work = tempfile.mkdtemp(prefix="unpack-", dir=os.path.join(cache, "tmp"))
+    lock = _lock_work(work)
     try:
         root = os.path.join(work, "root")
         os.mkdir(root)
@@ -540,6 +574,7 @@ def _unpack(store: _Store, layers: List[_Layer], diff_ids: Tuple[str, ...], cach
         raise ImageError(f"{store.path}: unpacking into {cache}: {e}") from e
     finally:
         shutil.rmtree(work)
+        os.close(lock)
     return final
 
 
