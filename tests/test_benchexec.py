@@ -125,8 +125,6 @@ def _apply(ns: Dict[str, Any], base: type, skips: Dict[str, str], xfails: Dict[s
         ns[name] = _skip(reason)
     for name, reason in xfails.items():
         ns[name] = _xfail(base, name, reason)
-    if hasattr(base, "test_fuse_overlay") and "test_fuse_overlay" not in skips:
-        ns["test_fuse_overlay"] = _kernel_overlay(base, "test_fuse_overlay")
 
 
 def _cgroups_stub() -> Any:
@@ -174,6 +172,7 @@ class TestNsfastRunExecutorWithContainer(bx.TestRunExecutorWithContainer):  # ty
         self.runexecutor = NsfastRunExecutor(container=True, **kwargs)
 
     _apply(locals(), bx.TestRunExecutorWithContainer, {**SKIP, **SKIP_CONTAINER, **SKIP_INIT_CONTAINER}, {})
+    test_fuse_overlay = _kernel_overlay(bx.TestRunExecutorWithContainer, "test_fuse_overlay")
 
 
 class TestNsfastRunExecutorPid1(TestNsfastRunExecutorWithContainer):

@@ -4,12 +4,12 @@ workers, a worker node killed in the middle of a map."""
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
 from typing import Any, Iterator
 
+import psutil
 import pytest
 
 import nsfast
@@ -42,10 +42,6 @@ def cluster() -> Iterator[Any]:
         c.shutdown()
 
 
-def node_of() -> str:
-    return str(ray.get_runtime_context().get_node_id())
-
-
 def test_run_and_map_use_the_nodes(cluster: Any) -> None:
     r = ray.get(nray.run(["sh", "-c", "echo $((6 * 7)); cat /proc/1/comm"], capture_output=True, text=True))
     assert isinstance(r, nsfast.Result) and (r.returncode, r.stdout) == (0, "42\nnsfast-init\n")
@@ -61,16 +57,6 @@ def raylet_pids(c: Any, workers: list) -> dict:
     }
 
 
-def node_of_sandbox(pid: int, raylets: dict) -> str | None:
-    """The node whose raylet `pid` descends from (Ray's workers are its raylet's children)."""
-    while pid > 1:
-        if pid in raylets:
-            return str(raylets[pid])
-        with open(f"/proc/{pid}/stat") as f:
-            pid = int(f.read().rsplit(")", 1)[1].split()[1])
-    return None
-
-
 def test_the_sandboxes_of_a_map_run_on_several_nodes(cluster: Any) -> None:
     """Seen from the host while a map runs: the map's sandboxes (their nsfast-init) are below
     the raylets of more than one node."""
@@ -79,15 +65,14 @@ def test_the_sandboxes_of_a_map_run_on_several_nodes(cluster: Any) -> None:
     done: list = []
     t = threading.Thread(target=lambda: done.append(nray.map([["sleep", "1"]] * 6, capture_output=True)))
     t.start()
-    seen: set = set()
+    seen: set = set()  # the nodes whose raylet an nsfast-init descends from (workers are its children)
     while t.is_alive():
-        for entry in os.listdir("/proc"):
+        for p in psutil.process_iter(["name"]):
             try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() == "nsfast-init":
-                        seen.add(node_of_sandbox(int(entry), raylets))
-            except (OSError, ValueError):
-                pass  # not a process, or it ended meanwhile
+                if p.info["name"] == "nsfast-init":
+                    seen.add(next((raylets[q.pid] for q in p.parents() if q.pid in raylets), None))
+            except psutil.NoSuchProcess:
+                pass  # it ended meanwhile
         time.sleep(0.05)
     t.join()
     assert [r.returncode for r in done[0]] == [0] * 6

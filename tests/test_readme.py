@@ -126,9 +126,7 @@ def test_readme_console_blocks(tmp_path: Path, places: dict[str, str]) -> None:
                                timeout=120)  # fmt: skip
         finally:
             subprocess.run(["nsfast", "stop", "-t", "0", "demo"], capture_output=True, env=env, timeout=60)
-        out = r.stdout
-        for readme, here in places.items():
-            out = out.replace(here, readme)
+        out = replaced(r.stdout, {here: readme for readme, here in places.items()})
         got = re.split(r"^@@[0-9]+@@\n", out, flags=re.M)[1:]
         assert len(got) == len(pairs), (out, r.stderr)
         for (cmd, want), text in zip(pairs, got):
@@ -162,17 +160,15 @@ def test_readme_cli_synopsis_is_the_parser() -> None:
     plain = re.sub(r"\(also: .*?\)", "", " ".join(synopsis.group(1).split()))
     lines = re.split(r"\s+(?=nsfast )", plain.strip())
     assert {line.split()[1] for line in lines} == {*subs, "--version"}, lines
+    assert "--version" in parser._option_string_actions
     for line in lines:
-        name = line.split()[1]
-        named = set(
-            re.findall(r"(?<![\w-])--?[a-zA-Z][a-zA-Z-]*", " ".join(line.split()[2:]) if name in subs else name)
-        )
+        name, rest = line.split()[1], " ".join(line.split()[2:])
+        if name == "--version":
+            continue
+        named = set(re.findall(r"(?<![\w-])--?[a-zA-Z][a-zA-Z-]*", rest))
         named = {f for f in named if not f.endswith("-NS")} | {
             f[:-2] + ns for f in named if f.endswith("-NS") for ns in nsfast.NAMESPACES
         }
-        actions = [a for a in (subs[name] if name in subs else parser)._actions if "--help" not in a.option_strings]
-        options = {f for a in actions for f in a.option_strings}
-        if name not in subs:
-            actions = [a for a in actions if name in a.option_strings]
-        assert named <= options, (name, named - options)
-        assert [a.option_strings for a in actions if a.option_strings and not named & set(a.option_strings)] == [], name
+        actions = [a for a in subs[name]._actions if a.option_strings and "--help" not in a.option_strings]
+        assert named <= {f for a in actions for f in a.option_strings}, (name, named)
+        assert [a.option_strings for a in actions if not named & set(a.option_strings)] == [], name
