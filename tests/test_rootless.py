@@ -306,3 +306,38 @@ def test_rootless_overlay_mount_commits_on_success(nobody_dir):
     assert changes == [0, {"/mnt/hello": "deleted", "/mnt/new": "added"}]
     assert os.listdir(nobody_dir) == ["new"]
     assert os.stat(os.path.join(nobody_dir, "new")).st_uid == NOBODY
+
+
+def test_rootless_overlays_are_all_closed_once_settled():
+    """A rootless sandbox makes its overlays itself; the parent holds its mount namespace and
+    its upper tmpfs until it was reaped, then the reaper closes them (rust/src/reaper.rs).
+    Settled, nothing of them is left: in the process's fd table or the reaper's own."""
+    [res] = as_nobody("""
+        import os
+        from nsfast import _core
+        def fds(d):
+            out = []
+            for n in os.listdir(d):
+                try:
+                    out.append(os.readlink(f"{d}/{n}"))
+                except FileNotFoundError:  # the listing's own directory fd
+                    pass
+            return sorted(out)
+        def runs():
+            r = nsfast.run(["sh", "-c", "echo x > /top; cat /top"], overlay=True, capture_output=True)
+            assert (r.returncode, r.stdout) == (0, b"x\\n"), r
+            p = nsfast.spawn(["sleep", "60"], overlay=True)
+            p.kill()
+            assert p.wait() == -9
+        runs()
+        _core.settle()
+        [reaper] = [t for t in os.listdir("/proc/self/task")
+                    if open(f"/proc/self/task/{t}/comm").read().strip() == "nsfast-reaper"]
+        before = (fds("/proc/self/fd"), fds(f"/proc/self/task/{reaper}/fd"))
+        for _ in range(10):
+            runs()
+        _core.settle()
+        after = (fds("/proc/self/fd"), fds(f"/proc/self/task/{reaper}/fd"))
+        out([before == after, len(before[1]), os.path.exists("/top")])
+    """)
+    assert res == [True, 1, False]

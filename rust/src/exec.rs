@@ -282,7 +282,7 @@ fn spawn_join_with(plan: &Plan, io: &Io, target: &Target, legacy: bool) -> Resul
             // The final process is our child (CLONE_PARENT): its pid cannot be reused before
             // we reap it, so pidfd_open is race-free here.
             match rustix::process::pidfd_open(Pid::from_raw(p).expect("positive"), PidfdFlags::empty()) {
-                Ok(pidfd) => Ok(Some(Child { pid: p, pidfd, status: None, trees: Vec::new() })),
+                Ok(pidfd) => Ok(Some(Child { pid: p, pidfd, status: None, trees: Vec::new(), held: Vec::new() })),
                 Err(e) => {
                     kill_and_reap(p);
                     Err(Error::spawn("pidfd_open", None, e))

@@ -10,6 +10,7 @@ pub mod error;
 pub mod exec;
 pub mod mount;
 pub mod ns;
+pub mod reaper;
 pub mod seccomp;
 pub mod spawn;
 pub mod spec;

@@ -1220,6 +1220,11 @@ pub fn tree_root(path: &CStr) -> std::result::Result<OwnedFd, Errno> {
     at_root(path)
 }
 
+/// Child-safe: the upper filesystem this child made for its overlays, if it did.
+pub fn own_upper(state: &FsState) -> Option<BorrowedFd<'_>> {
+    state.upper.as_ref().map(|u| u.as_fd())
+}
+
 /// Child-safe: an overlay's upper directory `name`, where this child made the overlay.
 pub fn upper_root(state: &FsState, name: &CStr) -> Option<std::result::Result<OwnedFd, Errno>> {
     let up = state.upper.as_ref()?;
@@ -1261,7 +1266,11 @@ pub fn prepare(
     for d in &o.mkdirs {
         upper_dir(&upper, d)?;
     }
-    overlay_mount(tree.as_fd(), upper.as_fd(), work.as_fd(), false, o.attrs)
+    let m = overlay_mount(tree.as_fd(), upper.as_fd(), work.as_fd(), false, o.attrs);
+    // The overlay holds a private clone of its lower: ours only waits for an RCU grace
+    // period when closed (see `crate::reaper`).
+    crate::reaper::drop_later(vec![tree]);
+    m
 }
 
 /// Parent side: the upper filesystem of the plan's prepared overlays.

@@ -92,6 +92,13 @@ fn sandbox_id_range() -> bool {
     crate::spec::Caller::current().range
 }
 
+/// Return once the mounts nsfast made for sandboxes that ended (overlays, their upper
+/// tmpfs), whose teardown runs off the caller's path, are gone (`crate::reaper`).
+#[pyfunction]
+fn settle(py: Python<'_>) {
+    detached(py, crate::reaper::flush)
+}
+
 /// The own cgroup v2 path of this process (for rootless delegation), if any.
 #[pyfunction]
 fn own_cgroup() -> Option<String> {
@@ -216,6 +223,8 @@ struct Inner {
     /// Set by kill(reason) or the CPU-time watcher before the kill.
     reason: Option<Termination>,
     detached: bool,
+    /// nsfast's own mounts for the sandbox (`Child::held`), closed off-thread once reaped.
+    held: Vec<std::os::fd::OwnedFd>,
 }
 
 /// What a Sandbox and its CPU-time watcher share.
@@ -331,6 +340,7 @@ impl Core {
             cleanup_error,
         };
         inner.exit = Some(exit.clone());
+        crate::reaper::drop_later(std::mem::take(&mut inner.held));
         Ok(Some(exit))
     }
 
@@ -475,7 +485,14 @@ impl Sandbox {
             kill_group: !pid_namespace && new_session,
             await_report,
             started,
-            inner: Mutex::new(Inner { cgroup: cg, report: child.status, exit: None, reason: None, detached: false }),
+            inner: Mutex::new(Inner {
+                cgroup: cg,
+                report: child.status,
+                exit: None,
+                reason: None,
+                detached: false,
+                held: child.held,
+            }),
         });
         if watch {
             let c = core.clone();
@@ -1063,6 +1080,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(seccomp_syscalls, m)?)?;
     m.add_function(wrap_pyfunction!(cgroup_backend, m)?)?;
     m.add_function(wrap_pyfunction!(own_cgroup, m)?)?;
+    m.add_function(wrap_pyfunction!(settle, m)?)?;
     m.add_function(wrap_pyfunction!(sandbox_id_range, m)?)?;
     m.add_function(wrap_pyfunction!(kill_cgroups, m)?)?;
     m.add_function(wrap_pyfunction!(spawn_join, m)?)?;

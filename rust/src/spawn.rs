@@ -51,6 +51,11 @@ pub struct Child {
     /// O_PATH fds of the roots of `Io::trees`, in that order: what the sandbox wrote stays
     /// readable through them after it ended (see `mount::tree_read`).
     pub trees: Vec<OwnedFd>,
+    /// Mounts nsfast made for this sandbox (a root caller's overlays, their upper tmpfs),
+    /// held until it ended so that their teardown happens on `crate::reaper`'s thread, not
+    /// in the exit of its pid 1 that the caller waits for. Hand them to
+    /// `reaper::drop_later` once the sandbox was reaped.
+    pub held: Vec<OwnedFd>,
 }
 
 /// The command's wait status, given the reaped first process's `init_status` and (with
@@ -184,7 +189,11 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
         return Err(Error::invalid("outputs", format!("at most {MAX_TREES} writable trees")));
     }
     let (prepared, upper) = prepare_trees(plan)?;
-    let trees_pair = if io.trees.is_empty() {
+    // The child sends the upper filesystem it makes (a rootless caller's overlays) back with
+    // the trees: were its own fd the last, closing it at exec would unmount it there and
+    // wait for a grace period in the sandbox's start (see `crate::reaper`).
+    let child_upper = plan.fs.steps.iter().any(|s| matches!(s.op, mount::FsOp::OverlayUpper(_)));
+    let trees_pair = if io.trees.is_empty() && !child_upper {
         None
     } else {
         use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
@@ -278,19 +287,35 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
     }
     drop(report_w);
     drop(go_r);
+    let (overlays, prepared): (Vec<_>, Vec<_>) =
+        plan.fs.prepare.iter().zip(prepared).partition(|(p, _)| p.overlay.is_some());
     drop(prepared);
+    let held: Vec<OwnedFd> = overlays.into_iter().map(|(_, fd)| fd).collect();
     drop(parent_pidfd);
     let trees_r = trees_pair.map(|(r, _w)| r);
     // Only init holds the write end of its status report.
     let status = status_pipe.map(|(r, _w)| r);
     let pid = res.map_err(|e| Error::spawn("clone3", Some(namespaces_hint(plan.clone_flags)), e))?;
     // SAFETY: CLONE_PIDFD stored a fresh fd that nothing else owns.
-    let child = Child { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) }, status, trees: Vec::new() };
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let child = Child { pid, pidfd, status, trees: Vec::new(), held: Vec::new() };
 
+    // Where the child makes overlays itself (a rootless caller's), hold its mount namespace:
+    // the overlays' teardown then happens when we let go of it, on the reaper's thread, not
+    // in the exit of its pid 1 (see `crate::reaper`). At worst (an old kernel without
+    // either way to get it) the teardown stays where it was.
+    let mnt_ns = if plan.fs.steps.iter().any(|s| matches!(s.op, mount::FsOp::Overlay { .. })) {
+        sys::pidfd_mnt_namespace(child.pidfd.as_fd(), pid).ok()
+    } else {
+        None
+    };
     let mut child = finish(plan, child, &mut parent, plan.maps.as_ref(), attach, procs, stack)?;
     if let Some(r) = trees_r {
-        match receive_trees(&r, plan, io.trees, upper.as_ref()) {
-            Ok(trees) => child.trees = trees,
+        match receive_trees(&r, plan, io.trees, upper.as_ref(), child_upper) {
+            Ok((trees, child_upper)) => {
+                child.trees = trees;
+                child.held.extend(child_upper);
+            }
             Err(e) => {
                 let _ = rustix::process::pidfd_send_signal(&child.pidfd, rustix::process::Signal::KILL);
                 let _ = rustix::process::waitpid(pid_of(&child), WaitOptions::empty());
@@ -298,19 +323,24 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
             }
         }
     }
+    child.held.extend(held);
+    child.held.extend(upper);
+    child.held.extend(mnt_ns);
     Ok(Some(child))
 }
 
 /// The trees' fds the child sent before it exec'd (queued in `sock`), in `trees`' order; an
 /// overlay's upper directory ("//DST") from the parent's own upper when the parent made it.
+/// With `child_upper`, the upper filesystem the child made comes last (returned second).
 fn receive_trees(
     sock: &OwnedFd,
     plan: &Plan,
     trees: &[CString],
     parent_upper: Option<&OwnedFd>,
-) -> std::result::Result<Vec<OwnedFd>, Errno> {
+    child_upper: bool,
+) -> std::result::Result<(Vec<OwnedFd>, Option<OwnedFd>), Errno> {
     use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
-    let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_TREES))];
+    let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_TREES + 1))];
     let mut anc = RecvAncillaryBuffer::new(&mut space);
     let mut byte = [0u8; 1];
     let got = rustix::net::recvmsg(
@@ -328,6 +358,7 @@ fn receive_trees(
     if got.bytes != 1 || got.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
         return Err(Errno::PROTO);
     }
+    let own_upper = if child_upper { Some(sent.pop().ok_or(Errno::PROTO)?) } else { None };
     let mut sent = sent.into_iter();
     let mut out = Vec::with_capacity(trees.len());
     for t in trees {
@@ -343,7 +374,7 @@ fn receive_trees(
     if sent.next().is_some() {
         return Err(Errno::PROTO);
     }
-    Ok(out)
+    Ok((out, own_upper))
 }
 
 /// Sync point 1 (id maps written, v1 cgroup attached, then `go`), then sync point 2 (the
@@ -404,7 +435,8 @@ fn spawning_thread_pidfd() -> std::result::Result<OwnedFd, Errno> {
 }
 
 /// Child-safe: O_PATH fds of the roots of `io.trees` (resolved in the new root; "//DST" is
-/// an overlay's upper directory where the child made it) sent to the parent in one message.
+/// an overlay's upper directory where the child made it), then the upper filesystem the
+/// child made if it did, sent to the parent in one message.
 fn send_trees(ctx: &ChildCtx, fs: &mount::FsState) -> std::result::Result<(), Errno> {
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     let mut opened: [Option<OwnedFd>; MAX_TREES] = [const { None }; MAX_TREES];
@@ -420,11 +452,16 @@ fn send_trees(ctx: &ChildCtx, fs: &mount::FsState) -> std::result::Result<(), Er
         opened[n] = Some(fd);
         n += 1;
     }
-    let mut raw: [BorrowedFd<'_>; MAX_TREES] = [ctx_fd(ctx); MAX_TREES];
+    let mut raw: [BorrowedFd<'_>; MAX_TREES + 1] = [ctx_fd(ctx); MAX_TREES + 1];
     for (slot, fd) in raw.iter_mut().zip(opened.iter().flatten()) {
         *slot = fd.as_fd();
     }
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_TREES))];
+    // Last, the upper filesystem this child made (see `spawn_with`).
+    if let Some(up) = mount::own_upper(fs) {
+        raw[n] = up;
+        n += 1;
+    }
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_TREES + 1))];
     let mut anc = SendAncillaryBuffer::new(&mut space);
     if n > 0 && !anc.push(SendAncillaryMessage::ScmRights(&raw[..n])) {
         return Err(Errno::NOBUFS);

@@ -380,6 +380,37 @@ pub unsafe fn close_all_except(keep: &[RawFd]) -> Result<(), Errno> {
     unsafe { close_range(next, u32::MAX, 0) }
 }
 
+/// Give the calling thread an fd table of its own (unshare(CLONE_FILES)) holding only
+/// `keep`: the rest of its copy is closed. Other threads keep the shared table.
+///
+/// # Safety
+/// The calling thread never again uses an fd of the shared table other than `keep` (its
+/// numbers now name other files or none), and nothing it owns holds one.
+pub unsafe fn private_fd_table(keep: RawFd) -> Result<(), Errno> {
+    // SAFETY: an integer argument; the caller promises what the new table changes.
+    unsafe { raw6(libc::SYS_unshare, [libc::CLONE_FILES as usize, 0, 0, 0, 0, 0]) }?;
+    // SAFETY: copies in the thread's own table: the shared table keeps its references.
+    unsafe { close_all_except(&[keep]) }
+}
+
+/// The mount namespace of the process `pidfd` refers to, as a new nsfs fd
+/// (PIDFD_GET_MNT_NAMESPACE, Linux 6.11; `/proc/PID/ns/mnt` before).
+pub fn pidfd_mnt_namespace(pidfd: std::os::fd::BorrowedFd<'_>, pid: i32) -> Result<std::os::fd::OwnedFd, Errno> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // _IO(PIDFS_IOCTL_MAGIC, 3)
+    const PIDFD_GET_MNT_NAMESPACE: usize = 0xFF03;
+    // SAFETY: an ioctl with no pointer argument; on success it returns a new fd, ours.
+    match unsafe { raw6(libc::SYS_ioctl, [pidfd.as_raw_fd() as usize, PIDFD_GET_MNT_NAMESPACE, 0, 0, 0, 0]) } {
+        // SAFETY: a fresh fd that nothing else owns.
+        Ok(fd) => Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) }),
+        Err(Errno::NOTTY | Errno::INVAL) => {
+            let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC;
+            rustix::fs::open(format!("/proc/{pid}/ns/mnt"), flags, rustix::fs::Mode::empty())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Child-safe: setrlimit(resource, {value, value}) (prlimit64 on ourselves).
 pub fn rlimit_set(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), Errno> {
     rlimit_set_pair(resource, value, value)

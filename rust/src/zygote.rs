@@ -165,7 +165,7 @@ pub fn start_task(
         let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
     };
     match parent.wait_exec() {
-        Ok(None) => Ok(crate::Child { pid, pidfd, status: Some(status_r), trees: Vec::new() }),
+        Ok(None) => Ok(crate::Child { pid, pidfd, status: Some(status_r), trees: Vec::new(), held: Vec::new() }),
         Ok(Some(rec)) => {
             kill();
             let step = Step::from_raw(rec.step).map_or("setup", |s| s.name());
