@@ -164,8 +164,10 @@ def no_child_left() -> Iterator[None]:
 def nothing_left_behind(init_binary_loaded: None) -> Iterator[None]:
     """The test must leave the parent's fd table and children as it found them."""
     me = psutil.Process()
+    nsfast.settle()  # what nsfast keeps for a moment (nsfast.settle's doc) is not the test's
     fds, children, cgroups, mounts = fd_numbers(), {p.pid for p in me.children()}, sandbox_cgroups(), mountinfo()
     yield
+    nsfast.settle()
     assert fd_numbers() == fds, "fd table changed"
     assert {p.pid for p in me.children()} == children, "child processes changed"
     assert sandbox_cgroups() == cgroups, "sandbox cgroups left behind"

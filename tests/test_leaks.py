@@ -16,6 +16,7 @@ pytestmark = [*suite, pytest.mark.usefixtures("init_binary_loaded")]
 
 
 def _snapshot():
+    nsfast.settle()  # overlays made ahead, closes not yet done: nsfast's, not leaks
     me = psutil.Process()
     return {
         "fds": me.num_fds(),

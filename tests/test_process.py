@@ -226,3 +226,24 @@ def test_a_sandbox_reaped_behind_nsfasts_back_is_still_waited_for_and_cleaned_up
     os.waitpid(q.pid, 0)
     assert q.wait(timeout=10) == 0  # lost with the reaped status, as Popen takes it
     assert sandbox_cgroups() == before
+
+
+def test_a_spec_of_plain_keyword_fields_is_made_once_and_stays_right(monkeypatch):
+    """run(..., overlay=True) and the like build their Spec once per distinct fields (its
+    validation is not free), as the default Spec is; what reads the environment (TERM) or the
+    file system (rootfs, cwd-relative paths) is never taken from a cached one."""
+    from nsfast._spec import with_fields
+
+    a = with_fields(None, {"overlay": True, "hostname": "box"})
+    assert with_fields(None, {"hostname": "box", "overlay": True}) is a
+    assert with_fields(None, {"overlay": True, "hostname": "other"}).hostname == "other"
+    monkeypatch.setenv("TERM", "nsfast-test-term")
+    b = with_fields(None, {"overlay": True, "hostname": "box"})
+    assert b is not a and b.env is None and ("TERM", "nsfast-test-term") in b._env_items
+    with pytest.raises(nsfast.SpecError, match="readonly_root"):
+        with_fields(None, {"overlay": True, "readonly_root": True})
+    with pytest.raises(nsfast.SpecError, match="readonly_root"):  # a refusal is never cached
+        with_fields(None, {"overlay": True, "readonly_root": True})
+    # Not plain or not pure: a new Spec each time.
+    assert with_fields(None, {"mounts": []}) is not with_fields(None, {"mounts": []})
+    assert with_fields(None, {"cwd": "/tmp"}) is not with_fields(None, {"cwd": "/tmp"})

@@ -16,7 +16,6 @@ import pytest
 
 import nsfast
 from conftest import CGROUP_ENV, PYTHON_SRC, suite
-from nsfast import _core
 
 pytestmark = suite
 
@@ -49,12 +48,12 @@ def test_overlay_mounts_are_all_closed_once_settled(busybox_rootfs, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     overlay_runs(busybox_rootfs, src)  # starts the thread
-    _core.settle()
+    nsfast.settle()
     before, held = main_fds(), reaper_fds()
     assert len(held) == 1 and held[0].startswith("socket:"), held  # its end of the socket only
     for _ in range(30):
         overlay_runs(busybox_rootfs, src)
-    _core.settle()
+    nsfast.settle()
     assert main_fds() == before
     assert reaper_fds() == held
     assert os.listdir(src) == []  # and the lower never saw a write
@@ -89,7 +88,7 @@ def test_a_forked_child_runs_overlays_without_the_thread(busybox_rootfs):
         try:
             r = nsfast.run(["/bin/sh", "-c", "echo hi > /f; cat /f"], rootfs=busybox_rootfs, overlay=True,
                            capture_output=True)  # fmt: skip
-            _core.settle()  # returns at once: there is nothing of its own to wait for
+            nsfast.settle()  # returns at once: there is nothing of its own to wait for
             code = 0 if (r.returncode, r.stdout) == (0, b"hi\n") else 2
         finally:
             os._exit(code)
@@ -101,22 +100,22 @@ def test_a_forked_child_runs_overlays_without_the_thread(busybox_rootfs):
 def test_a_sandbox_killed_mid_run_leaves_no_overlay_behind(busybox_rootfs, mode):
     kw = {"overlay": True} if mode == "host root" else {"rootfs": busybox_rootfs, "overlay": True}
     nsfast.run(["/bin/true"], **kw)
-    _core.settle()
+    nsfast.settle()
     before = main_fds()
     p = nsfast.spawn(["/bin/sleep", "60"], **kw)
     p.kill()
     assert p.wait() == -9
     del p
-    _core.settle()
+    nsfast.settle()
     assert main_fds() == before
 
 
 def test_a_failed_start_with_overlays_leaves_nothing(busybox_rootfs):
     nsfast.run(["/bin/true"], rootfs=busybox_rootfs, overlay=True)
-    _core.settle()
+    nsfast.settle()
     before = main_fds()
     for _ in range(5):
         with pytest.raises(nsfast.SpawnError):
             nsfast.run(["/no/such/program"], rootfs=busybox_rootfs, overlay=True)
-    _core.settle()
+    nsfast.settle()
     assert main_fds() == before

@@ -314,7 +314,6 @@ def test_rootless_overlays_are_all_closed_once_settled():
     Settled, nothing of them is left: in the process's fd table or the reaper's own."""
     [res] = as_nobody("""
         import os
-        from nsfast import _core
         def fds(d):
             out = []
             for n in os.listdir(d):
@@ -330,13 +329,13 @@ def test_rootless_overlays_are_all_closed_once_settled():
             p.kill()
             assert p.wait() == -9
         runs()
-        _core.settle()
+        nsfast.settle()
         [reaper] = [t for t in os.listdir("/proc/self/task")
                     if open(f"/proc/self/task/{t}/comm").read().strip() == "nsfast-reaper"]
         before = (fds("/proc/self/fd"), fds(f"/proc/self/task/{reaper}/fd"))
         for _ in range(10):
             runs()
-        _core.settle()
+        nsfast.settle()
         after = (fds("/proc/self/fd"), fds(f"/proc/self/task/{reaper}/fd"))
         out([before == after, len(before[1]), os.path.exists("/top")])
     """)

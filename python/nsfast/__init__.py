@@ -18,7 +18,7 @@ from ._container import Container, enter
 from ._errors import ContainerError, ImageError, LimitError, NsfastError, OutputError, SpawnError, SpecError
 from ._image import Image, ImageConfig
 from ._ns import compare_namespaces, namespaces
-from ._process import DEVNULL, PIPE, STDOUT, Process, Result, TimeoutExpired, Usage, run, spawn
+from ._process import DEVNULL, PIPE, STDOUT, Process, Result, TimeoutExpired, Usage, run, settle, spawn
 from ._spec import (
     CAPABILITIES,
     DEFAULT_HIDDEN,
@@ -46,6 +46,7 @@ from ._zygote import DEFAULT_PRELOAD, TaskError, Zygote, ZygoteError
 __all__ = [
     "run",
     "spawn",
+    "settle",
     "arun",
     "aspawn",
     "AsyncProcess",

@@ -761,13 +761,41 @@ def _default_spec() -> Spec:
     return _default[1]
 
 
+#: Fields whose validation reads nothing but their value (no file, no cwd, no image): a
+#: Spec of only these, with plain values, is the same Spec every time it is asked for.
+_PURE_FIELDS = frozenset(
+    {"overlay", "overlay_size", "hostname", "init", "new_session", "die_with_parent", "cgroup", "strict",
+     "uid", "gid", "tmp_size", "shm_size", "readonly_root", "delegate_cgroup"}
+)  # fmt: skip
+_PLAIN = (bool, int, float, str, type(None))
+_made: Dict[Tuple[Any, ...], Spec] = {}
+
+
+def _pure_spec(changes: Mapping[str, Any]) -> Optional[Spec]:
+    """Spec(**changes), made once per distinct `changes` (and TERM, which it copies), when
+    every field is pure and every value plain (bool is an int, so True and 1 differ by type
+    in the key); else None."""
+    if not changes.keys() <= _PURE_FIELDS or not all(isinstance(v, _PLAIN) for v in changes.values()):
+        return None
+    key = (os.environ.get("TERM"), *sorted((k, type(v), v) for k, v in changes.items()))
+    spec = _made.get(key)
+    if spec is None:
+        spec = Spec(**changes)
+        if len(_made) >= 64:
+            _made.clear()
+        _made[key] = spec
+    return spec
+
+
 def with_fields(spec: Optional[Spec], changes: Mapping[str, Any]) -> Spec:
     """`spec` (or the default Spec) with keyword `changes`; unknown names raise TypeError."""
     unknown = sorted(set(changes) - _FIELDS)
     if unknown:
         raise TypeError(f"unknown sandbox option(s): {', '.join(unknown)} (Spec fields: {', '.join(sorted(_FIELDS))})")
     if spec is None:
-        return Spec(**changes) if changes else _default_spec()
+        if not changes:
+            return _default_spec()
+        return _pure_spec(changes) or Spec(**changes)
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be an nsfast.Spec, not {type(spec).__name__}")
     return dataclasses.replace(spec, **changes) if changes else spec

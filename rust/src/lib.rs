@@ -12,6 +12,7 @@ pub mod mount;
 pub mod ns;
 pub mod reaper;
 pub mod seccomp;
+pub mod spare;
 pub mod spawn;
 pub mod spec;
 pub mod sync;

@@ -115,7 +115,7 @@ pub enum FsOp {
 }
 
 /// Where overlays keep their changes.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upper {
     /// A fresh tmpfs of the child's (its pages charged to the sandbox's memory cgroup).
     Tmpfs { size: Option<CString> },
@@ -132,7 +132,7 @@ pub struct FsState {
 /// A tree the parent prepares before clone: open_tree(OPEN_TREE_CLONE) of `src`, `attrs`
 /// set (recursively when `recursive`), idmapped through the sandbox's id mapping when
 /// `idmap`. Nothing is created in it: the tree is the user's.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrepareTree {
     pub src: CString,
     pub recursive: bool,
@@ -148,7 +148,7 @@ pub struct PrepareTree {
 /// An overlay the parent makes (a root caller's: its layers are idmapped, which only the
 /// caller may do, and the kernel lets only the owner of a tree's mount namespace use it as a
 /// layer, so the child could not).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverlayLayer {
     /// Directories of the upper filesystem, made if missing (`upper` owned by `owner`).
     pub upper: CString,
@@ -1259,10 +1259,18 @@ pub fn prepare(
     let Some(o) = &p.overlay else { return Ok(tree) };
     let up = upper.ok_or(Errno::BADF)?;
     let (upper, work) = (upper_dir(up, &o.upper)?, upper_dir(up, &o.work)?);
-    if let Some((uid, gid)) = o.owner {
-        let ids = (rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid));
-        rustix::fs::chownat(up, o.upper.as_c_str(), Some(ids.0), Some(ids.1), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
-    }
+    // The merged root shows its upper directory's mode and owner: the lower root's (a
+    // world-writable, sticky /tmp-like submount stays so), owned by `owner` if given.
+    let st = rustix::fs::fstat(&tree)?;
+    let (uid, gid) = o.owner.unwrap_or((st.st_uid, st.st_gid));
+    let ids = (rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid));
+    rustix::fs::chownat(up, o.upper.as_c_str(), Some(ids.0), Some(ids.1), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+    rustix::fs::chmodat(
+        up,
+        o.upper.as_c_str(),
+        Mode::from_raw_mode(st.st_mode & 0o7777),
+        rustix::fs::AtFlags::empty(),
+    )?;
     for d in &o.mkdirs {
         upper_dir(&upper, d)?;
     }

@@ -92,11 +92,15 @@ fn sandbox_id_range() -> bool {
     crate::spec::Caller::current().range
 }
 
-/// Return once the mounts nsfast made for sandboxes that ended (overlays, their upper
-/// tmpfs), whose teardown runs off the caller's path, are gone (`crate::reaper`).
+/// Return once nothing of nsfast's own mounts is left in this process: the overlays made
+/// ahead for the next start (`crate::spare`) discarded, and those of sandboxes that ended,
+/// whose teardown runs off the caller's path (`crate::reaper`), gone.
 #[pyfunction]
 fn settle(py: Python<'_>) {
-    detached(py, crate::reaper::flush)
+    detached(py, || {
+        crate::spare::clear();
+        crate::reaper::flush();
+    })
 }
 
 /// The own cgroup v2 path of this process (for rootless delegation), if any.

@@ -310,6 +310,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
         None
     };
     let mut child = finish(plan, child, &mut parent, plan.maps.as_ref(), attach, procs, stack)?;
+    crate::spare::ask(plan);
     if let Some(r) = trees_r {
         match receive_trees(&r, plan, io.trees, upper.as_ref(), child_upper) {
             Ok((trees, child_upper)) => {
@@ -502,22 +503,31 @@ fn keep_list(lists: &[&[RawFd]]) -> Vec<RawFd> {
 /// Open the trees the plan's parent side prepares (a root caller's rootfs and binds), and
 /// the upper filesystem of the overlays it makes.
 fn prepare_trees(plan: &Plan) -> Result<(Vec<OwnedFd>, Option<OwnedFd>)> {
-    if plan.fs.prepare.is_empty() {
+    if let Some((trees, upper)) = crate::spare::take(plan) {
+        return Ok((trees, Some(upper)));
+    }
+    prepare_layers(&plan.fs.prepare, plan.fs.upper.as_ref())
+}
+
+/// [`prepare_trees`] of these trees and upper, made now.
+pub(crate) fn prepare_layers(
+    prepare: &[mount::PrepareTree],
+    upper: Option<&mount::Upper>,
+) -> Result<(Vec<OwnedFd>, Option<OwnedFd>)> {
+    if prepare.is_empty() {
         return Ok((Vec::new(), None));
     }
-    let userns = if plan.fs.prepare.iter().any(|p| p.idmap) {
+    let userns = if prepare.iter().any(|p| p.idmap) {
         Some(idmap_userns().map_err(|e| Error::spawn("create the id-mapping user namespace", None, e))?)
     } else {
         None
     };
-    let upper_fd = match &plan.fs.upper {
+    let upper_fd = match upper {
         Some(u) => Some(mount::prepare_upper(u).map_err(|e| Error::spawn("overlay upper", None, e))?),
         None => None,
     };
     let upper = upper_fd.as_ref().map(|u| u.as_fd());
-    let trees = plan
-        .fs
-        .prepare
+    let trees = prepare
         .iter()
         .map(|p| {
             // Where the filesystem cannot idmap (tmpfs before Linux 6.3, NFS, FUSE, 9p), the
