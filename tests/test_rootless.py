@@ -340,3 +340,24 @@ def test_rootless_overlays_are_all_closed_once_settled():
         out([before == after, len(before[1]), os.path.exists("/top")])
     """)
     assert res == [True, 1, False]
+
+
+def test_rootless_overlay_top_directories_keep_the_host_modes():
+    """Each host directory is an overlay of its own whose top directory is the sandbox's
+    (the one owner a rootless child can give it); its mode is still the host's. /srv (or
+    /opt) gets an unusual mode for the test, written back after."""
+    probe = "/srv" if os.path.isdir("/srv") else "/opt"
+    names = [n for n in ("etc", "usr", "var", probe[1:]) if os.path.isdir(f"/{n}") and not os.path.islink(f"/{n}")]
+    saved = os.stat(probe).st_mode & 0o7777
+    os.chmod(probe, 0o751)
+    try:
+        host = {n: oct(os.stat(f"/{n}").st_mode & 0o7777) for n in names}
+        [inside] = as_nobody(f"""
+            names = {names!r}
+            r = nsfast.run(["stat", "-c", "%n %a"] + ["/" + n for n in names], overlay=True, capture_output=True, text=True)
+            out(dict(l.split() for l in r.stdout.splitlines()))
+        """)
+    finally:
+        os.chmod(probe, saved)
+    assert {k.lstrip("/"): oct(int(v, 8)) for k, v in inside.items()} == host
+    assert host[probe[1:]] == oct(0o751)

@@ -1129,15 +1129,19 @@ pub fn run(op: &FsOp, prepared: &[RawFd], state: &mut FsState) -> std::result::R
             rustix::mount::move_mount(&m, c"", CWD, c"/", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
             rustix::process::fchdir(&m)
         }
-        FsOp::Overlay { lower, dst, upper, work, mkdirs, userxattr, attrs } => {
+        FsOp::Overlay { lower, dst, upper: upper_name, work, mkdirs, userxattr, attrs } => {
             let up = state.upper.as_ref().ok_or(Errno::BADF)?;
-            let (upper, work) = (upper_dir(up, upper)?, upper_dir(up, work)?);
+            let (upper, work) = (upper_dir(up, upper_name)?, upper_dir(up, work)?);
             for d in mkdirs {
                 upper_dir(&upper, d)?;
             }
             // The directory itself, not a clone of its tree: the overlay clones what it needs.
             let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
             let lower = rustix::fs::openat(CWD, lower.as_c_str(), flags, Mode::empty())?;
+            // The merged top directory shows its upper's mode: the lower's (it stays the
+            // sandbox's own, the one owner this child can give it).
+            let mode = Mode::from_raw_mode(rustix::fs::fstat(&lower)?.st_mode & 0o7777);
+            rustix::fs::chmodat(up, upper_name.as_c_str(), mode, rustix::fs::AtFlags::empty())?;
             let m = overlay_mount(lower.as_fd(), upper.as_fd(), work.as_fd(), *userxattr, *attrs)?;
             if dst.is_empty() {
                 rustix::mount::move_mount(&m, c"", CWD, c"/", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
