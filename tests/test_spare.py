@@ -119,3 +119,21 @@ def test_unused_spares_are_discarded(busybox_rootfs):
         time.sleep(0.05)
     assert grew, "no spare was made"
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_concurrent_starts_never_share_a_spare(busybox_rootfs):
+    """Threads starting the same overlays at once: each start takes a spare or makes its
+    own, never one another start took (each writes a marker no other run may see)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    nsfast.settle()
+    before = set(os.listdir("/proc/self/fd"))
+
+    def one(i: int) -> tuple[int, str, str]:
+        return sh(f"test ! -e /mark && echo {i} > /mark && cat /mark", rootfs=busybox_rootfs, overlay=True)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(120)))
+    assert results == [(0, f"{i}\n", "") for i in range(120)]
+    nsfast.settle()
+    assert set(os.listdir("/proc/self/fd")) == before
