@@ -361,3 +361,23 @@ def test_rootless_overlay_top_directories_keep_the_host_modes():
         os.chmod(probe, saved)
     assert {k.lstrip("/"): oct(int(v, 8)) for k, v in inside.items()} == host
     assert host[probe[1:]] == oct(0o751)
+
+
+def test_rootless_overlay_cannot_copy_up_below_an_unmapped_owner():
+    """The documented limit: overlayfs in the caller's user namespace cannot copy up a
+    directory whose owner the namespace does not map (host root's), so a write below one
+    fails with EOVERFLOW even where the mode allows it; the host is unchanged."""
+    base = "/srv" if os.path.isdir("/srv") else "/opt"
+    d = tempfile.mkdtemp(prefix="nsfast-rootless-", dir=base)
+    try:
+        os.chmod(d, 0o755)
+        os.mkdir(os.path.join(d, "open"))
+        os.chmod(os.path.join(d, "open"), 0o1777)
+        [r] = as_nobody(f"""
+            r = nsfast.run(["sh", "-c", "echo x > {d}/open/f"], overlay=True, capture_output=True, text=True)
+            out([r.returncode, r.stderr])
+        """)
+        assert r[0] != 0 and "Value too large" in r[1]
+        assert os.listdir(os.path.join(d, "open")) == []
+    finally:
+        shutil.rmtree(d)
