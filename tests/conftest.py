@@ -252,6 +252,21 @@ def machine_cgroups_untouched() -> Iterator[None]:
     failure names the module that did it."""
     pattern = "/sys/fs/cgroup/*/process_api/**/nsfast*"
     before = set(glob.glob(pattern, recursive=True))
+    options = cgroup_superblock_options()
     yield
     made = sorted(set(glob.glob(pattern, recursive=True)) - before)
     assert not made, f"the test run created cgroups in the machine's own cgroups: {made}"
+    assert cgroup_superblock_options() == options, "a test changed the host's cgroup hierarchies' options"
+
+
+def cgroup_superblock_options() -> dict[str, str]:
+    """Each cgroup file system's superblock options (the last mountinfo field), by mount
+    point: a new cgroup2 mount would reset the host hierarchy's (nsdelegate, memory_*)."""
+    out = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = right.split()
+            if fields and fields[0] in ("cgroup", "cgroup2"):
+                out[left.split()[4]] = fields[-1]
+    return out

@@ -343,16 +343,18 @@ def test_a_bad_cgroup_root_in_the_environment_fails_the_run(monkeypatch):
 def test_a_cgroup_mount_made_or_removed_between_runs_is_seen(tmp_path):
     """Where a cgroup root may go is decided from the mount table, which nsfast reads again
     only when the kernel says it changed (POLLPRI): a cgroup file system mounted (or
-    unmounted) between two runs counts at once. The test mounts cgroup2 on a directory of
-    its own (nothing of any cgroup changes) and unmounts it."""
-    if not any(fs == "cgroup2" for _, fs in _cgroup._mount_table.mounts()):
-        pytest.skip("no cgroup2 on this host")
+    unmounted) between two runs counts at once. The test bind-mounts an existing cgroup mount
+    on a directory of its own and unmounts it. (Never a new cgroup2 mount: that would reset
+    the host hierarchy's root options, nsdelegate and the memory_* ones, to its own.)"""
+    cgroup_mounts = [m for m, fs in _cgroup._mount_table.mounts() if fs in ("cgroup", "cgroup2")]
+    if not cgroup_mounts:
+        pytest.skip("no cgroup file system is mounted")
     d = tmp_path / "cg"
     d.mkdir()
     root = str(d / "nsfast-test")
     with pytest.raises(nsfast.SpecError, match="not inside a mounted cgroup"):
         nsfast.configure(cgroup_root=root)
-    subprocess.run(["mount", "-t", "cgroup2", "none", str(d)], check=True)
+    subprocess.run(["mount", "--bind", cgroup_mounts[0], str(d)], check=True)
     try:
         assert _cgroup._cgroup_mount_of(root) == str(d)
     finally:

@@ -57,6 +57,16 @@ def _task() -> None:
     """In a task: run its payload (fd 4), results to fd 3; never returns."""
     import builtins
 
+    # The caller's go (fd 6, rust/src/zygote.rs GO_FD), written once the zygote's answer for
+    # this task reached it. EOF: it never did (the zygote died in between) and the caller may
+    # start the task again on a new zygote, so this copy runs nothing.
+    try:
+        go = os.read(6, 1)
+    except OSError:
+        go = b""
+    if go != b"g":
+        os._exit(0)
+    os.close(6)
     code = 1
     try:
         size = os.fstat(4).st_size

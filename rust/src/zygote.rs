@@ -36,8 +36,8 @@ use crate::sys;
 
 /// Request and reply header tag.
 const MAGIC: u32 = 0x6e737a71; // "nszq"
-/// stdin, stdout, stderr, result, payload, report, status.
-const FIXED_FDS: usize = 7;
+/// stdin, stdout, stderr, result, payload, report, status, go.
+const FIXED_FDS: usize = 8;
 /// Files C writes "0" to (v1 controllers' tasks, the v2 cgroup.procs).
 pub const MAX_ATTACH: usize = 16;
 /// Where the task finds its result pipe and payload memfd.
@@ -45,6 +45,12 @@ pub const RESULT_FD: RawFd = 3;
 pub const PAYLOAD_FD: RawFd = 4;
 /// The task's end of the report pipe until it is ready (then closed).
 const REPORT_FD: RawFd = 5;
+/// The task's end of its go pipe: it runs its payload only once it read "g" there, which
+/// the caller writes once the zygote's answer (the task's pidfd) reached it. A zygote that
+/// dies between forking a task and answering leaves the caller without an answer: the
+/// caller closes the pipe, the task reads EOF and exits without running anything, and the
+/// caller may start it again on a new zygote (never twice: an at-most-once start).
+pub const GO_FD: RawFd = 6;
 
 /// The fds of one task request, in wire order.
 pub struct TaskFds<'a> {
@@ -53,6 +59,7 @@ pub struct TaskFds<'a> {
     pub payload: BorrowedFd<'a>,
     pub report: BorrowedFd<'a>,
     pub status: BorrowedFd<'a>,
+    pub go: BorrowedFd<'a>,
     pub attach: Vec<BorrowedFd<'a>>,
 }
 
@@ -70,7 +77,7 @@ pub fn request(sock: BorrowedFd<'_>, fds: &TaskFds<'_>) -> std::io::Result<Owned
         return Err(Errno::TOOBIG.into());
     }
     let mut all: Vec<BorrowedFd<'_>> = fds.stdio.to_vec();
-    all.extend([fds.result, fds.payload, fds.report, fds.status]);
+    all.extend([fds.result, fds.payload, fds.report, fds.status, fds.go]);
     all.extend(fds.attach.iter().copied());
     let mut space = vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(FIXED_FDS + MAX_ATTACH))];
     let mut anc = SendAncillaryBuffer::new(&mut space);
@@ -138,6 +145,7 @@ pub fn start_task(
     let memfd = sys::sealed_memfd(c"nsfast-task", payload, false).map_err(|e| err("payload memfd", e))?;
     let (parent, _chan, report_w, _) = crate::sync::channel(false).map_err(|e| err("pipe", e))?;
     let (status_r, status_w) = crate::sync::status_pipe().map_err(|e| err("pipe", e))?;
+    let (go_r, go_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| err("pipe", e))?;
     // SAFETY: the caller keeps these open across the call.
     let b = |fd: RawFd| unsafe { sys::borrow_fd(fd) };
     let fds = TaskFds {
@@ -146,6 +154,7 @@ pub fn start_task(
         payload: memfd.as_fd(),
         report: report_w.as_fd(),
         status: status_w.as_fd(),
+        go: go_r.as_fd(),
         attach: attach.iter().map(|f| f.as_fd()).collect(),
     };
     let pidfd = {
@@ -156,8 +165,10 @@ pub fn start_task(
             Error::spawn(LINK_STEP, Some(e.to_string()), errno)
         })?
     };
+    // Answered: the task may run. (Unanswered, `go_w` closed above, on return: it exits.)
+    let _ = rustix::io::write(&go_w, b"g"); // EPIPE: the task is gone already
     drop(fds);
-    drop((report_w, status_w, memfd, attach));
+    drop((report_w, status_w, memfd, attach, go_r, go_w));
     // Its pid here (the task's, which the pidfd is of): -1 if it ended already (a task can
     // be over before this line; the pidfd, not the pid, is what is used).
     let pid = pidfd_pid(pidfd.as_raw_fd()).unwrap_or(-1);
@@ -463,7 +474,8 @@ impl Server {
     /// `task_setup`. Returns only ready to run the task's code.
     fn task_child(&self, fds: &[OwnedFd]) {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let (stdio, result, payload, report, attach) = (&raw[0..3], raw[3], raw[4], raw[5], &raw[FIXED_FDS..]);
+        let (stdio, result, payload, report, go) = (&raw[0..3], raw[3], raw[4], raw[5], raw[7]);
+        let attach = &raw[FIXED_FDS..];
         let ch = ChildChannel { report, go: -1, go_parent: -1 };
         let fail = |step: Step, e: Errno| -> ! { ch.fail(step, 0, e) };
         // Its fds only: not the control socket, the zygote's signalfd, status pipes of
@@ -496,11 +508,11 @@ impl Server {
         if plan.loopback {
             sys::loopback_up().unwrap_or_else(|e| fail(Step::Loopback, e));
         }
-        self.task_setup(stdio, result, payload, report, &ch);
+        self.task_setup(stdio, [result, payload, report, go], &ch);
     }
 
     /// In the task: ids, capabilities, rlimits, stdio, seccomp; then report "ready".
-    fn task_setup(&self, stdio: &[RawFd], result: RawFd, payload: RawFd, report: RawFd, ch: &ChildChannel) {
+    fn task_setup(&self, stdio: &[RawFd], [result, payload, report, go]: [RawFd; 4], ch: &ChildChannel) {
         let plan = &self.plan;
         let fail = |step: Step, e: Errno| -> ! { ch.fail(step, 0, e) };
         let ambient = crate::spawn::drop_bounding_and_set_ids(plan, ch, &|| {});
@@ -520,8 +532,8 @@ impl Server {
         for (i, &(resource, soft, hard)) in plan.rlimits.iter().enumerate() {
             sys::rlimit_set_pair(resource, soft, hard).unwrap_or_else(|e| ch.fail(Step::Rlimit, i as u32 + 1, e));
         }
-        // 0..2 stdio, 3 result, 4 payload, 5 report: lift every source above 5 first.
-        let mut src = [stdio[0], stdio[1], stdio[2], result, payload, report];
+        // 0..2 stdio, 3 result, 4 payload, 5 report, 6 go: lift every source above 6 first.
+        let mut src = [stdio[0], stdio[1], stdio[2], result, payload, report, go];
         for fd in src.iter_mut() {
             *fd = sys::dup_above(*fd, 16).unwrap_or_else(|e| fail(Step::Stdio, e));
         }
@@ -530,10 +542,9 @@ impl Server {
             unsafe { sys::dup2(fd, target as RawFd) }.unwrap_or_else(|e| fail(Step::Stdio, e));
         }
         let ch = ChildChannel { report: REPORT_FD, go: -1, go_parent: -1 };
-        // SAFETY: the task's copy of C's table; from 6 up nothing is the task's.
-        unsafe { sys::close_range(REPORT_FD as u32 + 1, u32::MAX, 0) }
-            .unwrap_or_else(|e| ch.fail(Step::CloseFds, 0, e));
-        for fd in [RESULT_FD, PAYLOAD_FD, REPORT_FD] {
+        // SAFETY: the task's copy of C's table; from 7 up nothing is the task's.
+        unsafe { sys::close_range(GO_FD as u32 + 1, u32::MAX, 0) }.unwrap_or_else(|e| ch.fail(Step::CloseFds, 0, e));
+        for fd in [RESULT_FD, PAYLOAD_FD, REPORT_FD, GO_FD] {
             sys::set_cloexec(fd, true).unwrap_or_else(|e| ch.fail(Step::CloseFds, 0, e));
         }
         mount::chdir_in_root(plan.cwd.as_c_str()).unwrap_or_else(|e| ch.fail(Step::Chdir, 0, e));
