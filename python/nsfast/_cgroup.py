@@ -311,12 +311,13 @@ class _MountTable:
     again only when it changed: the kernel makes the open file poll POLLPRI once the mount
     table changed since it was opened (or last polled), so a run asks that (one poll) instead
     of reading and parsing the table (~65 us here). Reopened in a forked child, whose poll
-    would consume the parent's event."""
+    would consume the parent's event. Kept as a raw fd (close-on-exec), open for the life
+    of the process."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pid = -1
-        self._file: Optional[Any] = None
+        self._fd = -1
         self._poll: Optional[Any] = None
         self._mounts: Tuple[Tuple[str, str], ...] = ()
 
@@ -326,20 +327,23 @@ class _MountTable:
         with self._lock:
             if self._pid == os.getpid() and self._poll is not None and not self._poll.poll(0):
                 return self._mounts
-            if self._file is not None:
-                self._file.close()
-            self._file = self._poll = None
+            if self._fd >= 0:
+                os.close(self._fd)
+            self._fd, self._poll = -1, None
             try:
-                f = open("/proc/self/mountinfo", "rb")  # opened first, read second: see __doc__
+                fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)  # opened first, read second
             except OSError:
                 return ()
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
             mounts = []
-            for line in f.read().decode("utf-8", "surrogateescape").splitlines():
+            for line in b"".join(chunks).decode("utf-8", "surrogateescape").splitlines():
                 left, _, right = line.partition(" - ")
                 mounts.append((left.split(" ")[4].replace("\\040", " "), right.split(" ", 1)[0]))
             poll = select.poll()
-            poll.register(f.fileno(), select.POLLPRI)
-            self._file, self._poll, self._pid, self._mounts = f, poll, os.getpid(), tuple(mounts)
+            poll.register(fd, select.POLLPRI)
+            self._fd, self._poll, self._pid, self._mounts = fd, poll, os.getpid(), tuple(mounts)
             return self._mounts
 
 
