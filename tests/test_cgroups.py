@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 import nsfast
-from nsfast import _cgroup
+from nsfast import _cgroup, _core
 
 IN_VM = os.environ.get("NSFAST_IN_VM") == "1"
 # Under TCG emulation everything is ~20x slower: fewer repetitions, same assertions.
@@ -346,7 +346,7 @@ def test_a_cgroup_mount_made_or_removed_between_runs_is_seen(tmp_path):
     unmounted) between two runs counts at once. The test bind-mounts an existing cgroup mount
     on a directory of its own and unmounts it. (Never a new cgroup2 mount: that would reset
     the host hierarchy's root options, nsdelegate and the memory_* ones, to its own.)"""
-    cgroup_mounts = [m for m, fs in _cgroup._mount_table.mounts() if fs in ("cgroup", "cgroup2")]
+    cgroup_mounts = [m for m, fs in _core.mounts() if fs in ("cgroup", "cgroup2")]
     if not cgroup_mounts:
         pytest.skip("no cgroup file system is mounted")
     d = tmp_path / "cg"

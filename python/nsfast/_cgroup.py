@@ -306,54 +306,10 @@ def _check_root(field: str, root: object) -> str:
     return root
 
 
-class _MountTable:
-    """This process's mounts as (mount point, fs type), from /proc/self/mountinfo, parsed
-    again only when it changed: the kernel makes the open file poll POLLPRI once the mount
-    table changed since it was opened (or last polled), so a run asks that (one poll) instead
-    of reading and parsing the table (~65 us here). Reopened in a forked child, whose poll
-    would consume the parent's event. Kept as a raw fd (close-on-exec), open for the life
-    of the process."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pid = -1
-        self._fd = -1
-        self._poll: Optional[Any] = None
-        self._mounts: Tuple[Tuple[str, str], ...] = ()
-
-    def mounts(self) -> Tuple[Tuple[str, str], ...]:
-        import select
-
-        with self._lock:
-            if self._pid == os.getpid() and self._poll is not None and not self._poll.poll(0):
-                return self._mounts
-            if self._fd >= 0:
-                os.close(self._fd)
-            self._fd, self._poll = -1, None
-            try:
-                fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)  # opened first, read second
-            except OSError:
-                return ()
-            chunks = []
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
-            mounts = []
-            for line in b"".join(chunks).decode("utf-8", "surrogateescape").splitlines():
-                left, _, right = line.partition(" - ")
-                mounts.append((left.split(" ")[4].replace("\\040", " "), right.split(" ", 1)[0]))
-            poll = select.poll()
-            poll.register(fd, select.POLLPRI)
-            self._fd, self._poll, self._pid, self._mounts = fd, poll, os.getpid(), tuple(mounts)
-            return self._mounts
-
-
-_mount_table = _MountTable()
-
-
 def _cgroup_mount_of(path: str) -> Optional[str]:
     """The mount point of the cgroup (v1 or v2) file system `path` is inside, if any."""
     best = None
-    for mount, fstype in _mount_table.mounts():
+    for mount, fstype in _core.mounts():
         inside = path == mount or path.startswith(mount.rstrip("/") + "/")
         if inside and (best is None or len(mount) > len(best[0])):
             best = (mount, fstype)

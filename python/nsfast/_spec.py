@@ -749,18 +749,6 @@ _MNT_DEFAULTS = {
     "tmp_size": DEFAULT_TMP_SIZE,
     "shm_size": DEFAULT_SHM_SIZE,
 }
-_default: Optional[Tuple[Optional[str], Spec]] = None
-
-
-def _default_spec() -> Spec:
-    """Spec(), made once (validation is not free); remade if TERM, which it copies, changed."""
-    global _default
-    term = os.environ.get("TERM")
-    if _default is None or _default[0] != term:
-        _default = (term, Spec())
-    return _default[1]
-
-
 #: Fields whose validation reads nothing but their value (no file, no cwd, no image): a
 #: Spec of only these, with plain values, is the same Spec every time it is asked for.
 _PURE_FIELDS = frozenset(
@@ -772,9 +760,9 @@ _made: Dict[Tuple[Any, ...], Spec] = {}
 
 
 def _pure_spec(changes: Mapping[str, Any]) -> Optional[Spec]:
-    """Spec(**changes), made once per distinct `changes` (and TERM, which it copies), when
-    every field is pure and every value plain (bool is an int, so True and 1 differ by type
-    in the key); else None."""
+    """Spec(**changes), made once per distinct `changes` (and TERM, which it copies; {} is
+    the default Spec) when every field is pure and every value plain (validation is not free;
+    bool is an int, so True and 1 differ by type in the key); else None."""
     if not changes.keys() <= _PURE_FIELDS or not all(isinstance(v, _PLAIN) for v in changes.values()):
         return None
     key = (os.environ.get("TERM"), *sorted((k, type(v), v) for k, v in changes.items()))
@@ -793,8 +781,6 @@ def with_fields(spec: Optional[Spec], changes: Mapping[str, Any]) -> Spec:
     if unknown:
         raise TypeError(f"unknown sandbox option(s): {', '.join(unknown)} (Spec fields: {', '.join(sorted(_FIELDS))})")
     if spec is None:
-        if not changes:
-            return _default_spec()
         return _pure_spec(changes) or Spec(**changes)
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be an nsfast.Spec, not {type(spec).__name__}")

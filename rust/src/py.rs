@@ -103,6 +103,15 @@ fn settle(py: Python<'_>) {
     })
 }
 
+/// This process's mounts: (mount point, file system type), in mountinfo's order; read
+/// again only when the kernel says the table changed (`spec::mount_table`).
+#[pyfunction]
+fn mounts() -> Vec<(std::ffi::OsString, String)> {
+    use std::os::unix::ffi::OsStrExt;
+    let table = crate::spec::mount_table().unwrap_or_default();
+    table.iter().map(|(p, t)| (std::ffi::OsStr::from_bytes(p).into(), t.clone())).collect()
+}
+
 /// The own cgroup v2 path of this process (for rootless delegation), if any.
 #[pyfunction]
 fn own_cgroup() -> Option<String> {
@@ -1085,6 +1094,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cgroup_backend, m)?)?;
     m.add_function(wrap_pyfunction!(own_cgroup, m)?)?;
     m.add_function(wrap_pyfunction!(settle, m)?)?;
+    m.add_function(wrap_pyfunction!(mounts, m)?)?;
     m.add_function(wrap_pyfunction!(sandbox_id_range, m)?)?;
     m.add_function(wrap_pyfunction!(kill_cgroups, m)?)?;
     m.add_function(wrap_pyfunction!(spawn_join, m)?)?;

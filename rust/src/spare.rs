@@ -44,11 +44,6 @@ pub struct Layers {
     pub upper: Upper,
 }
 
-/// A request: the layers to make a spare of.
-struct Request {
-    layers: Layers,
-}
-
 struct Spare {
     layers: Layers,
     made: Instant,
@@ -61,7 +56,8 @@ struct Spare {
 type Identity = (u64, u64, u64);
 
 enum Job {
-    Make(Request),
+    /// Make a spare of these layers (unless one is there).
+    Make(Layers),
     /// Answered once the jobs before it are done.
     Flush(std::sync::mpsc::Sender<()>),
 }
@@ -78,7 +74,7 @@ fn maker() -> Option<&'static Maker> {
         let (tx, rx) = sync_channel::<Job>(MAX_SPARES);
         let work = move || loop {
             match rx.recv_timeout(MAX_AGE) {
-                Ok(Job::Make(req)) => make(req),
+                Ok(Job::Make(layers)) => make(layers),
                 Ok(Job::Flush(done)) => drop(done.send(())),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -126,7 +122,7 @@ pub fn take(plan: &Plan) -> Option<(Vec<OwnedFd>, OwnedFd)> {
 /// with few CPUs.
 pub fn ask(plan: &Plan) {
     let (Some(layers), Some(m)) = (layers_of(plan), maker()) else { return };
-    let _ = m.tx.try_send(Job::Make(Request { layers }));
+    let _ = m.tx.try_send(Job::Make(layers));
 }
 
 /// Discard every spare, once the thread made those asked for: afterwards this process
@@ -153,19 +149,19 @@ fn identity(path: &CStr) -> Option<Identity> {
     Some((dev, st.stx_ino, st.stx_mnt_id))
 }
 
-/// The thread: make a spare for `req` unless one is there.
-fn make(req: Request) {
+/// The thread: make a spare of `layers` unless one is there.
+fn make(layers: Layers) {
     let Some(m) = maker() else { return };
-    if m.spares.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.layers == req.layers) {
+    if m.spares.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.layers == layers) {
         return;
     }
-    let Some(ids) = req.layers.prepare.iter().map(|p| identity(&p.src)).collect::<Option<Vec<_>>>() else {
+    let Some(ids) = layers.prepare.iter().map(|p| identity(&p.src)).collect::<Option<Vec<_>>>() else {
         return;
     };
-    let Ok((trees, Some(upper))) = crate::spawn::prepare_layers(&req.layers.prepare, Some(&req.layers.upper)) else {
+    let Ok((trees, Some(upper))) = crate::spawn::prepare_layers(&layers.prepare, Some(&layers.upper)) else {
         return; // the start makes its own, and reports what failed
     };
-    let spare = Spare { layers: req.layers, made: Instant::now(), ids, trees, upper };
+    let spare = Spare { layers, made: Instant::now(), ids, trees, upper };
     let mut spares = m.spares.lock().unwrap_or_else(|p| p.into_inner());
     spares.push(spare);
     if spares.len() > MAX_SPARES {

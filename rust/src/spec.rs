@@ -424,14 +424,19 @@ fn in_root_probe(root: &[u8], rel: &[u8]) -> Option<bool> {
         .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory)
 }
 
-/// This process's mount table (/proc/self/mountinfo), read again only when it changed.
+/// (mount point, file system type) of each mount, in mountinfo's order.
+pub type MountTable = Arc<Vec<(Vec<u8>, String)>>;
+
+/// This process's mount table (/proc/self/mountinfo) as (mount point, file system type),
+/// in its order; read and parsed again only when it changed.
 ///
 /// The kernel makes that file pollable: POLLPRI once the namespace's mount table changed
-/// since the file was opened or last polled. So the text is kept with the open file and
+/// since the file was opened or last polled. So the table is kept with the open file and
 /// re-read after such an event, or when the process is another (a fork) or its mount
 /// namespace another (setns). Reading it costs ~80 us per overlay start on this VM (the
-/// kernel formats every mount); a start only asks whether anything changed.
-fn mountinfo() -> Option<Arc<Vec<u8>>> {
+/// kernel formats every mount); a start only asks whether anything changed. The Python
+/// layer's cgroup-root check uses it too (`_core.mounts`).
+pub fn mount_table() -> Option<MountTable> {
     use rustix::fs::{Mode, OFlags};
     use std::io::Read;
     use std::os::fd::OwnedFd;
@@ -440,7 +445,7 @@ fn mountinfo() -> Option<Arc<Vec<u8>>> {
         pid: u32,
         ns: (u64, u64),
         file: OwnedFd,
-        text: Arc<Vec<u8>>,
+        table: MountTable,
     }
     static CACHE: Mutex<Option<Cached>> = Mutex::new(None);
     let st = rustix::fs::stat("/proc/self/ns/mnt").ok()?;
@@ -451,31 +456,35 @@ fn mountinfo() -> Option<Arc<Vec<u8>>> {
         let mut fds = [PollFd::new(&c.file, PollFlags::PRI)];
         let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
         if poll(&mut fds, Some(&zero)) == Ok(0) {
-            return Some(c.text.clone());
+            return Some(c.table.clone());
         }
     }
     // Opened first, read second: a change in between shows in the text and as an event.
     let file = rustix::fs::open("/proc/self/mountinfo", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
     let mut text = Vec::new();
     std::fs::File::from(file.try_clone().ok()?).read_to_end(&mut text).ok()?;
-    let text = Arc::new(text);
-    *cache = Some(Cached { pid, ns, file, text: text.clone() });
-    Some(text)
+    let mut mounts = Vec::new();
+    for line in text.split(|&b| b == b'\n') {
+        // id parent major:minor root mount-point options [optional...] - fstype source super
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == b"-") else { continue };
+        let (Some(point), Some(fstype)) = (fields.get(4), fields.get(dash + 1)) else { continue };
+        mounts.push((unescape_mountinfo(point), String::from_utf8_lossy(fstype).into_owned()));
+    }
+    let table = Arc::new(mounts);
+    *cache = Some(Cached { pid, ns, file, table: table.clone() });
+    Some(table)
 }
 
 /// The mounts strictly below `root` in this process's mount table (/proc/self/mountinfo):
 /// (path relative to `root`, file system type), parents first; of mounts stacked on one
 /// path, the top one's type.
 fn submounts_probe(root: &[u8]) -> Vec<(Vec<u8>, String)> {
-    let Some(table) = mountinfo() else { return Vec::new() };
+    let Some(table) = mount_table() else { return Vec::new() };
     let base = mount::normalize_target(root).unwrap_or_default();
     let mut found: Vec<(Vec<u8>, String)> = Vec::new();
-    for line in table.split(|&b| b == b'\n') {
-        // id parent major:minor root mount-point options [optional...] - fstype source super
-        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-        let Some(dash) = fields.iter().position(|f| *f == b"-") else { continue };
-        let (Some(point), Some(fstype)) = (fields.get(4), fields.get(dash + 1)) else { continue };
-        let Some(point) = mount::normalize_target(&unescape_mountinfo(point)) else { continue };
+    for (point, fstype) in table.iter() {
+        let Some(point) = mount::normalize_target(point) else { continue };
         let rel = if base.is_empty() {
             point
         } else if point.starts_with(&base) && point.get(base.len()) == Some(&b'/') {
@@ -486,10 +495,9 @@ fn submounts_probe(root: &[u8]) -> Vec<(Vec<u8>, String)> {
         if rel.is_empty() {
             continue;
         }
-        let fstype = String::from_utf8_lossy(fstype).into_owned();
         match found.iter_mut().find(|(p, _)| *p == rel) {
-            Some(e) => e.1 = fstype,
-            None => found.push((rel, fstype)),
+            Some(e) => e.1 = fstype.clone(),
+            None => found.push((rel, fstype.clone())),
         }
     }
     found.sort_by_key(|(p, _)| p.iter().filter(|&&b| b == b'/').count());
