@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod error;
 pub mod exec;
 pub mod mount;
+pub mod netpool;
 pub mod ns;
 pub mod reaper;
 pub mod seccomp;

@@ -103,6 +103,31 @@ fn settle(py: Python<'_>) {
     })
 }
 
+/// Keep `n` network namespaces made ahead for this process's sandboxes (`crate::netpool`;
+/// 0: none). SpecError (field "netns_pool") when this caller cannot make them.
+#[pyfunction]
+fn set_netns_pool(py: Python<'_>, n: usize) -> PyResult<()> {
+    use rustix::io::Errno;
+    let max = crate::netpool::MAX_SIZE;
+    detached(py, || crate::netpool::set_size(n)).map_err(|e| {
+        let msg = match e {
+            Errno::INVAL => format!("must be at most {max}, got {n}"),
+            Errno::PERM => "needs CAP_SYS_ADMIN to make network namespaces (a root caller): \
+                            a rootless caller's sandboxes make theirs in their own user namespace"
+                .to_owned(),
+            Errno::NOTSUP => "cannot be changed in a forked child of a process that has a pool".to_owned(),
+            e => format!("cannot make a network namespace: {e}"),
+        };
+        to_pyerr(py, Error::invalid("netns_pool", msg))
+    })
+}
+
+/// The size `set_netns_pool` set (0: no pool).
+#[pyfunction]
+fn netns_pool() -> usize {
+    crate::netpool::size()
+}
+
 /// This process's mounts: (mount point, file system type), in mountinfo's order; read
 /// again only when the kernel says the table changed (`spec::mount_table`).
 #[pyfunction]
@@ -1094,6 +1119,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cgroup_backend, m)?)?;
     m.add_function(wrap_pyfunction!(own_cgroup, m)?)?;
     m.add_function(wrap_pyfunction!(settle, m)?)?;
+    m.add_function(wrap_pyfunction!(set_netns_pool, m)?)?;
+    m.add_function(wrap_pyfunction!(netns_pool, m)?)?;
     m.add_function(wrap_pyfunction!(mounts, m)?)?;
     m.add_function(wrap_pyfunction!(sandbox_id_range, m)?)?;
     m.add_function(wrap_pyfunction!(kill_cgroups, m)?)?;

@@ -112,6 +112,8 @@ struct ChildCtx<'a> {
     parent_pidfd: RawFd,
     /// Our end of the socket the trees' fds go back through (-1: none asked).
     trees_sock: RawFd,
+    /// The child was born in a network namespace of `crate::netpool` (its `lo` is up).
+    pooled_net: bool,
 }
 
 /// Open the files a v1 child moves itself in with (see `Cgroup::self_attach_files`).
@@ -239,6 +241,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
         &[init.map_or(-1, |(fd, _, _)| fd), init.map_or(-1, |(_, _, status)| status), parent_pidfd_raw, trees_sock],
     ]);
     let stack = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
+    let pooled_net = crate::netpool::take(plan);
     let ctx = ChildCtx {
         plan,
         io,
@@ -251,6 +254,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
         keep_fds: &keep_fds,
         parent_pidfd: parent_pidfd_raw,
         trees_sock,
+        pooled_net: pooled_net.is_some(),
     };
 
     let mut pidfd: c_int = -1;
@@ -266,6 +270,16 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
     if ctx.late_time_ns {
         flags &= !CLONE_NEWTIME;
     }
+    // A network namespace made ahead (`crate::netpool`): the child inherits it from this
+    // thread, which is in it for the clone only (back in its own when `_in_pooled` drops).
+    let _in_pooled = match &pooled_net {
+        Some(ns) => {
+            let entered = crate::netpool::enter(ns).map_err(|e| Error::spawn("setns (pooled netns)", None, e))?;
+            flags &= !(libc::CLONE_NEWNET as u64);
+            Some(entered)
+        }
+        None => None,
+    };
     let mut args = CloneArgs {
         flags,
         cgroup: cgroup_fd.map_or(0, |fd| fd as u64),
@@ -282,6 +296,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
     // them) after `wait_exec` saw the report pipe close, i.e. after the child exec'd or died.
     let res = unsafe { sys::clone_any(&mut args, legacy, child_main, arg) };
     sys::restore_signals(&old_mask);
+    drop(_in_pooled);
     if res == Err(Errno::NOSYS) && !legacy {
         return Ok(None); // no child: everything above is dropped, and clone(2) tries again
     }
@@ -730,7 +745,7 @@ fn child(ctx: &ChildCtx) -> ! {
     if let Some(name) = &plan.hostname {
         rustix::system::sethostname(name).unwrap_or_else(|e| fail(Step::Hostname, e));
     }
-    if plan.loopback {
+    if plan.loopback && !ctx.pooled_net {
         sys::loopback_up().unwrap_or_else(|e| fail(Step::Loopback, e));
     }
     if plan.fs.steps.is_empty() {
