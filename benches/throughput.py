@@ -1,5 +1,5 @@
 """Throughput of sandboxes: tasks per second and per-task latency (p50/p99) for `nsfast.run`
-from 1, 2 and 4 threads, `nsfast.arun` at concurrency 1, 4, 16 and 64, `nsfast.Zygote`'s
+from 1, 2 and 4 threads (and from 1 and 2 with `configure(netns_pool=4)`), `nsfast.arun` at concurrency 1, 4, 16 and 64, `nsfast.Zygote`'s
 Python tasks (`run_python("pass")` and a small real snippet, from 1, 2 and 4 threads, and
 `arun_python` at 16), Python started afresh (`nsfast.run` and `subprocess.run` of
 `python3 -c`), bwrap, the kernel's share
@@ -199,6 +199,18 @@ TARGETS = [
 ]  # fmt: skip
 
 
+def pooled(call: Callable[[], List[float]]) -> List[float]:
+    """`call` with 4 network namespaces made ahead (`nsfast.configure(netns_pool=4)`), the
+    pool closed again after the row."""
+    import nsfast
+
+    nsfast.configure(netns_pool=4)
+    try:
+        return call()
+    finally:
+        nsfast.configure(netns_pool=0)
+
+
 def rows() -> List[Dict[str, Any]]:
     import nsfast
 
@@ -211,6 +223,9 @@ def rows() -> List[Dict[str, Any]]:
     for t in (1, 2, 4):
         out.append({"name": f"nsfast.run, {t} thread(s)", "run": lambda n, t=t: threaded(
             lambda: nsfast.run(TRUE), t, n)})  # fmt: skip
+    for t in (1, 2):
+        out.append({"name": f"nsfast.run, configure(netns_pool=4), {t} thread(s)", "run": lambda n, t=t: pooled(
+            lambda: threaded(lambda: nsfast.run(TRUE), t, n))})  # fmt: skip
     out.append({"name": "nsfast.run, no net namespace, 2 threads", "run": lambda n: threaded(
         lambda: nsfast.run(TRUE, spec=no_net), 2, n)})  # fmt: skip
     out.append({"name": "nsfast.run, cgroup=False, 2 threads", "run": lambda n: threaded(

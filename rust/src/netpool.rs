@@ -131,11 +131,16 @@ pub fn take(plan: &Plan) -> Option<OwnedFd> {
         return None;
     }
     let p = pool()?;
-    let fd = p.state.lock().unwrap_or_else(|e| e.into_inner()).ready.pop_front();
-    if fd.is_some() {
+    p.state.lock().unwrap_or_else(|e| e.into_inner()).ready.pop_front()
+}
+
+/// Let the thread make up for what was taken: called once the start that took one has
+/// exec'd, so that the thread's work overlaps the sandbox's run and the caller's wait, not
+/// the sandbox's setup, which it would slow on a machine with few CPUs (as `spare::ask`).
+pub fn refill() {
+    if let Some(p) = pool() {
         p.changed.notify_all();
     }
-    fd
 }
 
 /// The thread: keep `want` namespaces ready.
@@ -144,6 +149,7 @@ fn fill() {
     loop {
         {
             let mut st = p.state.lock().unwrap_or_else(|e| e.into_inner());
+            // (Woken by `refill` or `set_size`; a spurious wake-up only refills early.)
             while st.ready.len() >= st.want {
                 st = p.changed.wait(st).unwrap_or_else(|e| e.into_inner());
             }

@@ -326,6 +326,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
     };
     let mut child = finish(plan, child, &mut parent, plan.maps.as_ref(), attach, procs, stack)?;
     crate::spare::ask(plan);
+    crate::netpool::refill();
     if let Some(r) = trees_r {
         match receive_trees(&r, plan, io.trees, upper.as_ref(), child_upper) {
             Ok((trees, child_upper)) => {
