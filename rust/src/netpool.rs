@@ -146,6 +146,7 @@ pub fn refill() {
 /// The thread: keep `want` namespaces ready.
 fn fill() {
     let Some(p) = pool() else { return };
+    let mut backoff = std::time::Duration::from_millis(50);
     loop {
         {
             let mut st = p.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -166,8 +167,12 @@ fn fill() {
         p.changed.notify_all();
         drop(st);
         if failed {
-            // (One was made before: a transient failure, e.g. ENOMEM. Try again later.)
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            // One was made before: a transient failure (ENOMEM), or the caller gave up
+            // CAP_SYS_ADMIN since. Try again later, less and less often.
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+        } else {
+            backoff = std::time::Duration::from_millis(50);
         }
     }
 }

@@ -241,7 +241,12 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
         &[init.map_or(-1, |(fd, _, _)| fd), init.map_or(-1, |(_, _, status)| status), parent_pidfd_raw, trees_sock],
     ]);
     let stack = Stack::new(STACK_SIZE).map_err(|e| Error::spawn("mmap stack", None, errno_of(&e)))?;
+    // A network namespace made ahead (`crate::netpool`): the child inherits it from this
+    // thread, which is in it from here to the clone only (back in its own when `in_pooled`
+    // drops). If the thread cannot enter it (the caller gave up CAP_SYS_ADMIN since the pool
+    // made it), the child makes its own at clone, as without a pool.
     let pooled_net = crate::netpool::take(plan);
+    let in_pooled = pooled_net.as_ref().and_then(|ns| crate::netpool::enter(ns).ok());
     let ctx = ChildCtx {
         plan,
         io,
@@ -254,7 +259,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
         keep_fds: &keep_fds,
         parent_pidfd: parent_pidfd_raw,
         trees_sock,
-        pooled_net: pooled_net.is_some(),
+        pooled_net: in_pooled.is_some(),
     };
 
     let mut pidfd: c_int = -1;
@@ -270,16 +275,9 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
     if ctx.late_time_ns {
         flags &= !CLONE_NEWTIME;
     }
-    // A network namespace made ahead (`crate::netpool`): the child inherits it from this
-    // thread, which is in it for the clone only (back in its own when `_in_pooled` drops).
-    let _in_pooled = match &pooled_net {
-        Some(ns) => {
-            let entered = crate::netpool::enter(ns).map_err(|e| Error::spawn("setns (pooled netns)", None, e))?;
-            flags &= !(libc::CLONE_NEWNET as u64);
-            Some(entered)
-        }
-        None => None,
-    };
+    if in_pooled.is_some() {
+        flags &= !(libc::CLONE_NEWNET as u64);
+    }
     let mut args = CloneArgs {
         flags,
         cgroup: cgroup_fd.map_or(0, |fd| fd as u64),
@@ -296,7 +294,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
     // them) after `wait_exec` saw the report pipe close, i.e. after the child exec'd or died.
     let res = unsafe { sys::clone_any(&mut args, legacy, child_main, arg) };
     sys::restore_signals(&old_mask);
-    drop(_in_pooled);
+    drop(in_pooled);
     if res == Err(Errno::NOSYS) && !legacy {
         return Ok(None); // no child: everything above is dropped, and clone(2) tries again
     }
