@@ -240,6 +240,32 @@ def test_setting_zero_closes_them_and_many_starts_leave_nothing() -> None:
         nsfast.configure(netns_pool=0)
     assert nsfast._core.netns_pool() == 0
     assert _nsfs_fds() == before
+    # ... and its thread ended: a process that turned its pool off has no thread of it.
+    assert not _has_pool_thread(False)
+    nsfast.configure(netns_pool=1)  # and it starts again
+    try:
+        assert _has_pool_thread(True)
+        assert nsfast.run(["true"]).returncode == 0
+    finally:
+        nsfast.configure(netns_pool=0)
+    assert not _has_pool_thread(False)
+
+
+def _has_pool_thread(expect: bool) -> bool:
+    """Whether this process has nsfast's pool thread, once it is as `expect`ed or after 1 s
+    (a thread takes a moment to get its name, and to be gone once it ended)."""
+    for _ in range(100):
+        names = set()
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    names.add(f.read().strip())
+            except FileNotFoundError:
+                continue
+        if ("nsfast-netns" in names) == expect:
+            return expect
+        time.sleep(0.01)
+    return not expect
 
 
 @pytest.mark.parametrize(

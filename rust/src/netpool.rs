@@ -31,18 +31,22 @@ use crate::sys;
 pub const MAX_SIZE: usize = 64;
 
 struct State {
-    /// How many to keep ready (0: none, and the thread idles).
+    /// How many to keep ready (0: none, and no thread).
     want: usize,
     ready: VecDeque<OwnedFd>,
     /// The thread is making one (its fds are open): `set_size` waits for it to finish.
     making: bool,
+    /// The thread runs (it ends once `want` is 0, so a process that turned its pool off is
+    /// left with no thread of it).
+    thread: bool,
 }
 
 struct Pool {
-    /// The process the thread runs in (a fork's child has no such thread).
+    /// The process the pool is of (a fork's child has no thread, and no pool).
     pid: u32,
     state: Mutex<State>,
-    /// Signalled when `ready` shrank or `want` changed (the thread), or grew (`set_size`).
+    /// Signalled when `ready` shrank or `want` changed (for the thread), or when the thread
+    /// finished making one or ended (for `set_size`).
     changed: Condvar,
 }
 
@@ -52,61 +56,54 @@ fn pool() -> Option<&'static Pool> {
     POOL.get().filter(|p| p.pid == std::process::id())
 }
 
-/// Keep `n` network namespaces ready (0: none; those ready are closed). A call with `n > 0`
-/// returns once one is ready (the first also starts the thread), or with why none can be
-/// made (EPERM: no CAP_SYS_ADMIN). In a forked child of a process with a pool: ENOTSUP (the thread was
-/// not copied).
+/// Keep `n` network namespaces ready (0: none; those ready are closed and the thread ends).
+/// A call with `n > 0` returns once one is ready (and the thread runs), or with why none can
+/// be made (EPERM: no CAP_SYS_ADMIN). In a forked child of a process that had a pool:
+/// ENOTSUP (the thread was not copied).
 pub fn set_size(n: usize) -> Result<(), Errno> {
     if n > MAX_SIZE {
         return Err(Errno::INVAL);
     }
-    if let Some(p) = POOL.get() {
-        if p.pid != std::process::id() {
-            return Err(Errno::NOTSUP);
-        }
-        // A pool the thread cannot fill is refused, as at the first call; the one made to
-        // check is the first ready (a start right after this call finds one).
-        let first = if n > 0 { Some(make()?) } else { None };
-        let old = {
-            let mut st = p.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.want = n;
-            st.ready.extend(first);
-            let keep = st.ready.len().min(n);
-            let old = st.ready.split_off(keep);
-            p.changed.notify_all();
-            // Returns with no fd of the pool's open beyond the `n` kept (leak checks count).
-            while st.making {
-                st = p.changed.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
-            let keep = st.ready.len().min(n);
-            let mut old = old;
-            old.extend(st.ready.split_off(keep));
-            old
-        };
-        drop(old);
-        return Ok(());
-    }
-    if n == 0 {
-        return Ok(());
-    }
-    // Refused here, before any thread exists, if this caller cannot make one.
-    let first = make()?;
     let p = POOL.get_or_init(|| Pool {
         pid: std::process::id(),
-        state: Mutex::new(State { want: 0, ready: VecDeque::new(), making: false }),
+        state: Mutex::new(State { want: 0, ready: VecDeque::new(), making: false, thread: false }),
         changed: Condvar::new(),
     });
-    {
+    if p.pid != std::process::id() {
+        return Err(Errno::NOTSUP);
+    }
+    // Refused if this caller cannot make one; the one made to check is the first ready (a
+    // start right after this call finds one).
+    let first = if n > 0 { Some(make()?) } else { None };
+    let (old, spawn) = {
         let mut st = p.state.lock().unwrap_or_else(|e| e.into_inner());
         st.want = n;
-        st.ready.push_back(first);
-    }
-    let started = std::thread::Builder::new().name("nsfast-netns".into()).stack_size(128 * 1024).spawn(fill);
-    if let Err(e) = started {
-        let mut st = p.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.want = 0;
-        st.ready.clear();
-        return Err(Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EAGAIN)));
+        st.ready.extend(first);
+        p.changed.notify_all();
+        // Returns with no fd of the pool's open beyond the `n` kept (leak checks count),
+        // and with no thread when `n` is 0.
+        while st.making || (n == 0 && st.thread) {
+            st = p.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        let keep = st.ready.len().min(n);
+        let old = st.ready.split_off(keep);
+        let spawn = n > 0 && !st.thread;
+        st.thread |= spawn;
+        (old, spawn)
+    };
+    drop(old);
+    if spawn {
+        let started = std::thread::Builder::new().name("nsfast-netns".into()).stack_size(128 * 1024).spawn(fill);
+        if let Err(e) = started {
+            let old = {
+                let mut st = p.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.thread = false;
+                st.want = 0;
+                std::mem::take(&mut st.ready)
+            };
+            drop(old);
+            return Err(Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EAGAIN)));
+        }
     }
     Ok(())
 }
@@ -146,12 +143,20 @@ pub fn refill() {
 /// The thread: keep `want` namespaces ready.
 fn fill() {
     let Some(p) = pool() else { return };
+    // No signal is the process's business here (a handler of the caller's would run on
+    // this thread, and the signal be lost to the thread that waits for it).
+    let _ = sys::block_all_signals();
     let mut backoff = std::time::Duration::from_millis(50);
     loop {
         {
             let mut st = p.state.lock().unwrap_or_else(|e| e.into_inner());
             // (Woken by `refill` or `set_size`; a spurious wake-up only refills early.)
             while st.ready.len() >= st.want {
+                if st.want == 0 {
+                    st.thread = false;
+                    p.changed.notify_all();
+                    return;
+                }
                 st = p.changed.wait(st).unwrap_or_else(|e| e.into_inner());
             }
             st.making = true;
@@ -165,11 +170,11 @@ fn fill() {
         }
         st.making = false;
         p.changed.notify_all();
-        drop(st);
         if failed {
             // One was made before: a transient failure (ENOMEM), or the caller gave up
-            // CAP_SYS_ADMIN since. Try again later, less and less often.
-            std::thread::sleep(backoff);
+            // CAP_SYS_ADMIN since. Try again later, less and less often (or at once when
+            // `set_size` changes something).
+            drop(p.changed.wait_timeout(st, backoff));
             backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
         } else {
             backoff = std::time::Duration::from_millis(50);
