@@ -121,6 +121,24 @@ def running_with_cmdline(needle: str) -> List[psutil.Process]:
     return out
 
 
+#: nsfast's own service threads: each ends once idle (the reaper after 2 s, the spare maker
+#: once its last spare expired, the netns pool's when set to 0) and starts on demand, so
+#: their number is not a leak count; every other thread is.
+SERVICE_THREADS = ("nsfast-reaper", "nsfast-spare", "nsfast-netns")
+
+
+def os_threads() -> int:
+    """This process's OS threads, nsfast's service threads left out."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read().strip() not in SERVICE_THREADS
+        except FileNotFoundError:
+            continue  # (just ended)
+    return n
+
+
 def fd_numbers() -> List[int]:
     return sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
 

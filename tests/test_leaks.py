@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 import nsfast
-from conftest import mountinfo, sandbox_cgroups, suite, wait_until
+from conftest import mountinfo, os_threads, sandbox_cgroups, suite, wait_until
 
 pytestmark = [*suite, pytest.mark.usefixtures("init_binary_loaded")]
 
@@ -20,7 +20,7 @@ def _snapshot():
     me = psutil.Process()
     return {
         "fds": me.num_fds(),
-        "threads": me.num_threads(),
+        "threads": os_threads(),
         "python threads": threading.active_count(),
         "children": sorted(p.pid for p in me.children(recursive=True)),
         "mountinfo": mountinfo(),

@@ -119,3 +119,49 @@ def test_a_failed_start_with_overlays_leaves_nothing(busybox_rootfs):
             nsfast.run(["/no/such/program"], rootfs=busybox_rootfs, overlay=True)
     nsfast.settle()
     assert main_fds() == before
+
+
+def nsfast_threads() -> set[str]:
+    names = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            names.add(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        except FileNotFoundError:
+            continue
+    return names & {"nsfast-reaper", "nsfast-spare"}
+
+
+def test_the_threads_end_when_idle_and_come_back(busybox_rootfs, tmp_path):
+    """A process that stopped starting sandboxes is left with no thread of nsfast's (what a
+    later fork() expects; Python 3.12+ warns about forking a threaded process); the next
+    overlay start brings them back, and its mounts are still closed off its path."""
+    import time
+
+    src = tmp_path / "src"
+    src.mkdir()
+    overlay_runs(busybox_rootfs, src)
+    assert nsfast_threads() == {"nsfast-reaper", "nsfast-spare"}
+    nsfast.settle()
+    before = fd_kinds()
+    deadline = time.monotonic() + 15  # the reaper idles 2 s; the spare thread's last spare expires after 2 s
+    while nsfast_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert nsfast_threads() == set()
+    assert fd_kinds() == before  # nothing of a sandbox's was left to the threads
+    overlay_runs(busybox_rootfs, src)
+    assert "nsfast-reaper" in nsfast_threads()
+    nsfast.settle()
+    assert fd_kinds() == before
+    assert os.listdir(src) == []
+
+
+def fd_kinds() -> list[str]:
+    """This process's open fds by kind ("socket", "pipe", a path, ...), inode numbers left out."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        out.append(target.split(":[", 1)[0])
+    return sorted(out)

@@ -20,11 +20,15 @@
 //! Only plans whose every prepared tree is a non-recursive overlay lower over a tmpfs
 //! upper qualify (a bind's recursive clone made ahead could miss a mount made since; an
 //! `overlay_upper` directory is the user's, not to be touched before the start asks).
+//!
+//! The thread ends once it has held no spare for [`MAX_AGE`], and the next start that asks
+//! starts another: a process that stopped starting sandboxes has no thread of this module.
 
 use std::ffi::CStr;
 use std::os::fd::OwnedFd;
-use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, StatxFlags, CWD};
@@ -62,29 +66,88 @@ enum Job {
     Flush(std::sync::mpsc::Sender<()>),
 }
 
-struct Maker {
-    pid: u32,
-    tx: SyncSender<Job>,
-    spares: Mutex<Vec<Spare>>,
+/// The process the spares are of. A forked child, which has no thread (and whose copies of
+/// the locks below may have been held at the fork), sees another pid and takes no lock.
+static OWNER: AtomicU32 = AtomicU32::new(0);
+/// The running thread's queue (None: no thread runs; the next job starts one). The thread
+/// ends once it has held no spare for [`MAX_AGE`] (a process that stopped starting
+/// sandboxes is left with no thread of nsfast's), clearing this under its lock.
+static QUEUE: Mutex<Option<SyncSender<Job>>> = Mutex::new(None);
+static SPARES: Mutex<Vec<Spare>> = Mutex::new(Vec::new());
+
+fn owned() -> bool {
+    let me = std::process::id();
+    match OWNER.compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => true,
+        Err(owner) => owner == me,
+    }
 }
 
-fn maker() -> Option<&'static Maker> {
-    static MAKER: OnceLock<Option<Maker>> = OnceLock::new();
-    let m = MAKER.get_or_init(|| {
-        let (tx, rx) = sync_channel::<Job>(MAX_SPARES);
-        let work = move || loop {
-            match rx.recv_timeout(MAX_AGE) {
-                Ok(Job::Make(layers)) => make(layers),
-                Ok(Job::Flush(done)) => drop(done.send(())),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+fn spares() -> std::sync::MutexGuard<'static, Vec<Spare>> {
+    SPARES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Queue `job` for the thread (started if none runs), without blocking: Err(job) when the
+/// queue is full, in a forked child, or if no thread can start.
+fn submit(job: Job) -> Result<(), Job> {
+    if !owned() {
+        return Err(job);
+    }
+    let mut queue = QUEUE.lock().unwrap_or_else(|p| p.into_inner());
+    let mut job = job;
+    for _ in 0..2 {
+        if queue.is_none() {
+            let (tx, rx) = sync_channel::<Job>(MAX_SPARES);
+            let started =
+                std::thread::Builder::new().name("nsfast-spare".into()).stack_size(256 * 1024).spawn(move || work(rx));
+            if started.is_err() {
+                return Err(job);
             }
-            expire();
-        };
-        let started = std::thread::Builder::new().name("nsfast-spare".into()).stack_size(256 * 1024).spawn(work);
-        started.ok().map(|_| Maker { pid: std::process::id(), tx, spares: Mutex::new(Vec::new()) })
-    });
-    m.as_ref().filter(|m| m.pid == std::process::id())
+            *queue = Some(tx);
+        }
+        match queue.as_ref().map(|tx| tx.try_send(job)) {
+            Some(Ok(())) => return Ok(()),
+            Some(Err(TrySendError::Full(j))) => return Err(j),
+            Some(Err(TrySendError::Disconnected(j))) => {
+                *queue = None; // (a thread that died: start another)
+                job = j;
+            }
+            None => unreachable!("set above"),
+        }
+    }
+    Err(job)
+}
+
+/// The thread.
+fn work(rx: std::sync::mpsc::Receiver<Job>) {
+    let _ = crate::sys::block_all_signals();
+    let handle = |job: Job| match job {
+        Job::Make(layers) => make(layers),
+        Job::Flush(done) => drop(done.send(())),
+    };
+    loop {
+        match rx.recv_timeout(MAX_AGE) {
+            Ok(job) => handle(job),
+            Err(RecvTimeoutError::Timeout) => {
+                expire();
+                if spares().is_empty() {
+                    let mut queue = QUEUE.lock().unwrap_or_else(|p| p.into_inner());
+                    match rx.try_recv() {
+                        Ok(job) => {
+                            drop(queue);
+                            handle(job);
+                        }
+                        Err(_) => {
+                            *queue = None; // nothing queued, nothing held: end
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        expire();
+    }
 }
 
 /// The layers a plan's overlays can be made ahead for, if it qualifies (see the module).
@@ -103,9 +166,11 @@ fn layers_of(plan: &Plan) -> Option<Layers> {
 /// unchanged: (the prepared trees' fds, the upper's).
 pub fn take(plan: &Plan) -> Option<(Vec<OwnedFd>, OwnedFd)> {
     let layers = layers_of(plan)?;
-    let m = maker()?;
+    if !owned() {
+        return None;
+    }
     let s = {
-        let mut spares = m.spares.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spares = spares();
         spares.iter().position(|s| s.layers == layers).map(|i| spares.swap_remove(i))
     }?;
     let current: Option<Vec<Identity>> = layers.prepare.iter().map(|p| identity(&p.src)).collect();
@@ -121,19 +186,39 @@ pub fn take(plan: &Plan) -> Option<(Vec<OwnedFd>, OwnedFd)> {
 /// run and the caller's wait, not the sandbox's setup, which it would slow on a machine
 /// with few CPUs.
 pub fn ask(plan: &Plan) {
-    let (Some(layers), Some(m)) = (layers_of(plan), maker()) else { return };
-    let _ = m.tx.try_send(Job::Make(layers));
+    if let Some(layers) = layers_of(plan) {
+        let _ = submit(Job::Make(layers)); // full: enough asked for already
+    }
 }
 
 /// Discard every spare, once the thread made those asked for: afterwards this process
 /// holds none (tests; `reaper::flush` then closes them).
 pub fn clear() {
-    let Some(m) = maker() else { return };
-    let (done, wait) = std::sync::mpsc::channel();
-    if m.tx.send(Job::Flush(done)).is_ok() {
-        let _ = wait.recv_timeout(Duration::from_secs(10));
+    if OWNER.load(Ordering::Acquire) != std::process::id() {
+        return; // none was ever made in this process
     }
-    let all = std::mem::take(&mut *m.spares.lock().unwrap_or_else(|p| p.into_inner()));
+    // Bounded: a thread that died (it cannot, short of a bug) must not hang the caller.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (done, wait) = std::sync::mpsc::channel();
+    let mut job = Job::Flush(done);
+    loop {
+        let running = QUEUE.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if !running {
+            break; // no thread: nothing is being made
+        }
+        match submit(job) {
+            Ok(()) => {
+                let _ = wait.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
+                break;
+            }
+            Err(j) if std::time::Instant::now() < deadline => {
+                job = j;
+                std::thread::sleep(Duration::from_millis(1)); // full: it is busy making
+            }
+            Err(_) => break,
+        }
+    }
+    let all = std::mem::take(&mut *spares());
     all.into_iter().for_each(discard);
 }
 
@@ -151,8 +236,7 @@ fn identity(path: &CStr) -> Option<Identity> {
 
 /// The thread: make a spare of `layers` unless one is there.
 fn make(layers: Layers) {
-    let Some(m) = maker() else { return };
-    if m.spares.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.layers == layers) {
+    if spares().iter().any(|s| s.layers == layers) {
         return;
     }
     let Some(ids) = layers.prepare.iter().map(|p| identity(&p.src)).collect::<Option<Vec<_>>>() else {
@@ -162,7 +246,7 @@ fn make(layers: Layers) {
         return; // the start makes its own, and reports what failed
     };
     let spare = Spare { layers, made: Instant::now(), ids, trees, upper };
-    let mut spares = m.spares.lock().unwrap_or_else(|p| p.into_inner());
+    let mut spares = spares();
     spares.push(spare);
     if spares.len() > MAX_SPARES {
         let oldest = spares.remove(0);
@@ -172,9 +256,8 @@ fn make(layers: Layers) {
 }
 
 fn expire() {
-    let Some(m) = maker() else { return };
     let old: Vec<Spare> = {
-        let mut spares = m.spares.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spares = spares();
         let (old, keep) = std::mem::take(&mut *spares).into_iter().partition(|s| s.made.elapsed() > MAX_AGE);
         *spares = keep;
         old
