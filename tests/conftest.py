@@ -127,16 +127,32 @@ def running_with_cmdline(needle: str) -> List[psutil.Process]:
 SERVICE_THREADS = ("nsfast-reaper", "nsfast-spare", "nsfast-netns")
 
 
-def os_threads() -> int:
-    """This process's OS threads, nsfast's service threads left out."""
-    n = 0
+def thread_names() -> List[str]:
+    """The names (comm) of this process's OS threads."""
+    names = []
     for tid in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
-                n += f.read().strip() not in SERVICE_THREADS
+                names.append(f.read().strip())
         except FileNotFoundError:
             continue  # (just ended)
-    return n
+    return names
+
+
+def os_threads() -> int:
+    """This process's OS threads, nsfast's service threads left out."""
+    return sum(name not in SERVICE_THREADS for name in thread_names())
+
+
+def fd_targets() -> List[str]:
+    """What this process's open fds are (their /proc/self/fd links)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:
+            continue  # (the directory's own fd, closed by now)
+    return out
 
 
 def fd_numbers() -> List[int]:

@@ -22,7 +22,7 @@ from typing import Iterator, List
 import pytest
 
 import nsfast
-from conftest import PYTHON_SRC, suite
+from conftest import PYTHON_SRC, fd_targets, suite, thread_names
 
 pytestmark = [*suite, pytest.mark.usefixtures("warm", "nothing_left_behind")]
 
@@ -65,15 +65,7 @@ def _net_owner(pid: int) -> int:
 
 
 def _nsfs_fds() -> List[str]:
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("net:["):
-            out.append(target)
-    return out
+    return [t for t in fd_targets() if t.startswith("net:[")]
 
 
 # The network namespace's cookie (SO_NETNS_COOKIE, 64 bits, never reused: unlike an nsfs
@@ -255,14 +247,7 @@ def _has_pool_thread(expect: bool) -> bool:
     """Whether this process has nsfast's pool thread, once it is as `expect`ed or after 1 s
     (a thread takes a moment to get its name, and to be gone once it ended)."""
     for _ in range(100):
-        names = set()
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/comm") as f:
-                    names.add(f.read().strip())
-            except FileNotFoundError:
-                continue
-        if ("nsfast-netns" in names) == expect:
+        if ("nsfast-netns" in thread_names()) == expect:
             return expect
         time.sleep(0.01)
     return not expect

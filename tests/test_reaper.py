@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import nsfast
-from conftest import CGROUP_ENV, PYTHON_SRC, suite
+from conftest import CGROUP_ENV, PYTHON_SRC, fd_targets, suite, thread_names
 
 pytestmark = suite
 
@@ -122,13 +122,7 @@ def test_a_failed_start_with_overlays_leaves_nothing(busybox_rootfs):
 
 
 def nsfast_threads() -> set[str]:
-    names = set()
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            names.add(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
-        except FileNotFoundError:
-            continue
-    return names & {"nsfast-reaper", "nsfast-spare"}
+    return set(thread_names()) & {"nsfast-reaper", "nsfast-spare"}
 
 
 def test_the_threads_end_when_idle_and_come_back(busybox_rootfs, tmp_path):
@@ -157,11 +151,4 @@ def test_the_threads_end_when_idle_and_come_back(busybox_rootfs, tmp_path):
 
 def fd_kinds() -> list[str]:
     """This process's open fds by kind ("socket", "pipe", a path, ...), inode numbers left out."""
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        out.append(target.split(":[", 1)[0])
-    return sorted(out)
+    return sorted(t.split(":[", 1)[0] for t in fd_targets())
