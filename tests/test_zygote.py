@@ -19,13 +19,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import psutil
 import pytest
@@ -98,6 +99,18 @@ class Exploit:
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def zygote_threads(pid: Optional[int]) -> List[str]:
+    """The names of the threads of the zygote's sandbox (its pid 1, `pid`, and the
+    interpreter below it), seen from the host."""
+    assert pid is not None
+    names = []
+    for p in [pid, *descendants(pid)]:
+        for tid in os.listdir(f"/proc/{p}/task"):
+            with open(f"/proc/{p}/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+    return names
 
 
 def descendants(pid: int) -> List[int]:
@@ -444,6 +457,25 @@ class TestIsolation:
             assert len(set(seen)) == 3, (ns, seen)
             assert os.readlink(f"/proc/self/ns/{ns}") not in seen, ns
             assert not set(seen) & zygote[ns], (ns, seen, zygote[ns])
+
+    def test_network_namespaces_are_made_ahead_and_each_used_once(self, z: Zygote) -> None:
+        """A thread of the zygote's makes the tasks' network namespaces ahead; twelve tasks
+        in a row get twelve (by SO_NETNS_COOKIE, never reused, unlike nsfs inode numbers),
+        each with `lo` up and nothing else, none the caller's."""
+        assert "nsfast-netns" in zygote_threads(z.pid)
+        code = (
+            "import fcntl, json, socket, struct\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "cookie = struct.unpack('Q', s.getsockopt(socket.SOL_SOCKET, 71, 8))[0]\n"
+            "flags = struct.unpack('16sH', fcntl.ioctl(s, 0x8913, struct.pack('16sH', b'lo', 0)))[1]\n"
+            "print(json.dumps([cookie, bool(flags & 1), [n for _, n in socket.if_nameindex()]]))\n"
+        )
+        seen = [run_json(z, code) for _ in range(12)]
+        assert all(up and names == ["lo"] for _, up, names in seen), seen
+        cookies = [c for c, _, _ in seen]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            mine = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), sys.byteorder)
+        assert len(set(cookies)) == 12 and mine not in cookies, cookies
 
     def test_each_task_has_a_cgroup_of_its_own(self, z: Zygote) -> None:
         """Seen from the host, two tasks at once are in two new cgroups (not the zygote's, in
@@ -924,6 +956,9 @@ class TestNetworkNone:
             "socketpair": "x",
         }
 
+    def test_no_network_namespace_is_made_ahead(self, znone: Zygote) -> None:
+        assert "nsfast-netns" not in zygote_threads(znone.pid)
+
     def test_tasks_share_the_zygotes_network_namespace_only(self, znone: Zygote) -> None:
         """The network namespace is the zygote's (never the caller's); the others stay each
         task's own."""
@@ -1326,7 +1361,18 @@ class TestLeaks:
         assert wait_until(lambda: descendants(z.pid) == idle_tree(z), 5)
 
         def zygote_fds() -> Dict[int, List[str]]:
-            return {p: sorted(os.listdir(f"/proc/{p}/fd")) for p in [z.pid, *idle_tree(z)]}
+            """pid -> its fds by kind (the pool's ready network namespaces change numbers as
+            tasks take them and its thread makes new ones)."""
+            out = {}
+            for p in [z.pid, *idle_tree(z)]:
+                links = []
+                for fd in os.listdir(f"/proc/{p}/fd"):
+                    try:
+                        links.append(os.readlink(f"/proc/{p}/fd/{fd}").split(":[", 1)[0])
+                    except FileNotFoundError:
+                        continue
+                out[p] = sorted(links)
+            return out
 
         fds, children, cgroups, zfds = fd_numbers(), psutil.Process().children(), sandbox_cgroups(), zygote_fds()
         threads = threading.active_count()
@@ -1340,7 +1386,7 @@ class TestLeaks:
         assert fd_numbers() == fds, "the caller's fd table changed"
         assert psutil.Process().children() == children
         assert sandbox_cgroups() == cgroups, "task cgroups left behind"
-        assert zygote_fds() == zfds, "the zygote's fd tables changed"
+        assert wait_until(lambda: zygote_fds() == zfds, 5), ("the zygote's fd tables changed", zygote_fds(), zfds)
         assert wait_until(lambda: threading.active_count() == threads, 2)
         print(f"2000 tasks in {elapsed:.1f} s")
 

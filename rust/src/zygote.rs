@@ -19,6 +19,9 @@
 //! the task's code never runs with more. nsfast-init (no capabilities, not dumpable) reaps
 //! the orphans that come to it and exits once T has ended, which ends the namespace.
 //!
+//! With a network namespace per task, a thread of the zygote's makes them ahead
+//! (`crate::netpool`, two ready): T enters one instead of unsharing its own.
+//!
 //! The caller gets a pidfd of T; the `Sandbox` it makes waits for it and takes T's status
 //! from the status pipe.
 
@@ -51,6 +54,9 @@ const REPORT_FD: RawFd = 5;
 /// caller closes the pipe, the task reads EOF and exits without running anything, and the
 /// caller may start it again on a new zygote (never twice: an at-most-once start).
 pub const GO_FD: RawFd = 6;
+
+/// Network namespaces a zygote keeps ready for its tasks (`crate::netpool`).
+const TASK_NETNS_POOL: usize = 2;
 
 /// The fds of one task request, in wire order.
 pub struct TaskFds<'a> {
@@ -292,6 +298,14 @@ impl Server {
             }
         }
         let sigchld = sigchld_fd().map_err(|e| spawn_err("signalfd", e))?;
+        // Tasks' network namespaces made ahead by a thread of the zygote's (`crate::netpool`),
+        // each taken by one task, once: it sets the task up in one rather than making it
+        // while the caller waits. Owned by the zygote's user namespace, as a task's own would
+        // be (tasks share it), so no task can tell. The zygote is no longer single-threaded
+        // (see `fork_task`). If no thread can make them, tasks make their own.
+        if plan.clone_flags & libc::CLONE_NEWNET as u64 != 0 {
+            let _ = crate::netpool::set_size(TASK_NETNS_POOL);
+        }
         // Not dumpable: nothing of a task's (were it to see us) may ptrace us or open our
         // /proc files; each task is made dumpable again, as any process is.
         rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
@@ -372,7 +386,10 @@ impl Server {
                     std::mem::forget(fds);
                     return Ok(Some(()));
                 }
-                Ok(Forked::Parent(pidfd)) => drop(reply(0, Some(pidfd.as_fd()))?),
+                Ok(Forked::Parent(pidfd)) => {
+                    reply(0, Some(pidfd.as_fd()))?;
+                    crate::netpool::refill();
+                }
                 Err(e) => drop(reply(e.raw_os_error(), None)?),
             }
             drop(fds);
@@ -393,14 +410,23 @@ impl Server {
             }
             watch = Some(res?);
         }
+        // A network namespace made ahead, entered by the task (it is this one's only).
+        let pooled = crate::netpool::take(&self.plan);
         (hooks.before)();
-        // SAFETY: fork(3) in the zygote's one thread (the interpreter's hooks run around it,
-        // as in os.fork); the child runs `task_child`, then returns to the interpreter.
+        // SAFETY: fork(3) in the zygote's interpreter thread (the interpreter's hooks run
+        // around it, as in os.fork); the child runs `task_child`, then returns to the
+        // interpreter. The zygote's other thread, the netns pool's, never holds the GIL or
+        // runs Python; the only lock it takes (the pool's) the task never touches, and
+        // glibc's fork keeps malloc consistent.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             (hooks.child)();
             drop(watch);
-            self.task_child(fds);
+            self.task_child(fds, pooled.as_ref());
+            // Their numbers were closed by `task_child` and may be the task's own now (its
+            // stdio, result, payload...): dropping them here would close those.
+            std::mem::forget(pooled);
+            std::mem::forget(status);
             return Ok(Forked::Task);
         }
         let fork_errno = Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
@@ -413,6 +439,7 @@ impl Server {
         if pid < 0 {
             return Err(fork_errno); // (its nsfast-init reads EOF and exits)
         }
+        drop(pooled);
         if let Some(w) = watch {
             let _ = rustix::io::write(&w, b"1");
         }
@@ -472,7 +499,7 @@ impl Server {
 
     /// In the task (pid 2 of its pid namespace): its cgroup, namespaces, mounts; then
     /// `task_setup`. Returns only ready to run the task's code.
-    fn task_child(&self, fds: &[OwnedFd]) {
+    fn task_child(&self, fds: &[OwnedFd], pooled: Option<&OwnedFd>) {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let (stdio, result, payload, report, go) = (&raw[0..3], raw[3], raw[4], raw[5], raw[7]);
         let attach = &raw[FIXED_FDS..];
@@ -483,6 +510,14 @@ impl Server {
         let mut keep: Vec<RawFd> = raw.iter().copied().filter(|&fd| fd != raw[6]).collect();
         keep.sort_unstable();
         keep.dedup();
+        // Into the namespace made ahead (its `lo` is up) before any other fd is closed; if
+        // that fails, the task makes its own below, as without a pool.
+        let mut unshare = self.unshare;
+        if let Some(ns) = pooled {
+            if sys::setns(ns.as_raw_fd(), libc::CLONE_NEWNET as u64).is_ok() {
+                unshare &= !(libc::CLONE_NEWNET as u64);
+            }
+        }
         // SAFETY: our copy of the zygote's table: nothing in the task owns the others.
         unsafe { sys::close_all_except(&keep) }.unwrap_or_else(|e| fail(Step::CloseFdsEarly, e));
         for (i, &fd) in attach.iter().enumerate() {
@@ -491,8 +526,8 @@ impl Server {
                 ch.fail(Step::AttachCgroup, i as u32, e);
             }
         }
-        if self.unshare != 0 {
-            sys::unshare(self.unshare).unwrap_or_else(|e| fail(Step::CgroupNs, e));
+        if unshare != 0 {
+            sys::unshare(unshare).unwrap_or_else(|e| fail(Step::CgroupNs, e));
         }
         rustix::process::chdir(c"/").unwrap_or_else(|e| fail(Step::Chdir, e));
         let mut fs_state = mount::FsState::default();
@@ -505,7 +540,7 @@ impl Server {
         if let Some(name) = &plan.hostname {
             rustix::system::sethostname(name).unwrap_or_else(|e| fail(Step::Hostname, e));
         }
-        if plan.loopback {
+        if plan.loopback && unshare & libc::CLONE_NEWNET as u64 != 0 {
             sys::loopback_up().unwrap_or_else(|e| fail(Step::Loopback, e));
         }
         self.task_setup(stdio, [result, payload, report, go], &ch);
