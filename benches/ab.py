@@ -6,6 +6,7 @@ imports its own `nsfast` package), taking turns in random order, `--batch` start
 variant per turn. Reported: the median of each variant and what `overlay=True` adds.
 
     .venv/bin/python benches/ab.py --a /tmp/oldpkg --b '' --image /tmp/busybox-oci
+    .venv/bin/python benches/ab.py --a /tmp/oldpkg --b '' --zygote   # a zygote task instead
 
 `--a`/`--b`: a directory that holds an `nsfast` package (an unpacked wheel), or '' for the
 one this interpreter imports. `--image`: an OCI layout for the image rows (optional).
@@ -29,13 +30,19 @@ if sys.argv[1]:
     image = nsfast.Image(sys.argv[1])
     specs["image"] = nsfast.Spec(rootfs=image)
     specs["image, overlay=True"] = nsfast.Spec(rootfs=image, overlay=True)
+calls = {name: (lambda spec=spec: nsfast.run(["/bin/true"], spec=spec)) for name, spec in specs.items()}
+if sys.argv[2] == "zygote":
+    z = nsfast.Zygote()
+    calls = {'Zygote.run_python("pass")': lambda: z.run_python("pass")}
+    for _ in range(20):
+        z.run_python("pass")
 for line in sys.stdin:
     out = {}
-    for name, spec in specs.items():
+    for name, call in calls.items():
         times = []
         for _ in range(int(line)):
             start = time.perf_counter()
-            nsfast.run(["/bin/true"], spec=spec)
+            call()
             times.append(time.perf_counter() - start)
         out[name] = times
     print(json.dumps(out), flush=True)
@@ -47,6 +54,7 @@ def main() -> None:
     ap.add_argument("--a", required=True, help="directory holding build A's nsfast package ('' = installed)")
     ap.add_argument("--b", required=True, help="directory holding build B's nsfast package ('' = installed)")
     ap.add_argument("--image", default="", help="an OCI image layout for the image rows")
+    ap.add_argument("--zygote", action="store_true", help="time Zygote.run_python('pass') instead of the starts")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--batch", type=int, default=5)
     args = ap.parse_args()
@@ -56,7 +64,7 @@ def main() -> None:
         if path:
             env["PYTHONPATH"] = path
         workers[name] = subprocess.Popen(
-            [sys.executable, "-c", WORKER, args.image],
+            [sys.executable, "-c", WORKER, args.image, "zygote" if args.zygote else ""],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
