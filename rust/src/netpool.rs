@@ -16,6 +16,10 @@
 //! plan that keeps capabilities in a user namespace of its own therefore never takes one
 //! (it makes its own at clone), nor does a start that finds the pool empty. Making a
 //! namespace needs CAP_SYS_ADMIN: a rootless caller cannot have a pool.
+//!
+//! A zygote keeps a pool of two for its tasks (`crate::zygote`, always): there the
+//! namespaces are owned by the zygote's user namespace, which is the tasks' own, so not even
+//! a task that keeps capabilities can tell.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
