@@ -127,12 +127,12 @@ def running_with_cmdline(needle: str) -> List[psutil.Process]:
 SERVICE_THREADS = ("nsfast-reaper", "nsfast-spare", "nsfast-netns")
 
 
-def thread_names() -> List[str]:
-    """The names (comm) of this process's OS threads."""
+def thread_names(pid: int | str = "self") -> List[str]:
+    """The names (comm) of the OS threads of process `pid` (this one by default)."""
     names = []
-    for tid in os.listdir("/proc/self/task"):
+    for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 names.append(f.read().strip())
         except FileNotFoundError:
             continue  # (just ended)
@@ -144,15 +144,36 @@ def os_threads() -> int:
     return sum(name not in SERVICE_THREADS for name in thread_names())
 
 
-def fd_targets() -> List[str]:
-    """What this process's open fds are (their /proc/self/fd links)."""
+def fd_targets(pid: int | str = "self") -> List[str]:
+    """What the open fds of process `pid` (this one by default) are: their /proc fd links."""
     out = []
-    for fd in os.listdir("/proc/self/fd"):
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
         except FileNotFoundError:
-            continue  # (the directory's own fd, closed by now)
+            continue  # (closed meanwhile, or the directory's own fd)
     return out
+
+
+#: Python printing, from inside a sandbox, its network namespace's cookie (SO_NETNS_COOKIE:
+#: 64 bits, never reused, unlike an nsfs inode number, which a later namespace may get once
+#: one is freed), whether `lo` is up, and the interface names, as JSON.
+NETNS_COOKIE_CODE = (
+    "import fcntl, json, socket, struct\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "cookie = struct.unpack('Q', s.getsockopt(socket.SOL_SOCKET, 71, 8))[0]\n"
+    "flags = struct.unpack('16sH', fcntl.ioctl(s, 0x8913, struct.pack('16sH', b'lo', 0)))[1]\n"
+    "print(json.dumps([cookie, bool(flags & 1), [n for _, n in socket.if_nameindex()]]))\n"
+)
+
+
+def netns_cookie() -> int:
+    """This process's network namespace's cookie (SO_NETNS_COOKIE)."""
+    import socket
+    import sys
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), sys.byteorder)
 
 
 def fd_numbers() -> List[int]:

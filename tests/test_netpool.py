@@ -22,7 +22,7 @@ from typing import Iterator, List
 import pytest
 
 import nsfast
-from conftest import PYTHON_SRC, fd_targets, suite, thread_names
+from conftest import NETNS_COOKIE_CODE, PYTHON_SRC, fd_targets, netns_cookie, suite, thread_names
 
 pytestmark = [*suite, pytest.mark.usefixtures("warm", "nothing_left_behind")]
 
@@ -68,33 +68,16 @@ def _nsfs_fds() -> List[str]:
     return [t for t in fd_targets() if t.startswith("net:[")]
 
 
-# The network namespace's cookie (SO_NETNS_COOKIE, 64 bits, never reused: unlike an nsfs
-# inode number, which a later namespace may get once one is freed), whether `lo` is up and
-# the interfaces, from inside.
-COOKIE = (
-    "import fcntl, json, socket, struct\n"
-    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-    "cookie = struct.unpack('Q', s.getsockopt(socket.SOL_SOCKET, 71, 8))[0]\n"
-    "flags = struct.unpack('16sH', fcntl.ioctl(s, 0x8913, struct.pack('16sH', b'lo', 0)))[1]\n"
-    "print(json.dumps([cookie, bool(flags & 1), [n for _, n in socket.if_nameindex()]]))\n"
-)
-
-
-def _host_cookie() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), sys.byteorder)
-
-
 def test_each_sandbox_gets_a_fresh_namespace_with_lo_up(pool: None) -> None:
     cookies = []
     for _ in range(12):
-        r = nsfast.run([PY, "-c", COOKIE], capture_output=True, text=True)
+        r = nsfast.run([PY, "-c", NETNS_COOKIE_CODE], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         cookie, lo_up, names = json.loads(r.stdout)
         assert lo_up and names == ["lo"], r.stdout
         cookies.append(cookie)
     assert len(set(cookies)) == 12, "a network namespace was used twice"
-    assert _host_cookie() not in cookies
+    assert netns_cookie() not in cookies
 
 
 def test_started_from_the_pool_the_namespace_is_owned_by_the_callers_user_namespace(pool: None) -> None:

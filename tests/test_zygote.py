@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -32,7 +31,17 @@ import psutil
 import pytest
 
 import nsfast
-from conftest import fd_numbers, running_with_cmdline, sandbox_cgroups, suite, wait_until
+from conftest import (
+    NETNS_COOKIE_CODE,
+    fd_numbers,
+    fd_targets,
+    netns_cookie,
+    running_with_cmdline,
+    sandbox_cgroups,
+    suite,
+    thread_names,
+    wait_until,
+)
 from nsfast._zygote import TaskError, Zygote, ZygoteError
 
 pytestmark = suite
@@ -105,12 +114,7 @@ def zygote_threads(pid: Optional[int]) -> List[str]:
     """The names of the threads of the zygote's sandbox (its pid 1, `pid`, and the
     interpreter below it), seen from the host."""
     assert pid is not None
-    names = []
-    for p in [pid, *descendants(pid)]:
-        for tid in os.listdir(f"/proc/{p}/task"):
-            with open(f"/proc/{p}/task/{tid}/comm") as f:
-                names.append(f.read().strip())
-    return names
+    return [name for p in [pid, *descendants(pid)] for name in thread_names(p)]
 
 
 def descendants(pid: int) -> List[int]:
@@ -463,18 +467,10 @@ class TestIsolation:
         in a row get twelve (by SO_NETNS_COOKIE, never reused, unlike nsfs inode numbers),
         each with `lo` up and nothing else, none the caller's."""
         assert "nsfast-netns" in zygote_threads(z.pid)
-        code = (
-            "import fcntl, json, socket, struct\n"
-            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-            "cookie = struct.unpack('Q', s.getsockopt(socket.SOL_SOCKET, 71, 8))[0]\n"
-            "flags = struct.unpack('16sH', fcntl.ioctl(s, 0x8913, struct.pack('16sH', b'lo', 0)))[1]\n"
-            "print(json.dumps([cookie, bool(flags & 1), [n for _, n in socket.if_nameindex()]]))\n"
-        )
-        seen = [run_json(z, code) for _ in range(12)]
+        seen = [run_json(z, NETNS_COOKIE_CODE) for _ in range(12)]
         assert all(up and names == ["lo"] for _, up, names in seen), seen
         cookies = [c for c, _, _ in seen]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            mine = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), sys.byteorder)
+        mine = netns_cookie()
         assert len(set(cookies)) == 12 and mine not in cookies, cookies
 
     def test_each_task_has_a_cgroup_of_its_own(self, z: Zygote) -> None:
@@ -1363,16 +1359,7 @@ class TestLeaks:
         def zygote_fds() -> Dict[int, List[str]]:
             """pid -> its fds by kind (the pool's ready network namespaces change numbers as
             tasks take them and its thread makes new ones)."""
-            out = {}
-            for p in [z.pid, *idle_tree(z)]:
-                links = []
-                for fd in os.listdir(f"/proc/{p}/fd"):
-                    try:
-                        links.append(os.readlink(f"/proc/{p}/fd/{fd}").split(":[", 1)[0])
-                    except FileNotFoundError:
-                        continue
-                out[p] = sorted(links)
-            return out
+            return {p: sorted(t.split(":[", 1)[0] for t in fd_targets(p)) for p in [z.pid, *idle_tree(z)]}
 
         fds, children, cgroups, zfds = fd_numbers(), psutil.Process().children(), sandbox_cgroups(), zygote_fds()
         threads = threading.active_count()

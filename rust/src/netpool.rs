@@ -189,12 +189,16 @@ fn fill() {
 /// Make one, in the calling thread: unshare the thread's network namespace, bring `lo` up,
 /// keep an fd of it, and go back to the namespace the thread was in.
 fn make() -> Result<OwnedFd, Errno> {
-    let home = rustix::fs::open(c"/proc/thread-self/ns/net", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    let home = thread_netns()?;
     sys::unshare(libc::CLONE_NEWNET as u64)?;
-    let made = sys::loopback_up()
-        .and_then(|()| rustix::fs::open(c"/proc/thread-self/ns/net", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()));
+    let made = sys::loopback_up().and_then(|()| thread_netns());
     go_home(&home);
     made
+}
+
+/// An fd of the calling thread's network namespace.
+fn thread_netns() -> Result<OwnedFd, Errno> {
+    rustix::fs::open(c"/proc/thread-self/ns/net", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
 }
 
 /// setns() the calling thread back into `home`. A thread left in another network namespace
@@ -215,7 +219,7 @@ pub struct Entered {
 
 /// Enter `ns` (from [`take`]) in the calling thread until the guard drops.
 pub fn enter(ns: &OwnedFd) -> Result<Entered, Errno> {
-    let home = rustix::fs::open(c"/proc/thread-self/ns/net", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    let home = thread_netns()?;
     sys::setns(ns.as_raw_fd(), libc::CLONE_NEWNET as u64)?;
     Ok(Entered { home })
 }

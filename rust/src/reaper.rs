@@ -23,7 +23,6 @@
 //! spot, as before.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -58,16 +57,13 @@ struct Counts {
 
 /// The process the slot is of. A forked child, which has no thread (and whose copy of the
 /// slot's lock may have been held at the fork), sees another pid and never takes the lock.
-static OWNER: AtomicU32 = AtomicU32::new(0);
+static OWNER: crate::sys::ProcessOwner = crate::sys::ProcessOwner::new();
 static SLOT: Mutex<Option<Arc<Reaper>>> = Mutex::new(None);
 
 /// The running reaper, started if none runs; None in a forked child or if none can start.
 fn reaper() -> Option<Arc<Reaper>> {
-    let me = std::process::id();
-    if let Err(owner) = OWNER.compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire) {
-        if owner != me {
-            return None;
-        }
+    if !OWNER.claim() {
+        return None;
     }
     let mut slot = SLOT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(r) = slot.as_ref() {
@@ -190,8 +186,7 @@ pub fn drop_later(mut fds: Vec<OwnedFd>) {
 /// Return once every fd handed over before this call is closed (tests; a caller that must
 /// know nsfast's overlays are gone, e.g. before unmounting what one of them covered).
 pub fn flush() {
-    let me = std::process::id();
-    if OWNER.load(Ordering::Acquire) != me {
+    if !OWNER.is_mine() {
         return; // nothing was ever handed over in this process
     }
     let Some(r) = SLOT.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return };

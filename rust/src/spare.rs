@@ -26,7 +26,6 @@
 
 use std::ffi::CStr;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -68,20 +67,12 @@ enum Job {
 
 /// The process the spares are of. A forked child, which has no thread (and whose copies of
 /// the locks below may have been held at the fork), sees another pid and takes no lock.
-static OWNER: AtomicU32 = AtomicU32::new(0);
+static OWNER: crate::sys::ProcessOwner = crate::sys::ProcessOwner::new();
 /// The running thread's queue (None: no thread runs; the next job starts one). The thread
 /// ends once it has held no spare for [`MAX_AGE`] (a process that stopped starting
 /// sandboxes is left with no thread of nsfast's), clearing this under its lock.
 static QUEUE: Mutex<Option<SyncSender<Job>>> = Mutex::new(None);
 static SPARES: Mutex<Vec<Spare>> = Mutex::new(Vec::new());
-
-fn owned() -> bool {
-    let me = std::process::id();
-    match OWNER.compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => true,
-        Err(owner) => owner == me,
-    }
-}
 
 fn spares() -> std::sync::MutexGuard<'static, Vec<Spare>> {
     SPARES.lock().unwrap_or_else(|p| p.into_inner())
@@ -90,7 +81,7 @@ fn spares() -> std::sync::MutexGuard<'static, Vec<Spare>> {
 /// Queue `job` for the thread (started if none runs), without blocking: Err(job) when the
 /// queue is full, in a forked child, or if no thread can start.
 fn submit(job: Job) -> Result<(), Job> {
-    if !owned() {
+    if !OWNER.claim() {
         return Err(job);
     }
     let mut queue = QUEUE.lock().unwrap_or_else(|p| p.into_inner());
@@ -166,7 +157,7 @@ fn layers_of(plan: &Plan) -> Option<Layers> {
 /// unchanged: (the prepared trees' fds, the upper's).
 pub fn take(plan: &Plan) -> Option<(Vec<OwnedFd>, OwnedFd)> {
     let layers = layers_of(plan)?;
-    if !owned() {
+    if !OWNER.claim() {
         return None;
     }
     let s = {
@@ -194,7 +185,7 @@ pub fn ask(plan: &Plan) {
 /// Discard every spare, once the thread made those asked for: afterwards this process
 /// holds none (tests; `reaper::flush` then closes them).
 pub fn clear() {
-    if OWNER.load(Ordering::Acquire) != std::process::id() {
+    if !OWNER.is_mine() {
         return; // none was ever made in this process
     }
     // Bounded: a thread that died (it cannot, short of a bug) must not hang the caller.

@@ -735,6 +735,33 @@ pub fn unshare(flags: u64) -> Result<(), Errno> {
     unsafe { raw6(libc::SYS_unshare, [flags as usize, 0, 0, 0, 0, 0]) }.map(drop)
 }
 
+/// Which process a piece of process-wide state (a service thread's, with its locks) is of:
+/// the first to `claim` it. A forked child sees another pid and must not touch that state,
+/// whose thread the fork did not copy and whose locks may have been held at the fork.
+#[derive(Default)]
+pub struct ProcessOwner(std::sync::atomic::AtomicU32);
+
+impl ProcessOwner {
+    pub const fn new() -> ProcessOwner {
+        ProcessOwner(std::sync::atomic::AtomicU32::new(0))
+    }
+
+    /// Whether the state is this process's, making it so if no process claimed it yet.
+    pub fn claim(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let me = std::process::id();
+        match self.0.compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(owner) => owner == me,
+        }
+    }
+
+    /// Whether this process claimed it (false also when nobody did yet).
+    pub fn is_mine(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire) == std::process::id()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
