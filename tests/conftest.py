@@ -14,7 +14,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import psutil
 import pytest
@@ -256,6 +256,47 @@ def busybox_rootfs(tmp_path: Path) -> Path:
     (root / "ROOTFS-MARKER").write_text("tiny\n")
     (root / "etc" / "hostname").write_text("rootfs-box\n")
     return root
+
+
+@pytest.fixture
+def py_rootfs(busybox_rootfs: Path) -> Path:
+    """The busybox rootfs, made able to run the system python through a Bind of /usr."""
+    (busybox_rootfs / "usr").mkdir()
+    for name in ("lib", "lib64"):
+        os.symlink(f"usr/{name}", busybox_rootfs / name)
+    return busybox_rootfs
+
+
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+#: Python (with PY_ERRNO) printing what the sandbox's /dev nodes are: kind and device number
+#: of each, and what using them gives (a write to /dev/null vanishes, /dev/full refuses one
+#: with ENOSPC, /dev/zero reads zeros).
+DEV_PROBE = (
+    "import os, stat\n"
+    f"nodes = {DEV_NODES!r}\n"
+    "out = {n: [stat.S_ISCHR(os.stat('/dev/' + n).st_mode), os.stat('/dev/' + n).st_rdev] for n in nodes}\n"
+    "fd = os.open('/dev/null', os.O_WRONLY); os.write(fd, b'x' * 100000); os.close(fd)\n"
+    "out['null_size'] = os.stat('/dev/null').st_size\n"
+    "out['full_write'] = attempt(lambda: os.write(os.open('/dev/full', os.O_WRONLY), b'x'))\n"
+    "out['zero_read'] = open('/dev/zero', 'rb').read(4).hex()\n"
+    "print(json.dumps(out))"
+)
+
+
+def check_dev_nodes(res: Dict[str, Any]) -> None:
+    """What DEV_PROBE printed: the host's character devices, working as devices."""
+    assert {n: res[n] for n in DEV_NODES} == {n: [True, os.stat(f"/dev/{n}").st_rdev] for n in DEV_NODES}
+    assert (res["null_size"], res["full_write"], res["zero_read"]) == (0, "ENOSPC", "00000000")
+
+
+def mount_table(mountinfo: str) -> List[Tuple[str, str, str]]:
+    """/proc/PID/mountinfo text as sorted (mount point, ro/rw, file system type) rows."""
+    rows = []
+    for line in mountinfo.splitlines():
+        f = line.split()
+        sep = f.index("-")
+        rows.append((f[4], f[5].split(",")[0], f[sep + 1]))
+    return sorted(rows)
 
 
 class Subreaper:

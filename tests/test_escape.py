@@ -56,15 +56,6 @@ MASKED_OK = {"empty", "EACCES", "EPERM", "ENOENT"}
 
 
 @pytest.fixture
-def py_rootfs(busybox_rootfs: Path) -> Path:
-    """conftest's busybox rootfs, made able to run the system python through a Bind of /usr."""
-    (busybox_rootfs / "usr").mkdir()
-    for name in ("lib", "lib64"):
-        os.symlink(f"usr/{name}", busybox_rootfs / name)
-    return busybox_rootfs
-
-
-@pytest.fixture
 def inside(request):
     """inside(code, **spec_fields) -> Result: python3 `code` (with PY_ERRNO) in the sandbox the
     test's `where` parameter names: `run` on the host root, `rootfs` (a busybox rootfs with the

@@ -3,6 +3,7 @@ ids, capabilities, fds, no_new_privs, and its lifetime being tied to its parent.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import psutil
 import pytest
 
 import nsfast
-from conftest import py, sh, suite
+from conftest import DEV_PROBE, PY_ERRNO, check_dev_nodes, mount_table, py, sh, suite
 
 pytestmark = suite
 
@@ -145,6 +146,40 @@ def test_read_only_root_message_is_the_usual_one():
     r = sh("touch /nsfast-test-file")
     assert r.returncode != 0
     assert "Read-only file system" in r.stderr
+
+
+@pytest.mark.parametrize("where", ["host root", "rootfs", "exec"])
+def test_dev_nodes_are_the_hosts_character_devices(where, py_rootfs):
+    """/dev/null and friends are binds of the host's devices however the root was made: the
+    host root is the mount namespace's own copy (the binds' sources are held before the
+    sandbox's /dev tmpfs covers the host's), a rootfs a clone of it pivoted to. Not files
+    of that tmpfs, where writes would pile up and /dev/full would take them."""
+    args = ["python3", "-c", PY_ERRNO + DEV_PROBE]
+    if where == "exec":
+        with nsfast.Container(stop_timeout=1) as c:
+            r = c.exec(args, capture_output=True, text=True, timeout=30)
+    else:
+        kw = {"rootfs": py_rootfs, "mounts": [nsfast.Bind("/usr", "/usr")]} if where == "rootfs" else {}
+        r = nsfast.run(args, capture_output=True, text=True, timeout=30, **kw)
+    assert r.returncode == 0, r.stderr
+    check_dev_nodes(json.loads(r.stdout))
+
+
+def test_the_host_root_shows_every_host_mount_read_only_and_nothing_else_of_the_hosts():
+    """The default root in place: each mount the host has is there, read-only, at its place
+    (covered where nsfast hides or replaces a directory), and what else is mounted is
+    nsfast's own: /proc (and its masks), /dev, /tmp, /dev/shm, the hidden directories."""
+    host = mount_table(Path("/proc/self/mountinfo").read_text())
+    r = sh("cat /proc/self/mountinfo")
+    assert r.returncode == 0, r.stderr
+    inside = mount_table(r.stdout)
+    rest = list(inside)
+    for m, _, t in host:
+        assert (m, "ro", t) in rest, f"the host's {t} on {m} is not there read-only"
+        rest.remove((m, "ro", t))
+    own = {m for m, _, _ in rest}
+    allowed = ("/proc", "/dev", "/tmp", "/sys/firmware", *nsfast.DEFAULT_HIDDEN)
+    assert own and all(m.startswith(allowed) for m in own), own
 
 
 def test_tmp_is_empty_and_writable():

@@ -15,7 +15,16 @@ import psutil
 import pytest
 
 import nsfast
-from conftest import PYTHON_SRC, running_with_cmdline, suite, wait_until
+from conftest import (
+    DEV_PROBE,
+    PY_ERRNO,
+    PYTHON_SRC,
+    check_dev_nodes,
+    mount_table,
+    running_with_cmdline,
+    suite,
+    wait_until,
+)
 
 pytestmark = suite
 
@@ -381,3 +390,36 @@ def test_rootless_overlay_cannot_copy_up_below_an_unmapped_owner():
         assert os.listdir(os.path.join(d, "open")) == []
     finally:
         shutil.rmtree(d)
+
+
+def test_rootless_roots_in_place_and_pivoted_show_the_same_mounts_and_devices(nobody_dir):
+    """A rootless caller's default root is the mount namespace's own copy of the host root;
+    with more binds of host paths than that holds (20 here), or a `nsfast.Overlay`, the root
+    is a clone stacked on / and pivoted to. Every way: /dev's nodes are the host's devices, a
+    bind of a directory under a hidden one (nobody_dir is under /tmp) shows the host's files,
+    and the mount table is the same bar the user's own mounts under /mnt."""
+    many = ", ".join(f"nsfast.Bind({nobody_dir!r}, '/mnt/b{i}')" for i in range(20))
+    variants = {
+        "in place": f"[nsfast.Tmpfs('/mnt'), nsfast.Bind({nobody_dir!r}, '/mnt/b0')]",
+        "20 binds": f"[nsfast.Tmpfs('/mnt'), {many}]",
+        "overlay": f"[nsfast.Tmpfs('/mnt'), nsfast.Bind({nobody_dir!r}, '/mnt/b0'), nsfast.Overlay({nobody_dir!r}, '/mnt/o')]",
+    }
+    probe = PY_ERRNO + DEV_PROBE.replace(
+        "print(json.dumps(out))",
+        "out['hello'] = open('/mnt/b0/hello').read()\n"
+        "out['mountinfo'] = open('/proc/self/mountinfo').read()\n"
+        "print(json.dumps(out))",
+    )
+    script = "".join(
+        f"r = nsfast.run(['python3', '-c', {probe!r}], mounts={mounts}, capture_output=True, text=True, timeout=60)\n"
+        f"out([{name!r}, r.returncode, r.stdout, r.stderr])\n"
+        for name, mounts in variants.items()
+    )
+    tables = {}
+    for name, rc, stdout, stderr in as_nobody(script, timeout=120):
+        assert rc == 0, f"{name}: {stderr}"
+        res = json.loads(stdout)
+        check_dev_nodes(res)
+        assert res["hello"] == "from the host\n", name
+        tables[name] = [row for row in mount_table(res["mountinfo"]) if not row[0].startswith("/mnt")]
+    assert tables["in place"] == tables["20 binds"] == tables["overlay"]

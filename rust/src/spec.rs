@@ -588,6 +588,16 @@ fn seccomp_filter(s: &SeccompSpec, keep_caps: u64) -> Result<Arc<Filter>> {
     Ok(f)
 }
 
+/// Whether this process's `/` is the root of a mount (not a directory it was chrooted into),
+/// as `mount::FsSpec::root_in_place` needs; false where statx cannot tell.
+fn root_is_a_mount_root() -> bool {
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
+    statx(CWD, c"/", AtFlags::empty(), StatxFlags::empty()).is_ok_and(|st| {
+        let attr = StatxAttributes::MOUNT_ROOT.bits();
+        st.stx_attributes_mask.bits() & attr != 0 && st.stx_attributes.bits() & attr != 0
+    })
+}
+
 impl Plan {
     /// Build the plan for `spec` run by `caller`.
     pub fn build(spec: &Spec, caller: Caller) -> Result<Plan> {
@@ -674,6 +684,7 @@ impl Plan {
                     .then_some(mount::OverlaySpec { size: spec.overlay_size, upper: spec.overlay_upper.as_deref() }),
                 overlay_size: spec.overlay_size,
                 userxattr: user_ns,
+                root_in_place: spec.rootfs.is_none() && root_is_a_mount_root(),
             };
             mount::plan(&fs, &probes)?
         } else {
