@@ -56,6 +56,8 @@ bench: build
 	@# The peer throughput.py compares zygotes with (its rows are skipped, saying why, without it).
 	$(PY) -m pip install -q "sandlock==0.9.0" || echo "sandlock could not be installed: its rows will be skipped"
 	$(PY) benches/throughput.py
+	@# Where concurrent starts wait (needs perf: linux-perf on Debian).
+	if command -v perf >/dev/null; then $(PY) benches/offcpu.py; else echo "perf is not installed: benches/offcpu.py skipped"; fi
 
 # A wheel pip installs on any x86_64 Linux with glibc >= 2.17 (manylinux2014), linked by zig
 # (PyPI's ziglang: nothing outside the package registries), and an sdist, into $(DIST).

@@ -457,6 +457,86 @@ def test_default_root_nests_sandboxes_below_the_callers_cgroup():
             rmdir_tree(d)
 
 
+DROP_CHILD = r"""
+import ctypes, errno, json, os, sys, warnings
+for d in sys.argv[1:]:  # a fresh process, moved into the outer cgroup by itself
+    with open(os.path.join(d, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+import nsfast
+
+warned = []
+warnings.showwarning = lambda message, category, *rest: warned.append((category.__name__, str(message)))
+warnings.simplefilter("always")
+
+def run():
+    r = nsfast.run(["id", "-u"], capture_output=True, text=True, timeout=60)
+    return [r.returncode, r.stdout.strip(), r.stderr, r.usage.memory_peak_bytes is not None]
+
+out = {"root": run(), "root_warned": list(warned)}
+os.chdir("/")
+os.setgroups([])
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)
+# Not dumpable now (ids changed without an exec): its children's id maps are root's to write.
+try:
+    run()
+    out["undumpable"] = None
+except nsfast.SpawnError as e:
+    out["undumpable"] = [e.errno == errno.EACCES, e.step, e.filename]
+assert ctypes.CDLL(None).prctl(4, 1, 0, 0, 0) == 0  # PR_SET_DUMPABLE: this test's process holds no secret
+out["nobody"] = run()
+out["nobody_warned"] = [m for c, m in warned if c == "CgroupWarning"]
+# A root this caller may not create cgroups in, asked for by name: an error saying so.
+nsfast.configure(cgroup_root=sys.argv[1])
+try:
+    run()
+    out["named"] = None
+except nsfast.SpawnError as e:
+    out["named"] = [e.errno == errno.EACCES, e.step, e.filename]
+print(json.dumps(out))
+"""
+
+
+def test_a_caller_that_drops_root_starts_sandboxes_as_a_rootless_one():
+    """A service that starts as root, runs a sandbox, then drops to an unprivileged user:
+    from then on it is a rootless caller (root inside a user namespace of its own; without
+    a delegated cgroup, no cgroup and a CgroupWarning), not root with root's cgroups, which
+    it may no longer create. Dropped without an exec it is not dumpable, and the kernel lets
+    it write no child's id maps: a SpawnError saying so before anything starts, until it
+    is dumpable again. A cgroup root it may not write, asked for by name, is a SpawnError
+    with EACCES naming the directory."""
+    name = f"nsfast-drop-{os.getpid()}"
+    outer = {m: os.path.join(m, name) for m in cgroup_mounts()}
+    try:
+        for m, d in outer.items():
+            os.mkdir(d)
+            if "cpuset" in cgroup_mounts()[m]:
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    with open(os.path.join(m, f)) as src:
+                        _write(os.path.join(d, f), src.read().strip())
+        env = {k: v for k, v in os.environ.items() if k != "NSFAST_CGROUP_ROOT"}
+        r = subprocess.run(
+            [sys.executable, "-c", DROP_CHILD, *outer.values()], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout.splitlines()[-1])
+        assert res["root"] == [0, "0", "", True] and res["root_warned"] == [], res
+        ok, step, why = res["undumpable"]
+        assert ok and step == "write uid_map" and "not dumpable" in why, res["undumpable"]
+        assert res["nobody"][:3] == [0, "0", ""], res["nobody"]
+        if expected_version() == 1:  # v1 hierarchies are never delegated to a rootless caller
+            assert res["nobody"][3] is False, res["nobody"]  # no cgroup, so no memory peak
+            warned = res["nobody_warned"]
+            assert len(warned) == 1 and "without cgroup limits" in warned[0], warned
+        ok, step, filename = res["named"]
+        assert ok and step.startswith("create cgroup"), res["named"]
+        # (An absolute root names the same cgroup in every hierarchy: the first refused names it.)
+        assert any(filename.startswith(d + "/sb-") for d in outer.values()), res["named"]
+    finally:
+        for d in outer.values():
+            rmdir_tree(d)
+
+
 def _cgroup_keyed(text: str, key: str) -> int:
     return next(int(line.split()[1]) for line in text.splitlines() if line.startswith(key + " "))
 

@@ -408,6 +408,47 @@ def test_a_root_only_host_file_is_unreadable(inside, where, plain_dir):
     assert res == "EACCES"
 
 
+CHROOT_OUT = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+before = os.stat("/")
+os.makedirs("/tmp/jail/deeper", exist_ok=True)
+open("/tmp/marker", "w").close()
+out = {"unshare": libc.unshare(0x10000000) == 0}  # CLONE_NEWUSER: every capability, in it
+out["chroot"] = attempt(lambda: os.chroot("/tmp/jail"))
+for _ in range(30):
+    os.chdir("..")  # the cwd was left outside the new root: climb as far as it goes
+out["chroot_back"] = attempt(lambda: os.chroot("."))
+after = os.stat("/")
+out["same_root"] = (before.st_dev, before.st_ino) == (after.st_dev, after.st_ino)
+out["tmp"] = sorted(os.listdir("/tmp"))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("where", EVERYWHERE)
+def test_a_chroot_escape_through_a_user_namespace_lands_in_the_sandbox_root(inside, where):
+    """Attack: the classic chroot escape (chroot into a subdirectory, climb `..` from the cwd
+    left outside it, chroot there), with the capability it needs from a user namespace of
+    one's own, seccomp off so that unshare(CLONE_NEWUSER) is allowed. Whatever lies below the
+    sandbox's root in its mount namespace (the host root's initramfs, a rootfs's old root,
+    detached or not), every `..` ends at the top of what is mounted there: the sandbox's own
+    root, with its own /tmp."""
+    res = value(inside(CHROOT_OUT, seccomp=None))
+    assert res["unshare"] and res["chroot"] == "ok", res
+    assert res["chroot_back"] == "ok" and res["same_root"], res
+    assert res["tmp"] == ["jail", "marker"], res
+
+
+def test_the_default_seccomp_filter_refuses_a_user_namespace_inside():
+    """The same attack with the default filter stops at its first step."""
+    code = (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(libc.unshare(0x10000000), ctypes.get_errno())"
+    )
+    r = nsfast.run(["python3", "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.split() == ["-1", str(errno.EPERM)], (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("where", HOST_AND_EXEC)
 def test_hidden_host_directories_are_empty(inside, where):
     """Attack: look for the host's secrets and sockets in /run, /tmp, /var/tmp, /home, /root."""

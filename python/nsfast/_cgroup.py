@@ -338,7 +338,7 @@ def _cgroup_mount_of(path: str) -> Optional[str]:
 
 
 _moved_from: Dict[int, str] = {}  # pid -> the cgroup v2 path it left for its nsfast-caller leaf
-_prepared: Dict[Tuple[int, str], Optional[str]] = {}  # (pid, relative root) -> what to pass to Rust
+_prepared: Dict[Tuple[int, int, str], Optional[str]] = {}  # (pid, euid, relative root) -> what to pass to Rust
 
 
 def _root() -> Optional[str]:
@@ -350,10 +350,11 @@ def _root() -> Optional[str]:
         root = DEFAULT_ROOT if env is None else _check_root("NSFAST_CGROUP_ROOT", env)
     if root.startswith("/"):
         return root
-    key = (os.getpid(), root)
+    # Once per process, identity and root: preparing a v2 root moves this process into a
+    # leaf cgroup, after which "our cgroup" is that leaf; a process that was root and dropped
+    # its privileges is a rootless caller from then on, with a root of its own (or none).
+    key = (os.getpid(), os.geteuid(), root)
     if key not in _prepared:
-        # Once per process and root: preparing a v2 root moves this process into a leaf
-        # cgroup, after which "our cgroup" is that leaf.
         _prepared[key] = _below_own(root)
     return _prepared[key]
 

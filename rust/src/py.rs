@@ -679,6 +679,13 @@ fn create_cgroup(cgroup: Option<(CgroupRequest, Limits)>) -> Result<Option<Box<d
             let msg = format!("the kernel refused {value:?} for {} ({source})", path.display());
             Error::Limit { limit: format!("cgroup file {file}"), msg }
         }
+        // mkdir and friends: their own errno and the path (EACCES: a root this caller may
+        // not create cgroups in), not a generic "not supported".
+        cgroup::CgroupError::Io { op, path, source } => Error::Spawn {
+            step: format!("create cgroup ({op})"),
+            filename: Some(path.display().to_string()),
+            errno: rustix::io::Errno::from_io_error(&source).unwrap_or(rustix::io::Errno::IO),
+        },
         e => cg_err(e.to_string()),
     })
 }

@@ -158,6 +158,19 @@ enum Clone {
 
 /// Start the sandbox described by `plan`. Returns once the command has been exec'd.
 pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
+    if plan.maps.is_some() && !can_write_child_maps() {
+        return Err(Error::spawn(
+            "write uid_map",
+            Some(
+                "this process is not dumpable (it changed its ids without an exec), so the kernel lets only root \
+                 write the id maps of the user namespaces it makes: start sandboxes before dropping privileges, \
+                 drop them with an exec (setpriv, su, runuser), or make it dumpable again \
+                 (prctl PR_SET_DUMPABLE) if nothing in its memory needs the protection"
+                    .into(),
+            ),
+            Errno::ACCESS,
+        ));
+    }
     if !clone3_missing() {
         match spawn_with(plan, io, Clone::Clone3)? {
             Some(child) => return Ok(child),
@@ -649,6 +662,15 @@ fn write_proc(pid: i32, file: &str, data: &str) -> Result<()> {
     let path = format!("/proc/{pid}/{file}");
     let res = std::fs::OpenOptions::new().write(true).open(&path).and_then(|mut f| f.write_all(data.as_bytes()));
     res.map_err(|e| Error::spawn(format!("write {file}"), Some(path), errno_of(&e)))
+}
+
+/// Whether this process may write its children's /proc/PID/{setgroups,uid_map,gid_map}: a
+/// child of a process that is not dumpable is not dumpable either until it execs, and its
+/// /proc files are then root's, which only CAP_DAC_OVERRIDE gets past (root's effective id,
+/// as the caller's capabilities go, is what nsfast checks everywhere else too).
+fn can_write_child_maps() -> bool {
+    use rustix::process::{dumpable_behavior, DumpableBehavior};
+    rustix::process::geteuid().is_root() || matches!(dumpable_behavior(), Ok(DumpableBehavior::Dumpable))
 }
 
 fn write_maps(pid: i32, maps: &IdMaps) -> Result<()> {
