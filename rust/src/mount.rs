@@ -247,6 +247,7 @@ pub struct FsSpec<'a> {
     /// and every detach waits for an RCU grace period (`namespace_unlock`), ~0.2-0.3 ms of
     /// every start here, serialised across concurrent starts. What lies below the caller's
     /// root (the initramfs root a booted system keeps under `/`) stays below it either way.
+    /// Not for a sandbox that keeps a capability (see `Plan::build`).
     pub root_in_place: bool,
 }
 

@@ -684,7 +684,10 @@ impl Plan {
                     .then_some(mount::OverlaySpec { size: spec.overlay_size, upper: spec.overlay_upper.as_deref() }),
                 overlay_size: spec.overlay_size,
                 userxattr: user_ns,
-                root_in_place: spec.rootfs.is_none() && root_is_a_mount_root(),
+                // A sandbox that keeps a capability (CAP_SYS_CHROOT, CAP_SYS_ADMIN over its mount
+                // namespace) could climb or unmount out of a caller's chroot that sits on a
+                // mount root, which only a pivot to a clone leaves nothing above: it pivots.
+                root_in_place: spec.rootfs.is_none() && spec.keep_caps == 0 && root_is_a_mount_root(),
             };
             mount::plan(&fs, &probes)?
         } else {
@@ -757,6 +760,27 @@ mod tests {
         let maps = plan.maps.unwrap();
         assert_eq!(maps.uid_map, "0 0 1\n");
         assert!(!maps.range && maps.deny_setgroups && !plan.become_root);
+    }
+
+    #[test]
+    fn the_host_root_is_read_in_place_only_for_a_sandbox_that_keeps_no_capability() {
+        use crate::mount::FsOp;
+        let in_place = |spec: &Spec| {
+            let plan = Plan::build(spec, Caller::with_ids(0, 0)).unwrap();
+            let steps = &plan.fs.steps;
+            let pivots = steps.iter().any(|s| s.op == FsOp::PivotRoot);
+            let here = steps.iter().any(|s| matches!(s.op, FsOp::RootInPlace { .. }));
+            assert_ne!(pivots, here, "{steps:?}");
+            here
+        };
+        let mut spec = Spec::new(vec![b"true".to_vec()]);
+        // (Where this test runs chrooted, / is no mount root and nothing is read in place.)
+        assert_eq!(in_place(&spec), root_is_a_mount_root());
+        spec.keep_caps = 1 << 18; // CAP_SYS_CHROOT
+        assert!(!in_place(&spec));
+        spec.keep_caps = 0;
+        spec.rootfs = Some(b"/".to_vec());
+        assert!(!in_place(&spec));
     }
 
     #[test]
