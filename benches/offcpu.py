@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from rich.console import Console
 from rich.table import Table
@@ -149,12 +149,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         "starts": starts,
         "variant": args.variant,
         "starts_per_s_under_perf": rate,
-        "rows": [],
     }
-    for (role, state, site), (secs, n) in rows:
-        row = {"process": role, "state": state, "site": site, "us_per_start": secs * 1e6 / starts, "waits": n}
-        report["rows"].append(row)  # type: ignore[attr-defined]
-    for row in report["rows"][: args.top]:  # type: ignore[index]
+    out: List[Dict[str, Any]] = [
+        {"process": role, "state": state, "site": site, "us_per_start": secs * 1e6 / starts, "waits": n}
+        for (role, state, site), (secs, n) in rows
+    ]
+    report["rows"] = out
+    for row in out[: args.top]:
         table.add_row(
             row["process"], row["state"], row["site"], f"{row['us_per_start']:,.0f}", f"{row['waits'] / starts:.2f}"
         )
