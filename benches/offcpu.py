@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 WORKER = r"""
-import sys, threading, time
+import os, sys, threading, time
 import nsfast
 variant, threads, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 spec = {
@@ -55,7 +55,7 @@ for t in ts:
     t.start()
 for t in ts:
     t.join()
-print(threads * per / (time.perf_counter() - start), flush=True)
+print(threads * per / (time.perf_counter() - start), os.getpid(), flush=True)
 """
 
 #: Frames that say how a thread sleeps, not why: skipped to find the caller that waits.
@@ -93,9 +93,12 @@ def parse(script: str) -> List[Tuple[float, int, str, str, int, List[str]]]:
     return events
 
 
-def off_cpu(events: List[Tuple[float, int, str, str, int, List[str]]]) -> Dict[Tuple[str, str, str], List[float]]:
+def off_cpu(
+    events: List[Tuple[float, int, str, str, int, List[str]]], skip: int
+) -> Dict[Tuple[str, str, str], List[float]]:
     """(role, state, wait site) -> [seconds off CPU, times]: from each switch-out of a
-    thread to its next switch-in. Roles other than ROLES and kernel threads are dropped."""
+    thread to its next switch-in. Roles other than ROLES, kernel threads and thread `skip`
+    (the worker's main thread, which only waits for the others) are dropped."""
     out: Dict[Tuple[str, str, str], List[float]] = collections.defaultdict(lambda: [0.0, 0])
     away: Dict[int, Tuple[float, Tuple[str, str, str]]] = {}
     for t, ppid, pcomm, state, npid, stack in events:
@@ -103,7 +106,7 @@ def off_cpu(events: List[Tuple[float, int, str, str, int, List[str]]]) -> Dict[T
             t0, key = away.pop(npid)
             out[key][0] += t - t0
             out[key][1] += 1
-        if ppid == 0 or pcomm not in ROLES:
+        if ppid in (0, skip) or pcomm not in ROLES:
             continue
         site = " < ".join([f for f in stack if f not in HOW][:3]) or "?"
         away[ppid] = (t, (pcomm, state.rstrip("+"), site))
@@ -132,9 +135,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if run.returncode != 0:
             print(f"offcpu.py: perf record failed: {run.stderr.strip()}", file=sys.stderr)
             return 1
-        rate = float(run.stdout.split()[-1])
+        rate, main_tid = float(run.stdout.split()[-2]), int(run.stdout.split()[-1])
         script = subprocess.run([perf, "script", "-i", data], capture_output=True, text=True, check=True).stdout
-    rows = sorted(off_cpu(parse(script)).items(), key=lambda kv: -kv[1][0])
+    rows = sorted(off_cpu(parse(script), main_tid).items(), key=lambda kv: -kv[1][0])
     console = Console(width=200)
     table = Table(
         title=f"Off-CPU time per start, {starts} starts of /bin/true from {args.threads} threads "
