@@ -244,8 +244,8 @@ pub struct FsSpec<'a> {
     /// mount namespace's copy of it is exactly the tree a recursive clone of `/` would give.
     /// The sandbox then mounts over that copy instead of over a clone stacked on it, and
     /// needs no pivot_root: what the pivot leaves behind, the old root, must be detached,
-    /// and every detach waits for an RCU grace period (`namespace_unlock`), ~0.2-0.3 ms of
-    /// every start here, serialised across concurrent starts. What lies below the caller's
+    /// and every detach waits for an RCU grace period (`namespace_unlock`), 0.07-0.8 ms of
+    /// every start here as the machine is fast or slow, queued on by concurrent starts. What lies below the caller's
     /// root (the initramfs root a booted system keeps under `/`) stays below it either way.
     /// Not for a sandbox that keeps a capability (see `Plan::build`).
     pub root_in_place: bool,
