@@ -245,8 +245,9 @@ pub struct FsSpec<'a> {
     /// The sandbox then mounts over that copy instead of over a clone stacked on it, and
     /// needs no pivot_root: what the pivot leaves behind, the old root, must be detached,
     /// and every detach waits for an RCU grace period (`namespace_unlock`), 0.07-0.8 ms of
-    /// every start here as the machine is fast or slow, queued on by concurrent starts. What lies below the caller's
-    /// root (the initramfs root a booted system keeps under `/`) stays below it either way.
+    /// every start here as the machine is fast or slow, queued on by concurrent starts.
+    /// What lies below the caller's root (the initramfs root a booted system keeps under
+    /// `/`) stays below it either way.
     /// Not for a sandbox that keeps a capability (see `Plan::build`).
     pub root_in_place: bool,
 }
@@ -735,11 +736,6 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
         }
     }
     if !in_place || !hold_host_trees(&mut steps) {
-        if let Some(st) = steps.iter_mut().find(|s| matches!(s.op, FsOp::RootInPlace { .. })) {
-            // Too many host paths to hold: a clone stacked on `/`, then the pivot.
-            let FsOp::RootInPlace { attrs } = st.op else { unreachable!() };
-            st.op = FsOp::EnterRoot { tree: Tree::Path(c("/")), attrs };
-        }
         steps.push(FsStep { op: FsOp::PivotRoot, step: "pivot_root".into(), path: show(&root) });
     }
     Ok(FsPlan { steps, prepare, upper, uppers })
@@ -748,26 +744,27 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
 /// For a root in place: every bind of a host path takes a clone the child makes first (after
 /// `MakePrivate`, before `RootInPlace` sets the root's attributes and before any mount
 /// covers the path), as the original tree under a stacked clone would still show it. False
-/// (nothing changed) when there are more than [`MAX_HELD`], or an overlay whose lower (a
-/// host directory the child opens when it mounts it) a mount made before could cover.
+/// when there are more than [`MAX_HELD`], or an overlay whose lower (a host directory the
+/// child opens when it mounts it) a mount made before could cover: the root in place is
+/// then a clone stacked on `/` again, for the caller to pivot to.
 fn hold_host_trees(steps: &mut Vec<FsStep>) -> bool {
-    if steps.iter().any(|s| matches!(s.op, FsOp::Overlay { .. })) {
-        return false;
-    }
+    let Some(at) = steps.iter().position(|s| matches!(s.op, FsOp::RootInPlace { .. })) else { return false };
     let binds: Vec<usize> = (0..steps.len())
         .filter(|&i| matches!(&steps[i].op, FsOp::Bind { tree: Tree::Path(p), .. } if p.as_bytes().starts_with(b"/")))
         .collect();
-    if binds.len() > MAX_HELD {
+    if binds.len() > MAX_HELD || steps.iter().any(|s| matches!(s.op, FsOp::Overlay { .. })) {
+        let FsOp::RootInPlace { attrs } = steps[at].op else { unreachable!() };
+        steps[at].op = FsOp::EnterRoot { tree: Tree::Path(c("/")), attrs };
         return false;
     }
-    let Some(at) = steps.iter().position(|s| matches!(s.op, FsOp::RootInPlace { .. })) else { return false };
     let mut holds = Vec::with_capacity(binds.len());
     for (slot, &i) in binds.iter().enumerate() {
-        let FsOp::Bind { tree, .. } = &mut steps[i].op else { unreachable!() };
+        let FsStep { op: FsOp::Bind { tree, recursive, .. }, step, path: shown } = &mut steps[i] else {
+            unreachable!()
+        };
         let Tree::Path(path) = std::mem::replace(tree, Tree::Held(slot)) else { unreachable!() };
-        let (step, shown) = (steps[i].step.clone(), steps[i].path.clone());
-        let recursive = matches!(steps[i].op, FsOp::Bind { recursive: true, .. });
-        holds.push(FsStep { op: FsOp::HoldTree { path, recursive, slot }, step, path: shown });
+        let op = FsOp::HoldTree { path, recursive: *recursive, slot };
+        holds.push(FsStep { op, step: step.clone(), path: shown.clone() });
     }
     steps.splice(at..at, holds);
     true
@@ -1111,6 +1108,16 @@ fn fd_path(buf: &mut [u8; 32], fd: i32) -> &CStr {
     CStr::from_bytes_until_nul(&buf[..]).unwrap_or(c"")
 }
 
+/// open_tree(2) flags for a clone (of the tree below too when `recursive`).
+fn clone_flags(recursive: bool) -> OpenTreeFlags {
+    let how = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    if recursive {
+        how | OpenTreeFlags::AT_RECURSIVE
+    } else {
+        how
+    }
+}
+
 /// Child-safe: a clone of `tree` (a host path, a path in the new root, or a prepared fd).
 fn open_tree<'a>(
     tree: &Tree,
@@ -1119,10 +1126,7 @@ fn open_tree<'a>(
     held: &mut [Option<OwnedFd>],
     owned: &'a mut Option<OwnedFd>,
 ) -> std::result::Result<BorrowedFd<'a>, Errno> {
-    let mut how = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
-    if recursive {
-        how |= OpenTreeFlags::AT_RECURSIVE;
-    }
+    let how = clone_flags(recursive);
     match tree {
         // SAFETY: the prepared trees' fds stay open (the parent holds them) until the child execs.
         Tree::Prepared(i) => prepared.get(*i).map(|&fd| unsafe { sys::borrow_fd(fd) }).ok_or(Errno::BADF),
@@ -1198,11 +1202,7 @@ pub fn run(op: &FsOp, prepared: &[RawFd], state: &mut FsState) -> std::result::R
             sys::mount_setattr(target.as_raw_fd(), c"", *attrs, false)
         }
         FsOp::HoldTree { path, recursive, slot } => {
-            let mut how = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
-            if *recursive {
-                how |= OpenTreeFlags::AT_RECURSIVE;
-            }
-            let tree = rustix::mount::open_tree(CWD, path.as_c_str(), how)?;
+            let tree = rustix::mount::open_tree(CWD, path.as_c_str(), clone_flags(*recursive))?;
             *state.held.get_mut(*slot).ok_or(Errno::INVAL)? = Some(tree);
             Ok(())
         }

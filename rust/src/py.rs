@@ -681,11 +681,11 @@ fn create_cgroup(cgroup: Option<(CgroupRequest, Limits)>) -> Result<Option<Box<d
         }
         // mkdir and friends: their own errno and the path (EACCES: a root this caller may
         // not create cgroups in), not a generic "not supported".
-        cgroup::CgroupError::Io { op, path, source } => Error::Spawn {
-            step: format!("create cgroup ({op})"),
-            filename: Some(path.display().to_string()),
-            errno: rustix::io::Errno::from_io_error(&source).unwrap_or(rustix::io::Errno::IO),
-        },
+        cgroup::CgroupError::Io { op, path, source } => Error::spawn(
+            format!("create cgroup ({op})"),
+            Some(path.display().to_string()),
+            crate::spawn::errno_of(&source),
+        ),
         e => cg_err(e.to_string()),
     })
 }

@@ -158,19 +158,6 @@ enum Clone {
 
 /// Start the sandbox described by `plan`. Returns once the command has been exec'd.
 pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
-    if plan.maps.is_some() && !can_write_child_maps() {
-        return Err(Error::spawn(
-            "write uid_map",
-            Some(
-                "this process is not dumpable (it changed its ids without an exec), so the kernel lets only root \
-                 write the id maps of the user namespaces it makes: start sandboxes before dropping privileges, \
-                 drop them with an exec (setpriv, su, runuser), or make it dumpable again \
-                 (prctl PR_SET_DUMPABLE) if nothing in its memory needs the protection"
-                    .into(),
-            ),
-            Errno::ACCESS,
-        ));
-    }
     if !clone3_missing() {
         match spawn_with(plan, io, Clone::Clone3)? {
             Some(child) => return Ok(child),
@@ -664,21 +651,40 @@ fn write_proc(pid: i32, file: &str, data: &str) -> Result<()> {
     res.map_err(|e| Error::spawn(format!("write {file}"), Some(path), errno_of(&e)))
 }
 
-/// Whether this process may write its children's /proc/PID/{setgroups,uid_map,gid_map}: a
-/// child of a process that is not dumpable is not dumpable either until it execs, and its
-/// /proc files are then root's, which only CAP_DAC_OVERRIDE gets past (root's effective id,
-/// as the caller's capabilities go, is what nsfast checks everywhere else too).
-fn can_write_child_maps() -> bool {
-    use rustix::process::{dumpable_behavior, DumpableBehavior};
-    rustix::process::geteuid().is_root() || matches!(dumpable_behavior(), Ok(DumpableBehavior::Dumpable))
+fn write_maps(pid: i32, maps: &IdMaps) -> Result<()> {
+    let written = (|| {
+        if maps.deny_setgroups {
+            write_proc(pid, "setgroups", "deny")?;
+        }
+        write_proc(pid, "uid_map", &maps.uid_map)?;
+        write_proc(pid, "gid_map", &maps.gid_map)
+    })();
+    match written {
+        Err(Error::Spawn { errno: Errno::ACCESS, .. }) if !dumpable() => Err(not_dumpable()),
+        other => other,
+    }
 }
 
-fn write_maps(pid: i32, maps: &IdMaps) -> Result<()> {
-    if maps.deny_setgroups {
-        write_proc(pid, "setgroups", "deny")?;
-    }
-    write_proc(pid, "uid_map", &maps.uid_map)?;
-    write_proc(pid, "gid_map", &maps.gid_map)
+/// Whether this process is dumpable. One that is not (it changed its ids without an exec)
+/// has children that are not either until they exec: their /proc files are root's, and
+/// only CAP_DAC_OVERRIDE writes their id maps.
+fn dumpable() -> bool {
+    use rustix::process::{dumpable_behavior, DumpableBehavior};
+    matches!(dumpable_behavior(), Ok(DumpableBehavior::Dumpable))
+}
+
+fn not_dumpable() -> Error {
+    Error::spawn(
+        "write uid_map",
+        Some(
+            "this process is not dumpable (it changed its ids without an exec), so the kernel lets only root \
+             write the id maps of the user namespaces it makes: start sandboxes before dropping privileges, \
+             drop them with an exec (setpriv, su, runuser), or make it dumpable again \
+             (prctl PR_SET_DUMPABLE) if nothing in its memory needs the protection"
+                .into(),
+        ),
+        Errno::ACCESS,
+    )
 }
 
 /// Turn the child's record into an error naming the step and the path involved.
