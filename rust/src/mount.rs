@@ -1357,7 +1357,7 @@ pub fn prepare(
     }
     let tree = rustix::mount::open_tree(CWD, p.src.as_c_str(), how)?;
     let userns = if p.idmap { idmap_userns.map(|fd| fd.as_raw_fd()) } else { None };
-    sys::mount_setattr_userns(tree.as_raw_fd(), p.attrs, p.recursive, userns)?;
+    sys::mount_setattr_detached(tree.as_raw_fd(), p.attrs, p.recursive, userns)?;
     let Some(o) = &p.overlay else { return Ok(tree) };
     let up = upper.ok_or(Errno::BADF)?;
     let (upper, work) = (upper_dir(up, &o.upper)?, upper_dir(up, &o.work)?);

@@ -325,20 +325,31 @@ pub const MOUNT_ATTR_IDMAP: u64 = linux_raw_sys::general::MOUNT_ATTR_IDMAP as u6
 
 /// Child-safe: mount_setattr(2) on `dirfd`+`path`, optionally on the whole subtree.
 pub fn mount_setattr(dirfd: RawFd, path: &CStr, set: u64, recursive: bool) -> Result<(), Errno> {
-    mount_setattr_raw(dirfd, path, set, recursive, 0)
+    mount_setattr_raw(dirfd, path, set, recursive, 0, 0)
 }
 
-/// mount_setattr(2) on the mount `fd` names, idmapped through `userns` when given
-/// (MOUNT_ATTR_IDMAP: the tree must be detached, the caller privileged over its filesystem).
-pub fn mount_setattr_userns(fd: RawFd, set: u64, recursive: bool, userns: Option<RawFd>) -> Result<(), Errno> {
+/// mount_setattr(2) on a detached clone `fd` of a host tree: `set`, idmapped through
+/// `userns` when given (MOUNT_ATTR_IDMAP: the caller privileged over its filesystem), and
+/// private. A clone joins its source's peer group: on a host whose `/` is shared (systemd
+/// makes it so), a sandbox that may mount would otherwise have its mounts on the clone
+/// appear on the host, and outlive the sandbox.
+pub fn mount_setattr_detached(fd: RawFd, set: u64, recursive: bool, userns: Option<RawFd>) -> Result<(), Errno> {
+    let private = libc::MS_PRIVATE;
     match userns {
-        Some(ns) => mount_setattr_raw(fd, c"", set | MOUNT_ATTR_IDMAP, recursive, ns as u64),
-        None => mount_setattr_raw(fd, c"", set, recursive, 0),
+        Some(ns) => mount_setattr_raw(fd, c"", set | MOUNT_ATTR_IDMAP, recursive, private, ns as u64),
+        None => mount_setattr_raw(fd, c"", set, recursive, private, 0),
     }
 }
 
-fn mount_setattr_raw(dirfd: RawFd, path: &CStr, set: u64, recursive: bool, userns_fd: u64) -> Result<(), Errno> {
-    let attr = mount_attr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd };
+fn mount_setattr_raw(
+    dirfd: RawFd,
+    path: &CStr,
+    set: u64,
+    recursive: bool,
+    propagation: u64,
+    userns_fd: u64,
+) -> Result<(), Errno> {
+    let attr = mount_attr { attr_set: set, attr_clr: 0, propagation, userns_fd };
     let mut flags = libc::AT_EMPTY_PATH as usize;
     if recursive {
         flags |= libc::AT_RECURSIVE as usize;
