@@ -13,7 +13,7 @@ each sandbox's child before it execs), `nsfast-init` (each sandbox's pid 1, incl
 command between its vfork and its exec) and `true`.
 
 Needs root and perf (Debian: linux-perf). Run: `.venv/bin/python benches/offcpu.py
-[--threads 2] [--starts 400] [--variant default|no-net|no-cgroup] [--top 20] [--json PATH]`
+[--threads 2] [--starts 400] [--variant default|no-net|no-cgroup|overlay] [--top 20] [--json PATH]`
 after `make build`.
 """
 
@@ -43,6 +43,7 @@ spec = {
     "default": nsfast.Spec(),
     "no-net": nsfast.Spec(namespaces=tuple(n for n in nsfast.DEFAULT_NAMESPACES if n != "net")),
     "no-cgroup": nsfast.Spec(cgroup=False),
+    "overlay": nsfast.Spec(overlay=True),
 }[variant]
 for _ in range(20):
     nsfast.run(["/bin/true"], spec=spec)
@@ -117,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--starts", type=int, default=400, help="starts in all (default 400)")
-    p.add_argument("--variant", choices=("default", "no-net", "no-cgroup"), default="default")
+    p.add_argument("--variant", choices=("default", "no-net", "no-cgroup", "overlay"), default="default")
     p.add_argument("--top", type=int, default=20, help="rows shown (default 20)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
