@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import nsfast
-from conftest import suite
+from conftest import PYTHON_SRC, suite
 
 pytestmark = suite
 
@@ -168,6 +168,65 @@ def test_overlay_on_the_host_root_covers_submounts_and_grants_no_host_ownership(
     assert sorted(os.listdir(shared)) == ["host-file"] and (shared / "host-file").read_text() == "host\n"
     assert not os.path.exists("/etc/nsfast-overlay-probe")
     assert not os.listdir(sub)  # the test's mount namespace is gone: its tmpfs with it
+
+
+def test_overlay_on_the_host_root_starts_where_submounts_are_out_of_the_sandboxs_reach():
+    """Docker's /var/lib/docker (root, 0710) holds its containers' mounts: nothing below it
+    is the sandbox's to reach, and an overlay root used to fail on it (EACCES attaching the
+    cover of such a mount). Here the same in a mount namespace of the test's own, below a
+    directory the test makes on the host root: a tmpfs under a 0710 directory, and one the
+    sandbox may reach. Root and rootless: the sandbox starts, writes to the reachable one
+    (copy-on-write) and still cannot reach the other; nothing on the host changes."""
+    top = Path(tempfile.mkdtemp(prefix="nsfast-cover-", dir="/mnt"))
+    try:
+        os.chmod(top, 0o755)
+        (top / "locked" / "merged").mkdir(parents=True)
+        os.chmod(top / "locked", 0o710)
+        (top / "open").mkdir()
+        probe = (f"ls {top}/locked/merged 2>&1; cat {top}/open/file; echo w 2>/dev/null >> {top}/open/file && echo wrote;"
+                 f" grep -c ' {top}/open .* - overlay ' /proc/self/mountinfo")  # fmt: skip
+        script = textwrap.dedent(f"""
+            import json, os, subprocess, sys, warnings
+            warnings.simplefilter("ignore")
+            top = {str(top)!r}
+            for d, mode in (("/locked/merged", "0755"), ("/open", "0777")):
+                subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=" + mode, "nsfast-cover", top + d], check=True)
+            for d in ("/locked/merged", "/open"):
+                with open(top + d + "/file", "w") as f:
+                    f.write("host\\n")
+                os.chmod(top + d + "/file", 0o666)
+            runner = {PYTHON_SRC!r}
+            rootless = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env", "-i",
+                        "PYTHONPATH=" + runner, "PATH=/usr/bin:/bin", "/usr/bin/python3", "-c"]
+            probe = {probe!r}
+            code = ("import json, warnings, nsfast; warnings.simplefilter('ignore');"
+                    f"r = nsfast.run(['sh', '-c', {{probe!r}}], overlay=True, capture_output=True, text=True);"
+                    "print(json.dumps([r.returncode, r.stdout, r.stderr]))")
+            res = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                             check=True).stdout)]
+            res.append(json.loads(subprocess.run(rootless + [code], capture_output=True, text=True,
+                                                 check=True).stdout))
+            res.append([open(top + d + "/file").read() for d in ("/locked/merged", "/open")])
+            print(json.dumps(res))
+        """)
+        p = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", script],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        import json
+
+        root, rootless, host = json.loads(p.stdout)
+        assert root[0] == 0, root
+        lines = root[1].splitlines()
+        assert "Permission denied" in lines[0] and lines[1:] == ["host", "wrote", "1"], root
+        assert rootless[0] == 0, rootless
+        # Rootless, the overlay is a skeleton of the directories the caller may list: the
+        # locked one is there, empty (nothing of the host's below it). A file of an id its
+        # user namespace does not map cannot be copied up (EOVERFLOW): no write there.
+        assert "No such file" in rootless[1] and rootless[1].splitlines()[1:] == ["host", "1"], rootless
+        assert host == ["host\n", "host\n"]
+        assert sorted(os.listdir(top / "open")) == []  # the test's namespace, and its tmpfs, are gone
+    finally:
+        shutil.rmtree(top)
 
 
 def test_hostile_symlinks_in_the_rootfs_cannot_write_to_the_host(busybox_rootfs, tmp_path):

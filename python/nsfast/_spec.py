@@ -405,7 +405,9 @@ class Spec:
         so charged to its memory limit, and gone when it ends. On the host root, every
         submount a user can see (a separate /usr, /home, ...) gets an overlay of its own, as
         in BenchExec; file systems an overlay cannot sit on (proc, sysfs, cgroup, ...) are
-        bound read-only. Works for root and rootless callers. A root caller's overlays are
+        bound read-only; one below a directory the sandbox may never search (Docker's
+        /var/lib/docker, 0710, over its containers' mounts) is left as it is, out of
+        reach. Works for root and rootless callers. A root caller's overlays are
         made by nsfast itself; a rootless caller's in the sandbox's user namespace, where the
         kernel refuses an overlay of a tree with (locked) submounts: on the host root that is
         one overlay per host directory over a tmpfs root (new top-level entries land there;

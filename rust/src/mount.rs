@@ -126,6 +126,14 @@ pub enum FsOp {
     },
     /// Make (or open) the overlays' upper filesystem, kept in the child's [`FsState`].
     OverlayUpper(Upper),
+    /// The cover of a submount of the root (an overlay of its own, or a read-only bind),
+    /// skipped where the child may not reach it: `EACCES` resolving its mount point or
+    /// source, from a directory on the way that the sandbox's ids may not search although
+    /// the child holds every capability of its user namespace then (its owner or group is
+    /// not mapped). What it would cover is out of the sandbox's reach for good: it can never
+    /// own that directory nor override its mode. Docker's `/var/lib/docker` (0710) over
+    /// its containers' mounts is one; without the skip, no overlay root could start there.
+    Cover(Box<FsOp>),
     /// An overlay of host directory `lower` (the overlay does not look into its submounts: each is a layer of its own)
     /// with `upper`/`work` directories of the upper filesystem (created if missing, with
     /// `mkdirs` in `upper` first), mounted with `attrs`: on top of `/` and entered when
@@ -887,7 +895,8 @@ fn overlay_steps(
         src.extend_from_slice(&rel);
         if writable && kept.is_none() && OVERLAYABLE.contains(&fstype.as_str()) {
             n += 1;
-            steps.push(overlay(n, &src, &rel, vec![], prepare));
+            let st = overlay(n, &src, &rel, vec![], prepare);
+            steps.push(FsStep { op: FsOp::Cover(Box::new(st.op)), ..st });
         } else {
             let shown = format!("/{}", show(&rel));
             let sealed = MOUNT_ATTR_RDONLY | NOSUID_NODEV;
@@ -905,7 +914,7 @@ fn overlay_steps(
             } else {
                 (Tree::Path(c(src.clone())), sealed)
             };
-            let op = FsOp::Bind { tree, dst: c(rel.clone()), recursive: true, attrs: a };
+            let op = FsOp::Cover(Box::new(FsOp::Bind { tree, dst: c(rel.clone()), recursive: true, attrs: a }));
             steps.push(FsStep { op, step: format!("bind {shown}"), path: show(&src) });
             covered.push(rel);
         }
@@ -1222,6 +1231,10 @@ pub fn run(op: &FsOp, prepared: &[RawFd], state: &mut FsState) -> std::result::R
             state.upper = Some(make_upper(upper)?);
             Ok(())
         }
+        FsOp::Cover(op) => match run(op, prepared, state) {
+            Err(Errno::ACCESS) => Ok(()),
+            other => other,
+        },
         FsOp::EnterTmpfsRoot { size } => {
             let m = fresh_tmpfs(size.as_deref())?;
             rustix::mount::move_mount(&m, c"", CWD, c"/", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
@@ -1754,11 +1767,19 @@ mod tests {
             .steps
             .iter()
             .filter_map(|st| match &st.op {
-                FsOp::Bind { tree: Tree::Path(src), attrs, recursive: true, .. } => Some((cstr(src), *attrs)),
+                FsOp::Cover(op) => match &**op {
+                    FsOp::Bind { tree: Tree::Path(src), attrs, recursive: true, .. } => Some((cstr(src), *attrs)),
+                    _ => None,
+                },
                 _ => None,
             })
             .collect();
         assert_eq!(binds, [("/sys", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)]);
+        // Each submount's cover (its overlay, or the bind) is skipped where the sandbox
+        // cannot reach it; the root's overlay is not.
+        let covers: Vec<&str> =
+            p.steps.iter().filter(|st| matches!(st.op, FsOp::Cover(_))).map(|st| st.step.as_str()).collect();
+        assert_eq!(covers, ["bind /sys", "overlay /srv", "overlay /srv/data"]);
         assert_eq!(p.steps[1].op, FsOp::EnterRoot { tree: Tree::Prepared(0), attrs: 0 });
         let layers: Vec<&OverlayLayer> = p.prepare.iter().filter_map(|t| t.overlay.as_ref()).collect();
         assert_eq!(layers.iter().map(|l| cstr(&l.upper)).collect::<Vec<_>>(), ["u0", "u1", "u2"]);
