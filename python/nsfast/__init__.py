@@ -15,7 +15,16 @@ from __future__ import annotations
 from ._aio import AsyncProcess, arun, aspawn
 from ._cgroup import DEFAULT_LIMITS, CgroupWarning, Limits, configure
 from ._container import Container, enter
-from ._errors import ContainerError, ImageError, LimitError, NsfastError, OutputError, SpawnError, SpecError
+from ._errors import (
+    ContainerError,
+    ImageError,
+    LimitError,
+    NsfastError,
+    OutputError,
+    OverlayError,
+    SpawnError,
+    SpecError,
+)
 from ._image import Image, ImageConfig
 from ._ns import compare_namespaces, namespaces
 from ._process import DEVNULL, PIPE, STDOUT, Process, Result, TimeoutExpired, Usage, run, settle, spawn
@@ -90,6 +99,7 @@ __all__ = [
     "ImageConfig",
     "ImageError",
     "OutputError",
+    "OverlayError",
     "SpecError",
     "SpawnError",
     "ContainerError",

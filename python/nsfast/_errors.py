@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import errno as _errno
-from typing import Optional
+from typing import Optional, Sequence
 
-__all__ = ["NsfastError", "SpecError", "SpawnError", "ContainerError", "LimitError", "OutputError", "ImageError"]
+__all__ = [
+    "NsfastError",
+    "SpecError",
+    "SpawnError",
+    "ContainerError",
+    "LimitError",
+    "OutputError",
+    "OverlayError",
+    "ImageError",
+]
 
 # Usual causes of the usual errnos, added to SpawnError messages.
 _HINTS = {
@@ -95,18 +104,42 @@ class LimitError(NsfastError):
 
 
 class OutputError(NsfastError):
-    """`run(outputs=...)` found more than `outputs_max_bytes` of matching files: `.path` is the
-    file that went over `.limit`; `.result` is the run's Result (its `.files` hold what was
-    read before)."""
+    """`run(outputs=...)` found more than `outputs_max_bytes` of matching files (`.path` is
+    the file that went over `.limit`), or a matching file it cannot read (`.reason` says
+    why, e.g. the sandbox left it mode 000); `.result` is the run's Result (its `.files`
+    hold what was read before)."""
 
-    def __init__(self, path: str, limit: int, result: object = None) -> None:
-        super().__init__(f"outputs: {path} takes the files read back over outputs_max_bytes={limit}")
+    def __init__(self, path: str, limit: int, result: object = None, reason: Optional[str] = None) -> None:
+        if reason is None:
+            super().__init__(f"outputs: {path} takes the files read back over outputs_max_bytes={limit}")
+        else:
+            super().__init__(f"outputs: {path}: {reason}")
         self.path = path
         self.limit = limit
         self.result = result
+        self.reason = reason
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (type(self), (self.path, self.limit, self.result))
+        return (type(self), (self.path, self.limit, self.result, self.reason))
+
+
+class OverlayError(NsfastError):
+    """The changes under an `nsfast.Overlay` could not be listed, or (`commit=True`) not
+    applied to its `src`: `.path` is the sandbox path concerned, `.reason` why; `.applied`
+    the sandbox paths already applied to `src` (empty: `src` is unchanged, which is the
+    case for everything found before applying: a change below a mount point of `src`, a
+    file the caller cannot read, a path too long); `.result` is the run's Result."""
+
+    def __init__(self, path: str, reason: str, result: object = None, applied: Sequence[str] = ()) -> None:
+        done = f"; {len(applied)} change(s) were applied before" if applied else "; src is unchanged"
+        super().__init__(f"Overlay: {path}: {reason}{done}")
+        self.path = path
+        self.reason = reason
+        self.result = result
+        self.applied = list(applied)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.path, self.reason, self.result, self.applied))
 
 
 class ImageError(NsfastError):

@@ -17,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Optional, Seque
 
 from . import _cgroup, _core
 from . import _trees as _trees_mod
-from ._errors import SpawnError, SpecError
+from ._errors import OverlayError, SpawnError, SpecError
 from ._spec import SANDBOX_ID_BASE, Overlay, Spec, SpecFields, StrPath, with_fields
 
 if TYPE_CHECKING:
@@ -641,55 +641,75 @@ def run(
     own = _join is None and _start is None
     cow = [m for m in spec.mounts if isinstance(m, Overlay)] if own else []
     trees += [m.dst for m in cow if m.dst not in trees]
+    if any(m.commit for m in cow) and "pid" not in spec.namespaces:
+        raise SpecError(
+            "mounts",
+            "Overlay(commit=True) needs the pid namespace: without it a process of the sandbox may outlive it and "
+            "change the changes while they are applied",
+        )
     stdin, stdout, stderr = run_stdio(input, capture_output, stdin, stdout, stderr, timeout)
-    with Process(
-        args,
-        spec=spec,
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-        text=text,
-        pass_fds=pass_fds,
-        _join=_join,
-        _start=_start,
-        _trees=trees,
-        _commits=True,
-    ) as proc:
-        try:
-            if proc.stdin is None and proc.stdout is None and proc.stderr is None:
-                proc.wait(timeout)
-                out = err = None
-            else:
-                out, err = proc.communicate(input, timeout)
-        except TimeoutExpired as exc:
-            proc.kill("timeout")
-            proc.wait()
-            exc.timeout = timeout  # type: ignore[assignment]
-            # What the killed run cost (termination "timeout"), next to the partial output.
-            exc.usage = proc.usage
-            raise
-        except BaseException:
-            proc.kill()
-            raise
-        finally:
-            held = proc._trees
-            if held is not None and proc.returncode is None:
-                held.close()
-    assert proc.returncode is not None
-    result = Result(proc.args, proc.returncode, out, err, proc.usage)
-    if proc._trees is not None:
-        try:
-            for m in cow:
-                found = _trees_mod.changes(proc._trees, m)
-                result.changes.update((p, c[0]) for p, c in found.items())
-                if m.commit and proc.returncode == 0:
-                    _trees_mod.commit(proc._trees, m, found)
-            result.files = proc._trees.collect(patterns, outputs_max_bytes, result)
-        finally:
-            proc._trees.close()
-    if check and proc.returncode:
-        raise CalledProcessError(proc.returncode, proc.args, out, err)
-    return result
+    sources = _trees_mod.open_sources(cow)
+    try:
+        with Process(
+            args,
+            spec=spec,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            text=text,
+            pass_fds=pass_fds,
+            _join=_join,
+            _start=_start,
+            _trees=trees,
+            _commits=True,
+        ) as proc:
+            try:
+                if proc.stdin is None and proc.stdout is None and proc.stderr is None:
+                    proc.wait(timeout)
+                    out = err = None
+                else:
+                    out, err = proc.communicate(input, timeout)
+            except TimeoutExpired as exc:
+                proc.kill("timeout")
+                proc.wait()
+                exc.timeout = timeout  # type: ignore[assignment]
+                # What the killed run cost (termination "timeout"), next to the partial output.
+                exc.usage = proc.usage
+                raise
+            except BaseException:
+                proc.kill()
+                raise
+            finally:
+                held = proc._trees
+                if held is not None and proc.returncode is None:
+                    held.close()
+        assert proc.returncode is not None
+        result = Result(proc.args, proc.returncode, out, err, proc.usage)
+        if proc._trees is not None:
+            try:
+                xattr = _trees_mod.userxattr(spec)
+                ours = [m.dst for m in spec.mounts]
+                for m in cow:
+                    try:
+                        found = _trees_mod.changes(proc._trees, m, sources[m.dst], userxattr=xattr, mount_points=ours)
+                    except OSError as e:
+                        raise OverlayError(m.dst, f"its changes cannot be listed: {e}", result) from None
+                    result.changes.update((p, c[0]) for p, c in found.items())
+                    if m.commit and proc.returncode == 0:
+                        try:
+                            _trees_mod.commit(proc._trees, m, found, sources[m.dst])
+                        except OverlayError as e:
+                            e.result = result
+                            raise
+                result.files = proc._trees.collect(patterns, outputs_max_bytes, result)
+            finally:
+                proc._trees.close()
+        if check and proc.returncode:
+            raise CalledProcessError(proc.returncode, proc.args, out, err)
+        return result
+    finally:
+        for fd in sources.values():
+            os.close(fd)
 
 
 def settle() -> None:

@@ -18,7 +18,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import _core
-from ._errors import OutputError, SpecError
+from ._errors import OutputError, OverlayError, SpecError
 from ._spec import Bind, Overlay, Spec, Tmpfs
 
 #: Default cap on the bytes `run(outputs=...)` reads back, all files together.
@@ -155,7 +155,7 @@ class Trees:
                 except OSError as e:
                     if e.errno == errno.EFBIG:
                         raise OutputError(path, max_bytes, result) from None
-                    raise
+                    raise OutputError(path, max_bytes, result, f"cannot be read: {e.strerror or e}") from None
                 if data is not None:
                     files[path] = data
                     left -= len(data)
@@ -168,7 +168,7 @@ class Trees:
         if not any(ch in first for ch in "*?["):
             return self._match(fd, rest, f"{prefix}/{first}" if prefix else first)
         out = []
-        entries = _core.tree_list(fd, os.fsencode(prefix or "."))
+        entries = _core.tree_list(fd, os.fsencode(prefix or "."))  # (only the kinds matter here)
         for raw, kind, _mode in sorted(entries):
             name = os.fsdecode(raw)
             if name.startswith(".") and not first.startswith("."):
@@ -181,146 +181,287 @@ class Trees:
         return out
 
 
-def _walk_nofollow(base: int, parts: Sequence[str]) -> int:
-    """An fd of directory `parts` below `base`, each component opened without following a
-    symlink (so nothing a commit applied earlier can redirect a later one)."""
-    fd = os.dup(base)
+def userxattr(spec: Spec) -> bool:
+    """Whether `spec`'s Overlay mounts keep their marks in user.overlay.* (made by the child
+    in its user namespace) rather than trusted.* (a root caller's, made by nsfast itself)."""
+    return "user" in spec.namespaces and not (os.geteuid() == 0 and _core.sandbox_id_range())
+
+
+def open_sources(overlays: Sequence[Overlay]) -> Dict[str, int]:
+    """An fd of each Overlay's `src`, by its `dst`, opened before the sandbox starts (the
+    path as the caller gave it: its symlinks are the caller's). changes() and commit() work
+    below these fds only: by the time the run ended the sandbox may have replaced `src`
+    itself (through a writable Bind of its parent, or a commit applied before), and what
+    it planted there is never reached."""
+    fds: Dict[str, int] = {}
     try:
-        for p in parts:
-            nxt = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-        return fd
+        for ov in overlays:
+            fds[ov.dst] = os.open(ov.src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except BaseException:
-        os.close(fd)
+        for fd in fds.values():
+            os.close(fd)
         raise
+    return fds
+
+
+def _beneath(base: int, rel: str) -> int:
+    """Directory `rel` below `base` (an fd of `src`): no symlink followed, no mount
+    crossed (ELOOP, EXDEV), never outside `base`."""
+    return _core.dir_beneath(base, os.fsencode(rel or "."))
+
+
+#: What `_lower` says of a directory that is a mount point in `src`: the sandbox saw the
+#: directory below it (an overlay does not show its lower's submounts), not what is mounted.
+MOUNT = "m"
 
 
 def _lower(base: int, rel: str) -> Optional[Tuple[str, int]]:
-    """("d", "f", "l" or "o", permission bits) of `rel` in the lower directory (`base`),
-    None if missing."""
+    """(kind, permission bits) of `rel` in `src` (`base`): "d", "f", "l", "o", or MOUNT
+    for a mount point (or an entry below one); None if missing."""
     import stat
 
-    parts = rel.split("/")
+    parent, _, name = rel.rpartition("/")
     try:
-        d = _walk_nofollow(base, parts[:-1])
-    except OSError:
-        return None
+        d = _beneath(base, parent)
+    except OSError as e:
+        return (MOUNT, 0) if e.errno == errno.EXDEV else None
     try:
-        st = os.lstat(parts[-1], dir_fd=d)
+        st = os.lstat(name, dir_fd=d)
+        m = st.st_mode
+        if stat.S_ISDIR(m):
+            try:
+                os.close(_core.dir_beneath(d, os.fsencode(name)))
+            except OSError as e:
+                if e.errno == errno.EXDEV:
+                    return MOUNT, stat.S_IMODE(m)
+        kind = "d" if stat.S_ISDIR(m) else "f" if stat.S_ISREG(m) else "l" if stat.S_ISLNK(m) else "o"
+        return kind, stat.S_IMODE(m)
     except OSError:
         return None
     finally:
         os.close(d)
-    m = st.st_mode
-    kind = "d" if stat.S_ISDIR(m) else "f" if stat.S_ISREG(m) else "l" if stat.S_ISLNK(m) else "o"
-    return kind, stat.S_IMODE(m)
 
 
-def changes(trees: Trees, ov: Overlay) -> Dict[str, Tuple[str, str, int]]:
-    """What the sandbox changed below the Overlay `ov`: sandbox path -> (change, kind in the
-    upper layer, mode); change is "added", "modified" or "deleted"."""
+def _under(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
+def changes(
+    trees: Trees, ov: Overlay, base: int, *, userxattr: bool = False, mount_points: Sequence[str] = ()
+) -> Dict[str, Tuple[str, str, int]]:
+    """What the sandbox changed below the Overlay `ov` (`base`: the fd of its `src` from
+    open_sources): sandbox path -> (change, kind in the upper layer, mode); change is
+    "added", "modified" or "deleted". `mount_points`: the sandbox paths of the spec's
+    other mounts: nsfast made those directories in the overlay to mount on, the sandbox
+    did not. An OSError (a path too long to resolve) is the caller's to report."""
     fd = trees.fds[trees.paths.index(ov.dst)]
-    base = os.open(ov.src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    top = ov.dst.rstrip("/")
     out: Dict[str, Tuple[str, str, int]] = {}
-    try:
+    ours = [m for m in mount_points if _under(m, top) and m != ov.dst]
+    made: List[str] = []  # directories nsfast made on the way to a mount point
+    todo: List[Tuple[str, List[Tuple[bytes, str, int]]]] = [("", _core.tree_list(fd, b".", userxattr))]
+    while todo:  # depth first, without recursion (a tree may be deeper than Python's stack)
+        rel, entries = todo.pop()
+        for raw, kind, mode in sorted(entries):
+            name = os.fsdecode(raw)
+            r = f"{rel}/{name}" if rel else name
+            path = top + "/" + r
+            if any(m == path for m in ours):
+                continue  # a mount point of nsfast's (what is mounted there is not the overlay's)
+            low = _lower(base, r)
+            lower = None if low is None else low[0]
+            if kind == "w":
+                if lower is not None:
+                    out[path] = ("deleted", kind, mode)
+                continue
+            if kind in ("d", "D"):
+                if lower not in ("d", MOUNT) or (low is not None and low[1] != mode):
+                    out[path] = ("added" if lower is None else "modified", kind, mode)
+                    if lower is None and any(_under(m, path) for m in ours):
+                        made.append(path)
+                sub = _core.tree_list(fd, os.fsencode(r), userxattr)
+                if lower == "d" and kind == "D":
+                    # Opaque: the lower directory's entries it does not hold are gone.
+                    ld = _beneath(base, r)
+                    try:
+                        for gone in sorted(set(os.listdir(ld)) - {os.fsdecode(e[0]) for e in sub}):
+                            out[f"{path}/{gone}"] = ("deleted", "w", 0)
+                    finally:
+                        os.close(ld)
+                todo.append((r, sub))
+                continue
+            out[path] = ("added" if lower is None else "modified", kind, mode)
+    for path in made:  # only there for a mount point, and nothing else of the sandbox's in it
+        if not any(p != path and _under(p, path) for p in out):
+            del out[path]
+    return dict(sorted(out.items()))
 
-        def walk(rel: str, entries: List[Tuple[bytes, str, int]]) -> None:
-            for raw, kind, mode in sorted(entries):
-                name = os.fsdecode(raw)
-                r = f"{rel}/{name}" if rel else name
-                path = ov.dst.rstrip("/") + "/" + r
-                low = _lower(base, r)
-                lower = None if low is None else low[0]
-                if kind == "w":
-                    if lower is not None:
-                        out[path] = ("deleted", kind, mode)
-                    continue
-                if kind in ("d", "D"):
-                    if lower != "d" or (low is not None and low[1] != mode):
-                        out[path] = ("added" if lower is None else "modified", kind, mode)
-                    sub = _core.tree_list(fd, os.fsencode(r))
-                    if lower == "d" and kind == "D":
-                        # Opaque: the lower directory's entries it does not hold are gone.
-                        ld = _walk_nofollow(base, r.split("/"))
-                        try:
-                            for gone in sorted(set(os.listdir(ld)) - {os.fsdecode(e[0]) for e in sub}):
-                                out[f"{path}/{gone}"] = ("deleted", "w", 0)
-                        finally:
-                            os.close(ld)
-                    walk(r, sub)
-                    continue
-                out[path] = ("added" if lower is None else "modified", kind, mode)
 
-        walk("", _core.tree_list(fd, b"."))
-    finally:
-        os.close(base)
-    return out
-
-
-def commit(trees: Trees, ov: Overlay, found: Dict[str, Tuple[str, str, int]]) -> None:
-    """Apply `found` (from changes()) to `ov.src`: deletions, directories, files (written to
-    a temporary name, then renamed over), symlinks; permission bits without setuid/setgid;
-    FIFOs and other special files are not applied. Every directory of `src` is opened
-    without following a symlink, so a symlink the sandbox made (committed earlier in the
-    same pass) cannot lead a write out of `src`."""
-    import shutil
-
-    base = os.open(ov.src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _check(trees: Trees, ov: Overlay, found: Dict[str, Tuple[str, str, int]], base: int) -> None:
+    """Everything a commit can know would fail, before anything is applied (OverlayError,
+    src unchanged): a change at or below a mount point of `src` (the sandbox saw the
+    directory under it, not what is mounted: applying would write into another file
+    system), a parent that is neither in `src` nor made by the commit, a file the caller
+    may not read."""
     prefix = ov.dst.rstrip("/") + "/"
+    dirs = {p for p, (c, k, _m) in found.items() if c != "deleted" and k in ("d", "D")}
+    for path, (change, kind, _mode) in found.items():
+        rel = path[len(prefix) :]
+        low = _lower(base, rel)
+        if low is not None and low[0] == MOUNT:
+            raise OverlayError(path, "at or below a mount point of src (another file system): not applied")
+        parent = path.rpartition("/")[0]
+        if parent + "/" != prefix and parent not in dirs:
+            p = _lower(base, parent[len(prefix) :])
+            if p is None or p[0] != "d":
+                raise OverlayError(path, "its directory is no longer a directory in src (changed on the host?)")
+        if change != "deleted" and kind == "f":
+            fd = _core.tree_open(trees.fds[trees.paths.index(ov.dst)], os.fsencode(rel))
+            if fd is not None:
+                os.close(fd)
+
+
+def commit(trees: Trees, ov: Overlay, found: Dict[str, Tuple[str, str, int]], base: int) -> None:
+    """Apply `found` (from changes()) to `src` (`base`, from open_sources): deletions,
+    directories, files (copied to a fresh temporary name, holes kept, then renamed over),
+    symlinks; permission bits without setuid/setgid, a directory's once what is in it was
+    applied; FIFOs and other special files are not applied. Every directory of `src` is
+    opened by the kernel without following a symlink or crossing a mount, so neither a
+    symlink the sandbox made (applied earlier in the same pass) nor a mount below `src`
+    can lead a write out of it. What _check() finds is refused before anything is
+    applied; a later failure is an OverlayError naming what was applied."""
     try:
-        for path in sorted(found):
-            change, kind, mode = found[path]
-            rel = path[len(prefix) :]
-            parts = rel.split("/")
-            d = _walk_nofollow(base, parts[:-1])
-            name = parts[-1]
+        _check(trees, ov, found, base)
+    except OSError as e:
+        raise OverlayError(getattr(e, "filename", None) or ov.dst, f"cannot be read: {e.strerror}") from None
+    prefix = ov.dst.rstrip("/") + "/"
+    upper = trees.fds[trees.paths.index(ov.dst)]
+    applied: List[str] = []
+    modes: List[Tuple[str, int]] = []
+    for path in sorted(found):
+        change, kind, mode = found[path]
+        rel = path[len(prefix) :]
+        parent, _, name = rel.rpartition("/")
+        try:
+            d = _beneath(base, parent)
             try:
-                low = _lower(d, name)
-                old = None if low is None else low[0]
-                if change == "deleted" or (old is not None and (old == "d") != (kind in ("d", "D"))):
-                    if old == "d":
-                        shutil.rmtree(name, dir_fd=d)
-                    elif old is not None:
-                        os.unlink(name, dir_fd=d)
-                    if change == "deleted":
-                        continue
-                perm = mode & 0o1777
-                if kind in ("d", "D"):
-                    if old != "d":
-                        os.mkdir(name, perm, dir_fd=d)
-                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
-                    try:
-                        os.fchmod(fd, perm)
-                    finally:
-                        os.close(fd)
-                elif kind == "f":
-                    data = trees.read(path, 1 << 62)
-                    if data is None:
-                        continue  # gone (the sandbox ended; cannot happen) or not a file
-                    tmp = f".{name}.nsfast-commit"
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perm,
-                                 dir_fd=d)  # fmt: skip
-                    try:
-                        _write_all(fd, data)
-                        os.fchmod(fd, perm & 0o777)
-                    finally:
-                        os.close(fd)
-                    os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
-                elif kind == "l":
-                    target = _core.tree_readlink(trees.fds[trees.paths.index(ov.dst)], os.fsencode(rel))
-                    if target is None:
-                        continue
-                    if old is not None:
-                        os.unlink(name, dir_fd=d)
-                    os.symlink(target, name, dir_fd=d)
+                _apply(d, name, rel, change, kind, mode, upper, modes)
             finally:
                 os.close(d)
+        except OSError as e:
+            raise OverlayError(path, f"cannot be applied: {e.strerror or e}", applied=applied) from None
+        applied.append(path)
+    for rel, perm in sorted(modes, key=lambda m: -m[0].count("/")):  # deepest first
+        try:
+            fd = _beneath(base, rel)
+            try:
+                os.fchmod(fd, perm)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OverlayError(prefix + rel, f"mode not applied: {e.strerror or e}", applied=applied) from None
+
+
+def _apply(
+    d: int, name: str, rel: str, change: str, kind: str, mode: int, upper: int, modes: List[Tuple[str, int]]
+) -> None:
+    low = _lower(d, name)
+    old = None if low is None else low[0]
+    if change == "deleted" or (old is not None and (old == "d") != (kind in ("d", "D"))):
+        if old == "d":
+            _rmtree(d, name)
+        elif old is not None:
+            os.unlink(name, dir_fd=d)
+        old = None
+        if change == "deleted":
+            return
+    perm = mode & 0o1777
+    if kind in ("d", "D"):
+        if old != "d":
+            os.mkdir(name, 0o700, dir_fd=d)  # its mode once what is in it was applied
+        modes.append((rel, perm))
+    elif kind == "f":
+        src = _core.tree_open(upper, os.fsencode(rel))
+        if src is None:
+            return  # not a regular file (the sandbox ended: cannot happen)
+        try:
+            tmp, fd = _temporary(d, perm & 0o777)
+            try:
+                _copy(src, fd)
+                os.fchmod(fd, perm & 0o777)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+        finally:
+            os.close(src)
+    elif kind == "l":
+        target = _core.tree_readlink(upper, os.fsencode(rel))
+        if target is None:
+            return
+        if old is not None:
+            os.unlink(name, dir_fd=d)
+        os.symlink(target, name, dir_fd=d)
+
+
+def _temporary(d: int, perm: int) -> Tuple[str, int]:
+    """A new file of a fresh short name in `d` (a leftover of a commit that was killed, or
+    a name the sandbox chose, is never reused)."""
+    while True:
+        tmp = f".nsfast-{os.urandom(6).hex()}"
+        try:
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perm,
+                                dir_fd=d)  # fmt: skip
+        except FileExistsError:
+            continue
+
+
+def _copy(src: int, dst: int) -> None:
+    """`src`'s bytes to `dst`, its holes kept as holes: a sparse file the sandbox made costs
+    the host no more disk, nor the caller memory, than it did the sandbox."""
+    size = os.fstat(src).st_size
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(src, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break  # only a hole is left
+            raise
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        os.lseek(dst, start, os.SEEK_SET)
+        while start < end:
+            n = os.sendfile(dst, src, start, min(end - start, 1 << 24))
+            if n == 0:
+                break  # the file shrank meanwhile (it cannot: the sandbox ended)
+            start += n
+        off = end
+    os.ftruncate(dst, size)
+
+
+def _rmtree(parent: int, name: str) -> None:
+    """Delete directory `name` of `parent` and everything in it, never through a symlink
+    nor into a mount (EXDEV), without recursion."""
+    stack = [(os.dup(parent), name, _core.dir_beneath(parent, os.fsencode(name)))]
+    try:
+        while stack:
+            p, n, fd = stack[-1]
+            sub = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        sub = entry.name
+                        break
+                    os.unlink(entry.name, dir_fd=fd)
+            if sub is not None:
+                stack.append((os.dup(fd), sub, _core.dir_beneath(fd, os.fsencode(sub))))
+                continue
+            stack.pop()
+            os.close(fd)
+            try:
+                os.rmdir(n, dir_fd=p)
+            finally:
+                os.close(p)
     finally:
-        os.close(base)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+        for p, _n, fd in stack:
+            os.close(fd)
+            os.close(p)

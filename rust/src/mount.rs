@@ -1407,11 +1407,13 @@ pub fn prepare_upper(upper: &Upper) -> std::result::Result<OwnedFd, Errno> {
 const TREE_RESOLVE: ResolveFlags =
     ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGICLINKS).union(ResolveFlags::NO_XDEV);
 
-/// Parent side: the contents of regular file `path` in the tree `root` (None: missing or
-/// not a regular file); more than `max` bytes is EFBIG.
-pub fn tree_read(root: BorrowedFd<'_>, path: &[u8], max: u64) -> std::io::Result<Option<Vec<u8>>> {
-    use std::io::Read;
-    let flags = OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+/// Parent side: regular file `path` in the tree `root`, open for reading (None: missing or
+/// not a regular file). The type is checked on an O_PATH fd before anything opens the file
+/// itself (a FIFO, socket or device the sandbox made is never opened: none can block or
+/// fail the caller); the reopen through that fd reaches the same inode, whatever the
+/// sandbox renames meanwhile.
+pub fn tree_open(root: BorrowedFd<'_>, path: &[u8]) -> std::io::Result<Option<OwnedFd>> {
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let fd = match rustix::fs::openat2(root, path, flags, Mode::empty(), TREE_RESOLVE) {
         Ok(fd) => fd,
         Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => return Ok(None),
@@ -1420,7 +1422,24 @@ pub fn tree_read(root: BorrowedFd<'_>, path: &[u8], max: u64) -> std::io::Result
     if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != rustix::fs::FileType::RegularFile {
         return Ok(None);
     }
+    let mut buf = [0u8; 32];
+    let again = fd_path(&mut buf, fd.as_raw_fd());
+    let flags = OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    Ok(Some(rustix::fs::open(again, flags, Mode::empty())?))
+}
+
+/// Parent side: the contents of regular file `path` in the tree `root` (None: missing or
+/// not a regular file); more than `max` bytes is EFBIG (checked on its size first, then
+/// while reading: nothing past `max` + 1 bytes is ever held).
+pub fn tree_read(root: BorrowedFd<'_>, path: &[u8], max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let Some(fd) = tree_open(root, path)? else { return Ok(None) };
+    let size = rustix::fs::fstat(&fd)?.st_size as u64;
+    if size > max {
+        return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
+    }
     let mut data = Vec::new();
+    data.try_reserve_exact(size as usize).map_err(|_| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
     std::fs::File::from(fd).take(max.saturating_add(1)).read_to_end(&mut data)?;
     if data.len() as u64 > max {
         return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
@@ -1428,11 +1447,26 @@ pub fn tree_read(root: BorrowedFd<'_>, path: &[u8], max: u64) -> std::io::Result
     Ok(Some(data))
 }
 
+/// Parent side: directory `path` below the caller's directory `dir`, opened by the kernel
+/// without following any symlink, leaving `dir` or crossing a mount (`RESOLVE_BENEATH`,
+/// `RESOLVE_NO_SYMLINKS`, `RESOLVE_NO_XDEV`: ELOOP, EXDEV): what a commit walks in the
+/// host's `src`, which the sandbox's changes shape.
+pub fn dir_beneath(dir: BorrowedFd<'_>, path: &[u8]) -> std::io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let how = ResolveFlags::BENEATH
+        .union(ResolveFlags::NO_SYMLINKS)
+        .union(ResolveFlags::NO_XDEV)
+        .union(ResolveFlags::NO_MAGICLINKS);
+    Ok(rustix::fs::openat2(dir, path, flags, Mode::empty(), how)?)
+}
+
 /// Parent side: the entries of directory `path` in the tree `root` (empty if it is missing
 /// or not a directory): (name, kind, permission bits). Kinds: b'd' directory, b'D' an
 /// overlayfs opaque directory (it hides the lower one's entries), b'f' regular file, b'l'
 /// symlink, b'w' an overlayfs whiteout (a 0/0 character device: deleted), b'o' other.
-pub fn tree_list(root: BorrowedFd<'_>, path: &[u8]) -> std::io::Result<Vec<(Vec<u8>, u8, u32)>> {
+/// `userxattr`: the overlay keeps its marks in `user.overlay.*` (one made in a user
+/// namespace), else in `trusted.overlay.*`; the other namespace is the sandbox's own data.
+pub fn tree_list(root: BorrowedFd<'_>, path: &[u8], userxattr: bool) -> std::io::Result<Vec<(Vec<u8>, u8, u32)>> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     let fd = match rustix::fs::openat2(root, path, flags, Mode::empty(), TREE_RESOLVE) {
         Ok(fd) => fd,
@@ -1451,7 +1485,7 @@ pub fn tree_list(root: BorrowedFd<'_>, path: &[u8]) -> std::io::Result<Vec<(Vec<
             continue; // gone meanwhile
         };
         let kind = match FileType::from_raw_mode(st.st_mode) {
-            FileType::Directory if opaque(&fd, entry.file_name()) => b'D',
+            FileType::Directory if opaque(&fd, entry.file_name(), userxattr) => b'D',
             FileType::Directory => b'd',
             FileType::RegularFile => b'f',
             FileType::Symlink => b'l',
@@ -1464,14 +1498,16 @@ pub fn tree_list(root: BorrowedFd<'_>, path: &[u8]) -> std::io::Result<Vec<(Vec<
 }
 
 /// Whether directory `name` of `dir` is marked opaque by overlayfs (trusted.* for an
-/// overlay of the initial user namespace, user.* with userxattr).
-fn opaque(dir: &OwnedFd, name: &CStr) -> bool {
+/// overlay of the initial user namespace, user.* with userxattr). Only the overlay's own
+/// namespace counts: through a trusted.* overlay the sandbox may set `user.overlay.opaque`
+/// on any directory, which the overlay stores as it is (while a userxattr overlay escapes
+/// what the sandbox sets in user.overlay.*).
+fn opaque(dir: &OwnedFd, name: &CStr, userxattr: bool) -> bool {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let Ok(d) = rustix::fs::openat(dir, name, flags, Mode::empty()) else { return false };
     let mut v = [0u8; 2];
-    [c"trusted.overlay.opaque", c"user.overlay.opaque"]
-        .iter()
-        .any(|key| matches!(rustix::fs::fgetxattr(&d, *key, &mut v), Ok(1) if v[0] == b'y'))
+    let key = if userxattr { c"user.overlay.opaque" } else { c"trusted.overlay.opaque" };
+    matches!(rustix::fs::fgetxattr(&d, key, &mut v), Ok(1) if v[0] == b'y')
 }
 
 /// Parent side: the target of symlink `path` in the tree `root` (None: not a symlink).
@@ -1501,11 +1537,20 @@ pub fn tree_write(
 ) -> std::io::Result<()> {
     use std::io::Write;
     let _ids = owner.map(|(uid, gid)| sys::FsIds::set(uid, gid));
-    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::CLOEXEC;
-    let fd = rustix::fs::openat2(root, path, flags, Mode::from_raw_mode(mode), TREE_RESOLVE)?;
+    // Non-blocking and not truncated at open: a FIFO the sandbox put there (or swaps in)
+    // fails the open (ENXIO, no reader) or the type check, never blocks the caller; nothing
+    // but a regular file is truncated.
+    let flags =
+        OFlags::WRONLY | OFlags::CREATE | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat2(root, path, flags, Mode::from_raw_mode(mode), TREE_RESOLVE) {
+        Err(Errno::NXIO) => return Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+        other => other?,
+    };
     if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != rustix::fs::FileType::RegularFile {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
+    rustix::fs::ftruncate(&fd, 0)?;
+    rustix::fs::fcntl_setfl(&fd, OFlags::empty())?;
     std::fs::File::from(fd).write_all(data)
 }
 

@@ -4,7 +4,7 @@
 //! the GIL released (`detached`). Errors are mapped in one place (`to_pyerr`) onto the
 //! exception classes of `nsfast._errors`.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{IntoRawFd, OwnedFd};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -574,7 +574,6 @@ impl Sandbox {
     /// The O_PATH fds of the writable trees asked for at spawn, in that order; the caller
     /// owns them from here (a second call returns []).
     fn take_trees(&self) -> Vec<i32> {
-        use std::os::fd::IntoRawFd;
         let mut trees = self.trees.lock().unwrap_or_else(|p| p.into_inner());
         std::mem::take(&mut *trees).into_iter().map(|fd| fd.into_raw_fd()).collect()
     }
@@ -1070,13 +1069,34 @@ fn tree_read<'py>(py: Python<'py>, fd: i32, path: &[u8], max: u64) -> PyResult<O
     Ok(data.map(|d| PyBytes::new(py, &d)))
 }
 
+/// Regular file `path` of the tree whose root is `fd`, open for reading (a new fd the
+/// caller owns), None if missing or not a regular file (mount::tree_open).
+#[pyfunction]
+fn tree_open(py: Python<'_>, fd: i32, path: &[u8]) -> PyResult<Option<i32>> {
+    // SAFETY: the caller's fd, open for this call.
+    let root = unsafe { crate::sys::borrow_fd(fd) };
+    let file = detached(py, || crate::mount::tree_open(root, path)).map_err(os_error)?;
+    Ok(file.map(IntoRawFd::into_raw_fd))
+}
+
+/// Directory `path` below directory `fd`, no symlink followed, no mount crossed (a new fd
+/// the caller owns; mount::dir_beneath).
+#[pyfunction]
+fn dir_beneath(py: Python<'_>, fd: i32, path: &[u8]) -> PyResult<i32> {
+    // SAFETY: the caller's fd, open for this call.
+    let dir = unsafe { crate::sys::borrow_fd(fd) };
+    let d = detached(py, || crate::mount::dir_beneath(dir, path)).map_err(os_error)?;
+    Ok(d.into_raw_fd())
+}
+
 /// Directory `path` of the tree whose root is `fd`: [(name, kind, mode)], kind "d", "D"
 /// (opaque), "f", "l", "w" (whiteout) or "o" (mount::tree_list).
 #[pyfunction]
-fn tree_list(py: Python<'_>, fd: i32, path: &[u8]) -> PyResult<Vec<(Vec<u8>, String, u32)>> {
+#[pyo3(signature = (fd, path, userxattr=false))]
+fn tree_list(py: Python<'_>, fd: i32, path: &[u8], userxattr: bool) -> PyResult<Vec<(Vec<u8>, String, u32)>> {
     // SAFETY: the caller's fd, open for this call.
     let root = unsafe { crate::sys::borrow_fd(fd) };
-    let entries = detached(py, || crate::mount::tree_list(root, path)).map_err(os_error)?;
+    let entries = detached(py, || crate::mount::tree_list(root, path, userxattr)).map_err(os_error)?;
     Ok(entries.into_iter().map(|(n, k, m)| (n, (k as char).to_string(), m)).collect())
 }
 
@@ -1136,6 +1156,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(landlock_abi, m)?)?;
     m.add_function(wrap_pyfunction!(tree_read, m)?)?;
     m.add_function(wrap_pyfunction!(tree_list, m)?)?;
+    m.add_function(wrap_pyfunction!(tree_open, m)?)?;
+    m.add_function(wrap_pyfunction!(dir_beneath, m)?)?;
     m.add_function(wrap_pyfunction!(tree_write, m)?)?;
     m.add_function(wrap_pyfunction!(tree_readlink, m)?)?;
     m.add_class::<ZygoteLink>()?;
