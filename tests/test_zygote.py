@@ -57,6 +57,12 @@ import os
 import pickle
 
 
+def deep_result():
+    """A result nested deeper than the caller's JSON parser goes, written as the task would."""
+    os.write(3, b'{"ok": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    os._exit(0)
+
+
 def echo(*args, **kwargs):
     return {"args": list(args), "kwargs": kwargs}
 
@@ -499,9 +505,10 @@ class TestIsolation:
                 where = placement(cgroup_text(pid) or "")
                 if where and where != zygote:
                     tasks[str(pid)] = where
-            # Settled: each task process in one cgroup, in every hierarchy the zygote's is in.
+            # Settled: each task process in one cgroup, in every hierarchy the zygote's is in
+            # (and pids: a task's pids limit is its cgroup's; the zygote's own has none).
             return len({tuple(sorted(w.items())) for w in tasks.values()}) == 2 and all(
-                w.keys() == zygote.keys() and len(set(w.values())) == 1 for w in tasks.values()
+                w.keys() >= zygote.keys() and len(set(w.values())) == 1 for w in tasks.values()
             )
 
         box: Dict[str, Any] = {}
@@ -519,7 +526,7 @@ class TestIsolation:
         assert len(leaves) == 2 and not leaves & set(zygote.values())
         for leaf in leaves:  # they are sandbox cgroups of this process, new ones
             dirs = [d for d in during if d.rstrip("/").endswith("/" + leaf)]
-            assert len(dirs) == len(zygote), (leaf, during)
+            assert len(dirs) == len(tasks[next(p for p, w in tasks.items() if leaf in w.values())]), (leaf, during)
             assert not set(dirs) & set(before)
         assert wait_until(lambda: sandbox_cgroups() == before, timeout=5), "task cgroups left behind"
 
@@ -1536,3 +1543,78 @@ def test_what_tasks_cannot_have_is_refused_not_dropped(fields: Dict[str, Any], f
     with pytest.raises(nsfast.SpecError) as e:
         Zygote(**fields)
     assert e.value.field == field
+
+
+# A task that forks until the kernel refuses (EAGAIN) and holds what it got.
+_HOLD_ALL = r"""
+import os, sys, time
+n = 0
+try:
+    while True:
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        n += 1
+except OSError as e:
+    print(n, e.errno, flush=True)
+time.sleep(4)  # holding them while the other task runs
+"""
+
+
+def test_a_task_that_holds_every_process_it_may_have_harms_no_other_task() -> None:
+    """Every task and the zygote are uid 0 of one user namespace, where the kernel keeps
+    one RLIMIT_NPROC count: a task that took its pids limit's worth of processes left the
+    others no fork, and the zygote's next fork failed with EAGAIN, which the caller took for
+    a dead zygote: it restarted it, killing every task running then. Each task is bounded
+    by its own pids cgroup now, and an EAGAIN reply fails only the task it was for."""
+    box: Dict[str, Any] = {}
+    with Zygote(limits=nsfast.Limits(pids=48)) as zz:
+        pid, restarts = zz.pid, zz.restarts
+
+        def hostile() -> None:
+            box["hostile"] = zz.run_python(_HOLD_ALL, timeout=60, text=True)
+
+        t = threading.Thread(target=hostile)
+        t.start()
+        time.sleep(2)  # it holds its 48 by now
+        other = zz.run_python(
+            "import os\npid = os.fork()\nif pid == 0: os._exit(0)\nos.waitpid(pid, 0)\nprint('forked')",
+            timeout=30,
+            text=True,
+        )
+        t.join()
+        assert (zz.pid, zz.restarts) == (pid, restarts)
+    n, err = box["hostile"].stdout.split()
+    assert 40 <= int(n) < 48 and int(err) == errno.EAGAIN, box["hostile"]
+    assert box["hostile"].returncode == 0
+    assert (other.returncode, other.stdout) == (0, "forked\n"), other
+
+
+def test_fd_3_of_one_task_is_not_the_next_ones(own: Zygote) -> None:
+    """run_python gave every task the same open /dev/null as fd 3: its flags, owner signal
+    and locks carried from one task to the next (and a lock on it reached the host's
+    /dev/null users until the zygote closed)."""
+    import fcntl
+
+    first = own.run_python(
+        "import fcntl, os\nfcntl.fcntl(3, fcntl.F_SETFL, os.O_APPEND | os.O_NONBLOCK)\nfcntl.fcntl(3, 10, 42)\n"
+        "fcntl.flock(3, fcntl.LOCK_EX)",
+        timeout=30,
+    )
+    assert first.returncode == 0, first.stderr
+    second = own.run_python(
+        "import fcntl, os\nfl = fcntl.fcntl(3, fcntl.F_GETFL)\nprint(bool(fl & os.O_APPEND), fcntl.fcntl(3, 11))\n"
+        "fcntl.flock(3, fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('free')",
+        timeout=30,
+        text=True,
+    )
+    assert (second.returncode, second.stdout) == (0, "False 0\nfree\n"), second.stderr
+    with open(os.devnull, "wb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the host's /dev/null is nobody's lock
+
+
+def test_a_result_nested_too_deep_is_a_task_error(z: Zygote) -> None:
+    """json.loads of it raised RecursionError out of call(), not the TaskError that every
+    other result that is not one says."""
+    with pytest.raises(TaskError, match="no result"):
+        z.call(f"{TASKS_MODULE}:deep_result", timeout=30)

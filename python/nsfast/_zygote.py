@@ -279,8 +279,19 @@ class Zygote:
         binds = vis.binds()
         scratch, sealed = _scratch(task, binds)
         caps = tuple(dict.fromkeys(tuple(task.capabilities) + _ZYGOTE_CAPS))
+        fields = _spec_fields(task)
+        zlimits = task.limits
+        req = _cgroup.request(task.limits, kill_tree=False, strict=task.strict) if task.cgroup else None
+        if req is not None and req.pids is not None and task.limits is not None:
+            # Each task's own pids cgroup bounds it. RLIMIT_NPROC would not: the kernel counts
+            # it per user namespace and uid, and every task, and the zygote, is uid 0 of the
+            # zygote's: one task holding its limit's worth of processes would leave the others,
+            # and the zygote's next fork, none. (Without a pids cgroup it is all there is.)
+            fields["_nproc"] = None
+            zlimits = dataclasses.replace(task.limits, pids=None)
         self._zspec = dataclasses.replace(
             task,
+            limits=zlimits,
             capabilities=caps,
             seccomp=None,
             masked_paths=(),
@@ -293,7 +304,6 @@ class Zygote:
             delegate_cgroup=False,
         )
         self._argv = [exe, "-I", "-S", "-c", _BOOT]
-        fields = _spec_fields(task)
         if network == "none":
             # No network namespace per task: the zygote's (loopback only, nothing on it),
             # with no IP socket and abstract unix sockets scoped to the task (Landlock).
@@ -310,8 +320,6 @@ class Zygote:
             "sealed": sealed,
         }
         self._lock = threading.Lock()
-        # A task's fd 3 when it has no result to give (run_python): /dev/null.
-        self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self._proc: Optional[Process] = None
         self._link: Any = None
         self._closed = False
@@ -388,7 +396,6 @@ class Zygote:
                 return
             self._closed = True
             self._stop()
-            os.close(self._null)
 
     def __enter__(self) -> Zygote:
         return self
@@ -410,7 +417,11 @@ class Zygote:
 
     # -- tasks ------------------------------------------------------------------------------
 
-    def _starter(self, payload: Dict[str, Any], limits: Any, result_fd: int) -> Any:
+    def _starter(self, payload: Dict[str, Any], limits: Any, result_fd: Optional[int]) -> Any:
+        """A `_start` for run(): it starts the task through the link (restarting a zygote that
+        died). `result_fd`: the task's fd 3 (None: a /dev/null of its own, opened for this
+        task only: an open file shared by every task would carry state from one to the next,
+        its flags, owner signal or a lock on it)."""
         if limits is _UNSET:
             limits = self.spec.limits
         cgroup = None
@@ -424,18 +435,20 @@ class Zygote:
                 if self._closed:
                     raise ZygoteError("the zygote is closed")
                 link = self._link
+                result = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if result_fd is None else result_fd
                 try:
                     if link is None:
                         raise BrokenPipeError("no zygote")
-                    return link.task(
-                        data, stdio=stdio, result=result_fd, cgroup=cgroup, new_session=self.spec.new_session
-                    )
+                    return link.task(data, stdio=stdio, result=result, cgroup=cgroup, new_session=self.spec.new_session)
                 except BrokenPipeError:
                     # The zygote died: restart it (unless another thread did already) and
                     # try again; a task's own setup failure is a SpawnError and propagates.
                     if attempt == 2:
                         raise ZygoteError("the zygote died and could not be restarted") from None
                     self._restart(link)
+                finally:
+                    if result_fd is None:
+                        os.close(result)  # the task has its own copy (or none: it did not start)
             raise AssertionError("unreachable")
 
         return start
@@ -480,7 +493,7 @@ class Zygote:
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         payload = self._payload("code", env, code=code, argv=["-c", *map(str, argv)])
-        return self._starter(payload, limits, self._null)
+        return self._starter(payload, limits, None)
 
     def call(
         self,
@@ -521,7 +534,7 @@ class Zygote:
             os.close(fd)
         try:
             envelope = json.loads(data) if data else None
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
             envelope = None
         if not isinstance(envelope, dict) or not ({"ok"} == set(envelope) or {"error"} == set(envelope)):
             raise TaskError(

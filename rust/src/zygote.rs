@@ -78,7 +78,11 @@ fn header(n: u32) -> [u8; 8] {
 
 /// Caller side: send one task request on `sock` and read the reply: C's pidfd, or the
 /// errno the zygote failed with. The caller serialises requests on one socket.
-pub fn request(sock: BorrowedFd<'_>, fds: &TaskFds<'_>) -> std::io::Result<OwnedFd> {
+/// Outer error: the link failed (the zygote is gone, or answered nonsense); inner: the
+/// zygote's answer, the task's pidfd or why it could not start it (a fork that failed with
+/// EAGAIN because a task holds every process it may have: that task's doing, not a reason
+/// to take the zygote, and every task running on it, down).
+pub fn request(sock: BorrowedFd<'_>, fds: &TaskFds<'_>) -> std::io::Result<Result<OwnedFd, Errno>> {
     if fds.attach.len() > MAX_ATTACH {
         return Err(Errno::TOOBIG.into());
     }
@@ -111,10 +115,10 @@ pub fn request(sock: BorrowedFd<'_>, fds: &TaskFds<'_>) -> std::io::Result<Owned
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed zygote reply"));
     }
     let errno = i32::from_ne_bytes(reply[4..].try_into().expect("4 bytes"));
-    match pidfd {
+    Ok(match pidfd {
         Some(fd) if errno == 0 => Ok(fd),
-        _ => Err(std::io::Error::from_raw_os_error(if errno == 0 { libc::EPROTO } else { errno })),
-    }
+        _ => Err(Errno::from_raw_os_error(if errno == 0 { libc::EPROTO } else { errno })),
+    })
 }
 
 /// The SpawnError step of a request the zygote never answered (it is gone, or the link was
@@ -163,7 +167,7 @@ pub fn start_task(
         go: go_r.as_fd(),
         attach: attach.iter().map(|f| f.as_fd()).collect(),
     };
-    let pidfd = {
+    let answer = {
         let guard = sock.lock().unwrap_or_else(|p| p.into_inner());
         let sock = guard.as_ref().ok_or_else(|| Error::spawn(LINK_STEP, Some("closed".into()), Errno::BADF))?;
         request(sock.as_fd(), &fds).map_err(|e| {
@@ -171,6 +175,7 @@ pub fn start_task(
             Error::spawn(LINK_STEP, Some(e.to_string()), errno)
         })?
     };
+    let pidfd = answer.map_err(|e| err("fork", e))?;
     // Answered: the task may run. (Unanswered, `go_w` closed above, on return: it exits.)
     let _ = rustix::io::write(&go_w, b"g"); // EPIPE: the task is gone already
     drop(fds);
