@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import pytest
 
+import nsfast
 from conftest import BUSYBOX, PYTHON_SRC, suite
 from nsfast._image import Image, ImageConfig, ImageError, cache_dir, set_cache_dir
 
@@ -585,6 +586,18 @@ EVIL: Dict[str, Tuple[Callable[[Path], List[List[Member]]], str]] = {
     ),
     "whiteout-up": (lambda d: [[reg(UP + s(d) + "/.wh.host-file")]], "'..' in a member path"),
     "whiteout-of-dotdot": (lambda d: [[reg("etc/.wh...")]], "a whiteout of '..'"),
+    # Deeper than any image goes: its cleanup once recursed past Python's stack, replaced the
+    # error with a RecursionError, left the unpack directory locked, and then every later new
+    # image in the cache failed on the sweep of it.
+    "deeper-than-256": (lambda d: [[reg("a/" * 300 + "f", b"x")]], "deeper than 256 levels"),
+    "deep-through-symlinks": (
+        lambda d: [[reg("a/" * 200 + "f"), link("s", "a/" * 200), reg("s/" + "b/" * 100 + "f")]],
+        "resolves deeper than 256 levels",
+    ),
+    "symlink-chain": (
+        lambda d: [[link(f"s{i}", f"s{i + 1}") for i in range(1200)] + [reg("s0/x")]],
+        "does not resolve",
+    ),
 }
 
 
@@ -922,3 +935,76 @@ def test_a_decompression_bomb_is_stopped_at_max_size(layout_copy: Path, image_ca
         Image(layout_copy, "bomb", max_size=16 << 20)
     assert_clean(image_cache, before)
     assert Image(layout_copy, "bomb", max_size=128 << 20).rootfs
+
+
+def test_a_layer_of_empty_directories_is_charged_for_its_disk(layout_copy: Path, image_cache: Path) -> None:
+    """An empty directory is 512 tar bytes and a 4 KiB block (and an inode) unpacked: a layer
+    of them took 8 times max_size on disk. Each entry is charged a block now."""
+    before = roots(image_cache)
+    add_layer(layout_copy, "base", "dirs", [dir_(f"d{i}") for i in range(4096)])
+    layers = manifest_of(layout_copy, "dirs")["layers"]
+    tar_bytes = sum(len(gzip.decompress(blob_path(layout_copy, layer["digest"]).read_bytes())) for layer in layers)
+    with pytest.raises(ImageError, match="more than max_size unpacked"):
+        Image(layout_copy, "dirs", max_size=tar_bytes + (1 << 20))  # room for the tar, not the blocks
+    assert_clean(image_cache, before)
+    entries = 4096 + 4096  # the dirs, and room for the base layer's
+    assert Image(layout_copy, "dirs", max_size=tar_bytes + entries * 4096).rootfs
+
+
+def test_a_layout_file_is_looked_up_inside_the_layout(layout_copy: Path, tmp_path: Path) -> None:
+    """index.json a symlink to a host file: once read wherever it led, and one that blocks on
+    read (a tracing pipe, /proc/kmsg: regular files to stat) hung Image() for good. Symlinks
+    resolve inside the layout now, and only a regular file is opened."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.mkfifo(outside / "fifo")
+    (outside / "index.json").write_text((layout_copy / "index.json").read_text())
+    for target in (outside / "fifo", outside / "index.json"):
+        (layout_copy / "index.json").unlink()
+        os.symlink(target, layout_copy / "index.json")
+        with pytest.raises(ImageError, match=r"index.json is missing"):
+            Image(layout_copy, "base")
+
+
+def test_hostile_json_and_config_values_are_typed_errors(layout_copy: Path, tmp_path: Path) -> None:
+    """Each once escaped as a raw RecursionError, ValueError or TypeError."""
+    deep = layout_copy / "deep"
+    shutil.copytree(layout_copy, deep)
+    (deep / "index.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ImageError, match="nested deeper"):
+        Image(deep)
+    retag(layout_copy, "base", "odd-user", config=lambda c: c["config"].update(User="\u00b2"))
+    with pytest.raises(nsfast.SpecError, match="no user '\u00b2'"):
+        nsfast.Spec(rootfs=Image(layout_copy, "odd-user"))
+    write_docker_save(layout_copy, tmp_path / "save.tar")
+    with tarfile.open(tmp_path / "save.tar") as t:
+        manifest = json.load(t.extractfile("manifest.json"))  # type: ignore[arg-type]
+    manifest[0]["RepoTags"] = 5
+    odd = tmp_path / "odd.tar"
+    with tarfile.open(tmp_path / "save.tar") as src, tarfile.open(odd, "w") as dst:
+        for m in src:
+            data = json.dumps(manifest).encode() if m.name == "manifest.json" else src.extractfile(m).read()  # type: ignore[union-attr]
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    with pytest.raises(ImageError, match="no image 'nsfast-test:base'"):
+        Image(odd, "nsfast-test:base")
+
+
+def test_a_cache_whose_subdirectories_others_own_is_refused(tmp_path: Path, layout: Path) -> None:
+    """What is found in rootfs/ is used unverified: only the top directory's owner and mode
+    were checked, so another user who owned rootfs/ could plant the root of a public image."""
+    cache = tmp_path / "cache"
+    (cache / "rootfs").mkdir(parents=True, mode=0o700)
+    os.chmod(cache, 0o700)
+    os.chown(cache / "rootfs", 65534, 65534)
+    with pytest.raises(ImageError, match="rootfs/ must be a directory owned by uid"):
+        Image(layout, "base", cache=cache)
+
+
+def test_an_image_root_named_by_its_path_is_not_writable(layout: Path) -> None:
+    """rootfs=img.rootfs (a str) with readonly_root=False skipped the guard rootfs=img has:
+    the sandbox wrote into the cached root every later sandbox of the image runs on."""
+    img = Image(layout, "base")
+    with pytest.raises(nsfast.SpecError, match="write into the image cache"):
+        nsfast.Spec(rootfs=img.rootfs, readonly_root=False)
+    assert nsfast.Spec(rootfs=img.rootfs, overlay=True).overlay

@@ -52,7 +52,6 @@ import os
 import platform as _platform
 import posixpath
 import re
-import shutil
 import stat
 import tarfile
 import tempfile
@@ -60,6 +59,7 @@ import zlib
 from dataclasses import dataclass
 from typing import IO, Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
+from . import _core
 from ._errors import ImageError
 
 __all__ = ["Image", "ImageConfig", "ImageError", "cache_dir", "set_cache_dir"]
@@ -73,6 +73,15 @@ _CHUNK = 1 << 20
 #: a small gzip blob can inflate a thousandfold, and an untrusted image must not fill the
 #: cache's disk.
 DEFAULT_MAX_SIZE = 16 << 30
+#: What one entry costs the budget beyond its tar bytes: a block and an inode on disk (a
+#: layer of empty directories takes 512 tar bytes each, 4 KiB each unpacked).
+_ENTRY_COST = 4096
+#: The most entries an image (or an archive holding one) may have, all layers together: each
+#: is a header held while its layer is read, an inode, and path lookups.
+MAX_ENTRIES = 2_000_000
+#: The deepest an entry may sit, as named and as resolved through the tree's symlinks (the
+#: deepest real images stay far below: each level is a lookup per entry below it).
+MAX_DEPTH = 256
 _REF_NAME = "org.opencontainers.image.ref.name"
 
 _INDEX_TYPES = {
@@ -265,12 +274,18 @@ class _Store:
             return
         try:
             self._tar = tarfile.open(path)
-            for m in self._tar:
+            for n, m in enumerate(self._tar):
+                if n >= MAX_ENTRIES:
+                    raise ImageError(f"{path}: more than {MAX_ENTRIES} entries in the archive")
                 if m.isreg():
                     self._members[posixpath.normpath(m.name).lstrip("/")] = m
-        except (OSError, tarfile.TarError) as e:
+            self._tar.members = list(self._members.values())  # type: ignore[attr-defined]  # only the files'
+        except (OSError, tarfile.TarError, ValueError, OverflowError) as e:
             self.close()
             raise ImageError(f"{path}: not an OCI image layout directory nor a readable tar archive ({e})") from None
+        except ImageError:
+            self.close()
+            raise
         self.is_docker = "manifest.json" in self._members
 
     def close(self) -> None:
@@ -279,9 +294,19 @@ class _Store:
 
     def open(self, name: str, what: str) -> IO[bytes]:
         if self._tar is None:
-            p = os.path.join(self.path, name)
-            if os.path.isfile(p):  # not a fifo or device that would block or never end
-                return open(p, "rb")
+            # Looked up inside the layout directory, its symlinks too (a symlink to a host
+            # file, /proc/kmsg or a tracing pipe, leads nowhere), and only a regular file,
+            # its type checked before it is opened (no fifo or device that would block).
+            d = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fd = _core.tree_open(d, os.fsencode(name))
+            except OSError as e:
+                raise ImageError(f"{self.path}: {what} ({name}): {e.strerror or e}") from None
+            finally:
+                os.close(d)
+            if fd is not None:
+                os.set_blocking(fd, True)
+                return open(fd, "rb")
         elif name in self._members:
             f = self._tar.extractfile(self._members[name])
             if f is not None:
@@ -302,6 +327,8 @@ class _Store:
             return json.loads(data), got
         except ValueError as e:
             raise ImageError(f"{self.path}: {what}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ImageError(f"{self.path}: {what}: JSON nested deeper than Python parses") from None
 
 
 def _blob(digest: str) -> str:
@@ -436,7 +463,8 @@ def _docker_image(store: _Store, ref: Optional[str]) -> Tuple[str, Dict[str, Any
     entries = [_object(e, f"{image}: manifest.json entry") for e in _list(manifest, f"{image}: manifest.json")]
 
     def tags(e: Dict[str, Any]) -> List[str]:
-        return [t for t in e.get("RepoTags") or [] if isinstance(t, str)]
+        repo_tags = e.get("RepoTags")
+        return [t for t in repo_tags if isinstance(t, str)] if isinstance(repo_tags, list) else []
 
     available = ", ".join(", ".join(tags(e)) or "(untagged)" for e in entries) or "none"
     if ref is None:
@@ -504,7 +532,18 @@ def _open_cache(path: str) -> str:
         raise ImageError(f"image cache {path}: must be owned by uid {os.geteuid()} and writable by it alone")
     path = os.path.realpath(path)
     for sub in ("rootfs", "tmp"):
-        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+        d = os.path.join(path, sub)
+        try:
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            st = os.lstat(d)
+        except OSError as e:
+            raise ImageError(f"image cache {path}: {e}") from None
+        # What is found in rootfs/ is used unverified, and tmp/ holds unpacks in progress:
+        # neither may be (or lead to) another user's.
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise ImageError(
+                f"image cache {path}: {sub}/ must be a directory owned by uid {os.geteuid()} and writable by it alone"
+            )
     return path
 
 
@@ -532,7 +571,9 @@ def _sweep(tmp: str) -> None:
             os.close(fd)
             continue  # its unpacker is alive
         try:
-            shutil.rmtree(work, ignore_errors=True)
+            _rmtree(work)
+        except Exception:
+            pass  # the next sweep tries again
         finally:
             os.close(fd)
 
@@ -558,10 +599,10 @@ def _unpack(store: _Store, layers: List[_Layer], diff_ids: Tuple[str, ...], cach
         root = os.path.join(work, "root")
         os.mkdir(root)
         tar = os.path.join(work, "layer.tar")
-        budget = [max_size]
+        budget = [max_size, MAX_ENTRIES]
         for layer, diff_id in zip(layers, diff_ids):
             _decompress(store, layer, diff_id, tar, budget)
-            _apply(f"{store.path}: layer {layer.label}", tar, root)
+            _apply(f"{store.path}: layer {layer.label}", tar, root, budget)
             os.unlink(tar)
         _add_mount_points(root)
         try:
@@ -573,9 +614,26 @@ def _unpack(store: _Store, layers: List[_Layer], diff_ids: Tuple[str, ...], cach
     except OSError as e:
         raise ImageError(f"{store.path}: unpacking into {cache}: {e}") from e
     finally:
-        shutil.rmtree(work)
-        os.close(lock)
+        try:
+            _rmtree(work)
+        except Exception:
+            pass  # left for the next load's sweep (its lock is released below)
+        finally:
+            os.close(lock)
     return final
+
+
+def _rmtree(path: str) -> None:
+    """Remove directory `path` and everything in it, never through a symlink, without
+    recursion (a tree may be deeper than Python's stack)."""
+    from ._trees import rmtree_at
+
+    parent, name = os.path.split(path.rstrip("/"))
+    d = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        rmtree_at(d, name)
+    finally:
+        os.close(d)
 
 
 def _decompress(store: _Store, layer: _Layer, diff_id: str, out: str, budget: List[int]) -> None:
@@ -617,15 +675,22 @@ def _member_path(where: str, name: str) -> str:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise ImageError(f"{where}: {name!r}: '..' in a member path")
+    if len(parts) > MAX_DEPTH:
+        raise ImageError(f"{where}: {name!r}: deeper than {MAX_DEPTH} levels")
     return "/".join(parts)
 
 
 def _resolve_inside(where: str, name: str, root: str, rel_dir: str) -> str:
     """The real path of directory `rel_dir` of the tree, refused if (through a symlink) it is
     outside the root. The tree only changes by our own hand, so the answer stays true."""
-    real = os.path.realpath(os.path.join(root, rel_dir))
+    try:
+        real = os.path.realpath(os.path.join(root, rel_dir))
+    except (OSError, RecursionError):  # (a symlink chain Python's realpath recurses through)
+        raise ImageError(f"{where}: {name!r}: its directory does not resolve") from None
     if os.path.commonpath([real, root]) != root:
         raise ImageError(f"{where}: {name!r}: its directory resolves outside the root, to {real}")
+    if real.count("/") - root.count("/") > MAX_DEPTH:
+        raise ImageError(f"{where}: {name!r}: its directory resolves deeper than {MAX_DEPTH} levels")
     return real
 
 
@@ -636,34 +701,44 @@ def _remove(path: str) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)  # does not follow symlinks either
+        _rmtree(path)  # does not follow symlinks either
     else:
         os.unlink(path)
 
 
-def _apply(where: str, tar: str, root: str) -> None:
-    """Apply one (verified) layer tar onto the tree at `root`: whiteouts, then the rest."""
+def _apply(where: str, tar: str, root: str, budget: List[int]) -> None:
+    """Apply one (verified) layer tar onto the tree at `root`: whiteouts, then the rest, in
+    two passes over the file (no header kept past its member); `budget`: [bytes, entries]
+    the image may still take (each entry charged a block beyond its tar bytes)."""
     root = os.path.realpath(root)
     try:
-        with tarfile.open(tar, "r:") as tf:
-            tf.errorlevel = 2  # every extraction problem raises
-            members = tf.getmembers()
-            rest = []
-            for m in members:
+        with tarfile.open(tar, "r:") as tf:  # pass 1: whiteouts, and the budget
+            for m in tf:
+                tf.members = []  # type: ignore[attr-defined]  # (tarfile's cache of headers read)
+                budget[0] -= _ENTRY_COST
+                budget[1] -= 1
+                if budget[0] < 0:
+                    raise ImageError(f"{where}: the image's layers take more than max_size unpacked")
+                if budget[1] < 0:
+                    raise ImageError(f"{where}: the image has more than {MAX_ENTRIES} entries")
                 rel = _member_path(where, m.name)
-                base = posixpath.basename(rel)
-                if base.startswith(".wh."):
+                if posixpath.basename(rel).startswith(".wh."):
                     _whiteout(where, m.name, root, rel)
-                else:
-                    rest.append(m)
+        with tarfile.open(tar, "r:") as tf:  # pass 2: the rest
+            tf.errorlevel = 2  # every extraction problem raises
             flt = _Filter(where, root)
-            for m in rest:
+            for m in tf:
+                tf.members = []  # type: ignore[attr-defined]  # (tarfile's cache of headers read)
+                if posixpath.basename(_member_path(where, m.name)).startswith(".wh."):
+                    continue
                 try:
                     tf.extract(m, root, numeric_owner=True, filter=flt)
-                except (OSError, tarfile.TarError) as e:
+                except (OSError, tarfile.TarError, ValueError, OverflowError) as e:
                     raise ImageError(f"{where}: {m.name!r}: {e}") from None
-    except tarfile.TarError as e:
+    except (tarfile.TarError, ValueError, OverflowError) as e:
         raise ImageError(f"{where}: not a valid tar archive ({e})") from None
+    except RecursionError:
+        raise ImageError(f"{where}: a path that does not resolve (symlinks nested too deep)") from None
 
 
 def _whiteout(where: str, name: str, root: str, rel: str) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, 
 
 from . import _core
 from ._errors import SpecError
-from ._image import Image
+from ._image import Image, cache_dir
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -356,6 +356,14 @@ def default_env() -> dict[str, str]:
     return env
 
 
+def _in_image_cache(root: str) -> bool:
+    """Whether directory `root` is (below) an image's root in the image cache: the path of
+    `Image.rootfs`, given as a string, is the same shared tree as the Image."""
+    cache = os.path.realpath(os.path.join(cache_dir(), "rootfs"))
+    real = os.path.realpath(root)
+    return real.startswith(cache + "/")
+
+
 def _image_user(img: Image, user: str) -> Tuple[int, int]:
     """An image config's User ("name", "uid", "uid:gid", "name:group") as (uid, gid): names
     from the image's /etc/passwd and /etc/group, read inside its root (a symlink there
@@ -366,25 +374,32 @@ def _image_user(img: Image, user: str) -> Tuple[int, int]:
         fd = os.open(img.rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             data = _core.tree_read(fd, path, 4 << 20) or b""
+        except OSError as e:
+            raise SpecError(
+                "image", f"its config's User {user!r}: the image's /{path.decode()}: {e.strerror}"
+            ) from None
         finally:
             os.close(fd)
         return [line.split(":") for line in data.decode(errors="replace").splitlines() if line.count(":") >= 3]
 
+    def number(v: str) -> bool:  # ASCII digits only (str.isdigit() takes "²" and "١")
+        return re.fullmatch("[0-9]+", v) is not None
+
     def lookup(value: str, path: bytes, what: str) -> Tuple[int, List[str]]:
-        if value.isdigit():
+        if number(value):
             return int(value), []
         for row in table(path):
-            if row[0] == value and row[2].isdigit():
+            if row[0] == value and number(row[2]):
                 return int(row[2]), row
         raise SpecError("image", f"its config's User {user!r}: no {what} {value!r} in the image's /{path.decode()}")
 
     uid, row = lookup(name, b"etc/passwd", "user")
     if group:
         gid = lookup(group, b"etc/group", "group")[0]
-    elif row and row[3].isdigit():
+    elif row and number(row[3]):
         gid = int(row[3])
     else:
-        gid = next((int(r[3]) for r in table(b"etc/passwd") if r[2] == str(uid) and r[3].isdigit()), uid)
+        gid = next((int(r[3]) for r in table(b"etc/passwd") if r[2] == str(uid) and number(r[3])), uid)
     return uid, gid
 
 
@@ -555,7 +570,8 @@ class Spec:
         _bool("readonly_root", self.readonly_root)
         if self.readonly_root and not mnt:
             raise SpecError("readonly_root", "needs the 'mnt' namespace (without it the sandbox's / is the host's)")
-        if img is not None and not self.readonly_root and not self.overlay:
+        cached = img is not None or (self.rootfs is not None and _in_image_cache(self.rootfs))
+        if cached and not self.readonly_root and not self.overlay:
             raise SpecError(
                 "readonly_root",
                 "False would let the sandbox write into the image cache, which every sandbox of the image shares: "

@@ -369,7 +369,7 @@ def _apply(
     old = None if low is None else low[0]
     if change == "deleted" or (old is not None and (old == "d") != (kind in ("d", "D"))):
         if old == "d":
-            _rmtree(d, name)
+            rmtree_at(d, name)
         elif old is not None:
             os.unlink(name, dir_fd=d)
         old = None
@@ -438,7 +438,7 @@ def _copy(src: int, dst: int) -> None:
     os.ftruncate(dst, size)
 
 
-def _rmtree(parent: int, name: str) -> None:
+def rmtree_at(parent: int, name: str) -> None:
     """Delete directory `name` of `parent` and everything in it, never through a symlink
     nor into a mount (EXDEV), without recursion."""
     stack = [(os.dup(parent), name, _core.dir_beneath(parent, os.fsencode(name)))]
