@@ -636,3 +636,39 @@ def test_overlay_flags(busybox_rootfs, tmp_path):
     assert r.returncode != 0 and "No space left" in r.stderr
     r = nsfast_cli("run", "--overlay-size", "1M", "--", "true")
     assert (r.returncode, r.stderr) == (125, "nsfast: overlay_size: needs overlay=True or an Overlay mount\n")
+
+
+def test_exec_runs_as_the_containers_main_process_does(tmp_path, monkeypatch):
+    """`nsfast exec` once started its process as the container's root, without the seccomp
+    filter or the container's process limit: its main process (same user namespace) could
+    ptrace it once it exec'd and drive an unfiltered process. It now gets the main process's
+    ids, capabilities, filter and RLIMIT_NPROC, as recorded at `run -d`."""
+    monkeypatch.setenv("NSFAST_STATE_DIR", str(tmp_path / "state"))
+    probe = "id -u; grep -E '^(Seccomp|CapEff):' /proc/self/status; grep 'Max processes' /proc/self/limits"
+    assert (
+        nsfast_cli("run", "-d", "--name", "asmain", "--uid", "1000", "--pids", "40", "--", "sleep", "1000").returncode
+        == 0
+    )
+    try:
+        r = nsfast_cli("exec", "asmain", "--", "sh", "-c", probe)
+        assert r.returncode == 0, r.stderr
+        uid, caps, seccomp, nproc = r.stdout.splitlines()
+        assert (uid, seccomp.split(), caps.split()) == ("1000", ["Seccomp:", "2"], ["CapEff:", "0000000000000000"])
+        assert nproc.split()[2:4] == ["40", "40"]
+    finally:
+        assert nsfast_cli("stop", "-t", "0", "asmain").returncode == 0
+
+
+def test_out_of_range_pids_and_stop_times_are_one_line_errors(tmp_path, monkeypatch):
+    """Each once ended in an OverflowError traceback; a bad `stop -t` after SIGTERM was sent."""
+    monkeypatch.setenv("NSFAST_STATE_DIR", str(tmp_path / "state"))
+    r = nsfast_cli("exec", "99999999999999999999", "--", "true")
+    assert (r.returncode, r.stderr.count("\n")) == (125, 1) and "Traceback" not in r.stderr, r.stderr
+    assert nsfast_cli("run", "-d", "--name", "badstop", "--", "sleep", "1000").returncode == 0
+    try:
+        for t in ("inf", "nan", "-1", "1e300"):
+            r = nsfast_cli("stop", "-t", t, "badstop")
+            assert (r.returncode, r.stderr.count("\n")) == (2, 1) and "Traceback" not in r.stderr, (t, r.stderr)
+        assert "badstop" in nsfast_cli("ps").stdout  # never signalled
+    finally:
+        assert nsfast_cli("stop", "-t", "0", "badstop").returncode == 0

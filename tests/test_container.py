@@ -649,3 +649,17 @@ def test_an_exec_gets_the_containers_rlimit_nproc():
     with nsfast.Container(stop_timeout=0.1, limits=nsfast.Limits(pids=77)) as c:
         r = c.exec(probe, capture_output=True, text=True, timeout=30)
     assert (r.returncode, r.stdout) == (0, "77 77\n"), r.stderr
+
+
+def test_enter_runs_its_command_under_the_default_filter():
+    """enter() once ran its command without any seccomp filter: joined into a sandbox's
+    namespaces, the sandbox's own processes (same user namespace, same uid) could ptrace it
+    once it exec'd and drive an unfiltered process. The default filter applies now, unless
+    seccomp=None asks for an nsenter-like command."""
+    with nsfast.Container() as c:
+        on = nsfast.enter(c.pid, ["grep", "^Seccomp:", "/proc/self/status"], capture_output=True, text=True)
+        off = nsfast.enter(c.pid, ["grep", "^Seccomp:", "/proc/self/status"], capture_output=True, text=True,
+                           seccomp=None)  # fmt: skip
+        unshare = nsfast.enter(c.pid, ["unshare", "-U", "true"], capture_output=True, text=True)
+    assert (on.stdout.split(), off.stdout.split()) == (["Seccomp:", "2"], ["Seccomp:", "0"])
+    assert unshare.returncode != 0 and "Operation not permitted" in unshare.stderr

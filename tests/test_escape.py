@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -1010,3 +1011,67 @@ def test_nobody_writes_to_a_bind_cannot_set_setuid_bits(rootless, nobody_dir):  
     assert rc == 0, err
     assert res == ["EPERM", "EPERM"]
     assert not os.stat(os.path.join(nobody_dir, "f")).st_mode & (stat.S_ISUID | stat.S_ISGID)
+
+
+_INOTIFY_ALL = (
+    "import ctypes, time\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "fds = []\n"
+    "while len(fds) < 100000:\n"
+    "    fd = libc.inotify_init1(0)\n"
+    "    if fd < 0:\n"
+    "        break\n"
+    "    fds.append(fd)\n"
+    "print(len(fds), ctypes.get_errno(), flush=True)\n"
+    "time.sleep(30)\n"
+)
+
+
+def test_a_sandbox_cannot_use_up_host_roots_per_user_kernel_counts():
+    """The kernel charges inotify instances (and message-queue bytes, pending signals...) at
+    every level of user namespaces up to the owner of the first: a root caller's sandbox
+    once took host root's 128 inotify instances, and root's own inotify_init1 failed
+    (EMFILE) while it ran. Its user namespace is owned by its root's host id now."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    p = nsfast.spawn(["/usr/bin/python3", "-c", _INOTIFY_ALL], stdout=subprocess.PIPE)
+    try:
+        fd = os.open(f"/proc/{p.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        owner = bytearray(4)
+        fcntl.ioctl(fd, 0xB704, owner)  # NS_GET_OWNER_UID
+        os.close(fd)
+        assert struct.unpack("I", owner)[0] == nsfast.SANDBOX_ID_BASE
+        n, err = p.stdout.readline().split()
+        assert int(err) == errno.EMFILE and int(n) > 0
+        mine = libc.inotify_init1(os.O_CLOEXEC)
+        assert mine >= 0, f"host root's inotify_init1 failed: errno {ctypes.get_errno()}"
+        os.close(mine)
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+
+
+def test_starting_sandboxes_leaves_the_caller_as_it_was():
+    """A CLONE_VM child shares the caller's memory until it execs, and its change of ids
+    (becoming its user namespace's root) cleared the caller's dumpable attribute: every
+    process that ran one sandbox was left without core dumps. The spawning thread's
+    parent-death signal and ids are the caller's too after each start."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG, PR_GET_PDEATHSIG, PR_GET_DUMPABLE = 1, 2, 3
+    assert libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR2, 0, 0, 0)
+    try:
+        nsfast.run(["true"])
+        with nsfast.Container() as c:
+            c.exec(["true"])
+        sig = ctypes.c_int()
+        libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(sig), 0, 0, 0)
+        assert (libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), sig.value) == (1, signal.SIGUSR2)
+        assert os.getresuid() == (0, 0, 0) and os.getresgid() == (0, 0, 0)
+    finally:
+        libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)

@@ -12,10 +12,11 @@ import weakref
 from subprocess import TimeoutExpired
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
+from ._cgroup import Limits
 from ._errors import ContainerError, SpawnError
 from ._ns import namespaces as _namespaces
 from ._process import Args, File, Process, Result, _explain_hidden, _JoinTarget, run
-from ._spec import Spec, SpecFields, with_fields
+from ._spec import DEFAULT_SECCOMP, Seccomp, Spec, SpecFields, with_fields
 from ._trees import DEFAULT_OUTPUTS_MAX_BYTES, Trees, writable_trees
 
 if TYPE_CHECKING:
@@ -425,12 +426,21 @@ def enter(
     cgroup: bool = False,
     pass_fds: Sequence[int] = (),
     pidfd: Optional[int] = None,
+    seccomp: Optional[Seccomp] = DEFAULT_SECCOMP,
+    uid: Optional[int] = None,
+    gid: Optional[int] = None,
+    capabilities: Sequence[str] = (),
+    _nproc: Optional[int] = None,
 ) -> Result:
     """Run `args` inside the namespaces of any process `pid` (all that differ from ours, or
     `namespaces`), with its root and working directory (or `cwd`), like `nsenter -t PID -a`.
     cgroup=True also puts it into `pid`'s cgroup(s). `pidfd`: a pidfd of `pid` opened before
     you checked that `pid` is the process you mean; the enter fails (ProcessLookupError)
-    rather than join a process that reused the pid since."""
+    rather than join a process that reused the pid since. The command has no capability
+    (but `capabilities`), runs as `uid`/`gid` inside (default: root of the user namespace it
+    joins) and under nsfast's default seccomp filter unless `seccomp=None`: in the
+    namespaces of a sandbox, its processes (same user namespace, same uid) can ptrace the
+    command once it exec'd, and would drive an unfiltered one."""
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         raise ValueError(f"pid must be a positive int, got {pid!r}")
     try:
@@ -438,7 +448,19 @@ def enter(
     except FileNotFoundError:
         raise ProcessLookupError(f"no process {pid}") from None
     target = _JoinTarget(pid=pid, namespaces=types, cgroup=cgroup, cwd=cwd, pin=pidfd)
-    spec = with_fields(None, {} if env is None else {"env": env})
+    # (`_nproc`: the command's RLIMIT_NPROC, the CLI's for a container that has one; no
+    # other limit applies to a process that joins.)
+    limits = None if _nproc is None else Limits(pids=_nproc)
+    fields: Dict[str, Any] = {
+        "seccomp": seccomp,
+        "uid": uid,
+        "gid": gid,
+        "capabilities": tuple(capabilities),
+        "limits": limits,
+    }
+    if env is not None:
+        fields["env"] = env
+    spec = with_fields(None, fields)
     return run(
         args,
         spec=spec,

@@ -357,6 +357,16 @@ class State:
     namespaces: List[str] = field(default_factory=list)
     cgroup_inodes: List[int] = field(default_factory=list)  # of cgroup_paths, when created
     ns_inodes: Dict[str, int] = field(default_factory=dict)  # type -> inode, when created
+    # What `nsfast exec` gives the processes it starts in the container, as its main process
+    # has them: its ids inside, capabilities, seccomp filter ("off", or the default's with
+    # allow/deny), RLIMIT_NPROC (None: not recorded, or none).
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    capabilities: List[str] = field(default_factory=list)
+    seccomp: str = "default"
+    seccomp_allow: List[str] = field(default_factory=list)
+    seccomp_deny: List[str] = field(default_factory=list)
+    nproc: Optional[int] = None
     problem: Optional[str] = None  # why this state is invalid as read (never saved)
 
     @property
@@ -412,8 +422,7 @@ class State:
         """Write state.json: a new 0600 temp file, renamed over it inside the container directory."""
         if not valid_name(self.name):
             raise StateError(f"invalid container name {self.name!r}")
-        record = asdict(self)
-        del record["problem"]
+        record = {k: v for k, v in asdict(self).items() if v is not None}  # (None: the key is absent)
         data = json.dumps(record, indent=1).encode()
         with _container_dir(self.name, create=True) as fd:
             assert fd is not None
@@ -450,6 +459,13 @@ _SCHEMA: Dict[str, Tuple[object, ...]] = {
     "namespaces": (_LIST, str),
     "cgroup_inodes": (_LIST, int),
     "ns_inodes": (_DICT, int),
+    "uid": (int,),
+    "gid": (int,),
+    "capabilities": (_LIST, str),
+    "seccomp": (str,),
+    "seccomp_allow": (_LIST, str),
+    "seccomp_deny": (_LIST, str),
+    "nproc": (int,),
 }
 _REQUIRED = ("name", "pid", "start_time", "command", "created", "env", "cwd")
 
@@ -482,6 +498,8 @@ def _from_json(name: str, data: object) -> State:
         raise ValueError(f"state.json: pid {data['pid']} is not a process id")
     if not all(_NS_TYPE.fullmatch(t) for t in data.get("ns_inodes", {})):
         raise ValueError("state.json: ns_inodes has a key that is not a namespace type")
+    if data.get("seccomp", "default") not in ("default", "off"):
+        raise ValueError("state.json: seccomp is neither 'default' nor 'off'")
     known = {f.name for f in fields(State)}
     return State(**{k: v for k, v in data.items() if k in known})
 

@@ -465,6 +465,13 @@ def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
             namespaces=list(spec.namespaces),
             cgroup_inodes=[_state.dir_inode(p) or 0 for p in paths],
             ns_inodes={t: i for t, i in ns_inodes.items() if i is not None},
+            uid=spec.uid,
+            gid=spec.gid,
+            capabilities=list(spec.capabilities),
+            seccomp="off" if spec.seccomp is None else "default",
+            seccomp_allow=[] if spec.seccomp is None else list(spec.seccomp.allow),
+            seccomp_deny=[] if spec.seccomp is None else list(spec.seccomp.deny),
+            nproc=spec._nproc,
         )
         st.save()
     except BaseException:
@@ -489,7 +496,7 @@ def _resolve(target: str) -> tuple[int, Optional[object]]:
     st = _state.load(target)
     if st is not None:
         return st.pid, st
-    if target.isdigit():
+    if target.isdigit() and 0 < int(target) < 1 << 31:
         return int(target), None
     raise LookupError(f"no container named {target!r} (and not a pid)")
 
@@ -536,7 +543,17 @@ def _exec_pinned(args: argparse.Namespace, cmd: List[str], pid: int, st: Any, pi
     report = _open_report(args)
     try:
         timeout = _timeout(args)
-        result = enter(pid, cmd, env=env, cwd=cwd, cgroup=st is not None, pidfd=pidfd, timeout=timeout)
+        # As its main process: ids, capabilities, seccomp filter, process limit (a process
+        # with more would be the container's to take over: it may ptrace what runs as it).
+        kw: Dict[str, Any] = {}
+        if st is not None:
+            from ._spec import Seccomp
+
+            seccomp = (
+                None if st.seccomp == "off" else Seccomp(allow=tuple(st.seccomp_allow), deny=tuple(st.seccomp_deny))
+            )
+            kw = dict(uid=st.uid, gid=st.gid, capabilities=tuple(st.capabilities), seccomp=seccomp, _nproc=st.nproc)
+        result = enter(pid, cmd, env=env, cwd=cwd, cgroup=st is not None, pidfd=pidfd, timeout=timeout, **kw)
         status = _exit_code(result.returncode)
         _report(report, cmd, status, result.returncode, result.usage)
         return status
@@ -649,6 +666,10 @@ def _kill_state(st: object, grace: float) -> str:
 def _stop(args: argparse.Namespace) -> int:
     from . import _state
 
+    if not math.isfinite(args.time) or args.time < 0 or args.time > 1e9:
+        # (Checked before any container is signalled: not half a stop.)
+        print(f"nsfast: stop -t: must be a number of seconds >= 0, got {args.time!r}", file=sys.stderr)
+        return 2
     rc = 0
     for name in args.names:
         st = _state.load(name)

@@ -104,6 +104,8 @@ struct MidCtx<'a> {
 /// (`io.cgroup`, an exec cgroup or an existing process's cgroups) its cgroups. Returns once
 /// the command has been exec'd; the process is our child.
 pub fn spawn_join(plan: &Plan, io: &Io, target: &Target) -> Result<Child> {
+    // (Dropped when this returns: the vforked child has exec'd or died by then.)
+    let _dumpable = sys::KeepDumpable::new();
     if !spawn::clone3_missing() {
         match spawn_join_with(plan, io, target, false)? {
             Some(child) => return Ok(child),

@@ -838,13 +838,18 @@ fn spawn_join(
     spec.new_session = true;
     spec.die_with_parent = from.die_with_parent;
     spec.rlimits = from.rlimits;
-    spec.seccomp = None;
+    // The caller's filter (enter(seccomp=), the default's unless turned off); a container's
+    // own below. A process that joins a hostile sandbox's namespaces without it is one the
+    // sandbox can ptrace once it exec'd (same user namespace, same uid): an unfiltered
+    // process for it to drive.
+    spec.seccomp = from.seccomp;
     let pid_namespace = ns_flags & (libc::CLONE_NEWPID as u64) != 0;
     // A container's held fds are duplicated here, with the GIL held: a concurrent stop()
     // (which sets `closed` before closing them) cannot close them under this exec.
     let held = held.filter(|h| !h.is_none());
-    // The container's RLIMIT_NPROC (counted in its user namespace), which its execs share.
-    let mut nproc: Option<u64> = None;
+    // The container's RLIMIT_NPROC (counted in its user namespace), which its execs share;
+    // else the spec's (enter's `_nproc`: the CLI's exec gives a container's).
+    let mut nproc: Option<u64> = from.nproc;
     let mut held_fds = None;
     let mut container: Option<PyRef<'_, Sandbox>> = None;
     if let Some(h) = &held {

@@ -199,6 +199,81 @@ impl Drop for Stack {
     }
 }
 
+/// The calling thread as another effective uid for a moment: a user namespace it creates
+/// meanwhile is owned by that uid, not by root. The kernel charges its per-user counts
+/// (inotify instances, POSIX message-queue bytes, pending signals, ...) at every level of
+/// user namespaces up to the owner's: a root caller's sandbox owned by root could use up
+/// host root's (128 inotify instances by default), and root daemons then fail. Only the
+/// effective uid changes: the real and saved uids stay root's, and the filesystem uid is set
+/// back to root's, so what the thread (and the child it clones) may open is as before.
+/// Dropped on the same thread: root again, and the thread's parent-death signal re-armed (a
+/// change of ids clears it). (It also clears the process's dumpable attribute: see
+/// [`KeepDumpable`], which the spawner holds across the whole start.)
+pub struct ThreadOwner {
+    pdeathsig: Option<rustix::process::Signal>,
+}
+
+impl ThreadOwner {
+    /// None where this thread could not become root again (neither its real nor its saved
+    /// uid is 0): nothing is changed then.
+    pub fn enter(uid: u32) -> Option<ThreadOwner> {
+        let (mut r, mut e, mut s) = (0, 0, 0);
+        // SAFETY: getresuid writes three uid_t.
+        if unsafe { libc::getresuid(&mut r, &mut e, &mut s) } != 0 || e != 0 || (r != 0 && s != 0) {
+            return None;
+        }
+        let owner = ThreadOwner { pdeathsig: rustix::process::parent_process_death_signal().ok().flatten() };
+        let uid = rustix::process::Uid::from_raw(uid);
+        rustix::thread::set_thread_res_uid(None, Some(uid), None).ok()?;
+        // SAFETY: setfsuid(2) of this thread; it cannot fail for the real uid (0 or, with the
+        // saved uid 0, allowed as the effective one was).
+        unsafe { libc::syscall(libc::SYS_setfsuid, 0) };
+        Some(owner)
+    }
+}
+
+impl Drop for ThreadOwner {
+    fn drop(&mut self) {
+        if rustix::thread::set_thread_res_uid(None, Some(rustix::process::Uid::ROOT), None).is_err() {
+            // Never go on as another uid: whatever the caller did next would run as it.
+            eprintln!("nsfast: cannot become root again after a clone; aborting");
+            std::process::abort();
+        }
+        if self.pdeathsig.is_some() {
+            let _ = rustix::process::set_parent_process_death_signal(self.pdeathsig);
+        }
+    }
+}
+
+/// This process's dumpable attribute, put back on drop as it was when made. A child cloned
+/// with CLONE_VM shares our memory until it execs, and a change of its ids meanwhile
+/// (becoming its user namespace's root) clears the attribute of that memory: ours. Without
+/// this, a process that started one sandbox was left with no core dumps, its /proc files
+/// root's. Held by the spawner until the child has exec'd or died.
+pub struct KeepDumpable(bool);
+
+impl Default for KeepDumpable {
+    fn default() -> KeepDumpable {
+        KeepDumpable::new()
+    }
+}
+
+impl KeepDumpable {
+    pub fn new() -> KeepDumpable {
+        use rustix::process::{dumpable_behavior, DumpableBehavior};
+        KeepDumpable(matches!(dumpable_behavior(), Ok(DumpableBehavior::Dumpable)))
+    }
+}
+
+impl Drop for KeepDumpable {
+    fn drop(&mut self) {
+        use rustix::process::{dumpable_behavior, set_dumpable_behavior, DumpableBehavior};
+        if self.0 && !matches!(dumpable_behavior(), Ok(DumpableBehavior::Dumpable)) {
+            let _ = set_dumpable_behavior(DumpableBehavior::Dumpable);
+        }
+    }
+}
+
 /// Block every signal of the calling thread; returns the previous mask.
 pub fn block_all_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; pthread_sigmask only reads `all` and writes `old`.
