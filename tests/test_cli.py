@@ -672,3 +672,16 @@ def test_out_of_range_pids_and_stop_times_are_one_line_errors(tmp_path, monkeypa
         assert "badstop" in nsfast_cli("ps").stdout  # never signalled
     finally:
         assert nsfast_cli("stop", "-t", "0", "badstop").returncode == 0
+
+
+def test_exec_timeout_kills_what_the_exec_left_in_its_session(tmp_path, monkeypatch):
+    """`nsfast exec --timeout` killed only its command: a shell's background jobs went on
+    running in the container, although the help says everything the exec started is killed."""
+    monkeypatch.setenv("NSFAST_STATE_DIR", str(tmp_path / "state"))
+    assert nsfast_cli("run", "-d", "--name", "jobs", "--", "sleep", "1000").returncode == 0
+    try:
+        r = nsfast_cli("exec", "--timeout", "0.5", "jobs", "--", "sh", "-c", "sleep 1001 & sleep 1002 & wait")
+        assert r.returncode == 124, r.stderr
+        assert wait_until(lambda: not running_with_cmdline("sleep 1001") and not running_with_cmdline("sleep 1002"), 5)
+    finally:
+        assert nsfast_cli("stop", "-t", "0", "jobs").returncode == 0

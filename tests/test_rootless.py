@@ -423,3 +423,24 @@ def test_rootless_roots_in_place_and_pivoted_show_the_same_mounts_and_devices(no
         assert res["hello"] == "from the host\n", name
         tables[name] = [row for row in mount_table(res["mountinfo"]) if not row[0].startswith("/mnt")]
     assert tables["in place"] == tables["20 binds"] == tables["overlay"]
+
+
+def test_rootless_cli_exec_into_a_detached_container(nobody_dir):
+    """`nsfast exec NAME` always failed for a rootless caller without a delegated cgroup
+    (clone3 EACCES): it asked CLONE_INTO_CGROUP for the container's cgroup, the caller's own,
+    whose cgroup.procs is root's."""
+    state = os.path.join(nobody_dir, "state")
+    [res] = as_nobody(f"""
+        import subprocess
+        env = dict(os.environ, NSFAST_STATE_DIR={state!r})
+        cli = [sys.executable, "-m", "nsfast"]
+        def sh(*argv):
+            return subprocess.run(cli + list(argv), capture_output=True, text=True, env=env, timeout=60)
+        a = sh("run", "-d", "--name", "rl", "--", "sleep", "100")
+        b = sh("exec", "rl", "--", "sh", "-c", "echo hi; grep ^Seccomp: /proc/self/status")
+        c = sh("stop", "-t", "0", "rl")
+        out([a.returncode, a.stderr[-300:], b.returncode, b.stdout, b.stderr[-300:], c.returncode])
+    """)
+    assert res[0] == 0, res[1]
+    assert (res[2], res[3].split()) == (0, ["hi", "Seccomp:", "2"]), res[4]
+    assert res[5] == 0

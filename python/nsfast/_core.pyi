@@ -33,6 +33,8 @@ __all__ = [
     "spawn_join",
     "landlock_abi",
     "tree_list",
+    "tree_open",
+    "dir_beneath",
     "tree_read",
     "tree_readlink",
     "tree_write",

@@ -1123,10 +1123,12 @@ impl Existing {
         let (dirs, unified) = dirs_of(&text, hierarchy);
         // Moving into a cgroup we are already in changes nothing but still pays the
         // migration lock: skip those hierarchies.
-        let (ours, _) = dirs_of(&fs::read_to_string("/proc/self/cgroup").unwrap_or_default(), hierarchy);
+        let (ours, our_unified) = dirs_of(&fs::read_to_string("/proc/self/cgroup").unwrap_or_default(), hierarchy);
         let dirs = dirs.into_iter().filter(|d| !ours.contains(d)).collect();
         let version = if matches!(hierarchy, Hierarchy::V2 { .. }) { 2 } else { 1 };
-        let fd = match &unified {
+        // Ours too: no CLONE_INTO_CGROUP (the child is born here anyway), which would ask for
+        // write access to our own cgroup.procs, which a rootless caller lacks.
+        let fd = match unified.as_ref().filter(|d| Some(*d) != our_unified.as_ref()) {
             Some(d) => Some(
                 rustix::fs::open(d, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
                     .map_err(|e| CgroupError::Io { op: "open", path: d.clone(), source: e.into() })?,

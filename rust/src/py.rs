@@ -513,6 +513,20 @@ impl Sandbox {
         cpu: CpuTimeLimits,
         await_report: bool,
     ) -> PyResult<Sandbox> {
+        Sandbox::with_group(child, cg, started, pid_namespace, !pid_namespace && new_session, cpu, await_report)
+    }
+
+    /// As `new`; `kill_group`: kill() also kills the first process's process group (a
+    /// session of its own, set up before exec).
+    fn with_group(
+        child: crate::Child,
+        cg: Option<Box<dyn Cgroup>>,
+        started: std::time::Instant,
+        pid_namespace: bool,
+        kill_group: bool,
+        cpu: CpuTimeLimits,
+        await_report: bool,
+    ) -> PyResult<Sandbox> {
         let cgroup_version = cg.as_ref().map(|c| c.version());
         let trees = Mutex::new(child.trees);
         let watch = cg.is_some() && (cpu.cpu_time.is_some() || cpu.cpu_time_soft.is_some());
@@ -520,7 +534,7 @@ impl Sandbox {
             pid: child.pid,
             pidfd: child.pidfd,
             kill_leftovers: !pid_namespace,
-            kill_group: !pid_namespace && new_session,
+            kill_group,
             await_report,
             started,
             inner: Mutex::new(Inner {
@@ -929,7 +943,12 @@ fn spawn_join(
     match result {
         // An exec's process is not its pid namespace's init: what it leaves behind keeps
         // running in the container (docker exec), unless killed.
-        Ok((child, cg)) => Sandbox::new(child, cg, started, pid_namespace, true, CpuTimeLimits::default(), false),
+        // Killed (a timeout, kill()), its session goes with it: what it started and left in
+        // its process group (a shell's jobs), which would otherwise outlive it in the
+        // container. (Container.exec's own cgroup takes the rest.)
+        Ok((child, cg)) => {
+            Sandbox::with_group(child, cg, started, pid_namespace, true, CpuTimeLimits::default(), false)
+        }
         Err(e) => Err(to_pyerr(py, e)),
     }
 }
