@@ -1062,13 +1062,15 @@ def test_starting_sandboxes_leaves_the_caller_as_it_was():
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    PR_SET_PDEATHSIG, PR_GET_PDEATHSIG, PR_GET_DUMPABLE = 1, 2, 3
-    assert libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
+    PR_SET_PDEATHSIG, PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_DUMPABLE = 1, 2, 3, 4
+    # (Dumpable now, whatever earlier tests did: a seteuid of their own clears it too.)
+    assert libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) == 0
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR2, 0, 0, 0)
     try:
         nsfast.run(["true"])
         with nsfast.Container() as c:
             c.exec(["true"])
+            c.write_file("/tmp/f", b"x")  # (written with the sandbox root's fs ids)
         sig = ctypes.c_int()
         libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(sig), 0, 0, 0)
         assert (libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), sig.value) == (1, signal.SIGUSR2)

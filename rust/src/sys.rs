@@ -764,15 +764,21 @@ pub fn capget_permitted() -> Result<u64, Errno> {
 pub struct FsIds {
     uid: u32,
     gid: u32,
+    /// A change of fs ids clears the thread's parent-death signal (re-armed on drop) and
+    /// the process's dumpable attribute (this field, last: dropped after the ids are back).
+    pdeathsig: Option<rustix::process::Signal>,
+    _dumpable: KeepDumpable,
 }
 
 impl FsIds {
     pub fn set(uid: u32, gid: u32) -> FsIds {
+        let dumpable = KeepDumpable::new();
+        let pdeathsig = rustix::process::parent_process_death_signal().ok().flatten();
         // SAFETY: integer arguments; setfs[ug]id returns the previous id, never fails hard.
         let gid0 = unsafe { libc::syscall(libc::SYS_setfsgid, gid as usize) } as u32;
         // SAFETY: as above.
         let uid0 = unsafe { libc::syscall(libc::SYS_setfsuid, uid as usize) } as u32;
-        FsIds { uid: uid0, gid: gid0 }
+        FsIds { uid: uid0, gid: gid0, pdeathsig, _dumpable: dumpable }
     }
 }
 
@@ -782,6 +788,9 @@ impl Drop for FsIds {
         unsafe {
             libc::syscall(libc::SYS_setfsuid, self.uid as usize);
             libc::syscall(libc::SYS_setfsgid, self.gid as usize);
+        }
+        if self.pdeathsig.is_some() {
+            let _ = rustix::process::set_parent_process_death_signal(self.pdeathsig);
         }
     }
 }
