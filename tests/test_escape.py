@@ -1066,6 +1066,20 @@ def test_starting_sandboxes_leaves_the_caller_as_it_was():
     # (Dumpable now, whatever earlier tests did: a seteuid of their own clears it too.)
     assert libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) == 0
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR2, 0, 0, 0)
+    # This thread's effective set lowered (CAP_NET_RAW, 13, out): a start must not raise it
+    # (the spawning thread leaves euid 0 for the clone, and regaining it would).
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    caps = (ctypes.c_uint32 * 6)()
+    assert libc.capget(header, caps) == 0
+    saved = list(caps)
+    caps[0] &= ~(1 << 13)
+    assert libc.capset(header, caps) == 0
+
+    def effective() -> str:
+        with open("/proc/thread-self/status") as f:
+            return next(line.split()[1] for line in f if line.startswith("CapEff:"))
+
+    lowered = effective()
     try:
         nsfast.run(["true"])
         with nsfast.Container() as c:
@@ -1075,5 +1089,7 @@ def test_starting_sandboxes_leaves_the_caller_as_it_was():
         libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(sig), 0, 0, 0)
         assert (libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), sig.value) == (1, signal.SIGUSR2)
         assert os.getresuid() == (0, 0, 0) and os.getresgid() == (0, 0, 0)
+        assert effective() == lowered
     finally:
         libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
+        libc.capset(header, (ctypes.c_uint32 * 6)(*saved))

@@ -211,6 +211,9 @@ impl Drop for Stack {
 /// [`KeepDumpable`], which the spawner holds across the whole start.)
 pub struct ThreadOwner {
     pdeathsig: Option<rustix::process::Signal>,
+    /// Its capability sets: leaving and regaining euid 0 would set the effective set to the
+    /// permitted one, raising what the caller had lowered.
+    caps: [CapData; 2],
 }
 
 impl ThreadOwner {
@@ -222,7 +225,8 @@ impl ThreadOwner {
         if unsafe { libc::getresuid(&mut r, &mut e, &mut s) } != 0 || e != 0 || (r != 0 && s != 0) {
             return None;
         }
-        let owner = ThreadOwner { pdeathsig: rustix::process::parent_process_death_signal().ok().flatten() };
+        let caps = capget_all().ok()?;
+        let owner = ThreadOwner { pdeathsig: rustix::process::parent_process_death_signal().ok().flatten(), caps };
         let uid = rustix::process::Uid::from_raw(uid);
         rustix::thread::set_thread_res_uid(None, Some(uid), None).ok()?;
         // SAFETY: setfsuid(2) of this thread; it cannot fail for the real uid (0 or, with the
@@ -239,6 +243,7 @@ impl Drop for ThreadOwner {
             eprintln!("nsfast: cannot become root again after a clone; aborting");
             std::process::abort();
         }
+        let _ = capset_all(&self.caps);
         if self.pdeathsig.is_some() {
             let _ = rustix::process::set_parent_process_death_signal(self.pdeathsig);
         }
@@ -745,6 +750,22 @@ pub fn capset(keep: u64) -> Result<(), Errno> {
     ];
     // SAFETY: capset reads a header and two data structs (live on our stack, crate::abi's
     // layouts, checked against linux-raw-sys in a test).
+    unsafe { raw6(libc::SYS_capset, [&hdr as *const CapHeader as usize, data.as_ptr() as usize, 0, 0, 0, 0]) }.map(drop)
+}
+
+/// The calling thread's capability sets, as capget(2) gives them.
+fn capget_all() -> Result<[CapData; 2], Errno> {
+    let hdr = CapHeader { version: crate::abi::CAP_VERSION_3, pid: 0 };
+    let mut data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    // SAFETY: capget reads the header and writes two data structs (live on our stack).
+    unsafe { raw6(libc::SYS_capget, [&hdr as *const CapHeader as usize, data.as_mut_ptr() as usize, 0, 0, 0, 0]) }?;
+    Ok(data)
+}
+
+/// Set the calling thread's capability sets to `data` (from [`capget_all`]).
+fn capset_all(data: &[CapData; 2]) -> Result<(), Errno> {
+    let hdr = CapHeader { version: crate::abi::CAP_VERSION_3, pid: 0 };
+    // SAFETY: capset reads a header and two data structs (live for the call).
     unsafe { raw6(libc::SYS_capset, [&hdr as *const CapHeader as usize, data.as_ptr() as usize, 0, 0, 0, 0]) }.map(drop)
 }
 
