@@ -15,6 +15,8 @@ import sys
 import termios
 import time
 import tty
+from pathlib import Path
+from typing import List
 
 import psutil
 import pytest
@@ -685,3 +687,32 @@ def test_exec_timeout_kills_what_the_exec_left_in_its_session(tmp_path, monkeypa
         assert wait_until(lambda: not running_with_cmdline("sleep 1001") and not running_with_cmdline("sleep 1002"), 5)
     finally:
         assert nsfast_cli("stop", "-t", "0", "jobs").returncode == 0
+
+
+def test_a_cli_killed_while_it_starts_a_container_leaves_none_unknown(tmp_path, monkeypatch):
+    """The state was saved only after the command ran: a `run -d` killed in between (a
+    closed terminal, the OOM killer) left a running container that no command knew. The
+    state is saved before the command's gate opens now: killed before, the container never
+    runs; once the command runs, `stop` finds it. Each round kills the CLI the moment the
+    command exists (nsfast-init, the CLI's child, has a child)."""
+    monkeypatch.setenv("NSFAST_STATE_DIR", str(tmp_path / "state"))
+    token = f"{os.getpid()}{time.monotonic_ns() % 100000}"
+
+    def children(pid: int) -> List[int]:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+            return [int(x) for t in tasks for x in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+        except OSError:
+            return []
+
+    for i in range(10):
+        cli = subprocess.Popen([sys.executable, "-m", "nsfast", "run", "-d", "--name", f"k{i}", "--", "sleep", token],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and cli.poll() is None:
+            if any(children(init) for init in children(cli.pid)):
+                break
+        cli.kill()
+        cli.wait()
+        nsfast_cli("stop", "-t", "0", f"k{i}")
+        assert wait_until(lambda: not running_with_cmdline(f"sleep {token}"), 5), f"round {i}: a container nobody knows"

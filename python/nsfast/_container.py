@@ -10,7 +10,7 @@ import time
 import uuid
 import weakref
 from subprocess import TimeoutExpired
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._cgroup import Limits
 from ._errors import ContainerError, SpawnError
@@ -117,8 +117,17 @@ class Container:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, *, stdin: File = None, stdout: File = None, stderr: File = None) -> Container:
-        """Start the main process (pid 1 of the container). Once only."""
+    def start(
+        self,
+        *,
+        stdin: File = None,
+        stdout: File = None,
+        stderr: File = None,
+        _before_go: Optional[Callable[[Process], None]] = None,
+    ) -> Container:
+        """Start the main process (pid 1 of the container). Once only. (`_before_go`, the
+        CLI's: called with the Process once its namespaces are held, before the command may
+        run; should the caller die before it returns, the command never runs.)"""
         if self._proc is not None:
             raise ContainerError(f"container {self.name} was already started")
         if self.command is None:
@@ -126,7 +135,7 @@ class Container:
             self._proc = Process(
                 [], spec=self.spec, stdin=stdin, stdout=stdout, stderr=stderr, _trees=writable_trees(self.spec)
             )
-            self._hold(None)
+            self._hold(None, before_go=_before_go)
             return self
         # The command may make namespaces of its own (or exit) as soon as it runs: it starts
         # behind nsfast-init's gate, opened once they are held. Then init execs it in place
@@ -152,15 +161,19 @@ class Container:
         finally:
             os.close(gate_r)
             os.close(result_w)
-        self._hold(gate_w, result_r)
+        self._hold(gate_w, result_r, before_go=_before_go)
         return self
 
-    def _hold(self, gate: Optional[int], result: int = -1) -> None:
+    def _hold(
+        self, gate: Optional[int], result: int = -1, before_go: Optional[Callable[[Process], None]] = None
+    ) -> None:
         """Hold the namespaces and root of the main process; open its gate (if any) and wait
         until the command was exec'd. Kills the main process on failure."""
         assert self._proc is not None
         try:
             self._held = _Held(self._proc.pid, self._proc._sandbox, self.spec.seccomp, self.spec._nproc)
+            if before_go is not None:
+                before_go(self._proc)
             if gate is not None:
                 os.write(gate, b"1")
                 os.close(gate)

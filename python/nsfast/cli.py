@@ -435,6 +435,7 @@ def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
 
     from . import _state
     from ._container import Container
+    from ._process import Process
 
     name = args.name if args.name is not None else "c-" + uuid.uuid4().hex[:12]
     try:
@@ -443,19 +444,21 @@ def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
         print(f"nsfast: a container named {name!r} exists already (nsfast stop {name} removes it)", file=sys.stderr)
         return 125
     st = proc = None
-    try:
-        spec = spec.replace(die_with_parent=False)
-        with log:
-            proc = Container(cmd, spec=spec, name=name).start(stdin=subprocess.DEVNULL, stdout=log, stderr=log).process
-        assert proc is not None
-        # What proves, later, that a pid and cgroups are this container's, read while the
-        # pidfd still pins the process. Not the time namespace: its /proc link changes at exec.
-        started = _state.start_time(proc.pid)
-        ns_inodes = {t: _state.ns_inode(proc.pid, t) for t in spec.namespaces if t != "time"}
-        paths = proc.detach()
+    spec = spec.replace(die_with_parent=False)
+
+    def save(p: Process) -> None:
+        """The state, saved before the command may run (its gate still closed): a CLI killed
+        at any point after this leaves a container `nsfast ps`/`stop` know (one killed before
+        leaves none: nsfast-init exits when the gate's other end closes unopened). What
+        proves, later, that a pid and cgroups are this container's, read while the pidfd
+        still pins the process. Not the time namespace: its /proc link changes at exec."""
+        nonlocal st
+        started = _state.start_time(p.pid)
+        ns_inodes = {t: _state.ns_inode(p.pid, t) for t in spec.namespaces if t != "time"}
+        paths = list(p._sandbox.cgroup_paths())
         st = _state.State(
             name=name,
-            pid=proc.pid,
+            pid=p.pid,
             start_time=started or -1,
             command=list(cmd),
             created=time.time(),
@@ -474,6 +477,13 @@ def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
             nproc=spec._nproc,
         )
         st.save()
+
+    try:
+        with log:
+            c = Container(cmd, spec=spec, name=name)
+            proc = c.start(stdin=subprocess.DEVNULL, stdout=log, stderr=log, _before_go=save).process
+        assert proc is not None and st is not None
+        proc.detach()  # (its cgroups are those saved)
     except BaseException:
         if st is not None:
             try:
