@@ -218,16 +218,23 @@ MOUNT = "m"
 def _lower(base: int, rel: str) -> Optional[Tuple[str, int]]:
     """(kind, permission bits) of `rel` in `src` (`base`): "d", "f", "l", "o", or MOUNT
     for a mount point (or an entry below one); None if missing."""
-    import stat
-
     parent, _, name = rel.rpartition("/")
     try:
         d = _beneath(base, parent)
     except OSError as e:
         return (MOUNT, 0) if e.errno == errno.EXDEV else None
     try:
-        st = os.lstat(name, dir_fd=d)
-        m = st.st_mode
+        return _entry(d, name)
+    finally:
+        os.close(d)
+
+
+def _entry(d: int, name: str) -> Optional[Tuple[str, int]]:
+    """`_lower` of entry `name` of directory `d` (an fd below `src`)."""
+    import stat
+
+    try:
+        m = os.lstat(name, dir_fd=d).st_mode
         if stat.S_ISDIR(m):
             try:
                 os.close(_core.dir_beneath(d, os.fsencode(name)))
@@ -238,8 +245,6 @@ def _lower(base: int, rel: str) -> Optional[Tuple[str, int]]:
         return kind, stat.S_IMODE(m)
     except OSError:
         return None
-    finally:
-        os.close(d)
 
 
 def _under(path: str, base: str) -> bool:
@@ -365,7 +370,7 @@ def commit(trees: Trees, ov: Overlay, found: Dict[str, Tuple[str, str, int]], ba
 def _apply(
     d: int, name: str, rel: str, change: str, kind: str, mode: int, upper: int, modes: List[Tuple[str, int]]
 ) -> None:
-    low = _lower(d, name)
+    low = _entry(d, name)
     old = None if low is None else low[0]
     if change == "deleted" or (old is not None and (old == "d") != (kind in ("d", "D"))):
         if old == "d":

@@ -206,14 +206,33 @@ impl Drop for Stack {
 /// host root's (128 inotify instances by default), and root daemons then fail. Only the
 /// effective uid changes: the real and saved uids stay root's, and the filesystem uid is set
 /// back to root's, so what the thread (and the child it clones) may open is as before.
-/// Dropped on the same thread: root again, and the thread's parent-death signal re-armed (a
-/// change of ids clears it). (It also clears the process's dumpable attribute: see
+/// Dropped on the same thread: root again, its capability sets and parent-death signal as
+/// they were (a change of ids changes both). (It also clears the process's dumpable attribute: see
 /// [`KeepDumpable`], which the spawner holds across the whole start.)
 pub struct ThreadOwner {
-    pdeathsig: Option<rustix::process::Signal>,
     /// Its capability sets: leaving and regaining euid 0 would set the effective set to the
     /// permitted one, raising what the caller had lowered.
     caps: [CapData; 2],
+    _pdeathsig: KeepDeathSignal,
+}
+
+/// The calling thread's parent-death signal, re-armed on drop: any change of the thread's
+/// ids (effective or filesystem) clears it. Held last by a guard that changes ids, so it
+/// drops once they are back.
+struct KeepDeathSignal(Option<rustix::process::Signal>);
+
+impl KeepDeathSignal {
+    fn new() -> KeepDeathSignal {
+        KeepDeathSignal(rustix::process::parent_process_death_signal().ok().flatten())
+    }
+}
+
+impl Drop for KeepDeathSignal {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            let _ = rustix::process::set_parent_process_death_signal(self.0);
+        }
+    }
 }
 
 impl ThreadOwner {
@@ -226,7 +245,7 @@ impl ThreadOwner {
             return None;
         }
         let caps = capget_all().ok()?;
-        let owner = ThreadOwner { pdeathsig: rustix::process::parent_process_death_signal().ok().flatten(), caps };
+        let owner = ThreadOwner { caps, _pdeathsig: KeepDeathSignal::new() };
         let uid = rustix::process::Uid::from_raw(uid);
         rustix::thread::set_thread_res_uid(None, Some(uid), None).ok()?;
         // SAFETY: setfsuid(2) of this thread; it cannot fail for the real uid (0 or, with the
@@ -244,9 +263,6 @@ impl Drop for ThreadOwner {
             std::process::abort();
         }
         let _ = capset_all(&self.caps);
-        if self.pdeathsig.is_some() {
-            let _ = rustix::process::set_parent_process_death_signal(self.pdeathsig);
-        }
     }
 }
 
@@ -785,21 +801,21 @@ pub fn capget_permitted() -> Result<u64, Errno> {
 pub struct FsIds {
     uid: u32,
     gid: u32,
-    /// A change of fs ids clears the thread's parent-death signal (re-armed on drop) and
-    /// the process's dumpable attribute (this field, last: dropped after the ids are back).
-    pdeathsig: Option<rustix::process::Signal>,
+    /// A change of fs ids clears the thread's parent-death signal and the process's
+    /// dumpable attribute (these fields, last: dropped after the ids are back).
+    _pdeathsig: KeepDeathSignal,
     _dumpable: KeepDumpable,
 }
 
 impl FsIds {
     pub fn set(uid: u32, gid: u32) -> FsIds {
         let dumpable = KeepDumpable::new();
-        let pdeathsig = rustix::process::parent_process_death_signal().ok().flatten();
+        let pdeathsig = KeepDeathSignal::new();
         // SAFETY: integer arguments; setfs[ug]id returns the previous id, never fails hard.
         let gid0 = unsafe { libc::syscall(libc::SYS_setfsgid, gid as usize) } as u32;
         // SAFETY: as above.
         let uid0 = unsafe { libc::syscall(libc::SYS_setfsuid, uid as usize) } as u32;
-        FsIds { uid: uid0, gid: gid0, pdeathsig, _dumpable: dumpable }
+        FsIds { uid: uid0, gid: gid0, _pdeathsig: pdeathsig, _dumpable: dumpable }
     }
 }
 
@@ -809,9 +825,6 @@ impl Drop for FsIds {
         unsafe {
             libc::syscall(libc::SYS_setfsuid, self.uid as usize);
             libc::syscall(libc::SYS_setfsgid, self.gid as usize);
-        }
-        if self.pdeathsig.is_some() {
-            let _ = rustix::process::set_parent_process_death_signal(self.pdeathsig);
         }
     }
 }
