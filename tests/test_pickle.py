@@ -22,6 +22,7 @@ pytestmark = suite
         nsfast.ContainerError("container c was never started"),
         nsfast.LimitError([("memory", "no memory controller"), ("pids", "no pids controller")]),
         nsfast.OutputError("/tmp/out/big", 1024, None),
+        nsfast.OutputLimitError("stdout", 1024, None),
         nsfast.ImageError("/img: layer sha256:00: '../x': outside the root"),
         ZygoteError("the zygote did not start", b"Traceback ..."),
         TaskError("boom", type="ValueError", traceback="Traceback ...", returncode=1, stderr=b"e"),

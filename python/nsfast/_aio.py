@@ -12,7 +12,18 @@ import threading
 from subprocess import CalledProcessError
 from typing import IO, TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
 
-from ._process import Args, File, Process, Result, TimeoutExpired, Usage, decode_output, run_stdio
+from ._process import (
+    DEFAULT_CAPTURE_MAX_BYTES,
+    Args,
+    File,
+    Process,
+    Result,
+    TimeoutExpired,
+    Usage,
+    check_capture_max_bytes,
+    decode_output,
+    run_stdio,
+)
 from ._spec import Spec, SpecFields
 
 if TYPE_CHECKING:
@@ -37,10 +48,13 @@ async def _ready(fd: int, write: bool = False) -> None:
         (loop.remove_writer if write else loop.remove_reader)(fd)
 
 
-async def _read_all(f: IO[Any]) -> bytes:
+async def _read_all(f: IO[Any], limit: Optional[int], cut: Callable[[], None]) -> Tuple[bytes, bool]:
+    """What `f` brings to EOF, and False; or its first `limit` bytes and True once it
+    brought more (`cut()` was called then and `f` is closed: nothing more is read)."""
     fd = f.fileno()
     os.set_blocking(fd, False)
     chunks: List[bytes] = []
+    room = limit
     try:
         while True:
             try:
@@ -49,7 +63,13 @@ async def _read_all(f: IO[Any]) -> bytes:
                 await _ready(fd)
                 continue
             if not data:
-                return b"".join(chunks)
+                return b"".join(chunks), False
+            if room is not None:
+                if len(data) > room:
+                    chunks.append(data[:room])
+                    cut()
+                    return b"".join(chunks), True
+                room -= len(data)
             chunks.append(data)
     finally:
         f.close()
@@ -134,12 +154,16 @@ class AsyncProcess:
         assert p.returncode is not None
         return p.returncode
 
-    async def communicate(self, input: Any = None) -> Tuple[Any, Any]:
+    async def communicate(self, input: Any = None, *, capture_max_bytes: Optional[int] = None) -> Tuple[Any, Any]:
         """Send `input`, read stdout/stderr to EOF, wait; like Popen.communicate. Cancelled
-        (or `asyncio.wait_for`'s timeout), it kills and reaps the sandbox."""
+        (or `asyncio.wait_for`'s timeout), it kills and reaps the sandbox. A stream that
+        passes `capture_max_bytes` kills it and raises OutputLimitError (as
+        `Process.communicate`)."""
         p = self.process
+        check_capture_max_bytes(capture_max_bytes)
         if input is not None and p.stdin is None:
             raise ValueError("input given but stdin is not PIPE")
+        cut: List[str] = []
 
         async def write(f: Optional[IO[Any]]) -> None:
             if f is not None:
@@ -148,15 +172,27 @@ class AsyncProcess:
                     data = data.encode(getattr(f, "encoding", "utf-8"))
                 await _write_all(f, bytes(data))
 
-        async def read(f: Optional[IO[Any]]) -> Any:
-            return None if f is None else decode_output(await _read_all(f), f, p.text)
+        async def read(f: Optional[IO[Any]], name: str) -> Any:
+            if f is None:
+                return None
+
+            def kill() -> None:
+                if not cut:
+                    p.kill()
+                cut.append(name)
+
+            data, over = await _read_all(f, capture_max_bytes, kill)
+            # A stream cut at the limit may end inside a character: that tail is left out.
+            return decode_output(data, f, p.text, final=not over)
 
         try:
-            _, out, err = await asyncio.gather(write(p.stdin), read(p.stdout), read(p.stderr))
+            _, out, err = await asyncio.gather(write(p.stdin), read(p.stdout, "stdout"), read(p.stderr, "stderr"))
             await self.wait()
         except BaseException:
             self._end()
             raise
+        if cut:
+            raise p._output_limit(cut[0], capture_max_bytes, out, err)
         return out, err
 
     def _end(self) -> None:
@@ -238,23 +274,27 @@ async def arun(
     check: bool = False,
     text: bool = False,
     pass_fds: Sequence[int] = (),
+    capture_max_bytes: Optional[int] = DEFAULT_CAPTURE_MAX_BYTES,
     **spec_fields: Unpack[SpecFields],
 ) -> Result:
     """`nsfast.run` for asyncio: the same arguments and Result, driven by the event loop.
     `timeout` kills the whole sandbox and raises `nsfast.TimeoutExpired` (with `.usage`);
-    cancelling the task kills and reaps the sandbox."""
+    cancelling the task kills and reaps the sandbox; `capture_max_bytes` as in `run`."""
+    check_capture_max_bytes(capture_max_bytes)
     stdin, stdout, stderr = run_stdio(input, capture_output, stdin, stdout, stderr, timeout)
     proc = await aspawn(
         args, spec=spec, stdin=stdin, stdout=stdout, stderr=stderr, text=text, pass_fds=pass_fds, **spec_fields
     )
-    return await _finish_run(proc, input, timeout, check)
+    return await _finish_run(proc, input, timeout, check, capture_max_bytes)
 
 
-async def _finish_run(proc: AsyncProcess, input: Any, timeout: Optional[float], check: bool) -> Result:
+async def _finish_run(
+    proc: AsyncProcess, input: Any, timeout: Optional[float], check: bool, capture_max_bytes: Optional[int]
+) -> Result:
     """arun's body once the sandbox started (a zygote task's too): communicate, the timeout,
     cancellation, the Result."""
     p = proc.process
-    task = asyncio.ensure_future(proc.communicate(input))
+    task = asyncio.ensure_future(proc.communicate(input, capture_max_bytes=capture_max_bytes))
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout)
     except BaseException:  # this task was cancelled

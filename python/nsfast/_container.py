@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 from ._cgroup import Limits
 from ._errors import ContainerError, SpawnError
 from ._ns import namespaces as _namespaces
-from ._process import Args, File, Process, Result, _explain_hidden, _JoinTarget, run
+from ._process import DEFAULT_CAPTURE_MAX_BYTES, Args, File, Process, Result, _explain_hidden, _JoinTarget, run
 from ._spec import DEFAULT_SECCOMP, Seccomp, Spec, SpecFields, with_fields
 from ._trees import DEFAULT_OUTPUTS_MAX_BYTES, Trees, writable_trees
 
@@ -368,12 +368,13 @@ class Container:
         env: Optional[Dict[str, str]] = None,
         cwd: Optional[str] = None,
         pass_fds: Sequence[int] = (),
+        capture_max_bytes: Optional[int] = DEFAULT_CAPTURE_MAX_BYTES,
     ) -> Result:
         """Run `args` inside the container (the namespaces and root it had at start, its cwd,
         a cgroup of its own below the container's, its environment unless `env`), wait,
         return a Result — like `docker exec`. `timeout` (or an exception while waiting)
         kills everything the exec started; after a normal exit, what it left running keeps
-        running in the container."""
+        running in the container. `capture_max_bytes` as in `nsfast.run`."""
         return run(
             args,
             spec=self._exec_spec(env),
@@ -386,6 +387,7 @@ class Container:
             check=check,
             text=text,
             pass_fds=pass_fds,
+            capture_max_bytes=capture_max_bytes,
             _join=self._target(cwd),
         )
 
@@ -443,6 +445,7 @@ def enter(
     uid: Optional[int] = None,
     gid: Optional[int] = None,
     capabilities: Sequence[str] = (),
+    capture_max_bytes: Optional[int] = DEFAULT_CAPTURE_MAX_BYTES,
     _nproc: Optional[int] = None,
 ) -> Result:
     """Run `args` inside the namespaces of any process `pid` (all that differ from ours, or
@@ -453,7 +456,8 @@ def enter(
     (but `capabilities`), runs as `uid`/`gid` inside (default: root of the user namespace it
     joins) and under nsfast's default seccomp filter unless `seccomp=None`: in the
     namespaces of a sandbox, its processes (same user namespace, same uid) can ptrace the
-    command once it exec'd, and would drive an unfiltered one."""
+    command once it exec'd, and would drive an unfiltered one. `capture_max_bytes` as in
+    `nsfast.run`."""
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         raise ValueError(f"pid must be a positive int, got {pid!r}")
     try:
@@ -486,5 +490,6 @@ def enter(
         check=check,
         text=text,
         pass_fds=pass_fds,
+        capture_max_bytes=capture_max_bytes,
         _join=target,
     )

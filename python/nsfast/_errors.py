@@ -12,6 +12,7 @@ __all__ = [
     "ContainerError",
     "LimitError",
     "OutputError",
+    "OutputLimitError",
     "OverlayError",
     "ImageError",
 ]
@@ -121,6 +122,23 @@ class OutputError(NsfastError):
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (type(self), (self.path, self.limit, self.result, self.reason))
+
+
+class OutputLimitError(OutputError):
+    """A captured stream (`.path` is "stdout" or "stderr") of `run`, `Container.exec`,
+    `communicate` or a zygote task passed `capture_max_bytes` (`.limit`): the sandbox was
+    killed there. `.result` is its Result: that stream holds the first `.limit` bytes, the
+    other what came before the kill, `usage.termination` is "output"."""
+
+    def __init__(self, stream: str, limit: int, result: object = None) -> None:
+        NsfastError.__init__(self, f"{stream} passed capture_max_bytes={limit}: the sandbox was killed")
+        self.path = stream
+        self.limit = limit
+        self.result = result
+        self.reason = None
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.path, self.limit, self.result))
 
 
 class OverlayError(NsfastError):

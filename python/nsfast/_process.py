@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import io
 import os
 import selectors
@@ -17,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Optional, Seque
 
 from . import _cgroup, _core
 from . import _trees as _trees_mod
-from ._errors import OverlayError, SpawnError, SpecError
+from ._errors import OutputLimitError, OverlayError, SpawnError, SpecError
 from ._spec import SANDBOX_ID_BASE, Overlay, Spec, SpecFields, StrPath, with_fields
 
 if TYPE_CHECKING:
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
 __all__ = ["run", "spawn", "Process", "Result", "Usage", "TimeoutExpired", "PIPE", "DEVNULL", "STDOUT"]
 
 Args = Union[StrPath, bytes, Sequence[Union[StrPath, bytes]]]
+
+#: What `run`, `arun`, `Container.exec`, `enter` and a zygote's tasks keep of each captured
+#: stream (stdout, stderr) by default: a sandbox that writes more is killed (OutputLimitError).
+#: Its memory limit does not bound what the caller holds of its output; this does.
+DEFAULT_CAPTURE_MAX_BYTES = 64 << 20
 File = Union[None, int, IO[Any]]
 
 
@@ -40,8 +46,9 @@ class Usage:
     pids_peak: Optional[int] = None
     oom_killed: bool = False
     timed_out: bool = False
-    #: Why the run ended: "exit", "signal", "timeout", "cpu_time" (Limits.cpu_time) or
-    #: "memory" (killed by the OOM killer), as BenchExec's terminationreason.
+    #: Why the run ended: "exit", "signal", "timeout", "cpu_time" (Limits.cpu_time),
+    #: "memory" (killed by the OOM killer), as BenchExec's terminationreason, or "output"
+    #: (a captured stream passed `capture_max_bytes`: killed, OutputLimitError).
     termination: str = "exit"
 
 
@@ -412,21 +419,37 @@ class Process:
 
     # -- I/O -------------------------------------------------------------------------------
 
-    def communicate(self, input: Any = None, timeout: Optional[float] = None) -> Tuple[Any, Any]:
+    def communicate(
+        self, input: Any = None, timeout: Optional[float] = None, *, capture_max_bytes: Optional[int] = None
+    ) -> Tuple[Any, Any]:
         """Send `input`, read stdout/stderr to EOF, wait; like Popen.communicate. After a
-        TimeoutExpired, calling it again resumes without losing output."""
+        TimeoutExpired, calling it again resumes without losing output. `capture_max_bytes`:
+        a stream that passes it is cut there, the sandbox killed and reaped, and
+        OutputLimitError raised (its `.result` holds the output); it is the first call's."""
         if self._comm is None:
+            check_capture_max_bytes(capture_max_bytes)
             if input is not None and self.stdin is None:
                 raise ValueError("input given but stdin is not PIPE")
-            self._comm = _Communication(self, input)
+            self._comm = _Communication(self, input, capture_max_bytes)
         elif input is not None:
             raise ValueError("communicate() resumed after a timeout: pass input=None")
         deadline = None if timeout is None else time.monotonic() + timeout
         out, err = self._comm.run(deadline, timeout)
+        if self._comm.cut is not None:
+            self.wait()  # killed: its first process ends at once
+            raise self._output_limit(self._comm.cut, self._comm.limit, out, err)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         if self._wait(left, block=True) is None:
             raise TimeoutExpired(self.args, timeout, out, err)
         return out, err
+
+    def _output_limit(self, stream: str, limit: Any, out: Any, err: Any) -> OutputLimitError:
+        """The OutputLimitError of a reaped sandbox whose `stream` was cut: its usage says
+        "output" unless a limit of its own (timeout, cpu_time, memory) ended it first."""
+        if self.usage is not None and self.usage.termination in ("exit", "signal"):
+            self.usage = dataclasses.replace(self.usage, termination="output")
+        assert self.returncode is not None
+        return OutputLimitError(stream, limit, Result(self.args, self.returncode, out, err, self.usage))
 
     def __enter__(self) -> Process:
         return self
@@ -494,6 +517,11 @@ def decode_output(data: bytes, f: Any, text: bool, final: bool = True) -> Any:
     return decoded.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def check_capture_max_bytes(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise SpecError("capture_max_bytes", f"must be a non-negative int or None, not {value!r}")
+
+
 def run_stdio(
     input: Any, capture_output: bool, stdin: File, stdout: File, stderr: File, timeout: Optional[float]
 ) -> Tuple[File, File, File]:
@@ -515,10 +543,14 @@ def run_stdio(
 class _Communication:
     """State of one communicate(): survives a TimeoutExpired (as in subprocess)."""
 
-    def __init__(self, proc: Process, input: Any) -> None:
+    def __init__(self, proc: Process, input: Any, limit: Optional[int] = None) -> None:
         self.proc = proc
         self.sel = selectors.DefaultSelector()
         self.chunks: dict[str, List[bytes]] = {}
+        self.room: dict[str, int] = {}  # bytes each stream may still bring (with a limit)
+        self.limit = limit
+        #: The first stream that passed `limit`: the sandbox was killed then.
+        self.cut: Optional[str] = None
         self.input = b""
         self.offset = 0
         if proc.stdin is not None:
@@ -537,12 +569,32 @@ class _Communication:
             f = getattr(proc, name)
             if f is not None:
                 self.chunks[name] = []
+                if limit is not None:
+                    self.room[name] = limit
                 self.sel.register(f.fileno(), selectors.EVENT_READ, name)
 
     def _decode(self, name: str, final: bool = True) -> Any:
         if name not in self.chunks:
             return None
+        # A stream cut at the limit may end inside a character: that tail is left out.
+        final = final and self.room.get(name, 0) >= 0
         return decode_output(b"".join(self.chunks[name]), getattr(self.proc, name), self.proc.text, final)
+
+    def _take(self, name: str, data: bytes) -> bool:
+        """Keep `data` of stream `name` up to the limit; False once it passed it (the
+        sandbox is killed then: what it writes after is not read)."""
+        room = self.room.get(name)
+        if room is None or len(data) <= room:
+            self.chunks[name].append(data)
+            if room is not None:
+                self.room[name] = room - len(data)
+            return True
+        self.chunks[name].append(data[:room])
+        self.room[name] = -1
+        if self.cut is None:
+            self.cut = name
+            self.proc.kill()
+        return False
 
     def run(self, deadline: Optional[float], timeout: Optional[float]) -> Tuple[Any, Any]:
         proc = self.proc
@@ -566,9 +618,9 @@ class _Communication:
                             pass
                 else:
                     data = os.read(key.fd, 1 << 16)
-                    if data:
-                        self.chunks[name].append(data)
-                    else:
+                    if not data or not self._take(name, data):
+                        # EOF, or cut: closing it (EPIPE for a writer that goes on) means
+                        # nothing that outlived the kill keeps this call waiting.
                         self.sel.unregister(key.fd)
                         getattr(proc, name).close()
         self.sel.close()
@@ -611,6 +663,7 @@ def run(
     pass_fds: Sequence[int] = (),
     outputs: Optional[Sequence[str]] = None,
     outputs_max_bytes: int = _trees_mod.DEFAULT_OUTPUTS_MAX_BYTES,
+    capture_max_bytes: Optional[int] = DEFAULT_CAPTURE_MAX_BYTES,
     _join: Optional[_JoinTarget] = None,
     _start: Optional[Callable[[Tuple[int, int, int]], Any]] = None,
     **spec_fields: Unpack[SpecFields],
@@ -627,7 +680,12 @@ def run(
     -> bytes). They must lie in a writable tree of the sandbox (its /tmp, /dev/shm, hidden
     directories, Tmpfs and writable Bind mounts, an overlay root), else SpecError; each is
     read safely (see _trees.py), and more than `outputs_max_bytes` in all is an OutputError
-    naming the file (its `.result` is the run's Result)."""
+    naming the file (its `.result` is the run's Result).
+
+    `capture_max_bytes`: the most kept of each captured stream (stdout or stderr PIPE,
+    `capture_output`); one that passes it kills the sandbox and raises OutputLimitError,
+    whose `.result` holds the output up to there (None: no limit, as subprocess)."""
+    check_capture_max_bytes(capture_max_bytes)
     spec = with_fields(spec, spec_fields)
     patterns: List[str] = []
     trees: List[str] = []
@@ -668,21 +726,20 @@ def run(
                     proc.wait(timeout)
                     out = err = None
                 else:
-                    out, err = proc.communicate(input, timeout)
-            except TimeoutExpired as exc:
-                proc.kill("timeout")
-                proc.wait()
-                exc.timeout = timeout  # type: ignore[assignment]
-                # What the killed run cost (termination "timeout"), next to the partial output.
-                exc.usage = proc.usage
+                    out, err = proc.communicate(input, timeout, capture_max_bytes=capture_max_bytes)
+            except BaseException as exc:
+                if isinstance(exc, TimeoutExpired):
+                    proc.kill("timeout")
+                    proc.wait()
+                    exc.timeout = timeout  # type: ignore[assignment]
+                    # What the killed run cost (termination "timeout"), next to the partial output.
+                    exc.usage = proc.usage
+                else:
+                    proc.kill()
+                # A run that did not end well reads nothing back (nor commits): its trees go now.
+                if proc._trees is not None:
+                    proc._trees.close()
                 raise
-            except BaseException:
-                proc.kill()
-                raise
-            finally:
-                held = proc._trees
-                if held is not None and proc.returncode is None:
-                    held.close()
         assert proc.returncode is not None
         result = Result(proc.args, proc.returncode, out, err, proc.usage)
         if proc._trees is not None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, 
 from . import _cgroup, _core
 from ._cgroup import Limits
 from ._errors import NsfastError, SpecError
-from ._process import DEVNULL, PIPE, Process, Result, run, run_stdio
+from ._process import DEFAULT_CAPTURE_MAX_BYTES, DEVNULL, PIPE, Process, Result, check_capture_max_bytes, run, run_stdio
 from ._spec import Bind, Overlay, Spec, SpecFields, Tmpfs, default_env, with_fields
 
 if TYPE_CHECKING:
@@ -471,12 +471,14 @@ class Zygote:
         argv: Sequence[str] = (),
         text: bool = False,
         check: bool = False,
+        capture_max_bytes: Optional[int] = DEFAULT_CAPTURE_MAX_BYTES,
     ) -> Result:
         """Run `code` as `__main__` of a fresh module in a new task; a `Result` as `python
         -c code` would give (stdout/stderr captured; returncode 1 with the traceback on
         stderr for an uncaught exception, `sys.exit(n)` -> n, death by signal N -> -N) with
         its `usage`. `timeout` raises `nsfast.TimeoutExpired`; `limits` replaces the spec's
-        for this task; `env` is its whole environment; `argv` is sys.argv[1:]."""
+        for this task; `env` is its whole environment; `argv` is sys.argv[1:]; a stream over
+        `capture_max_bytes` kills the task and raises `OutputLimitError` (as `nsfast.run`)."""
         return run(
             ["python", "-c", code],
             spec=self.spec,
@@ -486,6 +488,7 @@ class Zygote:
             timeout=timeout,
             check=check,
             text=text,
+            capture_max_bytes=capture_max_bytes,
             _start=self._code_starter(code, env, argv, limits),
         )
 
@@ -509,7 +512,9 @@ class Zygote:
         """Call the importable function `target` ("package.module:function") with `args`
         and `kwargs` (JSON-serialisable) in a new task; its JSON-serialisable return value.
         An exception in the task raises `TaskError` (its type, message and traceback as
-        text). The result is data from the task: parsed as JSON, never unpickled."""
+        text, and the task's stderr, the first DEFAULT_CAPTURE_MAX_BYTES: more kills the
+        task, OutputLimitError). What it prints to stdout is not kept. The result is data
+        from the task: parsed as JSON, never unpickled."""
         if not isinstance(target, str) or ":" not in target:
             raise ValueError(f"target must be 'module:function', got {target!r}")
         # JSON in, JSON out: not serialisable is a TypeError here, not in the task, and the
@@ -522,7 +527,8 @@ class Zygote:
                 ["python", "-c", f"<call {target}>"],
                 spec=self.spec,
                 stdin=DEVNULL,
-                capture_output=True,
+                stdout=DEVNULL,
+                stderr=PIPE,
                 timeout=timeout,
                 _start=self._starter(payload, limits, fd),
             )
@@ -574,11 +580,13 @@ class Zygote:
         argv: Sequence[str] = (),
         text: bool = False,
         check: bool = False,
+        capture_max_bytes: Optional[int] = DEFAULT_CAPTURE_MAX_BYTES,
     ) -> Result:
         """`run_python` for asyncio: the task's pidfd and pipes are loop readers; cancelling
         kills the task and reaps it."""
         from ._aio import _aspawn_with, _finish_run
 
+        check_capture_max_bytes(capture_max_bytes)
         stdin, stdout, stderr = run_stdio(input, True, None, None, None, timeout)
         start = self._code_starter(code, env, argv, limits)
         proc = await _aspawn_with(
@@ -592,7 +600,7 @@ class Zygote:
                 _start=start,
             )
         )
-        return await _finish_run(proc, input, timeout, check)
+        return await _finish_run(proc, input, timeout, check, capture_max_bytes)
 
 
 def _wait_ready(proc: Process) -> None:
