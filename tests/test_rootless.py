@@ -444,3 +444,19 @@ def test_rootless_cli_exec_into_a_detached_container(nobody_dir):
     assert res[0] == 0, res[1]
     assert (res[2], res[3].split()) == (0, ["hi", "Seccomp:", "2"]), res[4]
     assert res[5] == 0
+
+
+def test_rootless_sys_is_its_own():
+    """A fresh sysfs of its own network namespace (lo only), and no cgroup tree but its own:
+    without a delegated cgroup it has none of its own, so /sys/fs/cgroup is empty (mounted
+    afresh, its cgroup namespace's root would be the caller's cgroup and all below it)."""
+    [r] = as_nobody("""
+        r = nsfast.run(["sh", "-c", "ls /sys/class/net; echo --; ls /sys/fs/cgroup; echo --; "
+                        "mkdir /sys/fs/cgroup/x 2>&1 || echo refused"], capture_output=True, text=True)
+        out([r.returncode, r.stdout.split("--\\n"), r.stderr])
+    """)
+    assert r[0] == 0, r
+    net, cgroup, mkdir = r[1]
+    assert net.split() == ["lo"]
+    assert cgroup.split() == []
+    assert "refused" in mkdir

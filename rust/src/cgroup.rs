@@ -212,6 +212,72 @@ pub fn parse_mountinfo(text: &str) -> Option<Hierarchy> {
     }
 }
 
+/// The hierarchies mounted in directories of (or at) /sys/fs/cgroup that nsfast makes
+/// cgroups in, from /proc/self/mountinfo text, with the symlinks to them there
+/// (`links`: name -> target, from a listing of /sys/fs/cgroup), as a sandbox mounts them
+/// again in its cgroup namespace. A v1 hierarchy is mounted with its controllers (and
+/// `name=`) alone: never `release_agent=` (which the kernel refuses outside the initial
+/// namespaces anyway) nor the other flags, which the kernel ignores for a hierarchy that
+/// exists. None: nothing of the kind there.
+pub fn view(mountinfo: &str, links: &[(Vec<u8>, Vec<u8>)]) -> Option<crate::mount::CgroupView> {
+    const TOP: &str = "/sys/fs/cgroup";
+    const MANAGED: [&str; 6] = ["memory", "pids", "cpu", "cpuacct", "cpuset", "freezer"];
+    let mut v = crate::mount::CgroupView::default();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some(point) = left.split(' ').nth(4) else { continue };
+        let mut r = right.split(' ');
+        let fstype = r.next().unwrap_or("");
+        let super_opts = r.nth(1).unwrap_or("");
+        if fstype == "cgroup2" && point == TOP {
+            return Some(crate::mount::CgroupView { v2_top: true, ..Default::default() });
+        }
+        // A directory of /sys/fs/cgroup (mountinfo escapes odd bytes as \ooo: not ours).
+        let Some(name) = point.strip_prefix("/sys/fs/cgroup/").filter(|n| !n.is_empty() && !n.contains(['/', '\\']))
+        else {
+            continue;
+        };
+        let entry = match fstype {
+            "cgroup2" => (name.as_bytes().to_vec(), "cgroup2", Vec::new()),
+            "cgroup" => {
+                let opts: Vec<&str> =
+                    super_opts.split(',').filter(|o| MANAGED.contains(o) || o.starts_with("name=")).collect();
+                if !opts.iter().any(|o| MANAGED.contains(o)) {
+                    continue;
+                }
+                // Every controller of the hierarchy, or the kernel finds no match (EBUSY).
+                let all: Vec<&str> = super_opts
+                    .split(',')
+                    .filter(|o| {
+                        !matches!(
+                            *o,
+                            "rw" | "ro"
+                                | "noprefix"
+                                | "xattr"
+                                | "clone_children"
+                                | "cpuset_v2_mode"
+                                | "favordynmods"
+                                | "nofavordynmods"
+                                | "none"
+                        ) && !o.starts_with("release_agent=")
+                    })
+                    .collect();
+                (name.as_bytes().to_vec(), "cgroup", all.join(",").into_bytes())
+            }
+            _ => continue,
+        };
+        // The last mount on a point is the one seen there.
+        v.dirs.retain(|d| d.0 != entry.0);
+        v.dirs.push(entry);
+    }
+    if v.dirs.is_empty() {
+        return None;
+    }
+    v.links = links.iter().filter(|(n, t)| v.dirs.iter().any(|d| &d.0 == t && &d.0 != n)).cloned().collect();
+    v.dirs.sort();
+    Some(v)
+}
+
 pub fn detect() -> Option<Hierarchy> {
     parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo").ok()?)
 }
@@ -1208,6 +1274,44 @@ mod tests {
         assert_eq!(controllers["memory"], PathBuf::from("/sys/fs/cgroup/memory"));
         assert_eq!(controllers["cpu"], controllers["cpuacct"]);
         assert!(!controllers.contains_key("freezer"));
+    }
+
+    #[test]
+    fn a_sandbox_mounts_the_managed_hierarchies_again_with_their_controllers_alone() {
+        let text = format!(
+            "{HYBRID}\n35 30 0:31 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd\n\
+             36 30 0:32 / /sys/fs/cgroup/freezer rw - cgroup cgroup rw,freezer,release_agent=/x,clone_children\n\
+             37 30 0:33 / /sys/fs/cgroup/net_cls,net_prio rw - cgroup cgroup rw,net_cls,net_prio\n\
+             38 1 0:34 / /mnt/memory rw - cgroup cgroup rw,memory"
+        );
+        let links = [
+            (b"cpu".to_vec(), b"cpu,cpuacct".to_vec()),
+            (b"cpuacct".to_vec(), b"cpu,cpuacct".to_vec()),
+            (b"net_cls".to_vec(), b"net_cls,net_prio".to_vec()),
+        ];
+        let v = view(&text, &links).expect("a view");
+        assert!(!v.v2_top);
+        let dirs: Vec<(&str, &str, &str)> = v
+            .dirs
+            .iter()
+            .map(|(n, t, d)| (std::str::from_utf8(n).unwrap(), *t, std::str::from_utf8(d).unwrap()))
+            .collect();
+        // No systemd (no controller of nsfast's), net_cls (neither), nor a mount elsewhere;
+        // release_agent= and the flags are dropped, every controller of a hierarchy kept.
+        assert_eq!(
+            dirs,
+            [
+                ("cpu,cpuacct", "cgroup", "cpu,cpuacct"),
+                ("freezer", "cgroup", "freezer"),
+                ("memory", "cgroup", "memory"),
+                ("pids", "cgroup", "pids"),
+                ("unified", "cgroup2", ""),
+            ]
+        );
+        assert_eq!(v.links, links[..2]);
+        let v2 = "25 1 0:23 / / rw - ext4 /dev/vda rw\n40 25 0:40 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate";
+        assert_eq!(view(v2, &[]), Some(crate::mount::CgroupView { v2_top: true, ..Default::default() }));
+        assert_eq!(view("25 1 0:23 / / rw - ext4 /dev/vda rw", &[]), None);
     }
 
     #[test]

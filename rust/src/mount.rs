@@ -134,6 +134,32 @@ pub enum FsOp {
     /// own that directory nor override its mode. Docker's `/var/lib/docker` (0710) over
     /// its containers' mounts is one; without the skip, no overlay root could start there.
     Cover(Box<FsOp>),
+    /// A fresh sysfs, read-only, on `sys`: it shows the network devices of the child's network
+    /// namespace (the host's /sys lists the host's). Skipped in a namespace of
+    /// `crate::netpool`'s ([`FsState::pooled_net`]): that one is owned by the caller's user
+    /// namespace, and only a sandbox whose user namespace owns its network namespace may
+    /// mount a sysfs for it.
+    FreshSys,
+    /// Hierarchy `bit` of the plan's `cgroup_dirs` mounted afresh (`fstype`, `data`,
+    /// read-only) on a directory `dst` made for it, if the sandbox has a cgroup of its own in
+    /// it ([`FsState::own_cgroups`]); else nothing (neither the directory): mounted in a
+    /// hierarchy it has no cgroup in, its cgroup namespace's root there is the caller's cgroup,
+    /// whose whole subtree (the host's tree, for a caller at its root) it would show.
+    CgroupDir {
+        bit: u8,
+        parent: CString,
+        name: CString,
+        dst: CString,
+        fstype: CString,
+        data: CString,
+    },
+    /// A symlink to hierarchy `bit`'s directory (`cpu` -> `cpu,cpuacct`), where that is mounted.
+    CgroupLink {
+        bit: u8,
+        target: CString,
+        parent: CString,
+        name: CString,
+    },
     /// An overlay of host directory `lower` (the overlay does not look into its submounts: each is a layer of its own)
     /// with `upper`/`work` directories of the upper filesystem (created if missing, with
     /// `mkdirs` in `upper` first), mounted with `attrs`: on top of `/` and entered when
@@ -161,6 +187,10 @@ pub enum Upper {
 /// What the child's steps hand on to later ones (on its stack: nothing allocated).
 #[derive(Default)]
 pub struct FsState {
+    /// The child was born in a network namespace of `crate::netpool`'s.
+    pub pooled_net: bool,
+    /// Bit i: the sandbox has a cgroup of its own in hierarchy i of the plan's `cgroup_dirs`.
+    pub own_cgroups: u64,
     upper: Option<OwnedFd>,
     held: [Option<OwnedFd>; MAX_HELD],
 }
@@ -206,9 +236,29 @@ pub struct FsStep {
     pub path: String,
 }
 
+/// The cgroup hierarchies the host has under /sys/fs/cgroup that nsfast's cgroups are made
+/// in (cgroup2; v1 memory, pids, cpu, cpuacct, cpuset, freezer), as a sandbox mounts them
+/// again in its cgroup namespace (see `cgroup::view`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CgroupView {
+    /// cgroup2 is /sys/fs/cgroup itself (a pure cgroup v2 host).
+    pub v2_top: bool,
+    /// (directory name, file system type, mount data) of the hierarchies in directories of
+    /// /sys/fs/cgroup: ("memory", "cgroup", "memory"), ("unified", "cgroup2", "").
+    pub dirs: Vec<(Vec<u8>, &'static str, Vec<u8>)>,
+    /// (name, target) of the symlinks to them there ("cpu" -> "cpu,cpuacct").
+    pub links: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
 /// The filesystem plan: the child's steps and the trees the parent prepares for them.
 #[derive(Debug, Default)]
 pub struct FsPlan {
+    /// The plan's steps need the sandbox's own network namespace (a rootfs's fresh sysfs):
+    /// it takes none of `crate::netpool`'s.
+    pub own_net: bool,
+    /// The hierarchies [`FsOp::CgroupDir`] may mount, by bit: their directories' names in
+    /// /sys/fs/cgroup (the same as on the host).
+    pub cgroup_dirs: Vec<Vec<u8>>,
     pub steps: Vec<FsStep>,
     pub prepare: Vec<PrepareTree>,
     /// The upper filesystem of the overlays in `prepare` (made by the parent first).
@@ -242,6 +292,12 @@ pub struct FsSpec<'a> {
     /// A fresh cgroup2 (the sandbox's own cgroup namespace) on /sys/fs/cgroup, read-write
     /// (`delegate_cgroup`).
     pub cgroup2: bool,
+    /// The sandbox has a network namespace of its own: a fresh sysfs on its /sys.
+    pub fresh_sys: bool,
+    /// The sandbox has a cgroup namespace of its own: its cgroup hierarchies (the host's
+    /// under /sys/fs/cgroup, mounted afresh, so rooted at its own cgroup) on /sys/fs/cgroup,
+    /// read-only, instead of the host's tree. Not with `cgroup2` (delegation mounts its own).
+    pub cgroup_view: Option<&'a CgroupView>,
     /// A writable copy-on-write root (`Spec(overlay=True)`).
     pub overlay: Option<OverlaySpec<'a>>,
     /// The overlay tmpfs's size for `Mount::Overlay`s without an overlay root.
@@ -323,6 +379,70 @@ fn tmpfs(dst: &[u8], flags: MountFlags, mode: &str, size: Option<u64>) -> FsOp {
         None => format!("mode={mode}"),
     };
     FsOp::Mount { fstype: c("tmpfs"), dst: c(dst), flags, data: c(data) }
+}
+
+/// The steps of a sandbox's own /sys/fs/cgroup: a tmpfs over what is there (the host's
+/// cgroup2 there would be the same superblock on the same mount point, which the kernel
+/// refuses), the hierarchies mounted afresh on it, all read-only. Mounted in the sandbox's
+/// cgroup namespace, each is rooted at the sandbox's cgroup (or, in a hierarchy it has
+/// none in, at the caller's): the host's tree and other sandboxes' cgroups are not in it,
+/// and a program reading its own limits finds them where `/proc/self/cgroup` says.
+fn cgroup_view_steps(view: &CgroupView, push: &mut dyn FnMut(FsOp, String, String)) -> Vec<Vec<u8>> {
+    let top = b"sys/fs/cgroup";
+    push(
+        tmpfs(top, MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "0755", Some(64 << 10)),
+        "mount /sys/fs/cgroup".into(),
+        "/sys/fs/cgroup".into(),
+    );
+    let attrs = MOUNT_ATTR_RDONLY | NOSUID_NODEV | MOUNT_ATTR_NOEXEC;
+    if view.v2_top {
+        // Sealed first: the cgroup2 goes on top of it (or, without a cgroup of the sandbox's
+        // own, nothing: an empty directory).
+        push(
+            FsOp::SetAttr { path: c(&top[..]), attrs },
+            "remount /sys/fs/cgroup read-only".into(),
+            "/sys/fs/cgroup".into(),
+        );
+        // (Bit 0, the name "": the hierarchy is /sys/fs/cgroup itself.)
+        let op = FsOp::CgroupDir {
+            bit: 0,
+            parent: c("sys/fs"),
+            name: c(""),
+            dst: c(&top[..]),
+            fstype: c("cgroup2"),
+            data: c(""),
+        };
+        push(op, "mount /sys/fs/cgroup".into(), "/sys/fs/cgroup".into());
+        return vec![Vec::new()];
+    }
+    let dirs: Vec<Vec<u8>> = view.dirs.iter().take(64).map(|d| d.0.clone()).collect();
+    for (bit, (name, fstype, data)) in view.dirs.iter().take(64).enumerate() {
+        let rel = [&top[..], b"/", name].concat();
+        let shown = format!("/{}", show(&rel));
+        let (parent, dir) = split(&rel);
+        let op = FsOp::CgroupDir {
+            bit: bit as u8,
+            parent,
+            name: dir,
+            dst: c(rel),
+            fstype: c(*fstype),
+            data: c(data.clone()),
+        };
+        push(op, format!("mount {shown}"), shown);
+    }
+    for (name, target) in &view.links {
+        let Some(bit) = dirs.iter().position(|d| d == target) else { continue };
+        let shown = format!("/sys/fs/cgroup/{}", show(name));
+        let op =
+            FsOp::CgroupLink { bit: bit as u8, target: c(target.clone()), parent: c(&top[..]), name: c(name.clone()) };
+        push(op, format!("symlink {shown}"), shown);
+    }
+    push(
+        FsOp::SetAttr { path: c(&top[..]), attrs },
+        "remount /sys/fs/cgroup read-only".into(),
+        "/sys/fs/cgroup".into(),
+    );
+    dirs
 }
 
 /// `/a//b/./c/` -> `a/b/c`; None for relative paths or paths with `..` or NUL.
@@ -525,6 +645,19 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
             format!("symlink /dev/{name}"),
             format!("/dev/{name}"),
         );
+    }
+
+    // /sys: the host's (in the host root) or nothing (a rootfs) until here.
+    let mut own_net = false;
+    let sys_dir = exists(b"sys") == Some(true);
+    if fs.fresh_sys && sys_dir {
+        push(FsOp::FreshSys, "mount /sys".into(), "/sys".into());
+        // A rootfs has no /sys of the host's to fall back on in a pooled namespace.
+        own_net = in_root;
+    }
+    let mut cgroup_dirs = Vec::new();
+    if let Some(view) = fs.cgroup_view.filter(|_| !fs.cgroup2 && (own_net || (!in_root && sys_dir))) {
+        cgroup_dirs = cgroup_view_steps(view, &mut push);
     }
 
     // runc's masks: what they name must not be readable, whatever the sandbox's ids.
@@ -746,7 +879,7 @@ pub fn plan(fs: &FsSpec, probes: &Probes) -> Result<FsPlan> {
     if !in_place || !hold_host_trees(&mut steps) {
         steps.push(FsStep { op: FsOp::PivotRoot, step: "pivot_root".into(), path: show(&root) });
     }
-    Ok(FsPlan { steps, prepare, upper, uppers })
+    Ok(FsPlan { own_net, cgroup_dirs, steps, prepare, upper, uppers })
 }
 
 /// For a root in place: every bind of a host path takes a clone the child makes first (after
@@ -1158,6 +1291,14 @@ fn open_tree<'a>(
     }
 }
 
+/// Child-safe: mount(2) a fresh `fstype` on `dst` (in the new root).
+fn mount_at(fstype: &CStr, dst: &CStr, flags: MountFlags, data: &CStr) -> std::result::Result<(), Errno> {
+    let target = at_root(dst)?;
+    let mut buf = [0u8; 32];
+    let at = fd_path(&mut buf, target.as_raw_fd());
+    rustix::mount::mount(fstype, at, fstype, flags, Some(data))
+}
+
 /// Child-safe: run one step. `prepared`: the fds of the parent's [`PrepareTree`]s; `state`:
 /// what earlier steps left for later ones.
 pub fn run(op: &FsOp, prepared: &[RawFd], state: &mut FsState) -> std::result::Result<(), Errno> {
@@ -1174,12 +1315,7 @@ pub fn run(op: &FsOp, prepared: &[RawFd], state: &mut FsState) -> std::result::R
             rustix::mount::move_mount(tree, c"", CWD, c"/", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
             rustix::process::fchdir(tree)
         }
-        FsOp::Mount { fstype, dst, flags, data } => {
-            let target = at_root(dst)?;
-            let mut buf = [0u8; 32];
-            let at = fd_path(&mut buf, target.as_raw_fd());
-            rustix::mount::mount(fstype.as_c_str(), at, fstype.as_c_str(), *flags, Some(data.as_c_str()))
-        }
+        FsOp::Mount { fstype, dst, flags, data } => mount_at(fstype, dst, *flags, data),
         FsOp::Bind { tree, dst, recursive, attrs } => {
             let mut owned = None;
             let tree = open_tree(tree, *recursive, prepared, &mut state.held, &mut owned)?;
@@ -1230,6 +1366,27 @@ pub fn run(op: &FsOp, prepared: &[RawFd], state: &mut FsState) -> std::result::R
         FsOp::OverlayUpper(upper) => {
             state.upper = Some(make_upper(upper)?);
             Ok(())
+        }
+        FsOp::CgroupDir { bit, .. } | FsOp::CgroupLink { bit, .. } if state.own_cgroups & (1 << bit) == 0 => Ok(()),
+        FsOp::CgroupDir { parent, name, dst, fstype, data, .. } => {
+            if !name.is_empty() {
+                let dir = at_root(parent)?;
+                match rustix::fs::mkdirat(&dir, name.as_c_str(), Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let flags = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+            mount_at(fstype, dst, flags, data)
+        }
+        FsOp::CgroupLink { target, parent, name, .. } => {
+            let dir = at_root(parent)?;
+            rustix::fs::symlinkat(target.as_c_str(), &dir, name.as_c_str())
+        }
+        FsOp::FreshSys if state.pooled_net => Ok(()),
+        FsOp::FreshSys => {
+            let flags = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+            mount_at(c"sysfs", c"sys", flags, c"")
         }
         FsOp::Cover(op) => match run(op, prepared, state) {
             Err(Errno::ACCESS) => Ok(()),
@@ -1567,9 +1724,8 @@ mod tests {
     fn host(path: &[u8]) -> Option<bool> {
         match path {
             b"/" | b"/srv" | b"/home/u/data" | b"/rootfs" | b"/rootfs/proc" | b"/rootfs/work" | b"/opt" | b"/run"
-            | b"/home" | b"/proc/sys" | b"/proc/acpi" | b"/full" | b"/full/proc" | b"/full/dev" | b"/full/tmp" => {
-                Some(true)
-            }
+            | b"/home" | b"/proc/sys" | b"/proc/acpi" | b"/full" | b"/full/proc" | b"/full/dev" | b"/full/tmp"
+            | b"/sys" | b"/sys/firmware" | b"/sys/fs/cgroup" | b"/full/sys" => Some(true),
             b"/etc/hosts" | b"/rootfs/etc/hosts" | b"/proc/kcore" => Some(false),
             _ => None,
         }
@@ -1596,6 +1752,8 @@ mod tests {
             root_ids: (7, 7),
             fresh_proc: true,
             cgroup2: false,
+            fresh_sys: false,
+            cgroup_view: None,
             overlay: None,
             overlay_size: None,
             userxattr: true,
@@ -1641,6 +1799,78 @@ mod tests {
 
     fn steps(rootfs: Option<&[u8]>, mounts: &[Mount]) -> Result<Vec<FsStep>> {
         plan(&spec(rootfs, mounts), &probes()).map(|p| p.steps)
+    }
+
+    #[test]
+    fn a_fresh_sys_and_the_sandboxes_own_cgroups_come_before_the_masks() {
+        let view = CgroupView {
+            v2_top: false,
+            dirs: vec![(b"memory".to_vec(), "cgroup", b"memory".to_vec()), (b"unified".to_vec(), "cgroup2", vec![])],
+            links: vec![(b"mem".to_vec(), b"memory".to_vec())],
+        };
+        let masked = [b"/sys/firmware".to_vec()];
+        let mut fs = spec(None, &[]);
+        fs.fresh_sys = true;
+        fs.cgroup_view = Some(&view);
+        fs.masked = &masked;
+        let p = plan(&fs, &probes()).unwrap();
+        assert!(!p.own_net, "the host root falls back on the host's /sys in a pooled namespace");
+        assert_eq!(p.cgroup_dirs, [b"memory".to_vec(), b"unified".to_vec()]);
+        let names: Vec<&str> = p.steps.iter().map(|s| s.step.as_str()).collect();
+        let at = |n: &str| names.iter().position(|s| *s == n).unwrap_or_else(|| panic!("no {n}: {names:?}"));
+        let order = [
+            "mount /sys",
+            "mount /sys/fs/cgroup",
+            "mount /sys/fs/cgroup/memory",
+            "mount /sys/fs/cgroup/unified",
+            "symlink /sys/fs/cgroup/mem",
+            "remount /sys/fs/cgroup read-only",
+            "mask /sys/firmware",
+        ];
+        assert!(order.windows(2).all(|w| at(w[0]) < at(w[1])), "{names:?}");
+        assert_eq!(p.steps[at("mount /sys")].op, FsOp::FreshSys);
+        let bits: Vec<(u8, &str, &str)> = p
+            .steps
+            .iter()
+            .filter_map(|st| match &st.op {
+                FsOp::CgroupDir { bit, fstype, data, .. } => Some((*bit, cstr(fstype), cstr(data))),
+                FsOp::CgroupLink { bit, target, .. } => Some((*bit, "link", cstr(target))),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(bits, [(0, "cgroup", "memory"), (1, "cgroup2", ""), (0, "link", "memory")]);
+
+        // A rootfs with /sys: its fresh sysfs is what the view needs (no pooled namespace).
+        let mut fs = spec(Some(b"/full"), &[]);
+        fs.fresh_sys = true;
+        fs.cgroup_view = Some(&view);
+        let p = plan(&fs, &probes()).unwrap();
+        assert!(p.own_net && p.steps.iter().any(|st| st.op == FsOp::FreshSys) && p.cgroup_dirs.len() == 2);
+        // ... without one, neither; nor without a network namespace (nothing to fall back on).
+        for (root, fresh) in [(&b"/rootfs"[..], true), (&b"/full"[..], false)] {
+            let mut fs = spec(Some(root), &[]);
+            fs.fresh_sys = fresh;
+            fs.cgroup_view = Some(&view);
+            let p = plan(&fs, &probes()).unwrap();
+            assert!(!p.own_net && p.cgroup_dirs.is_empty());
+            assert!(!p.steps.iter().any(|st| st.path.starts_with("/sys")), "{:?}", p.steps);
+        }
+        // delegate_cgroup mounts its own cgroup2, read-write, and no view.
+        let mut fs = spec(None, &[]);
+        fs.cgroup_view = Some(&view);
+        fs.cgroup2 = true;
+        assert!(plan(&fs, &probes()).unwrap().cgroup_dirs.is_empty());
+
+        // Pure cgroup2: the tmpfs sealed, then the hierarchy itself on it (bit 0, name "").
+        let v2 = CgroupView { v2_top: true, ..Default::default() };
+        let mut fs = spec(None, &[]);
+        fs.cgroup_view = Some(&v2);
+        let p = plan(&fs, &probes()).unwrap();
+        assert_eq!(p.cgroup_dirs, [Vec::<u8>::new()]);
+        let tail: Vec<&FsStep> = p.steps.iter().filter(|st| st.path == "/sys/fs/cgroup").collect();
+        assert!(matches!(&tail[0].op, FsOp::Mount { fstype, .. } if cstr(fstype) == "tmpfs"));
+        assert!(matches!(&tail[1].op, FsOp::SetAttr { attrs, .. } if attrs & MOUNT_ATTR_RDONLY != 0));
+        assert!(matches!(&tail[2].op, FsOp::CgroupDir { bit: 0, name, .. } if name.is_empty()));
     }
 
     #[test]

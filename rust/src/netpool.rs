@@ -122,7 +122,7 @@ pub fn size() -> usize {
 pub fn eligible(plan: &Plan) -> bool {
     let net = plan.clone_flags & libc::CLONE_NEWNET as u64 != 0;
     let own_user = plan.clone_flags & libc::CLONE_NEWUSER as u64 != 0;
-    net && (!own_user || plan.keep_caps == 0)
+    net && (!own_user || plan.keep_caps == 0) && !plan.fs.own_net
 }
 
 /// A ready namespace for `plan`'s sandbox, if it may have one and one is ready (never

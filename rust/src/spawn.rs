@@ -115,6 +115,8 @@ struct ChildCtx<'a> {
     trees_sock: RawFd,
     /// The child was born in a network namespace of `crate::netpool` (its `lo` is up).
     pooled_net: bool,
+    /// `mount::FsState::own_cgroups`.
+    own_cgroups: u64,
 }
 
 /// Open the files a v1 child moves itself in with (see `Cgroup::self_attach_files`).
@@ -166,6 +168,24 @@ pub fn spawn(plan: &Plan, io: &Io) -> Result<Child> {
         }
     }
     Ok(spawn_with(plan, io, Clone::Legacy)?.expect("clone(2) is not retried"))
+}
+
+/// Which of `dirs` (hierarchies in /sys/fs/cgroup, `mount::FsPlan::cgroup_dirs`) the
+/// sandbox's cgroup has a directory in: bit i for `dirs[i]`.
+fn own_cgroups(dirs: &[Vec<u8>], cgroup: Option<&dyn Cgroup>) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(cg) = cgroup.filter(|_| !dirs.is_empty()) else { return 0 };
+    let paths = cg.paths();
+    let mut mask = 0;
+    for (i, d) in dirs.iter().enumerate() {
+        // ("" is /sys/fs/cgroup itself, a pure cgroup2 host's.)
+        let prefix =
+            if d.is_empty() { b"/sys/fs/cgroup/".to_vec() } else { [&b"/sys/fs/cgroup/"[..], d, b"/"].concat() };
+        if paths.iter().any(|p| p.as_os_str().as_bytes().starts_with(&prefix)) {
+            mask |= 1 << i;
+        }
+    }
+    mask
 }
 
 /// One attempt; `Ok(None)`: clone3 is ENOSYS (nothing was started).
@@ -263,6 +283,7 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
         parent_pidfd: parent_pidfd_raw,
         trees_sock,
         pooled_net: in_pooled.is_some(),
+        own_cgroups: own_cgroups(&plan.fs.cgroup_dirs, io.cgroup),
     };
 
     let mut pidfd: c_int = -1;
@@ -768,6 +789,8 @@ fn child(ctx: &ChildCtx) -> ! {
         sys::unshare(CLONE_NEWTIME).unwrap_or_else(|e| fail(Step::TimeNs, e));
     }
     let mut fs_state = mount::FsState::default();
+    fs_state.pooled_net = ctx.pooled_net;
+    fs_state.own_cgroups = ctx.own_cgroups;
     for (i, st) in plan.fs.steps.iter().enumerate() {
         if let Err(e) = mount::run(&st.op, ctx.prepared, &mut fs_state) {
             ch.fail(Step::Fs, i as u32, e);

@@ -590,6 +590,22 @@ fn seccomp_filter(s: &SeccompSpec, keep_caps: u64) -> Result<Arc<Filter>> {
 
 /// Whether this process's `/` is the root of a mount (not a directory it was chrooted into),
 /// as `mount::FsSpec::root_in_place` needs; false where statx cannot tell.
+/// This process's cgroup hierarchies under /sys/fs/cgroup as a sandbox mounts them again
+/// (`cgroup::view`), read once: they are the host's, set up at boot.
+fn cgroup_view() -> Option<&'static mount::CgroupView> {
+    static VIEW: std::sync::OnceLock<Option<mount::CgroupView>> = std::sync::OnceLock::new();
+    VIEW.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let links: Vec<(Vec<u8>, Vec<u8>)> = list_dir_probe(b"/sys/fs/cgroup")
+            .into_iter()
+            .filter(|e| e.kind == b'l' && !e.target.contains(&b'/'))
+            .map(|e| (e.name, e.target))
+            .collect();
+        crate::cgroup::view(&text, &links)
+    })
+    .as_ref()
+}
+
 fn root_is_a_mount_root() -> bool {
     use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
     statx(CWD, c"/", AtFlags::empty(), StatxFlags::empty()).is_ok_and(|st| {
@@ -679,6 +695,11 @@ impl Plan {
                 root_ids: if range { (SANDBOX_ID_BASE, SANDBOX_ID_BASE) } else { (caller.euid, caller.egid) },
                 fresh_proc: !user_ns || clone_flags & libc::CLONE_NEWPID as u64 != 0,
                 cgroup2: spec.delegate_cgroup,
+                // (Without a cgroup namespace, the sandbox's own hierarchies would be the
+                // host's whole tree: it keeps the host's /sys then, as it was.)
+                fresh_sys: clone_flags & (libc::CLONE_NEWNET | libc::CLONE_NEWCGROUP) as u64
+                    == (libc::CLONE_NEWNET | libc::CLONE_NEWCGROUP) as u64,
+                cgroup_view: if clone_flags & libc::CLONE_NEWCGROUP as u64 != 0 { cgroup_view() } else { None },
                 overlay: spec
                     .overlay
                     .then_some(mount::OverlaySpec { size: spec.overlay_size, upper: spec.overlay_upper.as_deref() }),
