@@ -449,12 +449,17 @@ def test_rootless_cli_exec_into_a_detached_container(nobody_dir):
 def test_rootless_sys_is_its_own():
     """A fresh sysfs of its own network namespace (lo only), and no cgroup tree but its own:
     without a delegated cgroup it has none of its own, so /sys/fs/cgroup is empty (mounted
-    afresh, its cgroup namespace's root would be the caller's cgroup and all below it)."""
-    [r] = as_nobody("""
+    afresh, its cgroup namespace's root would be the caller's cgroup and all below it).
+    A zygote's task the same."""
+    [r, t] = as_nobody("""
         r = nsfast.run(["sh", "-c", "ls /sys/class/net; echo --; ls /sys/fs/cgroup; echo --; "
                         "mkdir /sys/fs/cgroup/x 2>&1 || echo refused"], capture_output=True, text=True)
         out([r.returncode, r.stdout.split("--\\n"), r.stderr])
+        with nsfast.Zygote() as z:
+            t = z.run_python("import os; print(os.listdir('/sys/fs/cgroup'))", text=True)
+        out([t.returncode, t.stdout, t.stderr])
     """)
+    assert t == [0, "[]\n", ""], t
     assert r[0] == 0, r
     net, cgroup, mkdir = r[1]
     assert net.split() == ["lo"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Dict
 
@@ -173,3 +174,42 @@ def test_a_pooled_network_namespace_still_starts(busybox_rootfs: Path) -> None:
             assert r.stdout.split() == [b"lo"], r.stderr
     finally:
         nsfast.configure(netns_pool=0)
+
+
+def zygote_look(z: nsfast.Zygote, **kw: Any) -> Dict[str, Any]:
+    r = z.run_python(LOOK, **kw)
+    assert r.returncode == 0, r.stderr
+    out: Dict[str, Any] = json.loads(r.stdout)
+    return out
+
+
+def test_a_zygote_task_sees_its_own_cgroups_not_the_zygotes_nor_a_siblings() -> None:
+    """Each task is moved into cgroups of its own (memory, pids, ...): its /sys/fs/cgroup
+    is those, mounted in its cgroup namespace, even for a hierarchy the zygote has no cgroup
+    in (the zygote here has a memory limit only, the task a pids one too). Another task
+    running meanwhile, and the zygote's own cgroup, are out of view."""
+    with nsfast.Zygote(limits=nsfast.Limits(memory="200M")) as z:
+        done = threading.Event()
+        sibling = threading.Thread(
+            target=lambda: (
+                z.run_python(
+                    "import time\nfor _ in range(100):\n time.sleep(0.05)\n", limits=nsfast.Limits(memory="50M", pids=9)
+                )
+                and done.set()
+            )
+        )
+        sibling.start()
+        try:
+            got = zygote_look(z, limits=nsfast.Limits(memory="96M", pids=77))
+        finally:
+            sibling.join()
+        assert got["memory"] == str(96 << 20)
+        assert got["pids"] == "77"
+        assert got["subdirs"] == [], got["subdirs"]
+        assert all(line.endswith(":/") for line in got["proc_cgroup"]), got["proc_cgroup"]
+        assert got["mkdir"] in (30, 13), got["mkdir"]
+        # A task with no limit: its own cgroup without one (v2, where usage needs a
+        # cgroup), or none in view (v1): not the zygote's.
+        bare = zygote_look(z, limits=None)
+        assert bare["memory"] in (None, "max") and bare["subdirs"] == [], bare
+        assert done.is_set()

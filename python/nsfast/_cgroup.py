@@ -380,7 +380,13 @@ def _below_own(rel: str) -> Optional[str]:
     # sandbox's with delegate_cgroup, a container's), whose processes are all its owner's.
     delegated_ns_root = not own and os.path.exists(os.path.join(base, "cgroup.type"))
     if not own and not delegated_ns_root:
-        return target  # the root cgroup: processes and enabled controllers may coexist
+        # The root cgroup: processes and enabled controllers may coexist. A rootless caller
+        # there (a container's user whose cgroup namespace is rooted at the host's root, a
+        # VM's) may create nothing in it, as a rule: none, rather than a mkdir that fails.
+        where = target if os.path.isdir(target) else mine
+        if os.geteuid() != 0 and not os.access(where, os.W_OK | os.X_OK):
+            return None
+        return target
     if os.geteuid() != 0 and not all(
         os.access(os.path.join(mine, f), os.W_OK) for f in ("", "cgroup.procs", "cgroup.subtree_control")
     ):

@@ -1,6 +1,6 @@
 """Type stubs of the native module (rust/src/py.rs). Private: use the `nsfast` package."""
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from typing_extensions import final
 
@@ -39,6 +39,7 @@ __all__ = [
     "tree_readlink",
     "tree_write",
     "zygote_serve",
+    "cgroup_hierarchies",
     "ZygoteLink",
 ]
 
@@ -147,7 +148,12 @@ def zygote_serve(
     scoped: bool = False,
     scratch: Sequence[Tuple[bytes, Optional[int], str]] = ...,
     sealed: Sequence[bytes] = ...,
+    cgroups: Optional[Hierarchies] = None,
 ) -> bool: ...
+
+Hierarchies = Tuple[bool, List[Tuple[bytes, str, bytes, int]], List[Tuple[bytes, bytes]]]
+
+def cgroup_hierarchies() -> Optional[Hierarchies]: ...
 
 @final
 class ZygoteLink:

@@ -318,6 +318,9 @@ class Zygote:
             "scoped": network == "none",
             "scratch": scratch,
             "sealed": sealed,
+            # Each task's own cgroups on its /sys/fs/cgroup: the caller's hierarchies (the
+            # zygote's /sys/fs/cgroup has only those it has a cgroup of its own in).
+            "cgroups": _core.cgroup_hierarchies() if task.cgroup and "cgroup" in task.namespaces else None,
         }
         self._lock = threading.Lock()
         self._proc: Optional[Process] = None

@@ -38,7 +38,8 @@ def serve(cfg: Dict[str, Any], core: Any) -> None:
     gc.freeze()
     scratch = [(os.fsencode(p), size, mode) for p, size, mode in cfg["scratch"]]
     sealed = [os.fsencode(p) for p in cfg["sealed"]]
-    if core.zygote_serve(fd, spec, scoped=bool(cfg["scoped"]), scratch=scratch, sealed=sealed):
+    cgroups = cfg["cgroups"]
+    if core.zygote_serve(fd, spec, scoped=bool(cfg["scoped"]), scratch=scratch, sealed=sealed, cgroups=cgroups):
         _task()
     os._exit(0)
 

@@ -387,7 +387,7 @@ fn tmpfs(dst: &[u8], flags: MountFlags, mode: &str, size: Option<u64>) -> FsOp {
 /// cgroup namespace, each is rooted at the sandbox's cgroup (or, in a hierarchy it has
 /// none in, at the caller's): the host's tree and other sandboxes' cgroups are not in it,
 /// and a program reading its own limits finds them where `/proc/self/cgroup` says.
-fn cgroup_view_steps(view: &CgroupView, push: &mut dyn FnMut(FsOp, String, String)) -> Vec<Vec<u8>> {
+pub fn cgroup_view_steps(view: &CgroupView, push: &mut dyn FnMut(FsOp, String, String)) -> Vec<Vec<u8>> {
     let top = b"sys/fs/cgroup";
     push(
         tmpfs(top, MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, "0755", Some(64 << 10)),

@@ -974,7 +974,7 @@ fn fork_child() {
 /// the socket; True in a task, with its result pipe on fd 3 and its payload memfd on fd 4,
 /// ready to run the task's code (capabilities dropped, seccomp installed).
 #[pyfunction]
-#[pyo3(signature = (ctrl_fd, spec, *, scoped=false, scratch=vec![], sealed=vec![]))]
+#[pyo3(signature = (ctrl_fd, spec, *, scoped=false, scratch=vec![], sealed=vec![], cgroups=None))]
 fn zygote_serve(
     py: Python<'_>,
     ctrl_fd: i32,
@@ -982,6 +982,7 @@ fn zygote_serve(
     scoped: bool,
     scratch: Vec<(PyBackedBytes, Option<u64>, String)>,
     sealed: Vec<PyBackedBytes>,
+    cgroups: Option<Hierarchies>,
 ) -> PyResult<bool> {
     let _ = py;
     let mut task: Spec = spec.extract()?;
@@ -996,6 +997,27 @@ fn zygote_serve(
     let scratch: Vec<crate::mount::Scratch> =
         scratch.into_iter().map(|(p, size, mode)| crate::mount::Scratch { path: bytes(p), size, mode }).collect();
     let sealed: Vec<Vec<u8>> = sealed.into_iter().map(bytes).collect();
+    let cgroups = match cgroups {
+        None => None,
+        Some((v2_top, dirs, links)) => {
+            let mut view = crate::mount::CgroupView { v2_top, ..Default::default() };
+            let mut devs = Vec::with_capacity(dirs.len());
+            for (name, fstype, data, dev) in dirs {
+                let fstype = match fstype.as_str() {
+                    "cgroup" => "cgroup",
+                    "cgroup2" => "cgroup2",
+                    _ => return Err(PyValueError::new_err(format!("cgroups: no such file system type {fstype:?}"))),
+                };
+                view.dirs.push((bytes(name), fstype, bytes(data)));
+                devs.push(dev);
+            }
+            view.links = links.into_iter().map(|(n, t)| (bytes(n), bytes(t))).collect();
+            if v2_top {
+                view.dirs.clear();
+            }
+            Some((view, devs))
+        }
+    };
     let fs = crate::zygote::TaskFs {
         masked: &task.masked_paths,
         readonly_paths: &task.readonly_paths,
@@ -1003,6 +1025,7 @@ fn zygote_serve(
         shm_size: task.shm_size,
         scratch: &scratch,
         sealed: &sealed,
+        cgroups: cgroups.as_ref(),
     };
     let server = crate::zygote::Server::new(plan, &fs, scoped).map_err(|e| to_pyerr(py, e))?;
     let hooks = crate::zygote::ForkHooks { before: fork_before, parent: fork_parent, child: fork_child };
@@ -1142,6 +1165,40 @@ fn tree_write(py: Python<'_>, fd: i32, path: &[u8], data: &[u8], mode: u32, owne
     detached(py, || crate::mount::tree_write(root, path, data, mode, owner)).map_err(os_error)
 }
 
+/// A cgroup hierarchy list as `cgroup_hierarchies` gives and `zygote_serve` takes back:
+/// (cgroup2 is /sys/fs/cgroup itself, [(directory, file system type, mount data, st_dev)],
+/// [(symlink, target)]). For v2 at the top, the one entry is /sys/fs/cgroup's.
+type Hierarchies = (bool, Vec<(PyBackedBytes, String, PyBackedBytes, u64)>, Vec<(PyBackedBytes, PyBackedBytes)>);
+
+/// This process's cgroup hierarchies under /sys/fs/cgroup, as a sandbox mounts them again
+/// in its cgroup namespace, with each one's device (to know a cgroup file's hierarchy by):
+/// what a zygote's tasks mount. None where there is none.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn cgroup_hierarchies(
+    py: Python<'_>,
+) -> Option<(
+    bool,
+    Vec<(Bound<'_, PyBytes>, &'static str, Bound<'_, PyBytes>, u64)>,
+    Vec<(Bound<'_, PyBytes>, Bound<'_, PyBytes>)>,
+)> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let view = crate::spec::cgroup_view()?;
+    let dev = |name: &[u8]| {
+        let path = [&b"/sys/fs/cgroup/"[..], name].concat();
+        std::fs::metadata(std::ffi::OsStr::from_bytes(&path)).map_or(u64::MAX, |m| m.dev())
+    };
+    let b = |v: &[u8]| PyBytes::new(py, v);
+    let dirs = if view.v2_top {
+        vec![(b(b""), "cgroup2", b(b""), dev(b""))]
+    } else {
+        view.dirs.iter().map(|(n, t, d)| (b(n), *t, b(d), dev(n))).collect()
+    };
+    let links = view.links.iter().map(|(n, t)| (b(n), b(t))).collect();
+    Some((view.v2_top, dirs, links))
+}
+
 /// The kernel's Landlock ABI version (0: no Landlock).
 #[pyfunction]
 fn landlock_abi() -> i64 {
@@ -1178,6 +1235,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(spawn_join, m)?)?;
     m.add_function(wrap_pyfunction!(zygote_serve, m)?)?;
     m.add_function(wrap_pyfunction!(landlock_abi, m)?)?;
+    m.add_function(wrap_pyfunction!(cgroup_hierarchies, m)?)?;
     m.add_function(wrap_pyfunction!(tree_read, m)?)?;
     m.add_function(wrap_pyfunction!(tree_list, m)?)?;
     m.add_function(wrap_pyfunction!(tree_open, m)?)?;

@@ -588,11 +588,9 @@ fn seccomp_filter(s: &SeccompSpec, keep_caps: u64) -> Result<Arc<Filter>> {
     Ok(f)
 }
 
-/// Whether this process's `/` is the root of a mount (not a directory it was chrooted into),
-/// as `mount::FsSpec::root_in_place` needs; false where statx cannot tell.
 /// This process's cgroup hierarchies under /sys/fs/cgroup as a sandbox mounts them again
 /// (`cgroup::view`), read once: they are the host's, set up at boot.
-fn cgroup_view() -> Option<&'static mount::CgroupView> {
+pub fn cgroup_view() -> Option<&'static mount::CgroupView> {
     static VIEW: std::sync::OnceLock<Option<mount::CgroupView>> = std::sync::OnceLock::new();
     VIEW.get_or_init(|| {
         let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
@@ -606,6 +604,8 @@ fn cgroup_view() -> Option<&'static mount::CgroupView> {
     .as_ref()
 }
 
+/// Whether this process's `/` is the root of a mount (not a directory it was chrooted into),
+/// as `mount::FsSpec::root_in_place` needs; false where statx cannot tell.
 fn root_is_a_mount_root() -> bool {
     use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
     statx(CWD, c"/", AtFlags::empty(), StatxFlags::empty()).is_ok_and(|st| {

@@ -223,6 +223,11 @@ pub struct TaskFs<'a> {
     pub shm_size: Option<u64>,
     pub scratch: &'a [mount::Scratch],
     pub sealed: &'a [Vec<u8>],
+    /// The caller's cgroup hierarchies (`crate::spec::cgroup_view`) with the device of each
+    /// directory's: what a task mounts again on /sys/fs/cgroup, in its own cgroup namespace.
+    /// The zygote's own /sys/fs/cgroup shows only the hierarchies it has a cgroup in, and a
+    /// task's (memory, pids, ...) are made for it alone.
+    pub cgroups: Option<&'a (mount::CgroupView, Vec<u64>)>,
 }
 
 /// Zygote side: what every task gets, prepared once.
@@ -240,6 +245,10 @@ pub struct Server {
     running: std::cell::RefCell<std::collections::HashMap<i32, OwnedFd>>,
     /// SIGCHLD (blocked in the zygote), readable when a task ended.
     sigchld: OwnedFd,
+    /// The device of each hierarchy the task's steps may mount on /sys/fs/cgroup
+    /// (`mount::FsPlan::cgroup_dirs`'s order): the task mounts those its cgroup files (the
+    /// caller's, which it attaches itself through) are on.
+    cgroup_devs: Vec<u64>,
     /// Tasks share the zygote's network namespace: each is a Landlock domain of its own
     /// whose abstract unix sockets and signals do not reach out of it (their IP sockets are
     /// the seccomp filter's: AF_UNIX only).
@@ -255,10 +264,17 @@ impl Server {
     /// `plan`: built from the task's Spec (its namespaces without "user"); masks and sizes as
     /// the task's filesystem needs them.
     pub fn new(plan: Plan, fs: &TaskFs<'_>, scoped: bool) -> crate::Result<Server> {
-        let TaskFs { masked, readonly_paths, tmp_size, shm_size, scratch, sealed } = *fs;
+        let TaskFs { masked, readonly_paths, tmp_size, shm_size, scratch, sealed, .. } = *fs;
         let mnt = plan.clone_flags & libc::CLONE_NEWNS as u64 != 0;
-        let steps =
+        let mut steps =
             if mnt { mount::task_steps(masked, readonly_paths, tmp_size, shm_size, scratch, &probe)? } else { vec![] };
+        // Its own cgroups on /sys/fs/cgroup, as a sandbox's (else it would see the zygote's).
+        let mut cgroup_devs = Vec::new();
+        let cgns = plan.clone_flags & libc::CLONE_NEWCGROUP as u64 != 0;
+        if let Some((view, devs)) = fs.cgroups.filter(|_| mnt && cgns) {
+            let dirs = mount::cgroup_view_steps(view, &mut |op, step, path| steps.push(FsStep { op, step, path }));
+            cgroup_devs = devs.iter().copied().take(dirs.len()).collect();
+        }
         let keep =
             (libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET | libc::CLONE_NEWCGROUP)
                 as u64;
@@ -315,7 +331,7 @@ impl Server {
         // /proc files; each task is made dumpable again, as any process is.
         rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
             .map_err(|e| spawn_err("prctl(PR_SET_DUMPABLE)", e))?;
-        Ok(Server { plan, steps, unshare, pidns, init, running: Default::default(), sigchld, scoped })
+        Ok(Server { plan, steps, unshare, pidns, init, running: Default::default(), sigchld, scoped, cgroup_devs })
     }
 
     /// Serve requests on `ctrl` until it reads EOF (`Ok(None)`: the caller closed it). In a
@@ -536,6 +552,16 @@ impl Server {
         }
         rustix::process::chdir(c"/").unwrap_or_else(|e| fail(Step::Chdir, e));
         let mut fs_state = mount::FsState::default();
+        for &fd in attach {
+            // SAFETY: a kept fd (a cgroup file the task attached itself through).
+            if let Ok(st) = rustix::fs::fstat(unsafe { sys::borrow_fd(fd) }) {
+                for (i, &dev) in self.cgroup_devs.iter().enumerate() {
+                    if dev == st.st_dev {
+                        fs_state.own_cgroups |= 1 << i;
+                    }
+                }
+            }
+        }
         for (i, st) in self.steps.iter().enumerate() {
             if let Err(e) = mount::run(&st.op, &[], &mut fs_state) {
                 ch.fail(Step::Fs, i as u32, e);
