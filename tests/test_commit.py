@@ -246,3 +246,143 @@ def test_write_file_onto_a_fifo_fails_instead_of_blocking():
         assert box.get("r") == 22, box  # EINVAL: not a regular file, nothing truncated
         c.write_file("/tmp/file", b"one")  # a regular file still works
         assert c.read_file("/tmp/file") == b"one"
+
+
+class HostEdit:
+    """The host's side of a race with a sandbox: once the sandbox said "ready" (it made its
+    change: `SYNC` in its script), `edit()` runs on the host, then the sandbox goes on. Both
+    ends are FIFOs in a directory bound at /tmp/sync, so the host's change is surely made
+    during the run, after the sandbox's own."""
+
+    SYNC = "echo ready > /tmp/sync/ready && read x < /tmp/sync/go"
+
+    def __init__(self, tmp: Path, edit) -> None:
+        self.dir = tmp
+        self.dir.mkdir()
+        os.mkfifo(self.dir / "ready")
+        os.mkfifo(self.dir / "go")
+        self.edit = edit
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    @property
+    def bind(self) -> nsfast.Bind:
+        return nsfast.Bind(self.dir, "/tmp/sync", readonly=False)
+
+    def _run(self) -> None:
+        try:
+            if (self.dir / "ready").read_text() != "ready\n":
+                return  # the run ended without reaching it (see join)
+            self.edit()
+            (self.dir / "go").write_text("go\n")
+        except BaseException as e:  # noqa: BLE001 - reported by join()
+            self.error = e
+
+    def join(self) -> None:
+        """After the run: unblock a thread still waiting for a sandbox that did not get
+        there, and raise what went wrong in it."""
+        if self.thread.is_alive():
+            try:
+                os.close(os.open(self.dir / "ready", os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+
+
+def test_a_commit_never_overwrites_what_the_host_changed_during_the_run(tmp_path):
+    """The user edits `src` while the sandbox runs (an editor saves, a build writes): the
+    sandbox changes the same file, makes the name the host made meanwhile, deletes a
+    directory in which the host edited a file. Each commit once applied the sandbox's
+    version over the host's, which was lost. Now it is refused before anything is
+    applied (an OverlayError naming the path), the host's version kept; changes made only
+    by one side still commit."""
+    cases = {
+        # the sandbox writes notes.txt; the host edits it
+        "edit": ("echo sandbox > /work/notes.txt", lambda src: (src / "notes.txt").write_text("host edit\n")),
+        # both make new.txt
+        "create": ("echo sandbox > /work/new.txt", lambda src: (src / "new.txt").write_text("host made\n")),
+        # the sandbox removes dir/; the host edits dir/sub/keep.txt
+        "rmtree": ("rm -r /work/dir", lambda src: (src / "dir" / "sub" / "keep.txt").write_text("host edit\n")),
+        # the sandbox deletes notes.txt; the host chmods it
+        "delete": ("rm /work/notes.txt", lambda src: (src / "notes.txt").chmod(0o600)),
+        # the sandbox replaces the directory dir by a file; the host adds a file in dir/sub
+        "replace": ("rm -r /work/dir && echo f > /work/dir", lambda src: (src / "dir" / "sub" / "n").write_text("n\n")),
+    }
+    for name, (script, host) in cases.items():
+        src = tmp_path / name
+        (src / "dir" / "sub").mkdir(parents=True)
+        (src / "dir" / "sub" / "keep.txt").write_text("before\n")
+        (src / "notes.txt").write_text("before\n")
+        race = HostEdit(tmp_path / f"{name}.sync", lambda src=src, host=host: host(src))  # type: ignore[misc]
+        try:
+            with pytest.raises(nsfast.OverlayError) as info:
+                sh(f"{script} && {HostEdit.SYNC}", mounts=[nsfast.Overlay(src, "/work", commit=True), race.bind])
+        finally:
+            race.join()
+        e = info.value
+        assert "changed in src during the run" in e.reason and e.applied == [], (name, e)
+        assert e.result.returncode == 0
+        want = {"dir": "/", "dir/sub": "/", "dir/sub/keep.txt": "before\n", "notes.txt": "before\n"}
+        if name == "edit":
+            want["notes.txt"] = "host edit\n"
+        elif name == "create":
+            want["new.txt"] = "host made\n"
+        elif name == "rmtree":
+            want["dir/sub/keep.txt"] = "host edit\n"
+        elif name == "replace":
+            want["dir/sub/n"] = "n\n"
+        assert files(src) == want, name
+        if name == "delete":
+            assert (src / "notes.txt").stat().st_mode & 0o777 == 0o600
+    # A host change elsewhere in src, or in a directory whose mode the sandbox changes, does
+    # not stop a commit of what only the sandbox changed.
+    src = tmp_path / "apart"
+    (src / "d").mkdir(parents=True)
+    (src / "mine.txt").write_text("before\n")
+
+    def elsewhere() -> None:
+        (src / "host.txt").write_text("host\n")
+        (src / "d" / "host.txt").write_text("host\n")
+
+    race = HostEdit(tmp_path / "apart.sync", elsewhere)
+    try:
+        r = sh(f"echo sandbox > /work/mine.txt && chmod 700 /work/d && {HostEdit.SYNC}",
+               mounts=[nsfast.Overlay(src, "/work", commit=True), race.bind])  # fmt: skip
+    finally:
+        race.join()
+    assert r.returncode == 0, r.stderr
+    assert files(src) == {"mine.txt": "sandbox\n", "host.txt": "host\n", "d": "/", "d/host.txt": "host\n"}
+    assert (src / "d").stat().st_mode & 0o777 == 0o700
+
+
+def test_the_start_of_a_run_tells_changes_before_it_from_changes_after_it(tmp_path):
+    """`since_now()` against the kernel's own stamps, on the test's file system and on a
+    tmpfs: a file changed just before it has a ctime below it, one changed just after it
+    (not stat'ed since its last change: the coarse stamp, which lags the fine clock by up to
+    a tick) at least it. A reading of the fine clock instead misses most changes after."""
+    from nsfast import _trees
+
+    dirs = [tmp_path]
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        shm = Path("/dev/shm") / f"nsfast-test-{os.getpid()}"
+        shm.mkdir()
+        dirs.append(shm)
+    try:
+        for d in dirs:
+            before, after = d / "before", d / "after"
+            before.write_text("")
+            after.write_text("")
+            for i in range(100):
+                before.chmod(0o600 | (i & 1) << 5)
+                since = _trees.since_now()
+                after.chmod(0o600 | (i & 1) << 5)
+                assert before.stat().st_ctime_ns < since <= after.stat().st_ctime_ns, (d, i)
+    finally:
+        for d in dirs[1:]:
+            for f in d.iterdir():
+                f.unlink()
+            d.rmdir()

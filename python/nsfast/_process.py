@@ -706,6 +706,9 @@ def run(
             "change the changes while they are applied",
         )
     stdin, stdout, stderr = run_stdio(input, capture_output, stdin, stdout, stderr, timeout)
+    # Before the sandbox starts: a change the host makes in an Overlay's src from here on
+    # is one its commit must not overwrite.
+    since = _trees_mod.since_now() if any(m.commit for m in cow) else None
     sources = _trees_mod.open_sources(cow)
     try:
         with Process(
@@ -754,7 +757,7 @@ def run(
                     result.changes.update((p, c[0]) for p, c in found.items())
                     if m.commit and proc.returncode == 0:
                         try:
-                            _trees_mod.commit(proc._trees, m, found, sources[m.dst])
+                            _trees_mod.commit(proc._trees, m, found, sources[m.dst], since)
                         except OverlayError as e:
                             e.result = result
                             raise

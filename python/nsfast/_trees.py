@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import _core
@@ -302,12 +303,86 @@ def changes(
     return dict(sorted(out.items()))
 
 
-def _check(trees: Trees, ov: Overlay, found: Dict[str, Tuple[str, str, int]], base: int) -> None:
+def since_now() -> int:
+    """When a run with `Overlay(commit=True)` starts, for its commit's conflict check: a
+    change made in `src` before this call has a ctime below the value returned, one made
+    after it a ctime at least that.
+
+    A plain clock reading cannot say so: inodes are stamped from the coarse clock, which
+    lags the fine one by up to a tick (4 ms at HZ=250), so a change made just after a
+    reading of the fine clock is stamped below it. Since Linux 6.13 (multigrain
+    timestamps) the kernel stamps coarsely no lower than the last fine stamp it handed out,
+    to any inode: this takes one, for a memfd of its own whose ctime was just read, and
+    returns it (~10 us). An older kernel stamps coarsely only: then this waits for the
+    coarse clock's next value (at most one tick) and returns that."""
+    fd = os.memfd_create("nsfast-since", os.MFD_CLOEXEC)
+    try:
+        os.fstat(fd)  # its ctime was read: its next change is stamped finely
+        os.fchmod(fd, 0o600)
+        stamp = os.fstat(fd).st_ctime_ns
+    finally:
+        os.close(fd)
+    if stamp > time.clock_gettime_ns(_CLOCK_REALTIME_COARSE):
+        return stamp  # a fine stamp: the kernel's floor for every later one
+    deadline = time.monotonic() + 1.0
+    while True:
+        now = time.clock_gettime_ns(_CLOCK_REALTIME_COARSE)
+        if now > stamp or time.monotonic() > deadline:
+            return max(now, stamp + 1)
+        time.sleep(0.0002)
+
+
+#: linux/time.h (the time module does not name it).
+_CLOCK_REALTIME_COARSE = 5
+
+
+def _changed_since(base: int, rel: str, since: int, whole: bool) -> Optional[str]:
+    """The first path (`rel` or, `whole`, below it) of `src` whose inode changed at or after
+    `since` (ctime: no user can set it), or None. Never through a symlink nor into a mount."""
+    parent, _, name = rel.rpartition("/")
+    try:
+        d = _beneath(base, parent)
+    except OSError:
+        return None
+    try:
+        if os.lstat(name, dir_fd=d).st_ctime_ns >= since:
+            return rel
+        if not whole:
+            return None
+        todo = [rel]
+        while todo:
+            r = todo.pop()
+            try:
+                fd = _beneath(base, r)
+            except OSError:
+                continue  # a mount point (refused elsewhere) or not a directory
+            try:
+                with os.scandir(fd) as entries:
+                    for e in entries:
+                        if e.stat(follow_symlinks=False).st_ctime_ns >= since:
+                            return f"{r}/{e.name}"
+                        if e.is_dir(follow_symlinks=False):
+                            todo.append(f"{r}/{e.name}")
+            finally:
+                os.close(fd)
+        return None
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(d)
+
+
+def _check(
+    trees: Trees, ov: Overlay, found: Dict[str, Tuple[str, str, int]], base: int, since: Optional[int] = None
+) -> None:
     """Everything a commit can know would fail, before anything is applied (OverlayError,
     src unchanged): a change at or below a mount point of `src` (the sandbox saw the
     directory under it, not what is mounted: applying would write into another file
     system), a parent that is neither in `src` nor made by the commit, a file the caller
-    may not read."""
+    may not read, and (`since`: when the run started) a conflict: an entry of `src` the
+    commit would replace or delete that changed on the host during the run (a file edited,
+    made or chmodded, anything below a directory the commit deletes): applying would lose
+    what the host wrote."""
     prefix = ov.dst.rstrip("/") + "/"
     dirs = {p for p, (c, k, _m) in found.items() if c != "deleted" and k in ("d", "D")}
     for path, (change, kind, _mode) in found.items():
@@ -315,6 +390,15 @@ def _check(trees: Trees, ov: Overlay, found: Dict[str, Tuple[str, str, int]], ba
         low = _lower(base, rel)
         if low is not None and low[0] == MOUNT:
             raise OverlayError(path, "at or below a mount point of src (another file system): not applied")
+        # A directory kept a directory only takes the sandbox's mode: the host's entries in
+        # it stay (its ctime moves with every entry the host adds).
+        kept_dir = low is not None and low[0] == "d" and change != "deleted" and kind in ("d", "D")
+        if since is not None and low is not None and not kept_dir:
+            hit = _changed_since(base, rel, since, whole=low[0] == "d")
+            if hit is not None:
+                raise OverlayError(
+                    prefix + hit, "changed in src during the run (on the host): not applied, the host's change is kept"
+                )
         parent = path.rpartition("/")[0]
         if parent + "/" != prefix and parent not in dirs:
             p = _lower(base, parent[len(prefix) :])
@@ -326,7 +410,9 @@ def _check(trees: Trees, ov: Overlay, found: Dict[str, Tuple[str, str, int]], ba
                 os.close(fd)
 
 
-def commit(trees: Trees, ov: Overlay, found: Dict[str, Tuple[str, str, int]], base: int) -> None:
+def commit(
+    trees: Trees, ov: Overlay, found: Dict[str, Tuple[str, str, int]], base: int, since: Optional[int] = None
+) -> None:
     """Apply `found` (from changes()) to `src` (`base`, from open_sources): deletions,
     directories, files (copied to a fresh temporary name, holes kept, then renamed over),
     symlinks; permission bits without setuid/setgid, a directory's once what is in it was
@@ -334,9 +420,10 @@ def commit(trees: Trees, ov: Overlay, found: Dict[str, Tuple[str, str, int]], ba
     opened by the kernel without following a symlink or crossing a mount, so neither a
     symlink the sandbox made (applied earlier in the same pass) nor a mount below `src`
     can lead a write out of it. What _check() finds is refused before anything is
-    applied; a later failure is an OverlayError naming what was applied."""
+    applied; a later failure is an OverlayError naming what was applied. `since`: when the
+    run started (`since_now`), for _check's conflicts."""
     try:
-        _check(trees, ov, found, base)
+        _check(trees, ov, found, base, since)
     except OSError as e:
         raise OverlayError(getattr(e, "filename", None) or ov.dst, f"cannot be read: {e.strerror}") from None
     prefix = ov.dst.rstrip("/") + "/"
