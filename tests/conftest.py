@@ -323,6 +323,22 @@ class Subreaper:
                 return None
             time.sleep(0.005)
 
+    def reap_log_relays(self, timeout: float = 10.0) -> None:
+        """Wait for the log relays of detached containers (`nsfast run -d`, adopted here when
+        the CLI exited) to end, as each does once its container is gone, and reap them."""
+        deadline = time.monotonic() + timeout
+        for p in psutil.Process().children():
+            try:
+                if p.name() != "nsfast-log":
+                    continue
+            except psutil.NoSuchProcess:
+                continue
+            while True:
+                done, _ = os.waitpid(p.pid, os.WNOHANG)
+                if done or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.005)
+
     def kill_and_reap(self, pid: int) -> None:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -339,6 +355,7 @@ def subreaper() -> Iterator[Subreaper]:
         yield r
     finally:
         r._set(0)
+        r.reap_log_relays()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1027,31 +1027,52 @@ _INOTIFY_ALL = (
 )
 
 
+def _ns_owner(pid: int) -> int:
+    import struct
+
+    fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        owner = bytearray(4)
+        fcntl.ioctl(fd, 0xB704, owner)  # NS_GET_OWNER_UID
+        return int(struct.unpack("I", owner)[0])
+    finally:
+        os.close(fd)
+
+
 def test_a_sandbox_cannot_use_up_host_roots_per_user_kernel_counts():
     """The kernel charges inotify instances (and message-queue bytes, pending signals...) at
     every level of user namespaces up to the owner of the first: a root caller's sandbox
     once took host root's 128 inotify instances, and root's own inotify_init1 failed
-    (EMFILE) while it ran. Its user namespace is owned by its root's host id now."""
+    (EMFILE) while it ran. Then, owned by its root's host id, it took every other sandbox's:
+    one sandbox holding them all, a second one running meanwhile could make none. Each
+    sandbox's user namespace is owned by a host id of its own now (unmapped, above the
+    sandbox ids), and each has its share."""
     import ctypes
-    import struct
 
+    if os.geteuid() != 0:
+        pytest.skip("a root caller's sandboxes (a rootless caller's are owned by the caller)")
     libc = ctypes.CDLL(None, use_errno=True)
-    p = nsfast.spawn(["/usr/bin/python3", "-c", _INOTIFY_ALL], stdout=subprocess.PIPE)
+    hog = nsfast.spawn(["/usr/bin/python3", "-c", _INOTIFY_ALL], stdout=subprocess.PIPE)
+    other = None
     try:
-        fd = os.open(f"/proc/{p.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-        owner = bytearray(4)
-        fcntl.ioctl(fd, 0xB704, owner)  # NS_GET_OWNER_UID
-        os.close(fd)
-        assert struct.unpack("I", owner)[0] == nsfast.SANDBOX_ID_BASE
-        n, err = p.stdout.readline().split()
+        n, err = hog.stdout.readline().split()
         assert int(err) == errno.EMFILE and int(n) > 0
         mine = libc.inotify_init1(os.O_CLOEXEC)
         assert mine >= 0, f"host root's inotify_init1 failed: errno {ctypes.get_errno()}"
         os.close(mine)
+        other = nsfast.spawn(["/usr/bin/python3", "-c", _INOTIFY_ALL], stdout=subprocess.PIPE)
+        n2, err2 = other.stdout.readline().split()
+        assert int(n2) >= int(n) and int(err2) == errno.EMFILE, "the second sandbox had no share of its own"
+        owners = {_ns_owner(hog.pid), _ns_owner(other.pid)}
+        assert len(owners) == 2, owners
+        lo = nsfast.SANDBOX_ID_BASE + 65536
+        assert all(lo <= o < 0x8000_0000 for o in owners), owners
     finally:
-        p.kill()
-        p.wait()
-        p.stdout.close()
+        for p in (hog, other):
+            if p is not None:
+                p.kill()
+                p.wait()
+                p.stdout.close()
 
 
 def test_starting_sandboxes_leaves_the_caller_as_it_was():

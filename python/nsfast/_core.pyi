@@ -148,12 +148,12 @@ def zygote_serve(
     scoped: bool = False,
     scratch: Sequence[Tuple[bytes, Optional[int], str]] = ...,
     sealed: Sequence[bytes] = ...,
-    cgroups: Optional[Hierarchies] = None,
+    cgroups: Optional[_Hierarchies] = None,
 ) -> bool: ...
 
-Hierarchies = Tuple[bool, List[Tuple[bytes, str, bytes, int]], List[Tuple[bytes, bytes]]]
+_Hierarchies = Tuple[bool, List[Tuple[bytes, str, bytes, int]], List[Tuple[bytes, bytes]]]
 
-def cgroup_hierarchies() -> Optional[Hierarchies]: ...
+def cgroup_hierarchies() -> Optional[_Hierarchies]: ...
 
 @final
 class ZygoteLink:

@@ -185,6 +185,37 @@ def create(name: str) -> IO[bytes]:
     return os.fdopen(log, "ab")
 
 
+def read_logs(name: str) -> List[bytes]:
+    """What container `name` wrote: its `log.1` (the part before the last rotation, if any)
+    and its `log`, as they are now. LookupError if there is no such container."""
+    if not valid_name(name):
+        raise LookupError(f"no container named {name!r}")
+    out = []
+    with _container_dir(name) as d:
+        if d is None:
+            raise LookupError(f"no container named {name!r}")
+        for part in ("log.1", "log"):
+            try:
+                fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=d)
+            except FileNotFoundError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise StateError(f"{os.path.join(state_root(), name, part)} is not a regular file")
+                _check_owned(st, os.path.join(state_root(), name, part), "log")
+                chunks = []
+                while True:
+                    b = os.read(fd, 1 << 20)
+                    if not b:
+                        break
+                    chunks.append(b)
+                out.append(b"".join(chunks))
+            finally:
+                os.close(fd)
+    return out
+
+
 def _remove_tree(dir_fd: int, name: str) -> None:
     """rm -r `name` in `dir_fd`, following no symlink (one in the tree is removed, not entered)."""
     fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
@@ -210,12 +241,37 @@ def remove(name: str) -> bool:
         fd = _open_dir(name, os.path.join(state_root(), name), dir_fd=root_fd)  # refuses a planted one
         if fd is None:
             return False
-        os.close(fd)
+        try:
+            _wait_for_log_relay(fd, LOG_RELAY_WAIT)
+        finally:
+            os.close(fd)
         try:
             _remove_tree(root_fd, name)
         except FileNotFoundError:
             return False
     return True
+
+
+#: How long `remove` waits for a container's log relay to write what is left in its pipe
+#: and exit (it does once the container's processes are gone) before removing anyway.
+LOG_RELAY_WAIT = 5.0
+
+
+def _wait_for_log_relay(dir_fd: int, timeout: float) -> bool:
+    """Wait until no log relay holds the directory (its shared flock on it, taken by the CLI
+    for it before it started); whether none does."""
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
 
 # -- processes and cgroups -----------------------------------------------------------------------

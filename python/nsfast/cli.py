@@ -7,6 +7,7 @@ docker run) and calls the library.
                [--no-limits] [--timeout S] [--json | --json-file PATH] -- CMD...
     nsfast exec NAME|PID -- CMD...      run CMD inside a container (or any process)
     nsfast ps                           list detached containers
+    nsfast logs NAME                    print what a detached container wrote
     nsfast stop NAME                    stop a detached container and clean up
     nsfast ns PID|NAME [PID|NAME...]    namespace inodes per type, differences marked
     nsfast demo
@@ -196,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limit_flags(run)
     run.add_argument("-d", "--detach", action="store_true", help="start a detached container and print its name")
     run.add_argument("--name", help="name of the detached container (default: generated)")
+    run.add_argument(
+        "--log-max-size",
+        metavar="SIZE",
+        default=None,
+        help=f"with -d: the most of its output kept in its log (then log.1 has the part before; default "
+        f"{_size(DEFAULT_LOG_MAX)}, 'none' for no bound)",
+    )
     _add_wait_flags(run, "the run", "the whole sandbox")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
     ex = sub.add_parser(
@@ -210,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_wait_flags(ex, "the exec", "everything the exec started")
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
     sub.add_parser("ps", help="list detached containers", allow_abbrev=False)
+    lg = sub.add_parser("logs", help="print what a detached container wrote (its log)", allow_abbrev=False)
+    lg.add_argument("name", metavar="NAME")
     st = sub.add_parser("stop", help="stop a detached container (SIGTERM, then kill) and clean up", allow_abbrev=False)
     st.add_argument("names", nargs="+", metavar="NAME")
     st.add_argument("-t", "--time", type=float, default=10.0, help="seconds to wait after SIGTERM (default 10)")
@@ -400,6 +410,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return _run_detached(args, cmd, spec_from_args(args))
     if args.name:
         args.subparser.error("--name needs -d")
+    if args.log_max_size is not None:
+        args.subparser.error("--log-max-size needs -d")
     report = _open_report(args)
     try:
         try:
@@ -438,11 +450,19 @@ def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
     from ._process import Process
 
     name = args.name if args.name is not None else "c-" + uuid.uuid4().hex[:12]
+    limit = _log_max(args.log_max_size)
     try:
         log = _state.create(name)  # reserves the name: its directory is made here, or exists
     except FileExistsError:
         print(f"nsfast: a container named {name!r} exists already (nsfast stop {name} removes it)", file=sys.stderr)
         return 125
+    try:
+        out = _start_log_relay(name, log, limit)
+    except BaseException:
+        log.close()
+        _state.remove(name)
+        raise
+    log.close()
     st = proc = None
     spec = spec.replace(die_with_parent=False)
 
@@ -479,9 +499,9 @@ def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
         st.save()
 
     try:
-        with log:
+        with out:
             c = Container(cmd, spec=spec, name=name)
-            proc = c.start(stdin=subprocess.DEVNULL, stdout=log, stderr=log, _before_go=save).process
+            proc = c.start(stdin=subprocess.DEVNULL, stdout=out, stderr=out, _before_go=save).process
         assert proc is not None and st is not None
         proc.detach()  # (its cgroups are those saved)
     except BaseException:
@@ -496,6 +516,87 @@ def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
         _state.remove(name)
         raise
     print(name)
+    return 0
+
+
+#: What `nsfast run -d` keeps of a container's output by default: this much in `log`, the
+#: part before in `log.1`.
+DEFAULT_LOG_MAX = 16 << 20
+
+
+def _log_max(value: Optional[str]) -> int:
+    """--log-max-size in bytes (0: no bound)."""
+    if value is None:
+        return DEFAULT_LOG_MAX
+    if value.strip().lower() == "none":
+        return 0
+    from ._spec import parse_size
+
+    try:
+        n = parse_size("--log-max-size", value)
+    except SpecError as e:
+        raise _UserError(f"--log-max-size: {e.message}") from None
+    assert n is not None
+    return n
+
+
+def _start_log_relay(name: str, log: IO[bytes], limit: int) -> IO[bytes]:
+    """Start the container's log relay (`_logrelay.py`, a process of the caller's, in a
+    session of its own, outliving this CLI) on a new pipe, and return the pipe's write end:
+    the container's stdout and stderr. The container never holds the log file itself."""
+    from . import _state
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    r, w = os.pipe2(os.O_CLOEXEC)
+    fds = [r]
+    try:
+        with _state._container_dir(name) as d:
+            if d is None:
+                raise _UserError(f"the state of container {name!r} vanished as it was made")
+            # Held by the relay while it runs (its copy of this open directory): `nsfast stop`
+            # waits for it to have written the last of the log before removing the directory.
+            import fcntl
+
+            fcntl.flock(d, fcntl.LOCK_SH)
+            # Numbers above the three the relay's stdio take, to dup2 onto (which clears
+            # close-on-exec in the relay only).
+            fds = [_dup_high(fd) for fd in (r, d, log.fileno())] + [r]
+            argv = [sys.executable, "-I", "-S", os.path.join(here, "_logrelay.py"), "10", "11", "12", str(limit)]
+            actions: List[Tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, i, os.devnull, os.O_RDWR, 0) for i in (0, 1, 2)]
+            actions += [(os.POSIX_SPAWN_DUP2, fd, 10 + i) for i, fd in enumerate(fds[:3])]
+            os.posix_spawn(sys.executable, argv, {}, file_actions=actions, setsid=True)
+    except BaseException:
+        os.close(w)
+        raise
+    finally:
+        for fd in dict.fromkeys(fds):
+            os.close(fd)
+    return os.fdopen(w, "wb")
+
+
+def _dup_high(fd: int) -> int:
+    """A close-on-exec copy of `fd` numbered 13 or more (out of the way of 10..12)."""
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 13)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from . import _state
+
+    try:
+        parts = _state.read_logs(args.name)
+    except LookupError as e:
+        print(f"nsfast: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.flush()
+    try:
+        for part in parts:
+            sys.stdout.buffer.write(part)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        # A reader that stopped (`| head`): as cat, quietly; nothing more to flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
@@ -747,6 +848,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run(args, parser)
         if args.command == "exec":
             return _exec(args, parser)
+        if args.command == "logs":
+            return _logs(args)
         if args.command == "ps":
             return _ps()
         if args.command == "stop":

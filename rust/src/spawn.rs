@@ -31,7 +31,6 @@ use rustix::fs::{Mode, OFlags};
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
 use crate::mount;
-use crate::spec::SANDBOX_ID_BASE;
 use crate::spec::{CStrArray, IdMaps, Plan};
 use crate::sync::{self, ChildChannel, Step};
 use crate::sys::{self, CloneArgs, Stack};
@@ -314,9 +313,11 @@ fn spawn_with(plan: &Plan, io: &Io, how: Clone) -> Result<Option<Child>> {
     let arg = &ctx as *const ChildCtx as *mut c_void;
     // Blocked across clone so no handler of ours runs in the child before it resets them.
     let old_mask = sys::block_all_signals();
-    // A root caller's sandbox's user namespace is owned by its root's host id, not by root
-    // (see `sys::ThreadOwner`): what it takes of per-user kernel counts is not root's.
-    let owner = plan.maps.as_ref().filter(|m| m.range).and_then(|_| sys::ThreadOwner::enter(SANDBOX_ID_BASE));
+    // A root caller's sandbox's user namespace is owned by a host id of its own, not by
+    // root (see `sys::ThreadOwner`): what it takes of per-user kernel counts is neither
+    // root's nor another sandbox's.
+    let owner =
+        plan.maps.as_ref().filter(|m| m.range).and_then(|_| sys::ThreadOwner::enter(crate::spec::next_sandbox_owner()));
     // SAFETY: `stack` and `ctx` outlive the child's use of them: we only return (dropping
     // them) after `wait_exec` saw the report pipe close, i.e. after the child exec'd or died.
     let res = unsafe { sys::clone_any(&mut args, legacy, child_main, arg) };

@@ -157,6 +157,30 @@ pub const DEFAULT_SHM_SIZE: u64 = 64 << 20;
 pub const SANDBOX_ID_BASE: u32 = 0x7000_0000;
 pub const SANDBOX_ID_COUNT: u32 = 65536;
 
+/// The owners of a root caller's sandboxes' user namespaces: host uids above the mapped
+/// ones, up to 0x7FFFFFFF (the rest of systemd's unused range), none of them mapped in any
+/// sandbox. The kernel charges per-user counts (inotify instances, ...) to the owner at the
+/// level above the namespace: each sandbox of its own owner has a share of its own.
+pub const SANDBOX_OWNER_BASE: u32 = SANDBOX_ID_BASE + SANDBOX_ID_COUNT;
+pub const SANDBOX_OWNER_COUNT: u32 = 0x8000_0000 - SANDBOX_OWNER_BASE;
+
+/// The owner for the next sandbox of this process: consecutive ids from a random start, so
+/// a process's sandboxes running at once never share one (until it started 268 million)
+/// and two processes' rarely do (sharing only shares those counts, as every sandbox did).
+pub fn next_sandbox_owner() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        let mut b = [0u8; 4];
+        // A fixed start where getrandom cannot answer: only sharing gets likelier.
+        let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+        u32::from_ne_bytes(b)
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    SANDBOX_OWNER_BASE + seed.wrapping_add(n) % SANDBOX_OWNER_COUNT
+}
+
 fn bytes_of(list: &[&str]) -> Vec<Vec<u8>> {
     list.iter().map(|p| p.as_bytes().to_vec()).collect()
 }
