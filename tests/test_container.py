@@ -663,3 +663,62 @@ def test_enter_runs_its_command_under_the_default_filter():
         unshare = nsfast.enter(c.pid, ["unshare", "-U", "true"], capture_output=True, text=True)
     assert (on.stdout.split(), off.stdout.split()) == (["Seccomp:", "2"], ["Seccomp:", "0"])
     assert unshare.returncode != 0 and "Operation not permitted" in unshare.stderr
+
+
+#: A hostile container's program: SIGSTOP every process that is not (yet) its own: one
+#: joining it is non-dumpable until it execs (its /proc entry is not owned by the
+#: container's root), and the container's uid, so signalable, from its setresuid on.
+_STOPPER = r"""
+import os, signal
+me = os.getpid()
+print("ready", flush=True)
+while True:
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in (1, me):
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid == 0:
+                continue
+        except OSError:
+            continue
+        for _ in range(100000):
+            try:
+                os.kill(int(name), signal.SIGSTOP)
+                break
+            except PermissionError:
+                continue
+            except ProcessLookupError:
+                break
+"""
+
+
+def test_a_container_that_stops_the_process_joining_it_cannot_hang_the_caller():
+    """(Found by an audit.) The process an exec (or `enter`) starts is the container's uid from its setresuid to its execve:
+    a program of the container can SIGSTOP it there, and the caller waited for its exec
+    forever (exec's timeout starts at exec, and the wait retried EINTR, so not even Ctrl-C
+    ended it). The caller now sees it stopped, kills it and raises a SpawnError saying so;
+    the container still serves execs that are not stopped, and nothing is left behind."""
+    with nsfast.Container() as c:
+        stopper = c.spawn(["/usr/bin/python3", "-c", _STOPPER], stdout=subprocess.PIPE)
+        assert stopper.stdout.readline() == b"ready\n"
+        errors = []
+        for i in range(20):
+            try:
+                if i % 2:
+                    nsfast.enter(c.pid, ["/bin/true"], timeout=2)
+                else:
+                    c.exec(["/bin/true"], timeout=2)
+            except nsfast.SpawnError as e:
+                errors.append(e)
+                if len(errors) == 3:
+                    break
+            except nsfast.TimeoutExpired:
+                pass  # stopped once it had exec'd: the container's own process, which the timeout ends
+        if not errors:
+            pytest.skip("the stopper never caught a joining process in 20 joins on this machine")
+        for e in errors:
+            assert "stopped" in str(e) and "before it could exec" in str(e), e
+        stopper.kill()
+        stopper.wait()
+        stopper.stdout.close()
+        assert c.exec(["/bin/true"]).returncode == 0

@@ -245,6 +245,9 @@ fn spawn_join_with(plan: &Plan, io: &Io, target: &Target, legacy: bool) -> Resul
         ..CloneArgs::default()
     };
     let arg = &ctx as *const MidCtx as *mut c_void;
+    // This thread's children now: the final process is a new one (CLONE_PARENT makes it
+    // ours), found there while the helper, stuck in vfork until it execs, cannot say its pid.
+    let before = thread_children();
     // Blocked across clone so no handler of ours runs in the intermediate before it resets them.
     let old_mask = sys::block_all_signals();
     // SAFETY: CLONE_VFORK: we resume only once the intermediate has exec'd or exited, i.e.
@@ -260,10 +263,32 @@ fn spawn_join_with(plan: &Plan, io: &Io, target: &Target, legacy: bool) -> Resul
     let helper = res.map_err(|e| Error::spawn("clone3", None, e))?;
 
     // Until EOF: the helper's pid record, then the final process's failure or nothing.
+    // The final process is the container's uid from setresuid to execve, which any of its
+    // processes may SIGSTOP: one stopped there is killed and the join fails, rather than
+    // this wait (and the caller, and its timeout, which starts at exec) hanging forever.
     let mut pid = None;
+    let mut found = None;
     let mut failure = None;
+    let deadline = std::time::Instant::now() + JOIN_SETUP_LIMIT;
     let read_err = loop {
-        match parent.wait_exec() {
+        let known = pid;
+        let mut stalled = || {
+            let stopped = match known {
+                Some(p) => is_stopped(p).then_some(p),
+                // (The helper writes the pid only once the final process has exec'd.)
+                None => before.as_ref().and_then(|old| {
+                    thread_children()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .find(|&c| c != helper && !old.contains(&c) && is_stopped(c))
+                }),
+            };
+            stopped.map(|p| {
+                found = Some(p);
+                Errno::CANCELED
+            })
+        };
+        match parent.wait_exec_watched(deadline, JOIN_TICK, &mut stalled) {
             Ok(Some(rec)) if rec.step == STEP_EXEC_PID && rec.errno == 0 => pid = Some(rec.index as i32),
             Ok(Some(rec)) => {
                 failure.get_or_insert(rec);
@@ -272,13 +297,33 @@ fn spawn_join_with(plan: &Plan, io: &Io, target: &Target, legacy: bool) -> Resul
             Err(e) => break Some(e),
         }
     };
-    let helper_status = reap(helper);
     if let Some(e) = read_err {
-        if let Some(p) = pid {
+        // Killed before the helper is reaped: the helper waits (vfork) on it. (Not known at
+        // a deadline before the helper said: then every new child of this thread's.)
+        let mut doomed: Vec<i32> = pid.or(found).into_iter().collect();
+        if doomed.is_empty() {
+            if let (Some(old), Some(now)) = (before.as_ref(), thread_children()) {
+                doomed = now.into_iter().filter(|c| *c != helper && !old.contains(c)).collect();
+            }
+        }
+        for p in doomed {
             kill_and_reap(p);
         }
-        return Err(Error::spawn("read child report", None, e));
+        reap(helper);
+        let why = match e {
+            Errno::CANCELED => Some(
+                "the process joining the sandbox was stopped (SIGSTOP from inside?) before it could exec: killed"
+                    .to_string(),
+            ),
+            Errno::TIMEDOUT => Some(format!(
+                "the process joining the sandbox did not exec within {} s: killed",
+                JOIN_SETUP_LIMIT.as_secs()
+            )),
+            _ => None,
+        };
+        return Err(Error::spawn("join", why, e));
     }
+    let helper_status = reap(helper);
     match (pid, failure) {
         (Some(p), None) => {
             // The final process is our child (CLONE_PARENT): its pid cannot be reused before
@@ -303,6 +348,26 @@ fn spawn_join_with(plan: &Plan, io: &Io, target: &Target, legacy: bool) -> Resul
             Errno::CHILD,
         )),
     }
+}
+
+/// How long a join may take to exec its command (its setup: namespaces, ids, seccomp, the
+/// command's lookup) before it is killed: far more than it ever takes, but a bound on what
+/// a sandbox can make it take (freezing it in a cgroup it owns, stopping and continuing it).
+const JOIN_SETUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often a join that has not exec'd yet is looked at (stopped?).
+const JOIN_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The pids of this thread's children (None where the kernel does not list them).
+fn thread_children() -> Option<Vec<i32>> {
+    let text = std::fs::read_to_string("/proc/thread-self/children").ok()?;
+    Some(text.split_ascii_whitespace().filter_map(|p| p.parse().ok()).collect())
+}
+
+/// Whether process `pid` (our child, so not reused) is stopped: state T or t in its stat.
+fn is_stopped(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) else { return false };
+    let Some(close) = stat.iter().rposition(|&b| b == b')') else { return false };
+    matches!(stat.get(close + 2), Some(b'T' | b't'))
 }
 
 fn reap(pid: i32) -> i32 {

@@ -898,7 +898,12 @@ fn spawn_join(
             Some((ns, root)) => {
                 let cg = match container_core.filter(|_| join_cgroup) {
                     Some(c) => {
-                        let name = format!("exec-{}", EXECS.fetch_add(1, Ordering::Relaxed));
+                        // Not a name the sandbox could guess and make first (a delegated
+                        // cgroup is its own to mkdir in): every exec would fail.
+                        let mut salt = [0u8; 8];
+                        let _ = rustix::rand::getrandom(&mut salt, rustix::rand::GetRandomFlags::empty());
+                        let n = EXECS.fetch_add(1, Ordering::Relaxed);
+                        let name = format!("exec-{n}-{:016x}", u64::from_ne_bytes(salt));
                         let inner = c.lock();
                         inner.cgroup.as_ref().map(|c| c.exec_child(&name)).transpose().map_err(cg_err)?
                     }

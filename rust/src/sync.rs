@@ -302,6 +302,39 @@ impl ParentChannel {
         Ok(())
     }
 
+    /// As [`Self::wait_exec`], for a child the sandbox may reach before it execs (a process
+    /// joining a running container is its uid from `setresuid` on, so any process of it can
+    /// SIGSTOP it, and a stopped process never execs): every `tick` without a record,
+    /// `stalled()` may end the wait with an error, and so does `deadline` (TIMEDOUT).
+    pub fn wait_exec_watched(
+        &self,
+        deadline: std::time::Instant,
+        tick: std::time::Duration,
+        stalled: &mut dyn FnMut() -> Option<Errno>,
+    ) -> rustix::io::Result<Option<ChildError>> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        loop {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err(Errno::TIMEDOUT);
+            }
+            let wait = tick.min(deadline - now);
+            let ts = Timespec { tv_sec: wait.as_secs() as i64, tv_nsec: wait.subsec_nanos() as i64 };
+            let mut fds = [PollFd::new(&self.report, PollFlags::IN)];
+            match poll(&mut fds, Some(&ts)) {
+                Ok(0) => {
+                    if let Some(e) = stalled() {
+                        return Err(e);
+                    }
+                }
+                // Readable or hung up: a whole record (written at once) or EOF is there.
+                Ok(_) => return self.wait_exec(),
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Wait for the child to exec (Ok(None)) or report a failure.
     pub fn wait_exec(&self) -> rustix::io::Result<Option<ChildError>> {
         let mut buf = [0u8; RECORD_LEN];
