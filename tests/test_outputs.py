@@ -118,6 +118,28 @@ def test_outputs_over_the_byte_cap_name_the_file():
     assert e.value.result.returncode == 0 and e.value.result.files == {}
 
 
+def test_many_empty_files_and_symlink_farms_are_bounded_by_the_cap():
+    """(Found by an audit.) Empty files cost nothing against `outputs_max_bytes`, and a
+    wildcard descended through symlinks: 1,500 empty files and 1,500 links to their
+    directory made `/tmp/*/*` 2.25 million paths, 383 MiB of the caller's memory. A wildcard
+    now descends into real directories only, and each file counts its path and a fixed cost
+    besides its size."""
+    script = "mkdir /tmp/d && cd /tmp/d && i=0; while [ $i -lt 300 ]; do : > f$i; ln -s d /tmp/s$i; i=$((i+1)); done"
+    r = nsfast.run(["sh", "-c", script], outputs=["/tmp/*/*"])
+    assert r.returncode == 0
+    assert sorted(r.files) == sorted(f"/tmp/d/f{i}" for i in range(300))
+    # A symlink named explicitly is still followed (inside the tree); one at the end is not
+    # a file (as before).
+    r = nsfast.run(
+        ["sh", "-c", script + " && echo x > /tmp/d/x && ln -s d/x /tmp/lx"], outputs=["/tmp/s7/x", "/tmp/l*"]
+    )
+    assert r.files == {"/tmp/s7/x": b"x\n"}
+    # 300 empty files are not free: under a cap of 64 KiB (256 bytes each and their path), an error.
+    with pytest.raises(nsfast.OutputError, match=r"outputs_max_bytes=65536") as e:
+        nsfast.run(["sh", "-c", script], outputs=["/tmp/d/*"], outputs_max_bytes=64 << 10)
+    assert e.value.path.startswith("/tmp/d/f") and e.value.result.returncode == 0
+
+
 @pytest.mark.parametrize(
     "outputs, message",
     [

@@ -70,6 +70,11 @@ def core_paths(spec: Spec, trees: Sequence[str]) -> List[bytes]:
     return out
 
 
+#: What each file read back by `outputs=` counts against `outputs_max_bytes` besides its
+#: size and its path: about what the caller's dict entry for it costs.
+ENTRY_COST = 256
+
+
 def _locate(trees: Sequence[str], path: str) -> Optional[Tuple[int, str]]:
     """(index of the tree holding `path`, the path inside it): the deepest tree wins, as
     the deepest mount does."""
@@ -140,8 +145,10 @@ class Trees:
 
     def collect(self, patterns: Sequence[str], max_bytes: int, result: object) -> Dict[str, bytes]:
         """Every regular file matching `patterns` (glob per path component, as glob.glob:
-        `*`, `?`, `[...]`; names starting with "." only for patterns that do), by sandbox
-        path; more than `max_bytes` in all is an OutputError naming the file."""
+        `*`, `?`, `[...]`; names starting with "." only for patterns that do; a wildcard
+        does not descend through a symlink), by sandbox path; more than `max_bytes` in all
+        is an OutputError naming the file. Each file counts its size plus its path's length
+        plus ENTRY_COST: what the caller holds for it (a million empty files is not free)."""
         files: Dict[str, bytes] = {}
         left = max_bytes
         for pat in patterns:
@@ -151,15 +158,18 @@ class Trees:
                 path = base + "/" + name if name else base
                 if path in files:
                     continue
+                entry = ENTRY_COST + len(path.encode("utf-8", "surrogateescape"))
                 try:
-                    data = _core.tree_read(fd, os.fsencode(name or "."), left)
+                    data = _core.tree_read(fd, os.fsencode(name or "."), max(left - entry, 0))
                 except OSError as e:
                     if e.errno == errno.EFBIG:
                         raise OutputError(path, max_bytes, result) from None
                     raise OutputError(path, max_bytes, result, f"cannot be read: {e.strerror or e}") from None
                 if data is not None:
+                    if entry > left:
+                        raise OutputError(path, max_bytes, result)
                     files[path] = data
-                    left -= len(data)
+                    left -= len(data) + entry
         return files
 
     def _match(self, fd: int, comps: List[str], prefix: str = "") -> List[str]:
@@ -176,7 +186,9 @@ class Trees:
                 continue
             if not fnmatch.fnmatchcase(name, first):
                 continue
-            if kind not in ("d", "D", "f", "l") or (rest and kind == "f"):
+            # Below a wildcard, real directories only: through symlinks, a few thousand
+            # links to one directory made /tmp/*/* millions of paths of the same files.
+            if kind not in ("d", "D", "f", "l") or (rest and kind not in ("d", "D")):
                 continue
             out += self._match(fd, rest, f"{prefix}/{name}" if prefix else name)
         return out
