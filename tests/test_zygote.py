@@ -63,6 +63,20 @@ def deep_result():
     os._exit(0)
 
 
+def inflating_result(n):
+    """n empty objects: 3 bytes of JSON each, ~70 bytes each once parsed."""
+    body = b'{"ok": [' + b"{}," * n + b"{}]}"
+    view = memoryview(body)
+    while view:
+        view = view[os.write(3, view) :]
+    os._exit(0)
+
+
+def constant_result(word):
+    os.write(3, b'{"ok": [1, ' + word.encode() + b"]}")
+    os._exit(0)
+
+
 def echo(*args, **kwargs):
     return {"args": list(args), "kwargs": kwargs}
 
@@ -1616,5 +1630,26 @@ def test_fd_3_of_one_task_is_not_the_next_ones(own: Zygote) -> None:
 def test_a_result_nested_too_deep_is_a_task_error(z: Zygote) -> None:
     """json.loads of it raised RecursionError out of call(), not the TaskError that every
     other result that is not one says."""
-    with pytest.raises(TaskError, match="no result"):
+    with pytest.raises(TaskError, match="is not JSON .nested too deep"):
         z.call(f"{TASKS_MODULE}:deep_result", timeout=30)
+
+
+def test_a_result_is_bounded_by_what_it_costs_parsed_not_by_its_bytes(z: Zygote) -> None:
+    """(Found by an audit.) max_result_bytes bounded the result's bytes: `[{},{},...]` of
+    63 MiB took the caller to 1.6 GiB parsed. It bounds what the parsed value costs now
+    (bytes, 16 per element, 64 per array or object), checked before parsing."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(TaskError, match="would take ~.* bytes parsed .* over max_result_bytes=67108864"):
+        z.call(f"{TASKS_MODULE}:inflating_result", 5_000_000, timeout=60)
+    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) << 10
+    assert grew < 200 << 20, f"the caller grew by {grew >> 20} MiB"
+    # What fits is returned: 100,000 objects (~6.7 MiB counted).
+    assert z.call(f"{TASKS_MODULE}:inflating_result", 100_000, timeout=60) == [{}] * 100_001
+
+
+@pytest.mark.parametrize("word", ["NaN", "Infinity", "-Infinity"])
+def test_a_result_with_a_constant_json_does_not_have_is_refused(z: Zygote, word: str) -> None:
+    with pytest.raises(TaskError, match=f"is not JSON .{word} is not JSON"):
+        z.call(f"{TASKS_MODULE}:constant_result", word, timeout=30)

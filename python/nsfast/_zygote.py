@@ -47,6 +47,19 @@ _START_TIMEOUT = 60.0
 _UNSET: Any = object()
 
 
+def result_cost(data: bytes) -> int:
+    """What a call() result costs the caller once parsed, as max_result_bytes counts it: its
+    bytes, 16 per element and 64 per array or object (brackets and commas in strings count
+    too: never less). `[{},{},...]` is 3 bytes of JSON per dict of ~70 in memory: by bytes
+    alone a 63 MiB result took the caller to 1.6 GiB."""
+    return len(data) + 16 * data.count(b",") + 64 * (data.count(b"[") + data.count(b"{"))
+
+
+def _not_json(name: str) -> Any:
+    """json's parse_constant: NaN, Infinity and -Infinity are not JSON (RFC 8259)."""
+    raise ValueError(f"{name} is not JSON")
+
+
 class ZygoteError(NsfastError):
     """The zygote could not start (`.stderr` has its output), or died and could not be
     restarted."""
@@ -541,10 +554,19 @@ class Zygote:
             data = os.pread(fd, size, 0) if size else b""
         finally:
             os.close(fd)
+        cost = result_cost(data)
+        if cost > max_result_bytes:
+            raise TaskError(
+                f"the result of {target} would take ~{cost} bytes parsed ({size} of JSON), over "
+                f"max_result_bytes={max_result_bytes}"
+            )
         try:
-            envelope = json.loads(data) if data else None
-        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
-            envelope = None
+            envelope = json.loads(data, parse_constant=_not_json) if data else None
+        except (ValueError, RecursionError) as e:  # not JSON, or nested deeper than the parser goes
+            why = "nested too deep" if isinstance(e, RecursionError) else str(e)
+            raise TaskError(
+                f"the result of {target} is not JSON ({why})", returncode=r.returncode, stderr=r.stderr
+            ) from None
         if not isinstance(envelope, dict) or not ({"ok"} == set(envelope) or {"error"} == set(envelope)):
             raise TaskError(
                 f"{target} ended with returncode {r.returncode} and no result",

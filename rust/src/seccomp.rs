@@ -27,7 +27,8 @@
 //!   and are the main kernel attack surface this closes. `clone3` stays ENOSYS even then.
 //! - `ioctl`: not TIOCSTI (type into the terminal) nor TIOCLINUX.
 //! - `socket`: not AF_ALG nor AF_VSOCK (as Docker).
-//! - `personality`: only the values Docker allows (0, UNAME26, ADDR_NO_RANDOMIZE, both, query).
+//! - `personality`: only the values Docker allows (PER_LINUX 0, PER_LINUX32 0x8, UNAME26
+//!   0x20000, PER_LINUX32|UNAME26, and 0xffffffff: query).
 //! - `chmod`, `fchmod`, `fchmodat`, `fchmodat2`, `open`, `openat`, `creat`, `mknod`, `mknodat`:
 //!   no S_ISUID/S_ISGID in the mode argument, so the sandbox cannot leave setuid/setgid files
 //!   behind (an open without O_CREAT passes mode 0).
@@ -344,7 +345,7 @@ fn conditional_rules(keep_caps: u64, unix_only: bool) -> Vec<(&'static str, Vec<
     let newuser = libc::CLONE_NEWUSER as u32;
     let (clone_mask, unshare_mask) =
         if sys_admin { (newuser, newuser) } else { (CLONE_NS_FLAGS, CLONE_NS_FLAGS | libc::CLONE_NEWTIME as u32) };
-    // PER_LINUX, UNAME26, ADDR_NO_RANDOMIZE, both, and 0xffffffff (query).
+    // PER_LINUX, PER_LINUX32, UNAME26, PER_LINUX32 | UNAME26, and 0xffffffff (query).
     let personalities = [0x0, 0x8, 0x2_0000, 0x2_0008, 0xffff_ffff];
     let mut out = vec![
         ("clone", none_of(0, clone_mask)),
@@ -357,6 +358,10 @@ fn conditional_rules(keep_caps: u64, unix_only: bool) -> Vec<(&'static str, Vec<
         },
         ("personality", personalities.iter().map(|&value| Masked { arg: 0, mask: u32::MAX, value }).collect()),
     ];
+    if unix_only {
+        // socketpair(2) makes sockets of families that support it (AF_TIPC does) too.
+        out.push(("socketpair", vec![Masked { arg: 0, mask: u32::MAX, value: libc::AF_UNIX as u32 }]));
+    }
     let setid = libc::S_ISUID | libc::S_ISGID;
     for &(name, arg) in MODE_ARG {
         out.push((name, none_of(arg, setid)));
@@ -1239,6 +1244,25 @@ mod tests {
                         assert_eq!(run(program, arch, nr, args).0, RET_KILL, "arch {arch:#x}");
                     }
                 }
+            }
+        }
+    }
+
+    /// `unix_only` (a zygote's network="none"): socket(2) and socketpair(2) for AF_UNIX
+    /// only (socketpair makes AF_TIPC sockets too, which Landlock does not scope).
+    #[test]
+    fn unix_only_allows_unix_sockets_alone() {
+        let policy = Policy { allow: &[], deny: &[], keep_caps: 0, unix_only: true };
+        let program = &Filter::build(&policy).unwrap().programs[0];
+        for name in ["socket", "socketpair"] {
+            let nr = number(name).unwrap() as i32;
+            for (family, want) in [
+                (libc::AF_UNIX, RET_ALLOW),
+                (libc::AF_INET, ret_errno(libc::EPERM)),
+                (libc::AF_TIPC, ret_errno(libc::EPERM)),
+            ] {
+                let args = [family as u64, libc::SOCK_STREAM as u64, 0, 0, 0, 0];
+                assert_eq!(run(program, AUDIT_ARCH, nr, &args).0, want, "{name}({family})");
             }
         }
     }
