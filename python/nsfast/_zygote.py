@@ -562,8 +562,8 @@ class Zygote:
             )
         try:
             envelope = json.loads(data, parse_constant=_not_json) if data else None
-        except (ValueError, RecursionError) as e:  # not JSON, or nested deeper than the parser goes
-            why = "nested too deep" if isinstance(e, RecursionError) else str(e)
+        except (ValueError, RecursionError) as bad:  # not JSON, or nested deeper than the parser goes
+            why = "nested too deep" if isinstance(bad, RecursionError) else str(bad)
             raise TaskError(
                 f"the result of {target} is not JSON ({why})", returncode=r.returncode, stderr=r.stderr
             ) from None
