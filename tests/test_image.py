@@ -598,6 +598,40 @@ EVIL: Dict[str, Tuple[Callable[[Path], List[List[Member]]], str]] = {
         lambda d: [[link(f"s{i}", f"s{i + 1}") for i in range(1200)] + [reg("s0/x")]],
         "does not resolve",
     ),
+    # Each symlink names the next 20 times: realpath walked 20^50 names per member (the
+    # audit's 400 of 600 took 0.7 s a whiteout); the kernel, as nsfast now, stops at 40.
+    "symlink-fan-whiteout": (
+        lambda d: [
+            [link(f"L{i}", "." if i == 50 else f"L{i + 1}/" * 20) for i in range(50, -1, -1)],
+            [reg("L0/.wh.x")],
+        ],
+        "its directory does not resolve (more than 40 symbolic links)",
+    ),
+    "symlink-fan-member": (
+        lambda d: [[link(f"L{i}", "." if i == 50 else f"L{i + 1}/" * 20) for i in range(50, -1, -1)], [reg("L0/f")]],
+        "its directory does not resolve (more than 40 symbolic links)",
+    ),
+    "symlink-fan-hardlink": (
+        lambda d: [
+            [reg("f", b"x")] + [link(f"L{i}", "." if i == 50 else f"L{i + 1}/" * 20) for i in range(50, -1, -1)],
+            [link("h", "L0/f", tarfile.LNKTYPE)],
+        ],
+        "does not resolve (more than 40 symbolic links)",
+    ),
+    # Few symlinks, each a long detour: bounded by the names looked up.
+    "symlink-detours": (
+        lambda d: [
+            [dir_("d")] + [link(f"D{i}", "d/.." + "/d/.." * 600 + f"/D{i + 1}") for i in range(8)],
+            [reg("D0/x")],
+        ],
+        "does not resolve (it takes more than 1024 lookups)",
+    ),
+    # A missing directory and '..' in a symlink's target: what follows it is looked up again.
+    "whiteout-through-missing-dotdot": (
+        lambda d: [[link("evil", str(d)), link("s", "missing/../evil")], [reg("s/.wh.host-file")]],
+        "resolves outside the root",
+    ),
+    "symlink-target-too-long": (lambda d: [[link("s", "a/" * 2048)]], "a symlink to a target of more than 4095 bytes"),
 }
 
 
@@ -1007,4 +1041,166 @@ def test_an_image_root_named_by_its_path_is_not_writable(layout: Path) -> None:
     img = Image(layout, "base")
     with pytest.raises(nsfast.SpecError, match="write into the image cache"):
         nsfast.Spec(rootfs=img.rootfs, readonly_root=False)
+    assert nsfast.Spec(rootfs=img.rootfs, overlay=True).overlay
+
+
+# --- resource bounds (each a hostile image small to build, costly to load before) ----------
+
+
+def raw_header(name: str, size: int, kind: bytes) -> bytes:
+    """A tar header block of `kind` claiming `size` bytes of data."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, kind
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def add_raw_layer(layout: Path, tag: str, new_tag: str, raw: bytes) -> str:
+    """As add_layer, with the layer's tar bytes given (gzip'd into its blob)."""
+    diff_id = "sha256:" + hashlib.sha256(raw).hexdigest()
+    digest, size = put_blob(layout, gzip.compress(raw, compresslevel=1, mtime=0))
+    retag(
+        layout,
+        tag,
+        new_tag,
+        config=lambda c: c["rootfs"]["diff_ids"].append(diff_id),
+        manifest=lambda m: m["layers"].append({"mediaType": GZIP_LAYER, "digest": digest, "size": size}),
+    )
+    return digest
+
+
+def docker_save(path: Path, layers: Sequence[bytes], names: Sequence[str], extra: Sequence[Member] = ()) -> None:
+    """A gzip'd docker save tarball of one image whose layers are `names` (paths in the
+    tarball, repeats allowed) holding `layers` in the same order, after `extra` members."""
+    diff_ids = ["sha256:" + hashlib.sha256(raw).hexdigest() for raw in layers]
+    config = json.dumps({"os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    hexdigest = hashlib.sha256(config).hexdigest()
+    manifest = json.dumps([{"Config": f"{hexdigest}.json", "Layers": list(names)}]).encode()
+    with gzip.open(path, "wb", compresslevel=1) as g, tarfile.open(fileobj=g, mode="w") as t:
+        for info, data in [reg("manifest.json", manifest), reg(f"{hexdigest}.json", config), *extra]:
+            t.addfile(info, io.BytesIO(data))
+        for name, raw in dict(zip(names, layers)).items():
+            t.addfile(reg(name, raw)[0], io.BytesIO(raw))
+
+
+EXTENDED = {"longname": tarfile.GNUTYPE_LONGNAME, "longlink": tarfile.GNUTYPE_LONGLINK, "pax": tarfile.XHDTYPE}
+EXTENDED["pax-global"] = tarfile.XGLTYPE
+
+
+@pytest.mark.parametrize("kind", sorted(EXTENDED))
+def test_a_huge_extended_header_is_refused_before_it_is_read(kind: str, layout_copy: Path, image_cache: Path) -> None:
+    """A header that claims 64 MiB of long name (or pax records) was read and decoded whole
+    by tarfile as it went past it: 0.5 MB of gzip cost 3.1 GB of memory. Refused on its
+    claim now, in a layer (here with nothing behind the claim: no data is read) and in the
+    archive itself."""
+    before = roots(image_cache)
+    raw = raw_header("././@LongLink", 64 << 20, EXTENDED[kind]) + reg("x")[0].tobuf() + bytes(1024)
+    digest = add_raw_layer(layout_copy, "base", "huge", raw)
+    with pytest.raises(
+        ImageError, match=f"^{layout_copy}: layer {digest}: not a valid tar archive .*claims 67108864 bytes"
+    ):
+        Image(layout_copy, "huge")
+    assert_clean(image_cache, before)
+
+
+def test_an_archive_with_a_huge_long_name_costs_no_memory(tmp_path: Path, image_cache: Path) -> None:
+    """The audit's bomb at 64 MiB, the archive gzip'd: measured in a process of its own."""
+    path = tmp_path / "bomb.tar.gz"
+    with gzip.open(path, "wb", compresslevel=1) as g:
+        g.write(raw_header("././@LongLink", 64 << 20, tarfile.GNUTYPE_LONGNAME))
+        for _ in range(64):
+            g.write(b"a" * (1 << 20))
+        g.write(reg("x")[0].tobuf() + bytes(1024))
+    script = (
+        "import resource, sys, nsfast\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        f"    nsfast.Image({str(path)!r}, cache={str(image_cache)!r})\n"
+        "except nsfast.ImageError as e:\n"
+        "    print(e)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) >> 10)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": PYTHON_SRC}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout
+    message, grown_mib = out.rsplit("\n", 2)[:2]
+    assert message.startswith(f"{path}: not an OCI image layout directory nor a readable tar archive"), out
+    assert "a GNU long name ('././@LongLink') at byte 0: claims 67108864 bytes" in message, out
+    assert int(grown_mib) < 32, out  # tarfile alone held 64 MiB, and its decoded copy
+    assert os.listdir(image_cache / "tmp") == []
+
+
+def test_chained_and_global_extended_headers_are_bounded(layout_copy: Path) -> None:
+    """Each header under the bound, but many of them before one member (tarfile recursed
+    through them, holding each), or global pax keys copied into every later member."""
+    chain = b"".join(raw_header("././@LongLink", 1024, tarfile.GNUTYPE_LONGNAME) + b"a" * 1024 for _ in range(9))
+    digest = add_raw_layer(layout_copy, "base", "chain", chain + reg("x")[0].tobuf() + bytes(1024))
+    with pytest.raises(ImageError, match=f"layer {digest}: .*more than 8 extended headers for one member"):
+        Image(layout_copy, "chain")
+    keys = {f"k{i}": "v" for i in range(65)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers=keys) as t:
+        t.addfile(reg("x")[0], io.BytesIO(b""))
+    digest = add_raw_layer(layout_copy, "base", "global", buf.getvalue())
+    with pytest.raises(ImageError, match=f"layer {digest}: .*more than 64 global pax keys"):
+        Image(layout_copy, "global")
+
+
+def test_tarfile_keeps_no_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tarfile kept every header it read (2M members: 1.5 GB), the archive's as a layer's;
+    nsfast keeps the names and offsets of an archive's files only, within a bound."""
+    from nsfast import _image
+
+    path = tmp_path / "many.tar"
+    with tarfile.open(path, "w") as t:
+        for i in range(3000):
+            t.addfile(reg(f"{i:099d}")[0], io.BytesIO(b""))
+    with _image._TarFile.open(path, "r:") as tf:
+        assert sum(1 for _ in _image._members(tf)) == 3000
+        assert tf.members == []  # type: ignore[attr-defined]
+    monkeypatch.setattr(_image, "_MAX_INDEX", 3000 * 128)
+    with pytest.raises(ImageError, match=f"^{path}: .*the names of the archive's files take more than"):
+        Image(path)
+
+
+def test_a_repeated_layer_is_read_once_and_charged_each_time(
+    tmp_path: Path, image_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gzip'd archive read its members in place: each layer read decompressed it again
+    from its start (the audit: one tiny layer named N times behind 512 MiB of zeros, 1.15 s
+    a layer). It is decompressed once now, a repeated layer verified and decompressed once,
+    but charged to max_size at each use; and at most 256 layers."""
+    from nsfast import _image
+
+    layer = layer_tar([reg("hello", b"hi")])
+    path = tmp_path / "repeat.tar.gz"
+    docker_save(path, [layer] * 100, ["l/layer.tar"] * 100, extra=[reg("pad", bytes(4 << 20))])
+    calls: List[str] = []
+    decompress = _image._decompress
+    monkeypatch.setattr(
+        _image, "_decompress", lambda store, lay, *a: calls.append(lay.name) or decompress(store, lay, *a)
+    )
+    img = Image(path)
+    assert calls == ["l/layer.tar"]
+    assert Path(img.rootfs, "hello").read_bytes() == b"hi"
+    assert os.listdir(image_cache / "tmp") == []
+    # Charged each time: 100 uses of a 10 KiB tar do not fit in 512 KiB.
+    small = tmp_path / "small.tar.gz"
+    docker_save(small, [layer] * 100, ["l/layer.tar"] * 100)
+    with pytest.raises(ImageError, match=f"^{small}: layer l/layer.tar: the image's layers take more than max_size"):
+        Image(small, cache=tmp_path / "cache2", max_size=512 << 10)
+    assert Image(small, cache=tmp_path / "cache2", max_size=2 << 20).rootfs
+    # The archive itself, decompressed, is bounded by max_size too.
+    with pytest.raises(ImageError, match=rf"^{path}: more than max_size \(1048576 bytes\) once decompressed \(gzip\)"):
+        Image(path, cache=tmp_path / "cache3", max_size=1 << 20)
+    docker_save(path, [layer] * 257, ["l/layer.tar"] * 257)
+    with pytest.raises(ImageError, match=f"^{path}: sha256:[0-9a-f]+ has 257 layers, more than the 256 allowed"):
+        Image(path)
+
+
+def test_a_root_in_any_cache_used_is_not_writable(layout: Path, tmp_path: Path) -> None:
+    """The guard knew the default cache only: the root of an Image(cache=X), passed as a
+    string, was a writable root (readonly_root=False) every later sandbox of it shared."""
+    img = Image(layout, "base", cache=tmp_path / "other-cache")
+    for root in (img.rootfs, os.path.dirname(img.rootfs), os.path.join(img.rootfs, "etc")):
+        with pytest.raises(nsfast.SpecError, match="write into the image cache"):
+            nsfast.Spec(rootfs=root, readonly_root=False)
     assert nsfast.Spec(rootfs=img.rootfs, overlay=True).overlay

@@ -23,6 +23,15 @@ by digest:
   nothing is written through a symlink or a hard link. Setuid and setgid bits are dropped;
   as root the tar's numeric owners are kept (the sandbox idmaps the root: ids 0..65535 on
   disk are the sandbox's ids), otherwise tarfile does not chown.
+- Loading is bounded in memory, disk and time, whatever the image says: the layers take at
+  most `max_size` bytes uncompressed (each use of a layer listed twice charged again), at
+  most MAX_ENTRIES entries and MAX_LAYERS layers; tar headers are parsed with bounds
+  (`_TarInfo`: a member's pax records and GNU long names at most MAX_HEADER bytes, checked
+  on the size a header claims before tarfile reads it) and never accumulated; a compressed
+  archive is decompressed once (at most `max_size` bytes, into an unnamed file in the
+  cache), not once per blob read from it; member paths resolve through the image's
+  symlinks by `_resolve`, which follows at most 40 of them (as the kernel does) and never
+  looks outside the root.
 - OCI layer semantics: layers apply in order onto one tree; a layer's whiteouts
   (`.wh.NAME`, the opaque marker `.wh..wh..opq`) remove lower layers' entries before its
   other members are unpacked.
@@ -41,6 +50,7 @@ extended attributes (file capabilities are dropped), and images that are not Lin
 
 from __future__ import annotations
 
+import bz2
 import copy
 import errno
 import fcntl
@@ -48,6 +58,7 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import platform as _platform
 import posixpath
@@ -56,8 +67,9 @@ import stat
 import tarfile
 import tempfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass
-from typing import IO, Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import IO, Any, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple, Union
 
 from . import _core
 from ._errors import ImageError
@@ -82,6 +94,24 @@ MAX_ENTRIES = 2_000_000
 #: The deepest an entry may sit, as named and as resolved through the tree's symlinks (the
 #: deepest real images stay far below: each level is a lookup per entry below it).
 MAX_DEPTH = 256
+#: The most layers an image may have (Docker stops at 127; each costs a pass over its tar).
+MAX_LAYERS = 256
+#: The most bytes the extended headers of one tar member (pax records, GNU long names and
+#: link names, sparse maps) may take together, and the most a tar's global pax headers may
+#: take in all: tarfile reads each whole into memory before it looks at it (a header that
+#: claims 64 MiB cost 64 MiB, and a few hundred of them chained before one member, more).
+MAX_HEADER = 1 << 20
+_MAX_HEADERS = 8  # extended headers before one member (real tars have at most 3: x, L, K)
+_MAX_GLOBAL_KEYS = 64  # global pax keys (each is copied into every later member's header)
+#: The kernel's bound on the symlinks one path resolution follows (MAXSYMLINKS), and on the
+#: names our own resolution looks up (4 times MAX_DEPTH), per member.
+_MAX_SYMLINKS = 40
+_MAX_LOOKUPS = 4 * MAX_DEPTH
+_PATH_MAX = 4096  # a symlink's target is shorter (symlink(2) fails with ENAMETOOLONG)
+#: What an archive's index of its files may take in memory: names and offsets (each entry
+#: counted `_INDEX_COST` bytes beyond its name).
+_MAX_INDEX = 64 << 20
+_INDEX_COST = 128
 _REF_NAME = "org.opencontainers.image.ref.name"
 
 _INDEX_TYPES = {
@@ -115,6 +145,8 @@ _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm6
 _MOUNT_POINTS = (("proc", 0o755), ("dev", 0o755), ("tmp", 0o1777))
 
 _cache_override: Optional[str] = None
+#: The rootfs/ directory of every cache an Image of this process used (see `in_image_cache`).
+_cache_roots: Set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -141,6 +173,15 @@ def cache_dir() -> str:
     return os.path.join(base, "nsfast", "images")
 
 
+def in_image_cache(path: str) -> bool:
+    """Whether directory `path` is (below) the roots of an image cache: the default one's,
+    or one an `Image(cache=)` of this process used. Such a root is shared by every sandbox
+    of its image (and `Image.rootfs` is a string anyone may pass as a `rootfs`)."""
+    real = os.path.realpath(path)
+    caches = {os.path.realpath(os.path.join(cache_dir(), "rootfs")), *_cache_roots}
+    return any(real == c or real.startswith(c + "/") for c in caches)
+
+
 def set_cache_dir(path: Optional[StrPath]) -> None:
     """Use `path` as the image cache from now on; None: back to the default (see cache_dir)."""
     global _cache_override
@@ -164,7 +205,8 @@ class Image:
     when there are several images. `platform` ("linux/arm64", "linux/arm/v7"): the one to
     take from a multi-platform index (default: the host's). `cache`: instead of cache_dir().
     `max_size`: the most bytes its layers may take uncompressed, together (an ImageError
-    beyond, with nothing left in the cache).
+    beyond, with nothing left in the cache), and a compressed archive decompressed. At most
+    MAX_LAYERS layers.
     """
 
     path: str
@@ -188,12 +230,17 @@ class Image:
         if not hasattr(tarfile, "data_filter"):
             raise ImageError("loading images needs tarfile extraction filters (Python 3.9.17+, 3.10.12+, 3.11.4+)")
         cache_root = _open_cache(cache_dir() if cache is None else os.path.abspath(os.fspath(cache)))
-        store = _Store(self.path)
+        _cache_roots.add(os.path.join(cache_root, "rootfs"))
+        store = _Store(self.path, os.path.join(cache_root, "tmp"), max_size)
         try:
             if store.is_docker:
                 self.digest, config, layers = _docker_image(store, ref)
             else:
                 self.digest, config, layers = _oci_image(store, ref, platform)
+            if len(layers) > MAX_LAYERS:
+                raise ImageError(
+                    f"{self.path}: {self.digest} has {len(layers)} layers, more than the {MAX_LAYERS} allowed"
+                )
             self.config, self.diff_ids = _parse_config(f"{self.path}: config of {self.digest}", config)
             if len(self.diff_ids) != len(layers):
                 raise ImageError(
@@ -261,29 +308,146 @@ class _Reader:
         return got
 
 
+_EXTENDED = {
+    tarfile.GNUTYPE_LONGNAME: "a GNU long name",
+    tarfile.GNUTYPE_LONGLINK: "a GNU long link name",
+    tarfile.XHDTYPE: "a pax header",
+    tarfile.XGLTYPE: "a pax global header",
+    tarfile.SOLARIS_XHDTYPE: "a Solaris extended header",
+}
+
+
+class _Limited:
+    """A tar's file object while tarfile reads a sparse map from it: at most `left` bytes."""
+
+    def __init__(self, f: Any, left: int, what: str) -> None:
+        self._f, self._left, self._what = f, left, what
+
+    def read(self, n: int) -> bytes:
+        self._left -= n
+        if self._left < 0:
+            raise tarfile.ReadError(f"{self._what}: a sparse map of more than {MAX_HEADER} bytes")
+        data: bytes = self._f.read(n)
+        return data
+
+    def tell(self) -> int:
+        pos: int = self._f.tell()
+        return pos
+
+
+class _TarInfo(tarfile.TarInfo):
+    """tarfile's header parser, bounded: the extended headers before a member take at most
+    MAX_HEADER bytes (checked on the size each claims, before tarfile reads it), and so do
+    sparse maps; a tar's global pax headers take at most MAX_HEADER bytes and
+    _MAX_GLOBAL_KEYS keys in all. Past a bound: a tarfile.ReadError naming the header,
+    which tarfile passes on (a HeaderError would end the archive there, silently)."""
+
+    def _proc_member(self, tf: Any) -> tarfile.TarInfo:
+        kind = _EXTENDED.get(self.type)
+        if kind is None:  # the member these headers were for: the next member's start afresh
+            tf._nsfast_chain = (0, 0)
+        else:
+            n, size = getattr(tf, "_nsfast_chain", (0, 0))
+            n, size = n + 1, size + self.size
+            where = f"{kind} ({self.name!r}) at byte {self.offset}"
+            if self.size > MAX_HEADER or size > MAX_HEADER:
+                raise tarfile.ReadError(
+                    f"{where}: claims {self.size} bytes; a member's extended headers may take {MAX_HEADER}"
+                )
+            if n > _MAX_HEADERS:
+                raise tarfile.ReadError(f"{where}: more than {_MAX_HEADERS} extended headers for one member")
+            if self.type == tarfile.XGLTYPE:
+                total = getattr(tf, "_nsfast_global", 0) + self.size
+                if total > MAX_HEADER:
+                    raise tarfile.ReadError(
+                        f"{where}: the archive's global pax headers take more than {MAX_HEADER} bytes"
+                    )
+                tf._nsfast_global = total
+            tf._nsfast_chain = (n, size)
+        member: tarfile.TarInfo = super()._proc_member(tf)  # type: ignore[misc]
+        if self.type == tarfile.XGLTYPE and len(tf.pax_headers) > _MAX_GLOBAL_KEYS:
+            raise tarfile.ReadError(
+                f"a pax global header at byte {self.offset}: more than {_MAX_GLOBAL_KEYS} global pax keys"
+            )
+        return member
+
+    def _proc_sparse(self, tf: Any) -> tarfile.TarInfo:
+        real = tf.fileobj
+        tf.fileobj = _Limited(real, MAX_HEADER, f"{self.name!r} at byte {self.offset}")
+        try:
+            member: tarfile.TarInfo = super()._proc_sparse(tf)  # type: ignore[misc]
+        finally:
+            tf.fileobj = real
+        return member
+
+    def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: Dict[str, str], tf: Any) -> None:
+        real = tf.fileobj
+        tf.fileobj = _Limited(real, MAX_HEADER, f"{next.name!r} at byte {self.offset}")
+        try:
+            super()._proc_gnusparse_10(next, pax_headers, tf)  # type: ignore[misc]
+        finally:
+            tf.fileobj = real
+
+
+class _TarFile(tarfile.TarFile):
+    """A tar read with `_TarInfo` headers, which never looks up a member by name: tarfile
+    does when a link cannot be made (a symlink whose target is too long), and reads all of
+    the archive's headers into memory to do it."""
+
+    tarinfo = _TarInfo
+
+    def _find_link_target(self, tarinfo: tarfile.TarInfo) -> tarfile.TarInfo:
+        raise tarfile.ExtractError(f"cannot make the link to {tarinfo.linkname[:256]!r}")
+
+
+def _members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members of `tf` in order, none kept: tarfile's cache of the headers it read (all
+    of an archive's, otherwise) is emptied as each is read."""
+    while True:
+        m = tf.next()
+        tf.members = []  # type: ignore[attr-defined]
+        if m is None:
+            return
+        yield m
+
+
 class _Store:
     """The files of an image: an OCI layout directory, or the members of a tar archive
-    (read in place, never extracted). `is_docker`: a tar with docker save's manifest.json."""
+    (read in place, never extracted). `is_docker`: a tar with docker save's manifest.json.
 
-    def __init__(self, path: str) -> None:
+    A compressed archive (gzip, bzip2, xz) is decompressed once, at most `max_size` bytes of
+    it, into an unnamed temporary file in `tmp` (the cache's), and read there: reading its
+    members in place meant decompressing it again from its start for each one read (a layer
+    named 256 times behind 512 MiB of zeros took five minutes)."""
+
+    def __init__(self, path: str, tmp: str, max_size: int) -> None:
         self.path = path
         self._tar: Optional[tarfile.TarFile] = None
-        self._members: Dict[str, tarfile.TarInfo] = {}
+        self._file: Optional[IO[bytes]] = None
+        self._members: Dict[str, Tuple[int, int]] = {}  # name -> (data offset, size)
         if os.path.isdir(path):
             self.is_docker = False
             return
         try:
-            self._tar = tarfile.open(path)
-            for n, m in enumerate(self._tar):
+            self._file = _uncompressed(path, tmp, max_size)
+            self._tar = _TarFile(fileobj=self._file, mode="r")
+            index = 0
+            for n, m in enumerate(_members(self._tar)):
                 if n >= MAX_ENTRIES:
                     raise ImageError(f"{path}: more than {MAX_ENTRIES} entries in the archive")
-                if m.isreg():
-                    self._members[posixpath.normpath(m.name).lstrip("/")] = m
-            self._tar.members = list(self._members.values())  # type: ignore[attr-defined]  # only the files'
-        except (OSError, tarfile.TarError, ValueError, OverflowError) as e:
+                if not m.isreg():
+                    continue
+                if m.sparse is not None:
+                    raise ImageError(f"{path}: {m.name!r}: a sparse file (not something an image archive holds)")
+                name = posixpath.normpath(m.name).lstrip("/")
+                index += len(name) + _INDEX_COST
+                if index > _MAX_INDEX:
+                    raise ImageError(f"{path}: the names of the archive's files take more than {_MAX_INDEX >> 20} MiB")
+                self._members[name] = (m.offset_data, m.size)
+        except (OSError, EOFError, tarfile.TarError, ValueError, OverflowError, zlib.error, lzma.LZMAError) as e:
             self.close()
             raise ImageError(f"{path}: not an OCI image layout directory nor a readable tar archive ({e})") from None
-        except ImageError:
+        except BaseException:
             self.close()
             raise
         self.is_docker = "manifest.json" in self._members
@@ -291,6 +455,8 @@ class _Store:
     def close(self) -> None:
         if self._tar is not None:
             self._tar.close()
+        if self._file is not None:
+            self._file.close()
 
     def open(self, name: str, what: str) -> IO[bytes]:
         if self._tar is None:
@@ -308,7 +474,9 @@ class _Store:
                 os.set_blocking(fd, True)
                 return open(fd, "rb")
         elif name in self._members:
-            f = self._tar.extractfile(self._members[name])
+            info = tarfile.TarInfo(name)
+            info.offset_data, info.size = self._members[name]
+            f = self._tar.extractfile(info)
             if f is not None:
                 return f
         raise ImageError(f"{self.path}: {what} is missing ({name})")
@@ -329,6 +497,48 @@ class _Store:
             raise ImageError(f"{self.path}: {what}: not valid JSON ({e})") from None
         except RecursionError:
             raise ImageError(f"{self.path}: {what}: JSON nested deeper than Python parses") from None
+
+
+_COMPRESSED = ((_GZIP_MAGIC, "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+
+
+def _uncompressed(path: str, tmp: str, max_size: int) -> IO[bytes]:
+    """Archive `path`, open for reading: itself, or (compressed) an unnamed temporary file
+    in directory `tmp` holding it decompressed, at most `max_size` bytes of it."""
+    f = open(path, "rb")
+    keep = False
+    try:
+        magic = f.read(6)
+        f.seek(0)
+        if magic.startswith(_ZSTD_MAGIC):
+            raise ImageError(f"{path}: zstd-compressed archives are not supported")
+        kind = next((k for m, k in _COMPRESSED if magic.startswith(m)), None)
+        if kind is None:
+            keep = True
+            return f
+        src: Union[gzip.GzipFile, bz2.BZ2File, lzma.LZMAFile]
+        if kind == "gzip":
+            src = gzip.GzipFile(fileobj=f, mode="rb")
+        elif kind == "bzip2":
+            src = bz2.BZ2File(f)
+        else:
+            src = lzma.LZMAFile(f)
+        out = tempfile.TemporaryFile(dir=tmp)
+        try:
+            left = max_size
+            while chunk := src.read(_CHUNK):
+                left -= len(chunk)
+                if left < 0:
+                    raise ImageError(f"{path}: more than max_size ({max_size} bytes) once decompressed ({kind})")
+                out.write(chunk)
+            out.seek(0)
+        except BaseException:
+            out.close()
+            raise
+        return out
+    finally:
+        if not keep:
+            f.close()
 
 
 def _blob(digest: str) -> str:
@@ -598,12 +808,28 @@ def _unpack(store: _Store, layers: List[_Layer], diff_ids: Tuple[str, ...], cach
     try:
         root = os.path.join(work, "root")
         os.mkdir(root)
-        tar = os.path.join(work, "layer.tar")
         budget = [max_size, MAX_ENTRIES]
-        for layer, diff_id in zip(layers, diff_ids):
-            _decompress(store, layer, diff_id, tar, budget)
-            _apply(f"{store.path}: layer {layer.label}", tar, root, budget)
-            os.unlink(tar)
+        # A layer an image lists more than once is read, verified and decompressed once,
+        # and kept until its last use; each use is charged again (its bytes unpacked again).
+        uses = Counter((layer, diff_id) for layer, diff_id in zip(layers, diff_ids))
+        kept: Dict[Tuple[_Layer, str], str] = {}
+        for i, (layer, diff_id) in enumerate(zip(layers, diff_ids)):
+            where = f"{store.path}: layer {layer.label}"
+            tar = kept.get((layer, diff_id))
+            if tar is None:
+                tar = os.path.join(work, f"layer{i}.tar")
+                _decompress(store, layer, diff_id, tar, budget)
+            else:
+                budget[0] -= os.path.getsize(tar)
+                if budget[0] < 0:
+                    raise ImageError(f"{where}: the image's layers take more than max_size uncompressed")
+            _apply(where, tar, root, budget)
+            uses[layer, diff_id] -= 1
+            if uses[layer, diff_id]:
+                kept[layer, diff_id] = tar
+            else:
+                kept.pop((layer, diff_id), None)
+                os.unlink(tar)
         _add_mount_points(root)
         try:
             os.rename(root, final)
@@ -680,18 +906,71 @@ def _member_path(where: str, name: str) -> str:
     return "/".join(parts)
 
 
+class _Unresolvable(Exception):
+    """Why a path of the tree does not resolve inside it; `outside`: it leads out."""
+
+    def __init__(self, reason: str, outside: bool = False) -> None:
+        super().__init__(reason)
+        self.outside = outside
+
+
+def _resolve(root: str, rel: str) -> str:
+    """Path `rel` of the tree at `root` (a real path) resolved through the tree's symlinks,
+    as realpath does, but never outside the root and in bounded time: `..` above the root
+    or an absolute symlink leads outside (_Unresolvable), and a path may follow at most
+    _MAX_SYMLINKS symlinks (the kernel's bound) and look up _MAX_LOOKUPS names (realpath
+    walked any chain: 400 symlinks of 600 components each cost 0.7 s per member). What does
+    not exist (yet) is taken as it is named. Nothing outside the root is ever looked up."""
+    done: List[str] = []  # the resolved components so far: real directories, or missing
+    todo = [p for p in reversed(rel.split("/")) if p not in ("", ".")]
+    links = lookups = 0
+    missing: Optional[int] = None  # done[missing] does not exist: nothing below it does
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not done:
+                raise _Unresolvable("resolves outside the root (through '..')", outside=True)
+            done.pop()
+            if missing is not None and len(done) <= missing:
+                missing = None  # back above it: what follows is looked up again
+            continue
+        if len(done) >= MAX_DEPTH:
+            raise _Unresolvable(f"resolves deeper than {MAX_DEPTH} levels")
+        lookups += 1
+        if lookups > _MAX_LOOKUPS:
+            raise _Unresolvable(f"does not resolve (it takes more than {_MAX_LOOKUPS} lookups)")
+        path = root + "/" + "/".join(done + [part])
+        if missing is None:
+            try:
+                st = os.lstat(path)
+            except OSError:  # missing, or below a file: named as it is (made later, or an error)
+                missing = len(done)
+            else:
+                if stat.S_ISLNK(st.st_mode):
+                    links += 1
+                    if links > _MAX_SYMLINKS:
+                        raise _Unresolvable(f"does not resolve (more than {_MAX_SYMLINKS} symbolic links)")
+                    target = os.readlink(path)
+                    if target.startswith("/"):
+                        raise _Unresolvable(
+                            f"resolves outside the root (through {'/'.join(done + [part])!r} -> {target!r})",
+                            outside=True,
+                        )
+                    todo.extend(p for p in reversed(target.split("/")) if p not in ("", "."))
+                    continue
+        done.append(part)
+    return root + "".join("/" + p for p in done)
+
+
 def _resolve_inside(where: str, name: str, root: str, rel_dir: str) -> str:
-    """The real path of directory `rel_dir` of the tree, refused if (through a symlink) it is
+    """The real path of directory `rel_dir` of the tree (see `_resolve`), refused if it is
     outside the root. The tree only changes by our own hand, so the answer stays true."""
     try:
-        real = os.path.realpath(os.path.join(root, rel_dir))
-    except (OSError, RecursionError):  # (a symlink chain Python's realpath recurses through)
-        raise ImageError(f"{where}: {name!r}: its directory does not resolve") from None
-    if os.path.commonpath([real, root]) != root:
-        raise ImageError(f"{where}: {name!r}: its directory resolves outside the root, to {real}")
-    if real.count("/") - root.count("/") > MAX_DEPTH:
-        raise ImageError(f"{where}: {name!r}: its directory resolves deeper than {MAX_DEPTH} levels")
-    return real
+        return _resolve(root, rel_dir)
+    except _Unresolvable as e:
+        raise ImageError(f"{where}: {name!r}: its directory {e}") from None
 
 
 def _remove(path: str) -> None:
@@ -712,9 +991,8 @@ def _apply(where: str, tar: str, root: str, budget: List[int]) -> None:
     the image may still take (each entry charged a block beyond its tar bytes)."""
     root = os.path.realpath(root)
     try:
-        with tarfile.open(tar, "r:") as tf:  # pass 1: whiteouts, and the budget
-            for m in tf:
-                tf.members = []  # type: ignore[attr-defined]  # (tarfile's cache of headers read)
+        with _TarFile.open(tar, "r:") as tf:  # pass 1: whiteouts, and the budget
+            for m in _members(tf):
                 budget[0] -= _ENTRY_COST
                 budget[1] -= 1
                 if budget[0] < 0:
@@ -724,11 +1002,10 @@ def _apply(where: str, tar: str, root: str, budget: List[int]) -> None:
                 rel = _member_path(where, m.name)
                 if posixpath.basename(rel).startswith(".wh."):
                     _whiteout(where, m.name, root, rel)
-        with tarfile.open(tar, "r:") as tf:  # pass 2: the rest
+        with _TarFile.open(tar, "r:") as tf:  # pass 2: the rest
             tf.errorlevel = 2  # every extraction problem raises
             flt = _Filter(where, root)
-            for m in tf:
-                tf.members = []  # type: ignore[attr-defined]  # (tarfile's cache of headers read)
+            for m in _members(tf):
                 if posixpath.basename(_member_path(where, m.name)).startswith(".wh."):
                     continue
                 try:
@@ -777,11 +1054,17 @@ class _Filter:
         # The member replaces what is there: unlinked, or removed with its contents, never
         # followed; only a directory over a directory merges. After this, data_filter's
         # check that the member's path resolves inside the root is about its directory.
+        # The member goes where its directory resolves (no symlink left on the way there:
+        # neither tarfile's realpath nor the kernel walks the image's symlinks again).
         path = os.path.join(_resolve_inside(where, member.name, root, posixpath.dirname(rel)), posixpath.basename(rel))
         if not (member.isdir() and os.path.isdir(path) and not os.path.islink(path)):
             _remove(path)
         new = copy.copy(member)
-        new.name = rel
+        new.name = path[len(root) + 1 :]
+        if new.issym() and len(os.fsencode(new.linkname)) >= _PATH_MAX:
+            raise ImageError(f"{what}: a symlink to a target of more than {_PATH_MAX - 1} bytes")
+        if new.islnk():
+            new.linkname = self._link_target(what, new.linkname)
         # Not stored: extraction keeps the numeric owner (as root) and the mode set below.
         probe = copy.copy(new)
         if probe.issym():  # a symlink's target may be anything; its own path is checked
@@ -790,16 +1073,32 @@ class _Filter:
             tarfile.data_filter(probe, dest)
         except tarfile.FilterError as e:
             raise ImageError(f"{where}: {e}") from None
-        if new.islnk():
-            target = os.path.join(root, new.linkname)
-            if not (os.path.lexists(target) and stat.S_ISREG(os.lstat(target).st_mode)):
-                raise ImageError(f"{what}: hard link to {new.linkname!r}, which is not a file of the tree")
         # No setuid, setgid; sticky only on directories. Unprivileged, directories stay
         # writable to their owner (us), so later layers and cleanup can change them.
         new.mode = member.mode & (0o1777 if member.isdir() else 0o777)
         if member.isdir() and os.geteuid() != 0:
             new.mode |= 0o700
         return new
+
+    def _link_target(self, what: str, linkname: str) -> str:
+        """A hard link's target, relative to the root and resolved (see `_resolve`): refused
+        unless it is a regular file of the tree."""
+        if linkname.startswith("/"):
+            raise ImageError(f"{what}: a hard link to an absolute path ({linkname!r})")
+        rel_dir, base = posixpath.split(linkname)
+        try:
+            if base in ("", ".", ".."):
+                raise _Unresolvable("is not a file")
+            target = os.path.join(_resolve(self._root, rel_dir), base)
+        except _Unresolvable as e:
+            if e.outside:
+                raise ImageError(
+                    f"{what}: hard link to {linkname!r}, which is outside the destination: it {e}"
+                ) from None
+            raise ImageError(f"{what}: hard link to {linkname!r}, which {e}") from None
+        if not (os.path.lexists(target) and stat.S_ISREG(os.lstat(target).st_mode)):
+            raise ImageError(f"{what}: hard link to {linkname!r}, which is not a file of the tree")
+        return target[len(self._root) + 1 :]
 
 
 def _add_mount_points(root: str) -> None:

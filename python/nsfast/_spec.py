@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, 
 
 from . import _core
 from ._errors import SpecError
-from ._image import Image, cache_dir
+from ._image import Image, in_image_cache
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -357,11 +357,10 @@ def default_env() -> dict[str, str]:
 
 
 def _in_image_cache(root: str) -> bool:
-    """Whether directory `root` is (below) an image's root in the image cache: the path of
-    `Image.rootfs`, given as a string, is the same shared tree as the Image."""
-    cache = os.path.realpath(os.path.join(cache_dir(), "rootfs"))
-    real = os.path.realpath(root)
-    return real.startswith(cache + "/")
+    """Whether directory `root` is (below) an image's root in an image cache (the default
+    one, or any an `Image(cache=)` of this process used): the path of `Image.rootfs`, given
+    as a string, is the same shared tree as the Image."""
+    return in_image_cache(root)
 
 
 def _image_user(img: Image, user: str) -> Tuple[int, int]:
