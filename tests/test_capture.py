@@ -56,6 +56,31 @@ def test_a_flood_is_cut_at_the_default_and_the_caller_stays_small() -> None:
     assert got["maxrss"] < 3 * DEFAULT_CAPTURE_MAX_BYTES + (100 << 20), got
 
 
+@pytest.mark.parametrize("api", ["run", "arun"])
+def test_output_a_byte_per_write_costs_the_caller_what_it_counts(api: str) -> None:
+    """(Found by an audit.) Each read was kept as a bytes object of its own: written a byte
+    per write(), 8 MB of output took the caller from 27 to 369 MiB (~43 bytes per byte; 2.7
+    GiB at the default cap). In a fresh interpreter, so its peak is the run's."""
+    code = textwrap.dedent(
+        f"""
+        import asyncio, json, resource, nsfast
+        args = ["dd", "if=/dev/zero", "bs=1", "count=3000000", "status=none"]
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if {api!r} == "run":
+            r = nsfast.run(args, capture_output=True, timeout=100)
+        else:
+            r = asyncio.run(nsfast.arun(args, capture_output=True, timeout=100))
+        grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        print(json.dumps([r.returncode, len(r.stdout), grew]))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=200, check=True).stdout
+    rc, n, grew = json.loads(out)
+    assert (rc, n) == (0, 3_000_000)
+    # The buffer, its copy as bytes, the interpreter's own: not 40 bytes per byte (120 MB).
+    assert grew < 40 << 20, f"the caller grew by {grew >> 20} MiB for 3 MB of output"
+
+
 def test_the_limit_is_exact() -> None:
     r = nsfast.run(["head", "-c", "1000", "/dev/zero"], capture_output=True, capture_max_bytes=1000)
     assert (len(r.stdout), r.returncode, r.usage.termination) == (1000, 0, "exit")

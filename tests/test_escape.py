@@ -671,7 +671,38 @@ def test_the_sandbox_cannot_lift_its_own_pids_limit(inside, where, limits):
 @pytest.mark.parametrize("where", HOST_AND_EXEC)
 def test_core_dumps_are_off(inside, where):
     """Attack: raise RLIMIT_CORE to dump memory (and fill the disk) on a crash."""
-    assert value(inside("import resource\nprint(json.dumps(resource.getrlimit(resource.RLIMIT_CORE)))")) == [0, 0]
+    assert value(inside("import resource\nprint(json.dumps(resource.getrlimit(resource.RLIMIT_CORE)))")) == [1, 1]
+
+
+def test_a_crash_starts_no_core_pattern_helper_on_the_host(tmp_path):
+    """(Found by an audit.) RLIMIT_CORE was 0, which stops a core file but not a pipe
+    `core_pattern` (systemd-coredump, apport): the kernel starts that helper as host root,
+    outside every limit of the sandbox, for any limit but 1 (fs/coredump.c), so a crash loop
+    started host processes without bound. The limit is 1 now. The host's core_pattern is set
+    to a helper of the test's for the test and written back; a process outside nsfast with
+    RLIMIT_CORE 0 shows the helper runs."""
+    pattern = Path("/proc/sys/kernel/core_pattern")
+    if os.geteuid() != 0 or not os.access(pattern, os.W_OK):
+        pytest.skip("setting the host's core_pattern needs root")
+    helper = tmp_path / "helper"
+    helper.write_text(f"#!/bin/sh\necho ran > {tmp_path}/ran-$1\n")
+    helper.chmod(0o755)
+    crash = "import os, resource, signal, sys\nif sys.argv[1:]: resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n" \
+        "os.kill(os.getpid(), signal.SIGSEGV)"  # fmt: skip
+    old = pattern.read_text()
+    try:
+        pattern.write_text(f"|{helper} %P")
+        r = nsfast.run(["/usr/bin/python3", "-c", crash])
+        assert r.returncode == -signal.SIGSEGV
+        control = subprocess.run(["/usr/bin/python3", "-c", crash, "0"])
+        assert control.returncode == -signal.SIGSEGV
+        # The kernel starts the helper before the crashed process is reaped: the sandbox's,
+        # first, would have run before the control's, whose file shows they both could.
+        assert wait_until(lambda: any(tmp_path.glob("ran-*")), timeout=10), "the control's helper never ran"
+    finally:
+        pattern.write_text(old)
+    ran = sorted(p.name for p in tmp_path.glob("ran-*"))
+    assert len(ran) == 1, f"the helper ran for the sandbox's crash too: {ran}"
 
 
 # -- paths resolved on the host's side -----------------------------------------------------------
@@ -1114,3 +1145,39 @@ def test_starting_sandboxes_leaves_the_caller_as_it_was():
     finally:
         libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
         libc.capset(header, (ctypes.c_uint32 * 6)(*saved))
+
+
+_TCP_FILL = r"""
+import fcntl, json, socket, struct
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(64)
+keep, queued = [], 0
+for i in range(24):
+    try:
+        c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        c.connect(ls.getsockname()); s, _ = ls.accept(); s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    except OSError:
+        break
+    c.setblocking(False)
+    try:
+        while True:
+            c.send(b"x" * 65536)
+    except OSError:
+        pass
+    keep.append((c, s))
+    # What the kernel holds for the pair: unsent (SIOCOUTQ) and unread (SIOCINQ) bytes.
+    queued += struct.unpack("i", fcntl.ioctl(c, 0x5411, b"\0" * 4))[0]
+    queued += struct.unpack("i", fcntl.ioctl(s, 0x541B, b"\0" * 4))[0]
+print(json.dumps(queued))
+"""
+
+
+def test_socket_buffers_are_held_to_the_memory_limit():
+    """(Found by an audit.) On cgroup v1 the kernel charges socket buffers to a memory cgroup
+    only once its TCP limit was set: a sandbox limited to 64 MiB queued 217 MiB of loopback
+    TCP (UDP too) outside its limit, up to the host's tcp_mem (GiBs). nsfast sets it with the
+    memory limit now (v2 charges them to memory.max always)."""
+    r = nsfast.run(["/usr/bin/python3", "-c", _TCP_FILL], limits=nsfast.Limits(memory="64M"), capture_output=True)
+    assert r.returncode == 0 or r.usage.oom_killed, r.stderr
+    if r.returncode == 0:
+        queued = json.loads(r.stdout)
+        assert queued < 2 * (64 << 20), f"{queued >> 20} MiB queued in socket buffers under a 64 MiB limit"

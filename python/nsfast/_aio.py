@@ -53,7 +53,7 @@ async def _read_all(f: IO[Any], limit: Optional[int], cut: Callable[[], None]) -
     brought more (`cut()` was called then and `f` is closed: nothing more is read)."""
     fd = f.fileno()
     os.set_blocking(fd, False)
-    chunks: List[bytes] = []
+    buf = bytearray()  # (not a list of reads: a byte per write() would cost ~40 each)
     room = limit
     try:
         while True:
@@ -63,14 +63,14 @@ async def _read_all(f: IO[Any], limit: Optional[int], cut: Callable[[], None]) -
                 await _ready(fd)
                 continue
             if not data:
-                return b"".join(chunks), False
+                return bytes(buf), False
             if room is not None:
                 if len(data) > room:
-                    chunks.append(data[:room])
+                    buf += data[:room]
                     cut()
-                    return b"".join(chunks), True
+                    return bytes(buf), True
                 room -= len(data)
-            chunks.append(data)
+            buf += data
     finally:
         f.close()
 

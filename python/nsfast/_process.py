@@ -546,7 +546,9 @@ class _Communication:
     def __init__(self, proc: Process, input: Any, limit: Optional[int] = None) -> None:
         self.proc = proc
         self.sel = selectors.DefaultSelector()
-        self.chunks: dict[str, List[bytes]] = {}
+        # One growing buffer per stream, not a list of reads: a sandbox writing a byte per
+        # write() made each byte a bytes object of ~40 (2.7 GiB for the 64 MiB cap).
+        self.chunks: dict[str, bytearray] = {}
         self.room: dict[str, int] = {}  # bytes each stream may still bring (with a limit)
         self.limit = limit
         #: The first stream that passed `limit`: the sandbox was killed then.
@@ -568,7 +570,7 @@ class _Communication:
         for name in ("stdout", "stderr"):
             f = getattr(proc, name)
             if f is not None:
-                self.chunks[name] = []
+                self.chunks[name] = bytearray()
                 if limit is not None:
                     self.room[name] = limit
                 self.sel.register(f.fileno(), selectors.EVENT_READ, name)
@@ -578,18 +580,18 @@ class _Communication:
             return None
         # A stream cut at the limit may end inside a character: that tail is left out.
         final = final and self.room.get(name, 0) >= 0
-        return decode_output(b"".join(self.chunks[name]), getattr(self.proc, name), self.proc.text, final)
+        return decode_output(bytes(self.chunks[name]), getattr(self.proc, name), self.proc.text, final)
 
     def _take(self, name: str, data: bytes) -> bool:
         """Keep `data` of stream `name` up to the limit; False once it passed it (the
         sandbox is killed then: what it writes after is not read)."""
         room = self.room.get(name)
         if room is None or len(data) <= room:
-            self.chunks[name].append(data)
+            self.chunks[name] += data
             if room is not None:
                 self.room[name] = room - len(data)
             return True
-        self.chunks[name].append(data[:room])
+        self.chunks[name] += data[:room]
         self.room[name] = -1
         if self.cut is None:
             self.cut = name

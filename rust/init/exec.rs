@@ -564,8 +564,9 @@ fn final_process(p: &Plan) -> ! {
             .unwrap_or_else(|e| fail(STEP_RLIMIT, e));
     };
     let rlimits = &p.rlimits[..p.n_rlimits];
+    // No core to the host's core_pattern: 1, the value the kernel starts no pipe helper for.
     if !rlimits.iter().any(|r| r.0 == RLIMIT_CORE) {
-        setrlimit(RLIMIT_CORE, 0, 0);
+        setrlimit(RLIMIT_CORE, 1, 1);
     }
     if let Some(n) = p.nproc {
         setrlimit(RLIMIT_NPROC, n, n);

@@ -893,6 +893,15 @@ impl Backend for V1Backend {
             let dir = |c: &str| cg.dirs.get(c).cloned();
             if let (Some(m), Some(d)) = (limits.memory, dir("memory")) {
                 write_file(&d.join("memory.limit_in_bytes"), &m.to_string())?;
+                // v1 charges socket buffers to a cgroup only once its TCP limit was set
+                // (v2 always does): without it a sandbox queued hundreds of MiB in loopback
+                // TCP and UDP buffers outside its limit. Set before any socket of its exists;
+                // a counter of its own, so the worst case is twice the limit. (A kernel
+                // without the file, CONFIG_MEMCG_V1 trimmed, has nothing to set.)
+                match write_file(&d.join("memory.kmem.tcp.limit_in_bytes"), &m.to_string()) {
+                    Err(CgroupError::Write { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                    other => other?,
+                }
             }
             if let (Some(ms), Some(d)) = (limits.memory_swap, dir("memory")) {
                 write_file(&d.join("memory.memsw.limit_in_bytes"), &ms.to_string())?;

@@ -827,10 +827,12 @@ fn child(ctx: &ChildCtx) -> ! {
         rustix::process::setsid().unwrap_or_else(|e| fail(Step::Setsid, e));
     }
     sys::set_no_new_privs().unwrap_or_else(|e| fail(Step::NoNewPrivs, e));
-    // A crash must not hand a core to the host's core_pattern (a pipe helper runs as host root).
+    // A crash must not hand a core to the host's core_pattern (a pipe helper runs as host root,
+    // outside every limit): 1, not 0, the one value the kernel refuses a pipe helper for
+    // (fs/coredump.c; a limit of 0 still starts it), and below any ELF core file.
     // (Unless the spec sets a core limit of its own: a hard 0 could not be raised again.)
     if !plan.rlimits.iter().any(|r| r.0 == libc::RLIMIT_CORE) {
-        sys::rlimit_set(libc::RLIMIT_CORE, 0).unwrap_or_else(|e| fail(Step::Rlimit, e));
+        sys::rlimit_set(libc::RLIMIT_CORE, 1).unwrap_or_else(|e| fail(Step::Rlimit, e));
     }
     if let Some(n) = plan.nproc {
         sys::rlimit_set(libc::RLIMIT_NPROC, n).unwrap_or_else(|e| fail(Step::Rlimit, e));

@@ -592,8 +592,9 @@ impl Server {
         if self.scoped {
             landlock_scope().unwrap_or_else(|e| fail(Step::Seccomp, e));
         }
+        // No core to the host's core_pattern: 1, the value the kernel starts no pipe helper for.
         if !plan.rlimits.iter().any(|r| r.0 == libc::RLIMIT_CORE) {
-            sys::rlimit_set(libc::RLIMIT_CORE, 0).unwrap_or_else(|e| fail(Step::Rlimit, e));
+            sys::rlimit_set(libc::RLIMIT_CORE, 1).unwrap_or_else(|e| fail(Step::Rlimit, e));
         }
         for (i, &(resource, soft, hard)) in plan.rlimits.iter().enumerate() {
             sys::rlimit_set_pair(resource, soft, hard).unwrap_or_else(|e| ch.fail(Step::Rlimit, i as u32 + 1, e));
