@@ -722,3 +722,34 @@ def test_a_container_that_stops_the_process_joining_it_cannot_hang_the_caller():
         stopper.wait()
         stopper.stdout.close()
         assert c.exec(["/bin/true"]).returncode == 0
+
+
+#: A hostile main process: it opens the stdout and stderr of every process that appears in
+#: the container (the same uid as an exec'd one, which is dumpable once it exec'd).
+_GRABBER = r"""
+import os, time
+held, seen = [], set(os.listdir("/proc"))
+print("ready", flush=True)
+while True:
+    for p in set(os.listdir("/proc")) - seen:
+        try:
+            held += [os.open(f"/proc/{p}/fd/1", os.O_WRONLY), os.open(f"/proc/{p}/fd/2", os.O_WRONLY)]
+        except OSError:
+            continue
+        seen.add(p)
+    time.sleep(0.0005)
+"""
+
+
+def test_a_container_holding_an_execs_pipes_cannot_keep_the_caller_reading():
+    """(Found by an audit.) exec's communicate read its pipes to EOF, and the container's
+    main process, holding their write ends (opened through /proc/PID/fd), kept them open:
+    the caller waited until its timeout, or for ever, and lost the result. Once the exec'd
+    process exited, what its pipes hold is taken and nothing more waited for (as docker
+    exec does)."""
+    with nsfast.Container(["/usr/bin/python3", "-c", _GRABBER]).start(stdout=subprocess.PIPE) as c:
+        assert c.process.stdout.readline() == b"ready\n"
+        for _ in range(3):
+            r = c.exec(["sh", "-c", "sleep 0.2; echo out; echo err >&2"], capture_output=True, timeout=30)
+            assert (r.returncode, r.stdout, r.stderr) == (0, b"out\n", b"err\n")
+        c.process.stdout.close()

@@ -251,6 +251,8 @@ class Process:
         self._detached = False
         self._wait_lock = threading.Lock()
         self._comm: Optional[_Communication] = None
+        # A process that joined a running sandbox (exec/enter): its output ends when it does.
+        self._joined = _join is not None
         self._sandbox: Any = None
         fds = sorted({int(fd) for fd in pass_fds})
         for fd in fds:
@@ -574,6 +576,13 @@ class _Communication:
                 if limit is not None:
                     self.room[name] = limit
                 self.sel.register(f.fileno(), selectors.EVENT_READ, name)
+        # A process joined into a running sandbox: once it exited, what it wrote is in the
+        # pipes, and nothing is waited for beyond (as docker exec). Its pipes are reachable by
+        # the sandbox's own processes (the same uid: /proc/PID/fd/1), one of which could hold
+        # them open: reading to EOF hung the caller until its timeout, or for ever.
+        pidfd = proc.pidfd if proc._joined and self.chunks else None
+        if pidfd is not None:
+            self.sel.register(pidfd, selectors.EVENT_READ, "exit")
 
     def _decode(self, name: str, final: bool = True) -> Any:
         if name not in self.chunks:
@@ -598,6 +607,30 @@ class _Communication:
             self.proc.kill()
         return False
 
+    def _drain_and_close(self) -> None:
+        """The joined process exited: take what its pipes hold (a writer that is still there
+        is not waited for), close them and stop."""
+        proc = self.proc
+        for key in list(self.sel.get_map().values()):
+            name = key.data
+            self.sel.unregister(key.fd)
+            if name in ("stdout", "stderr"):
+                os.set_blocking(key.fd, False)
+                while True:
+                    try:
+                        data = os.read(key.fd, 1 << 16)
+                    except BlockingIOError:
+                        break
+                    if not data or not self._take(name, data):
+                        break
+                getattr(proc, name).close()
+            elif name == "stdin":
+                assert proc.stdin is not None
+                try:
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+
     def run(self, deadline: Optional[float], timeout: Optional[float]) -> Tuple[Any, Any]:
         proc = self.proc
         while self.sel.get_map():
@@ -606,6 +639,9 @@ class _Communication:
                 raise TimeoutExpired(proc.args, timeout, self._decode("stdout", False), self._decode("stderr", False))
             for key, _ in self.sel.select(left):
                 name = key.data
+                if name == "exit":
+                    self._drain_and_close()
+                    break
                 if name == "stdin":
                     try:
                         self.offset += os.write(key.fd, self.input[self.offset : self.offset + 65536])
