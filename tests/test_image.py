@@ -1044,6 +1044,27 @@ def test_an_image_root_named_by_its_path_is_not_writable(layout: Path) -> None:
     assert nsfast.Spec(rootfs=img.rootfs, overlay=True).overlay
 
 
+def test_no_mount_writes_into_the_image_cache(layout: Path, tmp_path: Path) -> None:
+    """(Found by an audit.) Only a writable root was refused: a writable Bind of a cached
+    root (or of a directory in it, with the image as the root), an Overlay committing into
+    it, or an overlay_upper in it let one sandbox rewrite what every later sandbox of the
+    image runs on. Read-only binds and Overlays without commit stay allowed."""
+    img = Image(layout, "base", cache=tmp_path / "c")
+    etc = os.path.join(img.rootfs, "etc")
+    for spec in (
+        dict(mounts=[nsfast.Bind(img.rootfs, "/mnt", readonly=False)]),
+        dict(mounts=[nsfast.Overlay(img.rootfs, "/mnt", commit=True)]),
+        dict(image=img, mounts=[nsfast.Bind(etc, "/etc", readonly=False)]),
+    ):
+        with pytest.raises(nsfast.SpecError, match="in the image cache") as e:
+            nsfast.Spec(**spec)  # type: ignore[arg-type]
+        assert e.value.field == "mounts"
+    with pytest.raises(nsfast.SpecError, match="in the image cache") as e:
+        nsfast.Spec(overlay=True, overlay_upper=etc)
+    assert e.value.field == "overlay_upper"
+    nsfast.Spec(mounts=[nsfast.Bind(img.rootfs, "/mnt"), nsfast.Overlay(etc, "/work")])
+
+
 # --- resource bounds (each a hostile image small to build, costly to load before) ----------
 
 

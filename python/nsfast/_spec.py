@@ -563,6 +563,10 @@ class Spec:
             upper = os.path.abspath(_path("overlay_upper", self.overlay_upper, absolute=False))
             if not os.path.isdir(upper):
                 raise SpecError("overlay_upper", f"is not an existing directory: {upper!r}")
+            if _in_image_cache(upper):
+                raise SpecError(
+                    "overlay_upper", f"{upper!r} is in the image cache, which every sandbox of an image shares"
+                )
             set_("overlay_upper", upper)
         if self.readonly_root is None:
             set_("readonly_root", mnt)  # read-only wherever a mount namespace can make it so
@@ -587,6 +591,17 @@ class Spec:
             if not isinstance(m, (Bind, Tmpfs, Overlay)):
                 raise TypeError(f"mounts must hold Bind, Tmpfs or Overlay values, not {type(m).__name__}")
         set_("mounts", mounts)
+        for m in mounts:
+            # An image's cached root is every sandbox of the image's: writable here, one
+            # sandbox would rewrite what the later ones run on (as readonly_root=False would).
+            writes = (isinstance(m, Bind) and not m.readonly) or (isinstance(m, Overlay) and m.commit)
+            if writes and _in_image_cache(os.fspath(m.src)):
+                what = "a writable Bind" if isinstance(m, Bind) else "Overlay(commit=True)"
+                raise SpecError(
+                    "mounts",
+                    f"{what} of {os.fspath(m.src)!r}, in the image cache, would let the sandbox change what every "
+                    "sandbox of that image runs on: bind it read-only, or use an Overlay without commit",
+                )
         cow_mounts = any(isinstance(m, Overlay) for m in mounts)
         if self.overlay_size != DEFAULT_OVERLAY_SIZE:
             if not (self.overlay or cow_mounts):
