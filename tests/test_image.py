@@ -1225,3 +1225,27 @@ def test_a_root_in_any_cache_used_is_not_writable(layout: Path, tmp_path: Path) 
         with pytest.raises(nsfast.SpecError, match="write into the image cache"):
             nsfast.Spec(rootfs=root, readonly_root=False)
     assert nsfast.Spec(rootfs=img.rootfs, overlay=True).overlay
+
+
+def test_a_cache_another_user_could_swap_is_refused(layout: Path, tmp_path: Path) -> None:
+    """(Found by an audit.) The cache's owner was checked by stat() and the path resolved
+    again after: another user flipping a symlink between the two made root unpack into, and
+    run, a directory of that user's. The cache is resolved first now, and refused unless no
+    other user can replace any directory on the way to it."""
+    if os.geteuid() != 0:
+        pytest.skip("making directories of another user's needs root")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # writable by everyone, not sticky
+    with pytest.raises(ImageError, match="writable by other users"):
+        Image(layout, "base", cache=shared / "cache")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    (tmp_path / "link").symlink_to(theirs)
+    with pytest.raises(ImageError, match="owned by uid 65534, another user"):
+        Image(layout, "base", cache=tmp_path / "link" / "cache")
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # as /tmp: a cache of ours in it cannot be renamed by others
+    assert Image(layout, "base", cache=sticky / "cache").rootfs.startswith(str(sticky / "cache"))

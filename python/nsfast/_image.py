@@ -731,16 +731,40 @@ def _parse_config(what: str, config: Dict[str, Any]) -> Tuple[ImageConfig, Tuple
 # --- the cache and unpacking ---------------------------------------------------------------
 
 
+def _trusted_path(path: str, what: str) -> None:
+    """Refuse `path` (a real path: no symlink in it) unless no other user could have put it
+    there or can replace any part of it: every directory above it is root's or ours and
+    writable by its owner alone, or sticky (as /tmp) with what we go on into root's or ours.
+    Checked once a path is resolved: a user who could swap a component could do it between
+    a check of the path and its use (a symlink flipped between stat() and realpath() handed
+    root a cache in another user's directory)."""
+    me = os.geteuid()
+    parts = [p for p in path.split("/") if p]
+    cur = "/"
+    for i, name in enumerate(parts):
+        st = os.lstat(cur)
+        nxt = os.path.join(cur, name)
+        if st.st_uid not in (0, me):
+            raise ImageError(f"{what} {path}: {cur} is owned by uid {st.st_uid}, another user")
+        if st.st_mode & 0o022:
+            child = os.lstat(nxt)
+            if not st.st_mode & stat.S_ISVTX or child.st_uid not in (0, me):
+                raise ImageError(f"{what} {path}: {cur} is writable by other users, who could replace {nxt}")
+        cur = nxt
+
+
 def _open_cache(path: str) -> str:
-    """The cache directory (made 0700), resolved; refused if others could write to it."""
+    """The cache directory (made 0700), resolved; refused if others could write to it, or to
+    anything on the way to it (see _trusted_path)."""
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.stat(path)
+        path = os.path.realpath(path)
+        _trusted_path(path, "image cache")
+        st = os.lstat(path)
     except OSError as e:
         raise ImageError(f"image cache {path}: {e}") from None
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise ImageError(f"image cache {path}: must be owned by uid {os.geteuid()} and writable by it alone")
-    path = os.path.realpath(path)
     for sub in ("rootfs", "tmp"):
         d = os.path.join(path, sub)
         try:

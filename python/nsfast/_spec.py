@@ -594,8 +594,9 @@ class Spec:
         for m in mounts:
             # An image's cached root is every sandbox of the image's: writable here, one
             # sandbox would rewrite what the later ones run on (as readonly_root=False would).
-            writes = (isinstance(m, Bind) and not m.readonly) or (isinstance(m, Overlay) and m.commit)
-            if writes and _in_image_cache(os.fspath(m.src)):
+            if isinstance(m, Tmpfs) or not (m.commit if isinstance(m, Overlay) else not m.readonly):
+                continue
+            if _in_image_cache(os.fspath(m.src)):
                 what = "a writable Bind" if isinstance(m, Bind) else "Overlay(commit=True)"
                 raise SpecError(
                     "mounts",
