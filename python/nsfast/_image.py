@@ -741,7 +741,7 @@ def _trusted_path(path: str, what: str) -> None:
     me = os.geteuid()
     parts = [p for p in path.split("/") if p]
     cur = "/"
-    for i, name in enumerate(parts):
+    for name in parts:
         st = os.lstat(cur)
         nxt = os.path.join(cur, name)
         if st.st_uid not in (0, me):
