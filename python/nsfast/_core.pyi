@@ -40,7 +40,6 @@ __all__ = [
     "tree_write",
     "zygote_serve",
     "cgroup_hierarchies",
-    "close_later",
     "ZygoteLink",
 ]
 
@@ -155,7 +154,6 @@ def zygote_serve(
 _Hierarchies = Tuple[bool, List[Tuple[bytes, str, bytes, int]], List[Tuple[bytes, bytes]]]
 
 def cgroup_hierarchies() -> Optional[_Hierarchies]: ...
-def close_later(fds: Sequence[int]) -> None: ...
 
 @final
 class ZygoteLink:

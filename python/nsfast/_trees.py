@@ -117,16 +117,9 @@ class Trees:
         self.owner = owner  # host ids files written here get (the sandbox's root)
 
     def close(self) -> None:
-        # On nsfast's reaper thread: the last fd of a sandbox's /tmp tears that tmpfs down,
-        # with every file in it (0.5 s of the caller's for 256 MiB of empty files).
         fds, self.fds = self.fds, []
-        if not fds:
-            return
-        try:
-            _core.close_later(fds)
-        except Exception:  # (at interpreter exit, the module may be gone)
-            for fd in fds:
-                os.close(fd)
+        for fd in fds:
+            os.close(fd)
 
     def __del__(self) -> None:
         self.close()

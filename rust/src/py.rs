@@ -92,18 +92,6 @@ fn sandbox_id_range() -> bool {
     crate::spec::Caller::current().range
 }
 
-/// Close `fds` (the caller's, given up: it must not use or close them again) on nsfast's
-/// reaper thread, off the caller's path: the last fd of a sandbox's tmpfs tears it down,
-/// every file a hostile program left there (seconds for a few hundred thousand).
-#[pyfunction]
-fn close_later(py: Python<'_>, fds: Vec<i32>) {
-    use std::os::fd::FromRawFd;
-    // SAFETY: the caller hands these fds over (Trees.close forgets them first).
-    let owned: Vec<OwnedFd> =
-        fds.into_iter().filter(|&fd| fd >= 0).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
-    detached(py, move || crate::reaper::drop_later(owned))
-}
-
 /// Return once nothing of nsfast's own mounts is left in this process: the overlays made
 /// ahead for the next start (`crate::spare`) discarded, and those of sandboxes that ended,
 /// whose teardown runs off the caller's path (`crate::reaper`), gone.
@@ -1253,7 +1241,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(zygote_serve, m)?)?;
     m.add_function(wrap_pyfunction!(landlock_abi, m)?)?;
     m.add_function(wrap_pyfunction!(cgroup_hierarchies, m)?)?;
-    m.add_function(wrap_pyfunction!(close_later, m)?)?;
     m.add_function(wrap_pyfunction!(tree_read, m)?)?;
     m.add_function(wrap_pyfunction!(tree_list, m)?)?;
     m.add_function(wrap_pyfunction!(tree_open, m)?)?;

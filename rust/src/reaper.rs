@@ -71,9 +71,7 @@ fn reaper() -> Option<Arc<Reaper>> {
             return Some(r.clone());
         }
     }
-    // An ended one's sending end closes here, in the shared table, before the next one's
-    // socket is made (which then takes the same fd numbers).
-    drop(slot.take());
+    // (An ended one's sending end closes here, in the shared table.)
     let r = start().ok()?;
     *slot = Some(r.clone());
     Some(r)
@@ -146,27 +144,13 @@ fn serve(r: &Counts, rx: BorrowedFd<'_>) {
             }
         }
         *r.handled.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        if byte[0] == QUIT {
-            // `flush` is done with us: nothing more is sent (what was queued after this is
-            // closed with our table as we end).
-            r.sent.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
-            r.progress.notify_all();
-            return;
-        }
         r.progress.notify_all();
     }
 }
 
-/// The message `flush` ends the thread with (any other byte: fds to close, or none).
-const QUIT: u8 = b'Q';
-
 /// Send one message (fds, or none for a flush) without blocking; Ok(its number) once
 /// queued. Err(Errno::PIPE): that thread ended (ask `reaper()` for the next one).
 fn send(r: &Reaper, fds: &[OwnedFd]) -> Result<u64, Errno> {
-    send_byte(r, fds, b'R')
-}
-
-fn send_byte(r: &Reaper, fds: &[OwnedFd], byte: u8) -> Result<u64, Errno> {
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(BATCH))];
     let mut anc = SendAncillaryBuffer::new(&mut space);
@@ -178,7 +162,7 @@ fn send_byte(r: &Reaper, fds: &[OwnedFd], byte: u8) -> Result<u64, Errno> {
         return Err(Errno::PIPE);
     }
     let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
-    rustix::net::sendmsg(&r.tx, &[std::io::IoSlice::new(&[byte])], &mut anc, flags)?;
+    rustix::net::sendmsg(&r.tx, &[std::io::IoSlice::new(b"R")], &mut anc, flags)?;
     sent.0 += 1;
     Ok(sent.0)
 }
@@ -220,14 +204,4 @@ pub fn flush() {
     let handled = r.counts.handled.lock().unwrap_or_else(|p| p.into_inner());
     let left = deadline.saturating_duration_since(std::time::Instant::now());
     drop(r.counts.progress.wait_timeout_while(handled, left, |h| *h < mine));
-    // Then the thread ends and our end of its socket closes: a settled process holds
-    // nothing of the reaper's (and its next start's socket takes the same fd numbers, where
-    // one replacing an idle thread's took others while that one's was still open).
-    let _ = send_byte(&r, &[], QUIT);
-    let mut slot = SLOT.lock().unwrap_or_else(|p| p.into_inner());
-    if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &r)) {
-        *slot = None;
-    }
-    drop(slot);
-    drop(r);
 }
