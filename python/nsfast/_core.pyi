@@ -151,7 +151,7 @@ def zygote_serve(
     cgroups: Optional[_Hierarchies] = None,
 ) -> bool: ...
 
-_Hierarchies = Tuple[bool, List[Tuple[bytes, str, bytes, int]], List[Tuple[bytes, bytes]]]
+_Hierarchies = Tuple[bool, List[Tuple[bytes, str, bytes]], List[Tuple[bytes, bytes]], List[int]]
 
 def cgroup_hierarchies() -> Optional[_Hierarchies]: ...
 

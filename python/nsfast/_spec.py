@@ -356,13 +356,6 @@ def default_env() -> dict[str, str]:
     return env
 
 
-def _in_image_cache(root: str) -> bool:
-    """Whether directory `root` is (below) an image's root in an image cache (the default
-    one, or any an `Image(cache=)` of this process used): the path of `Image.rootfs`, given
-    as a string, is the same shared tree as the Image."""
-    return in_image_cache(root)
-
-
 def _image_user(img: Image, user: str) -> Tuple[int, int]:
     """An image config's User ("name", "uid", "uid:gid", "name:group") as (uid, gid): names
     from the image's /etc/passwd and /etc/group, read inside its root (a symlink there
@@ -563,7 +556,7 @@ class Spec:
             upper = os.path.abspath(_path("overlay_upper", self.overlay_upper, absolute=False))
             if not os.path.isdir(upper):
                 raise SpecError("overlay_upper", f"is not an existing directory: {upper!r}")
-            if _in_image_cache(upper):
+            if in_image_cache(upper):
                 raise SpecError(
                     "overlay_upper", f"{upper!r} is in the image cache, which every sandbox of an image shares"
                 )
@@ -573,7 +566,7 @@ class Spec:
         _bool("readonly_root", self.readonly_root)
         if self.readonly_root and not mnt:
             raise SpecError("readonly_root", "needs the 'mnt' namespace (without it the sandbox's / is the host's)")
-        cached = img is not None or (self.rootfs is not None and _in_image_cache(self.rootfs))
+        cached = img is not None or (self.rootfs is not None and in_image_cache(self.rootfs))
         if cached and not self.readonly_root and not self.overlay:
             raise SpecError(
                 "readonly_root",
@@ -596,7 +589,7 @@ class Spec:
             # sandbox would rewrite what the later ones run on (as readonly_root=False would).
             if isinstance(m, Tmpfs) or not (m.commit if isinstance(m, Overlay) else not m.readonly):
                 continue
-            if _in_image_cache(os.fspath(m.src)):
+            if in_image_cache(os.fspath(m.src)):
                 what = "a writable Bind" if isinstance(m, Bind) else "Overlay(commit=True)"
                 raise SpecError(
                     "mounts",

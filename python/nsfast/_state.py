@@ -199,20 +199,12 @@ def read_logs(name: str) -> List[bytes]:
                 fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=d)
             except FileNotFoundError:
                 continue
-            try:
+            with os.fdopen(fd, "rb") as f:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise StateError(f"{os.path.join(state_root(), name, part)} is not a regular file")
                 _check_owned(st, os.path.join(state_root(), name, part), "log")
-                chunks = []
-                while True:
-                    b = os.read(fd, 1 << 20)
-                    if not b:
-                        break
-                    chunks.append(b)
-                out.append(b"".join(chunks))
-            finally:
-                os.close(fd)
+                out.append(f.read())
     return out
 
 

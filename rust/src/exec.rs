@@ -276,12 +276,7 @@ fn spawn_join_with(plan: &Plan, io: &Io, target: &Target, legacy: bool) -> Resul
             let stopped = match known {
                 Some(p) => is_stopped(p).then_some(p),
                 // (The helper writes the pid only once the final process has exec'd.)
-                None => before.as_ref().and_then(|old| {
-                    thread_children()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .find(|&c| c != helper && !old.contains(&c) && is_stopped(c))
-                }),
+                None => new_children(before.as_deref(), helper).into_iter().find(|&c| is_stopped(c)),
             };
             stopped.map(|p| {
                 found = Some(p);
@@ -300,12 +295,10 @@ fn spawn_join_with(plan: &Plan, io: &Io, target: &Target, legacy: bool) -> Resul
     if let Some(e) = read_err {
         // Killed before the helper is reaped: the helper waits (vfork) on it. (Not known at
         // a deadline before the helper said: then every new child of this thread's.)
-        let mut doomed: Vec<i32> = pid.or(found).into_iter().collect();
-        if doomed.is_empty() {
-            if let (Some(old), Some(now)) = (before.as_ref(), thread_children()) {
-                doomed = now.into_iter().filter(|c| *c != helper && !old.contains(c)).collect();
-            }
-        }
+        let doomed = match pid.or(found) {
+            Some(p) => vec![p],
+            None => new_children(before.as_deref(), helper),
+        };
         for p in doomed {
             kill_and_reap(p);
         }
@@ -361,6 +354,13 @@ const JOIN_TICK: std::time::Duration = std::time::Duration::from_millis(10);
 fn thread_children() -> Option<Vec<i32>> {
     let text = std::fs::read_to_string("/proc/thread-self/children").ok()?;
     Some(text.split_ascii_whitespace().filter_map(|p| p.parse().ok()).collect())
+}
+
+/// This thread's children that are not in `before` nor `helper`: the final process of a
+/// join (empty where the kernel does not list children).
+fn new_children(before: Option<&[i32]>, helper: i32) -> Vec<i32> {
+    let (Some(old), Some(now)) = (before, thread_children()) else { return Vec::new() };
+    now.into_iter().filter(|c| *c != helper && !old.contains(c)).collect()
 }
 
 /// Whether process `pid` (our child, so not reused) is stopped: state T or t in its stat.

@@ -1004,22 +1004,17 @@ fn zygote_serve(
     let sealed: Vec<Vec<u8>> = sealed.into_iter().map(bytes).collect();
     let cgroups = match cgroups {
         None => None,
-        Some((v2_top, dirs, links)) => {
+        Some((v2_top, dirs, links, devs)) => {
             let mut view = crate::mount::CgroupView { v2_top, ..Default::default() };
-            let mut devs = Vec::with_capacity(dirs.len());
-            for (name, fstype, data, dev) in dirs {
+            for (name, fstype, data) in dirs {
                 let fstype = match fstype.as_str() {
                     "cgroup" => "cgroup",
                     "cgroup2" => "cgroup2",
                     _ => return Err(PyValueError::new_err(format!("cgroups: no such file system type {fstype:?}"))),
                 };
                 view.dirs.push((bytes(name), fstype, bytes(data)));
-                devs.push(dev);
             }
             view.links = links.into_iter().map(|(n, t)| (bytes(n), bytes(t))).collect();
-            if v2_top {
-                view.dirs.clear();
-            }
             Some((view, devs))
         }
     };
@@ -1170,10 +1165,11 @@ fn tree_write(py: Python<'_>, fd: i32, path: &[u8], data: &[u8], mode: u32, owne
     detached(py, || crate::mount::tree_write(root, path, data, mode, owner)).map_err(os_error)
 }
 
-/// A cgroup hierarchy list as `cgroup_hierarchies` gives and `zygote_serve` takes back:
-/// (cgroup2 is /sys/fs/cgroup itself, [(directory, file system type, mount data, st_dev)],
-/// [(symlink, target)]). For v2 at the top, the one entry is /sys/fs/cgroup's.
-type Hierarchies = (bool, Vec<(PyBackedBytes, String, PyBackedBytes, u64)>, Vec<(PyBackedBytes, PyBackedBytes)>);
+/// A `mount::CgroupView` as `cgroup_hierarchies` gives and `zygote_serve` takes back:
+/// (cgroup2 is /sys/fs/cgroup itself, its [(directory, file system type, mount data)],
+/// [(symlink, target)], and the st_dev of each hierarchy `mount::cgroup_view_steps` may
+/// mount, by its bit).
+type Hierarchies = (bool, Vec<(PyBackedBytes, String, PyBackedBytes)>, Vec<(PyBackedBytes, PyBackedBytes)>, Vec<u64>);
 
 /// This process's cgroup hierarchies under /sys/fs/cgroup, as a sandbox mounts them again
 /// in its cgroup namespace, with each one's device (to know a cgroup file's hierarchy by):
@@ -1184,24 +1180,26 @@ fn cgroup_hierarchies(
     py: Python<'_>,
 ) -> Option<(
     bool,
-    Vec<(Bound<'_, PyBytes>, &'static str, Bound<'_, PyBytes>, u64)>,
+    Vec<(Bound<'_, PyBytes>, &'static str, Bound<'_, PyBytes>)>,
     Vec<(Bound<'_, PyBytes>, Bound<'_, PyBytes>)>,
+    Vec<u64>,
 )> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
     let view = crate::spec::cgroup_view()?;
-    let dev = |name: &[u8]| {
-        let path = [&b"/sys/fs/cgroup/"[..], name].concat();
-        std::fs::metadata(std::ffi::OsStr::from_bytes(&path)).map_or(u64::MAX, |m| m.dev())
-    };
+    // (v2 at the top: the one hierarchy is /sys/fs/cgroup itself, name "".)
+    let names: Vec<&[u8]> = if view.v2_top { vec![b""] } else { view.dirs.iter().take(64).map(|d| &d.0[..]).collect() };
+    let devs = names
+        .iter()
+        .map(|name| {
+            let path = [&b"/sys/fs/cgroup/"[..], name].concat();
+            std::fs::metadata(std::ffi::OsStr::from_bytes(&path)).map_or(u64::MAX, |m| m.dev())
+        })
+        .collect();
     let b = |v: &[u8]| PyBytes::new(py, v);
-    let dirs = if view.v2_top {
-        vec![(b(b""), "cgroup2", b(b""), dev(b""))]
-    } else {
-        view.dirs.iter().map(|(n, t, d)| (b(n), *t, b(d), dev(n))).collect()
-    };
+    let dirs = view.dirs.iter().map(|(n, t, d)| (b(n), *t, b(d))).collect();
     let links = view.links.iter().map(|(n, t)| (b(n), b(t))).collect();
-    Some((view.v2_top, dirs, links))
+    Some((view.v2_top, dirs, links, devs))
 }
 
 /// The kernel's Landlock ABI version (0: no Landlock).

@@ -830,7 +830,7 @@ fn child(ctx: &ChildCtx) -> ! {
     // A crash must not hand a core to the host's core_pattern (a pipe helper runs as host root,
     // outside every limit): 1, not 0, the one value the kernel refuses a pipe helper for
     // (fs/coredump.c; a limit of 0 still starts it), and below any ELF core file.
-    // (Unless the spec sets a core limit of its own: a hard 0 could not be raised again.)
+    // (Unless the spec sets a core limit of its own: a hard limit could not be raised again.)
     if !plan.rlimits.iter().any(|r| r.0 == libc::RLIMIT_CORE) {
         sys::rlimit_set(libc::RLIMIT_CORE, 1).unwrap_or_else(|e| fail(Step::Rlimit, e));
     }
