@@ -386,3 +386,64 @@ def test_the_start_of_a_run_tells_changes_before_it_from_changes_after_it(tmp_pa
             for f in d.iterdir():
                 f.unlink()
             d.rmdir()
+
+
+def _cost(paths) -> int:
+    """What `Result.changes` entries cost against `changes_max_bytes`."""
+    return sum(nsfast._trees.ENTRY_COST + len(p.encode()) for p in paths)
+
+
+def test_changes_are_bounded_and_nothing_over_the_bound_is_committed(tmp_path):
+    """(Found by an audit.) `Result.changes` was bounded only by the sandbox's inodes: 200k
+    empty files with long names under an Overlay took the caller to 172 MiB and 5.4 s, and a
+    million under the default 1G limit would take it past a GiB. The listing is now charged
+    as it is read (each entry of the upper layer its path and 256 bytes) against
+    `changes_max_bytes`; over it an OverlayError naming the path, and nothing committed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "keep").write_text("mine\n")
+    made = "cd /work && rm keep && mkdir d && i=0; while [ $i -lt 3 ]; do echo $i > d/f$i; i=$((i+1)); done"
+    expect = {"/work/d": "added", "/work/keep": "deleted", **{f"/work/d/f{i}": "added" for i in range(3)}}
+    exact = _cost(expect)
+    r = sh(made, mounts=[nsfast.Overlay(src, "/work")], changes_max_bytes=exact)
+    assert r.returncode == 0 and r.changes == expect
+    with pytest.raises(nsfast.OverlayError, match=f"changes_max_bytes={exact - 1}") as e:
+        sh(made, mounts=[nsfast.Overlay(src, "/work", commit=True)], changes_max_bytes=exact - 1)
+    assert e.value.path.startswith("/work/") and e.value.applied == []
+    assert e.value.result.returncode == 0 and e.value.result.changes == {}
+    assert files(src) == {"keep": "mine\n"}
+
+
+def test_one_huge_directory_is_refused_before_it_is_held(tmp_path):
+    """A directory whose listing alone is over the bound is refused by the listing itself
+    (nothing of it held), and named."""
+    src = tmp_path / "src"
+    src.mkdir()
+    flood = "mkdir /work/d && cd /work/d && i=0; while [ $i -lt 400 ]; do : > f$i; i=$((i+1)); done"
+    with pytest.raises(nsfast.OverlayError, match="changes_max_bytes=65536") as e:
+        sh(flood, mounts=[nsfast.Overlay(src, "/work", commit=True)], changes_max_bytes=64 << 10)
+    assert e.value.path == "/work/d" and os.listdir(src) == []
+    r = sh(flood, mounts=[nsfast.Overlay(src, "/work")])  # the default bound: 64 MiB
+    assert len(r.changes) == 401
+
+
+def test_deep_paths_are_charged_whole(tmp_path):
+    """Each entry costs its whole sandbox path, not its name: 15 nested directories of
+    200-byte names hold 3 KiB paths, 24 KiB in all, where their names are 3 KiB."""
+    src = tmp_path / "src"
+    src.mkdir()
+    name = "n" * 200
+    deep = f"cd /work && i=0; while [ $i -lt 15 ]; do mkdir {name} && cd {name} || exit 9; i=$((i+1)); done"
+    paths = ["/work" + f"/{name}" * k for k in range(1, 16)]
+    r = sh(deep, mounts=[nsfast.Overlay(src, "/work")], changes_max_bytes=_cost(paths))
+    assert sorted(r.changes) == paths
+    names_only = 15 * (nsfast._trees.ENTRY_COST + 200)
+    with pytest.raises(nsfast.OverlayError, match="changes_max_bytes"):
+        sh(deep, mounts=[nsfast.Overlay(src, "/work")], changes_max_bytes=names_only * 2)
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5, "64M", None])
+def test_changes_max_bytes_must_be_a_non_negative_int(bad):
+    with pytest.raises(nsfast.SpecError, match="changes_max_bytes") as e:
+        nsfast.run(["true"], changes_max_bytes=bad)
+    assert e.value.field == "changes_max_bytes"

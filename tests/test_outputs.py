@@ -134,10 +134,30 @@ def test_many_empty_files_and_symlink_farms_are_bounded_by_the_cap():
         ["sh", "-c", script + " && echo x > /tmp/d/x && ln -s d/x /tmp/lx"], outputs=["/tmp/s7/x", "/tmp/l*"]
     )
     assert r.files == {"/tmp/s7/x": b"x\n"}
-    # 300 empty files are not free: under a cap of 64 KiB (256 bytes each and their path), an error.
+    # 300 empty files are not free: under a cap of 64 KiB (256 bytes each and their path), an
+    # error, found by listing their directory.
     with pytest.raises(nsfast.OutputError, match=r"outputs_max_bytes=65536") as e:
         nsfast.run(["sh", "-c", script], outputs=["/tmp/d/*"], outputs_max_bytes=64 << 10)
+    assert e.value.path == "/tmp/d" and e.value.result.returncode == 0
+    # Listed within the cap (77,890 bytes), their reads pass it (79,990: their paths are longer).
+    with pytest.raises(nsfast.OutputError, match=r"outputs_max_bytes=79000") as e:
+        nsfast.run(["sh", "-c", script], outputs=["/tmp/d/*"], outputs_max_bytes=79_000)
     assert e.value.path.startswith("/tmp/d/f") and e.value.result.returncode == 0
+
+
+def test_a_wildcard_over_a_flooded_directory_is_bounded_and_lazy():
+    """A wildcard lists its directory: 2,000 entries the pattern does not match were held
+    whole (and every match listed before the first was read). The listing now counts what
+    is left of `outputs_max_bytes` (each entry its name and 256 bytes, not kept), and the
+    matches are read as they are found."""
+    flood = (
+        "mkdir /tmp/d && cd /tmp/d && echo r > r.json && i=0; while [ $i -lt 2000 ]; do : > f$i.log; i=$((i+1)); done"
+    )
+    r = nsfast.run(["sh", "-c", flood], outputs=["/tmp/d/*.json"])
+    assert r.files == {"/tmp/d/r.json": b"r\n"}
+    with pytest.raises(nsfast.OutputError, match=r"/tmp/d: listing it takes over outputs_max_bytes=65536") as e:
+        nsfast.run(["sh", "-c", flood], outputs=["/tmp/d/*.json"], outputs_max_bytes=64 << 10)
+    assert e.value.path == "/tmp/d" and e.value.result.returncode == 0
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_READONLY_PATHS",
     "DEFAULT_SHM_SIZE",
     "DEFAULT_TMP_SIZE",
+    "ENTRY_COST",
     "INIT_BINARY_SIZE",
     "HIDDEN_SIZE",
     "SANDBOX_ID_BASE",
@@ -49,6 +50,7 @@ DEFAULT_MASKED_PATHS: list[str]
 DEFAULT_READONLY_PATHS: list[str]
 DEFAULT_HIDDEN: list[str]
 DEFAULT_TMP_SIZE: int
+ENTRY_COST: int
 DEFAULT_SHM_SIZE: int
 HIDDEN_SIZE: int
 SANDBOX_ID_BASE: int
@@ -109,7 +111,9 @@ def spawn(
     trees: Sequence[bytes] = ...,
 ) -> Sandbox: ...
 def tree_read(fd: int, path: bytes, max: int) -> Optional[bytes]: ...
-def tree_list(fd: int, path: bytes, userxattr: bool = False) -> list[Tuple[bytes, str, int]]: ...
+def tree_list(
+    fd: int, path: bytes, userxattr: bool = False, max_bytes: Optional[int] = None
+) -> list[Tuple[bytes, str, int]]: ...
 def tree_open(fd: int, path: bytes) -> Optional[int]: ...
 def dir_beneath(fd: int, path: bytes) -> int: ...
 def tree_readlink(fd: int, path: bytes) -> Optional[bytes]: ...

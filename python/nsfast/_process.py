@@ -702,6 +702,7 @@ def run(
     outputs: Optional[Sequence[str]] = None,
     outputs_max_bytes: int = _trees_mod.DEFAULT_OUTPUTS_MAX_BYTES,
     capture_max_bytes: Optional[int] = DEFAULT_CAPTURE_MAX_BYTES,
+    changes_max_bytes: int = _trees_mod.DEFAULT_CHANGES_MAX_BYTES,
     _join: Optional[_JoinTarget] = None,
     _start: Optional[Callable[[Tuple[int, int, int]], Any]] = None,
     **spec_fields: Unpack[SpecFields],
@@ -722,8 +723,15 @@ def run(
 
     `capture_max_bytes`: the most kept of each captured stream (stdout or stderr PIPE,
     `capture_output`); one that passes it kills the sandbox and raises OutputLimitError,
-    whose `.result` holds the output up to there (None: no limit, as subprocess)."""
+    whose `.result` holds the output up to there (None: no limit, as subprocess).
+
+    `changes_max_bytes`: the most the listing of the Overlay mounts' changes may take
+    (`Result.changes`; each entry of their upper layers counts its path and 256 bytes);
+    over it an OverlayError naming the path, with the run's `.result`, and nothing is
+    committed."""
     check_capture_max_bytes(capture_max_bytes)
+    if isinstance(changes_max_bytes, bool) or not isinstance(changes_max_bytes, int) or changes_max_bytes < 0:
+        raise SpecError("changes_max_bytes", f"must be a non-negative int, not {changes_max_bytes!r}")
     spec = with_fields(spec, spec_fields)
     patterns: List[str] = []
     trees: List[str] = []
@@ -787,9 +795,17 @@ def run(
             try:
                 xattr = _trees_mod.userxattr(spec)
                 ours = [m.dst for m in spec.mounts]
+                budget = _trees_mod.Budget(changes_max_bytes)
                 for m in cow:
                     try:
-                        found = _trees_mod.changes(proc._trees, m, sources[m.dst], userxattr=xattr, mount_points=ours)
+                        found = _trees_mod.changes(
+                            proc._trees, m, sources[m.dst], userxattr=xattr, mount_points=ours, budget=budget
+                        )
+                    except _trees_mod.ChangesTooLarge as e:
+                        why = (
+                            f"the changes take over changes_max_bytes={changes_max_bytes} (each its path and 256 bytes)"
+                        )
+                        raise OverlayError(e.path, why, result) from None
                     except OSError as e:
                         raise OverlayError(m.dst, f"its changes cannot be listed: {e}", result) from None
                     result.changes.update((p, c[0]) for p, c in found.items())

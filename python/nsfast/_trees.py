@@ -16,7 +16,7 @@ import errno
 import fnmatch
 import os
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import _core
 from ._errors import OutputError, OverlayError, SpecError
@@ -71,8 +71,11 @@ def core_paths(spec: Spec, trees: Sequence[str]) -> List[bytes]:
 
 
 #: What each file read back by `outputs=` counts against `outputs_max_bytes` besides its
-#: size and its path: about what the caller's dict entry for it costs.
-ENTRY_COST = 256
+#: size and its path, and each entry of `Result.changes` against `changes_max_bytes`
+#: besides its path: about what the caller's dict entry for it costs.
+ENTRY_COST: int = _core.ENTRY_COST
+#: The most `Result.changes` may take (`run(changes_max_bytes=)`).
+DEFAULT_CHANGES_MAX_BYTES = 64 << 20
 
 
 def _locate(trees: Sequence[str], path: str) -> Optional[Tuple[int, str]]:
@@ -150,36 +153,58 @@ class Trees:
         is an OutputError naming the file. Each file counts its size plus its path's length
         plus ENTRY_COST: what the caller holds for it (a million empty files is not free)."""
         files: Dict[str, bytes] = {}
-        left = max_bytes
+        left = [max_bytes]  # (shared with _match, which lists within what is left)
         for pat in patterns:
             fd, rel = self._at("outputs", pat)
             base = (pat[: len(pat) - len(rel)] if rel else pat).rstrip("/")
-            for name in self._match(fd, [c for c in rel.split("/") if c]):
+            for name in self._match(fd, [c for c in rel.split("/") if c], left, base, max_bytes, result):
                 path = base + "/" + name if name else base
                 if path in files:
                     continue
                 entry = ENTRY_COST + len(path.encode("utf-8", "surrogateescape"))
                 try:
-                    data = _core.tree_read(fd, os.fsencode(name or "."), max(left - entry, 0))
+                    data = _core.tree_read(fd, os.fsencode(name or "."), max(left[0] - entry, 0))
                 except OSError as e:
                     if e.errno == errno.EFBIG:
                         raise OutputError(path, max_bytes, result) from None
                     raise OutputError(path, max_bytes, result, f"cannot be read: {e.strerror or e}") from None
                 if data is not None:
-                    if entry > left:
+                    if entry > left[0]:
                         raise OutputError(path, max_bytes, result)
                     files[path] = data
-                    left -= len(data) + entry
+                    left[0] -= len(data) + entry
         return files
 
-    def _match(self, fd: int, comps: List[str], prefix: str = "") -> List[str]:
+    def _match(
+        self,
+        fd: int,
+        comps: List[str],
+        left: List[int],
+        base: str,
+        max_bytes: int,
+        result: object,
+        prefix: str = "",
+    ) -> Iterator[str]:
+        """The names below `prefix` matching `comps`, in order, as they are read (so that
+        the budget applies as soon as it is spent); a directory a wildcard lists may cost
+        at most what is `left` of it (each entry its name and ENTRY_COST), else the
+        OutputError names it."""
         if not comps:
-            return [prefix]
+            yield prefix
+            return
         first, rest = comps[0], comps[1:]
         if not any(ch in first for ch in "*?["):
-            return self._match(fd, rest, f"{prefix}/{first}" if prefix else first)
-        out = []
-        entries = _core.tree_list(fd, os.fsencode(prefix or "."))  # (only the kinds matter here)
+            yield from self._match(fd, rest, left, base, max_bytes, result, f"{prefix}/{first}" if prefix else first)
+            return
+        try:  # (only the kinds matter here)
+            entries = _core.tree_list(fd, os.fsencode(prefix or "."), max_bytes=max(left[0], 0))
+        except OSError as e:
+            if e.errno != errno.EFBIG:
+                raise
+            where = base + "/" + prefix if prefix else base
+            raise OutputError(
+                where, max_bytes, result, f"listing it takes over outputs_max_bytes={max_bytes}"
+            ) from None
         for raw, kind, _mode in sorted(entries):
             name = os.fsdecode(raw)
             if name.startswith(".") and not first.startswith("."):
@@ -190,8 +215,7 @@ class Trees:
             # links to one directory made /tmp/*/* millions of paths of the same files.
             if kind not in ("d", "D", "f", "l") or (rest and kind not in ("d", "D")):
                 continue
-            out += self._match(fd, rest, f"{prefix}/{name}" if prefix else name)
-        return out
+            yield from self._match(fd, rest, left, base, max_bytes, result, f"{prefix}/{name}" if prefix else name)
 
 
 def userxattr(spec: Spec) -> bool:
@@ -264,20 +288,68 @@ def _under(path: str, base: str) -> bool:
     return path == base or path.startswith(base.rstrip("/") + "/")
 
 
+class ChangesTooLarge(Exception):
+    """A Budget was spent at sandbox path `.path`."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
+class Budget:
+    """What is `left` of the bytes changes() may hold (`run(changes_max_bytes=)`), shared
+    by a run's Overlays."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def charge(self, path: str) -> None:
+        """One entry at sandbox path `path`: its path and ENTRY_COST; ChangesTooLarge once spent."""
+        self.left -= ENTRY_COST + len(path.encode("utf-8", "surrogateescape"))
+        if self.left < 0:
+            raise ChangesTooLarge(path)
+
+
 def changes(
-    trees: Trees, ov: Overlay, base: int, *, userxattr: bool = False, mount_points: Sequence[str] = ()
+    trees: Trees,
+    ov: Overlay,
+    base: int,
+    *,
+    userxattr: bool = False,
+    mount_points: Sequence[str] = (),
+    budget: Optional[Budget] = None,
 ) -> Dict[str, Tuple[str, str, int]]:
     """What the sandbox changed below the Overlay `ov` (`base`: the fd of its `src` from
     open_sources): sandbox path -> (change, kind in the upper layer, mode); change is
     "added", "modified" or "deleted". `mount_points`: the sandbox paths of the spec's
     other mounts: nsfast made those directories in the overlay to mount on, the sandbox
-    did not. An OSError (a path too long to resolve) is the caller's to report."""
+    did not. An OSError (a path too long to resolve) is the caller's to report.
+
+    `budget`: what the walk may hold, charged for every entry of the upper layer (and every
+    deletion an opaque directory implies) as it is listed: a sandbox can leave a million
+    files there, or paths of 4 KiB each, which would be the caller's memory and time.
+    Spent: ChangesTooLarge, naming the path."""
     fd = trees.fds[trees.paths.index(ov.dst)]
     top = ov.dst.rstrip("/")
     out: Dict[str, Tuple[str, str, int]] = {}
     ours = [m for m in mount_points if _under(m, top) and m != ov.dst]
     made: List[str] = []  # directories nsfast made on the way to a mount point
-    todo: List[Tuple[str, List[Tuple[bytes, str, int]]]] = [("", _core.tree_list(fd, b".", userxattr))]
+
+    def listing(rel: str) -> List[Tuple[bytes, str, int]]:
+        try:  # (each entry's name is part of the path it is charged for: at most what is left)
+            entries = _core.tree_list(
+                fd, os.fsencode(rel or "."), userxattr, None if budget is None else max(budget.left, 0)
+            )
+        except OSError as e:
+            if e.errno == errno.EFBIG:
+                raise ChangesTooLarge(top + "/" + rel if rel else ov.dst) from None
+            raise
+        if budget is not None:
+            for raw, _kind, _mode in entries:
+                budget.charge(f"{top}/{rel}/{os.fsdecode(raw)}" if rel else f"{top}/{os.fsdecode(raw)}")
+        return entries
+
+    todo: List[Tuple[str, List[Tuple[bytes, str, int]]]] = [("", listing(""))]
     while todo:  # depth first, without recursion (a tree may be deeper than Python's stack)
         rel, entries = todo.pop()
         for raw, kind, mode in sorted(entries):
@@ -297,12 +369,14 @@ def changes(
                     out[path] = ("added" if lower is None else "modified", kind, mode)
                     if lower is None and any(_under(m, path) for m in ours):
                         made.append(path)
-                sub = _core.tree_list(fd, os.fsencode(r), userxattr)
+                sub = listing(r)
                 if lower == "d" and kind == "D":
                     # Opaque: the lower directory's entries it does not hold are gone.
                     ld = _beneath(base, r)
                     try:
                         for gone in sorted(set(os.listdir(ld)) - {os.fsdecode(e[0]) for e in sub}):
+                            if budget is not None:
+                                budget.charge(f"{path}/{gone}")
                             out[f"{path}/{gone}"] = ("deleted", "w", 0)
                     finally:
                         os.close(ld)

@@ -1623,7 +1623,15 @@ pub fn dir_beneath(dir: BorrowedFd<'_>, path: &[u8]) -> std::io::Result<OwnedFd>
 /// symlink, b'w' an overlayfs whiteout (a 0/0 character device: deleted), b'o' other.
 /// `userxattr`: the overlay keeps its marks in `user.overlay.*` (one made in a user
 /// namespace), else in `trusted.overlay.*`; the other namespace is the sandbox's own data.
-pub fn tree_list(root: BorrowedFd<'_>, path: &[u8], userxattr: bool) -> std::io::Result<Vec<(Vec<u8>, u8, u32)>> {
+/// `max_bytes`: the most the listing may cost the caller, each entry its name plus
+/// [`ENTRY_COST`]; a directory whose listing costs more is `EFBIG`, found before more than
+/// that is held (a sandbox may leave a million entries in one directory).
+pub fn tree_list(
+    root: BorrowedFd<'_>,
+    path: &[u8],
+    userxattr: bool,
+    max_bytes: Option<u64>,
+) -> std::io::Result<Vec<(Vec<u8>, u8, u32)>> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     let fd = match rustix::fs::openat2(root, path, flags, Mode::empty(), TREE_RESOLVE) {
         Ok(fd) => fd,
@@ -1631,12 +1639,15 @@ pub fn tree_list(root: BorrowedFd<'_>, path: &[u8], userxattr: bool) -> std::io:
         Err(e) => return Err(e.into()),
     };
     let mut out = Vec::new();
+    let mut left = max_bytes.unwrap_or(u64::MAX);
     for entry in rustix::fs::Dir::read_from(&fd)? {
         let entry = entry?;
         let name = entry.file_name().to_bytes();
         if name == b"." || name == b".." {
             continue;
         }
+        let cost = ENTRY_COST + name.len() as u64;
+        left = left.checked_sub(cost).ok_or(Errno::FBIG)?;
         use rustix::fs::FileType;
         let Ok(st) = rustix::fs::statat(&fd, entry.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW) else {
             continue; // gone meanwhile
@@ -1653,6 +1664,10 @@ pub fn tree_list(root: BorrowedFd<'_>, path: &[u8], userxattr: bool) -> std::io:
     }
     Ok(out)
 }
+
+/// What one entry of a listing read back by the caller costs besides its name: about what
+/// its (name, kind, mode) tuple and its place in a list or dict take in the caller.
+pub const ENTRY_COST: u64 = 256;
 
 /// Whether directory `name` of `dir` is marked opaque by overlayfs (trusted.* for an
 /// overlay of the initial user namespace, user.* with userxattr). Only the overlay's own

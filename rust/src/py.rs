@@ -1137,13 +1137,20 @@ fn dir_beneath(py: Python<'_>, fd: i32, path: &[u8]) -> PyResult<i32> {
 }
 
 /// Directory `path` of the tree whose root is `fd`: [(name, kind, mode)], kind "d", "D"
-/// (opaque), "f", "l", "w" (whiteout) or "o" (mount::tree_list).
+/// (opaque), "f", "l", "w" (whiteout) or "o"; a listing over `max_bytes` (each entry its
+/// name plus ENTRY_COST) is an OSError EFBIG (mount::tree_list).
 #[pyfunction]
-#[pyo3(signature = (fd, path, userxattr=false))]
-fn tree_list(py: Python<'_>, fd: i32, path: &[u8], userxattr: bool) -> PyResult<Vec<(Vec<u8>, String, u32)>> {
+#[pyo3(signature = (fd, path, userxattr=false, max_bytes=None))]
+fn tree_list(
+    py: Python<'_>,
+    fd: i32,
+    path: &[u8],
+    userxattr: bool,
+    max_bytes: Option<u64>,
+) -> PyResult<Vec<(Vec<u8>, String, u32)>> {
     // SAFETY: the caller's fd, open for this call.
     let root = unsafe { crate::sys::borrow_fd(fd) };
-    let entries = detached(py, || crate::mount::tree_list(root, path, userxattr)).map_err(os_error)?;
+    let entries = detached(py, || crate::mount::tree_list(root, path, userxattr, max_bytes)).map_err(os_error)?;
     Ok(entries.into_iter().map(|(n, k, m)| (n, (k as char).to_string(), m)).collect())
 }
 
@@ -1254,6 +1261,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_READONLY_PATHS", crate::spec::DEFAULT_READONLY_PATHS.to_vec())?;
     m.add("DEFAULT_HIDDEN", crate::spec::DEFAULT_HIDDEN.to_vec())?;
     m.add("DEFAULT_TMP_SIZE", crate::spec::DEFAULT_TMP_SIZE)?;
+    m.add("ENTRY_COST", crate::mount::ENTRY_COST)?;
     m.add("DEFAULT_SHM_SIZE", crate::spec::DEFAULT_SHM_SIZE)?;
     m.add("SANDBOX_ID_BASE", crate::spec::SANDBOX_ID_BASE)?;
     m.add("SANDBOX_ID_COUNT", crate::spec::SANDBOX_ID_COUNT)?;
