@@ -190,6 +190,8 @@ CALLS = {
     "perf_event_open": lambda: sc(298, perf_attr(), 0, -1, -1, 0),
     "userfaultfd": lambda: sc(323, 1 | os.O_CLOEXEC),  # UFFD_USER_MODE_ONLY: allowed to anyone
     "io_uring_setup": lambda: sc(425, 1, ctypes.create_string_buffer(120)),
+    # Linux AIO contexts are one host-wide count (fs.aio-max-nr) that no cgroup bounds.
+    "io_setup": lambda: sc(206, 4096, ctypes.byref(ctypes.c_ulong(0))),
     "fsopen": lambda: sc(430, b"tmpfs", 0),
     "unshare(CLONE_NEWUSER)": lambda: sc(272, 0x10000000),
     "clone(CLONE_NEWUSER)": clone_newuser,
@@ -224,6 +226,7 @@ SYSCALLS_REFUSED = {
     },
     "clone3": "ENOSYS",
     "openat2": "ENOSYS",
+    "io_setup": "ENOSYS",
 }
 
 # i386 (int 0x80: getpid) and x32 (the x32 bit on getpid) system calls from a 64-bit process.
@@ -594,7 +597,9 @@ def test_a_seccomp_filter_is_installed(inside, where):
 def test_dangerous_system_calls_are_refused(inside, where):
     """Attack: keyctl/add_key/request_key (host keyrings), bpf, perf_event_open, userfaultfd,
     io_uring, the mount API, nested user namespaces by unshare and clone, setns, file handles,
-    setuid/setgid chmod; clone3 and openat2 (not filterable by argument) must say ENOSYS."""
+    setuid/setgid chmod; clone3 and openat2 (not filterable by argument) must say ENOSYS, as
+    must io_setup: (found by an audit) 16 io_setup(4096) took the host's whole fs.aio-max-nr,
+    and libaio then failed on the host and in every other sandbox."""
     assert value(inside(SYSCALLS)) == SYSCALLS_REFUSED
 
 

@@ -9,7 +9,8 @@
 //! - **Allow**: the calls of [`default_allowed`], some only with the argument conditions below.
 //! - **ENOSYS**: `clone3` and `openat2`, so glibc and other callers fall back to
 //!   `clone`/`openat`, whose flags and mode the filter can check; those of `clone3`/`openat2`
-//!   live in a struct that BPF cannot read.
+//!   live in a struct that BPF cannot read. Also Linux AIO (`io_setup`...), whose contexts
+//!   are a host-wide count no cgroup bounds (see [`ENOSYS`]).
 //! - **EPERM**: anything else (libseccomp's default action), `nr == -1` included (a tracer
 //!   skipping a call; ptrace runs before seccomp).
 //! - **Kill**: a foreign architecture (i386 `int 0x80` on x86_64, aarch32 on aarch64) and, on
@@ -284,9 +285,16 @@ fn libseccomp(e: SeccompError) -> Error {
     Error::invalid("seccomp", format!("libseccomp: {e}"))
 }
 
-/// Fail with ENOSYS: their flags or mode are in a struct BPF cannot read, and callers fall
-/// back to `clone`/`openat` on ENOSYS only.
-const ENOSYS: &[&str] = &["clone3", "openat2"];
+/// Fail with ENOSYS, which callers take as "not here" and fall back from:
+/// - `clone3`, `openat2`: their flags or mode are in a struct BPF cannot read (callers fall
+///   back to `clone`/`openat`, whose arguments the filter checks);
+/// - Linux AIO (`io_setup` and the calls on its contexts; not POSIX aio, which glibc does
+///   with threads): its contexts are counted host-wide against `fs.aio-max-nr` (65536), by
+///   no cgroup or namespace, so 16 `io_setup(4096)` for 8 MiB stopped libaio on the host
+///   and in every other sandbox (found by an audit). libaio users fall back to threads or
+///   plain I/O on ENOSYS; `Seccomp(allow=...)` gives them back.
+const ENOSYS: &[&str] =
+    &["clone3", "openat2", "io_setup", "io_destroy", "io_submit", "io_cancel", "io_getevents", "io_pgetevents"];
 
 /// The names of [`conditional_rules`].
 const CONDITIONAL: &[&str] = &[
@@ -453,8 +461,7 @@ const DEFAULT_COMMON: &[&str] = &[
     "getpeername", "getpgid", "getpid", "getppid", "getpriority", "getrandom", "getresgid",
     "getresuid", "getrlimit", "getrusage", "getsid", "getsockname", "getsockopt", "gettid",
     "gettimeofday", "getuid", "getxattr", "getxattrat", "inotify_add_watch", "inotify_init1",
-    "inotify_rm_watch", "io_cancel", "io_destroy", "io_getevents", "io_pgetevents", "io_setup",
-    "io_submit", "ioprio_get", "ioprio_set", "kill", "landlock_add_rule", "landlock_create_ruleset",
+    "inotify_rm_watch", "ioprio_get", "ioprio_set", "kill", "landlock_add_rule", "landlock_create_ruleset",
     "landlock_restrict_self", "lgetxattr", "linkat", "listen", "listmount", "listxattr",
     "listxattrat", "llistxattr", "lremovexattr", "lseek", "lsetxattr", "madvise",
     "map_shadow_stack", "membarrier", "memfd_create", "memfd_secret", "mincore", "mkdirat", "mlock",
@@ -806,6 +813,8 @@ mod tests {
             probe("userfaultfd", libc::SYS_userfaultfd, &[0], EPERM),
             probe("clone3", libc::SYS_clone3, &[0, 0], Want::Err(libc::ENOSYS)),
             probe("openat2", libc::SYS_openat2, &[cwd, 0, 0, 0], Want::Err(libc::ENOSYS)),
+            probe("io_setup", libc::SYS_io_setup, &[1, 0], Want::Err(libc::ENOSYS)),
+            probe("io_submit", libc::SYS_io_submit, &[0, 0, 0], Want::Err(libc::ENOSYS)),
             probe("ioctl(0, TIOCSTI|1<<32)", libc::SYS_ioctl, &[0, tiocsti | 1 << 32, 0], EPERM),
             probe("ioctl(0, TIOCSTI)", libc::SYS_ioctl, &[0, tiocsti, 0], EPERM),
             probe("ioctl(0, TIOCLINUX)", libc::SYS_ioctl, &[0, libc::TIOCLINUX as usize, 0], EPERM),
