@@ -194,10 +194,14 @@ def mountinfo() -> str:
 @pytest.fixture(scope="session")
 def init_binary_loaded() -> None:
     """nsfast keeps one sealed memfd of nsfast-init open for the life of the process, made
-    on first use of init=True, and (as root) one user namespace that idmaps Binds, made on
-    the first Bind. Make them up front so fd-count checks see a steady state."""
-    r = nsfast.run(["true"], init=True, mounts=[nsfast.Bind("/etc", "/mnt")])
+    on first use of init=True, and (as root) a user namespace per id range that idmaps
+    Binds, made on the first Bind in that range: the shared range's (an Overlay's) and one
+    of each of the process's SANDBOX_RANGES_PER_PROCESS (64) ranges, which its sandboxes
+    take in turn. Make them up front so fd-count checks see a steady state."""
+    r = nsfast.run(["true"], init=True, mounts=[nsfast.Bind("/etc", "/mnt"), nsfast.Overlay("/etc", "/srv")])
     assert r.returncode == 0
+    for _ in range(64):
+        assert nsfast.run(["true"], mounts=[nsfast.Bind("/etc", "/mnt")]).returncode == 0
 
 
 @pytest.fixture

@@ -97,6 +97,15 @@ def test_memory_limit_oom_kills_and_reports_it():
     assert r.usage.memory_peak_bytes is not None and r.usage.memory_peak_bytes <= 64 << 20
 
 
+def test_a_child_killed_by_the_memory_limit_is_the_runs_termination():
+    """(Found by an audit.) A shell whose child the kernel OOM-killed exits 0: its usage said
+    oom_killed=True, termination="exit". As BenchExec's terminationreason: "memory"."""
+    hog = f"{PY} -c 'b = bytearray(200 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1'; exit 0"
+    r = nsfast.run(["sh", "-c", hog], limits=nsfast.Limits(memory="64M", memory_swap="64M"), timeout=120)
+    assert r.returncode == 0
+    assert r.usage.oom_killed is True and r.usage.termination == "memory", r.usage
+
+
 def test_process_under_the_memory_limit_runs_and_peak_is_measured():
     use = "b = bytearray(20 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('ok')"
     r = nsfast.run([PY, "-c", use], limits=nsfast.Limits(memory="64M"), capture_output=True, text=True, timeout=120)
@@ -872,12 +881,13 @@ p = nsfast.spawn(["/usr/bin/python3", "-c", sys.argv[1], sys.argv[2]], delegate_
                  env={"PYTHONPATH": "/mnt/nsfast-pkg", "PATH": "/usr/bin:/bin"}, stdout=nsfast.PIPE,
                  stderr=nsfast.PIPE, text=True)
 dirs = p._sandbox.cgroup_paths()
+id_base = p._sandbox.id_base
 owners = {f: list(os.stat(os.path.join(dirs[0], f))[4:6]) for f in ("", "cgroup.procs", "memory.max")}
 out, err = p.communicate(timeout=900)
 u = p.usage
 print(json.dumps({"rc": p.returncode, "err": err[-3000:], "inner": json.loads(out.splitlines()[-1]) if out else None,
                   "cpu": u.cpu_user_s + u.cpu_system_s, "dirs": dirs, "owners_outside": owners,
-                  "left": [d for d in dirs if os.path.exists(d)]}))
+                  "id_base": id_base, "left": [d for d in dirs if os.path.exists(d)]}))
 """
 
 needs_v2 = pytest.mark.skipif(expected_version() != 2, reason="cgroup v2 delegation needs a pure v2 host (the VM)")
@@ -955,7 +965,9 @@ def check_delegated(res: dict, root_ids: list[int]) -> None:
 @needs_v2
 def test_delegated_sandbox_runs_a_nested_nsfast_with_limits_and_holds_against_attacks_root():
     res = run_delegated(rootless=False)
-    check_delegated(res, [nsfast.SANDBOX_ID_BASE, nsfast.SANDBOX_ID_BASE])
+    # Its root: the first host id of the sandbox's own range (a Bind and a Tmpfs, no overlay).
+    assert res["id_base"] >= nsfast._core.SANDBOX_RANGES_BASE, res["id_base"]
+    check_delegated(res, [res["id_base"], res["id_base"]])
 
 
 @needs_v2

@@ -347,15 +347,22 @@ print(json.dumps(res))
 
 
 def test_root_inside_is_an_unprivileged_id_on_the_host():
-    """Attack: host root in disguise. The sandbox's root must be SANDBOX_ID_BASE on the host,
+    """Attack: host root in disguise. The sandbox's root must be an unprivileged host id, the
+    first of a range of the sandbox's own (SANDBOX_ID_BASE.. with an overlay nsfast makes),
     in a user namespace of its own, never host uid 0."""
-    with nsfast.spawn(["sleep", "100"]) as p:
+    with nsfast.spawn(["sleep", "100"]) as p, nsfast.spawn(["sleep", "100"], overlay=True) as q:
         try:
             ids = (tuple(psutil.Process(p.pid).uids()), tuple(psutil.Process(p.pid).gids()))
+            shared = (tuple(psutil.Process(q.pid).uids()), tuple(psutil.Process(q.pid).gids()))
             user_ns = nsfast.namespaces(p.pid)["user"]
+            base = p._sandbox.id_base
         finally:
             p.kill()
-    assert ids == ((SANDBOX_ID_BASE,) * 3,) * 2
+            q.kill()
+    lo = nsfast._core.SANDBOX_RANGES_BASE
+    assert lo <= base < lo + nsfast._core.SANDBOX_RANGES * 65536 and (base - lo) % 65536 == 0, base
+    assert ids == ((base,) * 3,) * 2
+    assert shared == ((SANDBOX_ID_BASE,) * 3,) * 2
     assert user_ns != nsfast.namespaces()["user"]
     assert nsfast.SANDBOX_ID_BASE == SANDBOX_ID_BASE
     assert "user" in nsfast.DEFAULT_NAMESPACES
@@ -1101,7 +1108,7 @@ def test_a_sandbox_cannot_use_up_host_roots_per_user_kernel_counts():
         assert int(n2) >= int(n) and int(err2) == errno.EMFILE, "the second sandbox had no share of its own"
         owners = {_ns_owner(hog.pid), _ns_owner(other.pid)}
         assert len(owners) == 2, owners
-        lo = nsfast.SANDBOX_ID_BASE + 65536
+        lo = nsfast._core.SANDBOX_OWNER_BASE
         assert all(lo <= o < 0x8000_0000 for o in owners), owners
     finally:
         for p in (hog, other):
@@ -1109,6 +1116,63 @@ def test_a_sandbox_cannot_use_up_host_roots_per_user_kernel_counts():
                 p.kill()
                 p.wait()
                 p.stdout.close()
+
+
+_INFLIGHT_ALL = (
+    "import os, socket, sys\n"
+    "fd = os.open('/dev/null', os.O_RDONLY)\n"
+    "pairs, n, err = [], 0, 0\n"
+    "while n < 200000:\n"
+    "    a, b = socket.socketpair()\n"
+    "    try:\n"
+    "        socket.send_fds(a, [b'x'], [fd] * 250)\n"
+    "    except OSError as e:\n"
+    "        err = e.errno\n"
+    "        break\n"
+    "    pairs.append((a, b))\n"
+    "    n += 250\n"
+    "print(n, err, flush=True)\n"
+    "sys.stdin.read()\n"
+)
+_SEND_ONE = (
+    "import os, socket\n"
+    "a, b = socket.socketpair()\n"
+    "try:\n"
+    "    socket.send_fds(a, [b'x'], [0])\n"
+    "    print('sent')\n"
+    "except OSError as e:\n"
+    "    print(e.errno)\n"
+)
+
+
+def test_fds_in_flight_in_one_sandbox_leave_others_theirs():
+    """(Found by an audit.) The kernel counts the fds a host uid has in flight in unix
+    sockets (sent, not yet received) and refuses SCM_RIGHTS past the sender's RLIMIT_NOFILE,
+    whatever its user namespace. Every root caller's sandbox was host uid 0x70000000: one
+    holding 20,000 fds in flight made every other sandbox's send_fds fail with
+    ETOOMANYREFS, and nsfast's own hand-over of a sandbox's writable trees (outputs=,
+    Containers) and of a zygote task's pidfd, so no zygote could start. Each sandbox has a
+    range of host ids of its own now; epoll watches and pipe buffer pages, per uid too, are
+    shared no more either."""
+    if os.geteuid() != 0:
+        pytest.skip("a root caller's sandboxes (a rootless caller's are all the caller's one uid)")
+    hog = nsfast.spawn(["/usr/bin/python3", "-c", _INFLIGHT_ALL], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        n, err = map(int, hog.stdout.readline().split())
+        assert err == errno.ETOOMANYREFS and n >= 1000, (n, err)  # it holds what it may
+        r = nsfast.run(["/usr/bin/python3", "-c", _SEND_ONE], capture_output=True, text=True)
+        assert r.stdout == "sent\n", r
+        r = nsfast.run(["sh", "-c", "echo out > /tmp/x"], outputs=["/tmp/x"])
+        assert r.files == {"/tmp/x": b"out\n"}
+        with nsfast.Container(["sleep", "30"]) as c:
+            assert c.exec(["true"]).returncode == 0
+        with nsfast.Zygote() as z:
+            assert z.run_python("print(1)").stdout == b"1\n"
+    finally:
+        hog.kill()
+        hog.wait()
+        hog.stdin.close()
+        hog.stdout.close()
 
 
 def test_starting_sandboxes_leaves_the_caller_as_it_was():

@@ -195,6 +195,9 @@ class Container:
             self._proc.wait()
             if self._held is not None:
                 self._held.close()
+            # (Found by an audit: a start that failed kept its trees' fds, 6 a Container.)
+            if self._proc._trees is not None:
+                self._proc._trees.close()
             raise
         finally:
             if gate is not None:
@@ -266,7 +269,7 @@ class Container:
         """Write `data` to `path` in one of the container's writable trees (created with
         `mode`, else truncated), resolved inside that tree as read_file is; a symlink as the
         last component is refused (OSError ELOOP). The file is the caller's (for a root
-        caller: the container root's, host id SANDBOX_ID_BASE), root's inside."""
+        caller: the container root's, the first host id of its range), root's inside."""
         self._writable().write(path, data, mode)
 
     def _writable(self) -> Trees:

@@ -18,6 +18,9 @@ __all__ = [
     "HIDDEN_SIZE",
     "SANDBOX_ID_BASE",
     "SANDBOX_ID_COUNT",
+    "SANDBOX_OWNER_BASE",
+    "SANDBOX_RANGES",
+    "SANDBOX_RANGES_BASE",
     "NAMESPACES",
     "cap_last_cap",
     "cgroup_backend",
@@ -55,6 +58,9 @@ DEFAULT_SHM_SIZE: int
 HIDDEN_SIZE: int
 SANDBOX_ID_BASE: int
 SANDBOX_ID_COUNT: int
+SANDBOX_OWNER_BASE: int
+SANDBOX_RANGES: int
+SANDBOX_RANGES_BASE: int
 INIT_BINARY_SIZE: int
 
 @final
@@ -91,6 +97,8 @@ class Sandbox:
     @property
     def cgroup_version(self) -> Optional[int]: ...
     @property
+    def id_base(self) -> Optional[int]: ...
+    @property
     def exit(self) -> Optional[Exit]: ...
     def fileno(self) -> int: ...
     def wait(self, timeout: Optional[float] = None) -> Optional[Exit]: ...
@@ -109,6 +117,7 @@ def spawn(
     pass_fds: Sequence[int],
     cgroup: Any = None,  # an nsfast._cgroup.CgroupRequest, read attribute by attribute
     trees: Sequence[bytes] = ...,
+    chown: Sequence[int] = ...,
 ) -> Sandbox: ...
 def tree_read(fd: int, path: bytes, max: int) -> Optional[bytes]: ...
 def tree_list(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import fcntl
 import io
 import os
 import selectors
@@ -19,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Optional, Seque
 from . import _cgroup, _core
 from . import _trees as _trees_mod
 from ._errors import OutputLimitError, OverlayError, SpawnError, SpecError
-from ._spec import SANDBOX_ID_BASE, Overlay, Spec, SpecFields, StrPath, with_fields
+from ._spec import Overlay, Spec, SpecFields, StrPath, with_fields
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -112,16 +113,53 @@ def _argv(args: Args) -> Tuple[List[bytes], List[Any]]:
     return out, list(args)
 
 
-def _pipe_owner(spec: Spec, join: Optional[_JoinTarget]) -> Optional[Tuple[int, int]]:
+def check_input(data: Any, text: bool) -> None:
+    """run()'s check of `input=` before anything starts (see input_bytes)."""
+    if data is not None and not (text and isinstance(data, str)):
+        input_bytes(data, copy=False)
+
+
+def input_bytes(data: Any, copy: bool = True) -> bytes:
+    """`input=` as bytes: a bytes-like object (as subprocess, whose write needs one); not an
+    int, which bytes() would make that many NUL bytes of."""
+    if isinstance(data, str):
+        raise TypeError("input must be bytes-like (str only with text=True)")
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"input must be a bytes-like object, not {type(data).__name__}") from None
+    return view.tobytes() if copy else b""
+
+
+def _check_open(what: str, fd: int) -> None:
+    """OSError EBADF unless `fd` (an fd number of the caller's) is open."""
+    if fd < 0:
+        return  # PIPE, DEVNULL, STDOUT; or refused below, with its own message
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError as e:
+        raise OSError(e.errno, f"{what}: fd {fd} is not open ({e.strerror})") from None
+
+
+def id_base_of(pid: int) -> Optional[int]:
+    """The host id inside id 0 of process `pid`'s user namespace maps to (its first uid_map
+    line), None if it cannot be read: which range a running sandbox is in."""
+    try:
+        with open(f"/proc/{pid}/uid_map") as f:
+            first = f.readline().split()
+    except OSError:
+        return None
+    return int(first[1]) if len(first) == 3 and first[0] == "0" else None
+
+
+def _pipe_owner(spec: Spec, userns: bool, base: Optional[int]) -> Optional[Tuple[int, int]]:
     """The host ids a root caller's sandbox user has (its user namespace maps inside ids
-    0.. to SANDBOX_ID_BASE..); None when the caller's own ids are the sandbox's (rootless, or
-    root nested in a sandbox, whose user namespace has no such ids)."""
-    if os.geteuid() != 0 or not _core.sandbox_id_range():
+    0.. to `base`..., its range); None when the caller's own ids are the sandbox's (rootless,
+    or root nested in a sandbox, whose user namespace has no such ids) or the range is not
+    known."""
+    if os.geteuid() != 0 or not _core.sandbox_id_range() or not userns or base is None:
         return None
-    userns = "user" in (spec.namespaces if join is None else join.namespaces)
-    if not userns:
-        return None
-    return (SANDBOX_ID_BASE + (spec.uid or 0), SANDBOX_ID_BASE + (spec.gid or 0))
+    return (base + (spec.uid or 0), base + (spec.gid or 0))
 
 
 def _explain_hidden(err: SpawnError, argv: List[bytes], spec: Spec) -> None:
@@ -158,6 +196,7 @@ class _Handles:
         self.owner = owner
         self.child = [-1, -1, -1]
         self.to_close: List[int] = []
+        self.pipes: List[int] = []  # the child's ends of PIPEs
         self.parent: List[Optional[int]] = [None, None, None]
         try:
             for i, spec in enumerate((stdin, stdout, stderr)):
@@ -177,6 +216,7 @@ class _Handles:
             child, parent = (r, w) if i == 0 else (w, r)
             self.parent[i] = parent
             self.to_close.append(child)
+            self.pipes.append(child)
             if self.owner is not None:
                 os.fchown(child, *self.owner)
             return child
@@ -225,13 +265,15 @@ class Process:
         pass_fds: Sequence[int] = (),
         _join: Optional[_JoinTarget] = None,
         _start: Optional[Callable[[Tuple[int, int, int]], Any]] = None,
+        _id_base: Optional[int] = None,
         _trees: Sequence[str] = (),
         _commits: bool = False,
         **spec_fields: Unpack[SpecFields],
     ) -> None:
         # _start(stdio) -> a Sandbox: what starts it instead of _core.spawn (a zygote task,
-        # which makes its own cgroup). _trees: sandbox paths of writable trees to hold open
-        # (self._trees), for reading files back (_trees.py).
+        # which makes its own cgroup), in the range at _id_base (the zygote's). _trees:
+        # sandbox paths of writable trees to hold open (self._trees), for reading files back
+        # (_trees.py).
         self.spec = with_fields(spec, spec_fields)
         self._trees: Optional[_trees_mod.Trees] = None
         if not _commits and any(isinstance(m, Overlay) and m.commit for m in self.spec.mounts):
@@ -255,6 +297,15 @@ class Process:
         self._joined = _join is not None
         self._sandbox: Any = None
         fds = sorted({int(fd) for fd in pass_fds})
+        # Every fd number given must be open now, before nsfast opens any of its own: a closed
+        # one would be filled by the next fd nsfast opens (found by an audit: the sandbox got
+        # its own cgroup directory, and through it the host's /sys/fs/cgroup), as stdio or as
+        # a passed fd. subprocess raises EBADF for such stdio as well.
+        for f in (stdin, stdout, stderr):
+            if isinstance(f, int) and not isinstance(f, bool):
+                _check_open("stdio", f)
+        for fd in fds:
+            _check_open("pass_fds", fd)
         for fd in fds:
             if fd < 0:
                 raise ValueError(f"pass_fds: invalid file descriptor {fd}")
@@ -266,16 +317,27 @@ class Process:
                 strict=self.spec.strict,
                 delegate=self.spec.delegate_cgroup,
             )
-        handles = _Handles(stdin, stdout, stderr, _pipe_owner(self.spec, _join))
+        # The pipes are the sandbox user's (so that it may reopen them, /dev/stdout): a new
+        # sandbox's range is chosen as it starts, and _core.spawn gives them (chown=).
+        if _join is not None:
+            owner = _pipe_owner(self.spec, "user" in _join.namespaces, id_base_of(_join.pid))
+        elif _start is not None:
+            owner = _pipe_owner(self.spec, "user" in self.spec.namespaces, _id_base)
+        else:
+            owner = None
+        handles = _Handles(stdin, stdout, stderr, owner)
         try:
             stdio = (handles.child[0], handles.child[1], handles.child[2])
             if _start is not None:
                 self._sandbox = _start(stdio)
             elif _join is None:
                 trees = _trees_mod.core_paths(self.spec, _trees)
-                self._sandbox = _core.spawn(self.spec, argv, stdio=stdio, pass_fds=fds, cgroup=cgroup, trees=trees)
+                self._sandbox = _core.spawn(
+                    self.spec, argv, stdio=stdio, pass_fds=fds, cgroup=cgroup, trees=trees, chown=handles.pipes
+                )
                 if _trees:
-                    root = _pipe_owner(self.spec.replace(uid=0, gid=0), None)
+                    base = self._sandbox.id_base
+                    root = None if base is None or os.geteuid() != 0 else (base, base)
                     self._trees = _trees_mod.Trees(_trees, self._sandbox.take_trees(), root)
             else:
                 self._sandbox = _core.spawn_join(
@@ -563,7 +625,7 @@ class _Communication:
                 data = b""
             if proc.text and isinstance(data, str):
                 data = data.encode(getattr(proc.stdin, "encoding", "utf-8"))
-            self.input = bytes(data)
+            self.input = input_bytes(data)
             if self.input:
                 os.set_blocking(proc.stdin.fileno(), False)
                 self.sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE, "stdin")
@@ -705,6 +767,7 @@ def run(
     changes_max_bytes: int = _trees_mod.DEFAULT_CHANGES_MAX_BYTES,
     _join: Optional[_JoinTarget] = None,
     _start: Optional[Callable[[Tuple[int, int, int]], Any]] = None,
+    _id_base: Optional[int] = None,
     **spec_fields: Unpack[SpecFields],
 ) -> Result:
     """Run `args` in a new sandbox, wait for it, return a `Result` (like subprocess.run).
@@ -751,6 +814,7 @@ def run(
             "Overlay(commit=True) needs the pid namespace: without it a process of the sandbox may outlive it and "
             "change the changes while they are applied",
         )
+    check_input(input, text)
     stdin, stdout, stderr = run_stdio(input, capture_output, stdin, stdout, stderr, timeout)
     # Before the sandbox starts: a change the host makes in an Overlay's src from here on
     # is one its commit must not overwrite.
@@ -767,6 +831,7 @@ def run(
             pass_fds=pass_fds,
             _join=_join,
             _start=_start,
+            _id_base=_id_base,
             _trees=trees,
             _commits=True,
         ) as proc:

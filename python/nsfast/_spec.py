@@ -56,7 +56,10 @@ DEFAULT_TMP_SIZE: int = _core.DEFAULT_TMP_SIZE
 DEFAULT_SHM_SIZE: int = _core.DEFAULT_SHM_SIZE
 #: Size of the tmpfs that holds an overlay root's changes (Spec.overlay_size).
 DEFAULT_OVERLAY_SIZE: int = 256 << 20
-#: A root caller's sandbox runs as host ids SANDBOX_ID_BASE .. +SANDBOX_ID_COUNT-1 (inside: 0..).
+#: A root caller's sandbox runs as SANDBOX_ID_COUNT host ids of a range of its own (inside:
+#: 0..), in 0x70010000..0x7FFEFFFF, or, with an overlay nsfast makes (overlay=True, Overlay
+#: mounts, a rootfs it adds mount points to) or overlay_upper, the shared SANDBOX_ID_BASE..
+#: (`Process._sandbox.id_base` says which; so does the sandbox's /proc/PID/uid_map).
 SANDBOX_ID_BASE: int = _core.SANDBOX_ID_BASE
 SANDBOX_ID_COUNT: int = _core.SANDBOX_ID_COUNT
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -115,6 +118,10 @@ def _path(field_name: str, value: Any, *, absolute: bool = True) -> str:
         raise TypeError(f"{field_name} must be a str path, not {type(p).__name__}")
     if "\0" in p:
         raise SpecError(field_name, f"contains a NUL byte: {p!r}")
+    if not p:
+        # (As subprocess's cwd='' and docker's -v ':/x': an empty path names no file; made
+        # absolute, it was the caller's working directory.)
+        raise SpecError(field_name, "must not be empty")
     if absolute and not p.startswith("/"):
         raise SpecError(field_name, f"must be an absolute path: {p!r}")
     return p
@@ -429,8 +436,9 @@ class Spec:
     mounts: extra `Bind`/`Tmpfs` mounts, applied in order.
     namespaces: "user" is always created for rootless callers; a root caller that leaves it
         out opts out of the user namespace (the sandbox's root is then host root: trusted
-        code only). With it, a root caller's inside ids 0..65535 are host ids
-        SANDBOX_ID_BASE.. (never host root); a rootless caller's inside 0 is the caller.
+        code only). With it, a root caller's inside ids 0..65535 are host ids of a range of
+        the sandbox's own (never host root; see SANDBOX_ID_BASE); a rootless caller's inside
+        0 is the caller.
     env: the whole environment (default: PATH, HOME=/, TERM if set), never the host's.
     uid/gid: the ids the command runs as inside.
     capabilities: capability names kept; every other is dropped (default: none kept).
@@ -462,8 +470,8 @@ class Spec:
         anything starts; strict=False applies what it can, with a CgroupWarning for the rest.
     delegate_cgroup: systemd's Delegate=yes for the sandbox (default False): before the
         sandbox runs anything, its cgroup directory and its cgroup.procs,
-        cgroup.subtree_control and cgroup.threads are chowned to the sandbox's root (host ids
-        SANDBOX_ID_BASE for a root caller, the caller for a rootless one), as the kernel's
+        cgroup.subtree_control and cgroup.threads are chowned to the sandbox's root (the
+        first host id of its range for a root caller, the caller for a rootless one), as the kernel's
         cgroup v2 delegation model says; its limit files (memory.max, pids.max, ...) stay the
         caller's. Inside, /sys/fs/cgroup is a fresh cgroup2 mount rooted at that cgroup (its
         cgroup namespace), read-write, nosuid,nodev,noexec, instead of the host's read-only

@@ -506,11 +506,19 @@ class Zygote:
             text=text,
             capture_max_bytes=capture_max_bytes,
             _start=self._code_starter(code, env, argv, limits),
+            _id_base=self._id_base(),
         )
+
+    def _id_base(self) -> Optional[int]:
+        """The host id the zygote's (and so its tasks') root is: its range."""
+        proc = self._proc
+        return None if proc is None or proc._sandbox is None else proc._sandbox.id_base
 
     def _code_starter(self, code: str, env: Optional[Mapping[str, str]], argv: Sequence[str], limits: Any) -> Any:
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
+        if isinstance(argv, (str, bytes)):  # (one string is not its characters)
+            raise TypeError(f"argv must be a sequence of arguments (sys.argv[1:]), not {type(argv).__name__}")
         payload = self._payload("code", env, code=code, argv=["-c", *map(str, argv)])
         return self._starter(payload, limits, None)
 
@@ -547,6 +555,7 @@ class Zygote:
                 stderr=PIPE,
                 timeout=timeout,
                 _start=self._starter(payload, limits, fd),
+                _id_base=self._id_base(),
             )
             size = os.fstat(fd).st_size
             if size > max_result_bytes:
@@ -623,6 +632,7 @@ class Zygote:
                 stderr=stderr,
                 text=text,
                 _start=start,
+                _id_base=self._id_base(),
             )
         )
         return await _finish_run(proc, input, timeout, check, capture_max_bytes)

@@ -359,9 +359,12 @@ impl Core {
             Some(sig) => -sig,
             None => libc::WEXITSTATUS(status),
         };
+        // A process the kernel OOM-killed is the run's memory limit, whatever became of the
+        // command (a shell whose child was killed exits 0): BenchExec's terminationreason
+        // says "memory" then too.
         let termination = match (inner.reason, signal) {
             (Some(r), _) => r,
-            (None, Some(libc::SIGKILL)) if oom_killed => Termination::Memory,
+            (None, _) if oom_killed => Termination::Memory,
             (None, Some(_)) => Termination::Signal,
             (None, None) => Termination::Exit,
         };
@@ -499,6 +502,8 @@ impl Drop for Core {
 struct Sandbox {
     core: Arc<Core>,
     cgroup_version: Option<u8>,
+    /// The host id its root is (a root caller's range; None: the caller's own ids).
+    id_base: Option<u32>,
     /// The roots of the writable trees asked for at spawn (`spawn(trees=)`), until taken.
     trees: Mutex<Vec<OwnedFd>>,
 }
@@ -556,7 +561,7 @@ impl Sandbox {
                 return Err(PyOSError::new_err(format!("cannot start the CPU-time watcher thread: {e}")));
             }
         }
-        Ok(Sandbox { core, cgroup_version, trees })
+        Ok(Sandbox { core, cgroup_version, id_base: None, trees })
     }
 }
 
@@ -596,6 +601,13 @@ impl Sandbox {
     #[getter]
     fn cgroup_version(&self) -> Option<u8> {
         self.cgroup_version
+    }
+
+    /// The host id the sandbox's root is (inside ids 0.. map to it and on; a root caller's
+    /// sandbox), None where its ids are the caller's own.
+    #[getter]
+    fn id_base(&self) -> Option<u32> {
+        self.id_base
     }
 
     /// The recorded Exit, None while not reaped.
@@ -734,8 +746,12 @@ fn started_in<T>(
 }
 
 /// Start a sandbox as the frozen nsfast.Spec `spec` says, running `args`; returns its Sandbox.
+/// `chown`: fds (the caller's pipes for its stdio) to give to the sandbox's user (its
+/// `uid`/`gid` inside) where it is a root caller's, whose host ids are the sandbox's own
+/// range: so that it may reopen them (/dev/stdout).
 #[pyfunction]
-#[pyo3(signature = (spec, args, *, stdio, pass_fds, cgroup=None, trees=vec![]))]
+#[pyo3(signature = (spec, args, *, stdio, pass_fds, cgroup=None, trees=vec![], chown=vec![]))]
+#[allow(clippy::too_many_arguments)]
 fn spawn(
     py: Python<'_>,
     spec: &Bound<'_, PyAny>,
@@ -744,6 +760,7 @@ fn spawn(
     pass_fds: Vec<i32>,
     cgroup: Option<&Bound<'_, PyAny>>,
     trees: Vec<PyBackedBytes>,
+    chown: Vec<i32>,
 ) -> PyResult<Sandbox> {
     let trees = trees
         .iter()
@@ -770,6 +787,17 @@ fn spawn(
     let started = std::time::Instant::now();
     let result = detached(py, move || -> Result<_, Error> {
         let plan = Plan::build(&core_spec, Caller::current())?;
+        if let Some(base) = plan.id_base {
+            let ids = (base + core_spec.uid.unwrap_or(0), base + core_spec.gid.unwrap_or(0));
+            for &fd in &chown {
+                // SAFETY: the caller's fd, open for this call.
+                let fd = unsafe { crate::sys::borrow_fd(fd) };
+                let (uid, gid) = (rustix::fs::Uid::from_raw(ids.0), rustix::fs::Gid::from_raw(ids.1));
+                rustix::fs::fchown(fd, Some(uid), Some(gid))
+                    .map_err(|e| Error::spawn("chown the stdio pipes", None, e))?;
+            }
+        }
+        let id_base = plan.id_base;
         let mut cg = create_cgroup(cgroup)?;
         // Before the child exists: it is born owning its cgroup (never its limit files).
         if let Some((uid, gid)) = plan.delegate {
@@ -787,9 +815,14 @@ fn spawn(
         started_in(cg, |cg| {
             crate::spawn::spawn(&plan, &crate::Io { stdio: io_stdio, pass_fds: &pass_fds, cgroup: cg, trees: &trees })
         })
+        .map(|(child, cg)| (child, cg, id_base))
     });
     match result {
-        Ok((child, cg)) => Sandbox::new(child, cg, started, pid_namespace, new_session, cpu, false),
+        Ok((child, cg, id_base)) => {
+            let mut sandbox = Sandbox::new(child, cg, started, pid_namespace, new_session, cpu, false)?;
+            sandbox.id_base = id_base;
+            Ok(sandbox)
+        }
         Err(e) => Err(to_pyerr(py, e)),
     }
 }
@@ -1265,6 +1298,9 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_SHM_SIZE", crate::spec::DEFAULT_SHM_SIZE)?;
     m.add("SANDBOX_ID_BASE", crate::spec::SANDBOX_ID_BASE)?;
     m.add("SANDBOX_ID_COUNT", crate::spec::SANDBOX_ID_COUNT)?;
+    m.add("SANDBOX_OWNER_BASE", crate::spec::SANDBOX_OWNER_BASE)?;
+    m.add("SANDBOX_RANGES", crate::spec::SANDBOX_RANGES)?;
+    m.add("SANDBOX_RANGES_BASE", crate::spec::SANDBOX_RANGES_BASE)?;
     m.add("INIT_BINARY_SIZE", crate::spawn::INIT_BINARY.len())?;
     m.add("HIDDEN_SIZE", crate::mount::HIDDEN_SIZE)?;
     Ok(())

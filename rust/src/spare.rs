@@ -147,6 +147,8 @@ fn layers_of(plan: &Plan) -> Option<Layers> {
     if prepare.is_empty()
         || !matches!(upper, Upper::Tmpfs { .. })
         || prepare.iter().any(|p| p.overlay.is_none() || p.recursive)
+        // (Spares are idmapped through the shared range, which such plans run in.)
+        || plan.id_base.is_some_and(|b| b != crate::spec::SANDBOX_ID_BASE)
     {
         return None;
     }
@@ -233,7 +235,9 @@ fn make(layers: Layers) {
     let Some(ids) = layers.prepare.iter().map(|p| identity(&p.src)).collect::<Option<Vec<_>>>() else {
         return;
     };
-    let Ok((trees, Some(upper))) = crate::spawn::prepare_layers(&layers.prepare, Some(&layers.upper)) else {
+    let Ok((trees, Some(upper))) =
+        crate::spawn::prepare_layers(&layers.prepare, Some(&layers.upper), crate::spec::SANDBOX_ID_BASE)
+    else {
         return; // the start makes its own, and reports what failed
     };
     let spare = Spare { layers, made: Instant::now(), ids, trees, upper };

@@ -549,19 +549,21 @@ fn prepare_trees(plan: &Plan) -> Result<(Vec<OwnedFd>, Option<OwnedFd>)> {
     if let Some((trees, upper)) = crate::spare::take(plan) {
         return Ok((trees, Some(upper)));
     }
-    prepare_layers(&plan.fs.prepare, plan.fs.upper.as_ref())
+    prepare_layers(&plan.fs.prepare, plan.fs.upper.as_ref(), plan.id_base.unwrap_or(crate::spec::SANDBOX_ID_BASE))
 }
 
-/// [`prepare_trees`] of these trees and upper, made now.
+/// [`prepare_trees`] of these trees and upper, made now; idmapped trees map through the
+/// range at `id_base`.
 pub(crate) fn prepare_layers(
     prepare: &[mount::PrepareTree],
     upper: Option<&mount::Upper>,
+    id_base: u32,
 ) -> Result<(Vec<OwnedFd>, Option<OwnedFd>)> {
     if prepare.is_empty() {
         return Ok((Vec::new(), None));
     }
     let userns = if prepare.iter().any(|p| p.idmap) {
-        Some(idmap_userns().map_err(|e| Error::spawn("create the id-mapping user namespace", None, e))?)
+        Some(idmap_userns(id_base).map_err(|e| Error::spawn("create the id-mapping user namespace", None, e))?)
     } else {
         None
     };
@@ -588,12 +590,24 @@ pub(crate) fn prepare_layers(
     Ok((trees, upper_fd))
 }
 
-/// A user namespace with the root caller's sandbox mapping (0 -> SANDBOX_ID_BASE, 65536
-/// ids), made once per process: idmapped Binds map through it, so inside a Bind the ids
-/// on disk are the sandbox's ids.
-fn idmap_userns() -> std::result::Result<std::os::fd::BorrowedFd<'static>, Errno> {
-    static FD: OnceLock<std::result::Result<OwnedFd, Errno>> = OnceLock::new();
-    FD.get_or_init(|| {
+/// A user namespace with a root caller's sandbox mapping (0 -> `base`, 65536 ids), made
+/// once per process and range (the shared one and the process's own, see
+/// `spec::next_sandbox_base`): idmapped Binds map through it, so inside a Bind the ids on
+/// disk are the sandbox's ids.
+fn idmap_userns(base: u32) -> std::result::Result<std::os::fd::BorrowedFd<'static>, Errno> {
+    static FDS: std::sync::Mutex<Vec<(u32, &'static OwnedFd)>> = std::sync::Mutex::new(Vec::new());
+    let mut fds = FDS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(&(_, fd)) = fds.iter().find(|(b, _)| *b == base) {
+        return Ok(fd.as_fd());
+    }
+    // At most 1 + SANDBOX_RANGES_PER_PROCESS of them, each kept for the process's life.
+    let fd: &'static OwnedFd = Box::leak(Box::new(make_idmap_userns(base)?));
+    fds.push((base, fd));
+    Ok(fd.as_fd())
+}
+
+fn make_idmap_userns(base: u32) -> std::result::Result<OwnedFd, Errno> {
+    {
         let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let stack = Stack::new(64 * 1024).map_err(|e| errno_of(&e))?;
         let mut args = CloneArgs {
@@ -616,7 +630,7 @@ fn idmap_userns() -> std::result::Result<std::os::fd::BorrowedFd<'static>, Errno
         }
         sys::restore_signals(&old_mask);
         let pid = res?;
-        let done = write_maps(pid, &IdMaps::sandbox_range())
+        let done = write_maps(pid, &IdMaps::sandbox_range(base))
             .map_err(|e| match e {
                 Error::Spawn { errno, .. } => errno,
                 Error::Invalid { .. } | Error::Limit { .. } => Errno::INVAL,
@@ -628,10 +642,7 @@ fn idmap_userns() -> std::result::Result<std::os::fd::BorrowedFd<'static>, Errno
         let _ = rustix::process::waitpid(Pid::from_raw(pid), WaitOptions::empty());
         drop(stack);
         done
-    })
-    .as_ref()
-    .map(|fd| fd.as_fd())
-    .map_err(|e| *e)
+    }
 }
 
 extern "C" fn hold_userns_main(arg: *mut c_void) -> c_int {

@@ -152,33 +152,72 @@ pub const DEFAULT_HIDDEN: [&str; 5] = ["/run", "/tmp", "/var/tmp", "/home", "/ro
 pub const DEFAULT_TMP_SIZE: u64 = 256 << 20;
 pub const DEFAULT_SHM_SIZE: u64 = 64 << 20;
 
-/// Host ids a root caller's sandboxes run as: inside ids 0..SANDBOX_ID_COUNT map to
-/// SANDBOX_ID_BASE.. (systemd's UIDS-GIDS.md leaves 0x70000000..0x7FFFFFFF unused).
+/// Host ids a root caller's sandboxes run as: inside ids 0..SANDBOX_ID_COUNT map to a range
+/// of SANDBOX_ID_COUNT host ids in 0x70000000..0x7FFFFFFF (systemd's UIDS-GIDS.md leaves it
+/// unused). SANDBOX_ID_BASE.. is the range every sandbox whose files nsfast keeps on disk
+/// with the same ids across runs shares (one with an overlay nsfast makes for it, see
+/// [`shares_ids`]); every other sandbox has a range of its own ([`next_sandbox_base`]).
 pub const SANDBOX_ID_BASE: u32 = 0x7000_0000;
 pub const SANDBOX_ID_COUNT: u32 = 65536;
+/// The first of the ranges sandboxes get for themselves, and how many there are. The kernel
+/// keeps some counts per host uid, whatever the user namespace: fds in flight in unix
+/// sockets (`unix_inflight`, against the sender's RLIMIT_NOFILE), epoll watches, pipe
+/// buffer pages. Sandboxes that share a uid share them: one holding 20,000 fds in flight
+/// made every other one's SCM_RIGHTS, and nsfast's own hand-over of a sandbox's trees and
+/// of a zygote task's pidfd, fail with ETOOMANYREFS (found by an audit).
+pub const SANDBOX_RANGES_BASE: u32 = SANDBOX_ID_BASE + SANDBOX_ID_COUNT;
+pub const SANDBOX_RANGES: u32 = (SANDBOX_OWNER_BASE - SANDBOX_RANGES_BASE) / SANDBOX_ID_COUNT;
+/// The ranges a process hands out in turn: its sandboxes running at once have ranges of
+/// their own up to this many, and the id-mapping user namespace of each (for idmapped
+/// Binds and rootfs trees, see `spawn::idmap_userns`) is made once.
+pub const SANDBOX_RANGES_PER_PROCESS: u32 = 64;
 
-/// The owners of a root caller's sandboxes' user namespaces: host uids above the mapped
-/// ones, up to 0x7FFFFFFF (the rest of systemd's unused range), none of them mapped in any
-/// sandbox. The kernel charges per-user counts (inotify instances, ...) to the owner at the
-/// level above the namespace: each sandbox of its own owner has a share of its own.
-pub const SANDBOX_OWNER_BASE: u32 = SANDBOX_ID_BASE + SANDBOX_ID_COUNT;
-pub const SANDBOX_OWNER_COUNT: u32 = 0x8000_0000 - SANDBOX_OWNER_BASE;
+/// The owners of a root caller's sandboxes' user namespaces: the last SANDBOX_ID_COUNT
+/// host ids below 0x80000000, none of them mapped in any sandbox. The kernel charges
+/// per-user-namespace counts (inotify instances, ...) to the owner at the level above the
+/// namespace: each sandbox of its own owner has a share of its own.
+pub const SANDBOX_OWNER_BASE: u32 = 0x8000_0000 - SANDBOX_OWNER_COUNT;
+pub const SANDBOX_OWNER_COUNT: u32 = SANDBOX_ID_COUNT;
+
+/// This process's random start in a space of `count` (a fixed one where getrandom cannot
+/// answer: only sharing gets likelier).
+fn seed(cell: &'static std::sync::OnceLock<u32>, count: u32) -> u32 {
+    *cell.get_or_init(|| {
+        let mut b = [0u8; 4];
+        let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+        u32::from_ne_bytes(b) % count
+    })
+}
 
 /// The owner for the next sandbox of this process: consecutive ids from a random start, so
-/// a process's sandboxes running at once never share one (until it started 268 million)
-/// and two processes' rarely do (sharing only shares those counts, as every sandbox did).
+/// a process's sandboxes running at once never share one (until it started 65,536 more)
+/// and two processes' rarely do (sharing only shares those counts).
 pub fn next_sandbox_owner() -> u32 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let seed = *SEED.get_or_init(|| {
-        let mut b = [0u8; 4];
-        // A fixed start where getrandom cannot answer: only sharing gets likelier.
-        let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
-        u32::from_ne_bytes(b)
-    });
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    SANDBOX_OWNER_BASE + seed.wrapping_add(n) % SANDBOX_OWNER_COUNT
+    SANDBOX_OWNER_BASE + seed(&SEED, SANDBOX_OWNER_COUNT).wrapping_add(n) % SANDBOX_OWNER_COUNT
+}
+
+/// The first host id of the range for the next sandbox of this process that has one of its
+/// own: the process's SANDBOX_RANGES_PER_PROCESS ranges (consecutive from a random start
+/// among the SANDBOX_RANGES) in turn.
+pub fn next_sandbox_base() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) % SANDBOX_RANGES_PER_PROCESS;
+    SANDBOX_RANGES_BASE + (seed(&SEED, SANDBOX_RANGES) + n) % SANDBOX_RANGES * SANDBOX_ID_COUNT
+}
+
+/// Whether a sandbox of `fs` runs in the shared range SANDBOX_ID_BASE..: one whose overlays
+/// nsfast makes (a root caller's, made ahead for the next start with the same layers, see
+/// `crate::spare`, their merged roots owned by the sandbox's root) or whose overlay upper
+/// is the caller's directory (`overlay_upper`, which keeps the ids the sandbox wrote with
+/// to the next run).
+pub fn shares_ids(fs: &FsPlan) -> bool {
+    fs.upper.is_some() || fs.prepare.iter().any(|p| p.overlay.is_some())
 }
 
 fn bytes_of(list: &[&str]) -> Vec<Vec<u8>> {
@@ -286,15 +325,15 @@ impl IdMaps {
     /// (`uid`, default 0) to themselves, the only id they own.
     pub fn for_caller(caller: Caller, uid: Option<u32>, gid: Option<u32>) -> IdMaps {
         if caller.range {
-            IdMaps::sandbox_range()
+            IdMaps::sandbox_range(SANDBOX_ID_BASE)
         } else {
             IdMaps::single(caller, uid, gid)
         }
     }
 
-    /// Inside ids 0..SANDBOX_ID_COUNT -> SANDBOX_ID_BASE.. (written by a root caller).
-    pub fn sandbox_range() -> IdMaps {
-        let line = format!("0 {SANDBOX_ID_BASE} {SANDBOX_ID_COUNT}\n");
+    /// Inside ids 0..SANDBOX_ID_COUNT -> `base`.. (written by a root caller).
+    pub fn sandbox_range(base: u32) -> IdMaps {
+        let line = format!("0 {base} {SANDBOX_ID_COUNT}\n");
         IdMaps { uid_map: line.clone(), gid_map: line, deny_setgroups: false, range: true }
     }
 
@@ -374,6 +413,8 @@ impl Exec {
 pub struct Plan {
     pub clone_flags: u64,
     pub maps: Option<IdMaps>,
+    /// The host id inside id 0 maps to (a root caller's range; None: the caller's own ids).
+    pub id_base: Option<u32>,
     pub fs: FsPlan,
     /// Right after the id maps are written, become the new user namespace's root
     /// (setresgid/setgroups/setresuid 0): a root caller's child is still host uid 0 there,
@@ -672,18 +713,12 @@ impl Plan {
         }
         let maps = user_ns.then(|| IdMaps::for_caller(caller, spec.uid, spec.gid));
         let range = maps.as_ref().is_some_and(|m| m.range);
-        let delegate = if spec.delegate_cgroup {
-            if clone_flags & libc::CLONE_NEWCGROUP as u64 == 0 || !mnt_ns {
-                return Err(Error::invalid(
-                    "delegate_cgroup",
-                    "needs the 'cgroup' and 'mnt' namespaces (the sandbox mounts its own cgroup2 rooted at its cgroup)",
-                ));
-            }
-            // Its root: inside id 0, the range's first id or the caller itself.
-            Some(if range { (SANDBOX_ID_BASE, SANDBOX_ID_BASE) } else { (caller.euid, caller.egid) })
-        } else {
-            None
-        };
+        if spec.delegate_cgroup && (clone_flags & libc::CLONE_NEWCGROUP as u64 == 0 || !mnt_ns) {
+            return Err(Error::invalid(
+                "delegate_cgroup",
+                "needs the 'cgroup' and 'mnt' namespaces (the sandbox mounts its own cgroup2 rooted at its cgroup)",
+            ));
+        }
         for (field, id) in [("uid", spec.uid), ("gid", spec.gid)] {
             if let Some(id) = id.filter(|&id| range && id >= SANDBOX_ID_COUNT) {
                 return Err(Error::invalid(
@@ -738,6 +773,14 @@ impl Plan {
         } else {
             FsPlan::default()
         };
+        // The root caller's range: the shared one, or one of its own (see SANDBOX_RANGES_BASE).
+        let mut maps = maps;
+        let id_base = range.then(|| if shares_ids(&fs) { SANDBOX_ID_BASE } else { next_sandbox_base() });
+        if let (Some(base), Some(m)) = (id_base, maps.as_mut()) {
+            *m = IdMaps::sandbox_range(base);
+        }
+        // Its root: inside id 0, the range's first id or the caller itself.
+        let delegate = spec.delegate_cgroup.then(|| id_base.map_or((caller.euid, caller.egid), |b| (b, b)));
         let seccomp = match &spec.seccomp {
             Some(s) => Some(seccomp_filter(s, spec.keep_caps)?),
             None => None,
@@ -753,6 +796,7 @@ impl Plan {
         Ok(Plan {
             clone_flags,
             maps,
+            id_base,
             fs,
             become_root: range,
             seccomp,
