@@ -28,6 +28,14 @@ def test_arun_returns_a_result_like_run():
     assert r.usage is not None and r.usage.termination == "exit"
 
 
+def test_arun_refuses_overlay_mounts_it_would_not_report(tmp_path):
+    """(Found by an audit.) arun's Result.changes stayed {} where run's listed the changes;
+    listing (and committing) them is run's."""
+    with pytest.raises(nsfast.SpecError, match="Overlay mounts need nsfast.run"):
+        asyncio.run(nsfast.arun(["true"], mounts=[nsfast.Overlay(tmp_path, "/mnt")]))
+    assert sandbox_cgroups() == []
+
+
 def test_arun_moves_large_output_both_ways():
     data = bytes(range(256)) * 8192  # 2 MiB through stdin and back, more than any pipe buffer
     r = asyncio.run(nsfast.arun(["cat"], input=data, capture_output=True))

@@ -134,6 +134,23 @@ def test_exec_of_a_missing_command_is_a_spawn_error():
         assert c.exec(["true"]).returncode == 0
 
 
+def test_a_start_that_fails_keeps_no_fds():
+    """(Found by an audit.) A Container whose command could not be exec'd kept the fds of
+    its writable trees (6: /tmp, /dev/shm and the hidden directories) as long as the object
+    lived."""
+    from conftest import fd_numbers
+
+    nsfast.settle()
+    before = fd_numbers()
+    for _ in range(3):
+        c = nsfast.Container(["no-such-command-xyz"])
+        with pytest.raises(nsfast.SpawnError):
+            c.start()
+    nsfast.settle()
+    assert fd_numbers() == before
+    assert sandbox_cgroups() == []
+
+
 def test_lifecycle_errors():
     c = nsfast.Container(["sleep", "0.2"])
     with pytest.raises(nsfast.ContainerError, match="not started"):

@@ -181,3 +181,40 @@ def test_many_failed_starts_leave_nothing_behind():
     assert sandbox_cgroups() == before
     # ...and the next start still works.
     assert nsfast.run(["echo", "ok"], capture_output=True).stdout == b"ok\n"
+
+
+@pytest.mark.parametrize("where", ["stdin", "stdout", "pass_fds"])
+def test_a_closed_fd_number_is_refused_not_filled_by_nsfast(where):
+    """(Found by an audit.) An fd number that was closed got the next fd nsfast opened for
+    itself: the sandbox's cgroup directory as its stdin (through which it listed the host's
+    /sys/fs/cgroup), a cgroup `tasks` file, a pidfd. subprocess refuses such stdio (EBADF)."""
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    kw = {"pass_fds": [r]} if where == "pass_fds" else {where: r}
+    with pytest.raises(OSError, match=f"{'pass_fds' if where == 'pass_fds' else 'stdio'}: fd {r} is not open") as e:
+        nsfast.run(["sh", "-c", f"readlink /proc/self/fd/{r} /proc/self/fd/0"], **kw)
+    assert e.value.errno == errno.EBADF
+    assert sandbox_cgroups() == []
+
+
+@pytest.mark.parametrize("field", ["rootfs", "overlay_upper", "cwd"])
+def test_an_empty_path_is_refused(field):
+    """(Found by an audit.) An empty path was made absolute, so the caller's working
+    directory: `rootfs=""` ran the sandbox in it. subprocess refuses cwd="" too."""
+    kw = {"overlay": True} if field == "overlay_upper" else {}
+    with pytest.raises(nsfast.SpecError, match=f"{field}: must not be empty"):
+        nsfast.Spec(**{field: ""}, **kw)
+    with pytest.raises(nsfast.SpecError, match="Bind.src: must not be empty"):
+        nsfast.Bind("", "/mnt")
+
+
+@pytest.mark.parametrize("bad", [5, True, "text", [1, 2]])
+def test_input_must_be_bytes_like(bad):
+    """(Found by an audit.) `input=5` sent five NUL bytes (bytes(5)); subprocess raises
+    TypeError for anything its pipe's write does not take."""
+    with pytest.raises(TypeError, match="input must be"):
+        nsfast.run(["cat"], input=bad, capture_output=True)
+    assert nsfast.run(["cat"], input=bytearray(b"ab"), capture_output=True).stdout == b"ab"
+    assert nsfast.run(["cat"], input=memoryview(b"cd"), capture_output=True).stdout == b"cd"
+    assert sandbox_cgroups() == []

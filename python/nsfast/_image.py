@@ -617,7 +617,7 @@ def _oci_image(store: _Store, ref: Optional[str], platform: Optional[str]) -> Tu
         if ld.media_type in _ZSTD_TYPES:
             raise ImageError(f"{image}: layer {ld.digest}: zstd layers are not supported")
         if ld.media_type not in _LAYER_TYPES:
-            raise ImageError(f"{image}: layer {ld.digest}: unsupported media type {ld.media_type}")
+            raise ImageError(f"{image}: layer {ld.digest}: unsupported media type {ld.media_type!r}")
         layers.append(_Layer(_blob(ld.digest), ld.digest, ld.digest, ld.size))
     return desc.digest, _object(config, f"{image}: config {config_desc.digest}"), layers
 
