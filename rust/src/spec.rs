@@ -877,7 +877,8 @@ mod tests {
         let mut spec = Spec::new(vec![b"true".to_vec()]);
         spec.delegate_cgroup = true;
         let plan = Plan::build(&spec, Caller::with_ids(0, 0)).unwrap();
-        assert_eq!(plan.delegate, Some((SANDBOX_ID_BASE, SANDBOX_ID_BASE)));
+        let base = plan.id_base.unwrap();
+        assert_eq!(plan.delegate, Some((base, base)));
         let plan = Plan::build(&spec, Caller::with_ids(1000, 100)).unwrap();
         assert_eq!(plan.delegate, Some((1000, 100)));
         assert!(plan.fs.steps.iter().any(|s| s.step == "mount /sys/fs/cgroup"));
@@ -907,8 +908,13 @@ mod tests {
         let plan = Plan::build(&spec, Caller::with_ids(0, 0)).unwrap();
         assert_ne!(plan.clone_flags & libc::CLONE_NEWUSER as u64, 0);
         let maps = plan.maps.unwrap();
-        assert_eq!(maps.uid_map, format!("0 {SANDBOX_ID_BASE} 65536\n"));
+        // A range of its own (no overlay of nsfast's), one of the process's in turn.
+        let base = plan.id_base.unwrap();
+        assert!(base >= SANDBOX_RANGES_BASE && base < SANDBOX_OWNER_BASE && (base - SANDBOX_RANGES_BASE) % 65536 == 0);
+        assert_eq!(maps.uid_map, format!("0 {base} 65536\n"));
         assert!(maps.range && plan.become_root && plan.seccomp.is_some());
+        let next = Plan::build(&spec, Caller::with_ids(0, 0)).unwrap().id_base.unwrap();
+        assert_ne!(next, base);
         // A root caller that leaves "user" out opts out (trusted code).
         let mut spec = spec;
         spec.namespaces &= !(libc::CLONE_NEWUSER as u64);
