@@ -910,7 +910,7 @@ mod tests {
         let maps = plan.maps.unwrap();
         // A range of its own (no overlay of nsfast's), one of the process's in turn.
         let base = plan.id_base.unwrap();
-        assert!(base >= SANDBOX_RANGES_BASE && base < SANDBOX_OWNER_BASE && (base - SANDBOX_RANGES_BASE) % 65536 == 0);
+        assert!((SANDBOX_RANGES_BASE..SANDBOX_OWNER_BASE).contains(&base) && (base - SANDBOX_RANGES_BASE) % 65536 == 0);
         assert_eq!(maps.uid_map, format!("0 {base} 65536\n"));
         assert!(maps.range && plan.become_root && plan.seccomp.is_some());
         let next = Plan::build(&spec, Caller::with_ids(0, 0)).unwrap().id_base.unwrap();
