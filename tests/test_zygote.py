@@ -854,6 +854,44 @@ class TestConcurrentTasks:
         assert (b["unix"], b["tcp"]) == ("ECONNREFUSED", "ECONNREFUSED")
         assert a["pending"] == [False, False]
 
+    def test_a_task_with_every_fd_it_may_have_in_flight_leaves_the_zygote_its_answers(self, own: Zygote) -> None:
+        """Tasks are the zygote's host uid, and the kernel refuses SCM_RIGHTS once that uid
+        has more fds in flight in unix sockets than the sender's RLIMIT_NOFILE: a task that
+        filled its limit made the zygote's answer for the next task (its pidfd) fail, and
+        the zygote died with every task on it. The zygote's soft limit is its hard one now,
+        a task's hard limit under half that: the next task starts while it holds them."""
+        hog = textwrap.dedent(
+            """
+            import os, resource, socket, time
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            fd = os.open("/dev/null", os.O_RDONLY)
+            pairs, n, err = [], 0, 0
+            while n < 10_000_000:
+                a, b = socket.socketpair()
+                try:
+                    socket.send_fds(a, [b"x"], [fd] * 250)
+                except OSError as e:
+                    err = e.errno
+                    break
+                pairs.append((a, b))
+                n += 250
+            time.sleep(4)  # holding them while the next task starts
+            print(n, err, hard, flush=True)
+            """
+        )
+        out: Dict[str, Any] = {}
+        th = threading.Thread(target=lambda: out.update(r=own.run_python(hog, text=True, timeout=60)))
+        th.start()
+        try:
+            time.sleep(2)  # (filling takes milliseconds)
+            r = own.run_python("print('next')", text=True, timeout=30)
+        finally:
+            th.join()
+        n, err, hard = map(int, out["r"].stdout.split())
+        assert err == errno.ETOOMANYREFS and n >= 1000, (n, err, out["r"].stderr)
+        assert r.stdout == "next\n", r
+
     def test_two_tasks_at_once_share_no_files(self, own: Zygote) -> None:
         """Task A writes a file in every directory it can write to; task B, at the same time,
         finds none of them."""

@@ -253,6 +253,25 @@ pub struct Server {
     /// whose abstract unix sockets and signals do not reach out of it (their IP sockets are
     /// the seccomp filter's: AF_UNIX only).
     scoped: bool,
+    /// A task's RLIMIT_NOFILE (soft, hard) where its Spec sets none: see `fd_limits`.
+    task_nofile: Option<(u64, u64)>,
+}
+
+/// The zygote's RLIMIT_NOFILE raised to its hard limit, and its tasks' (the soft limit they
+/// would have had, under half that). The kernel refuses SCM_RIGHTS once the sender's host
+/// uid has more fds in flight in unix sockets than the sender's soft RLIMIT_NOFILE, and
+/// tasks are the zygote's uid: a task that fills its own limit with fds in flight (and one
+/// last message of 253) stays below the zygote's, whose answers (a task's pidfd) still go
+/// out. None: the limits could not be read or raised, or are too small to split.
+fn fd_limits() -> Option<(u64, u64)> {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let (soft, hard) = (lim.current?, lim.maximum?);
+    if hard < 1024 {
+        return None;
+    }
+    sys::rlimit_set_pair(libc::RLIMIT_NOFILE, hard, hard).ok()?;
+    let task_hard = hard / 2 - 256;
+    Some((soft.min(task_hard), task_hard))
 }
 
 fn probe(p: &[u8]) -> Option<bool> {
@@ -331,7 +350,19 @@ impl Server {
         // /proc files; each task is made dumpable again, as any process is.
         rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
             .map_err(|e| spawn_err("prctl(PR_SET_DUMPABLE)", e))?;
-        Ok(Server { plan, steps, unshare, pidns, init, running: Default::default(), sigchld, scoped, cgroup_devs })
+        let task_nofile = if plan.rlimits.iter().any(|r| r.0 == libc::RLIMIT_NOFILE) { None } else { fd_limits() };
+        Ok(Server {
+            plan,
+            steps,
+            unshare,
+            pidns,
+            init,
+            running: Default::default(),
+            sigchld,
+            scoped,
+            cgroup_devs,
+            task_nofile,
+        })
     }
 
     /// Serve requests on `ctrl` until it reads EOF (`Ok(None)`: the caller closed it). In a
@@ -595,6 +626,9 @@ impl Server {
         // No core to the host's core_pattern: 1, the value the kernel starts no pipe helper for.
         if !plan.rlimits.iter().any(|r| r.0 == libc::RLIMIT_CORE) {
             sys::rlimit_set(libc::RLIMIT_CORE, 1).unwrap_or_else(|e| fail(Step::Rlimit, e));
+        }
+        if let Some((soft, hard)) = self.task_nofile {
+            sys::rlimit_set_pair(libc::RLIMIT_NOFILE, soft, hard).unwrap_or_else(|e| fail(Step::Rlimit, e));
         }
         for (i, &(resource, soft, hard)) in plan.rlimits.iter().enumerate() {
             sys::rlimit_set_pair(resource, soft, hard).unwrap_or_else(|e| ch.fail(Step::Rlimit, i as u32 + 1, e));
