@@ -33,11 +33,11 @@ def serve(cfg: Dict[str, Any], core: Any) -> None:
     for i in (0, 1, 2):
         os.dup2(null, i)
     os.close(null)
-    # What the zygote holds is never collected by a task (no copy-on-write of every page the
-    # collector would touch), as prefork servers do.
     # A task sets its environment afresh; emptied here once, not in every task (clearing
     # os.environ runs Python code whose first run writes ~40 pages a task would copy).
     os.environ.clear()
+    # What the zygote holds is never collected by a task (no copy-on-write of every page the
+    # collector would touch), as prefork servers do.
     gc.collect()
     gc.freeze()
     scratch = [(os.fsencode(p), size, mode) for p, size, mode in cfg["scratch"]]
