@@ -195,13 +195,15 @@ def mountinfo() -> str:
 def init_binary_loaded() -> None:
     """nsfast keeps one sealed memfd of nsfast-init open for the life of the process, made
     on first use of init=True, and (as root) a user namespace per id range that idmaps
-    Binds, made on the first Bind in that range: the shared range's (an Overlay's) and one
-    of each of the process's SANDBOX_RANGES_PER_PROCESS (64) ranges, which its sandboxes
-    take in turn. Make them up front so fd-count checks see a steady state."""
+    Binds and overlay layers, made on the first in that range: one of each of the process's
+    two rotations of SANDBOX_RANGES_PER_PROCESS (64) ranges, which its sandboxes take in
+    turn (those with an overlay of nsfast's, the others). Make them up front so fd-count
+    checks see a steady state."""
     r = nsfast.run(["true"], init=True, mounts=[nsfast.Bind("/etc", "/mnt"), nsfast.Overlay("/etc", "/srv")])
     assert r.returncode == 0
     for _ in range(64):
         assert nsfast.run(["true"], mounts=[nsfast.Bind("/etc", "/mnt")]).returncode == 0
+        assert nsfast.run(["true"], mounts=[nsfast.Overlay("/etc", "/mnt")]).returncode == 0
 
 
 @pytest.fixture

@@ -348,21 +348,30 @@ print(json.dumps(res))
 
 def test_root_inside_is_an_unprivileged_id_on_the_host():
     """Attack: host root in disguise. The sandbox's root must be an unprivileged host id, the
-    first of a range of the sandbox's own (SANDBOX_ID_BASE.. with an overlay nsfast makes),
+    first of a range of the sandbox's own (SANDBOX_ID_BASE.., shared, with overlay_upper),
     in a user namespace of its own, never host uid 0."""
-    with nsfast.spawn(["sleep", "100"]) as p, nsfast.spawn(["sleep", "100"], overlay=True) as q:
-        try:
-            ids = (tuple(psutil.Process(p.pid).uids()), tuple(psutil.Process(p.pid).gids()))
-            shared = (tuple(psutil.Process(q.pid).uids()), tuple(psutil.Process(q.pid).gids()))
-            user_ns = nsfast.namespaces(p.pid)["user"]
-            base = p._sandbox.id_base
-        finally:
-            p.kill()
-            q.kill()
+    upper = tempfile.mkdtemp(prefix="nsfast-upper-")
+    try:
+        with (
+            nsfast.spawn(["sleep", "100"]) as p,
+            nsfast.spawn(["sleep", "100"], overlay=True) as q,
+            nsfast.spawn(["sleep", "100"], overlay=True, overlay_upper=upper) as u,
+        ):
+            try:
+                ids = [(tuple(psutil.Process(x.pid).uids()), tuple(psutil.Process(x.pid).gids())) for x in (p, q, u)]
+                user_ns = nsfast.namespaces(p.pid)["user"]
+                bases = [p._sandbox.id_base, q._sandbox.id_base]
+            finally:
+                for x in (p, q, u):
+                    x.kill()
+    finally:
+        shutil.rmtree(upper)
     lo = nsfast._core.SANDBOX_RANGES_BASE
-    assert lo <= base < lo + nsfast._core.SANDBOX_RANGES * 65536 and (base - lo) % 65536 == 0, base
-    assert ids == ((base,) * 3,) * 2
-    assert shared == ((SANDBOX_ID_BASE,) * 3,) * 2
+    for base in bases:
+        assert lo <= base < lo + nsfast._core.SANDBOX_RANGES * 65536 and (base - lo) % 65536 == 0, base
+    assert bases[0] != bases[1]
+    assert ids[:2] == [((b,) * 3,) * 2 for b in bases]
+    assert ids[2] == ((SANDBOX_ID_BASE,) * 3,) * 2
     assert user_ns != nsfast.namespaces()["user"]
     assert nsfast.SANDBOX_ID_BASE == SANDBOX_ID_BASE
     assert "user" in nsfast.DEFAULT_NAMESPACES
@@ -1156,12 +1165,16 @@ def test_fds_in_flight_in_one_sandbox_leave_others_theirs():
     shared no more either."""
     if os.geteuid() != 0:
         pytest.skip("a root caller's sandboxes (a rootless caller's are all the caller's one uid)")
-    hog = nsfast.spawn(["/usr/bin/python3", "-c", _INFLIGHT_ALL], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    # (overlay=True: such sandboxes once kept the one shared range too.)
+    hog = nsfast.spawn(
+        ["/usr/bin/python3", "-c", _INFLIGHT_ALL], stdin=subprocess.PIPE, stdout=subprocess.PIPE, overlay=True
+    )
     try:
         n, err = map(int, hog.stdout.readline().split())
         assert err == errno.ETOOMANYREFS and n >= 1000, (n, err)  # it holds what it may
-        r = nsfast.run(["/usr/bin/python3", "-c", _SEND_ONE], capture_output=True, text=True)
-        assert r.stdout == "sent\n", r
+        for kw in ({}, {"overlay": True}):
+            r = nsfast.run(["/usr/bin/python3", "-c", _SEND_ONE], capture_output=True, text=True, **kw)
+            assert r.stdout == "sent\n", (kw, r)
         r = nsfast.run(["sh", "-c", "echo out > /tmp/x"], outputs=["/tmp/x"])
         assert r.files == {"/tmp/x": b"out\n"}
         with nsfast.Container(["sleep", "30"]) as c:

@@ -17,7 +17,7 @@ import pytest
 import nsfast
 from conftest import CGROUP_ENV, PYTHON_SRC, fd_targets, suite, thread_names
 
-pytestmark = suite
+pytestmark = [*suite, pytest.mark.usefixtures("init_binary_loaded")]  # (each id range's user namespace made)
 
 
 def reaper_fds() -> list[str]:

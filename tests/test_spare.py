@@ -20,7 +20,9 @@ import pytest
 import nsfast
 from conftest import fd_targets, suite
 
-pytestmark = [*suite, pytest.mark.skipif(os.geteuid() != 0, reason="spares are a root caller's (rootless overlays are the child's)")]  # fmt: skip
+# (init_binary_loaded: the id-mapping user namespace of each id range exists, so that what
+# the fd checks see of this process is the spares'.)
+pytestmark = [*suite, pytest.mark.usefixtures("init_binary_loaded"), pytest.mark.skipif(os.geteuid() != 0, reason="spares are a root caller's (rootless overlays are the child's)")]  # fmt: skip
 
 
 def sh(script: str, **kw):

@@ -44,7 +44,7 @@ from conftest import (
 )
 from nsfast._zygote import TaskError, Zygote, ZygoteError
 
-pytestmark = suite
+pytestmark = [*suite, pytest.mark.usefixtures("init_binary_loaded")]  # (each id range's user namespace made)
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 NAMESPACES = ("pid", "mnt", "ipc", "uts", "net", "cgroup")

@@ -57,8 +57,7 @@ DEFAULT_SHM_SIZE: int = _core.DEFAULT_SHM_SIZE
 #: Size of the tmpfs that holds an overlay root's changes (Spec.overlay_size).
 DEFAULT_OVERLAY_SIZE: int = 256 << 20
 #: A root caller's sandbox runs as SANDBOX_ID_COUNT host ids of a range of its own (inside:
-#: 0..), in 0x70010000..0x7FFEFFFF, or, with an overlay nsfast makes (overlay=True, Overlay
-#: mounts, a rootfs it adds mount points to) or overlay_upper, the shared SANDBOX_ID_BASE..
+#: 0..), in 0x70010000..0x7FFEFFFF, or, with overlay_upper, the shared SANDBOX_ID_BASE..
 #: (`Process._sandbox.id_base` says which; so does the sandbox's /proc/PID/uid_map).
 SANDBOX_ID_BASE: int = _core.SANDBOX_ID_BASE
 SANDBOX_ID_COUNT: int = _core.SANDBOX_ID_COUNT

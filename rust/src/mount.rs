@@ -228,6 +228,16 @@ pub struct OverlayLayer {
     pub attrs: u64,
 }
 
+/// The overlays of `prepare` whose merged root is owned by the root of the range at `from`
+/// (the plan's `root_ids`), owned by the root of the range at `to` instead.
+pub fn rebase_owners(prepare: &mut [PrepareTree], from: u32, to: u32) {
+    for o in prepare.iter_mut().filter_map(|p| p.overlay.as_mut()) {
+        if o.owner == Some((from, from)) {
+            o.owner = Some((to, to));
+        }
+    }
+}
+
 /// A step with what the error message calls it: `step` (e.g. "mount /proc") and `path`.
 #[derive(Debug)]
 pub struct FsStep {

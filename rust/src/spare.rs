@@ -40,11 +40,13 @@ pub const MAX_AGE: Duration = Duration::from_secs(2);
 /// Spares kept at most (one per distinct set of layers).
 const MAX_SPARES: usize = 4;
 
-/// What a spare is for: the prepared trees and the upper of a plan.
+/// What a spare is for: the prepared trees and the upper of a plan, and the id range it
+/// idmaps them through (the sandbox's, see `spec::next_overlay_base`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Layers {
     pub prepare: Vec<PrepareTree>,
     pub upper: Upper,
+    pub id_base: u32,
 }
 
 struct Spare {
@@ -147,12 +149,11 @@ fn layers_of(plan: &Plan) -> Option<Layers> {
     if prepare.is_empty()
         || !matches!(upper, Upper::Tmpfs { .. })
         || prepare.iter().any(|p| p.overlay.is_none() || p.recursive)
-        // (Spares are idmapped through the shared range, which such plans run in.)
-        || plan.id_base.is_some_and(|b| b != crate::spec::SANDBOX_ID_BASE)
     {
         return None;
     }
-    Some(Layers { prepare: prepare.clone(), upper: upper.clone() })
+    let id_base = plan.id_base.unwrap_or(crate::spec::SANDBOX_ID_BASE);
+    Some(Layers { prepare: prepare.clone(), upper: upper.clone(), id_base })
 }
 
 /// A spare for this plan's overlays, if one is there, young enough and its lowers
@@ -179,7 +180,13 @@ pub fn take(plan: &Plan) -> Option<(Vec<OwnedFd>, OwnedFd)> {
 /// run and the caller's wait, not the sandbox's setup, which it would slow on a machine
 /// with few CPUs.
 pub fn ask(plan: &Plan) {
-    if let Some(layers) = layers_of(plan) {
+    if let Some(mut layers) = layers_of(plan) {
+        // For the next start: in the range it takes (each start has one of its own).
+        if plan.id_base.is_some() {
+            let next = crate::spec::peek_overlay_base();
+            crate::mount::rebase_owners(&mut layers.prepare, layers.id_base, next);
+            layers.id_base = next;
+        }
         let _ = submit(Job::Make(layers)); // full: enough asked for already
     }
 }
@@ -235,8 +242,7 @@ fn make(layers: Layers) {
     let Some(ids) = layers.prepare.iter().map(|p| identity(&p.src)).collect::<Option<Vec<_>>>() else {
         return;
     };
-    let Ok((trees, Some(upper))) =
-        crate::spawn::prepare_layers(&layers.prepare, Some(&layers.upper), crate::spec::SANDBOX_ID_BASE)
+    let Ok((trees, Some(upper))) = crate::spawn::prepare_layers(&layers.prepare, Some(&layers.upper), layers.id_base)
     else {
         return; // the start makes its own, and reports what failed
     };

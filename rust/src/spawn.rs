@@ -600,7 +600,8 @@ fn idmap_userns(base: u32) -> std::result::Result<std::os::fd::BorrowedFd<'stati
     if let Some(&(_, fd)) = fds.iter().find(|(b, _)| *b == base) {
         return Ok(fd.as_fd());
     }
-    // At most 1 + SANDBOX_RANGES_PER_PROCESS of them, each kept for the process's life.
+    // At most 1 + 2 * SANDBOX_RANGES_PER_PROCESS of them (the shared range, both rotations),
+    // each kept for the process's life.
     let fd: &'static OwnedFd = Box::leak(Box::new(make_idmap_userns(base)?));
     fds.push((base, fd));
     Ok(fd.as_fd())

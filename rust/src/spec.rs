@@ -155,8 +155,8 @@ pub const DEFAULT_SHM_SIZE: u64 = 64 << 20;
 /// Host ids a root caller's sandboxes run as: inside ids 0..SANDBOX_ID_COUNT map to a range
 /// of SANDBOX_ID_COUNT host ids in 0x70000000..0x7FFFFFFF (systemd's UIDS-GIDS.md leaves it
 /// unused). SANDBOX_ID_BASE.. is the range every sandbox whose files nsfast keeps on disk
-/// with the same ids across runs shares (one with an overlay nsfast makes for it, see
-/// [`shares_ids`]); every other sandbox has a range of its own ([`next_sandbox_base`]).
+/// with the same ids across runs shares (`overlay_upper`, see [`shares_ids`]); every other
+/// sandbox has a range of its own ([`next_sandbox_base`], [`next_overlay_base`]).
 pub const SANDBOX_ID_BASE: u32 = 0x7000_0000;
 pub const SANDBOX_ID_COUNT: u32 = 65536;
 /// The first of the ranges sandboxes get for themselves, and how many there are. The kernel
@@ -200,24 +200,52 @@ pub fn next_sandbox_owner() -> u32 {
     SANDBOX_OWNER_BASE + seed(&SEED, SANDBOX_OWNER_COUNT).wrapping_add(n) % SANDBOX_OWNER_COUNT
 }
 
-/// The first host id of the range for the next sandbox of this process that has one of its
-/// own: the process's SANDBOX_RANGES_PER_PROCESS ranges (consecutive from a random start
-/// among the SANDBOX_RANGES) in turn.
-pub fn next_sandbox_base() -> u32 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let n = NEXT.fetch_add(1, Ordering::Relaxed) % SANDBOX_RANGES_PER_PROCESS;
-    SANDBOX_RANGES_BASE + (seed(&SEED, SANDBOX_RANGES) + n) % SANDBOX_RANGES * SANDBOX_ID_COUNT
+/// The process's two rotations of SANDBOX_RANGES_PER_PROCESS ranges each (consecutive from
+/// a random start among the SANDBOX_RANGES): one for sandboxes whose overlays nsfast makes
+/// (made ahead for the next start, see `crate::spare`, which [`peek_overlay_base`] names),
+/// one for every other.
+struct Rotation {
+    next: std::sync::atomic::AtomicU32,
+    offset: u32,
 }
 
-/// Whether a sandbox of `fs` runs in the shared range SANDBOX_ID_BASE..: one whose overlays
-/// nsfast makes (a root caller's, made ahead for the next start with the same layers, see
-/// `crate::spare`, their merged roots owned by the sandbox's root) or whose overlay upper
-/// is the caller's directory (`overlay_upper`, which keeps the ids the sandbox wrote with
-/// to the next run).
+static PLAIN: Rotation = Rotation { next: std::sync::atomic::AtomicU32::new(0), offset: 0 };
+static OVERLAY: Rotation = Rotation { next: std::sync::atomic::AtomicU32::new(0), offset: SANDBOX_RANGES_PER_PROCESS };
+
+impl Rotation {
+    fn base(&self, n: u32) -> u32 {
+        static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let slot = self.offset + n % SANDBOX_RANGES_PER_PROCESS;
+        SANDBOX_RANGES_BASE + (seed(&SEED, SANDBOX_RANGES) + slot) % SANDBOX_RANGES * SANDBOX_ID_COUNT
+    }
+
+    fn take(&self) -> u32 {
+        self.base(self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// The first host id of the range for the next sandbox of this process that has one of its
+/// own and no overlay of nsfast's: the process's plain ranges in turn.
+pub fn next_sandbox_base() -> u32 {
+    PLAIN.take()
+}
+
+/// As [`next_sandbox_base`], for a sandbox whose overlays nsfast makes.
+pub fn next_overlay_base() -> u32 {
+    OVERLAY.take()
+}
+
+/// The range [`next_overlay_base`] gives next (unless another start takes it first): what
+/// spares are made for.
+pub fn peek_overlay_base() -> u32 {
+    OVERLAY.base(OVERLAY.next.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Whether a sandbox of `fs` runs in the shared range SANDBOX_ID_BASE..: one whose overlay
+/// upper is the caller's directory (`overlay_upper`), which keeps the ids the sandbox wrote
+/// with for the next run.
 pub fn shares_ids(fs: &FsPlan) -> bool {
-    fs.upper.is_some() || fs.prepare.iter().any(|p| p.overlay.is_some())
+    matches!(fs.upper, Some(mount::Upper::Dir(_)))
 }
 
 fn bytes_of(list: &[&str]) -> Vec<Vec<u8>> {
@@ -775,9 +803,17 @@ impl Plan {
         };
         // The root caller's range: the shared one, or one of its own (see SANDBOX_RANGES_BASE).
         let mut maps = maps;
-        let id_base = range.then(|| if shares_ids(&fs) { SANDBOX_ID_BASE } else { next_sandbox_base() });
+        let mut fs = fs;
+        let makes_overlays = fs.prepare.iter().any(|p| p.overlay.is_some());
+        let id_base = range.then(|| match () {
+            _ if shares_ids(&fs) => SANDBOX_ID_BASE,
+            _ if makes_overlays => next_overlay_base(),
+            _ => next_sandbox_base(),
+        });
         if let (Some(base), Some(m)) = (id_base, maps.as_mut()) {
             *m = IdMaps::sandbox_range(base);
+            // The merged roots planned as the shared range's root's are this range's.
+            mount::rebase_owners(&mut fs.prepare, SANDBOX_ID_BASE, base);
         }
         // Its root: inside id 0, the range's first id or the caller itself.
         let delegate = spec.delegate_cgroup.then(|| id_base.map_or((caller.euid, caller.egid), |b| (b, b)));
@@ -887,6 +923,25 @@ mod tests {
             let err = Plan::build(&spec, Caller::with_ids(0, 0)).err().unwrap();
             assert!(matches!(err, Error::Invalid { field: "delegate_cgroup", .. }), "{err}");
         }
+    }
+
+    #[test]
+    fn each_rotation_hands_out_its_own_ranges_in_turn() {
+        let plain: Vec<u32> = (0..SANDBOX_RANGES_PER_PROCESS).map(|_| next_sandbox_base()).collect();
+        let mut overlay = Vec::new();
+        for _ in 0..SANDBOX_RANGES_PER_PROCESS {
+            let peeked = peek_overlay_base();
+            overlay.push(next_overlay_base());
+            assert_eq!(*overlay.last().unwrap(), peeked, "what spares are made for is what the next start takes");
+        }
+        assert!(plain.iter().chain(&overlay).all(|b| (SANDBOX_RANGES_BASE..SANDBOX_OWNER_BASE).contains(b)));
+        assert!(plain.iter().chain(&overlay).all(|b| (b - SANDBOX_RANGES_BASE) % SANDBOX_ID_COUNT == 0));
+        // (Other tests take plain ranges meanwhile: only the overlay turn is this test's alone.)
+        let mut distinct = overlay.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), overlay.len(), "none twice in one turn");
+        assert!(plain.iter().all(|b| !overlay.contains(b)), "no range in both rotations");
     }
 
     #[test]
