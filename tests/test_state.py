@@ -194,6 +194,44 @@ def test_a_symlink_at_the_state_root_is_refused_not_followed(tmp_path: Path, mon
     assert link.is_symlink()
 
 
+@pytest.mark.parametrize("attack", ["other-owner", "world-writable", "sticky-but-theirs"])
+def test_a_state_root_below_a_directory_another_user_controls_is_refused(tmp_path: Path, monkeypatch, attack):
+    """(Found by an audit.) Only the state root itself was checked: below a directory another
+    user owns (or may write to), that user could swap the way to it for a symlink to any
+    directory root owns (/etc/cron.d passes the root's own check), and root's nsfast would
+    make its container directories there. Every directory on the way must be root's or
+    ours and writable by its owner alone, or sticky with what follows root's or ours."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    if attack == "other-owner":
+        os.chown(theirs, NOBODY, NOBODY)
+        why = f"{theirs} is owned by uid {NOBODY}, another user"
+        state = theirs / "state"
+    elif attack == "world-writable":
+        os.chmod(theirs, 0o777)
+        (theirs / "mine").mkdir()
+        why = f"{theirs} is writable by other users, who could replace {theirs}/mine"
+        state = theirs / "mine" / "state"
+    else:
+        os.chmod(theirs, 0o1777)
+        (theirs / "sub").mkdir()
+        os.chown(theirs / "sub", NOBODY, NOBODY)
+        why = f"{theirs} is writable by other users, who could replace {theirs}/sub"
+        state = theirs / "sub" / "state"
+    monkeypatch.setenv(STATE_DIR_VAR, str(state))
+    r = nsfast_cli("run", "-d", "--name", "x", "--", "true")
+    assert r.returncode == 125, r
+    assert r.stderr == f"nsfast: state directory {state}: {why}\n"
+    assert not state.exists()
+    # Root's, sticky and world-writable (as /tmp), with our own directory next: fine.
+    os.chown(theirs, 0, 0)
+    os.chmod(theirs, 0o1777)
+    ours = theirs / "ours"
+    ours.mkdir(mode=0o700)
+    monkeypatch.setenv(STATE_DIR_VAR, str(ours / "state"))
+    assert nsfast_cli("ps").returncode == 0
+
+
 @pytest.mark.parametrize("attack", ["other-owner", "group-writable"])
 def test_a_state_root_another_user_could_write_to_is_refused(root: Path, attack):
     root.mkdir(mode=0o700)

@@ -73,6 +73,7 @@ from typing import IO, Any, Dict, Iterator, List, NamedTuple, Optional, Set, Tup
 
 from . import _core
 from ._errors import ImageError
+from ._paths import untrusted
 
 __all__ = ["Image", "ImageConfig", "ImageError", "cache_dir", "set_cache_dir"]
 
@@ -732,25 +733,11 @@ def _parse_config(what: str, config: Dict[str, Any]) -> Tuple[ImageConfig, Tuple
 
 
 def _trusted_path(path: str, what: str) -> None:
-    """Refuse `path` (a real path: no symlink in it) unless no other user could have put it
-    there or can replace any part of it: every directory above it is root's or ours and
-    writable by its owner alone, or sticky (as /tmp) with what we go on into root's or ours.
-    Checked once a path is resolved: a user who could swap a component could do it between
-    a check of the path and its use (a symlink flipped between stat() and realpath() handed
-    root a cache in another user's directory)."""
-    me = os.geteuid()
-    parts = [p for p in path.split("/") if p]
-    cur = "/"
-    for name in parts:
-        st = os.lstat(cur)
-        nxt = os.path.join(cur, name)
-        if st.st_uid not in (0, me):
-            raise ImageError(f"{what} {path}: {cur} is owned by uid {st.st_uid}, another user")
-        if st.st_mode & 0o022:
-            child = os.lstat(nxt)
-            if not st.st_mode & stat.S_ISVTX or child.st_uid not in (0, me):
-                raise ImageError(f"{what} {path}: {cur} is writable by other users, who could replace {nxt}")
-        cur = nxt
+    """ImageError unless `path` (resolved) is one no other user could have put there or can
+    replace any part of (see _paths.untrusted)."""
+    why = untrusted(path)
+    if why is not None:
+        raise ImageError(f"{what} {path}: {why}")
 
 
 def _open_cache(path: str) -> str:

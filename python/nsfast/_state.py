@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import IO, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from ._errors import NsfastError
+from ._paths import untrusted
 
 __all__ = [
     "State",
@@ -119,10 +120,31 @@ def _check_owned(st: os.stat_result, shown: str, what: str) -> None:
         raise StateError(f"{what} {shown} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})")
 
 
+def _trusted_root(root: str) -> str:
+    """`root` with its parent resolved, or a StateError if another user could have put any directory on the
+    way to it there, or could swap one (see _paths.untrusted; found by an audit: only the
+    last component was checked, so $NSFAST_STATE_DIR below another user's directory was
+    theirs to point at any directory root owns). What does not exist yet is made by us."""
+    # (Its own last component is never followed: _open_dir refuses a symlink there.)
+    real = os.path.join(os.path.realpath(os.path.dirname(root)), os.path.basename(root))
+    parent = existing = os.path.dirname(real)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    why = untrusted(existing, itself=True)
+    if why is None and existing != parent and os.lstat(existing).st_mode & 0o022:
+        # (makedirs would go on into what another user may have made first)
+        why = f"{existing} is writable by other users, who could make {parent} first"
+    if why is not None:
+        raise StateError(f"state directory {root}: {why}")
+    return real
+
+
 @contextmanager
 def _root(create: bool = False) -> Iterator[Optional[int]]:
     """The state root's fd (None if it does not exist and not `create`)."""
     root = state_root()
+    if root != os.path.join(_tmp_parent(), "nsfast") or os.environ.get(ENV_VAR):
+        root = _trusted_root(root)
     parent_fd = None
     if root == os.path.join(_tmp_parent(), "nsfast") and not os.environ.get(ENV_VAR):
         # /tmp is everyone's: /tmp/nsfast-UID could have been planted by another user.
