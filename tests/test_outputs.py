@@ -145,6 +145,27 @@ def test_many_empty_files_and_symlink_farms_are_bounded_by_the_cap():
     assert e.value.path.startswith("/tmp/d/f") and e.value.result.returncode == 0
 
 
+def test_a_directory_that_matches_is_taken_whole_without_following_links():
+    """(Found by an audit.) outputs=["/tmp/d"] or ["/tmp/**"] gave {}; BenchExec's result
+    files take a matching directory's tree. Real directories only, as everywhere: a symlink
+    in the tree (to /etc, to its own parent) is not followed, a FIFO not opened."""
+    script = (
+        "mkdir -p /tmp/d/e/f /tmp/d/.h && echo 1 > /tmp/d/a && echo 2 > /tmp/d/e/b && echo 3 > /tmp/d/e/f/c && "
+        "echo 4 > /tmp/d/.h/x && ln -s /etc /tmp/d/etc && ln -s .. /tmp/d/e/up && ln -s a /tmp/d/la && "
+        "mkfifo /tmp/d/fifo && echo 5 > /tmp/top"
+    )
+    want = {"/tmp/d/a": b"1\n", "/tmp/d/e/b": b"2\n", "/tmp/d/e/f/c": b"3\n", "/tmp/d/.h/x": b"4\n"}
+    for patterns in (["/tmp/d"], ["/tmp/d/"], ["/tmp/*"], ["/tmp/**"]):
+        r = nsfast.run(["sh", "-c", script], outputs=patterns, timeout=30)
+        extra = {"/tmp/top": b"5\n"} if "*" in patterns[0] else {}
+        assert r.files == {**want, **extra}, patterns
+    # Charged as it is walked: 60 nested directories of 200-byte names pass a 16 KiB cap.
+    deep = "cd /tmp && i=0; while [ $i -lt 60 ]; do mkdir " + "n" * 200 + " && cd " + "n" * 200 + "; i=$((i+1)); done"
+    with pytest.raises(nsfast.OutputError, match="outputs_max_bytes=16384") as e:
+        nsfast.run(["sh", "-c", deep], outputs=["/tmp"], outputs_max_bytes=16 << 10)
+    assert e.value.result.returncode == 0
+
+
 def test_a_wildcard_over_a_flooded_directory_is_bounded_and_lazy():
     """A wildcard lists its directory: 2,000 entries the pattern does not match were held
     whole (and every match listed before the first was read). The listing now counts what

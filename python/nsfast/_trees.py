@@ -149,31 +149,75 @@ class Trees:
     def collect(self, patterns: Sequence[str], max_bytes: int, result: object) -> Dict[str, bytes]:
         """Every regular file matching `patterns` (glob per path component, as glob.glob:
         `*`, `?`, `[...]`; names starting with "." only for patterns that do; a wildcard
-        does not descend through a symlink), by sandbox path; more than `max_bytes` in all
-        is an OutputError naming the file. Each file counts its size plus its path's length
-        plus ENTRY_COST: what the caller holds for it (a million empty files is not free)."""
+        does not descend through a symlink), and every regular file below a directory that
+        matches (as BenchExec's result files: "/tmp/out" or "/tmp/*" take their trees; real
+        directories only, a symlink only if named), by sandbox path; more than `max_bytes`
+        in all is an OutputError naming the file. Each file counts its size plus its path's
+        length plus ENTRY_COST: what the caller holds for it (a million empty files is not
+        free); each other entry of a directory taken whole, its name and ENTRY_COST."""
         files: Dict[str, bytes] = {}
         left = [max_bytes]  # (shared with _match, which lists within what is left)
         for pat in patterns:
             fd, rel = self._at("outputs", pat)
             base = (pat[: len(pat) - len(rel)] if rel else pat).rstrip("/")
-            for name in self._match(fd, [c for c in rel.split("/") if c], left, base, max_bytes, result):
-                path = base + "/" + name if name else base
-                if path in files:
-                    continue
-                entry = ENTRY_COST + len(path.encode("utf-8", "surrogateescape"))
-                try:
-                    data = _core.tree_read(fd, os.fsencode(name or "."), max(left[0] - entry, 0))
-                except OSError as e:
-                    if e.errno == errno.EFBIG:
-                        raise OutputError(path, max_bytes, result) from None
-                    raise OutputError(path, max_bytes, result, f"cannot be read: {e.strerror or e}") from None
-                if data is not None:
-                    if entry > left[0]:
-                        raise OutputError(path, max_bytes, result)
-                    files[path] = data
-                    left[0] -= len(data) + entry
+            for name, kind in self._match(fd, [c for c in rel.split("/") if c], left, base, max_bytes, result):
+                todo = [(name, kind)]
+                while todo:  # a matched directory: its tree, depth first, in order
+                    name, kind = todo.pop()
+                    path = base + "/" + name if name else base
+                    if kind in ("d", "D") or (
+                        kind is None and self._read(fd, name, path, files, left, max_bytes, result)
+                    ):
+                        below = self._list(fd, name, left, base, max_bytes, result)
+                        for raw, k, _mode in sorted(below, reverse=True):
+                            sub = f"{name}/{os.fsdecode(raw)}" if name else os.fsdecode(raw)
+                            if k == "f":
+                                todo.append((sub, None))
+                            elif k in ("d", "D"):
+                                _charge(left, sub, base, max_bytes, result)
+                                todo.append((sub, k))
+                            else:
+                                _charge(left, sub, base, max_bytes, result)  # (no file: not read)
+                    elif kind is not None:
+                        self._read(fd, name, path, files, left, max_bytes, result)
         return files
+
+    def _read(
+        self, fd: int, name: str, path: str, files: Dict[str, bytes], left: List[int], max_bytes: int, result: object
+    ) -> bool:
+        """Read regular file `name` into `files` (charged); True if it is none (missing, or
+        perhaps a directory: what the caller lists)."""
+        if path in files:
+            return False
+        entry = ENTRY_COST + len(path.encode("utf-8", "surrogateescape"))
+        try:
+            data = _core.tree_read(fd, os.fsencode(name or "."), max(left[0] - entry, 0))
+        except OSError as e:
+            if e.errno == errno.EFBIG:
+                raise OutputError(path, max_bytes, result) from None
+            raise OutputError(path, max_bytes, result, f"cannot be read: {e.strerror or e}") from None
+        if data is None:
+            return True
+        if entry > left[0]:
+            raise OutputError(path, max_bytes, result)
+        files[path] = data
+        left[0] -= len(data) + entry
+        return False
+
+    def _list(
+        self, fd: int, prefix: str, left: List[int], base: str, max_bytes: int, result: object
+    ) -> List[Tuple[bytes, str, int]]:
+        """Directory `prefix`'s entries, within what is `left` (each its name and ENTRY_COST),
+        else the OutputError names it."""
+        try:
+            return _core.tree_list(fd, os.fsencode(prefix or "."), max_bytes=max(left[0], 0))
+        except OSError as e:
+            if e.errno != errno.EFBIG:
+                raise
+            where = base + "/" + prefix if prefix else base
+            raise OutputError(
+                where, max_bytes, result, f"listing it takes over outputs_max_bytes={max_bytes}"
+            ) from None
 
     def _match(
         self,
@@ -184,27 +228,19 @@ class Trees:
         max_bytes: int,
         result: object,
         prefix: str = "",
-    ) -> Iterator[str]:
-        """The names below `prefix` matching `comps`, in order, as they are read (so that
-        the budget applies as soon as it is spent); a directory a wildcard lists may cost
-        at most what is `left` of it (each entry its name and ENTRY_COST), else the
-        OutputError names it."""
+    ) -> Iterator[Tuple[str, Optional[str]]]:
+        """(name, kind) of each entry below `prefix` matching `comps`, in order, as they are
+        read (so that the budget applies as soon as it is spent); kind None for one named
+        without a wildcard (not listed: what it is shows when it is read). A directory a
+        wildcard lists may cost at most what is `left` of it (see _list)."""
         if not comps:
-            yield prefix
+            yield prefix, None
             return
         first, rest = comps[0], comps[1:]
         if not any(ch in first for ch in "*?["):
             yield from self._match(fd, rest, left, base, max_bytes, result, f"{prefix}/{first}" if prefix else first)
             return
-        try:  # (only the kinds matter here)
-            entries = _core.tree_list(fd, os.fsencode(prefix or "."), max_bytes=max(left[0], 0))
-        except OSError as e:
-            if e.errno != errno.EFBIG:
-                raise
-            where = base + "/" + prefix if prefix else base
-            raise OutputError(
-                where, max_bytes, result, f"listing it takes over outputs_max_bytes={max_bytes}"
-            ) from None
+        entries = self._list(fd, prefix, left, base, max_bytes, result)
         for raw, kind, _mode in sorted(entries):
             name = os.fsdecode(raw)
             if name.startswith(".") and not first.startswith("."):
@@ -215,7 +251,19 @@ class Trees:
             # links to one directory made /tmp/*/* millions of paths of the same files.
             if kind not in ("d", "D", "f", "l") or (rest and kind not in ("d", "D")):
                 continue
-            yield from self._match(fd, rest, left, base, max_bytes, result, f"{prefix}/{name}" if prefix else name)
+            sub = f"{prefix}/{name}" if prefix else name
+            if rest:
+                yield from self._match(fd, rest, left, base, max_bytes, result, sub)
+            else:
+                yield sub, kind
+
+
+def _charge(left: List[int], name: str, base: str, max_bytes: int, result: object) -> None:
+    """An entry of a directory `collect` takes whole that is no file it reads: its name and
+    ENTRY_COST of what is left, else an OutputError naming it."""
+    left[0] -= ENTRY_COST + len(name.encode("utf-8", "surrogateescape"))
+    if left[0] < 0:
+        raise OutputError(base + "/" + name if name else base, max_bytes, result)
 
 
 def userxattr(spec: Spec) -> bool:
