@@ -1188,6 +1188,39 @@ def test_fds_in_flight_in_one_sandbox_leave_others_theirs():
         hog.stdout.close()
 
 
+_RAMFS_BINDS = r"""
+import json, os, subprocess, sys, tempfile
+import nsfast
+d = tempfile.mkdtemp(prefix="nsfast-ramfs-")
+subprocess.run(["mount", "-t", "ramfs", "ramfs", d], check=True)  # (this private mount namespace's)
+os.chmod(d, 0o777)
+out = []
+for k in range(3):
+    p = nsfast.spawn(["sh", "-c", f"echo {k} >> /mnt/shared && mkdir /mnt/d{k} && touch /mnt/d0/x{k}"],
+                     mounts=[nsfast.Bind(d, "/mnt", readonly=False)], stderr=subprocess.PIPE)
+    base = p._sandbox.id_base
+    _, err = p.communicate(timeout=60)
+    out.append([p.returncode, base, err.decode()])
+print(json.dumps({"runs": out, "shared": open(os.path.join(d, "shared")).read()}))
+"""
+
+
+def test_writes_to_a_file_system_that_cannot_be_idmapped_stay_the_next_runs():
+    """(Found by an audit.) Where a writable Bind's file system cannot be idmapped (NFS,
+    FUSE, 9p, ramfs), the tree is attached as it is and files land with the sandbox's host
+    ids: with a range of its own per run, the next run found them nobody's and could not
+    append or write into a directory of the first. Such a sandbox runs in the shared range."""
+    if os.geteuid() != 0:
+        pytest.skip("a root caller's ranges")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", _RAMFS_BINDS],
+                       capture_output=True, text=True, timeout=120, env={**os.environ})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert [run[0] for run in res["runs"]] == [0, 0, 0], res
+    assert {run[1] for run in res["runs"]} == {SANDBOX_ID_BASE}
+    assert res["shared"] == "0\n1\n2\n"
+
+
 def test_starting_sandboxes_leaves_the_caller_as_it_was():
     """A CLONE_VM child shares the caller's memory until it execs, and its change of ids
     (becoming its user namespace's root) cleared the caller's dumpable attribute: every

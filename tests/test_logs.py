@@ -82,6 +82,16 @@ def test_output_of_both_streams_is_kept_in_order_and_the_relay_ends_with_the_con
     assert nsfast_cli("stop", "short").returncode == 0
 
 
+def test_a_container_may_reopen_its_log_as_dev_stdout(root: Path) -> None:
+    """(Found by an audit.) The log pipe was the caller's: `echo > /dev/stdout` in a detached
+    container failed with EACCES, where PIPEs of nsfast.run are the sandbox user's."""
+    r = nsfast_cli("run", "-d", "--name", "reopen", "--", "sh", "-c", "echo via-dev-stdout > /dev/stdout; echo done")
+    assert r.returncode == 0, r.stderr
+    assert wait_until(lambda: b"done" in nsfast_cli("logs", "reopen").stdout, timeout=10)
+    assert nsfast_cli("logs", "reopen").stdout == b"via-dev-stdout\ndone\n"
+    assert nsfast_cli("stop", "reopen").returncode == 0
+
+
 def test_a_bound_of_none_keeps_everything(root: Path) -> None:
     r = nsfast_cli("run", "-d", "--name", "all", "--log-max-size", "none", "--", "sh", "-c", "head -c 300000 /dev/zero")
     assert r.returncode == 0, r.stderr

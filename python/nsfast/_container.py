@@ -124,16 +124,25 @@ class Container:
         stdout: File = None,
         stderr: File = None,
         _before_go: Optional[Callable[[Process], None]] = None,
+        _give: Sequence[int] = (),
     ) -> Container:
         """Start the main process (pid 1 of the container). Once only. (`_before_go`, the
         CLI's: called with the Process once its namespaces are held, before the command may
-        run; should the caller die before it returns, the command never runs.)"""
+        run; should the caller die before it returns, the command never runs. `_give`: fds
+        of the caller's, its stdio, made the container user's as PIPEs are: the CLI's log
+        pipe, which /dev/stdout then reopens.)"""
         if self._proc is not None:
             raise ContainerError(f"container {self.name} was already started")
         if self.command is None:
             # nsfast-init is pid 1 and makes no namespaces: what it has now is the start.
             self._proc = Process(
-                [], spec=self.spec, stdin=stdin, stdout=stdout, stderr=stderr, _trees=writable_trees(self.spec)
+                [],
+                spec=self.spec,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                _trees=writable_trees(self.spec),
+                _give=_give,
             )
             self._hold(None, before_go=_before_go)
             return self
@@ -153,6 +162,7 @@ class Container:
                 stderr=stderr,
                 pass_fds=(gate_r, result_w),
                 _trees=writable_trees(self.spec),
+                _give=_give,
             )
         except BaseException:
             os.close(gate_w)

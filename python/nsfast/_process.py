@@ -141,15 +141,24 @@ def _check_open(what: str, fd: int) -> None:
         raise OSError(e.errno, f"{what}: fd {fd} is not open ({e.strerror})") from None
 
 
-def id_base_of(pid: int) -> Optional[int]:
-    """The host id inside id 0 of process `pid`'s user namespace maps to (its first uid_map
-    line), None if it cannot be read: which range a running sandbox is in."""
+def id_base_of(target: _JoinTarget) -> Optional[int]:
+    """Which range the sandbox `target` is in: its own Sandbox's (a Container's, held since
+    it started), else what the first line of its pid's uid_map says, if that is the start of
+    a range with 65536 ids (a pid 1 that unshared a user namespace of its own shows another
+    map: not a range, None)."""
+    held = getattr(target.held, "sandbox", None)
+    if held is not None:
+        return int(held.id_base) if held.id_base is not None else None
     try:
-        with open(f"/proc/{pid}/uid_map") as f:
+        with open(f"/proc/{target.pid}/uid_map") as f:
             first = f.readline().split()
     except OSError:
         return None
-    return int(first[1]) if len(first) == 3 and first[0] == "0" else None
+    if len(first) != 3 or first[0] != "0" or first[2] != str(_core.SANDBOX_ID_COUNT):
+        return None
+    base = int(first[1])
+    own = base >= _core.SANDBOX_RANGES_BASE and (base - _core.SANDBOX_RANGES_BASE) % _core.SANDBOX_ID_COUNT == 0
+    return base if own and base < _core.SANDBOX_OWNER_BASE or base == _core.SANDBOX_ID_BASE else None
 
 
 def _pipe_owner(spec: Spec, userns: bool, base: Optional[int]) -> Optional[Tuple[int, int]]:
@@ -268,6 +277,7 @@ class Process:
         _id_base: Optional[int] = None,
         _trees: Sequence[str] = (),
         _commits: bool = False,
+        _give: Sequence[int] = (),
         **spec_fields: Unpack[SpecFields],
     ) -> None:
         # _start(stdio) -> a Sandbox: what starts it instead of _core.spawn (a zygote task,
@@ -320,7 +330,7 @@ class Process:
         # The pipes are the sandbox user's (so that it may reopen them, /dev/stdout): a new
         # sandbox's range is chosen as it starts, and _core.spawn gives them (chown=).
         if _join is not None:
-            owner = _pipe_owner(self.spec, "user" in _join.namespaces, id_base_of(_join.pid))
+            owner = _pipe_owner(self.spec, "user" in _join.namespaces, id_base_of(_join))
         elif _start is not None:
             owner = _pipe_owner(self.spec, "user" in self.spec.namespaces, _id_base)
         else:
@@ -333,8 +343,9 @@ class Process:
             elif _join is None:
                 trees = _trees_mod.core_paths(self.spec, _trees)
                 self._sandbox = _core.spawn(
-                    self.spec, argv, stdio=stdio, pass_fds=fds, cgroup=cgroup, trees=trees, chown=handles.pipes
-                )
+                    self.spec, argv, stdio=stdio, pass_fds=fds, cgroup=cgroup, trees=trees,
+                    chown=[*handles.pipes, *_give],
+                )  # fmt: skip
                 if _trees:
                     base = self._sandbox.id_base
                     root = None if base is None or os.geteuid() != 0 else (base, base)

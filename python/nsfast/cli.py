@@ -501,7 +501,9 @@ def _run_detached(args: argparse.Namespace, cmd: List[str], spec: Spec) -> int:
     try:
         with out:
             c = Container(cmd, spec=spec, name=name)
-            proc = c.start(stdin=subprocess.DEVNULL, stdout=out, stderr=out, _before_go=save).process
+            proc = c.start(
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, _before_go=save, _give=(out.fileno(),)
+            ).process
         assert proc is not None and st is not None
         proc.detach()  # (its cgroups are those saved)
     except BaseException:

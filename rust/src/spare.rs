@@ -182,8 +182,12 @@ pub fn take(plan: &Plan) -> Option<(Vec<OwnedFd>, OwnedFd)> {
 pub fn ask(plan: &Plan) {
     if let Some(mut layers) = layers_of(plan) {
         // For the next start: in the range it takes (each start has one of its own).
-        if plan.id_base.is_some() {
-            let next = crate::spec::peek_overlay_base();
+        if let (Some(base), Some(key)) = (plan.id_base, plan.layers) {
+            if base == crate::spec::SANDBOX_ID_BASE {
+                let _ = submit(Job::Make(layers)); // (the shared range: the next start's too)
+                return;
+            }
+            let next = crate::spec::peek_overlay_base(key);
             crate::mount::rebase_owners(&mut layers.prepare, layers.id_base, next);
             layers.id_base = next;
         }

@@ -607,6 +607,34 @@ fn idmap_userns(base: u32) -> std::result::Result<std::os::fd::BorrowedFd<'stati
     Ok(fd.as_fd())
 }
 
+/// Whether the file system of `src` can be idmapped (the kernel refuses NFS, FUSE, 9p,
+/// ramfs, tmpfs before Linux 6.3...), probed once per device on a detached clone of it.
+/// Where it cannot, `prepare_layers` attaches the tree as it is and what the sandbox
+/// writes there is stored with its host ids: the range must then be the one every run
+/// shares, or the next run would find its files nobody's (found by an audit).
+pub(crate) fn can_idmap(src: &std::ffi::CStr) -> bool {
+    static SEEN: std::sync::Mutex<Vec<(u64, bool)>> = std::sync::Mutex::new(Vec::new());
+    let Ok(st) = rustix::fs::stat(src) else { return true }; // (the start reports it)
+    if let Some(&(_, ok)) = SEEN.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|(d, _)| *d == st.st_dev) {
+        return ok;
+    }
+    let flags = rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    let Ok(tree) = rustix::mount::open_tree(rustix::fs::CWD, src, flags) else { return true };
+    let ok = match idmap_userns(crate::spec::SANDBOX_ID_BASE) {
+        Ok(ns) => !matches!(
+            sys::mount_setattr_detached(tree.as_raw_fd(), 0, false, Some(ns.as_raw_fd())),
+            Err(Errno::INVAL | Errno::OPNOTSUPP)
+        ),
+        Err(_) => true,
+    };
+    crate::reaper::drop_later(vec![tree]);
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.len() < 256 {
+        seen.push((st.st_dev, ok));
+    }
+    ok
+}
+
 fn make_idmap_userns(base: u32) -> std::result::Result<OwnedFd, Errno> {
     {
         let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;

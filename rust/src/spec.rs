@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::mount::{self, FsPlan};
 use crate::seccomp::{self, Filter};
+use crate::sys;
 
 /// An extra mount inside the sandbox. With the `python` feature, read directly from an
 /// `nsfast.Bind` / `nsfast.Tmpfs` (their attributes; paths as os.fsencode gives them).
@@ -200,52 +201,78 @@ pub fn next_sandbox_owner() -> u32 {
     SANDBOX_OWNER_BASE + seed(&SEED, SANDBOX_OWNER_COUNT).wrapping_add(n) % SANDBOX_OWNER_COUNT
 }
 
-/// The process's two rotations of SANDBOX_RANGES_PER_PROCESS ranges each (consecutive from
-/// a random start among the SANDBOX_RANGES): one for sandboxes whose overlays nsfast makes
-/// (made ahead for the next start, see `crate::spare`, which [`peek_overlay_base`] names),
-/// one for every other.
-struct Rotation {
-    next: std::sync::atomic::AtomicU32,
-    offset: u32,
-}
-
-static PLAIN: Rotation = Rotation { next: std::sync::atomic::AtomicU32::new(0), offset: 0 };
-static OVERLAY: Rotation = Rotation { next: std::sync::atomic::AtomicU32::new(0), offset: SANDBOX_RANGES_PER_PROCESS };
-
-impl Rotation {
-    fn base(&self, n: u32) -> u32 {
-        static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-        let slot = self.offset + n % SANDBOX_RANGES_PER_PROCESS;
-        SANDBOX_RANGES_BASE + (seed(&SEED, SANDBOX_RANGES) + slot) % SANDBOX_RANGES * SANDBOX_ID_COUNT
-    }
-
-    fn take(&self) -> u32 {
-        self.base(self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-    }
+/// The process's two sets of SANDBOX_RANGES_PER_PROCESS ranges (consecutive from a random
+/// start among the SANDBOX_RANGES), handed out in turn: one for sandboxes whose overlays
+/// nsfast makes, one for every other. The overlay set is taken in turn per set of layers
+/// (`layers`, see [`layers_key`]): a start's spare (`crate::spare`) is made for the range
+/// the next start with the same layers takes ([`peek_overlay_base`]), whatever starts with
+/// other layers come between.
+fn range_base(slot: u32) -> u32 {
+    static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    SANDBOX_RANGES_BASE
+        + (seed(&SEED, SANDBOX_RANGES) + slot % (2 * SANDBOX_RANGES_PER_PROCESS)) % SANDBOX_RANGES * SANDBOX_ID_COUNT
 }
 
 /// The first host id of the range for the next sandbox of this process that has one of its
 /// own and no overlay of nsfast's: the process's plain ranges in turn.
 pub fn next_sandbox_base() -> u32 {
-    PLAIN.take()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    range_base(NEXT.fetch_add(1, Ordering::Relaxed) % SANDBOX_RANGES_PER_PROCESS)
 }
 
-/// As [`next_sandbox_base`], for a sandbox whose overlays nsfast makes.
-pub fn next_overlay_base() -> u32 {
-    OVERLAY.take()
+/// Each set of layers' next turn in the overlay ranges (at most 64 sets remembered).
+static OVERLAY_TURNS: std::sync::Mutex<Vec<(u64, u32)>> = std::sync::Mutex::new(Vec::new());
+
+fn overlay_slot(layers: u64, turn: u32) -> u32 {
+    SANDBOX_RANGES_PER_PROCESS + (layers as u32).wrapping_add(turn) % SANDBOX_RANGES_PER_PROCESS
 }
 
-/// The range [`next_overlay_base`] gives next (unless another start takes it first): what
-/// spares are made for.
-pub fn peek_overlay_base() -> u32 {
-    OVERLAY.base(OVERLAY.next.load(std::sync::atomic::Ordering::Relaxed))
+/// As [`next_sandbox_base`], for a sandbox whose overlays nsfast makes, of `layers`.
+pub fn next_overlay_base(layers: u64) -> u32 {
+    let mut turns = OVERLAY_TURNS.lock().unwrap_or_else(|p| p.into_inner());
+    let turn = match turns.iter_mut().find(|(k, _)| *k == layers) {
+        Some((_, t)) => {
+            *t = t.wrapping_add(1);
+            *t
+        }
+        None => {
+            if turns.len() >= 64 {
+                turns.remove(0);
+            }
+            turns.push((layers, 0));
+            0
+        }
+    };
+    range_base(overlay_slot(layers, turn))
 }
 
-/// Whether a sandbox of `fs` runs in the shared range SANDBOX_ID_BASE..: one whose overlay
-/// upper is the caller's directory (`overlay_upper`), which keeps the ids the sandbox wrote
-/// with for the next run.
+/// The range [`next_overlay_base`] gives the next start of `layers` (unless another start
+/// of them takes it first): what spares are made for.
+pub fn peek_overlay_base(layers: u64) -> u32 {
+    let turns = OVERLAY_TURNS.lock().unwrap_or_else(|p| p.into_inner());
+    let next = turns.iter().find(|(k, _)| *k == layers).map_or(0, |(_, t)| t.wrapping_add(1));
+    range_base(overlay_slot(layers, next))
+}
+
+/// What identifies a plan's set of layers for [`next_overlay_base`]: a hash of its prepared
+/// trees and upper, as planned (their owners the shared range's, before they are rebased).
+pub fn layers_key(fs: &FsPlan) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{:?}{:?}", fs.prepare, fs.upper).hash(&mut h);
+    h.finish()
+}
+
+/// Whether a sandbox of `fs` runs in the shared range SANDBOX_ID_BASE..: one that writes to
+/// host files with its host ids, which the next run must find its own: its overlay upper is
+/// the caller's directory (`overlay_upper`), or a writable tree of the caller's (a `Bind`,
+/// a rootfs) is on a file system that cannot be idmapped (`spawn::can_idmap`).
 pub fn shares_ids(fs: &FsPlan) -> bool {
     matches!(fs.upper, Some(mount::Upper::Dir(_)))
+        || fs.prepare.iter().any(|p| {
+            p.idmap && p.overlay.is_none() && p.attrs & sys::MOUNT_ATTR_RDONLY == 0 && !crate::spawn::can_idmap(&p.src)
+        })
 }
 
 fn bytes_of(list: &[&str]) -> Vec<Vec<u8>> {
@@ -315,9 +342,10 @@ impl Caller {
 }
 
 /// Whether `map` (this process's uid_map or gid_map text) has the ids
-/// SANDBOX_ID_BASE..+SANDBOX_ID_COUNT in its own namespace (the first column).
+/// SANDBOX_ID_BASE..0x80000000 in its own namespace (the first column): every range a
+/// sandbox may get and the owners of their user namespaces.
 pub fn maps_sandbox_range(map: &str) -> bool {
-    let (lo, hi) = (SANDBOX_ID_BASE as u64, SANDBOX_ID_BASE as u64 + SANDBOX_ID_COUNT as u64);
+    let (lo, hi) = (SANDBOX_ID_BASE as u64, 0x8000_0000u64);
     map.lines().any(|l| {
         let n: Vec<u64> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
         n.len() == 3 && n[0] <= lo && hi <= n[0] + n[2]
@@ -443,6 +471,8 @@ pub struct Plan {
     pub maps: Option<IdMaps>,
     /// The host id inside id 0 maps to (a root caller's range; None: the caller's own ids).
     pub id_base: Option<u32>,
+    /// With overlays nsfast makes: their layers' [`layers_key`].
+    pub layers: Option<u64>,
     pub fs: FsPlan,
     /// Right after the id maps are written, become the new user namespace's root
     /// (setresgid/setgroups/setresuid 0): a root caller's child is still host uid 0 there,
@@ -804,11 +834,11 @@ impl Plan {
         // The root caller's range: the shared one, or one of its own (see SANDBOX_RANGES_BASE).
         let mut maps = maps;
         let mut fs = fs;
-        let makes_overlays = fs.prepare.iter().any(|p| p.overlay.is_some());
-        let id_base = range.then(|| match () {
+        let layers = fs.prepare.iter().any(|p| p.overlay.is_some()).then(|| layers_key(&fs));
+        let id_base = range.then(|| match layers {
             _ if shares_ids(&fs) => SANDBOX_ID_BASE,
-            _ if makes_overlays => next_overlay_base(),
-            _ => next_sandbox_base(),
+            Some(key) => next_overlay_base(key),
+            None => next_sandbox_base(),
         });
         if let (Some(base), Some(m)) = (id_base, maps.as_mut()) {
             *m = IdMaps::sandbox_range(base);
@@ -833,6 +863,7 @@ impl Plan {
             clone_flags,
             maps,
             id_base,
+            layers,
             fs,
             become_root: range,
             seccomp,
@@ -880,6 +911,9 @@ mod tests {
         assert!(maps_sandbox_range("         0          0 4294967295\n"));
         assert!(!maps_sandbox_range(&format!("0 {SANDBOX_ID_BASE} 65536\n"))); // in a root caller's sandbox
         assert!(!maps_sandbox_range("0 1000 1\n"));
+        // Only the shared range mapped: the sandboxes' own ranges and their owners are not.
+        assert!(!maps_sandbox_range(&format!("{SANDBOX_ID_BASE} {SANDBOX_ID_BASE} 65536\n")));
+        assert!(maps_sandbox_range(&format!("{SANDBOX_ID_BASE} {SANDBOX_ID_BASE} {}\n", 0x1000_0000u32)));
         let nested = Caller { euid: 0, egid: 0, range: false };
         let plan = Plan::build(&Spec::new(vec![b"true".to_vec()]), nested).unwrap();
         let maps = plan.maps.unwrap();
@@ -930,9 +964,11 @@ mod tests {
         let plain: Vec<u32> = (0..SANDBOX_RANGES_PER_PROCESS).map(|_| next_sandbox_base()).collect();
         let mut overlay = Vec::new();
         for _ in 0..SANDBOX_RANGES_PER_PROCESS {
-            let peeked = peek_overlay_base();
-            overlay.push(next_overlay_base());
-            assert_eq!(*overlay.last().unwrap(), peeked, "what spares are made for is what the next start takes");
+            // Starts of two sets of layers in turn: each set's next range is the one peeked.
+            let (a, b) = (peek_overlay_base(7), peek_overlay_base(8));
+            overlay.push(next_overlay_base(7));
+            assert_eq!(*overlay.last().unwrap(), a, "what spares are made for is what the next start takes");
+            assert_eq!(next_overlay_base(8), b);
         }
         assert!(plain.iter().chain(&overlay).all(|b| (SANDBOX_RANGES_BASE..SANDBOX_OWNER_BASE).contains(b)));
         assert!(plain.iter().chain(&overlay).all(|b| (b - SANDBOX_RANGES_BASE) % SANDBOX_ID_COUNT == 0));
