@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
@@ -201,6 +202,10 @@ def init_binary_loaded() -> None:
     checks see a steady state."""
     r = nsfast.run(["true"], init=True, mounts=[nsfast.Bind("/etc", "/mnt")])
     assert r.returncode == 0
+    # A writable Bind: whether its file system can be idmapped is probed through the shared
+    # range's user namespace.
+    with tempfile.TemporaryDirectory() as d:
+        assert nsfast.run(["true"], mounts=[nsfast.Bind(d, "/mnt", readonly=False)]).returncode == 0
     for _ in range(64):
         assert nsfast.run(["true"], mounts=[nsfast.Bind("/etc", "/mnt")]).returncode == 0
         try:
